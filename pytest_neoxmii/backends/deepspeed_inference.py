@@ -1,0 +1,82 @@
+"""DeepSpeed inference (`deepspeed.init_inference`): the whole model on the GPU(s), kernel injection on
+CUDA (verified), tensor parallel across GPUs. On a CPU-only machine it runs without injection, so the
+plumbing is still exercised, and the report says so."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pytest_neoxmii import compat
+from pytest_neoxmii.backends.base import BackendInfo
+from pytest_neoxmii.backends.hf import load_hf_model
+from pytest_neoxmii.backends.torch_model import TORCH_DTYPES, TorchModelBackend
+from pytest_neoxmii.errors import BackendUnavailable
+from pytest_neoxmii.injection import count_injected, require_injected
+
+
+def check_kernel_dtype(dtype: str, device: str) -> None:
+    """The dtypes DeepSpeed's GPT-NeoX inference kernels run: fp16 everywhere, bf16 from compute
+    capability 8.0 (Ampere). fp32 injection is not offered by this tool: it is not what users deploy."""
+    if dtype == "fp32":
+        raise BackendUnavailable("DeepSpeed kernel injection runs fp16 or bf16 here, not fp32: "
+                                 "use --neox-dtype=fp16 or bf16 (the fp32 HF reference is always run)")
+    if dtype == "bf16" and device.startswith("cuda"):
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            raise BackendUnavailable(f"bf16 kernels need compute capability 8.0 or newer, found "
+                                     f"{major}.{minor} on {torch.cuda.get_device_name(device)}")
+
+
+def init_distributed_env() -> None:
+    """A single-process torch.distributed world (DeepSpeed wants one even for tp=1 / ZeRO on one GPU,
+    else it looks for mpi4py)."""
+    import os
+    import socket
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)
+
+
+class DeepSpeedBackend(TorchModelBackend):
+    def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int):
+        inject = device.startswith("cuda")
+        if inject:
+            reason = compat.check_kernel_injection()
+            if reason:
+                raise BackendUnavailable(reason)
+            check_kernel_dtype(dtype, device)
+        if tp > 1:
+            raise BackendUnavailable(f"ds with tp={tp} runs under the DeepSpeed launcher (the tensor-parallel "
+                                     "backend), not in the test process")
+        compat.install()
+        init_distributed_env()
+        import deepspeed
+
+        self.device = device
+        before = torch.cuda.memory_allocated(device) if inject else None
+        model = load_hf_model(path, dtype, device if inject else "cpu")
+        total = len(model.gpt_neox.layers)
+        engine = deepspeed.init_inference(model, config={
+            "tensor_parallel": {"tp_size": tp},
+            "dtype": TORCH_DTYPES[dtype],
+            "replace_with_kernel_inject": inject,
+            "enable_cuda_graph": False,         # not supported with injection for this model (STACK trap 4)
+            "max_tokens": max_tokens,           # sized from the cases: the workspace must hold them
+        })
+        self.model = engine
+        report = count_injected(engine.module, total)
+        if inject:
+            require_injected(report, compat.transformers_version())
+        held = torch.cuda.memory_allocated(device) - before if inject else None
+        self.info = BackendInfo(
+            backend="ds", dtype=dtype, device=device, tensor_parallel=tp,
+            kernels=report.describe() if inject else "none (CPU: no kernel injection)",
+            gpu_memory_bytes=held, notes=[f"max_tokens={max_tokens}"])
+
+    def close(self) -> None:
+        self._release()

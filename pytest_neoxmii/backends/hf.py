@@ -1,0 +1,28 @@
+"""The Hugging Face transformers reference: fp32 is the ground truth, the chosen low precision its peer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pytest_neoxmii.backends.base import BackendInfo
+from pytest_neoxmii.backends.torch_model import TORCH_DTYPES, TorchModelBackend
+
+
+def load_hf_model(path: Path, dtype: str, device: str):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=TORCH_DTYPES[dtype])
+    return model.to(device).eval()
+
+
+class HFBackend(TorchModelBackend):
+    def __init__(self, path: Path, dtype: str, device: str, name: str = "hf"):
+        self.device = device
+        before = torch.cuda.memory_allocated(device) if device.startswith("cuda") else None
+        self.model = load_hf_model(path, dtype, device)
+        held = torch.cuda.memory_allocated(device) - before if before is not None else None
+        self.info = BackendInfo(backend=name, dtype=dtype, device=device, kernels="none (HF eager)",
+                                gpu_memory_bytes=held)
+
+    def close(self) -> None:
+        self._release()

@@ -1,0 +1,115 @@
+"""DeepSpeed-MII legacy deployment, in process (DeploymentType.NON_PERSISTENT), queried through
+`mii_query_handle` so the path MII users run is the one tested: text in, text out. Generated text is
+re-tokenized to ids (the synthetic tokenizer round-trips every id); per-step logprobs come from the
+model inside the deployment, scored teacher-forced on prompt + generated tokens."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+
+from pytest_neoxmii import compat
+from pytest_neoxmii.backends.base import BackendInfo
+from pytest_neoxmii.backends.deepspeed_inference import check_kernel_dtype, init_distributed_env
+from pytest_neoxmii.backends.torch_model import TORCH_DTYPES, TorchModelBackend
+from pytest_neoxmii.errors import BackendUnavailable
+from pytest_neoxmii.injection import count_injected, require_injected
+from pytest_neoxmii.outputs import Generation, PromptBatch
+
+_counter = itertools.count()
+
+
+def import_mii():
+    try:
+        import mii.legacy as mii_legacy
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"deepspeed-mii is not importable ({exc}): pip install 'pytest-neoxmii[mii]' "
+            "(installs deepspeed-mii without its broken dependency list, plus what it really needs)") from None
+    return mii_legacy
+
+
+class MiiBackend(TorchModelBackend):
+    def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int):
+        if tp > 1:
+            raise BackendUnavailable(f"mii with tp={tp} is the gRPC server deployment, not the in-process one")
+        on_gpu = device.startswith("cuda")
+        if on_gpu:
+            reason = compat.check_kernel_injection()
+            if reason:
+                raise BackendUnavailable(reason)
+            check_kernel_dtype(dtype, device)
+        mii = import_mii()
+        compat.install()
+        init_distributed_env()
+        from transformers import AutoTokenizer
+
+        self.device = device
+        self.name = f"neoxmii-{path.name}-{next(_counter)}"
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        before = torch.cuda.memory_allocated(device) if on_gpu else None
+        mii.deploy(
+            task="text-generation", model=str(path), deployment_name=self.name,
+            deployment_type=mii.DeploymentType.NON_PERSISTENT,
+            mii_config={
+                "dtype": TORCH_DTYPES[dtype], "tensor_parallel": 1,
+                "skip_model_check": True,            # offline: no hub look-up of a local path
+                "replace_with_kernel_inject": on_gpu,
+                "load_with_sys_mem": not on_gpu,     # CPU: MII must not place the model on cuda:0
+                "enable_cuda_graph": False,
+                "max_tokens": max_tokens,
+            })
+        self._mii = mii
+        self.handle = mii.mii_query_handle(self.name)
+        self.pipeline = mii.non_persistent_models[self.name][0]
+        if not on_gpu:
+            self.pipeline.device = torch.device("cpu")  # MII overwrites it with cuda:0 (STACK trap 7)
+        self.model = self.pipeline.model               # the DeepSpeed engine MII built
+        module = getattr(self.model, "module", self.model)
+        report = count_injected(module, len(module.gpt_neox.layers))
+        if on_gpu:
+            require_injected(report, compat.transformers_version())
+        held = torch.cuda.memory_allocated(device) - before if on_gpu else None
+        self.info = BackendInfo(
+            backend="mii", dtype=dtype, device=device, tensor_parallel=1,
+            kernels=report.describe() if on_gpu else "none (CPU: no kernel injection)",
+            gpu_memory_bytes=held, notes=["MII legacy NON_PERSISTENT, queried through mii_query_handle"])
+
+    def query_texts(self, texts: list[str], max_new_tokens: int) -> list[str]:
+        result = self.handle.query({"query": texts}, do_sample=False, max_new_tokens=max_new_tokens,
+                                   min_new_tokens=max_new_tokens, return_full_text=False,
+                                   pad_token_id=self.tokenizer.pad_token_id)
+        return [r[0]["generated_text"] if isinstance(r, list) else r["generated_text"] for r in result]
+
+    def generate(self, batch: PromptBatch, max_new_tokens: int, top_k: int = 5) -> Generation:
+        texts = [self.tokenizer.decode(list(row)) for row in batch.rows]
+        for row, text in zip(batch.rows, texts):
+            if self.tokenizer(text, add_special_tokens=False)["input_ids"] != list(row):
+                raise BackendUnavailable("this tokenizer does not round-trip the prompt through text, so "
+                                         "MII's text interface cannot be compared token by token")
+        outputs = self.query_texts(texts, max_new_tokens)
+        tokens = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in outputs]
+        # Logprobs of each step from the deployment's own model, teacher-forced on prompt + output.
+        full = PromptBatch(rows=tuple(tuple(r) + tuple(t) for r, t in zip(batch.rows, tokens)),
+                           pad_token_id=batch.pad_token_id)
+        scores = self.score(full)
+        top = []
+        for i, (row, new) in enumerate(zip(batch.rows, tokens)):
+            width = full.max_len
+            start = width - len(full.rows[i])       # left padding
+            steps = []
+            for s in range(len(new)):
+                pos = start + len(row) - 1 + s      # the position that predicts new[s]
+                values, indices = scores.logprobs[i, pos].topk(top_k)
+                steps.append(list(zip(indices.tolist(), values.tolist())))
+            top.append(steps)
+        return Generation(tokens=tokens, top_logprobs=top)
+
+    def close(self) -> None:
+        if getattr(self, "_mii", None) is not None:
+            self._mii.non_persistent_models.pop(self.name, None)
+            self._mii = None
+        self.pipeline = None
+        self.handle = None
+        self._release()

@@ -1,0 +1,93 @@
+"""Greedy generation, teacher-forced scoring and layer tracing for any backend whose model is (or wraps)
+a transformers GPTNeoXForCausalLM: the HF reference, DeepSpeed's inference engine, ZeRO-Inference and the
+model inside an MII deployment all run through these same calls, so differences come from the engines."""
+from __future__ import annotations
+
+import torch
+
+from pytest_neoxmii.backends.base import Backend
+from pytest_neoxmii.outputs import Generation, LayerTrace, PromptBatch, Scores
+
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def position_ids_for(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so a left-padded row sees the same positions as unpadded."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class TorchModelBackend(Backend):
+    """Shared implementation; subclasses set self.model (the module whose generate/forward is called),
+    self.layers (the decoder layers, for tracing), self.device and self.info."""
+
+    model: torch.nn.Module
+    device: str
+
+    def _layers(self):
+        module = self.model
+        module = getattr(module, "module", module)           # DeepSpeed engines wrap the HF model
+        return module.gpt_neox.layers
+
+    @torch.inference_mode()
+    def generate(self, batch: PromptBatch, max_new_tokens: int, top_k: int = 5) -> Generation:
+        ids, mask = batch.padded()
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        out = self.model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,  # exactly n tokens: EOS never ends a row early
+            do_sample=False, num_beams=1, pad_token_id=batch.pad_token_id,
+            output_logits=True, return_dict_in_generate=True,
+        )
+        new = out.sequences[:, ids.shape[1]:].tolist()
+        top = [[] for _ in range(batch.batch_size)]
+        for step_logits in out.logits:                       # raw logits, one [batch, vocab] per step
+            lp = torch.log_softmax(step_logits.float(), dim=-1)
+            values, indices = lp.topk(top_k, dim=-1)
+            for row in range(batch.batch_size):
+                top[row].append(list(zip(indices[row].tolist(), values[row].tolist())))
+        return Generation(tokens=new, top_logprobs=top)
+
+    @torch.inference_mode()
+    def score(self, batch: PromptBatch) -> Scores:
+        ids, mask = batch.padded()
+        logits = self._forward(ids, mask)
+        return Scores(logprobs=torch.log_softmax(logits.float(), dim=-1).cpu(), mask=mask.bool())
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask),
+                         use_cache=False)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+    @torch.inference_mode()
+    def trace(self, batch: PromptBatch) -> LayerTrace:
+        ids, mask = batch.padded()
+        captured: list[torch.Tensor] = []
+        layers = self._layers()
+        module = getattr(self.model, "module", self.model)
+
+        def keep(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            captured.append(hidden.detach().float().cpu())
+
+        handles = [module.gpt_neox.embed_in.register_forward_hook(keep)]
+        handles += [layer.register_forward_hook(keep) for layer in layers]
+        try:
+            self._forward(ids, mask)
+        finally:
+            for h in handles:
+                h.remove()
+        return LayerTrace(hidden_states=captured)
+
+    def _release(self) -> None:
+        """Drop the model and give its GPU memory back."""
+        import gc
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,79 @@
+"""The checks an acceptance test runs: fetch outputs through the session (each computed once), compare
+them with the parity engine, record the verdict for the report, and fail with a readable table."""
+from __future__ import annotations
+
+import pytest
+
+from pytest_neoxmii import parity
+from pytest_neoxmii.cases import Case
+from pytest_neoxmii.session import NeoxSession, Record
+
+
+def _record_properties(request, metrics: dict) -> None:
+    if request is not None:
+        for k, v in metrics.items():
+            request.node.user_properties.append((k, v))
+
+
+def check_greedy(neox: NeoxSession, backend_name: str, case: Case, request=None) -> parity.GreedyReport:
+    """Greedy ids of the backend against the fp32 HF reference, with the top-k near-tie rule."""
+    if not case.plan.generate:
+        pytest.skip(f"{case.id} is scored teacher-forced only")
+    reference = neox.generation(neox.reference(), case)
+    backend = neox.backend(backend_name)
+    candidate = neox.generation(backend, case)
+    report = parity.compare_greedy(reference, candidate, neox.options.top_k)
+    rows = report.rows
+    metrics = {"rows": len(rows), "rows_identical": sum(r.identical for r in rows),
+               "first_divergence": min((r.divergence_step for r in rows if r.divergence_step is not None),
+                                       default=None)}
+    neox.record(Record("greedy", backend_name, case.id, report.passed, metrics, report.summary()))
+    _record_properties(request, {f"greedy_{k}": v for k, v in metrics.items()})
+    print(report.message())
+    if not report.passed:
+        raise parity.ParityFailure(f"{backend.info.describe()}\n{report.message()}", report)
+    return report
+
+
+def noise_floor(neox: NeoxSession, case: Case, dtype: str | None = None) -> parity.TFMetrics:
+    """HF at `dtype` (default: the session's) against HF fp32 on the same case."""
+    peer = neox.backend("hf", dtype) if dtype else neox.peer()
+    return parity.teacher_forced_metrics(neox.scores(neox.reference(), case), neox.scores(peer, case),
+                                         case.batch)
+
+
+def check_teacher_forced(neox: NeoxSession, backend_name: str, case: Case, request=None) -> parity.ParityVerdict:
+    """Teacher-forced logprobs of the backend against fp32 HF, judged against the noise floor (HF's own
+    low precision vs fp32 on the same case); on failure, localise the first layer that departs."""
+    backend = neox.backend(backend_name)
+    floor = noise_floor(neox, case, backend.info.dtype)   # the floor at the precision the backend ran
+    measured = parity.teacher_forced_metrics(neox.scores(neox.reference(), case), neox.scores(backend, case),
+                                             case.batch)
+    verdict = parity.judge(floor, measured, neox.options.parity_multiple)
+    metrics = {"kl_mean": measured.kl_mean, "kl_max": measured.kl_max, "top1_agreement": measured.top1_agreement,
+               "max_abs_diff": measured.max_abs_diff, "floor_kl_max": floor.kl_max,
+               "perplexity": measured.perplexity_candidate, "multiple": neox.options.parity_multiple}
+    neox.record(Record("teacher-forced", backend_name, case.id, verdict.passed, metrics,
+                       f"KL max {measured.kl_max:.3g} vs floor {floor.kl_max:.3g}"))
+    _record_properties(request, {f"tf_{k}": v for k, v in metrics.items()})
+    print(verdict.message())
+    if not verdict.passed:
+        message = f"{backend.info.describe()}\n{verdict.message()}\n{localize(neox, backend, case)}"
+        raise parity.ParityFailure(message, verdict)
+    return verdict
+
+
+def localize(neox: NeoxSession, backend, case: Case) -> str:
+    """Per-layer hooks on both models: the first layer whose output departs beyond the floor."""
+    try:
+        with neox.timed("model calls"):
+            ref = neox.reference().trace(case.batch)
+            peer = neox.backend("hf", backend.info.dtype).trace(case.batch)
+            cand = backend.trace(case.batch)
+        _, mask = case.batch.padded()
+        floor = parity.layer_errors(ref, peer, mask)
+        report = parity.localize_divergence(ref, cand, mask, floor=floor,
+                                            multiple=neox.options.parity_multiple)
+        return "localisation (per-layer hidden states vs fp32 HF):\n" + report.message()
+    except Exception as exc:   # localisation is a help, never the reason a test errors
+        return f"localisation unavailable: {type(exc).__name__}: {exc}"

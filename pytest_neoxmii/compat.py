@@ -1,0 +1,102 @@
+"""Compatibility between DeepSpeed's GPT-NeoX kernel injection and the transformers versions it meets.
+
+DeepSpeed's injection policy (deepspeed/module_inject/containers/gptneox.py) reads
+`layer.attention.hidden_size` and `.num_attention_heads`, which transformers 4.57 no longer sets
+(AttributeError inside init_inference and every MII deployment). We give GPTNeoXAttention read-only
+properties that answer from its config. It is a class-level patch, so every model built afterwards gets it,
+and `install()` can arm it lazily, before transformers is imported, for processes that DeepSpeed or MII
+start (see `child_env()`, which puts a sitecustomize on their PYTHONPATH).
+
+transformers 5.x breaks the injected layers in other ways (tuple outputs, MII's framework="pt"):
+`check_kernel_injection()` refuses it with one line instead of a deep traceback."""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.metadata
+import os
+import sys
+from pathlib import Path
+
+NEOX_MODULE = "transformers.models.gpt_neox.modeling_gpt_neox"
+_PATCHED_ATTRIBUTES = ("hidden_size", "num_attention_heads")
+
+
+def transformers_version() -> str | None:
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_kernel_injection() -> str | None:
+    """None if DeepSpeed's GPT-NeoX kernels can work with the installed transformers, else the reason."""
+    version = transformers_version()
+    if version is None:
+        return "transformers is not installed"
+    if int(version.split(".")[0]) >= 5:
+        return (f"DeepSpeed's GPT-NeoX kernel injection does not work with transformers {version} "
+                "(injected layers return tuples the 5.x decoder loop rejects): install 'transformers<5', "
+                "4.57.6 is tested")
+    return None
+
+
+def _patch(module) -> None:
+    cls = getattr(module, "GPTNeoXAttention", None)
+    if cls is None:
+        return
+    for name in _PATCHED_ATTRIBUTES:
+        if not hasattr(cls, name):
+            setattr(cls, name, property(lambda self, _n=name: getattr(self.config, _n)))
+
+
+def is_patched() -> bool:
+    module = sys.modules.get(NEOX_MODULE)
+    return module is not None and all(isinstance(getattr(module.GPTNeoXAttention, n, None), property)
+                                      or n in vars(module.GPTNeoXAttention) for n in _PATCHED_ATTRIBUTES)
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Applies the patch right after the GPT-NeoX modeling module is first imported."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != NEOX_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            import importlib.util
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return None
+        original_exec = spec.loader.exec_module
+
+        def exec_module(module, _orig=original_exec):
+            _orig(module)
+            _patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def install() -> None:
+    """Make DeepSpeed's injection policy work on this process's transformers. Idempotent, cheap."""
+    module = sys.modules.get(NEOX_MODULE)
+    if module is not None:
+        _patch(module)
+        return
+    if not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())
+
+
+SITECUSTOMIZE_DIR = Path(__file__).parent / "_child"
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for processes DeepSpeed or MII start: their sitecustomize installs the same patch."""
+    env = dict(os.environ if env is None else env)
+    parts = [str(SITECUSTOMIZE_DIR), str(Path(__file__).parent.parent)]
+    if env.get("PYTHONPATH"):
+        parts.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    return env

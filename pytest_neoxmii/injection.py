@@ -1,0 +1,39 @@
+"""Kernel injection must be verified, not assumed: with some transformers versions DeepSpeed's policy
+never matches and init_inference returns without error having replaced nothing (its outputs then equal
+HF's, and a parity test would pass for the wrong reason)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pytest_neoxmii.errors import BackendUnavailable
+
+
+class InjectionFailed(AssertionError):
+    """Kernels were asked for and not (all) injected."""
+
+
+@dataclass(frozen=True)
+class InjectionReport:
+    injected: int
+    total: int
+
+    def describe(self) -> str:
+        return f"injected {self.injected}/{self.total} layers"
+
+
+def count_injected(module, total_layers: int) -> InjectionReport:
+    try:
+        from deepspeed.model_implementations.transformers.ds_transformer import DeepSpeedTransformerInference
+    except ImportError as exc:
+        raise BackendUnavailable(f"deepspeed is not importable: {exc}") from None
+    injected = sum(isinstance(m, DeepSpeedTransformerInference) for m in module.modules())
+    return InjectionReport(injected=injected, total=total_layers)
+
+
+def require_injected(report: InjectionReport, transformers_version: str | None) -> None:
+    if report.injected == report.total and report.total > 0:
+        return
+    raise InjectionFailed(
+        f"kernel injection was requested but DeepSpeed {report.describe()} "
+        f"(transformers {transformers_version}): its GPT-NeoX policy did not match these layers, so the "
+        "model would run unoptimised HF code and parity would pass for the wrong reason")

@@ -1,0 +1,152 @@
+"""Every option of the plugin, in one place: each is a command-line flag and an ini option, and
+NeoxOptions is the validated result the rest of the plugin reads."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pytest_neoxmii.errors import NeoxUsageError
+
+DTYPES = ("fp16", "bf16", "fp32")
+BACKENDS = ("hf", "ds", "mii", "zero")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str            # ini name; the flag is --name with '_' -> '-'
+    help: str
+    default: object
+    kind: str = "string"  # "string", "int", "float", "bool"
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS = (
+    Option("neox_model", "model to test: a registry name (pythia-160m, gpt-neox-20b, ...), a hub id, or a "
+           "local model directory. Without it the acceptance tests skip.", None, metavar="NAME"),
+    Option("neox_revision", "hub revision (branch, tag or commit) for --neox-weights=auto", "main",
+           metavar="REV"),
+    Option("neox_weights", "auto: local directory, hub cache or hub; synthetic: seeded random weights in the "
+           "model's architecture (no hub needed)", "auto", metavar="auto|synthetic"),
+    Option("neox_dtype", "dtype the backends run in: fp16, bf16 or fp32", "fp16", metavar="DTYPE"),
+    Option("neox_tp", "tensor-parallel degree of the ds and mii backends", 1, kind="int", metavar="N"),
+    Option("neox_backends", "comma-separated backends to run: hf, ds, mii, zero", "hf,ds,mii,zero",
+           metavar="LIST"),
+    Option("neox_baseline_dir", "directory of the stored baselines", "baselines", metavar="DIR"),
+    Option("neox_update_baselines", "write the measured results as the new baselines", False, kind="bool"),
+    Option("neox_max_new_tokens", "tokens generated greedily per case", 32, kind="int", metavar="N"),
+    Option("neox_seed", "seed of the synthetic weights and of the generated prompts", 0, kind="int",
+           metavar="N"),
+    Option("neox_top_k", "a greedy divergence is acceptable only if each side's token is in the other's "
+           "top-k at that step", 5, kind="int", metavar="K"),
+    Option("neox_parity_multiple", "a backend passes a metric if it is within this multiple of the noise "
+           "floor (the HF reference's own low-precision vs fp32 difference)", 10.0, kind="float",
+           metavar="X"),
+    Option("neox_cases", "case set: default (under a minute per backend) or full (up to the context "
+           "length, batch 8)", "default", metavar="SET"),
+    Option("neox_cache_dir", "where synthetic models are built and kept (default ~/.cache/pytest-neoxmii)",
+           None, metavar="DIR"),
+    Option("neox_zero_nvme", "offload ZeRO-Inference parameters to NVMe at this path instead of CPU memory",
+           None, metavar="PATH"),
+    Option("neox_latency_threshold", "relative slowdown of the median beyond which a significant latency "
+           "change fails", 0.10, kind="float", metavar="FRACTION"),
+    Option("neox_report", "write the JSON summary and the HF-vs-DS latency plot to this directory", None,
+           metavar="DIR"),
+)
+
+
+def add_options(parser: pytest.Parser) -> None:
+    group = parser.getgroup("neoxmii", "GPT-NeoX / DeepSpeed-MII acceptance testing")
+    for opt in OPTIONS:
+        if opt.kind == "bool":
+            group.addoption(opt.flag, action="store_true", default=None, dest=opt.name, help=opt.help)
+            parser.addini(opt.name, opt.help, type="bool", default=bool(opt.default))
+        else:
+            group.addoption(opt.flag, action="store", default=None, dest=opt.name, metavar=opt.metavar,
+                            help=f"{opt.help} (default: {opt.default})")
+            parser.addini(opt.name, opt.help, default=None if opt.default is None else str(opt.default))
+
+
+def _raw(config: pytest.Config, opt: Option):
+    value = config.getoption(opt.name)
+    if value is None:
+        value = config.getini(opt.name)
+    if value in (None, "") and opt.kind != "bool":
+        return opt.default
+    return value
+
+
+def _convert(opt: Option, value):
+    if value is None or opt.kind == "string":
+        return value
+    if opt.kind == "bool":
+        return bool(value)
+    try:
+        return int(value) if opt.kind == "int" else float(value)
+    except (TypeError, ValueError):
+        raise NeoxUsageError(f"{opt.flag} must be {'an integer' if opt.kind == 'int' else 'a number'}, "
+                             f"got '{value}'") from None
+
+
+@dataclass(frozen=True)
+class NeoxOptions:
+    model: str | None
+    revision: str
+    weights: str
+    dtype: str
+    tp: int
+    backends: tuple[str, ...]
+    baseline_dir: Path
+    update_baselines: bool
+    max_new_tokens: int
+    seed: int
+    top_k: int
+    parity_multiple: float
+    cases: str
+    cache_dir: Path
+    zero_nvme: Path | None
+    latency_threshold: float
+    report_dir: Path | None
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> "NeoxOptions":
+        from pytest_neoxmii.weights import default_cache_dir
+
+        v = {opt.name: _convert(opt, _raw(config, opt)) for opt in OPTIONS}
+        if v["neox_dtype"] not in DTYPES:
+            raise NeoxUsageError(f"unknown dtype '{v['neox_dtype']}' for --neox-dtype: choose one of "
+                                 f"{', '.join(DTYPES)}")
+        if v["neox_weights"] not in ("auto", "synthetic"):
+            raise NeoxUsageError(f"--neox-weights must be 'auto' or 'synthetic', got '{v['neox_weights']}'")
+        backends = tuple(b.strip() for b in str(v["neox_backends"]).split(",") if b.strip())
+        unknown = [b for b in backends if b not in BACKENDS]
+        if unknown or not backends:
+            raise NeoxUsageError(f"unknown backend '{unknown[0] if unknown else ''}' in --neox-backends: "
+                                 f"choose from {', '.join(BACKENDS)}")
+        for name, low in (("neox_tp", 1), ("neox_max_new_tokens", 1), ("neox_top_k", 1)):
+            if v[name] < low:
+                raise NeoxUsageError(f"--{name.replace('_', '-')} must be at least {low}, got {v[name]}")
+        if v["neox_parity_multiple"] < 1:
+            raise NeoxUsageError(f"--neox-parity-multiple must be at least 1, got {v['neox_parity_multiple']}")
+        if not 0 < v["neox_latency_threshold"] < 10:
+            raise NeoxUsageError("--neox-latency-threshold is a fraction such as 0.10, got "
+                                 f"{v['neox_latency_threshold']}")
+        if v["neox_cases"] not in ("default", "full"):
+            raise NeoxUsageError(f"--neox-cases must be 'default' or 'full', got '{v['neox_cases']}'")
+        root = Path(str(config.rootpath))
+        return cls(
+            model=v["neox_model"], revision=v["neox_revision"], weights=v["neox_weights"],
+            dtype=v["neox_dtype"], tp=v["neox_tp"], backends=backends,
+            baseline_dir=root / v["neox_baseline_dir"], update_baselines=v["neox_update_baselines"],
+            max_new_tokens=v["neox_max_new_tokens"], seed=v["neox_seed"], top_k=v["neox_top_k"],
+            parity_multiple=v["neox_parity_multiple"], cases=v["neox_cases"],
+            cache_dir=Path(v["neox_cache_dir"]).expanduser() if v["neox_cache_dir"] else default_cache_dir(),
+            zero_nvme=Path(v["neox_zero_nvme"]) if v["neox_zero_nvme"] else None,
+            latency_threshold=v["neox_latency_threshold"],
+            report_dir=Path(v["neox_report"]) if v["neox_report"] else None,
+        )

@@ -1,0 +1,132 @@
+"""The pytest hooks of pytest-neoxmii: options, markers, the report header, collection-time GPU skips,
+parametrization over cases and backends, and the end-of-session summary. Fixtures live in fixtures.py."""
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+
+from pytest_neoxmii import options as options_mod
+from pytest_neoxmii.errors import NeoxUsageError
+from pytest_neoxmii.fixtures import neox, neox_case, neox_generation_case  # noqa: F401  (fixtures)
+from pytest_neoxmii.session import NeoxSession
+
+SESSION_KEY = pytest.StashKey[NeoxSession]()
+
+MARKERS = (
+    "gpu: needs a CUDA GPU; skips with what was found otherwise",
+    "a100_40g: needs a CUDA GPU with at least 40 GB of memory; skips with what was found otherwise",
+    "multi_gpu(n=2): needs at least n CUDA GPUs; skips with what was found otherwise",
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    options_mod.add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in MARKERS:
+        config.addinivalue_line("markers", line)
+    try:
+        opts = options_mod.NeoxOptions.from_config(config)
+        model = None
+        if opts.model:
+            from pytest_neoxmii.weights import resolve
+            model = resolve(opts.model, opts.weights, opts.revision, opts.seed, opts.cache_dir)
+    except NeoxUsageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[SESSION_KEY] = NeoxSession(opts, model)
+
+
+def get_session(config: pytest.Config) -> NeoxSession:
+    return config.stash[SESSION_KEY]
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for dist in ("torch", "transformers", "deepspeed", "deepspeed-mii"):
+        try:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[dist] = "not installed"
+    return found
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    session = get_session(config)
+    o = session.options
+    if session.model is None:
+        return ["neoxmii: no --neox-model given; the acceptance tests will skip"]
+    lines = [
+        f"neoxmii: model {session.model.spec.name}: {session.model.describe()}",
+        f"neoxmii: weights source {session.model.source} ({session.model.weights_key}), dtype {o.dtype}, "
+        f"tp {o.tp}, backends {','.join(o.backends)}",
+        f"neoxmii: GPUs found: {session.hardware.describe()}",
+        "neoxmii: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+    ]
+    return lines
+
+
+def _marker_skip_reason(item: pytest.Item, hw) -> str | None:
+    if item.get_closest_marker("gpu"):
+        reason = hw.need_gpu()
+        if reason:
+            return reason
+    if item.get_closest_marker("a100_40g"):
+        from pytest_neoxmii.hardware import A100_40G_BYTES
+        reason = hw.need_memory(A100_40G_BYTES, "a100_40g")
+        if reason:
+            return reason
+    marker = item.get_closest_marker("multi_gpu")
+    if marker:
+        n = marker.args[0] if marker.args else marker.kwargs.get("n", 2)
+        if not isinstance(n, int) or n < 2:
+            raise pytest.UsageError(f"{item.nodeid}: multi_gpu(n) needs an integer n >= 2, got {n!r}")
+        reason = hw.need_gpus(n)
+        if reason:
+            return reason
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_markers = ("gpu", "a100_40g", "multi_gpu")
+    marked = [it for it in items if any(it.get_closest_marker(m) for m in gpu_markers)]
+    if not marked:
+        return      # no GPU question asked: do not even import torch
+    hw = get_session(config).hardware
+    for item in marked:
+        reason = _marker_skip_reason(item, hw)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    session = get_session(metafunc.config)
+    try:
+        plans = session.plans()
+    except NeoxUsageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    # Without a model every parametrized test gets one placeholder that skips with the reason.
+    if "neox_case_plan" in metafunc.fixturenames:
+        metafunc.parametrize("neox_case_plan", plans or [None], ids=[p.id for p in plans] or ["no-model"],
+                             scope="function")
+    if "neox_generation_plan" in metafunc.fixturenames:
+        gen = [p for p in plans if p.generate]
+        metafunc.parametrize("neox_generation_plan", gen or [None], ids=[p.id for p in gen] or ["no-model"])
+    if "neox_backend_name" in metafunc.fixturenames:
+        names = [b for b in session.options.backends if b != "hf"]
+        metafunc.parametrize("neox_backend_name", names or [None], ids=names or ["no-backend"])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    session = config.stash.get(SESSION_KEY, None)
+    if session is None or session.model is None:
+        return
+    from pytest_neoxmii.report import terminal_summary
+    terminal_summary(terminalreporter, session)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session = config.stash.get(SESSION_KEY, None)
+    if session is not None:
+        session.close()

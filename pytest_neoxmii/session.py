@@ -1,0 +1,194 @@
+"""Session state: the options, the model under test, the GPUs found, the backends loaded so far (each
+once per session), the reference outputs (computed once per case) and what the report will show."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import pytest
+
+from pytest_neoxmii import hardware
+from pytest_neoxmii.backends import Backend, load_backend
+from pytest_neoxmii.cases import Case, CasePlan, materialize, plan_cases
+from pytest_neoxmii.errors import BackendUnavailable, NeoxUsageError
+from pytest_neoxmii.options import NeoxOptions
+from pytest_neoxmii.outputs import Generation, Scores
+from pytest_neoxmii.weights import ResolvedModel
+
+
+@dataclass
+class Record:
+    """One result for the report: which check, which backend and case, the numbers, the verdict."""
+    check: str           # "greedy", "teacher-forced", "latency", "golden", ...
+    backend: str
+    case: str
+    passed: bool | None  # None: informational
+    metrics: dict = field(default_factory=dict)
+    summary: str = ""
+
+
+class NeoxSession:
+    def __init__(self, options: NeoxOptions, model: ResolvedModel | None):
+        self.options = options
+        self.model = model
+        self.backends: dict[str, Backend] = {}
+        self.infos: dict[str, object] = {}          # what each backend ran as, kept after teardown
+        self.unavailable: dict[str, str] = {}
+        self.timings: dict[str, float] = {"kernel build": 0.0, "model load": 0.0, "model calls": 0.0}
+        self.records: list[Record] = []
+        self._cache: dict[tuple, object] = {}
+        self._tokenizer = None
+        self.started = time.perf_counter()
+
+    # -- what is tested -------------------------------------------------------------------------------
+    @property
+    def hardware(self) -> hardware.Hardware:
+        return hardware.detect()
+
+    @property
+    def device(self) -> str:
+        return "cuda:0" if self.hardware.gpus else "cpu"
+
+    def require_model(self) -> ResolvedModel:
+        if self.model is None:
+            pytest.skip("no --neox-model given: pass e.g. --neox-model=pythia-160m (add "
+                        "--neox-weights=synthetic where the model hub cannot be reached)")
+        if self.model.path is None:
+            from pytest_neoxmii.weights import materialize as build
+            with self.timed("model load"):
+                self.model = build(self.model, self.options.cache_dir)
+        return self.model
+
+    def plans(self) -> list[CasePlan]:
+        if self.model is None:
+            return []
+        o = self.options
+        return plan_cases(self.model.spec.max_position_embeddings, o.max_new_tokens, o.cases)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.require_model().path))
+        return self._tokenizer
+
+    def case(self, plan: CasePlan) -> Case:
+        key = ("case", plan.id)
+        if key not in self._cache:
+            try:
+                self._cache[key] = materialize(plan, self.tokenizer, self.model.spec.max_position_embeddings,
+                                               self.options.seed)
+            except NeoxUsageError as exc:
+                pytest.fail(str(exc), pytrace=False)
+        return self._cache[key]
+
+    @property
+    def max_tokens(self) -> int:
+        """DeepSpeed's workspace size: the longest case's prompt plus output, rounded up to 64."""
+        longest = max((p.total_tokens for p in self.plans()), default=1024)
+        return -(-longest // 64) * 64
+
+    # -- backends -------------------------------------------------------------------------------------
+    @contextmanager
+    def timed(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
+
+    def backend(self, name: str, dtype: str | None = None) -> Backend:
+        """The loaded backend (loaded on first use, kept for the session). Skips the calling test with the
+        reason when the backend cannot run here; the same reason is reused without retrying."""
+        dtype = dtype or self.options.dtype
+        key = f"{name}:{dtype}"
+        if key in self.backends:
+            return self.backends[key]
+        if key in self.unavailable:
+            pytest.skip(self.unavailable[key])
+        model = self.require_model()
+        if name != "hf" and name not in self.options.backends:
+            pytest.skip(f"backend {name} not selected (--neox-backends={','.join(self.options.backends)})")
+        try:
+            self._check_fits(name, dtype)
+            if name in ("ds", "mii") and self.device.startswith("cuda"):
+                self._build_kernels()
+            with self.timed("model load"):
+                backend = load_backend(name, path=model.path, dtype=dtype, device=self.device,
+                                       tp=self.options.tp if name in ("ds", "mii") else 1,
+                                       max_tokens=self.max_tokens, spec=model.spec,
+                                       zero_nvme=self.options.zero_nvme)
+        except BackendUnavailable as exc:
+            self.unavailable[key] = f"{name} ({dtype}): {exc}"
+            pytest.skip(self.unavailable[key])
+        self.backends[key] = backend
+        self.infos[key] = backend.info
+        return backend
+
+    def _check_fits(self, name: str, dtype: str) -> None:
+        hw = self.hardware
+        tp = self.options.tp if name in ("ds", "mii") else 1
+        if tp > 1 and hw.count < tp:
+            raise BackendUnavailable(f"--neox-tp={tp} needs {tp} GPUs, found {hw.count}")
+        if not hw.gpus:
+            return
+        if name == "zero":     # weights stay in CPU/NVMe memory by design
+            return
+        ok, reason = self.model.spec.fits(dtype, tp, [g.total_memory for g in hw.gpus])
+        if not ok:
+            raise BackendUnavailable(reason)
+
+    def _build_kernels(self) -> None:
+        """JIT-build (or load from the torch extensions cache) DeepSpeed's inference op up front, so the
+        session's time splits into kernel build, model load and checks."""
+        if ("kernels",) in self._cache:
+            return
+        self._cache[("kernels",)] = True
+        try:
+            from deepspeed.ops.op_builder import InferenceBuilder
+        except ImportError as exc:
+            raise BackendUnavailable(f"deepspeed is not importable: {exc}") from None
+        with self.timed("kernel build"):
+            InferenceBuilder().load()
+
+    def reference(self) -> Backend:
+        """The ground truth: HF transformers in fp32 on the same device."""
+        return self.backend("hf", "fp32")
+
+    def peer(self) -> Backend:
+        """The HF reference at the session's dtype: its distance to fp32 is the noise floor."""
+        return self.backend("hf", self.options.dtype)
+
+    # -- cached model calls ---------------------------------------------------------------------------
+    def generation(self, backend: Backend, case: Case) -> Generation:
+        key = ("gen", backend.info.backend, backend.info.dtype, case.id)
+        if key not in self._cache:
+            with self.timed("model calls"):
+                self._cache[key] = backend.generate(case.batch, case.plan.max_new_tokens, self.options.top_k)
+        return self._cache[key]
+
+    def scores(self, backend: Backend, case: Case) -> Scores:
+        key = ("score", backend.info.backend, backend.info.dtype, case.id)
+        if key not in self._cache:
+            with self.timed("model calls"):
+                self._cache[key] = backend.score(case.batch)
+        return self._cache[key]
+
+    def record(self, rec: Record) -> None:
+        self.records.append(rec)
+
+    def close(self) -> None:
+        for key in list(self.backends):
+            backend = self.backends.pop(key)
+            try:
+                backend.close()
+            except Exception as exc:   # teardown goes on: the next backend must still be released
+                self.unavailable[key] = f"close failed: {exc}"
+        self._cache.clear()
+
+    def close_backend(self, name: str, dtype: str | None = None) -> None:
+        key = f"{name}:{dtype or self.options.dtype}"
+        backend = self.backends.pop(key, None)
+        if backend is not None:
+            backend.close()

@@ -1,0 +1,83 @@
+"""The HF transformers reference checks itself: without a sane reference and noise floor, every parity
+verdict against it would mean nothing. Runs on CPU and GPU."""
+import math
+
+import pytest
+import torch
+
+from pytest_neoxmii import parity
+
+
+def test_reference_is_deterministic(neox, neox_generation_case):
+    """Two greedy runs of the fp32 reference give the same tokens (nothing random leaks in)."""
+    ref = neox.reference()
+    first = ref.generate(neox_generation_case.batch, 4, neox.options.top_k)
+    second = ref.generate(neox_generation_case.batch, 4, neox.options.top_k)
+    assert first.tokens == second.tokens
+    assert all(len(row) == 4 for row in first.tokens)
+
+
+def test_reference_outputs_are_finite(neox, neox_case):
+    scores = neox.scores(neox.reference(), neox_case)
+    problem = parity.find_nonfinite(scores, "fp32 reference")
+    assert problem is None, problem
+    peer = neox.scores(neox.peer(), neox_case)
+    problem = parity.find_nonfinite(peer, f"{neox.options.dtype} reference")
+    assert problem is None, problem
+
+
+def test_noise_floor_is_small_and_nonzero_where_precision_differs(neox, neox_case):
+    """The floor (HF low precision vs fp32) calibrates every tolerance: it must be finite and small
+    (a trained-like model agrees with itself on the top-1 token almost everywhere)."""
+    from pytest_neoxmii.checks import noise_floor
+    floor = noise_floor(neox, neox_case)
+    print(f"noise floor {neox.options.dtype} vs fp32 on {neox_case.id}: KL mean {floor.kl_mean:.3g}, "
+          f"KL max {floor.kl_max:.3g}, top-1 agreement {floor.top1_agreement:.4f}, "
+          f"max |dlogprob| {floor.max_abs_diff:.3g}")
+    assert floor.nonfinite is None
+    assert floor.top1_agreement >= 0.9, "the low-precision reference disagrees with fp32 on >10% of top-1"
+    if neox.options.dtype == "fp32":
+        assert floor.kl_max == 0.0
+    else:
+        assert 0.0 < floor.kl_max < 0.5
+
+
+def test_left_padding_does_not_change_a_row(neox, neox_generation_case):
+    """A row generated inside a left-padded batch equals the same row generated alone (attention mask and
+    position ids are honoured). Guards the reference that every batched parity check trusts."""
+    case = neox_generation_case
+    if len(set(len(r) for r in case.batch.rows)) < 2:
+        pytest.skip(f"{case.id} has no padding")
+    from pytest_neoxmii.outputs import PromptBatch
+    ref = neox.reference()
+    batched = neox.generation(ref, case)
+    for i, row in enumerate(case.batch.rows):
+        alone = ref.generate(PromptBatch(rows=(row,), pad_token_id=case.batch.pad_token_id),
+                             case.plan.max_new_tokens, neox.options.top_k)
+        report = parity.compare_greedy(alone, parity_generation_row(batched, i), neox.options.top_k)
+        assert report.passed, report.message()
+
+
+def parity_generation_row(gen, i):
+    from pytest_neoxmii.outputs import Generation
+    return Generation(tokens=[gen.tokens[i]], top_logprobs=[gen.top_logprobs[i]])
+
+
+def test_fixed_text_perplexity_is_finite(neox):
+    plan = next(p for p in neox.plans() if p.family == "fixed-text")
+    case = neox.case(plan)
+    m = parity.teacher_forced_metrics(neox.scores(neox.reference(), case), neox.scores(neox.peer(), case),
+                                      case.batch)
+    print(f"fixed-text perplexity ({neox.model.describe()}): fp32 {m.perplexity_reference:.2f}, "
+          f"{neox.options.dtype} {m.perplexity_candidate:.2f}")
+    assert math.isfinite(m.perplexity_reference) and m.perplexity_reference > 1
+    assert neox.model.spec.vocab_size > 0
+
+
+def test_weights_are_what_the_session_says(neox):
+    """The model loaded is the registered architecture (not a silently different config)."""
+    model = neox.reference().model
+    spec = neox.model.spec
+    assert model.config.hidden_size == spec.hidden_size
+    assert model.config.num_hidden_layers == spec.num_hidden_layers
+    assert sum(p.numel() for p in model.parameters()) == spec.parameter_count()

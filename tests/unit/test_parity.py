@@ -1,0 +1,489 @@
+"""Fast tests of the parity engine on generated tensors (no model, no backend)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pytest_neoxmii.outputs import Generation, LayerTrace, PromptBatch, Scores
+from pytest_neoxmii.parity import (
+    KL_EPSILON,
+    MAX_ABS_EPSILON,
+    ParityFailure,
+    TFMetrics,
+    assert_greedy_parity,
+    assert_parity,
+    assert_teacher_forced_parity,
+    compare_greedy,
+    find_nonfinite,
+    judge,
+    layer_errors,
+    localize_divergence,
+    teacher_forced_metrics,
+)
+from pytest_neoxmii.table import format_table, format_value
+
+V = 64
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def make_batch() -> PromptBatch:
+    # rows of 5, 3 and 4 tokens: left padding of 0, 2 and 1 positions
+    return PromptBatch(rows=((5, 6, 7, 8, 9), (10, 11, 12), (13, 14, 15, 16)), pad_token_id=0)
+
+
+def random_logits(batch: PromptBatch, seed: int, scale: float = 3.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(batch.batch_size, batch.max_len, V, generator=g)
+
+
+def scores_from_logits(batch: PromptBatch, logits: torch.Tensor) -> Scores:
+    _, mask = batch.padded()
+    return Scores(logprobs=torch.log_softmax(logits.float(), dim=-1), mask=mask.bool())
+
+
+def noise(batch: PromptBatch, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch.batch_size, batch.max_len, V, generator=g)
+
+
+@pytest.fixture
+def batch() -> PromptBatch:
+    return make_batch()
+
+
+@pytest.fixture
+def logits(batch) -> torch.Tensor:
+    return random_logits(batch, seed=0)
+
+
+@pytest.fixture
+def reference(batch, logits) -> Scores:
+    return scores_from_logits(batch, logits)
+
+
+@pytest.fixture
+def floor_pair(batch, logits, reference):
+    """Noise floor: the reference against a copy perturbed by a fixed noise direction (stands in for the HF
+    fp16 vs fp32 floor); returns (floor metrics, the noise direction)."""
+    direction = 0.01 * noise(batch, seed=1)
+    lowp = scores_from_logits(batch, logits + direction)
+    return teacher_forced_metrics(reference, lowp, batch), direction
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+def test_format_table_aligns_and_formats_floats():
+    text = format_table(["metric", "value"], [["kl", 1.234567e-5], ["ppl", 12.3456], ["zero", 0.0], ["n", 7]])
+    lines = text.splitlines()
+    assert lines[0].startswith("metric")
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    assert "1.23e-05" in text and "12.35" in text
+    # right-aligned numeric column: every line has the same length once the table is rendered
+    assert len({len(line) for line in lines}) == 1
+    assert format_value(float("nan")) == "nan" and format_value(None) == "-" and format_value(2e6) == "2.00e+06"
+
+
+def test_format_table_rejects_ragged_rows():
+    with pytest.raises(ValueError, match="row 1 has 1 cells"):
+        format_table(["a", "b"], [[1, 2], [3]])
+
+
+# ---------------------------------------------------------------------------------------------- teacher-forced
+
+def test_identical_outputs_give_zero_metrics_and_pass(batch, reference, floor_pair):
+    m = teacher_forced_metrics(reference, reference, batch)
+    assert m.kl_mean == 0.0 and m.kl_max == 0.0 and m.max_abs_diff == 0.0
+    assert m.top1_agreement == 1.0
+    assert m.perplexity_reference == m.perplexity_candidate
+    assert m.perplexity_rel_diff == 0.0
+    assert m.n_positions == 12 and m.n_targets == 12 - 3
+    assert m.nonfinite is None
+    verdict = judge(floor_pair[0], m, multiple=2.0)
+    assert verdict.passed and verdict.failures == []
+    assert "PASSED" in verdict.message()
+
+
+def test_zero_floor_does_not_demand_bit_exactness(batch, logits, reference):
+    zero = teacher_forced_metrics(reference, reference, batch)
+    tiny = scores_from_logits(batch, logits + 1e-5 * noise(batch, seed=3))
+    measured = teacher_forced_metrics(reference, tiny, batch)
+    assert measured.max_abs_diff > 0
+    assert measured.kl_max < KL_EPSILON and measured.max_abs_diff < MAX_ABS_EPSILON
+    assert judge(zero, measured, multiple=1.0).passed
+    # ... but a zero floor with a real difference fails
+    big = teacher_forced_metrics(reference, scores_from_logits(batch, logits + 0.1 * noise(batch, seed=3)), batch)
+    assert not judge(zero, big, multiple=1.0).passed
+
+
+def test_perturbation_beyond_multiple_fails_and_message_shows_floor_measured_multiple(batch, logits, reference,
+                                                                                      floor_pair):
+    floor, direction = floor_pair
+    candidate = scores_from_logits(batch, logits + 10.0 * direction)   # KL ~100x, max diff ~10x the floor
+    measured = teacher_forced_metrics(reference, candidate, batch)
+    verdict = judge(floor, measured, multiple=4.0)
+    assert not verdict.passed
+    assert "kl_mean" in verdict.failures and "kl_max" in verdict.failures and "max_abs_diff" in verdict.failures
+    msg = verdict.message()
+    assert "FAILED" in msg
+    for header in ("metric", "floor", "measured", "multiple", "limit", "ok"):
+        assert header in msg
+    kl_row = next(line for line in msg.splitlines() if line.startswith("kl_mean"))
+    assert format_value(floor.kl_mean) in kl_row
+    assert format_value(measured.kl_mean) in kl_row
+    assert format_value(4.0 * floor.kl_mean) in kl_row
+    assert kl_row.split()[3] == "4"                     # the multiple column
+    assert "FAIL" in kl_row
+    assert "worst positions by KL" in msg
+    with pytest.raises(ParityFailure) as exc:
+        assert_parity(floor, measured, multiple=4.0)
+    assert str(exc.value) == msg
+    assert isinstance(exc.value, AssertionError)
+
+
+def test_perturbation_within_multiple_passes_and_message_still_shows_numbers(batch, logits, reference, floor_pair):
+    floor, direction = floor_pair
+    candidate = scores_from_logits(batch, logits + 1.5 * direction)   # KL ~2.25x, max diff ~1.5x the floor
+    measured = teacher_forced_metrics(reference, candidate, batch)
+    assert measured.kl_mean > floor.kl_mean            # really worse than the floor, yet within 4x
+    verdict = assert_parity(floor, measured, multiple=4.0)
+    assert verdict.passed
+    msg = verdict.message()
+    kl_row = next(line for line in msg.splitlines() if line.startswith("kl_mean"))
+    assert format_value(floor.kl_mean) in kl_row and format_value(measured.kl_mean) in kl_row
+    assert "PASSED" in msg and "worst positions" not in msg
+    # the same perturbation fails a tighter multiple
+    assert not judge(floor, measured, multiple=1.0).passed
+
+
+def test_assert_teacher_forced_parity_end_to_end(batch, logits, reference):
+    lowp = Scores(reference.logprobs.half().float(), reference.mask)   # a real fp16 rounding floor
+    good = Scores(reference.logprobs.half().float(), reference.mask)
+    assert assert_teacher_forced_parity(reference, lowp, good, batch, multiple=2.0).passed
+    bad = scores_from_logits(batch, logits + 0.05 * noise(batch, seed=9))
+    with pytest.raises(ParityFailure, match="teacher-forced parity FAILED"):
+        assert_teacher_forced_parity(reference, lowp, bad, batch, multiple=2.0)
+
+
+def test_top1_disagreement_is_judged(batch, logits, reference):
+    floor = teacher_forced_metrics(reference, reference, batch)
+    # swap the top-1 of every real position: agreement 0
+    swapped = logits.clone()
+    top = logits.argmax(-1, keepdim=True)
+    swapped.scatter_(-1, top, logits.min(-1, keepdim=True).values - 1.0)
+    measured = teacher_forced_metrics(reference, scores_from_logits(batch, swapped), batch)
+    assert measured.top1_agreement == 0.0
+    verdict = judge(floor, measured, multiple=3.0)
+    assert "top1_disagreement" in verdict.failures
+
+
+def test_padding_positions_are_ignored(batch, logits, reference):
+    candidate = scores_from_logits(batch, logits + 0.02 * noise(batch, seed=4))
+    clean = teacher_forced_metrics(reference, candidate, batch)
+    dirty_lp = candidate.logprobs.clone()
+    _, mask = batch.padded()
+    pad = ~mask.bool()
+    assert int(pad.sum()) == 3
+    dirty_lp[pad] = float("nan")
+    dirty_lp[1, 0, :] = 1e9           # row 1 is padded at positions 0 and 1
+    dirty = Scores(dirty_lp, candidate.mask)
+    assert find_nonfinite(dirty) is None
+    m = teacher_forced_metrics(reference, dirty, batch)
+    assert m.nonfinite is None
+    for name in ("kl_mean", "kl_max", "top1_agreement", "max_abs_diff", "perplexity_reference",
+                 "perplexity_candidate", "n_positions", "n_targets"):
+        assert getattr(m, name) == pytest.approx(getattr(clean, name), rel=0, abs=0), name
+
+
+def test_kl_is_reference_to_candidate_with_known_value(batch):
+    _, mask = batch.padded()
+    # reference: half the mass on token 0, the rest even; candidate: uniform
+    peaked = torch.full((3, 5, V), math.log(0.5 / (V - 1)))
+    peaked[..., 0] = math.log(0.5)
+    uniform = torch.full((3, 5, V), -math.log(V))
+    expected = 0.5 * math.log(0.5 * V) + 0.5 * math.log(0.5 / (V - 1) * V)       # KL(peaked || uniform)
+    reverse = -math.log(V) - (math.log(0.5) + (V - 1) * math.log(0.5 / (V - 1))) / V  # KL(uniform || peaked)
+    assert abs(expected - reverse) > 0.1
+    m = teacher_forced_metrics(Scores(peaked, mask.bool()), Scores(uniform, mask.bool()), batch)
+    assert m.kl_mean == pytest.approx(expected, rel=1e-5)
+    assert m.kl_max == pytest.approx(expected, rel=1e-5)
+    assert m.top1_agreement == 1.0                       # argmax of uniform is token 0 too (first index)
+    assert m.max_abs_diff == pytest.approx(math.log(0.5 * V), rel=1e-6)
+
+
+def test_perplexity_of_uniform_distribution_is_vocab_size(batch):
+    _, mask = batch.padded()
+    uniform = Scores(torch.full((3, 5, V), -math.log(V)), mask.bool())
+    m = teacher_forced_metrics(uniform, uniform, batch)
+    assert m.perplexity_reference == pytest.approx(V, rel=1e-6)
+    assert m.perplexity_candidate == pytest.approx(V, rel=1e-6)
+
+
+def test_perplexity_uses_next_tokens_and_skips_last_position_and_padding(batch):
+    ids, mask = batch.padded()
+    # every non-last real position gives the true next token probability 1/2, the rest spread evenly
+    lp = torch.full((3, 5, V), math.log(0.5 / (V - 1)))
+    for b in range(3):
+        for t in range(4):
+            if mask[b, t] and mask[b, t + 1]:
+                lp[b, t, ids[b, t + 1]] = math.log(0.5)
+    lp[:, -1, :] = -1000.0                      # last position: anything at all, it has no target
+    lp[:, -1, 0] = 0.0
+    lp[~mask.bool()] = -1000.0                  # padding: garbage
+    scores = Scores(lp, mask.bool())
+    m = teacher_forced_metrics(scores, scores, batch)
+    assert m.n_targets == 9
+    assert m.perplexity_reference == pytest.approx(2.0, rel=1e-6)
+
+
+def test_nan_in_candidate_fails_and_names_the_position(batch, logits, reference, floor_pair):
+    candidate = scores_from_logits(batch, logits)
+    candidate.logprobs[1, 4, 7] = float("nan")          # row 1 is left-padded by 2: its position 2
+    where = find_nonfinite(candidate)
+    assert where is not None and "row 1, position 2" in where and "NaN" in where
+    m = teacher_forced_metrics(reference, candidate, batch)
+    assert m.nonfinite is not None and "row 1, position 2" in m.nonfinite
+    for value in (m.kl_mean, m.kl_max, m.top1_agreement, m.max_abs_diff, m.perplexity_candidate):
+        assert not math.isnan(value)
+    assert m.n_positions == 11                           # the non-finite position is left out
+    verdict = judge(floor_pair[0], m, multiple=4.0)
+    assert not verdict.passed
+    assert "non-finite values" in verdict.failures
+    assert "row 1, position 2" in verdict.message()
+
+
+def test_inf_in_reference_also_fails(batch, logits, reference, floor_pair):
+    broken = Scores(reference.logprobs.clone(), reference.mask)
+    broken.logprobs[0, 0, 3] = float("inf")
+    m = teacher_forced_metrics(broken, reference, batch)
+    assert "Inf" in m.nonfinite and "row 0, position 0" in m.nonfinite
+    assert not judge(floor_pair[0], m, multiple=4.0).passed
+
+
+def test_all_nonfinite_candidate_gives_inf_not_nan(batch, reference, floor_pair):
+    nan = Scores(torch.full_like(reference.logprobs, float("nan")), reference.mask)
+    m = teacher_forced_metrics(reference, nan, batch)
+    assert m.n_positions == 0 and m.kl_mean == math.inf and m.max_abs_diff == math.inf
+    assert not judge(floor_pair[0], m, multiple=4.0).passed
+
+
+def test_nonfinite_floor_fails_the_verdict(batch, reference):
+    broken = Scores(reference.logprobs.clone(), reference.mask)
+    broken.logprobs[2, 3, 0] = float("nan")
+    floor = teacher_forced_metrics(reference, broken, batch)
+    measured = teacher_forced_metrics(reference, reference, batch)
+    verdict = judge(floor, measured, multiple=4.0)
+    assert not verdict.passed and "non-finite noise floor" in verdict.failures
+    assert "noise floor is not finite" in verdict.message()
+
+
+def test_mismatched_shapes_give_a_clear_error(batch, logits, reference):
+    smaller_vocab = Scores(reference.logprobs[..., : V - 1], reference.mask)
+    with pytest.raises(ValueError, match=r"shape mismatch.*\(3, 5, 64\).*\(3, 5, 63\)"):
+        teacher_forced_metrics(reference, smaller_vocab, batch)
+    other_batch = PromptBatch(rows=((1, 2), (3, 4)))
+    with pytest.raises(ValueError, match="does not fit the batch"):
+        teacher_forced_metrics(reference, reference, other_batch)
+    wrong_mask = Scores(reference.logprobs, torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask disagrees with the batch's padding in rows \[1, 2\]"):
+        teacher_forced_metrics(reference, wrong_mask, batch)
+
+
+def test_judge_rejects_bad_multiple(batch, reference):
+    m = teacher_forced_metrics(reference, reference, batch)
+    with pytest.raises(ValueError, match="multiple"):
+        judge(m, m, multiple=0)
+
+
+def test_perplexity_relative_difference_is_judged(batch):
+    floor = TFMetrics(1e-4, 1e-3, 1.0, 1e-2, 10.0, 10.001, 12, 9)     # floor rel diff 1e-4
+    measured = TFMetrics(1e-4, 1e-3, 1.0, 1e-2, 10.0, 10.1, 12, 9)    # rel diff 1e-2 = 100x
+    verdict = judge(floor, measured, multiple=4.0)
+    assert verdict.failures == ["perplexity_rel_diff"]
+
+
+# ---------------------------------------------------------------------------------------------- greedy
+
+def top(*pairs):
+    return list(pairs)
+
+
+def test_identical_generations_pass():
+    g = Generation(tokens=[[1, 2, 3, 4], [5, 6, 7, 8]])
+    report = compare_greedy(g, g, top_k=5)
+    assert report.passed
+    assert all(r.identical and r.divergence_step is None and r.matched_prefix_len == 4 for r in report.rows)
+    assert "2/2 rows identical over 4 tokens" in report.message()
+
+
+def test_near_tie_divergence_is_acceptable_and_stops_the_row():
+    ref = Generation(tokens=[[1, 2, 3, 4], [5, 6, 7, 8]],
+                     top_logprobs=[[top((1, -0.1))] * 4,
+                                   [top((6, -0.1)), top((6, -0.1)), top((7, -0.69), (9, -0.70), (4, -3.0)),
+                                    top((8, -0.1))]])
+    # after the near-tie the candidate continues with tokens the reference would never pick: ignored
+    cand = Generation(tokens=[[1, 2, 3, 4], [5, 6, 9, 50]],
+                      top_logprobs=[[top((1, -0.1))] * 4,
+                                    [top((6, -0.1)), top((6, -0.1)), top((9, -0.68), (7, -0.71), (4, -3.0)),
+                                     top((50, -0.1))]])
+    report = compare_greedy(ref, cand, top_k=2)
+    assert report.passed
+    row = report.rows[1]
+    assert row.divergence_step == 2 and row.matched_prefix_len == 2 and row.acceptable
+    assert (row.ref_token, row.cand_token) == (7, 9)
+    assert row.ref_logprob_of_ref == -0.69 and row.ref_logprob_of_cand == -0.70
+    assert row.cand_logprob_of_cand == -0.68 and row.cand_logprob_of_ref == -0.71
+    msg = report.message()
+    assert "1/2 rows identical over 4 tokens, 1 diverged acceptably at step 2 (near-tie" in msg
+    assert "PASSED" in msg
+    table_lines = [line for line in msg.splitlines() if line.lstrip().startswith("1 ")]
+    assert len(table_lines) == 1 and "near-tie" in table_lines[0]
+    assert_greedy_parity(ref, cand, top_k=2)
+
+
+def test_divergence_outside_reference_top_k_fails():
+    ref = Generation(tokens=[[1, 2, 3]],
+                     top_logprobs=[[top((1, -0.1)), top((2, -0.1), (7, -2.5), (8, -3.0)), top((3, -0.1))]])
+    cand = Generation(tokens=[[1, 8, 3]],
+                      top_logprobs=[[top((1, -0.1)), top((8, -0.5), (2, -0.9)), top((3, -0.1))]])
+    # token 8 is third in the reference: outside top-2
+    report = compare_greedy(ref, cand, top_k=2)
+    assert not report.passed
+    row = report.rows[0]
+    assert row.divergence_step == 1 and not row.acceptable
+    assert "candidate token 8 is not in the reference's top-2 at step 1" in row.reason
+    assert row.ref_logprob_of_cand == -3.0        # known from the full list even though outside top-k
+    assert "FAILED" in report.message() and "diverged unacceptably at step 1" in report.message()
+    with pytest.raises(ParityFailure, match="not in the reference's top-2"):
+        assert_greedy_parity(ref, cand, top_k=2)
+    # with a wider top-k the same divergence is a near-tie
+    assert compare_greedy(ref, cand, top_k=3).passed
+
+
+def test_reference_token_outside_candidate_top_k_fails():
+    ref = Generation(tokens=[[1, 2]], top_logprobs=[[top((1, -0.1)), top((2, -0.5), (8, -0.6))]])
+    cand = Generation(tokens=[[1, 8]], top_logprobs=[[top((1, -0.1)), top((8, -0.01), (4, -5.0))]])
+    report = compare_greedy(ref, cand, top_k=2)
+    assert not report.passed
+    assert "reference token 2 is not in the candidate's top-2" in report.rows[0].reason
+
+
+def test_divergence_without_top_logprobs_is_not_acceptable():
+    ref = Generation(tokens=[[1, 2, 3]])
+    cand = Generation(tokens=[[1, 2, 4]])
+    report = compare_greedy(ref, cand, top_k=5)
+    assert not report.passed
+    assert "no top_logprobs at step 2" in report.rows[0].reason
+    assert "reference and candidate" in report.rows[0].reason
+
+
+def test_different_row_counts_fail_clearly():
+    report = compare_greedy(Generation(tokens=[[1], [2]]), Generation(tokens=[[1]]), top_k=5)
+    assert not report.passed
+    assert "row counts differ: reference has 2 rows, candidate has 1" in report.message()
+
+
+def test_different_token_counts_fail_clearly():
+    report = compare_greedy(Generation(tokens=[[1, 2, 3]]), Generation(tokens=[[1, 2]]), top_k=5)
+    assert not report.passed
+    assert "token counts differ: reference 3, candidate 2" in report.message()
+
+
+def test_nonfinite_generation_logprobs_fail():
+    ref = Generation(tokens=[[1, 2]], top_logprobs=[[top((1, -0.1)), top((2, -0.1))]])
+    cand = Generation(tokens=[[1, 2]], top_logprobs=[[top((1, -0.1)), top((2, float("nan")))]])
+    report = compare_greedy(ref, cand, top_k=5)
+    assert not report.passed
+    assert "row 0, step 1" in report.message()
+    assert find_nonfinite(cand) is not None and find_nonfinite(ref) is None
+
+
+def test_bad_top_k_is_rejected():
+    with pytest.raises(ValueError, match="top_k"):
+        compare_greedy(Generation(tokens=[[1]]), Generation(tokens=[[1]]), top_k=0)
+
+
+# ---------------------------------------------------------------------------------------------- localisation
+
+def make_trace(seed: int, layers: int = 6, b: int = 2, length: int = 4, hidden: int = 16) -> LayerTrace:
+    g = torch.Generator().manual_seed(seed)
+    return LayerTrace([torch.randn(b, length, hidden, generator=g) for _ in range(layers)])
+
+
+def perturbed(trace: LayerTrace, seed: int, rel: float, start: int = 0, big: float = 0.0,
+              big_from: int | None = None) -> LayerTrace:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, h in enumerate(trace.hidden_states):
+        x = h.clone()
+        if i >= start:
+            x += rel * torch.randn(h.shape, generator=g)
+        if big_from is not None and i >= big_from:
+            x += big * torch.randn(h.shape, generator=g)
+        out.append(x)
+    return LayerTrace(out)
+
+
+MASK = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+
+
+def test_localisation_with_floor_names_the_injected_layer():
+    ref = make_trace(0)
+    lowp = perturbed(ref, seed=1, rel=1e-3)                        # HF low precision: noise everywhere
+    floor = layer_errors(ref, lowp, MASK)
+    assert len(floor) == 6 and all(1e-4 < f < 1e-2 for f in floor)
+    cand = perturbed(ref, seed=2, rel=1e-3, big=0.2, big_from=3)   # same noise + a bug from layer 3 on
+    report = localize_divergence(ref, cand, MASK, floor=floor, multiple=4.0)
+    assert report.first_departing_layer == 3
+    assert not report.passed
+    msg = report.message()
+    assert "divergence starts at layer 3" in msg
+    marked = [line for line in msg.splitlines() if "first departs" in line]
+    assert len(marked) == 1 and marked[0].startswith("layer 3")
+    assert report.worst_positions and all(not (row == 0 and pos == 3) for row, pos, _, _ in report.worst_positions)
+    # worst positions are in row coordinates: row 0 has 3 real tokens (positions 0..2)
+    assert all(pos < plen for _, pos, plen, _ in report.worst_positions)
+    # a candidate no noisier than the floor does not depart
+    assert localize_divergence(ref, perturbed(ref, seed=5, rel=1e-3), MASK, floor=floor, multiple=4.0).passed
+
+
+def test_localisation_without_floor_finds_the_jump():
+    ref = make_trace(0)
+    cand = perturbed(ref, seed=2, rel=0.0, big=0.1, big_from=2)
+    report = localize_divergence(ref, cand, MASK)
+    assert report.first_departing_layer == 2
+    assert "layer 2" in report.message() and "heuristic" in report.message()
+    # error present from the embeddings on and never jumping: the embeddings are named
+    report0 = localize_divergence(ref, perturbed(ref, seed=3, rel=0.1), MASK)
+    assert report0.first_departing_layer == 0
+
+
+def test_localisation_ignores_padding():
+    ref = make_trace(0)
+    cand = LayerTrace([h.clone() for h in ref.hidden_states])
+    for h in cand.hidden_states:
+        h[0, 0] = float("nan")                    # row 0, position 0 is padding in MASK
+    assert layer_errors(ref, cand, MASK) == [0.0] * 6
+    assert localize_divergence(ref, cand, MASK).first_departing_layer is None
+
+
+def test_localisation_nan_is_never_within_limits():
+    ref = make_trace(0)
+    cand = LayerTrace([h.clone() for h in ref.hidden_states])
+    cand.hidden_states[4][1, 2, 0] = float("nan")
+    errs = layer_errors(ref, cand, MASK)
+    assert errs[4] == math.inf
+    report = localize_divergence(ref, cand, MASK, floor=[1e-3] * 6, multiple=4.0)
+    assert report.first_departing_layer == 4
+
+
+def test_localisation_mismatched_shapes_give_a_clear_error():
+    ref = make_trace(0)
+    with pytest.raises(ValueError, match="layer count mismatch"):
+        localize_divergence(ref, make_trace(1, layers=5), MASK)
+    with pytest.raises(ValueError, match=r"shape mismatch at hidden_states\[0\]"):
+        layer_errors(ref, make_trace(1, hidden=8), MASK)
+    with pytest.raises(ValueError, match="floor has 2 layers"):
+        localize_divergence(ref, ref, MASK, floor=[0.1, 0.1])

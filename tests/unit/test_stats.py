@@ -1,0 +1,183 @@
+"""Tests for pytest_neoxmii.stats: the latency summary and the regression gate's statistical behaviour."""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+from pytest_neoxmii.stats import (
+    MIN_SAMPLES,
+    LatencyComparison,
+    compare_latency,
+    mann_whitney_greater,
+    summarize,
+)
+
+TRIALS = 2000
+
+
+def latencies(rng: np.random.Generator, n: int, median: float = 0.010, spread: float = 0.03,
+              outlier_rate: float = 0.03) -> np.ndarray:
+    """Realistic per-round latencies: lognormal around `median` with ~3% spread, plus occasional slow
+    outliers (GC pause, clock boost ending, another process) 1.5-3x slower."""
+    x = median * rng.lognormal(mean=0.0, sigma=spread, size=n)
+    hit = rng.random(n) < outlier_rate
+    x[hit] *= rng.uniform(1.5, 3.0, size=int(hit.sum()))
+    return x
+
+
+def run_trials(seed: int, factor: float, trials: int = TRIALS) -> list[LatencyComparison]:
+    """Baseline and current drawn with pytest-benchmark-like sample counts (20-50 rounds each); current's
+    latency scaled by `factor`."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(trials):
+        base = latencies(rng, int(rng.integers(20, 51)))
+        cur = latencies(rng, int(rng.integers(20, 51)), median=0.010 * factor)
+        out.append(compare_latency(base.tolist(), cur.tolist()))
+    return out
+
+
+# ---------------------------------------------------------------- summarize
+
+def test_summarize_known_data():
+    s = summarize([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert s["n"] == 5
+    assert s["min"] == 1.0 and s["max"] == 5.0
+    assert s["mean"] == pytest.approx(3.0)
+    assert s["stddev"] == pytest.approx(math.sqrt(2.5))  # sample stddev, ddof=1
+    assert s["median"] == s["p50"] == 3.0
+    assert s["p90"] == pytest.approx(4.6)  # linear interpolation
+    assert s["p99"] == pytest.approx(4.96)
+    assert s["iqr"] == pytest.approx(2.0)  # 4 - 2
+    assert set(s) == {"n", "min", "max", "mean", "stddev", "median", "p50", "p90", "p99", "iqr"}
+
+
+def test_summarize_plain_python_types_and_edge_cases():
+    s = summarize(np.array([0.5], dtype=np.float32))
+    assert s["stddev"] == 0.0 and s["median"] == 0.5 and s["iqr"] == 0.0
+    assert all(type(v) in (int, float) for v in s.values())
+    even = summarize([4.0, 1.0, 3.0, 2.0])
+    assert even["median"] == 2.5
+    with pytest.raises(ValueError):
+        summarize([])
+    with pytest.raises(ValueError):
+        summarize([1.0, float("nan")])
+
+
+# ---------------------------------------------------------------- Mann-Whitney U
+
+def test_mann_whitney_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(7)
+    for i in range(60):
+        n1, n2 = int(rng.integers(5, 60)), int(rng.integers(5, 60))
+        x = latencies(rng, n1, median=0.010 * rng.uniform(0.9, 1.1))
+        y = latencies(rng, n2)
+        if i % 3 == 0:
+            # Timer resolution makes ties common in real data: exercise the tie correction.
+            x, y = np.round(x, 4), np.round(y, 4)
+        ours = mann_whitney_greater(x, y)
+        ref = scipy_stats.mannwhitneyu(x, y, alternative="greater", method="asymptotic").pvalue
+        assert ours == pytest.approx(ref, rel=1e-9, abs=1e-15), (i, n1, n2)
+
+
+def test_mann_whitney_direction_and_degenerate():
+    slow = [2.0, 2.1, 2.2, 2.3, 2.4, 2.5]
+    fast = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5]
+    assert mann_whitney_greater(slow, fast) < 0.01
+    assert mann_whitney_greater(fast, slow) > 0.99
+    assert mann_whitney_greater([1.0] * 6, [1.0] * 6) == 1.0  # all tied: no evidence at all
+
+
+# ---------------------------------------------------------------- the gate on generated distributions
+
+def test_identical_distributions_rarely_false_alarm():
+    results = run_trials(seed=1, factor=1.0)
+    false_alarms = sum(r.failed for r in results)
+    assert false_alarms < TRIALS * 0.01, false_alarms
+    # Neither should a no-change be called an improvement.
+    assert sum(r.verdict == "improvement" for r in results) < TRIALS * 0.01
+
+
+def test_15pct_slowdown_is_caught():
+    results = run_trials(seed=2, factor=1.15)
+    caught = sum(r.failed for r in results)
+    assert caught >= TRIALS * 0.95, caught
+    assert all(r.verdict in ("regression", "unchanged") for r in results)
+
+
+def test_5pct_slowdown_never_fails_although_significant():
+    results = run_trials(seed=3, factor=1.05)
+    assert sum(r.failed for r in results) == 0
+    # The change is real (the U test sees it nearly always): it is the threshold that keeps it green.
+    significant = sum(r.p_value < r.alpha for r in results)
+    assert significant >= TRIALS * 0.95, significant
+    assert all(r.verdict == "unchanged" for r in results)
+
+
+def test_15pct_improvement_is_reported_not_failed():
+    results = run_trials(seed=4, factor=0.85)
+    assert not any(r.failed for r in results)
+    improved = sum(r.verdict == "improvement" for r in results)
+    assert improved >= TRIALS * 0.95, improved
+
+
+def test_insufficient_samples_never_fail():
+    rng = np.random.default_rng(5)
+    for n_base, n_cur in [(0, 30), (4, 30), (30, 4), (1, 1), (MIN_SAMPLES - 1, MIN_SAMPLES - 1)]:
+        base = latencies(rng, n_base).tolist()
+        cur = latencies(rng, n_cur, median=0.030).tolist()  # 3x slower, still must not fail
+        r = compare_latency(base, cur)
+        assert r.verdict == "insufficient-samples"
+        assert not r.failed and r.p_value is None
+        assert "insufficient-samples" in r.message() and "\n" not in r.message()
+    assert compare_latency([0.01] * MIN_SAMPLES, [0.01] * MIN_SAMPLES).verdict == "unchanged"
+
+
+def test_large_but_noisy_change_is_not_a_regression():
+    # Median 20% slower but wildly noisy samples: not significant, so unchanged.
+    base = [0.010, 0.030, 0.005, 0.020, 0.012, 0.008]
+    cur = [0.012, 0.004, 0.031, 0.015, 0.009, 0.022]
+    r = compare_latency(base, cur)
+    assert r.ratio > 1.1 and r.p_value >= 0.01
+    assert r.verdict == "unchanged" and not r.failed
+
+
+# ---------------------------------------------------------------- LatencyComparison fields and message
+
+def test_comparison_fields_and_message():
+    base = [0.01231 + d for d in (-2e-4, -1e-4, 0.0, 1e-4, 2e-4)] * 4
+    cur = [0.01420 + d for d in (-2e-4, -1e-4, 0.0, 1e-4, 2e-4)] * 4
+    r = compare_latency(base, cur)
+    assert r.baseline_median == pytest.approx(0.01231)
+    assert r.current_median == pytest.approx(0.01420)
+    assert r.ratio == pytest.approx(0.01420 / 0.01231)
+    assert r.change_pct == pytest.approx((0.01420 / 0.01231 - 1) * 100)
+    assert r.threshold == 0.10 and r.alpha == 0.01
+    assert r.verdict == "regression" and r.failed
+    msg = r.message()
+    assert re.fullmatch(
+        r"median 12\.31 ms -> 14\.20 ms \(\+15\.4%, threshold 10%\), Mann-Whitney p=\S+ < 0\.01: regression",
+        msg,
+    ), msg
+
+    same = compare_latency(base, base)
+    assert same.verdict == "unchanged" and not same.failed
+    assert same.message().endswith(">= 0.01: unchanged")
+
+    better = compare_latency(cur, base)
+    assert better.verdict == "improvement" and not better.failed
+    assert "(-13.3%, threshold 10%)" in better.message()
+
+
+def test_threshold_and_alpha_are_respected():
+    base = [0.010 + i * 1e-5 for i in range(30)]
+    cur = [x * 1.15 for x in base]
+    assert compare_latency(base, cur, threshold=0.20).verdict == "unchanged"
+    assert compare_latency(base, cur, threshold=0.10).verdict == "regression"
+    assert compare_latency(base, cur, alpha=1e-30).verdict == "unchanged"
+    with pytest.raises(ValueError):
+        compare_latency(base, cur, alpha=0.0)
