@@ -69,7 +69,18 @@ def add_options(parser: pytest.Parser) -> None:
         else:
             group.addoption(opt.flag, action="store", default=None, dest=opt.name, metavar=opt.metavar,
                             help=f"{opt.help} (default: {opt.default})")
-            parser.addini(opt.name, opt.help, default=None if opt.default is None else str(opt.default))
+            parser.addini(opt.name, opt.help, type=_ini_type(opt.kind),
+                          default=None if opt.default is None else str(opt.default))
+
+
+def _ini_type(kind: str):
+    """The ini type of a non-bool option. Numbers are read as strings and converted (and checked, with the
+    plugin's own message) by _convert. In pytest's native TOML table ([tool.pytest], pytest 9) a "string"
+    option rejects `neox_tp = 2`, so from pytest 9.2, which accepts type unions, numeric options also take
+    TOML numbers; "int | str" keeps a bad ini value such as 'two' a string for _convert to report."""
+    if kind in ("int", "float") and tuple(pytest.version_tuple[:2]) >= (9, 2):
+        return (int if kind == "int" else float) | str
+    return "string"
 
 
 def _raw(config: pytest.Config, opt: Option):

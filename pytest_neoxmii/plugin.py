@@ -33,9 +33,22 @@ def pytest_configure(config: pytest.Config) -> None:
         if opts.model:
             from pytest_neoxmii.weights import resolve
             model = resolve(opts.model, opts.weights, opts.revision, opts.seed, opts.cache_dir)
+        session = NeoxSession(opts, model)
+        _check_cases(session)
     except NeoxUsageError as exc:
         raise pytest.UsageError(str(exc)) from None
-    config.stash[SESSION_KEY] = NeoxSession(opts, model)
+    config.stash[SESSION_KEY] = session
+
+
+def _check_cases(session: NeoxSession) -> None:
+    """Every planned case must fit the model's context. Checked here, at configure time, so that bad
+    input (--neox-max-new-tokens too large for the context) is a one-line usage error: raised later, from
+    pytest_generate_tests, pytest reports it as a collection error with a traceback."""
+    if session.model is None:
+        return
+    from pytest_neoxmii.cases import check_fits_context
+    for plan in session.plans():
+        check_fits_context(plan, session.model.spec.max_position_embeddings)
 
 
 def get_session(config: pytest.Config) -> NeoxSession:
@@ -67,7 +80,19 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
+def _multi_gpu_count(item: pytest.Item) -> int | None:
+    """n of the item's multi_gpu(n) marker (None without one); a bad n is a usage error on every machine."""
+    marker = item.get_closest_marker("multi_gpu")
+    if marker is None:
+        return None
+    n = marker.args[0] if marker.args else marker.kwargs.get("n", 2)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise pytest.UsageError(f"{item.nodeid}: multi_gpu(n) needs an integer n >= 2, got {n!r}")
+    return n
+
+
 def _marker_skip_reason(item: pytest.Item, hw) -> str | None:
+    n = _multi_gpu_count(item)   # validated before any other marker can decide the skip
     if item.get_closest_marker("gpu"):
         reason = hw.need_gpu()
         if reason:
@@ -77,11 +102,7 @@ def _marker_skip_reason(item: pytest.Item, hw) -> str | None:
         reason = hw.need_memory(A100_40G_BYTES, "a100_40g")
         if reason:
             return reason
-    marker = item.get_closest_marker("multi_gpu")
-    if marker:
-        n = marker.args[0] if marker.args else marker.kwargs.get("n", 2)
-        if not isinstance(n, int) or n < 2:
-            raise pytest.UsageError(f"{item.nodeid}: multi_gpu(n) needs an integer n >= 2, got {n!r}")
+    if n is not None:
         reason = hw.need_gpus(n)
         if reason:
             return reason

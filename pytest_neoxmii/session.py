@@ -164,8 +164,12 @@ class NeoxSession:
     def generation(self, backend: Backend, case: Case) -> Generation:
         key = ("gen", backend.info.backend, backend.info.dtype, case.id)
         if key not in self._cache:
-            with self.timed("model calls"):
-                self._cache[key] = backend.generate(case.batch, case.plan.max_new_tokens, self.options.top_k)
+            try:
+                with self.timed("model calls"):
+                    self._cache[key] = backend.generate(case.batch, case.plan.max_new_tokens,
+                                                        self.options.top_k)
+            except BackendUnavailable as exc:
+                pytest.skip(f"{backend.info.backend}: {exc}")
         return self._cache[key]
 
     def scores(self, backend: Backend, case: Case) -> Scores:

@@ -12,7 +12,8 @@ from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.backends.hf import load_hf_model
 from pytest_neoxmii.backends.torch_model import TORCH_DTYPES, TorchModelBackend
 from pytest_neoxmii.errors import BackendUnavailable
-from pytest_neoxmii.injection import count_injected, require_injected
+from pytest_neoxmii.injection import (count_injected, engine_closed, engine_loaded, gpu_used_bytes,
+                                      require_injected)
 
 
 def check_kernel_dtype(dtype: str, device: str) -> None:
@@ -58,7 +59,7 @@ class DeepSpeedBackend(TorchModelBackend):
         import deepspeed
 
         self.device = device
-        before = torch.cuda.memory_allocated(device) if inject else None
+        before = gpu_used_bytes(device)
         model = load_hf_model(path, dtype, device if inject else "cpu")
         total = len(model.gpt_neox.layers)
         engine = deepspeed.init_inference(model, config={
@@ -72,11 +73,17 @@ class DeepSpeedBackend(TorchModelBackend):
         report = count_injected(engine.module, total)
         if inject:
             require_injected(report, compat.transformers_version())
-        held = torch.cuda.memory_allocated(device) - before if inject else None
+            engine_loaded()
+        self._injected = inject
+        held = gpu_used_bytes(device) - before if inject else None
         self.info = BackendInfo(
             backend="ds", dtype=dtype, device=device, tensor_parallel=tp,
             kernels=report.describe() if inject else "none (CPU: no kernel injection)",
             gpu_memory_bytes=held, notes=[f"max_tokens={max_tokens}"])
 
     def close(self) -> None:
+        if getattr(self, "model", None) is None:
+            return
         self._release()
+        if self._injected:
+            engine_closed()

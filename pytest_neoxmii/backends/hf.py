@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.backends.torch_model import TORCH_DTYPES, TorchModelBackend
+from pytest_neoxmii.injection import gpu_used_bytes
 
 
 def load_hf_model(path: Path, dtype: str, device: str):
@@ -18,9 +17,9 @@ def load_hf_model(path: Path, dtype: str, device: str):
 class HFBackend(TorchModelBackend):
     def __init__(self, path: Path, dtype: str, device: str, name: str = "hf"):
         self.device = device
-        before = torch.cuda.memory_allocated(device) if device.startswith("cuda") else None
+        before = gpu_used_bytes(device)
         self.model = load_hf_model(path, dtype, device)
-        held = torch.cuda.memory_allocated(device) - before if before is not None else None
+        held = gpu_used_bytes(device) - before if before is not None else None
         self.info = BackendInfo(backend=name, dtype=dtype, device=device, kernels="none (HF eager)",
                                 gpu_memory_bytes=held)
 

@@ -14,7 +14,8 @@ from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.backends.deepspeed_inference import check_kernel_dtype, init_distributed_env
 from pytest_neoxmii.backends.torch_model import TORCH_DTYPES, TorchModelBackend
 from pytest_neoxmii.errors import BackendUnavailable
-from pytest_neoxmii.injection import count_injected, require_injected
+from pytest_neoxmii.injection import (count_injected, engine_closed, engine_loaded, gpu_used_bytes,
+                                      require_injected)
 from pytest_neoxmii.outputs import Generation, PromptBatch
 
 _counter = itertools.count()
@@ -48,7 +49,7 @@ class MiiBackend(TorchModelBackend):
         self.device = device
         self.name = f"neoxmii-{path.name}-{next(_counter)}"
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        before = torch.cuda.memory_allocated(device) if on_gpu else None
+        before = gpu_used_bytes(device)
         mii.deploy(
             task="text-generation", model=str(path), deployment_name=self.name,
             deployment_type=mii.DeploymentType.NON_PERSISTENT,
@@ -70,7 +71,9 @@ class MiiBackend(TorchModelBackend):
         report = count_injected(module, len(module.gpt_neox.layers))
         if on_gpu:
             require_injected(report, compat.transformers_version())
-        held = torch.cuda.memory_allocated(device) - before if on_gpu else None
+            engine_loaded()
+        self._injected = on_gpu
+        held = gpu_used_bytes(device) - before if on_gpu else None
         self.info = BackendInfo(
             backend="mii", dtype=dtype, device=device, tensor_parallel=1,
             kernels=report.describe() if on_gpu else "none (CPU: no kernel injection)",
@@ -90,18 +93,15 @@ class MiiBackend(TorchModelBackend):
                                          "MII's text interface cannot be compared token by token")
         outputs = self.query_texts(texts, max_new_tokens)
         tokens = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in outputs]
-        # Logprobs of each step from the deployment's own model, teacher-forced on prompt + output.
-        full = PromptBatch(rows=tuple(tuple(r) + tuple(t) for r, t in zip(batch.rows, tokens)),
-                           pad_token_id=batch.pad_token_id)
-        scores = self.score(full)
+        # Logprobs of each step from the deployment's own model, teacher-forced on prompt + output, one row
+        # at a time: MII's pipeline generated each row alone, so no padding enters this side either.
         top = []
-        for i, (row, new) in enumerate(zip(batch.rows, tokens)):
-            width = full.max_len
-            start = width - len(full.rows[i])       # left padding
+        for row, new in zip(batch.rows, tokens):
+            full = PromptBatch(rows=(tuple(row) + tuple(new),), pad_token_id=batch.pad_token_id)
+            logprobs = self.score(full).logprobs[0]
             steps = []
             for s in range(len(new)):
-                pos = start + len(row) - 1 + s      # the position that predicts new[s]
-                values, indices = scores.logprobs[i, pos].topk(top_k)
+                values, indices = logprobs[len(row) - 1 + s].topk(top_k)   # the position predicting new[s]
                 steps.append(list(zip(indices.tolist(), values.tolist())))
             top.append(steps)
         return Generation(tokens=tokens, top_logprobs=top)
@@ -110,6 +110,10 @@ class MiiBackend(TorchModelBackend):
         if getattr(self, "_mii", None) is not None:
             self._mii.non_persistent_models.pop(self.name, None)
             self._mii = None
+        else:
+            return
         self.pipeline = None
         self.handle = None
         self._release()
+        if self._injected:
+            engine_closed()

@@ -10,6 +10,7 @@ from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.backends.deepspeed_inference import init_distributed_env
 from pytest_neoxmii.backends.torch_model import TORCH_DTYPES, TorchModelBackend
 from pytest_neoxmii.errors import BackendUnavailable
+from pytest_neoxmii.injection import gpu_used_bytes
 
 
 def zero_config(hidden_size: int, dtype: str, nvme_path: Path | None) -> dict:
@@ -46,7 +47,7 @@ class ZeroInferenceBackend(TorchModelBackend):
 
         self.device = device
         config = zero_config(hidden_size, dtype, nvme_path)
-        before = torch.cuda.memory_allocated(device) if on_gpu else None
+        before = gpu_used_bytes(device)
         # Loaded whole into CPU memory, then partitioned and offloaded by deepspeed.initialize
         # (transformers' HfDeepSpeedConfig route would partition while loading but needs accelerate).
         model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=TORCH_DTYPES[dtype]).eval()
@@ -54,7 +55,7 @@ class ZeroInferenceBackend(TorchModelBackend):
         engine.module.eval()
         self.model = engine.module
         self._engine = engine
-        held = torch.cuda.memory_allocated(device) - before if on_gpu else None
+        held = gpu_used_bytes(device) - before if on_gpu else None
         where = f"NVMe at {nvme_path}" if nvme_path else "CPU memory"
         self.info = BackendInfo(backend="zero", dtype=dtype, device=device, kernels="none (ZeRO stage 3)",
                                 gpu_memory_bytes=held, notes=[f"parameters offloaded to {where}"])
