@@ -67,8 +67,9 @@ def add_options(parser: pytest.Parser) -> None:
             group.addoption(opt.flag, action="store_true", default=None, dest=opt.name, help=opt.help)
             parser.addini(opt.name, opt.help, type="bool", default=bool(opt.default))
         else:
+            shown = "" if opt.default is None else f" (default: {opt.default})"
             group.addoption(opt.flag, action="store", default=None, dest=opt.name, metavar=opt.metavar,
-                            help=f"{opt.help} (default: {opt.default})")
+                            help=opt.help + shown)
             parser.addini(opt.name, opt.help, type=_ini_type(opt.kind),
                           default=None if opt.default is None else str(opt.default))
 

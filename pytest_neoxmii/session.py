@@ -89,6 +89,11 @@ class NeoxSession:
         longest = max((p.total_tokens for p in self.plans()), default=1024)
         return -(-longest // 64) * 64
 
+    @property
+    def max_batch(self) -> int:
+        """The largest batch of the case set: DeepSpeed's workspace must be sized for it up front."""
+        return max((len(p.lengths) for p in self.plans()), default=1)
+
     # -- backends -------------------------------------------------------------------------------------
     @contextmanager
     def timed(self, phase: str):
@@ -118,6 +123,7 @@ class NeoxSession:
                 backend = load_backend(name, path=model.path, dtype=dtype, device=self.device,
                                        tp=self.options.tp if name in ("ds", "mii") else 1,
                                        max_tokens=self.max_tokens, spec=model.spec,
+                                       max_batch=self.max_batch,
                                        zero_nvme=self.options.zero_nvme)
         except BackendUnavailable as exc:
             self.unavailable[key] = f"{name} ({dtype}): {exc}"

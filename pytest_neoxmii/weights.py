@@ -17,7 +17,9 @@ from pytest_neoxmii.registry import MODELS, ModelSpec, lookup, spec_from_hf_conf
 
 # Bump when the synthetic initialisation changes: it is part of the cache key and of the baseline key,
 # so old baselines are never compared with new weights.
-SYNTHETIC_VERSION = 1
+# v2: v1 put the seed in bits 32-63 of each tensor's generator seed, which torch's CPU generator drops, so
+# every seed gave the seed-0 weights. v2 weights of seed 0 are bit-identical to v1's; other seeds differ.
+SYNTHETIC_VERSION = 2
 # Std of the logits of the synthetic output layer. A freshly initialised GPT-NeoX (std 0.02) gives nearly
 # uniform next-token distributions, which makes greedy comparisons meaningless. Measured on the 14m shape
 # (4x64 random prompts): std 4 gives a median top-1 probability of 0.17 and 8.6% near-ties (gap < 0.1 nat);
@@ -147,12 +149,20 @@ def synthetic_tokenizer(vocab_size: int):
                                    model_max_length=1 << 30)
 
 
+def _tensor_seed(seed: int, name: str) -> int:
+    """The generator seed of one tensor. torch's CPU generator (mt19937) keeps only the low 32 bits of its
+    seed, so the session seed (folded to 32 bits) is the CRC's starting value: for one tensor name, seeds
+    0 .. 2**32-1 always give different generator seeds (a CRC is a bijection of its starting value), and
+    seed 0 gives crc32(name), as in v1."""
+    return zlib.crc32(name.encode(), (seed ^ (seed >> 32)) & 0xFFFFFFFF)
+
+
 def _init_tensor(name: str, shape: tuple[int, ...], spec: ModelSpec, seed: int):
     """One tensor of the synthetic model, seeded by (seed, name) alone so that it is the same on every
     machine and does not depend on the order tensors are built in. Generated on the CPU in fp32."""
     import torch
 
-    gen = torch.Generator(device="cpu").manual_seed((seed << 32) ^ zlib.crc32(name.encode()))
+    gen = torch.Generator(device="cpu").manual_seed(_tensor_seed(seed, name))
     t = torch.empty(shape, dtype=torch.float32)
     if name.endswith("layernorm.weight") or name.endswith("final_layer_norm.weight"):
         return t.normal_(1.0, 0.05, generator=gen)

@@ -13,17 +13,17 @@ BACKEND_DESCRIPTIONS = {
 
 
 def load_backend(name: str, *, path, dtype: str, device: str, tp: int, max_tokens: int, spec,
-                 zero_nvme=None) -> Backend:
+                 max_batch: int = 1, zero_nvme=None) -> Backend:
     """Import lazily: a missing optional package is a skip for that backend alone, not an import error."""
     if name == "hf":
         from pytest_neoxmii.backends.hf import HFBackend
         return HFBackend(path, dtype, device)
     if name == "ds":
         from pytest_neoxmii.backends.deepspeed_inference import DeepSpeedBackend
-        return DeepSpeedBackend(path, dtype, device, tp, max_tokens)
+        return DeepSpeedBackend(path, dtype, device, tp, max_tokens, max_batch)
     if name == "mii":
         from pytest_neoxmii.backends.mii_legacy import MiiBackend
-        return MiiBackend(path, dtype, device, tp, max_tokens)
+        return MiiBackend(path, dtype, device, tp, max_tokens, max_batch)
     if name == "zero":
         from pytest_neoxmii.backends.zero_inference import ZeroInferenceBackend
         return ZeroInferenceBackend(path, dtype, device, spec.hidden_size, zero_nvme)

@@ -18,13 +18,16 @@ class BackendInfo:
     tensor_parallel: int = 1
     kernels: str = "none"             # "injected 12/12 layers", "none (CPU)", ...
     notes: list[str] = field(default_factory=list)
-    gpu_memory_bytes: int | None = None   # GPU memory the backend holds after load
+    gpu_memory_bytes: int | None = None   # device-wide GPU memory the load added (communicators included)
+    gpu_tensor_bytes: int | None = None   # of which torch tensors (weights resident on the GPU)
 
     def describe(self) -> str:
         parts = [f"{self.backend}: {self.dtype} on {self.device}", f"tp={self.tensor_parallel}",
                  f"kernels {self.kernels}"]
         if self.gpu_memory_bytes is not None:
             parts.append(f"GPU memory {self.gpu_memory_bytes / 2**20:.0f} MiB")
+        if self.gpu_tensor_bytes is not None:
+            parts.append(f"GPU tensors {self.gpu_tensor_bytes / 2**20:.0f} MiB")
         parts.extend(self.notes)
         return ", ".join(parts)
 

@@ -44,7 +44,7 @@ def init_distributed_env() -> None:
 
 
 class DeepSpeedBackend(TorchModelBackend):
-    def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int):
+    def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1):
         inject = device.startswith("cuda")
         if inject:
             reason = compat.check_kernel_injection()
@@ -74,12 +74,13 @@ class DeepSpeedBackend(TorchModelBackend):
         if inject:
             require_injected(report, compat.transformers_version())
             engine_loaded()
+            self.size_workspace(max_batch)
         self._injected = inject
         held = gpu_used_bytes(device) - before if inject else None
         self.info = BackendInfo(
             backend="ds", dtype=dtype, device=device, tensor_parallel=tp,
             kernels=report.describe() if inject else "none (CPU: no kernel injection)",
-            gpu_memory_bytes=held, notes=[f"max_tokens={max_tokens}"])
+            gpu_memory_bytes=held, notes=[f"max_tokens={max_tokens}", f"workspace sized for batch {max_batch}"])
 
     def close(self) -> None:
         if getattr(self, "model", None) is None:

@@ -32,7 +32,7 @@ def import_mii():
 
 
 class MiiBackend(TorchModelBackend):
-    def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int):
+    def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1):
         if tp > 1:
             raise BackendUnavailable(f"mii with tp={tp} is the gRPC server deployment, not the in-process one")
         on_gpu = device.startswith("cuda")
@@ -72,6 +72,7 @@ class MiiBackend(TorchModelBackend):
         if on_gpu:
             require_injected(report, compat.transformers_version())
             engine_loaded()
+            self.size_workspace(max_batch)
         self._injected = on_gpu
         held = gpu_used_bytes(device) - before if on_gpu else None
         self.info = BackendInfo(

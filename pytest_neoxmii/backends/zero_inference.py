@@ -48,6 +48,7 @@ class ZeroInferenceBackend(TorchModelBackend):
         self.device = device
         config = zero_config(hidden_size, dtype, nvme_path)
         before = gpu_used_bytes(device)
+        tensors_before = torch.cuda.memory_allocated(device) if on_gpu else None
         # Loaded whole into CPU memory, then partitioned and offloaded by deepspeed.initialize
         # (transformers' HfDeepSpeedConfig route would partition while loading but needs accelerate).
         model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=TORCH_DTYPES[dtype]).eval()
@@ -56,9 +57,11 @@ class ZeroInferenceBackend(TorchModelBackend):
         self.model = engine.module
         self._engine = engine
         held = gpu_used_bytes(device) - before if on_gpu else None
+        tensors = torch.cuda.memory_allocated(device) - tensors_before if on_gpu else None
         where = f"NVMe at {nvme_path}" if nvme_path else "CPU memory"
         self.info = BackendInfo(backend="zero", dtype=dtype, device=device, kernels="none (ZeRO stage 3)",
-                                gpu_memory_bytes=held, notes=[f"parameters offloaded to {where}"])
+                                gpu_memory_bytes=held, gpu_tensor_bytes=tensors,
+                                notes=[f"parameters offloaded to {where}"])
 
     def _layers(self):
         return self.model.gpt_neox.layers

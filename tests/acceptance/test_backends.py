@@ -25,8 +25,9 @@ def test_cpu_backends_say_they_run_without_kernels(neox, neox_backend_name):
 def test_zero_inference_keeps_weights_off_the_gpu(neox):
     backend = neox.backend("zero")
     weights = neox.model.spec.weight_bytes(backend.info.dtype)
-    held = backend.info.gpu_memory_bytes
-    print(f"ZeRO-Inference holds {held / 2**20:.1f} MiB on the GPU after load; weights are "
+    held = backend.info.gpu_tensor_bytes
+    print(f"ZeRO-Inference holds {held / 2**20:.1f} MiB of tensors on the GPU after load "
+          f"({backend.info.gpu_memory_bytes / 2**20:.0f} MiB device-wide, NCCL included); weights are "
           f"{weights / 2**20:.0f} MiB")
     assert held is not None and held < 0.02 * weights
 
@@ -40,7 +41,8 @@ def test_ds_teardown_gives_gpu_memory_back(neox):
     gc.collect()
     before = gpu_used_bytes(neox.device)          # device-wide: DeepSpeed's workspace bypasses torch
     backend = load_backend("ds", path=neox.model.path, dtype=neox.options.dtype, device=neox.device, tp=1,
-                           max_tokens=neox.max_tokens, spec=neox.model.spec)
+                           max_tokens=neox.max_tokens, spec=neox.model.spec,
+                           max_batch=neox.max_batch)
     backend.score(neox.case(neox.plans()[1]).batch)   # run it once, so its workspace is in use
     loaded = gpu_used_bytes(neox.device)
     backend.close()

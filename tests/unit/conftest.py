@@ -1,0 +1,115 @@
+"""Fixtures shared by the plugin's unit tests (test_plugin_*.py, test_weights.py).
+
+The plugin is driven through pytest's `pytester` (enabled in the repository's root conftest.py). Runs that
+need a model use pythia-14m with synthetic weights from ONE cache directory for the whole test session, so
+the model is built once; in-process runs fake the GPUs by replacing `pytest_neoxmii.hardware.detect`
+(the plugin calls it through the module, and the real one is lru_cached)."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from pytest_neoxmii import hardware
+from pytest_neoxmii.hardware import Gpu, Hardware
+
+# Realistic devices, as torch.cuda.get_device_properties reports them (bytes), by a short key.
+GPUS = {
+    "t4": Gpu(index=0, name="Tesla T4", total_memory=15_828_320_256, capability=(7, 5)),
+    "h100": Gpu(index=0, name="NVIDIA H100 80GB HBM3", total_memory=85_045_870_592, capability=(9, 0)),
+    "a100-40g": Gpu(index=0, name="NVIDIA A100-SXM4-40GB", total_memory=42_298_834_944, capability=(8, 0)),
+}
+
+
+@pytest.fixture(scope="session")
+def neox_cache_dir(tmp_path_factory):
+    """The --neox-cache-dir of every pytester run here, with synthetic pythia-14m (seed 0) built once."""
+    from pytest_neoxmii.registry import lookup
+    from pytest_neoxmii.weights import build_synthetic
+
+    cache = tmp_path_factory.mktemp("neoxmii-cache")
+    build_synthetic(lookup("pythia-14m"), 0, cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def preloaded(neox_cache_dir):
+    """Import, once and outside any pytester test, everything an in-process run of the plugin imports.
+
+    pytester drops the modules first imported during a test when the test ends; importing torch's
+    distributed and transformers' modeling modules a second time fails (torch.library refuses to register
+    an operator namespace twice). Loading the synthetic model, its tokenizer and config here imports them
+    for good. The test modules that run pytester in-process use this fixture (pytestmark)."""
+    import huggingface_hub  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from pytest_neoxmii.registry import lookup
+    from pytest_neoxmii.weights import synthetic_directory
+
+    path = str(synthetic_directory(lookup("pythia-14m"), 0, neox_cache_dir))
+    AutoConfig.from_pretrained(path)
+    AutoTokenizer.from_pretrained(path)
+    AutoModelForCausalLM.from_pretrained(path)
+    # Every pytester run ends with pytest's gc.collect() calls (unraisableexception plugin), which walk
+    # the whole torch/transformers object graph: freezing what exists now keeps each under a few ms.
+    gc.collect()
+    gc.freeze()
+    return neox_cache_dir
+
+
+@pytest.fixture
+def synthetic_14m(neox_cache_dir):
+    """Command-line arguments for a run on synthetic pythia-14m from the shared cache (ds on CPU loads fast)."""
+    return ["--neox-model=pythia-14m", "--neox-weights=synthetic", "--neox-backends=ds",
+            f"--neox-cache-dir={neox_cache_dir}", "-p", "no:cacheprovider"]
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """fake_gpus("t4", ...) makes in-process runs see exactly these GPUs (none when called without any);
+    returns the Hardware the plugin will see."""
+    def install(*keys: str) -> Hardware:
+        gpus = [GPUS[k] for k in keys]
+        hw = Hardware(gpus=tuple(Gpu(i, g.name, g.total_memory, g.capability) for i, g in enumerate(gpus)),
+                      cuda_version="12.8" if gpus else None, driver_version="570.1" if gpus else None)
+        monkeypatch.setattr(hardware, "detect", lambda: hw)
+        return hw
+    return install
+
+
+@pytest.fixture
+def assert_usage_error():
+    return _assert_usage_error
+
+
+@pytest.fixture
+def outcomes():
+    return _outcomes
+
+
+def _assert_usage_error(result, error_line: str) -> None:
+    """A one-line usage error: exit code 4, the ERROR line(s) given, no traceback, nothing from the
+    plugin's internals."""
+    text = "\n".join(result.outlines + result.errlines)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, text
+    assert f"ERROR: {error_line}" in result.errlines, text
+    assert "Traceback" not in text
+    assert "pytest_neoxmii/" not in text
+    assert "INTERNALERROR" not in text
+    errors = [ln for ln in result.errlines if ln.startswith("ERROR")]
+    assert len(errors) == 1, text
+
+
+def _outcomes(reprec) -> dict[str, tuple[str, str | None]]:
+    """{test name: (outcome, skip reason)} from pytester.inline_run's recorder."""
+    found: dict[str, tuple[str, str | None]] = {}
+    for rep in reprec.getreports("pytest_runtest_logreport"):
+        name = rep.nodeid.split("::", 1)[-1]
+        if rep.when == "call" or (rep.when == "setup" and not rep.passed):
+            if rep.skipped:
+                reason = rep.longrepr[2]
+                found[name] = ("skipped", reason.removeprefix("Skipped: "))
+            else:
+                found[name] = (rep.outcome, None)
+    return found

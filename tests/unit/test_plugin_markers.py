@@ -1,0 +1,165 @@
+"""The GPU markers (gpu, a100_40g, multi_gpu(n)), driven through pytester with the GPUs faked: registered
+(usable under --strict-markers), skipping with what was needed and what was found, running where the
+hardware is there, and a usage error for an invalid multi_gpu(n)."""
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("preloaded")
+
+MARKED = """
+import pytest
+
+@pytest.mark.gpu
+def test_gpu():
+    pass
+
+@pytest.mark.a100_40g
+def test_a100():
+    pass
+
+@pytest.mark.multi_gpu
+def test_multi():
+    pass
+
+@pytest.mark.multi_gpu(4)
+def test_multi4():
+    pass
+
+@pytest.mark.multi_gpu(n=2)
+def test_multi_kw():
+    pass
+
+@pytest.mark.gpu
+class TestOnGpu:
+    def test_in_class(self):
+        pass
+
+def test_plain():
+    pass
+"""
+
+RUN = ("passed", None)
+NO_40G = "needs a GPU with at least 40 GB (a100_40g), "
+
+SCENARIOS = {
+    # no GPU at all
+    "none": ((), {
+        "test_gpu": ("skipped", "needs a CUDA GPU, found none"),
+        "test_a100": ("skipped", NO_40G + "found none"),
+        "test_multi": ("skipped", "needs 2 GPUs, found 0"),
+        "test_multi4": ("skipped", "needs 4 GPUs, found 0"),
+        "test_multi_kw": ("skipped", "needs 2 GPUs, found 0"),
+        "TestOnGpu::test_in_class": ("skipped", "needs a CUDA GPU, found none"),
+        "test_plain": RUN,
+    }),
+    # one 16 GB T4-like GPU
+    "t4": (("t4",), {
+        "test_gpu": RUN,
+        "test_a100": ("skipped", NO_40G + "found 1: Tesla T4 15.8 GB"),
+        "test_multi": ("skipped", "needs 2 GPUs, found 1"),
+        "test_multi4": ("skipped", "needs 4 GPUs, found 1"),
+        "test_multi_kw": ("skipped", "needs 2 GPUs, found 1"),
+        "TestOnGpu::test_in_class": RUN,
+        "test_plain": RUN,
+    }),
+    # one 80 GB GPU
+    "h100": (("h100",), {
+        "test_gpu": RUN,
+        "test_a100": RUN,
+        "test_multi": ("skipped", "needs 2 GPUs, found 1"),
+        "test_multi4": ("skipped", "needs 4 GPUs, found 1"),
+        "test_multi_kw": ("skipped", "needs 2 GPUs, found 1"),
+        "TestOnGpu::test_in_class": RUN,
+        "test_plain": RUN,
+    }),
+    # two 40 GB GPUs
+    "2xa100-40g": (("a100-40g", "a100-40g"), {
+        "test_gpu": RUN,
+        "test_a100": RUN,
+        "test_multi": RUN,
+        "test_multi4": ("skipped", "needs 4 GPUs, found 2"),
+        "test_multi_kw": RUN,
+        "TestOnGpu::test_in_class": RUN,
+        "test_plain": RUN,
+    }),
+}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_markers_skip_or_run(pytester, fake_gpus, outcomes, scenario):
+    gpus, expected = SCENARIOS[scenario]
+    fake_gpus(*gpus)
+    pytester.makepyfile(test_marked=MARKED)
+    reprec = pytester.inline_run("--strict-markers", "-p", "no:cacheprovider")
+    assert outcomes(reprec) == expected
+    assert reprec.ret == 0
+
+
+def test_skip_reasons_in_the_short_summary(pytester, fake_gpus):
+    fake_gpus()
+    pytester.makepyfile(test_marked=MARKED)
+    result = pytester.runpytest("--strict-markers", "-rs", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, skipped=6)
+    result.stdout.fnmatch_lines([
+        "SKIPPED [[]1[]] test_marked.py:*: needs a CUDA GPU, found none",
+        "SKIPPED [[]1[]] test_marked.py:*: needs a GPU with at least 40 GB (a100_40g), found none",
+        "SKIPPED [[]1[]] test_marked.py:*: needs 2 GPUs, found 0",
+        "SKIPPED [[]1[]] test_marked.py:*: needs 4 GPUs, found 0",
+    ], consecutive=False)
+
+
+def test_markers_are_registered(pytester):
+    result = pytester.runpytest("--markers")
+    result.stdout.fnmatch_lines([
+        "@pytest.mark.gpu: needs a CUDA GPU*",
+        "@pytest.mark.a100_40g: needs a CUDA GPU with at least 40 GB*",
+        "@pytest.mark.multi_gpu(n=2): needs at least n CUDA GPUs*",
+    ], consecutive=False)
+
+
+def test_strict_markers_is_strict(pytester, fake_gpus):
+    """The counter-check of the --strict-markers runs above: an unregistered marker is an error there."""
+    fake_gpus()
+    pytester.makepyfile("import pytest\n\n@pytest.mark.gpux\ndef test_x():\n    pass\n")
+    result = pytester.runpytest("--strict-markers", "-p", "no:cacheprovider")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*'gpux' not found in `markers` configuration option*"])
+
+
+@pytest.mark.parametrize("marker, shown", [
+    ("multi_gpu(1)", "1"),
+    ("multi_gpu('x')", "'x'"),
+    ("multi_gpu(n=0)", "0"),
+    ("multi_gpu(2.0)", "2.0"),
+    ("multi_gpu(True)", "True"),
+    # The bad n is reported even when another marker already decides the skip (no GPU here).
+    ("gpu\n@pytest.mark.multi_gpu(1)", "1"),
+])
+def test_invalid_multi_gpu_is_a_usage_error(pytester, fake_gpus, assert_usage_error, marker, shown):
+    fake_gpus()
+    pytester.makepyfile(test_bad=f"import pytest\n\n@pytest.mark.{marker}\ndef test_bad():\n    pass\n")
+    result = pytester.runpytest("--strict-markers", "-p", "no:cacheprovider")
+    assert_usage_error(result, f"test_bad.py::test_bad: multi_gpu(n) needs an integer n >= 2, got {shown}")
+
+
+def test_invalid_multi_gpu_with_gpus_present(pytester, fake_gpus, assert_usage_error):
+    fake_gpus("a100-40g", "a100-40g")
+    pytester.makepyfile(test_bad="import pytest\n\n@pytest.mark.multi_gpu(1)\ndef test_bad():\n    pass\n")
+    assert_usage_error(pytester.runpytest("-p", "no:cacheprovider"),
+                       "test_bad.py::test_bad: multi_gpu(n) needs an integer n >= 2, got 1")
+
+
+def test_real_detection_on_a_machine_without_cuda(pytester, outcomes):
+    """No faking: what hardware.detect() finds here decides (on a CUDA machine the gpu test runs)."""
+    torch = pytest.importorskip("torch")
+    from pytest_neoxmii import hardware
+
+    pytester.makepyfile(test_marked=MARKED)
+    got = outcomes(pytester.inline_run("--strict-markers", "-p", "no:cacheprovider"))
+    if torch.cuda.is_available():
+        assert hardware.detect().count == torch.cuda.device_count()
+        assert got["test_gpu"] == RUN
+    else:
+        assert hardware.detect().gpus == ()
+        assert got["test_gpu"] == ("skipped", "needs a CUDA GPU, found none")

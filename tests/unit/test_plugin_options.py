@@ -1,0 +1,248 @@
+"""The plugin's options, driven through pytester: every option is a command-line flag and an ini option
+(pytest.ini-style files and pyproject.toml), the flag wins over the ini, the defaults, the --help listing,
+and bad input as a one-line usage error (exit code 4, no traceback from the plugin's internals)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from pytest_neoxmii.options import OPTIONS, NeoxOptions
+from pytest_neoxmii.plugin import get_session
+from pytest_neoxmii.registry import known_names
+
+pytestmark = pytest.mark.usefixtures("preloaded")
+
+
+def options_of(pytester: pytest.Pytester, *args: str):
+    """The validated NeoxOptions a session with these arguments (and the pytester directory's ini) gets."""
+    config = pytester.parseconfigure(*args)
+    return get_session(config).options
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Each option: ini value, flag value, and the NeoxOptions field they set (with the expected converted values).
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str                 # ini name
+    field: str                # NeoxOptions attribute
+    ini: str
+    flag: str
+    from_ini: object          # expected value; a callable(rootpath) for values that depend on the rootdir
+    from_flag: object
+    extra: tuple[str, ...] = ()   # other arguments the case needs
+
+
+CASES = [
+    # --neox-weights=synthetic: a registry name then resolves without the hub.
+    Case("neox_model", "model", "pythia-14m", "pythia-31m", "pythia-14m", "pythia-31m",
+         extra=("--neox-weights=synthetic",)),
+    Case("neox_revision", "revision", "step1000", "v0", "step1000", "v0"),
+    Case("neox_weights", "weights", "synthetic", "auto", "synthetic", "auto"),
+    Case("neox_dtype", "dtype", "bf16", "fp32", "bf16", "fp32"),
+    Case("neox_tp", "tp", "2", "4", 2, 4),
+    Case("neox_backends", "backends", "hf,mii", " ds , zero", ("hf", "mii"), ("ds", "zero")),
+    Case("neox_baseline_dir", "baseline_dir", "base-ini", "base-flag",
+         lambda root: root / "base-ini", lambda root: root / "base-flag"),
+    Case("neox_update_baselines", "update_baselines", "false", "", False, True),
+    Case("neox_max_new_tokens", "max_new_tokens", "8", "16", 8, 16),
+    Case("neox_seed", "seed", "3", "7", 3, 7),
+    Case("neox_top_k", "top_k", "3", "10", 3, 10),
+    Case("neox_parity_multiple", "parity_multiple", "20", "2.5", 20.0, 2.5),
+    Case("neox_cases", "cases", "full", "default", "full", "default"),
+    Case("neox_cache_dir", "cache_dir", "~/ini-cache", "/tmp/flag-cache",
+         lambda root: Path("~/ini-cache").expanduser(), Path("/tmp/flag-cache")),
+    Case("neox_zero_nvme", "zero_nvme", "/nvme/ini", "/nvme/flag", Path("/nvme/ini"), Path("/nvme/flag")),
+    Case("neox_latency_threshold", "latency_threshold", "0.2", "0.05", 0.2, 0.05),
+    Case("neox_report", "report_dir", "report-ini", "report-flag", Path("report-ini"), Path("report-flag")),
+]
+
+
+def _expected(value, root: Path):
+    return value(root) if callable(value) else value
+
+
+def _flag(case: Case) -> str:
+    flag = "--" + case.name.replace("_", "-")
+    return flag if case.flag == "" else f"{flag}={case.flag}"   # "" marks a store_true flag
+
+
+def test_every_option_is_covered():
+    assert sorted(c.name for c in CASES) == sorted(o.name for o in OPTIONS)
+    assert sorted(c.field for c in CASES) == sorted(f.name for f in dataclasses.fields(NeoxOptions))
+    # Values that tell the sources apart: ini != flag, and the ini value is not the default (except the
+    # store_true flag, whose ini "false" is overridden to True by the flag).
+    defaults = {o.name: o.default for o in OPTIONS}
+    for c in CASES:
+        assert c.ini != c.flag, c.name
+        if c.name != "neox_update_baselines":
+            assert c.ini != str(defaults[c.name]), c.name
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_option_from_ini_file_and_flag_overrides(pytester, case):
+    pytester.makeini(f"[pytest]\n{case.name} = {case.ini}\n")
+    root = pytester.path
+    from_ini = options_of(pytester, *case.extra)
+    assert getattr(from_ini, case.field) == _expected(case.from_ini, root)
+    from_flag = options_of(pytester, _flag(case), *case.extra)
+    assert getattr(from_flag, case.field) == _expected(case.from_flag, root)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_option_as_flag_alone(pytester, case):
+    opts = options_of(pytester, _flag(case), *case.extra)
+    assert getattr(opts, case.field) == _expected(case.from_flag, pytester.path)
+
+
+def test_bool_ini_option_true(pytester):
+    pytester.makeini("[pytest]\nneox_update_baselines = true\n")
+    assert options_of(pytester).update_baselines is True
+
+
+def test_options_from_pyproject_ini_options(pytester):
+    """[tool.pytest.ini_options] of pyproject.toml: every option at once, then every flag over it."""
+    lines = "\n".join(f"{c.name} = {json.dumps(c.ini)}" for c in CASES if c.name != "neox_update_baselines")
+    pytester.makepyprojecttoml(f"[tool.pytest.ini_options]\n{lines}\nneox_update_baselines = true\n")
+    root = pytester.path
+    # neox_model from the file needs synthetic weights; neox_weights from the file is "synthetic".
+    opts = options_of(pytester)
+    for c in CASES:
+        expected = True if c.name == "neox_update_baselines" else _expected(c.from_ini, root)
+        assert getattr(opts, c.field) == expected, c.name
+    flags = [_flag(c) for c in CASES if c.name != "neox_weights"] + ["--neox-weights=synthetic"]
+    opts = options_of(pytester, *flags)
+    for c in CASES:
+        expected = "synthetic" if c.name == "neox_weights" else _expected(c.from_flag, root)
+        assert getattr(opts, c.field) == expected, c.name
+
+
+@pytest.mark.skipif(tuple(pytest.version_tuple[:2]) < (9, 2),
+                    reason="typed ini options (type unions) need pytest 9.2")
+def test_native_toml_numbers(pytester):
+    """pytest 9's native [tool.pytest] table keeps TOML types: numbers must be accepted as numbers."""
+    pytester.makepyprojecttoml("[tool.pytest]\nneox_tp = 2\nneox_seed = 5\nneox_parity_multiple = 4\n"
+                               "neox_latency_threshold = 0.25\nneox_update_baselines = true\n"
+                               'neox_dtype = "bf16"\n')
+    opts = options_of(pytester)
+    assert (opts.tp, opts.seed, opts.parity_multiple, opts.latency_threshold) == (2, 5, 4.0, 0.25)
+    assert opts.update_baselines is True and opts.dtype == "bf16"
+    assert options_of(pytester, "--neox-tp=3").tp == 3
+
+
+def test_defaults(pytester, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    opts = options_of(pytester)
+    assert dataclasses.asdict(opts) == {
+        "model": None, "revision": "main", "weights": "auto", "dtype": "fp16", "tp": 1,
+        "backends": ("hf", "ds", "mii", "zero"), "baseline_dir": pytester.path / "baselines",
+        "update_baselines": False, "max_new_tokens": 32, "seed": 0, "top_k": 5, "parity_multiple": 10.0,
+        "cases": "default", "cache_dir": tmp_path / "xdg" / "pytest-neoxmii", "zero_nvme": None,
+        "latency_threshold": 0.10, "report_dir": None,
+    }
+    assert get_session(pytester.parseconfigure()).model is None
+
+
+def test_help_lists_the_neoxmii_group(pytester):
+    result = pytester.runpytest("--help")
+    assert result.ret == 0
+    out = result.outlines
+    start = out.index("GPT-NeoX / DeepSpeed-MII acceptance testing:")
+    end = out.index("", start)
+    group = "\n".join(out[start:end])
+    for opt in OPTIONS:
+        assert f"  {opt.flag}" in group, opt.flag
+    ini_start = next(i for i, ln in enumerate(out) if "configuration options" in ln)
+    ini_section = "\n".join(out[ini_start:])
+    for opt in OPTIONS:
+        assert f"  {opt.name} (" in ini_section, opt.name
+    assert "(default: None)" not in group
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: one ERROR line, exit code 4, no traceback.
+# ---------------------------------------------------------------------------------------------------------
+
+ACCEPTANCE_STYLE = """
+def test_parity(neox, neox_backend_name, neox_case):
+    pass
+"""
+
+
+def test_unknown_model_lists_known_names(pytester, assert_usage_error):
+    pytester.makepyfile(ACCEPTANCE_STYLE)
+    result = pytester.runpytest("--neox-model=pythia-15m")
+    assert_usage_error(result, f"unknown model 'pythia-15m': known models are {', '.join(known_names())} "
+                               "(or pass a hub id or a local directory)")
+    assert "pythia-14m" in known_names() and "gpt-neox-20b" in known_names()
+
+
+def test_unknown_dtype(pytester, assert_usage_error):
+    result = pytester.runpytest("--neox-dtype=fp8")
+    assert_usage_error(result, "unknown dtype 'fp8' for --neox-dtype: choose one of fp16, bf16, fp32")
+
+
+def test_unknown_backend(pytester, assert_usage_error):
+    result = pytester.runpytest("--neox-backends=ds,vllm")
+    assert_usage_error(result, "unknown backend 'vllm' in --neox-backends: choose from hf, ds, mii, zero")
+
+
+@pytest.mark.parametrize("value", ["two", "2.5"])
+def test_non_integer_tp(pytester, assert_usage_error, value):
+    result = pytester.runpytest(f"--neox-tp={value}")
+    assert_usage_error(result, f"--neox-tp must be an integer, got '{value}'")
+
+
+def test_non_integer_tp_from_ini(pytester, assert_usage_error):
+    pytester.makeini("[pytest]\nneox_tp = two\n")
+    assert_usage_error(pytester.runpytest(), "--neox-tp must be an integer, got 'two'")
+
+
+def test_auto_weights_offline_with_empty_cache(pytester, assert_usage_error, monkeypatch, tmp_path):
+    # huggingface_hub reads these variables when it is imported: a subprocess sees them for sure.
+    empty = tmp_path / "empty-hf"
+    empty.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(empty))
+    monkeypatch.setenv("HF_HUB_CACHE", str(empty / "hub"))
+    pytester.makepyfile(ACCEPTANCE_STYLE)
+    result = pytester.runpytest_subprocess("--neox-model=pythia-14m", "--neox-weights=auto", "-p",
+                                           "no:cacheprovider")
+    assert_usage_error(result, "EleutherAI/pythia-14m@main is not in the hub cache and HF_HUB_OFFLINE is set: "
+                               "pass --neox-weights=synthetic to test the architecture with seeded synthetic "
+                               "weights, or a local model directory as --neox-model")
+
+
+def test_local_directory_without_config(pytester, assert_usage_error):
+    model = pytester.mkdir("not-a-model")
+    (model / "weights.bin").write_bytes(b"\0")
+    result = pytester.runpytest(f"--neox-model={model}")
+    assert_usage_error(result, f"'{model}' is not a GPT-NeoX model directory: it has no config.json")
+
+
+def test_local_directory_of_another_architecture(pytester, assert_usage_error):
+    model = pytester.mkdir("llama-model")
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 1000}))
+    result = pytester.runpytest(f"--neox-model={model}")
+    assert_usage_error(result, "'llama-model' is not a GPT-NeoX model (model_type 'llama')")
+
+
+def test_case_longer_than_the_context(pytester, assert_usage_error, synthetic_14m):
+    pytester.makepyfile(ACCEPTANCE_STYLE)
+    result = pytester.runpytest(*synthetic_14m, "--neox-max-new-tokens=5000")
+    assert_usage_error(result, "--neox-max-new-tokens=5000 leaves no room for a prompt in the model's context "
+                               "of 2048 tokens")
+
+
+def test_some_cases_longer_than_the_context(pytester, assert_usage_error, synthetic_14m):
+    # 1990 new tokens leave room for the long prompt (58 tokens) but not for the 128-token medium case.
+    pytester.makepyfile(ACCEPTANCE_STYLE)
+    result = pytester.runpytest(*synthetic_14m, "--neox-max-new-tokens=1990")
+    assert_usage_error(result, "case medium-b1-len128 needs 2118 tokens (prompt 128 + 1990 new) but the "
+                               "model's context is 2048")

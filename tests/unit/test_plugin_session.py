@@ -1,0 +1,213 @@
+"""The plugin's session plumbing through pytester: the report header, the skips without --neox-model, a
+tensor-parallel degree the GPUs cannot hold, and a small end-to-end run on synthetic pythia-14m with the
+hf reference and the ds backend, ending with the "neoxmii summary" section."""
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("preloaded")
+
+from pytest_neoxmii.weights import SYNTHETIC_VERSION as V  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+ACCEPTANCE_STYLE = """
+def test_session(neox):
+    pass
+
+def test_case(neox, neox_case):
+    pass
+
+def test_generation_case(neox, neox_generation_case):
+    pass
+
+def test_backend(neox, neox_backend_name):
+    pass
+
+def test_all(neox, neox_backend_name, neox_case, neox_generation_case):
+    pass
+"""
+
+
+def _versions_line() -> str:
+    found = []
+    for dist in ("torch", "transformers", "deepspeed", "deepspeed-mii"):
+        try:
+            found.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{dist} not installed")
+    return "neoxmii: " + ", ".join(found)
+
+
+# --- report header ----------------------------------------------------------------------------------------
+
+def test_header_with_a_model(pytester, fake_gpus, synthetic_14m):
+    fake_gpus("a100-40g", "a100-40g")
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest(*synthetic_14m, "--neox-seed=3", "--neox-dtype=bf16", "--neox-tp=2")
+    assert result.ret == 0
+    header = [ln for ln in result.outlines if ln.startswith("neoxmii:")]
+    assert header == [
+        f"neoxmii: model pythia-14m: synthetic weights (seed 3, generator v{V}) in the pythia-14m shape",
+        f"neoxmii: weights source synthetic (synthetic-seed3-v{V}), dtype bf16, tp 2, backends ds",
+        "neoxmii: GPUs found: 2 x NVIDIA A100-SXM4-40GB 42.3 GB (CUDA 12.8, driver 570.1)",
+        _versions_line(),
+    ]
+    assert "torch " in header[3] and "deepspeed-mii " in header[3]
+
+
+def test_header_without_gpus(pytester, fake_gpus, synthetic_14m):
+    fake_gpus()
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest(*synthetic_14m)
+    assert "neoxmii: GPUs found: no CUDA GPU found" in result.outlines
+    assert f"neoxmii: weights source synthetic (synthetic-seed0-v{V}), dtype fp16, tp 1, backends ds" \
+        in result.outlines
+
+
+def test_header_without_a_model_is_one_line(pytester):
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    assert result.ret == 0
+    assert [ln for ln in result.outlines if ln.startswith("neoxmii")] == [
+        "neoxmii: no --neox-model given; the acceptance tests will skip"]
+
+
+# --- without --neox-model everything skips, nothing errors -----------------------------------------------
+
+def test_without_a_model_the_acceptance_style_tests_skip(pytester, fake_gpus, outcomes):
+    fake_gpus()
+    pytester.makepyfile(test_accept=ACCEPTANCE_STYLE)
+    reprec = pytester.inline_run("-p", "no:cacheprovider")
+    got = outcomes(reprec)
+    # neox_backend_name is parametrized over the selected backends (default: ds, mii, zero).
+    assert sorted(got) == sorted([
+        "test_session", "test_case[no-model]", "test_generation_case[no-model]",
+        "test_backend[ds]", "test_backend[mii]", "test_backend[zero]",
+        "test_all[no-model-no-model-ds]", "test_all[no-model-no-model-mii]", "test_all[no-model-no-model-zero]",
+    ])
+    for name, (outcome, reason) in got.items():
+        assert outcome == "skipped", name
+        assert "no --neox-model given: pass e.g. --neox-model=pythia-160m" in reason, (name, reason)
+    assert reprec.ret == 0
+
+
+def test_without_a_model_the_shipped_acceptance_suite_skips(pytester, fake_gpus, outcomes):
+    """The repository's own tests/acceptance: collected fine, every test skipped, nothing errors."""
+    fake_gpus()
+    files = sorted((REPO / "tests" / "acceptance").glob("test_*.py"))
+    assert files
+    for f in files:
+        pytester.makepyfile(**{f.stem: f.read_text()})
+    reprec = pytester.inline_run("-p", "no:cacheprovider", "--strict-markers")
+    got = outcomes(reprec)
+    assert got, "nothing collected"
+    for name, (outcome, reason) in got.items():
+        assert outcome == "skipped", (name, outcome)
+        assert "--neox-model" in reason or reason == "needs a CUDA GPU, found none", (name, reason)
+    assert not reprec.getfailedcollections()
+    assert reprec.ret == 0
+
+
+def test_only_the_hf_reference_selected(pytester, outcomes, synthetic_14m):
+    pytester.makepyfile(test_accept="def test_backend(neox, neox_backend_name):\n    neox.backend(neox_backend_name)\n")
+    got = outcomes(pytester.inline_run(*synthetic_14m, "--neox-backends=hf"))
+    assert got == {"test_backend[no-backend]": (
+        "skipped", "no backend to compare: --neox-backends selects only the hf reference (add ds, mii or zero)")}
+
+
+# --- a tensor-parallel degree larger than the GPUs found --------------------------------------------------
+
+TP_TESTS = """
+def test_ds(neox):
+    neox.backend("ds")
+
+def test_ds_again(neox):
+    neox.backend("ds")
+
+def test_parametrized(neox, neox_backend_name):
+    neox.backend(neox_backend_name)
+"""
+
+
+@pytest.mark.parametrize("gpus, found", [((), 0), (("t4",), 1)])
+def test_tp_larger_than_the_gpus_found_skips(pytester, fake_gpus, synthetic_14m, gpus, found):
+    fake_gpus(*gpus)
+    pytester.makepyfile(test_tp=TP_TESTS)
+    result = pytester.runpytest(*synthetic_14m, "--neox-tp=2", "-rs")
+    result.assert_outcomes(skipped=3)
+    reason = f"ds (fp16): --neox-tp=2 needs 2 GPUs, found {found}"
+    # Each skip reported at its test (not at the line of the plugin that raised it), and the reason
+    # reused for the second test without retrying the load.
+    skipped = [ln for ln in result.outlines if ln.startswith("SKIPPED")]
+    assert skipped == [f"SKIPPED [1] test_tp.py:{line}: {reason}" for line in (1, 4, 7)]
+    assert f"skip ds:fp16    {reason}" in result.outlines        # and in the neoxmii summary
+    assert "Traceback" not in result.stdout.str()
+    assert "pytest_neoxmii/" not in result.stdout.str()
+
+
+# --- end to end: pythia-14m synthetic, hf reference and ds, in a subprocess -------------------------------
+
+END_TO_END = '''
+import math
+
+from pytest_neoxmii.session import Record
+
+NEW = 4
+
+
+def test_reference_generates_greedily(neox, neox_generation_case):
+    ref = neox.reference()
+    assert (ref.info.backend, ref.info.dtype, ref.info.device) == ("hf", "fp32", "cpu")
+    gen = neox.generation(ref, neox_generation_case)
+    assert len(gen.tokens) == neox_generation_case.batch.batch_size
+    assert all(len(row) == NEW for row in gen.tokens)
+    assert neox.generation(ref, neox_generation_case) is gen        # computed once per case
+    assert neox.backend("hf", "fp32") is ref                        # loaded once per session
+
+
+def test_peer_against_the_reference(neox):
+    plan = next(p for p in neox.plans() if p.id == "short-b1-len16")
+    case = neox.case(plan)
+    assert [len(r) for r in case.batch.rows] == [16]
+    peer = neox.peer()
+    assert (peer.info.backend, peer.info.dtype) == ("hf", "fp16")
+    ref, low = neox.scores(neox.reference(), case), neox.scores(peer, case)
+    assert ref.logprobs.shape == low.logprobs.shape == (1, 16, neox.model.spec.vocab_size)
+    diff = (ref.logprobs - low.logprobs).abs().max().item()
+    assert math.isfinite(diff) and diff < 1.0
+    neox.record(Record(check="noise-floor", backend="hf", case=case.id, passed=True,
+                       metrics={"max_abs_diff": diff}, summary="fp16 vs fp32"))
+
+
+def test_backend_scores_every_case(neox, neox_backend_name, neox_case):
+    backend = neox.backend(neox_backend_name)
+    assert (backend.info.backend, backend.info.device) == ("ds", "cpu")
+    got = neox.scores(backend, neox_case)
+    ref = neox.scores(neox.reference(), neox_case)
+    assert got.logprobs.shape == ref.logprobs.shape
+    neox.record(Record(check="teacher-forced", backend=neox_backend_name, case=neox_case.id, passed=True))
+'''
+
+
+def test_end_to_end_synthetic_14m(pytester, synthetic_14m):
+    pytester.makepyfile(test_e2e=END_TO_END)
+    result = pytester.runpytest_subprocess(*synthetic_14m, "--neox-max-new-tokens=4", "-p", "no:randomly")
+    # 6 generation cases, 1 peer test, 7 scored cases for ds.
+    result.assert_outcomes(passed=14)
+    result.stdout.fnmatch_lines([
+        "*= neoxmii summary =*",
+        f"model: synthetic weights (seed 0, generator v{V}) in the pythia-14m shape; GPUs: no CUDA GPU found",
+        "ran  hf:fp32    hf: fp32 on cpu, tp=1, kernels none (HF eager)",
+        "ran  hf:fp16    hf: fp16 on cpu, tp=1, kernels none (HF eager)",
+        "ran  ds:fp16    ds: fp16 on cpu, tp=1, kernels none (CPU: no kernel injection)*",
+    ], consecutive=False)
+    text = result.stdout.str()
+    summary = text[text.index("neoxmii summary"):]
+    for row in ("noise-floor", "teacher-forced", "fixed-text", "long"):
+        assert row in summary, row
+    assert "time: kernel build" in summary and "model load" in summary and "model calls" in summary
+    assert "skip " not in summary          # nothing was unavailable

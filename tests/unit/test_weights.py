@@ -1,0 +1,256 @@
+"""pytest_neoxmii.weights: seeded synthetic weights (deterministic, pinned, loadable, peaked), the synthetic
+tokenizer, the build-once cache, and resolution of a hub id through the Hugging Face cache."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from pytest_neoxmii import weights  # noqa: E402
+from pytest_neoxmii.registry import lookup  # noqa: E402
+
+SPEC_14M = lookup("pythia-14m")
+
+# SHA-256 of synthetic pythia-14m, seed 0, fp16 (weights.fingerprint). Computed here on the CPU (torch 2.13)
+# and, to the same value, on an H100 machine with torch 2.11: the same seed gives the same weights on
+# another machine and another torch. A change of the generator must bump SYNTHETIC_VERSION (it keys the
+# cache and the baselines) and this value together.
+FINGERPRINT_14M_SEED0 = "4b6d5112be8dfde75a104531ad1e6667be0abd8ede06d2a2217e0aadfb816f98"
+
+
+@pytest.fixture(scope="module")
+def fingerprint_seed0():
+    return weights.fingerprint(weights.synthetic_state_dict(SPEC_14M, 0))
+
+
+@pytest.fixture(scope="module")
+def model_dir(neox_cache_dir):
+    """The synthetic pythia-14m (seed 0) the session's shared cache already holds."""
+    path = weights.build_synthetic(SPEC_14M, 0, neox_cache_dir)
+    assert path == weights.synthetic_directory(SPEC_14M, 0, neox_cache_dir)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return transformers.AutoTokenizer.from_pretrained(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+
+
+# --- determinism ------------------------------------------------------------------------------------------
+
+def test_same_seed_same_fingerprint(fingerprint_seed0):
+    assert weights.fingerprint(weights.synthetic_state_dict(SPEC_14M, 0)) == fingerprint_seed0
+
+
+def test_other_seed_other_fingerprint(fingerprint_seed0):
+    assert weights.fingerprint(weights.synthetic_state_dict(SPEC_14M, 1)) != fingerprint_seed0
+
+
+def test_fingerprint_is_pinned(fingerprint_seed0):
+    assert fingerprint_seed0 == FINGERPRINT_14M_SEED0
+
+
+def test_seeds_give_distinct_weights():
+    # torch's CPU generator keeps only the low 32 bits of a seed: a seed placed above them is lost.
+    prints = {weights.fingerprint(weights.synthetic_state_dict(SPEC_14M, s)) for s in (0, 1, 2)}
+    assert len(prints) == 3
+
+
+def test_seed_zero_keeps_the_v1_streams():
+    # Seed 0 draws each tensor from the generator seed v1 used, so its weights (pinned above) are v1's.
+    assert weights._tensor_seed(0, "gpt_neox.embed_in.weight") == zlib.crc32(b"gpt_neox.embed_in.weight")
+    assert weights._tensor_seed(1, "gpt_neox.embed_in.weight") != weights._tensor_seed(0, "gpt_neox.embed_in.weight")
+
+
+def test_every_tensor_depends_on_the_seed():
+    a = weights.synthetic_state_dict(SPEC_14M, 0)
+    b = weights.synthetic_state_dict(SPEC_14M, 1)
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == torch.float16 for k in a)
+    same = [k for k in a if torch.equal(a[k], b[k])]
+    assert same == []
+
+
+# --- the built directory ----------------------------------------------------------------------------------
+
+def test_built_directory_loads_with_transformers(model_dir, model, tokenizer):
+    assert type(model).__name__ == "GPTNeoXForCausalLM"
+    assert model.config.model_type == "gpt_neox"
+    assert model.config.hidden_size == SPEC_14M.hidden_size
+    assert model.config.num_hidden_layers == SPEC_14M.num_hidden_layers
+    assert model.config.vocab_size == SPEC_14M.vocab_size
+    assert sum(p.numel() for p in model.parameters()) == SPEC_14M.parameter_count()
+    assert len(tokenizer) == SPEC_14M.vocab_size
+    assert tokenizer.pad_token_id == 1 and tokenizer.eos_token_id == 0
+    assert tokenizer.padding_side == "left"
+
+
+def test_built_files_hold_the_pinned_weights(model_dir, model):
+    provenance = json.loads((model_dir / weights.PROVENANCE_FILE).read_text())
+    assert provenance["fingerprint_sha256"] == FINGERPRINT_14M_SEED0
+    assert (provenance["seed"], provenance["architecture"]) == (0, "pythia-14m")
+    assert provenance["generator_version"] == weights.SYNTHETIC_VERSION
+    # What transformers loads (upcast to fp32) is exactly what was generated.
+    loaded = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
+    assert weights.fingerprint(loaded) == FINGERPRINT_14M_SEED0
+
+
+def test_tokenizer_round_trips_every_id(tokenizer):
+    vocab = SPEC_14M.vocab_size
+    sample = sorted({0, 1, 2, 3, vocab - 2, vocab - 1, *range(0, vocab, 97)})
+    for i in sample:
+        text = tokenizer.decode([i])
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == [i], (i, text)
+    # And the whole vocabulary as one sequence (special ids included).
+    ids = list(range(vocab))
+    assert tokenizer(tokenizer.decode(ids), add_special_tokens=False)["input_ids"] == ids
+
+
+def test_synthetic_tokenizer_matches_the_saved_one(tokenizer):
+    fresh = weights.synthetic_tokenizer(SPEC_14M.vocab_size)
+    assert fresh.get_vocab() == tokenizer.get_vocab()
+
+
+def test_next_token_distributions_are_peaked(model, tokenizer):
+    """What makes greedy comparisons meaningful: a clear top-1 at most steps (a freshly initialised
+    GPT-NeoX is nearly uniform), and not one token winning everywhere."""
+    gen = torch.Generator().manual_seed(1234)
+    random_rows = torch.randint(2, SPEC_14M.vocab_size, (4, 64), generator=gen)
+    text = tokenizer(" ".join(weights.FIXED_TEXT), return_tensors="pt")["input_ids"][:, :128]
+    tops = []
+    with torch.inference_mode():
+        for ids in (random_rows, text):
+            probs = model(input_ids=ids).logits.float().softmax(-1)
+            tops.append(probs.max(-1))
+    top1 = torch.cat([t.values.flatten() for t in tops])
+    argmax = torch.cat([t.indices.flatten() for t in tops])
+    assert top1.median().item() > 0.3
+    assert argmax.unique().numel() > 0.25 * argmax.numel()
+
+
+# --- the build cache --------------------------------------------------------------------------------------
+
+def test_build_leaves_no_temporary_directory_and_is_reused(tmp_path, monkeypatch):
+    path = weights.build_synthetic(SPEC_14M, 0, tmp_path)
+    assert path.parent == tmp_path / "synthetic"
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".lock"]
+    assert {p.name for p in path.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
+                                               weights.PROVENANCE_FILE}
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("rebuilt a model the cache already holds")
+
+    monkeypatch.setattr(weights, "save_synthetic", no_rebuild)
+    assert weights.build_synthetic(SPEC_14M, 0, tmp_path) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".lock"]
+
+
+def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    def half_written(spec, seed, directory):
+        (directory / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(weights, "save_synthetic", half_written)
+    with pytest.raises(RuntimeError, match="disk full"):
+        weights.build_synthetic(SPEC_14M, 0, tmp_path)
+    target = weights.synthetic_directory(SPEC_14M, 0, tmp_path)
+    assert [p.name for p in target.parent.iterdir()] == [target.name + ".lock"]
+
+
+def test_synthetic_resolution_builds_nothing(tmp_path):
+    model = weights.resolve("pythia-14m", "synthetic", "main", 5, tmp_path)
+    assert (model.source, model.weights_key, model.seed, model.path) == (
+        "synthetic", f"synthetic-seed5-v{weights.SYNTHETIC_VERSION}", 5, None)
+    assert list(tmp_path.iterdir()) == []
+    built = weights.materialize(model, tmp_path)
+    assert built.path == weights.synthetic_directory(SPEC_14M, 5, tmp_path)
+    assert (built.path / weights.PROVENANCE_FILE).is_file()
+
+
+# --- the hub cache ----------------------------------------------------------------------------------------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, model_dir, monkeypatch):
+    """A Hugging Face hub cache holding EleutherAI/pythia-14m at COMMIT (the synthetic model's files),
+    with refs/main pointing at it; offline. huggingface_hub reads its environment when it is imported,
+    so the constants it already read are set too."""
+    import huggingface_hub.constants as hf_constants
+
+    cache = tmp_path / "hf-hub"
+    repo = cache / "models--EleutherAI--pythia-14m"
+    snapshot = repo / "snapshots" / COMMIT
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)      # no newline, as the hub writes it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    return snapshot
+
+
+@pytest.mark.parametrize("name, revision", [("pythia-14m", "main"), ("EleutherAI/pythia-14m", "main"),
+                                            ("pythia-14m", COMMIT)])
+def test_hub_id_resolves_through_the_cache(hub_cache, tmp_path, name, revision):
+    model = weights.resolve(name, "auto", revision, 0, tmp_path / "neox-cache")
+    assert model.source == "hub"
+    assert model.weights_key == f"hub@{COMMIT}"
+    assert model.revision == COMMIT
+    assert model.path.resolve() == hub_cache.resolve()
+    assert model.spec == SPEC_14M
+    assert model.describe() == f"real weights EleutherAI/pythia-14m@{COMMIT} from the hub cache"
+
+
+def test_unknown_revision_offline_is_a_usage_error(hub_cache, tmp_path):
+    from pytest_neoxmii.errors import NeoxUsageError
+
+    with pytest.raises(NeoxUsageError, match="EleutherAI/pythia-14m@v9 is not in the hub cache and "
+                                             "HF_HUB_OFFLINE is set: pass --neox-weights=synthetic"):
+        weights.resolve("pythia-14m", "auto", "v9", 0, tmp_path)
+
+
+@pytest.mark.usefixtures("preloaded")
+def test_hub_id_in_a_pytest_run(pytester, hub_cache, neox_cache_dir):
+    pytester.makepyfile(test_hub=f"""
+def test_model_is_the_snapshot(neox):
+    assert neox.model.source == "hub"
+    assert str(neox.model.path) == {str(hub_cache)!r}
+""")
+    # A subprocess: huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE from its environment.
+    result = pytester.runpytest_subprocess("--neox-model=EleutherAI/pythia-14m", "--neox-backends=ds",
+                                           f"--neox-cache-dir={neox_cache_dir}", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert f"neoxmii: weights source hub (hub@{COMMIT}), dtype fp16, tp 1, backends ds" in result.outlines
+    assert (f"neoxmii: model pythia-14m: real weights EleutherAI/pythia-14m@{COMMIT} from the hub cache"
+            in result.outlines)
+
+
+def test_local_directory_resolves_with_a_digest(model_dir, tmp_path):
+    local = tmp_path / "my-model"
+    shutil.copytree(model_dir, local)
+    model = weights.resolve(str(local), "auto", None, 0, tmp_path / "cache")
+    assert model.source == "local" and model.path == local.resolve()
+    assert model.weights_key.startswith("local@") and len(model.weights_key) == len("local@") + 12
+    assert model.spec.hidden_size == SPEC_14M.hidden_size
+    # Replacing the checkpoint changes the key.
+    with open(local / "model.safetensors", "ab") as f:
+        f.write(b"\0" * 8)
+    assert weights.resolve(str(local), "auto", None, 0, tmp_path / "cache").weights_key != model.weights_key
+    assert os.path.isdir(local)
