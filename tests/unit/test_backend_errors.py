@@ -1,0 +1,55 @@
+"""Bad input for backends: each gives a one-line reason the test session turns into a skip."""
+import sys
+
+import pytest
+
+from pytest_neoxmii.backends import deepspeed_inference, mii_legacy
+from pytest_neoxmii.errors import BackendUnavailable
+
+
+def test_missing_mii_package_gives_the_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mii", None)          # import mii -> ImportError
+    monkeypatch.setitem(sys.modules, "mii.legacy", None)
+    with pytest.raises(BackendUnavailable) as info:
+        mii_legacy.import_mii()
+    message = str(info.value)
+    assert "pip install 'pytest-neoxmii[mii]'" in message and "\n" not in message
+
+
+def test_fp32_kernels_are_refused():
+    with pytest.raises(BackendUnavailable, match="runs fp16 or bf16 here, not fp32"):
+        deepspeed_inference.check_kernel_dtype("fp32", "cuda:0")
+
+
+def test_bf16_kernels_need_ampere(monkeypatch):
+    monkeypatch.setattr(deepspeed_inference.torch.cuda, "get_device_capability", lambda device: (7, 5))
+    monkeypatch.setattr(deepspeed_inference.torch.cuda, "get_device_name", lambda device: "Tesla T4")
+    with pytest.raises(BackendUnavailable, match=r"bf16 kernels need compute capability 8.0 or newer, found "
+                                                 r"7.5 on Tesla T4"):
+        deepspeed_inference.check_kernel_dtype("bf16", "cuda:0")
+    monkeypatch.setattr(deepspeed_inference.torch.cuda, "get_device_capability", lambda device: (9, 0))
+    deepspeed_inference.check_kernel_dtype("bf16", "cuda:0")      # Hopper: accepted
+    deepspeed_inference.check_kernel_dtype("fp16", "cuda:0")
+
+
+def test_transformers_5_refuses_ds_before_loading_anything(monkeypatch, tmp_path):
+    from pytest_neoxmii import compat
+    monkeypatch.setattr(compat, "transformers_version", lambda: "5.1.0")
+    with pytest.raises(BackendUnavailable, match="transformers 5.1.0"):
+        deepspeed_inference.DeepSpeedBackend(tmp_path, "fp16", "cuda:0", tp=1, max_tokens=128)
+
+
+def test_missing_mii_skips_the_backend_in_a_session(pytester, neox_cache_dir, preloaded):
+    pytester.makeconftest("""
+        import sys
+        sys.modules["mii"] = None
+        sys.modules["mii.legacy"] = None
+    """)
+    pytester.makepyfile("""
+        def test_mii(neox):
+            neox.backend("mii")
+    """)
+    result = pytester.runpytest("--neox-model=pythia-14m", "--neox-weights=synthetic",
+                                f"--neox-cache-dir={neox_cache_dir}", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*mii (fp16): deepspeed-mii is not importable*pytest-neoxmii[[]mii[]]*"])
