@@ -26,6 +26,9 @@ def zero_config(hidden_size: int, dtype: str, nvme_path: Path | None) -> dict:
             "stage": 3,
             "offload_param": offload,
             "overlap_comm": True,
+            # True (DeepSpeed's default) swaps torch.nn.functional.linear process-wide for ZeRO's own
+            # autograd function, which then also runs inside the HF reference and every other backend.
+            "memory_efficient_linear": False,
             "reduce_bucket_size": hidden_size * hidden_size,
             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
             "stage3_param_persistence_threshold": 0,

@@ -1,0 +1,168 @@
+"""DeepSpeed tensor parallelism across GPUs, run the way DeepSpeed runs it: under the DeepSpeed launcher,
+one process per GPU (deploy/tp_worker.py), each calling init_inference with tp_size = N and kernel
+injection. Rank 0 answers this backend over a local authenticated channel (deploy/channel.py) and
+broadcasts every request to the other ranks, so generate, score and trace behave as for the in-process
+backends, with the same output types.
+
+Start-up is watched: the launcher's process tree runs in its own session with the compat environment and
+a log file; if it exits before rank 0 reports ready, the error says so within a second and carries the log
+tail. close() asks the ranks to exit, then ends the whole tree and waits for GPU memory to come back
+(deploy/processes.py)."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from pytest_neoxmii import compat
+from pytest_neoxmii.backends.base import Backend, BackendInfo
+from pytest_neoxmii.deploy import channel, gpumem, launcher, ports, processes
+from pytest_neoxmii.errors import BackendUnavailable
+from pytest_neoxmii.outputs import Generation, LayerTrace, PromptBatch, Scores
+
+WORKER = "pytest_neoxmii.deploy.tp_worker"
+
+
+class DsLauncherBackend(Backend):
+    can_score = True
+
+    def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1, *,
+                 gpus: list[int] | None = None, ready_timeout: float | None = None,
+                 request_timeout: float | None = None, memory_probe="default", factory: str | None = None,
+                 name: str = "ds"):
+        self._closed = True
+        on_gpu = device.startswith("cuda")
+        if on_gpu:
+            reason = compat.check_kernel_injection()
+            if reason:
+                raise BackendUnavailable(reason)
+            from pytest_neoxmii.backends.deepspeed_inference import check_kernel_dtype
+            check_kernel_dtype(dtype, device)
+        self.tp, self.dtype, self.name = tp, dtype, name
+        self.gpus = list(gpus) if gpus is not None else list(range(tp))
+        self.request_timeout = request_timeout or processes.env_float("NEOXMII_REQUEST_TIMEOUT", 600)
+        self.tag = processes.new_tag("ds-tp")
+        self.run_dir = processes.run_dir(self.tag)
+        self._probe = gpumem.default_probe() if memory_probe == "default" else memory_probe
+        self._baseline = self._probe() if self._probe else None
+        self._trees: list[processes.ProcessTree] = []
+        self.conn = None
+        self.teardown_report: processes.TeardownReport | None = None
+        self._failed = False
+        self._ports = ports.reserve(1)               # torch.distributed's master port
+        self._listener = channel.Listener()
+        self._closed = False
+        processes.register_live(self.tag, self.close)
+        try:
+            t0 = time.monotonic()
+            infos = self._start(Path(path), device, max_tokens, max_batch, factory,
+                                ready_timeout or processes.env_float("NEOXMII_READY_TIMEOUT", 900))
+            self.deploy_seconds = time.monotonic() - t0
+            self.info = self._describe(infos, on_gpu, max_tokens, max_batch)
+        except BaseException:                        # a failed start, or Ctrl-C during it: leave nothing
+            self._failed = True
+            self.close()
+            raise
+
+    def _start(self, path: Path, device: str, max_tokens: int, max_batch: int, factory: str | None,
+               ready_timeout: float) -> list[dict]:
+        hostfile = launcher.write_hostfile(self.run_dir / "hostfile", max(self.gpus) + 1)
+        cmd = launcher.runner_command(hostfile, self.gpus, self._ports.ports[0]) + [
+            "--no_local_rank", "--module", WORKER, "--address", self._listener.address, "--model", str(path),
+            "--dtype", self.dtype, "--max-tokens", str(max_tokens), "--max-batch", str(max_batch),
+            "--device", "cuda" if device.startswith("cuda") else "cpu"]
+        if factory:
+            cmd += ["--factory", factory]
+        tree = processes.start(cmd, name=f"DeepSpeed launcher (ds tp={self.tp})",
+                               log_path=self.run_dir / "launcher.log", tag=self.tag, env_extra=self._listener.env())
+        self._trees.append(tree)
+        deadline = time.monotonic() + ready_timeout
+
+        def check():
+            tree.check_alive()
+            tree.pids()                              # remember the tree while its parents still link it
+
+        try:
+            self.conn = self._listener.accept(ready_timeout, check=check)
+            ready = channel.receive(self.conn, max(deadline - time.monotonic(), 1.0), check=check)
+        except channel.ChannelTimeout:
+            raise processes.ReadinessTimeout(
+                f"ds tp={self.tp}: rank 0 did not report ready within {ready_timeout:.0f} s, its processes still "
+                f"running; last lines of {tree.log_path}:\n{tree.log_tail()}") from None
+        return ready["infos"]
+
+    def _describe(self, infos: list[dict], on_gpu: bool, max_tokens: int, max_batch: int) -> BackendInfo:
+        kernels = {i["kernels"] for i in infos}
+        held = [i["gpu_memory_bytes"] for i in infos if i.get("gpu_memory_bytes") is not None]
+        return BackendInfo(
+            backend=self.name, dtype=self.dtype,
+            device="cuda:" + ",".join(map(str, self.gpus)) if on_gpu else "cpu", tensor_parallel=self.tp,
+            kernels=kernels.pop() if len(kernels) == 1 else "; ".join(f"rank {i['rank']}: {i['kernels']}"
+                                                                      for i in infos),
+            gpu_memory_bytes=sum(held) if held else None,
+            notes=[f"DeepSpeed launcher, {self.tp} ranks", f"max_tokens={max_tokens}",
+                   f"workspace sized for batch {max_batch}", f"deployed in {self.deploy_seconds:.1f} s"])
+
+    # -- requests -------------------------------------------------------------------------------------
+    def _call(self, op: str, *args):
+        if self._closed:
+            raise processes.DeploymentError(f"ds tp={self.tp} deployment is closed")
+        tree = self._trees[0]
+        try:
+            self.conn.send({"op": op, "args": args})
+            reply = channel.receive(self.conn, self.request_timeout, check=tree.check_alive)
+        except channel.ChannelTimeout:
+            raise processes.DeploymentError(
+                f"ds tp={self.tp}: no answer to {op} within {self.request_timeout:.0f} s; last lines of "
+                f"{tree.log_path}:\n{tree.log_tail()}") from None
+        except (EOFError, OSError):
+            # Rank 0 is gone; the launcher notices within a second and exits: report that, with the log.
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                tree.check_alive()
+                time.sleep(0.1)
+            raise processes.DeploymentError(f"ds tp={self.tp}: rank 0 closed the channel during {op}; last "
+                                            f"lines of {tree.log_path}:\n{tree.log_tail()}") from None
+        if reply["ok"]:
+            return reply["result"]
+        if reply.get("unavailable"):
+            raise BackendUnavailable(reply["error"])
+        raise processes.DeploymentError(f"ds tp={self.tp}: {op} failed on rank 0:\n{reply['error']}")
+
+    def generate(self, batch: PromptBatch, max_new_tokens: int, top_k: int = 5) -> Generation:
+        return self._call("generate", batch, max_new_tokens, top_k)
+
+    def score(self, batch: PromptBatch) -> Scores:
+        return self._call("score", batch)
+
+    def trace(self, batch: PromptBatch) -> LayerTrace:
+        return self._call("trace", batch)
+
+    # -- teardown -------------------------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        """Ask every rank to leave its loop and exit; the launcher then exits on its own."""
+        self.conn.send({"op": "shutdown"})
+        channel.receive(self.conn, 10)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.teardown_report = processes.teardown(
+                self._trees, name=f"{self.name} tp={self.tp} (DeepSpeed launcher)", tag=self.tag,
+                polite=self._shutdown if self.conn is not None else None,
+                polite_timeout=processes.env_float("NEOXMII_POLITE_TIMEOUT", 15),
+                memory_probe=self._probe, memory_baseline=self._baseline,
+                tolerance_mib=processes.env_float("NEOXMII_LEAK_TOLERANCE_MIB", 100))
+        finally:
+            for closable in (self.conn, self._listener):
+                try:
+                    if closable is not None:
+                        closable.close()
+                except OSError:
+                    pass
+            self._ports.release()
+            processes.unregister_live(self.tag)
+            if not self._failed and not (self.teardown_report and self.teardown_report.leaked):
+                shutil.rmtree(self.run_dir, ignore_errors=True)    # logs are kept when something went wrong

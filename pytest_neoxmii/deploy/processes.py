@@ -1,0 +1,498 @@
+"""The process trees of a deployment: start them, watch them, end every one of their processes, and say
+what was left behind.
+
+Why this much: MII's terminate is only a gRPC message, and on a LOCAL tp=2 deployment it returned in
+0.01 s with the servers still running and holding GPU memory (STACK.md trap 8). So each deployment runs
+in its own session and process group, every process it starts carries a tag in its environment
+(NEOXMII_DEPLOYMENT, inherited through the DeepSpeed launcher and its ranks), and teardown ends the
+group, the tree under each root and every tagged process (which finds even a process that called
+setsid and was re-parented), then waits until GPU memory is back at its pre-deployment level.
+Whatever survives is reported (warning, stderr line, leaks()), never ignored.
+
+A small reaper process per deployment ends the tagged processes if the test process itself dies
+without tearing down (SIGKILL, OOM killer), which no in-process handler can cover."""
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+try:
+    import psutil
+except ImportError:          # the DeepSpeed launcher itself needs psutil, but the teardown must not
+    psutil = None
+
+TAG_ENV = "NEOXMII_DEPLOYMENT"
+# NVLink multicast stays off in every process we start (the GPU hosts are shared; see KINDS.md).
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+class DeploymentError(RuntimeError):
+    """A deployment failed to start or stopped answering; the message carries the log tail."""
+
+
+class ServerDied(DeploymentError):
+    pass
+
+
+class ReadinessTimeout(DeploymentError):
+    pass
+
+
+class DeploymentLeakWarning(UserWarning):
+    """Processes or GPU memory of a deployment survived its teardown."""
+
+
+def new_tag(prefix: str) -> str:
+    return f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def run_dir(tag: str) -> Path:
+    """Where a deployment keeps its logs, hostfile and rank reports ($NEOXMII_RUN_DIR or the temp dir)."""
+    import tempfile
+    base = Path(os.environ.get("NEOXMII_RUN_DIR") or Path(tempfile.gettempdir()) / "pytest-neoxmii-runs")
+    path = base / tag
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def deployment_env(tag: str | None, extra: dict[str, str] | None = None,
+                   base: dict[str, str] | None = None) -> dict[str, str]:
+    """The compat child environment (GPT-NeoX patches via sitecustomize, STACK.md trap 1), multicast off,
+    unbuffered output (so a log tail shows the last words of a dying process) and the deployment's tag."""
+    from pytest_neoxmii import compat
+    env = compat.child_env(base)
+    env.update(SAFE_ENV)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop(TAG_ENV, None)
+    if tag is not None:
+        env[TAG_ENV] = tag
+    env.update(extra or {})
+    return env
+
+
+# -- looking at processes ------------------------------------------------------------------------------
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, ppid) from /proc, None if the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return fields[0], int(fields[1])
+
+
+def alive(pid: int) -> bool:
+    """Running or sleeping; a zombie has released its memory and counts as gone."""
+    if psutil is not None:
+        try:
+            return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+        except psutil.Error:
+            return False
+    st = _stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def _all_pids() -> list[int]:
+    if psutil is not None:
+        return psutil.pids()
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def descendants(pid: int) -> set[int]:
+    if psutil is not None:
+        try:
+            return {c.pid for c in psutil.Process(pid).children(recursive=True)}
+        except psutil.Error:
+            return set()
+    children: dict[int, list[int]] = {}
+    for p in _all_pids():
+        st = _stat(p)
+        if st is not None:
+            children.setdefault(st[1], []).append(p)
+    found, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in found:
+                found.add(c)
+                todo.append(c)
+    return found
+
+
+def _environ_has(pid: int, needle: bytes) -> bool:
+    try:
+        return needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def tagged(tag: str) -> set[int]:
+    """Living processes started for the deployment `tag` (wherever they were re-parented to)."""
+    needle = f"{TAG_ENV}={tag}".encode()
+    me = os.getpid()
+    return {p for p in _all_pids() if p != me and _environ_has(p, needle) and alive(p)}
+
+
+def living(pids: Iterable[int]) -> list[int]:
+    return sorted(p for p in pids if alive(p))
+
+
+# -- one process tree ----------------------------------------------------------------------------------
+
+@dataclass
+class ProcessTree:
+    """A command started in its own session (so Ctrl-C at the terminal reaches the test process only, and
+    the teardown decides the order) with its output, and its children's, in one log file."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    tag: str | None
+    started: float = field(default_factory=time.monotonic)
+    seen: set[int] = field(default_factory=set)      # every pid of the tree observed so far
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def check_alive(self) -> None:
+        """Raise ServerDied, with the tail of the log, if the root process has exited."""
+        code = self.popen.poll()
+        if code is not None:
+            raise ServerDied(f"{self.name} (pid {self.pid}) exited with code {code} "
+                             f"{time.monotonic() - self.started:.1f} s after start; last lines of "
+                             f"{self.log_path}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(f.tell() - 256 * 1024, 0))
+                text = f.read().decode("utf-8", errors="replace")
+        except OSError as exc:
+            return f"(log unreadable: {exc})"
+        tail = [ln[:400] for ln in text.splitlines()[-lines:]]
+        return "\n".join("    " + ln for ln in tail) if tail else "    (log is empty)"
+
+    def pids(self) -> set[int]:
+        """The root and its descendants now, plus every pid seen before that is still alive."""
+        now = {self.pid} | descendants(self.pid) if self.popen.poll() is None else set()
+        self.seen |= now
+        return {p for p in self.seen if alive(p)}
+
+
+def start(cmd: list[str], *, name: str, log_path: Path, tag: str | None,
+          env_extra: dict[str, str] | None = None, cwd: str | os.PathLike | None = None) -> ProcessTree:
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"$ {shlex.join(cmd)}\n".encode())
+        log.flush()
+        popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                 env=deployment_env(tag, env_extra), cwd=cwd, start_new_session=True)
+    tree = ProcessTree(name=name, popen=popen, log_path=log_path, tag=tag)
+    tree.seen.add(popen.pid)
+    _install_sigterm_guard()
+    if tag is not None:
+        _start_reaper(tag)
+    return tree
+
+
+def wait_ready(trees: list[ProcessTree], ready: Callable[[], bool], *, timeout: float, what: str,
+               interval: float = 0.25) -> float:
+    """Poll ready() until it is true; a root that exits meanwhile raises ServerDied at once (within one
+    interval) with its log tail, and the timeout raises ReadinessTimeout with every log's tail."""
+    t0 = time.monotonic()
+    while True:
+        for tree in trees:
+            tree.check_alive()
+            tree.pids()              # remember the tree while its parents still link it
+        if ready():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            tails = "\n".join(f"  {t.name} (pid {t.pid}), {t.log_path}:\n{t.log_tail()}" for t in trees)
+            raise ReadinessTimeout(f"{what} not ready after {timeout:.0f} s, its processes still running; "
+                                   f"last lines of each log:\n{tails}")
+        time.sleep(interval)
+
+
+# -- teardown ------------------------------------------------------------------------------------------
+
+@dataclass
+class TeardownReport:
+    name: str
+    pids: list[int]                      # processes of the deployment found at teardown
+    survivors: list[int]                 # still alive after SIGKILL
+    polite: str                          # what the polite stop did
+    seconds: float
+    tolerance_mib: float = 100.0
+    memory_baseline_mib: dict[int, float] | None = None
+    memory_after_mib: dict[int, float] | None = None
+    memory_not_returned_mib: dict[int, float] = field(default_factory=dict)
+    memory_error: str | None = None
+
+    @property
+    def leaked(self) -> bool:
+        return bool(self.survivors or self.memory_not_returned_mib)
+
+    def describe(self) -> str:
+        memory = ""
+        if self.memory_error:
+            memory = f"; GPU memory not checked ({self.memory_error})"
+        elif self.memory_after_mib is not None:
+            delta = ", ".join(f"GPU {i} {self.memory_after_mib[i] - self.memory_baseline_mib.get(i, 0.0):+.0f} MiB"
+                              for i in sorted(self.memory_after_mib))
+            memory = f"; GPU memory vs before the deployment: {delta}"
+        if not self.leaked:
+            return (f"{self.name}: torn down in {self.seconds:.1f} s, {len(self.pids)} process(es) ended "
+                    f"(polite stop: {self.polite}){memory}")
+        parts = []
+        if self.survivors:
+            parts.append(f"{len(self.survivors)} process(es) still alive after SIGKILL: pids "
+                         f"{', '.join(map(str, self.survivors))}")
+        if self.memory_not_returned_mib:
+            parts.append("GPU memory not returned: " + ", ".join(
+                f"GPU {i} {mib:.0f} MiB" for i, mib in sorted(self.memory_not_returned_mib.items()))
+                + f" (tolerance {self.tolerance_mib:.0f} MiB)")
+        return f"{self.name}: LEAK after teardown: {'; '.join(parts)}{memory}"
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "pids": self.pids, "survivors": self.survivors, "polite": self.polite,
+                "seconds": round(self.seconds, 3), "leaked": self.leaked, "tolerance_mib": self.tolerance_mib,
+                "memory_baseline_mib": self.memory_baseline_mib, "memory_after_mib": self.memory_after_mib,
+                "memory_not_returned_mib": self.memory_not_returned_mib, "memory_error": self.memory_error}
+
+
+_LEAKS: list[TeardownReport] = []
+
+
+def leaks() -> list[TeardownReport]:
+    """Every teardown of this process that left something behind."""
+    return list(_LEAKS)
+
+
+def leak_summary_lines() -> list[str]:
+    return [f"neoxmii: {r.describe()}" for r in _LEAKS]
+
+
+def _signal(pids: Iterable[int], trees: list[ProcessTree], sig: int) -> None:
+    for tree in trees:
+        try:
+            os.killpg(tree.pid, sig)     # start_new_session: the root's pid is the group id
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _wait_gone(pids: set[int], trees: list[ProcessTree], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        for tree in trees:
+            tree.popen.poll()            # reap our own children, or they stay zombies
+        if not living(pids) or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+
+
+def teardown(trees: list[ProcessTree], *, name: str, tag: str | None = None,
+             polite: Callable[[], object] | None = None, polite_timeout: float = 10.0,
+             term_timeout: float = 10.0, kill_timeout: float = 5.0,
+             memory_probe: Callable[[], dict[int, float]] | None = None,
+             memory_baseline: dict[int, float] | None = None, memory_timeout: float = 30.0,
+             tolerance_mib: float = 100.0) -> TeardownReport:
+    """Polite stop, SIGTERM to every process of the deployment, SIGKILL to survivors, then wait for GPU
+    memory to come back. Ctrl-C and SIGTERM are held back meanwhile (and delivered after), so a second
+    Ctrl-C cannot leave the deployment half torn down."""
+    with deferred_signals():
+        t0 = time.monotonic()
+        polite_result = "none"
+        if polite is not None and any(t.popen.poll() is None for t in trees):
+            try:
+                polite()
+                polite_result = "sent"
+            except Exception as exc:     # the processes are ended below in any case
+                polite_result = f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+            deadline = time.monotonic() + polite_timeout
+            while any(t.popen.poll() is None for t in trees) and time.monotonic() < deadline:
+                for t in trees:
+                    t.pids()
+                time.sleep(0.1)
+            exited = all(t.popen.poll() is not None for t in trees)
+            polite_result += ", processes exited" if exited else f", processes still running after {polite_timeout:.0f} s"
+        known: set[int] = set()
+        for tree in trees:
+            known |= tree.pids() | tree.seen
+        if tag is not None:
+            known |= tagged(tag)
+        found = sorted(known)
+        _signal(living(known), trees, signal.SIGTERM)
+        _wait_gone(known, trees, term_timeout)
+        if tag is not None:
+            known |= tagged(tag)         # started late, or missed by the tree walk
+        rest = living(known)
+        if rest:
+            _signal(rest, trees, signal.SIGKILL)
+            _wait_gone(known, trees, kill_timeout)
+        survivors = living(known | (tagged(tag) if tag is not None else set()))
+        if tag is not None:
+            _stop_reaper(tag)
+        report = TeardownReport(name=name, pids=found, survivors=survivors, polite=polite_result,
+                                seconds=0.0, tolerance_mib=tolerance_mib)
+        if memory_probe is not None and memory_baseline is not None:
+            _wait_memory(report, memory_probe, memory_baseline, memory_timeout)
+        report.seconds = time.monotonic() - t0
+        if report.leaked:
+            _LEAKS.append(report)
+            line = f"neoxmii: {report.describe()}"
+            print(line, file=sys.__stderr__, flush=True)
+            warnings.warn(DeploymentLeakWarning(report.describe()), stacklevel=2)
+        return report
+
+
+def _wait_memory(report: TeardownReport, probe, baseline: dict[int, float], timeout: float) -> None:
+    """GPU memory is freed when the driver has cleaned up after the killed processes: poll for it."""
+    report.memory_baseline_mib = dict(baseline)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            now = probe()
+        except Exception as exc:
+            report.memory_error = f"probe failed: {type(exc).__name__}: {exc}"
+            return
+        over = {i: now[i] - baseline.get(i, 0.0) for i in now
+                if now[i] - baseline.get(i, 0.0) > report.tolerance_mib}
+        if not over or time.monotonic() > deadline:
+            report.memory_after_mib = now
+            report.memory_not_returned_mib = over
+            return
+        time.sleep(0.25)
+
+
+# -- signals, exit, and the reaper ---------------------------------------------------------------------
+
+@contextmanager
+def deferred_signals(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Hold SIGINT/SIGTERM back during a critical section, then deliver them. Main thread only (Python
+    runs handlers there); elsewhere this is a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    old = {s: signal.getsignal(s) for s in signums}
+    for s in signums:
+        signal.signal(s, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
+_LIVE: dict[str, Callable[[], object]] = {}
+
+
+def register_live(key: str, closer: Callable[[], object]) -> None:
+    """A deployment that is up: closed at interpreter exit if nobody closed it before."""
+    _LIVE[key] = closer
+
+
+def unregister_live(key: str) -> None:
+    _LIVE.pop(key, None)
+
+
+def live() -> list[str]:
+    return list(_LIVE)
+
+
+@atexit.register
+def _close_all_live() -> None:
+    for key in list(_LIVE):
+        closer = _LIVE.pop(key, None)
+        try:
+            closer()
+        except Exception as exc:
+            print(f"neoxmii: closing deployment {key} at exit failed: {exc}", file=sys.__stderr__)
+
+
+def _sigterm(signum, frame):
+    """SIGTERM (a CI job cancelled) while a deployment is up: its default would end this process at once
+    with the servers still running; as KeyboardInterrupt, pytest tears the session down first."""
+    if _LIVE:
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.raise_signal(signal.SIGTERM)
+
+
+def _install_sigterm_guard() -> None:
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm)
+
+
+_REAPERS: dict[str, subprocess.Popen] = {}
+
+
+def _start_reaper(tag: str) -> None:
+    if tag in _REAPERS:
+        return
+    env = deployment_env(None)
+    _REAPERS[tag] = subprocess.Popen(
+        [sys.executable, "-m", "pytest_neoxmii.deploy.processes", "reap", tag, str(os.getpid())],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        start_new_session=True)
+
+
+def _stop_reaper(tag: str) -> None:
+    reaper = _REAPERS.pop(tag, None)
+    if reaper is not None:
+        reaper.kill()
+        reaper.wait(timeout=10)
+
+
+def kill_tagged(tag: str, grace: float = 5.0) -> list[int]:
+    """SIGTERM every process of the tag, SIGKILL what is left after `grace`; returns the survivors."""
+    pids = tagged(tag)
+    _signal(pids, [], signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while living(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pids |= tagged(tag)
+    _signal(living(pids), [], signal.SIGKILL)
+    time.sleep(0.2)
+    return living(pids | tagged(tag))
+
+
+def _reap_main(tag: str, parent: int) -> None:
+    """Wait for the test process to go away; if it did so without tearing down, end the deployment."""
+    while os.getppid() == parent and alive(parent):
+        time.sleep(0.5)
+    kill_tagged(tag)
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "reap":
+    _reap_main(sys.argv[2], int(sys.argv[3]))
