@@ -87,7 +87,11 @@ def _patch(module) -> None:
         return
     for name in _PATCHED_ATTRIBUTES:
         if not hasattr(cls, name):
-            setattr(cls, name, property(lambda self, _n=name: getattr(self.config, _n)))
+            # Read from the config unless set on the instance: DeepSpeed's AutoTP (tensor parallel without
+            # injection) assigns these per shard.
+            setattr(cls, name, property(
+                lambda self, _n=name: self.__dict__.get(f"_neoxmii_{_n}", getattr(self.config, _n)),
+                lambda self, value, _n=name: self.__dict__.__setitem__(f"_neoxmii_{_n}", value)))
 
 
 def is_patched() -> bool:

@@ -160,5 +160,5 @@ class NeoxOptions:
             cache_dir=Path(v["neox_cache_dir"]).expanduser() if v["neox_cache_dir"] else default_cache_dir(),
             zero_nvme=Path(v["neox_zero_nvme"]) if v["neox_zero_nvme"] else None,
             latency_threshold=v["neox_latency_threshold"],
-            report_dir=Path(v["neox_report"]) if v["neox_report"] else None,
+            report_dir=root / v["neox_report"] if v["neox_report"] else None,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ MARKERS = (
     "gpu: needs a CUDA GPU; skips with what was found otherwise",
     "a100_40g: needs a CUDA GPU with at least 40 GB of memory; skips with what was found otherwise",
     "multi_gpu(n=2): needs at least n CUDA GPUs; skips with what was found otherwise",
+    "neox_latency(threshold=0.10): this test's latency regression threshold (fraction of the median), "
+    "instead of --neox-latency-threshold",
 )
 
 
@@ -142,6 +145,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         none = pytest.param(None, id="no-backend", marks=pytest.mark.skip(
             reason="no backend to compare: --neox-backends selects only the hf reference (add ds, mii or zero)"))
         metafunc.parametrize("neox_backend_name", names or [none], ids=names or None)
+    if "neox_each_backend" in metafunc.fixturenames:
+        # The hf reference and every selected backend (latency, golden outputs): hf first, since the
+        # DS/HF ratio is measured side by side in the same session.
+        names = ["hf"] + [b for b in session.options.backends if b != "hf"]
+        metafunc.parametrize("neox_each_backend", names, ids=names)
 
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -167,10 +175,27 @@ def pytest_runtest_makereport(item: pytest.Item, call):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
+    if "pytest_neoxmii.deploy.processes" in sys.modules:   # a deployment ran this session
+        from pytest_neoxmii.deploy.processes import leak_summary_lines
+        for line in leak_summary_lines():
+            terminalreporter.write_line(line, red=True)
     if session is None or session.model is None:
         return
     from pytest_neoxmii.report import terminal_summary
     terminal_summary(terminalreporter, session)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    """pytest-benchmark's machine_info gains the GPUs (name, count, memory), driver and CUDA versions and
+    the versions of torch, transformers, deepspeed and deepspeed-mii."""
+    from pytest_neoxmii import hardware
+    from pytest_neoxmii.baseline_io import machine_info as neox_machine_info
+    session = config.stash.get(SESSION_KEY, None)
+    info = neox_machine_info(session.hardware if session is not None else hardware.detect())
+    for k in ("gpu_name", "gpu_count", "gpu_memory_bytes", "gpus", "cuda_version", "driver_version"):
+        machine_info[k] = info[k]
+    machine_info["versions"] = versions()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

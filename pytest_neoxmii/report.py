@@ -1,11 +1,166 @@
-"""End-of-session report: what ran (per backend), the verdicts per check and case family, and where the
-time went (kernel build, model load, model calls, the plugin's own overhead)."""
+"""End-of-session report: what ran (per backend), the verdicts per check and case family, the latency table
+(backend x metric, ratio to HF, % of the weight-streaming floor, regression-gate verdicts), golden-output
+changes, where the time went (kernel build, model load, model calls, timed benchmark calls, the plugin's own
+overhead) and, with --neox-report DIR, the JSON summary (neoxmii-summary.json) and the HF-vs-DS plot
+(latency-<model>.png). Both say which weights (synthetic seed / real revision) and which GPU the numbers
+come from."""
 from __future__ import annotations
 
+import json
+import math
+import re
 import time
 from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
 
 from pytest_neoxmii.table import format_table
+
+SUMMARY_SCHEMA = "pytest-neoxmii/summary"
+SUMMARY_VERSION = 1
+SUMMARY_FILE = "neoxmii-summary.json"
+VERDICT_CHECKS = ("greedy", "teacher-forced", "golden", "golden-perplexity", "latency")
+
+
+def plot_file(model_name: str) -> str:
+    return f"latency-{re.sub(r'[^A-Za-z0-9._-]+', '_', model_name)}.png"
+
+
+def _ms(x):
+    return None if x is None else x * 1e3
+
+
+def latency_rows(session) -> list[dict]:
+    """The session's latency results as dicts (samples included), hf first, then by batch size."""
+    order = {"hf": 0, "ds": 1, "mii": 2, "zero": 3}
+    results = sorted(session.latency.values(),
+                     key=lambda r: (order.get(r.backend, 9), r.backend, r.batch_size, r.bench))
+    return [r.as_dict() for r in results]
+
+
+def latency_table(rows: list[dict]) -> str:
+    headers = ["backend", "dtype", "batch", "TTFT ms", "TPOT ms", "e2e p50 ms", "p90 ms", "p99 ms", "tokens/s",
+               "peak MiB", "x/HF", "floor ms", "floor %", "gate"]
+    out = []
+    for r in rows:
+        peak = r.get("peak_gpu_memory_bytes")
+        gate = (r.get("gate") or {}).get("verdict") or "-"
+        out.append([r["backend"], r["dtype"], r["batch_size"], _ms(r["ttft_p50_s"]), _ms(r["tpot_p50_s"]),
+                    _ms(r["e2e_p50_s"]), _ms(r["e2e_p90_s"]), _ms(r["e2e_p99_s"]), r["tokens_per_s"],
+                    None if peak is None else peak / 2**20, r["ratio_to_hf"],
+                    _ms(r["floor_s"]), r["floor_pct"] if r["floor_pct"] is not None else "unknown", gate])
+    return format_table(headers, out)
+
+
+def verdicts(session) -> dict[str, dict[str, dict[str, int]]]:
+    """{backend: {check: {"passed", "failed", "informational"}}} over every record of the session."""
+    out: dict = defaultdict(lambda: defaultdict(lambda: {"passed": 0, "failed": 0, "informational": 0}))
+    for rec in session.records:
+        key = "passed" if rec.passed else "failed" if rec.passed is False else "informational"
+        out[rec.backend][rec.check][key] += 1
+    return {b: dict(c) for b, c in out.items()}
+
+
+def verdict_table(v: dict) -> str | None:
+    checks = [c for c in VERDICT_CHECKS if any(c in per for per in v.values())]
+    checks += sorted({c for per in v.values() for c in per} - set(checks))
+    if not checks:
+        return None
+    rows = []
+    for backend in sorted(v, key=lambda b: ({"hf": 0, "ds": 1, "mii": 2, "zero": 3}.get(b, 9), b)):
+        row = [backend]
+        for c in checks:
+            n = v[backend].get(c)
+            if n is None:
+                row.append("-")
+                continue
+            judged = n["passed"] + n["failed"]
+            cell = f"{n['passed']}/{judged} passed" if judged else ""
+            if n["failed"]:
+                cell += " FAILED"
+            if n["informational"]:
+                cell += (", " if cell else "") + f"{n['informational']} not judged"
+            row.append(cell)
+        rows.append(row)
+    return format_table(["backend"] + checks, rows)
+
+
+def _finite(value):
+    """JSON-safe copy: inf/nan become None, tuples lists, unknown objects their str()."""
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
+def build_summary(session) -> dict:
+    """The JSON summary: model and weights, GPU, versions, backends, latency (with samples), verdicts,
+    golden changes, timings."""
+    from pytest_neoxmii.baseline_io import machine_info
+    from pytest_neoxmii.plugin import versions
+
+    m = session.model
+    wall = time.perf_counter() - session.started
+    timings = dict(session.timings)
+    rows = latency_rows(session)
+    return _finite({
+        "schema": SUMMARY_SCHEMA,
+        "schema_version": SUMMARY_VERSION,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": m.spec.name, "hub_id": m.spec.hub_id, "source": m.source, "weights": m.weights_key,
+                  "revision": m.revision, "seed": m.seed, "description": m.describe(),
+                  "parameters": m.spec.parameter_count()},
+        "dtype": session.options.dtype,
+        "tp": session.options.tp,
+        "hardware": {**machine_info(session.hardware), "description": session.hardware.describe()},
+        "versions": versions(),
+        "backends": {k: info.describe() for k, info in session.infos.items()},
+        "unavailable": dict(session.unavailable),
+        "latency": rows,
+        "verdicts": verdicts(session),
+        "golden_changes": [{"backend": r.backend, "case": r.case, "check": r.check, "summary": r.summary}
+                           for r in session.records
+                           if (r.check.startswith("golden") and r.passed is False)
+                           or (r.check == "golden" and r.metrics.get("status") == "near-tie")],
+        "latency_changes": [{"backend": r.backend, "bench": r.case, "verdict": r.metrics.get("gate_verdict"),
+                             "summary": r.summary} for r in session.records
+                            if r.check == "latency" and r.metrics.get("gate_verdict") in ("regression",
+                                                                                         "improvement")],
+        "records": [{"check": r.check, "backend": r.backend, "case": r.case, "passed": r.passed,
+                     "metrics": r.metrics, "summary": r.summary} for r in session.records],
+        "timings_s": {**timings, "other (plugin and pytest)": max(wall - sum(timings.values()), 0.0),
+                      "session": wall},
+        "plot": plot_file(m.spec.name) if rows else None,
+    })
+
+
+def write_report(session, directory: Path) -> tuple[Path, Path | None, str | None]:
+    """Write neoxmii-summary.json and, when there are latency results, latency-<model>.png.
+    Returns (json path, png path or None, why there is no png or None)."""
+    from pytest_neoxmii.plot import plot_summary
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    summary = build_summary(session)
+    png, why = None, None
+    if summary["plot"]:
+        try:
+            png = plot_summary(summary, directory / summary["plot"])
+        except Exception as exc:   # a plotting problem must not hide the numbers
+            why = f"plot failed: {type(exc).__name__}: {exc}"
+            summary["plot"] = None
+    else:
+        why = "no latency results in this session"
+    path = directory / SUMMARY_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=1, sort_keys=False, allow_nan=False) + "\n")
+    tmp.replace(path)
+    return path, png, why
 
 
 def terminal_summary(terminalreporter, session) -> None:
@@ -24,8 +179,39 @@ def terminal_summary(terminalreporter, session) -> None:
     if groups:
         rows = [[b, c, f, p, fl] for (b, c, f), (p, fl, _) in sorted(groups.items())]
         tr.write_line(format_table(["backend", "check", "case family", "passed", "failed"], rows))
+    _latency_section(tr, session)
     wall = time.perf_counter() - session.started
     t = session.timings
     accounted = sum(t.values())
     tr.write_line("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
                   + f", other (plugin and pytest) {max(wall - accounted, 0):.1f} s, session {wall:.1f} s")
+    if session.options.report_dir is not None:
+        try:
+            path, png, why = write_report(session, session.options.report_dir)
+            tr.write_line(f"report: {path}" + (f", plot {png}" if png else f" (no plot: {why})"))
+        except OSError as exc:
+            tr.write_line(f"report not written to {session.options.report_dir}: {exc}")
+
+
+def _latency_section(tr, session) -> None:
+    rows = latency_rows(session)
+    if rows:
+        gpu = session.hardware.gpus[0].name if session.hardware.gpus else "CPU"
+        tr.write_line(f"latency ({session.model.describe()}, on {gpu}; x/HF: median end-to-end over the HF "
+                      f"peer's in this session; floor %: weight-streaming floor / TPOT):")
+        tr.write_line(latency_table(rows))
+    v = verdicts(session)
+    table = verdict_table(v)
+    if table:
+        tr.write_line("verdicts per backend:")
+        tr.write_line(table)
+    for rec in session.records:
+        verdict = rec.metrics.get("gate_verdict") if rec.check == "latency" else None
+        if verdict in ("regression", "improvement"):
+            tr.write_line(f"latency {verdict}: {rec.summary}")
+    changed = [rec for rec in session.records if rec.check.startswith("golden") and rec.passed is False]
+    near = [rec for rec in session.records if rec.check == "golden" and rec.metrics.get("status") == "near-tie"]
+    for rec in changed:
+        tr.write_line(f"golden changed: {rec.backend} {rec.summary}")
+    for rec in near:
+        tr.write_line(f"golden near-tie (accepted): {rec.backend} {rec.summary}")

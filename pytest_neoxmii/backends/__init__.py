@@ -6,15 +6,21 @@ from pytest_neoxmii.backends.base import Backend, BackendInfo
 
 BACKEND_DESCRIPTIONS = {
     "hf": "Hugging Face transformers reference (eager)",
-    "ds": "DeepSpeed inference, kernel injection (deepspeed.init_inference)",
-    "mii": "DeepSpeed-MII legacy in-process deployment",
+    "ds": "DeepSpeed inference, kernel injection (init_inference; tp >= 2: under the DeepSpeed launcher)",
+    "mii": "DeepSpeed-MII legacy in-process deployment (tp >= 2: LOCAL gRPC server deployment)",
     "zero": "ZeRO-Inference, stage 3 with parameters offloaded",
 }
 
 
 def load_backend(name: str, *, path, dtype: str, device: str, tp: int, max_tokens: int, spec,
                  max_batch: int = 1, zero_nvme=None) -> Backend:
-    """Import lazily: a missing optional package is a skip for that backend alone, not an import error."""
+    """Import lazily: a missing optional package is a skip for that backend alone, not an import error.
+
+    ds and mii keep their names at every tp; tp >= 2 runs out of process (one process per GPU): ds under the
+    DeepSpeed launcher (backends/ds_launcher.py), mii as MII's LOCAL gRPC deployment (backends/mii_server.py)."""
+    if tp > 1 and name in ("ds", "mii"):
+        return _load_tensor_parallel(name, path=path, dtype=dtype, device=device, tp=tp, max_tokens=max_tokens,
+                                     max_batch=max_batch)
     if name == "hf":
         from pytest_neoxmii.backends.hf import HFBackend
         return HFBackend(path, dtype, device)
@@ -28,6 +34,30 @@ def load_backend(name: str, *, path, dtype: str, device: str, tp: int, max_token
         from pytest_neoxmii.backends.zero_inference import ZeroInferenceBackend
         return ZeroInferenceBackend(path, dtype, device, spec.hidden_size, zero_nvme)
     raise ValueError(f"unknown backend {name!r}")
+
+
+# A deployment that failed to start (its log tail is in the error) is not started again for every test
+# that asks: each attempt can take minutes. Keyed by what was deployed.
+_failed_deployments: dict[tuple, Exception] = {}
+
+
+def _load_tensor_parallel(name: str, *, path, dtype: str, device: str, tp: int, max_tokens: int,
+                          max_batch: int) -> Backend:
+    from pytest_neoxmii.deploy.processes import DeploymentError
+    from pytest_neoxmii.injection import InjectionFailed
+    key = (name, str(path), dtype, tp, max_tokens, max_batch)
+    if key in _failed_deployments:
+        raise DeploymentError(f"{name} tp={tp} failed to deploy earlier in this session, not retried: "
+                              f"{_failed_deployments[key]}")
+    try:
+        if name == "ds":
+            from pytest_neoxmii.backends.ds_launcher import DsLauncherBackend
+            return DsLauncherBackend(path, dtype, device, tp, max_tokens, max_batch)
+        from pytest_neoxmii.backends.mii_server import MiiServerBackend
+        return MiiServerBackend(path, dtype, device, tp, max_tokens, max_batch)
+    except (DeploymentError, InjectionFailed) as exc:
+        _failed_deployments[key] = exc
+        raise
 
 
 __all__ = ["Backend", "BackendInfo", "BACKEND_DESCRIPTIONS", "load_backend"]

@@ -25,6 +25,9 @@ WORKER = "pytest_neoxmii.deploy.tp_worker"
 
 class DsLauncherBackend(Backend):
     can_score = True
+    # The model runs in other processes: CUDA events or synchronize in the session measure none of its
+    # work (time with a wall clock), and there is no .model; info.device lists every GPU ("cuda:0,1").
+    out_of_process = True
 
     def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1, *,
                  gpus: list[int] | None = None, ready_timeout: float | None = None,
@@ -43,7 +46,8 @@ class DsLauncherBackend(Backend):
         self.request_timeout = request_timeout or processes.env_float("NEOXMII_REQUEST_TIMEOUT", 600)
         self.tag = processes.new_tag("ds-tp")
         self.run_dir = processes.run_dir(self.tag)
-        self._probe = gpumem.default_probe() if memory_probe == "default" else memory_probe
+        self._probe = (gpumem.default_probe(lambda: processes.other_live_pids(self.tag))
+                       if memory_probe == "default" else memory_probe)
         self._baseline = self._probe() if self._probe else None
         self._trees: list[processes.ProcessTree] = []
         self.conn = None
@@ -109,7 +113,7 @@ class DsLauncherBackend(Backend):
             raise processes.DeploymentError(f"ds tp={self.tp} deployment is closed")
         tree = self._trees[0]
         try:
-            self.conn.send({"op": op, "args": args})
+            channel.send(self.conn, {"op": op, "args": args})
             reply = channel.receive(self.conn, self.request_timeout, check=tree.check_alive)
         except channel.ChannelTimeout:
             raise processes.DeploymentError(
@@ -141,7 +145,7 @@ class DsLauncherBackend(Backend):
     # -- teardown -------------------------------------------------------------------------------------
     def _shutdown(self) -> None:
         """Ask every rank to leave its loop and exit; the launcher then exits on its own."""
-        self.conn.send({"op": "shutdown"})
+        channel.send(self.conn, {"op": "shutdown"})
         channel.receive(self.conn, 10)
 
     def close(self) -> None:

@@ -52,6 +52,9 @@ def _port_open(port: int) -> bool:
 
 class MiiServerBackend(Backend):
     can_score = False
+    # The model runs in other processes: CUDA events or synchronize in the session measure none of its
+    # work (time with a wall clock), and there is no .model; info.device lists every GPU ("cuda:0,1").
+    out_of_process = True
 
     def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1, *,
                  gpus: list[int] | None = None, ready_timeout: float | None = None,
@@ -75,7 +78,8 @@ class MiiServerBackend(Backend):
         self.tag = processes.new_tag("mii-tp")
         self.name = f"neoxmii-{self.tag}"   # MII's deployment name: unique on the host (pid + random)
         self.run_dir = processes.run_dir(self.tag)
-        self._probe = gpumem.default_probe() if memory_probe == "default" else memory_probe
+        self._probe = (gpumem.default_probe(lambda: processes.other_live_pids(self.tag))
+                       if memory_probe == "default" else memory_probe)
         self._baseline = self._probe() if self._probe else None
         self._trees: list[processes.ProcessTree] = []
         self._score_dir: Path | None = None
@@ -245,7 +249,7 @@ class MiiServerBackend(Backend):
             self.teardown_report = processes.teardown(
                 self._trees, name=f"mii tp={self.tp} deployment {self.name}", tag=self.tag,
                 polite=self._terminate if self.handle is not None else None,
-                polite_timeout=processes.env_float("NEOXMII_POLITE_TIMEOUT", 5),
+                polite_timeout=processes.env_float("NEOXMII_POLITE_TIMEOUT", 3),   # trap 8: they may not exit
                 memory_probe=self._probe, memory_baseline=self._baseline,
                 tolerance_mib=processes.env_float("NEOXMII_LEAK_TOLERANCE_MIB", 100))
         finally:

@@ -8,6 +8,7 @@ error within a second, not a hang."""
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import time
 from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
@@ -68,12 +69,22 @@ def connect(address: str, authkey: bytes | None = None) -> Connection:
     return Client((host, int(port)), family="AF_INET", authkey=key)
 
 
+def send(conn: Connection, obj) -> None:
+    """Plain pickle, not Connection.send: torch registers its tensors with multiprocessing's pickler as
+    shared-memory handles that only a related process can open; these bytes are the tensor data."""
+    conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def recv(conn: Connection):
+    return pickle.loads(conn.recv_bytes())
+
+
 def receive(conn: Connection, timeout: float, check: Callable[[], None] = lambda: None,
             interval: float = 0.5):
-    """conn.recv() with a deadline; check() runs every interval while waiting."""
+    """recv() with a deadline; check() runs every interval while waiting."""
     deadline = time.monotonic() + timeout
     while not conn.poll(interval):
         check()
         if time.monotonic() > deadline:
             raise ChannelTimeout(f"no answer within {timeout:.0f} s")
-    return conn.recv()
+    return recv(conn)

@@ -1,17 +1,18 @@
 """GPU memory as seen from outside a deployment: MiB in use per GPU index, for the teardown check that
 the memory a deployment took came back.
 
-The default probe asks nvidia-smi (no CUDA context needed) and subtracts what this very process holds,
-so that the session's own models (the HF reference, tp=1 backends) loading or unloading meanwhile are
-not mistaken for a leak of the deployment's server processes. Where nvidia-smi cannot attribute memory to
-this process (another PID namespace) the figure is device-wide. Without nvidia-smi, torch's
-mem_get_info is used (device-wide, and it creates a CUDA context on each GPU the first time)."""
+The default probe asks nvidia-smi (no CUDA context needed) and subtracts what this very process holds
+and what the processes of the session's other live deployments hold, so that the session's own models
+(the HF reference, tp=1 backends) and a second deployment loading or unloading meanwhile are not mistaken
+for a leak of the deployment being torn down. Where nvidia-smi cannot attribute memory to processes
+(another PID namespace) the figure is device-wide. Without nvidia-smi, torch's mem_get_info is used
+(device-wide, and it creates a CUDA context on each GPU the first time)."""
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
-from typing import Callable
+from typing import Callable, Iterable
 
 Probe = Callable[[], dict[int, float]]
 
@@ -22,18 +23,19 @@ def _smi(query: str, kind: str = "gpu") -> list[list[str]]:
     return [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
 
 
-def nvidia_smi_used(exclude_pid: int | None = None) -> dict[int, float]:
-    """{gpu index: MiB used}, less what exclude_pid holds where nvidia-smi attributes it."""
+def nvidia_smi_used(exclude_pids: Iterable[int] = ()) -> dict[int, float]:
+    """{gpu index: MiB used}, less what exclude_pids hold where nvidia-smi attributes it."""
     rows = _smi("index,uuid,memory.used")
     used = {int(i): float(mib) for i, _uuid, mib in rows}
-    if exclude_pid is not None:
+    exclude = set(exclude_pids)
+    if exclude:
         index_of = {uuid: int(i) for i, uuid, _ in rows}
         try:
             apps = _smi("gpu_uuid,pid,used_memory", kind="compute-apps")
         except (subprocess.SubprocessError, OSError):
             apps = []
         for uuid, pid, mib in apps:
-            if pid.isdigit() and int(pid) == exclude_pid and uuid in index_of:
+            if pid.isdigit() and int(pid) in exclude and uuid in index_of:
                 try:
                     used[index_of[uuid]] -= float(mib)
                 except ValueError:      # "[N/A]" under some drivers
@@ -50,12 +52,13 @@ def torch_used() -> dict[int, float]:
     return result
 
 
-def default_probe() -> Probe | None:
-    """The probe to use on this machine, or None where there is no GPU to watch."""
+def default_probe(exclude: Callable[[], Iterable[int]] = tuple) -> Probe | None:
+    """The probe to use on this machine, or None where there is no GPU to watch. exclude() names the
+    processes (besides this one) whose memory is not the deployment's business."""
     if shutil.which("nvidia-smi"):
         try:
             nvidia_smi_used()
-            return lambda: nvidia_smi_used(exclude_pid=os.getpid())
+            return lambda: nvidia_smi_used({os.getpid(), *exclude()})
         except (subprocess.SubprocessError, OSError, ValueError):
             pass
     try:

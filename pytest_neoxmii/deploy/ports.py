@@ -32,7 +32,12 @@ def _ephemeral_range() -> tuple[int, int]:
 
 
 def candidate_range() -> range:
-    """Where ports are picked: from LOWEST up to the ephemeral range (or above it when that starts low)."""
+    """Where ports are picked: $NEOXMII_PORT_RANGE ("20000-29999") if set, else from LOWEST up to the
+    ephemeral range (or above it when that starts low)."""
+    custom = os.environ.get("NEOXMII_PORT_RANGE")
+    if custom:
+        first, _, last = custom.partition("-")
+        return range(int(first), int(last) + 1)
     low, high = _ephemeral_range()
     if low - LOWEST >= 1000:
         return range(LOWEST, low)

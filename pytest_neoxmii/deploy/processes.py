@@ -101,6 +101,16 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[1])
 
 
+def _starttime(pid: int) -> int | None:
+    """When the process started (clock ticks since boot): with the pid, it names one process, so a pid
+    the kernel reused for someone else's process is never taken for ours."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return int(text[text.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def alive(pid: int) -> bool:
     """Running or sleeping; a zombie has released its memory and counts as gone."""
     if psutil is not None:
@@ -168,7 +178,7 @@ class ProcessTree:
     log_path: Path
     tag: str | None
     started: float = field(default_factory=time.monotonic)
-    seen: set[int] = field(default_factory=set)      # every pid of the tree observed so far
+    seen: dict[int, int | None] = field(default_factory=dict)   # every process of the tree seen: pid -> start
 
     @property
     def pid(self) -> int:
@@ -194,10 +204,12 @@ class ProcessTree:
         return "\n".join("    " + ln for ln in tail) if tail else "    (log is empty)"
 
     def pids(self) -> set[int]:
-        """The root and its descendants now, plus every pid seen before that is still alive."""
+        """The root and its descendants now, plus every process seen before that is still alive (the same
+        process: same pid and start time; a re-parented one is no longer found from the root)."""
         now = {self.pid} | descendants(self.pid) if self.popen.poll() is None else set()
-        self.seen |= now
-        return {p for p in self.seen if alive(p)}
+        for pid in now:
+            self.seen.setdefault(pid, _starttime(pid))
+        return {p for p, start in self.seen.items() if alive(p) and _starttime(p) == start}
 
 
 def start(cmd: list[str], *, name: str, log_path: Path, tag: str | None,
@@ -210,7 +222,7 @@ def start(cmd: list[str], *, name: str, log_path: Path, tag: str | None,
         popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                  env=deployment_env(tag, env_extra), cwd=cwd, start_new_session=True)
     tree = ProcessTree(name=name, popen=popen, log_path=log_path, tag=tag)
-    tree.seen.add(popen.pid)
+    tree.pids()
     _install_sigterm_guard()
     if tag is not None:
         _start_reaper(tag)
@@ -295,11 +307,21 @@ def leak_summary_lines() -> list[str]:
 
 
 def _signal(pids: Iterable[int], trees: list[ProcessTree], sig: int) -> None:
+    pids = list(pids)
     for tree in trees:
-        try:
-            os.killpg(tree.pid, sig)     # start_new_session: the root's pid is the group id
-        except (ProcessLookupError, PermissionError):
-            pass
+        # start_new_session: the root's pid is the group id. Signal the group only while it is provably
+        # ours (the root not yet reaped, or one of our processes in it): a reaped root's pid can be reused.
+        ours = tree.popen.poll() is None
+        for pid in pids if not ours else ():
+            try:
+                ours = ours or os.getpgid(pid) == tree.pid
+            except (ProcessLookupError, PermissionError):
+                pass
+        if ours:
+            try:
+                os.killpg(tree.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
     for pid in pids:
         try:
             os.kill(pid, sig)
@@ -341,10 +363,11 @@ def teardown(trees: list[ProcessTree], *, name: str, tag: str | None = None,
                     t.pids()
                 time.sleep(0.1)
             exited = all(t.popen.poll() is not None for t in trees)
-            polite_result += ", processes exited" if exited else f", processes still running after {polite_timeout:.0f} s"
+            polite_result += (", processes exited" if exited
+                              else f", processes still running after {polite_timeout:.0f} s")
         known: set[int] = set()
         for tree in trees:
-            known |= tree.pids() | tree.seen
+            known |= tree.pids()
         if tag is not None:
             known |= tagged(tag)
         found = sorted(known)
@@ -429,6 +452,15 @@ def live() -> list[str]:
     return list(_LIVE)
 
 
+def other_live_pids(tag: str) -> set[int]:
+    """The processes of this session's other live deployments (their GPU memory is not `tag`'s)."""
+    pids: set[int] = set()
+    for other in list(_LIVE):
+        if other != tag:
+            pids |= tagged(other)
+    return pids
+
+
 @atexit.register
 def _close_all_live() -> None:
     for key in list(_LIVE):
@@ -477,6 +509,8 @@ def _stop_reaper(tag: str) -> None:
 def kill_tagged(tag: str, grace: float = 5.0) -> list[int]:
     """SIGTERM every process of the tag, SIGKILL what is left after `grace`; returns the survivors."""
     pids = tagged(tag)
+    if not pids:
+        return []
     _signal(pids, [], signal.SIGTERM)
     deadline = time.monotonic() + grace
     while living(pids) and time.monotonic() < deadline:

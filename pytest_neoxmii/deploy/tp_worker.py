@@ -83,9 +83,10 @@ def load_ds_model(args, rank: int, local_rank: int, world: int):
 
 
 class PlumbingModel:
-    """A stand-in model for checking the launcher, the channel and the broadcast without weights: every
-    call runs an all-reduce over the ranks (so it only answers if every rank received the request), and
-    the result says how many ranks took part. `--factory pytest_neoxmii.deploy.tp_worker:plumbing_model`."""
+    """A stand-in model (CPU, gloo) for checking the launcher, the channel and the broadcast without
+    weights: every call runs an all-reduce over the ranks (so it only answers if every rank received the
+    request), and the result says how many ranks took part; generate with a negative token count fails
+    (a fatal error), trace is unavailable. `--factory pytest_neoxmii.deploy.tp_worker:plumbing_model`."""
 
     def __init__(self, world: int):
         self.world = world
@@ -101,11 +102,17 @@ class PlumbingModel:
     def generate(self, batch, max_new_tokens: int, top_k: int = 5):
         from pytest_neoxmii.outputs import Generation
         ranks = self._ranks()
+        if max_new_tokens < 0:
+            raise ValueError(f"plumbing model: fails on purpose ({ranks} ranks)")
         return Generation(tokens=[[row[-1]] * max_new_tokens for row in batch.rows],
                           top_logprobs=[[[(row[-1], 0.0), (ranks, -1.0)]] * max_new_tokens for row in batch.rows])
 
     def score(self, batch):
-        raise ValueError(f"plumbing model: score fails on purpose ({self._ranks()} ranks)")
+        import torch
+
+        from pytest_neoxmii.outputs import Scores
+        ids, mask = batch.padded()
+        return Scores(logprobs=torch.full((*ids.shape, 4), float(self._ranks())), mask=mask.bool())
 
     def trace(self, batch):
         from pytest_neoxmii.errors import BackendUnavailable
@@ -119,12 +126,13 @@ def plumbing_model(args, rank: int, local_rank: int, world: int):
 
 def serve(conn, model, rank: int, world: int, broadcast) -> int:
     """The request loop of every rank; returns the process exit code."""
+    from pytest_neoxmii.deploy.channel import recv, send
     from pytest_neoxmii.errors import BackendUnavailable
     while True:
         request = None
         if rank == 0:
             try:
-                request = conn.recv()
+                request = recv(conn)
             except (EOFError, OSError):
                 request = {"op": "shutdown", "reason": "the test session closed the connection"}
         request = broadcast(request)
@@ -132,7 +140,7 @@ def serve(conn, model, rank: int, world: int, broadcast) -> int:
         if op == "shutdown":
             if rank == 0:
                 try:
-                    conn.send({"ok": True})
+                    send(conn, {"ok": True})
                 except OSError:
                     pass
             return 0
@@ -145,10 +153,10 @@ def serve(conn, model, rank: int, world: int, broadcast) -> int:
         except Exception:
             reply = {"ok": False, "unavailable": False, "error": traceback.format_exc()}
         if rank == 0:
-            conn.send(reply)
-        if not reply["ok"] and world > 1:
+            send(conn, reply)
+        if not reply["ok"] and not reply["unavailable"] and world > 1:
             # The ranks may no longer agree on where they are in the collectives: end this rank, and the
-            # DeepSpeed launcher ends the others.
+            # DeepSpeed launcher ends the others. (BackendUnavailable is raised before any collective.)
             print(f"rank {rank}: request {op!r} failed, ending:\n{reply['error']}", file=sys.stderr, flush=True)
             return 1
 
@@ -185,9 +193,9 @@ def main(argv=None) -> int:
     print(f"rank {rank}/{world} ready: {info}", flush=True)
     conn = None
     if rank == 0:
-        from pytest_neoxmii.deploy.channel import connect
+        from pytest_neoxmii.deploy.channel import connect, send
         conn = connect(args.address)
-        conn.send({"op": "ready", "infos": infos, "pid": os.getpid()})
+        send(conn, {"op": "ready", "infos": infos, "pid": os.getpid()})
     code = serve(conn, model, rank, world, broadcast)
     if code == 0:
         dist.destroy_process_group()

@@ -58,7 +58,8 @@ CASES = [
          lambda root: Path("~/ini-cache").expanduser(), Path("/tmp/flag-cache")),
     Case("neox_zero_nvme", "zero_nvme", "/nvme/ini", "/nvme/flag", Path("/nvme/ini"), Path("/nvme/flag")),
     Case("neox_latency_threshold", "latency_threshold", "0.2", "0.05", 0.2, 0.05),
-    Case("neox_report", "report_dir", "report-ini", "report-flag", Path("report-ini"), Path("report-flag")),
+    Case("neox_report", "report_dir", "report-ini", "report-flag",
+         lambda root: root / "report-ini", lambda root: root / "report-flag"),
 ]
 
 

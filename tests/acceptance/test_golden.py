@@ -1,0 +1,13 @@
+"""Golden outputs for model-upgrade acceptance: greedy ids (with top-k logprobs) per generating case and the
+perplexity of the fixed text, per backend (the fp32 HF reference and every selected backend). Recorded with
+--neox-update-baselines; otherwise compared with the parity engine's rules (near-tie top-k rule, perplexity
+within the noise-floor multiple), failing with which cases changed and how."""
+from pytest_neoxmii.golden import check_golden, check_golden_perplexity
+
+
+def test_golden_greedy(neox, neox_each_backend, neox_generation_case, request):
+    check_golden(neox, neox_each_backend, neox_generation_case, request)
+
+
+def test_golden_perplexity(neox, neox_each_backend, request):
+    check_golden_perplexity(neox, neox_each_backend, request)

@@ -1,0 +1,519 @@
+"""The deployment machinery on a CPU machine: ports, process trees, start-up failures, teardown and leak
+reports, the tensor-parallel worker's protocol, the DeepSpeed launcher with a stand-in model, and Ctrl-C
+on a session that holds a deployment. Real processes throughout (dummy `sleep` trees), no GPU."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from pytest_neoxmii.deploy import channel, ports, processes
+
+# A process tree like a deployment's: the root, a child with a grandchild (same process group), a child
+# that ignores SIGTERM, and a grandchild that called setsid and whose parent then exited (re-parented to
+# init: no tree walk from the root finds it, only the deployment's tag). Every pid goes to argv[1].
+TREE = textwrap.dedent("""
+    import os, signal, subprocess, sys, time
+    out = open(sys.argv[1], "w")
+    def note(pid): out.write(f"{pid}\\n"); out.flush()
+    note(os.getpid())
+    SLEEP = "import time; time.sleep(600)"
+    a = subprocess.Popen([sys.executable, "-c",
+        "import subprocess, sys, time; g = subprocess.Popen([sys.executable, '-c', %r]); "
+        "print(g.pid, flush=True); time.sleep(600)" % SLEEP], stdout=subprocess.PIPE, text=True)
+    note(a.pid); note(int(a.stdout.readline()))
+    b = subprocess.Popen([sys.executable, "-c",
+        "import subprocess, sys; g = subprocess.Popen([sys.executable, '-c', %r], start_new_session=True); "
+        "print(g.pid, flush=True)" % SLEEP], stdout=subprocess.PIPE, text=True)
+    note(int(b.stdout.readline())); b.wait()
+    c = subprocess.Popen([sys.executable, "-c",
+        "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('x', flush=True); "
+        "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    c.stdout.readline(); note(c.pid)
+    out.write("ready\\n"); out.flush()
+    time.sleep(600)
+""")
+
+
+def _pids(pidfile: Path) -> list[int] | None:
+    lines = pidfile.read_text().split() if pidfile.exists() else []
+    return [int(x) for x in lines[:-1]] if lines and lines[-1] == "ready" else None
+
+
+def _kill_leftovers(pidfile: Path) -> None:
+    """A failing test must not leave its dummy tree behind (the pids still alive get SIGKILL)."""
+    for pid in (_pids(pidfile) or []) if pidfile.exists() else []:
+        if processes.alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def start_tree(tmp_path: Path, tag: str) -> tuple[processes.ProcessTree, list[int]]:
+    script, pidfile = tmp_path / "tree.py", tmp_path / "pids.txt"
+    script.write_text(TREE)
+    tree = processes.start([sys.executable, str(script), str(pidfile)], name="dummy tree",
+                           log_path=tmp_path / "tree.log", tag=tag)
+    processes.wait_ready([tree], lambda: _pids(pidfile) is not None, timeout=30, what="dummy tree", interval=0.05)
+    return tree, _pids(pidfile)
+
+
+@pytest.fixture
+def tag():
+    """A fresh deployment tag; whatever still carries it at the end is killed (tests must not leak)."""
+    t = processes.new_tag("unit")
+    yield t
+    processes.kill_tagged(t, grace=1)
+    processes._stop_reaper(t)
+
+
+# -- ports ---------------------------------------------------------------------------------------------
+
+def test_reserved_ports_are_distinct_free_and_held():
+    with ports.reserve(6) as r1, ports.reserve(3, consecutive=True) as r2:
+        assert len(set(r1.ports + r2.ports)) == 9
+        assert r2.ports == list(range(r2.ports[0], r2.ports[0] + 3))
+        rng = ports.candidate_range()
+        assert all(p in rng and ports.is_free(p) for p in r1.ports + r2.ports)
+        assert all(ports._lock(p) is None for p in r1.ports)      # held: nobody else can take them
+    f = ports._lock(r1.ports[0])                                 # released with the reservation
+    assert f is not None
+    f.close()
+
+
+def test_a_bound_port_is_never_picked(monkeypatch):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        taken = s.getsockname()[1]
+        assert not ports.is_free(taken)
+        monkeypatch.setenv("NEOXMII_PORT_RANGE", f"{taken}-{taken + 1}")
+        if not ports.is_free(taken + 1):
+            pytest.skip(f"port {taken + 1} happens to be in use")
+        with ports.reserve(1) as r:
+            assert r.ports == [taken + 1]
+
+
+def test_mii_ports_follow_mii_derivation():
+    p = ports.reserve_mii(2)
+    try:
+        assert p.ranks == [p.load_balancer + 1, p.load_balancer + 2]   # port_number + 1 + rank
+        assert len(set(p.all)) == 5 and p.torch_dist not in p.ranks
+    finally:
+        p.release()
+
+
+PICKER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from pytest_neoxmii.deploy import ports
+    r = ports.reserve(40)
+    Path(sys.argv[1]).write_text(" ".join(map(str, r.ports)))
+    while not Path(sys.argv[2]).exists():
+        time.sleep(0.02)
+""")
+
+
+def test_two_concurrent_pickers_do_not_collide(tmp_path, monkeypatch):
+    """Two processes take 40 ports each from a window of 100 at the same time: without the host-wide
+    reservation they would share some (birthday odds ~1), with it they share none."""
+    lo = 31000
+    monkeypatch.setenv("NEOXMII_PORT_RANGE", f"{lo}-{lo + 99}")
+    monkeypatch.setenv("NEOXMII_PORT_LOCK_DIR", str(tmp_path / "locks"))
+    free = [p for p in range(lo, lo + 100) if ports.is_free(p)]
+    if len(free) < 90:
+        pytest.skip(f"only {len(free)} of ports {lo}-{lo + 99} are free here")
+    done = tmp_path / "done"
+    procs = [subprocess.Popen([sys.executable, "-c", PICKER, str(tmp_path / f"picked{i}"), str(done)],
+                              env={**os.environ}) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 20
+        while not all((tmp_path / f"picked{i}").exists() for i in range(2)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        picked = [set(map(int, (tmp_path / f"picked{i}").read_text().split())) for i in range(2)]
+    finally:
+        done.touch()
+        for p in procs:
+            p.wait(timeout=20)
+    assert len(picked[0]) == len(picked[1]) == 40
+    assert not picked[0] & picked[1]
+
+
+# -- process trees ---------------------------------------------------------------------------------------
+
+def test_teardown_ends_the_whole_tree(tmp_path, tag):
+    tree, pids = start_tree(tmp_path, tag)
+    assert len(pids) == 5 and all(processes.alive(p) for p in pids)
+    setsid_grandchild = pids[3]
+    assert setsid_grandchild not in processes.descendants(tree.pid)    # re-parented: only the tag finds it
+    assert setsid_grandchild in processes.tagged(tag)
+    report = processes.teardown([tree], name="dummy", tag=tag, term_timeout=1.0)
+    assert not [p for p in pids if processes.alive(p)]
+    assert set(pids) <= set(report.pids)
+    assert report.survivors == [] and not report.leaked
+    assert report.seconds < 8
+    assert "dummy: torn down" in report.describe()
+    assert processes.tagged(tag) == set()
+
+
+def test_teardown_reports_survivors(tmp_path, tag, monkeypatch):
+    """A process no signal ends (a rank stuck in the GPU driver, say): the report names it, a warning is
+    raised and leaks() keeps it for the end-of-session summary."""
+    tree = processes.start([sys.executable, "-c", "import time; time.sleep(600)"], name="stuck",
+                           log_path=tmp_path / "stuck.log", tag=tag)
+    stuck = tree.pid
+    real_signal = processes._signal
+    monkeypatch.setattr(processes, "_signal",            # no signal reaches it, not even via its group
+                        lambda pids_, trees, sig: real_signal([p for p in pids_ if p != stuck], [], sig))
+    with pytest.warns(processes.DeploymentLeakWarning, match=f"still alive after SIGKILL: pids {stuck}"):
+        report = processes.teardown([tree], name="stuck", tag=tag, term_timeout=0.5, kill_timeout=0.5)
+    assert report.leaked and report.survivors == [stuck]
+    assert any(f"pids {stuck}" in line for line in processes.leak_summary_lines())
+    os.kill(stuck, signal.SIGKILL)
+    tree.popen.wait(timeout=10)
+    processes._LEAKS.remove(report)
+
+
+def test_server_dying_at_start_is_reported_within_seconds_with_its_log(tmp_path, tag):
+    code = ("import sys, time; print('loading model shards', flush=True); time.sleep(0.3); "
+            "print('RuntimeError: CUDA out of memory (fake)', file=sys.stderr, flush=True); sys.exit(3)")
+    tree = processes.start([sys.executable, "-c", code], name="fake server", log_path=tmp_path / "srv.log", tag=tag)
+    t0 = time.monotonic()
+    with pytest.raises(processes.ServerDied) as info:
+        processes.wait_ready([tree], lambda: False, timeout=15, what="fake server")
+    assert time.monotonic() - t0 < 5
+    message = str(info.value)
+    assert "fake server" in message and "exited with code 3" in message
+    assert "CUDA out of memory (fake)" in message and "loading model shards" in message
+    processes.teardown([tree], name="fake server", tag=tag)
+
+
+def test_readiness_timeout_is_a_clear_error(tmp_path, tag):
+    code = "import time; print('still loading', flush=True); time.sleep(600)"
+    tree = processes.start([sys.executable, "-c", code], name="slow server", log_path=tmp_path / "s.log", tag=tag)
+    try:
+        with pytest.raises(processes.ReadinessTimeout, match=r"slow thing not ready after 1 s") as info:
+            processes.wait_ready([tree], lambda: False, timeout=1.0, what="slow thing")
+        assert "still loading" in str(info.value)
+    finally:
+        report = processes.teardown([tree], name="slow", tag=tag, term_timeout=2)
+    assert not report.leaked
+
+
+def test_child_environment_has_the_compat_patch_and_multicast_off(tmp_path, tag):
+    code = ("import os, sys; print(os.environ['NCCL_NVLS_ENABLE'], os.environ['NEOXMII_DEPLOYMENT'], "
+            "'sitecustomize' in sys.modules and 'pytest_neoxmii.compat' in sys.modules, flush=True)")
+    tree = processes.start([sys.executable, "-c", code], name="env", log_path=tmp_path / "env.log", tag=tag)
+    tree.popen.wait(timeout=30)
+    assert (tmp_path / "env.log").read_text().splitlines()[-1] == f"0 {tag} True"
+
+
+def test_memory_wait_reports_gpu_memory_not_returned(tmp_path, tag):
+    tree = processes.start([sys.executable, "-c", "import time; time.sleep(600)"], name="holder",
+                           log_path=tmp_path / "h.log", tag=tag)
+    with pytest.warns(processes.DeploymentLeakWarning, match="GPU memory not returned: GPU 1 3072 MiB"):
+        report = processes.teardown([tree], name="holder", tag=tag, memory_probe=lambda: {0: 500.0, 1: 4096.0},
+                                    memory_baseline={0: 480.0, 1: 1024.0}, memory_timeout=0.5)
+    assert report.leaked and report.survivors == []
+    assert report.memory_not_returned_mib == {1: 3072.0}
+    processes._LEAKS.remove(report)
+
+
+def test_memory_wait_waits_for_the_driver_to_free_memory(tmp_path, tag):
+    readings = iter([9000.0, 5000.0, 1030.0])
+    tree = processes.start([sys.executable, "-c", "import time; time.sleep(600)"], name="holder",
+                           log_path=tmp_path / "h.log", tag=tag)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = processes.teardown([tree], name="holder", tag=tag, memory_probe=lambda: {0: next(readings)},
+                                    memory_baseline={0: 1000.0}, memory_timeout=10)
+    assert not report.leaked and report.memory_after_mib == {0: 1030.0}
+    assert "GPU 0 +30 MiB" in report.describe()
+
+
+FAKE_SMI = textwrap.dedent("""\
+    #!/bin/sh
+    case "$1" in
+      --query-gpu=*) printf '0, GPU-aaa, 9000\\n1, GPU-bbb, 7000\\n' ;;
+      --query-compute-apps=*) printf 'GPU-aaa, 111, 2000\\nGPU-aaa, 222, 3000\\nGPU-bbb, 222, 500\\nGPU-bbb, 333, [N/A]\\n' ;;
+    esac
+""")
+
+
+def test_gpu_memory_probe_leaves_out_the_session_and_other_deployments(tmp_path, monkeypatch):
+    """Memory of this process (the HF reference) and of another live deployment is not the deployment's:
+    a second deployment closing or the reference loading must not read as a leak."""
+    from pytest_neoxmii.deploy import gpumem
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(FAKE_SMI)
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert gpumem.nvidia_smi_used() == {0: 9000.0, 1: 7000.0}
+    assert gpumem.nvidia_smi_used({222}) == {0: 6000.0, 1: 6500.0}
+    monkeypatch.setattr(os, "getpid", lambda: 111)
+    probe = gpumem.default_probe(lambda: {222, 333})
+    assert probe() == {0: 4000.0, 1: 6500.0}
+
+
+def test_reaper_ends_the_deployment_when_the_test_process_is_killed(tmp_path):
+    """SIGKILL of the session (OOM killer, CI hard timeout) runs no handler: the reaper cleans up."""
+    owner = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from pytest_neoxmii.deploy import processes
+        tree = processes.start([sys.executable, "-c", "import time; time.sleep(600)"], name="x",
+                               log_path=Path({str(tmp_path)!r}) / "x.log", tag=sys.argv[1])
+        print(tree.pid, flush=True)
+        time.sleep(600)
+    """)
+    t = processes.new_tag("unit-reaper")
+    proc = subprocess.Popen([sys.executable, "-c", owner, t], stdout=subprocess.PIPE, text=True)
+    try:
+        server = int(proc.stdout.readline())
+        assert processes.alive(server)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while processes.alive(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not processes.alive(server), "the reaper did not end the orphaned deployment"
+        assert processes.tagged(t) == set()
+    finally:
+        proc.kill()
+        processes.kill_tagged(t, grace=1)
+
+
+# -- the tensor-parallel worker's channel ------------------------------------------------------------------
+
+def test_worker_protocol_round_trip_in_process():
+    from pytest_neoxmii.deploy.tp_worker import PlumbingModel, serve
+    from pytest_neoxmii.outputs import PromptBatch
+
+    listener = channel.Listener()
+    result = {}
+
+    def worker():
+        conn = channel.connect(listener.address, listener.authkey)
+        result["code"] = serve(conn, PlumbingModel(1), rank=0, world=1, broadcast=lambda r: r)
+
+    # A stranger with the wrong key is turned away before anything is unpickled; the worker still gets in.
+    from multiprocessing import AuthenticationError
+    stranger_error = {}
+
+    def stranger():
+        try:
+            channel.connect(listener.address, b"wrong key")
+        except AuthenticationError as exc:
+            stranger_error["e"] = exc
+
+    accepted = {}
+    s = threading.Thread(target=stranger, daemon=True)
+    a = threading.Thread(target=lambda: accepted.setdefault("conn", listener.accept(20)))
+    s.start()
+    a.start()
+    s.join(10)
+    assert "e" in stranger_error, "the stranger was not turned away"
+    t = threading.Thread(target=worker)
+    t.start()
+    a.join(20)
+    conn = accepted["conn"]
+    batch = PromptBatch(rows=((1, 2, 3), (7,)))
+    channel.send(conn, {"op": "generate", "args": (batch, 2, 5)})
+    reply = channel.receive(conn, 10)
+    assert reply["ok"] and reply["result"].tokens == [[3, 3], [7, 7]]
+    channel.send(conn, {"op": "generate", "args": (batch, -1, 5)})
+    reply = channel.receive(conn, 10)
+    assert not reply["ok"] and not reply["unavailable"] and "fails on purpose" in reply["error"]
+    channel.send(conn, {"op": "score", "args": (batch,)})
+    assert channel.receive(conn, 10)["result"].logprobs.shape == (2, 3, 4)
+    channel.send(conn, {"op": "trace", "args": (batch,)})
+    reply = channel.receive(conn, 10)
+    assert reply == {"ok": False, "unavailable": True, "error": "plumbing model: no layers to trace"}
+    channel.send(conn, {"op": "launch missiles"})
+    assert "unknown request" in channel.receive(conn, 10)["error"]
+    channel.send(conn, {"op": "shutdown"})
+    assert channel.receive(conn, 10) == {"ok": True}
+    t.join(10)
+    assert result["code"] == 0
+    listener.close()
+
+
+def test_ds_launcher_backend_end_to_end_with_a_stand_in_model(tag):
+    """The real DeepSpeed launcher, two ranks on gloo, the stand-in model: rank 0 gets the request over the
+    channel and both ranks run it (the all-reduce answers 2); tensors come back as data (Connection.send
+    would pickle them as shared-memory handles rank 0's unrelated process cannot hand over); a fatal error
+    ends the deployment with its traceback; close() leaves no process behind."""
+    pytest.importorskip("deepspeed")
+    from pytest_neoxmii.backends.ds_launcher import DsLauncherBackend
+    from pytest_neoxmii.errors import BackendUnavailable
+    from pytest_neoxmii.outputs import PromptBatch
+
+    backend = DsLauncherBackend("/no/model", "fp32", "cpu", 2, 64, 1, memory_probe=None,
+                                factory="pytest_neoxmii.deploy.tp_worker:plumbing_model", ready_timeout=120)
+    try:
+        assert backend.info.tensor_parallel == 2 and backend.info.device == "cpu"
+        pids = backend._trees[0].pids()
+        assert len(pids) >= 4                      # runner, launch.py, two ranks
+        gen = backend.generate(PromptBatch(rows=((5, 6), (9,))), 3)
+        assert gen.tokens == [[6, 6, 6], [9, 9, 9]]
+        assert gen.top_logprobs[0][0][1] == (2, -1.0)     # both ranks took part
+        scores = backend.score(PromptBatch(rows=((5, 6), (9,))))
+        assert scores.logprobs.shape == (2, 2, 4) and float(scores.logprobs.max()) == 2.0
+        assert scores.mask.tolist() == [[True, True], [False, True]]
+        with pytest.raises(BackendUnavailable, match="no layers to trace"):
+            backend.trace(PromptBatch(rows=((1,),)))
+        with pytest.raises(processes.DeploymentError, match="fails on purpose"):
+            backend.generate(PromptBatch(rows=((1,),)), -1)
+        with pytest.raises(processes.DeploymentError):    # the ranks ended after the fatal error
+            backend.generate(PromptBatch(rows=((1,),)), 1)
+    finally:
+        backend.close()
+    assert not backend.teardown_report.leaked
+    assert not [p for p in pids if processes.alive(p)]
+    assert processes.tagged(backend.tag) == set()
+    assert backend.tag not in processes.live()
+
+
+# -- Ctrl-C on a session that holds a deployment ------------------------------------------------------------
+
+CONFTEST = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    import pytest
+    from pytest_neoxmii.backends.base import Backend, BackendInfo
+    from pytest_neoxmii.deploy import processes
+
+    class FakeDeployment(Backend):
+        '''A backend whose model would live in a process tree, registered in the neox session like
+        session.backend registers the real ones, so session.close() is what must end it.'''
+        def __init__(self, directory):
+            self.tag = processes.new_tag("fake")
+            pidfile = Path(os.environ["FAKE_PIDS"])
+            self.tree = processes.start([sys.executable, os.environ["TREE_SCRIPT"], str(pidfile)],
+                                        name="fake deployment", log_path=directory / "fake.log", tag=self.tag)
+            processes.register_live(self.tag, self.close)
+            processes.wait_ready([self.tree], lambda: pidfile.exists() and pidfile.read_text().endswith("ready\\n"),
+                                 timeout=30, what="fake deployment")
+            self.info = BackendInfo(backend="fake", dtype="fp16", device="cpu")
+            self.closed = False
+        def generate(self, batch, max_new_tokens, top_k=5): raise NotImplementedError
+        def score(self, batch): raise NotImplementedError
+        def close(self):
+            if self.closed:
+                return
+            self.closed = True
+            report = processes.teardown([self.tree], name="fake deployment", tag=self.tag, term_timeout=2)
+            processes.unregister_live(self.tag)
+            Path(os.environ["FAKE_REPORT"]).write_text(json.dumps(report.as_dict()))
+
+    @pytest.fixture(scope="session")
+    def fake_deployment(neox, tmp_path_factory):
+        backend = FakeDeployment(tmp_path_factory.mktemp("fake"))
+        neox.backends["fake:fp16"] = backend
+        return backend
+""")
+
+HOLDING_TEST = textwrap.dedent("""
+    import os, time
+    from pathlib import Path
+    def test_holds_a_deployment(fake_deployment):
+        Path(os.environ["FAKE_READY"]).write_text(str(fake_deployment.tree.pid))
+        time.sleep(120)
+""")
+
+
+def test_ctrl_c_on_a_session_tears_its_deployment_down(pytester, neox_cache_dir, tmp_path):
+    """Ctrl-C in the middle of a test: pytest's KeyboardInterrupt path tears the session down, and
+    session.close() ends every process of the deployment."""
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_hold=HOLDING_TEST)
+    (tmp_path / "tree.py").write_text(TREE)
+    ready, report = tmp_path / "ready", tmp_path / "report.json"
+    env = {**os.environ, "TREE_SCRIPT": str(tmp_path / "tree.py"), "FAKE_READY": str(ready),
+           "FAKE_PIDS": str(tmp_path / "pids.txt"),
+           "FAKE_REPORT": str(report), "PYTHONPATH": os.pathsep.join(filter(None, [
+               str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--neox-model=pythia-14m",
+         "--neox-weights=synthetic", f"--neox-cache-dir={neox_cache_dir}", "test_hold.py"],
+        cwd=pytester.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), proc.communicate(timeout=10)[0] if proc.poll() is not None else "not ready"
+        pids = [int(x) for x in (tmp_path / "pids.txt").read_text().split()[:-1]]
+        assert len(pids) == 5 and all(processes.alive(p) for p in pids)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _kill_leftovers(tmp_path / "pids.txt")
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    assert report.exists(), out
+    torn = json.loads(report.read_text())
+    assert torn["survivors"] == [] and not torn["leaked"], torn
+    assert set(pids) <= set(torn["pids"])
+    assert not [p for p in pids if processes.alive(p)]
+
+
+def test_a_failing_test_still_tears_the_session_deployment_down(pytester, preloaded, tmp_path, monkeypatch):
+    """The deployment is the session's: a failing test does not leak it; session.close() ends it."""
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_fail="def test_fails(fake_deployment):\n    assert False, 'the model is wrong'\n")
+    (tmp_path / "tree.py").write_text(TREE)
+    report = tmp_path / "report.json"
+    for key, value in (("TREE_SCRIPT", tmp_path / "tree.py"), ("FAKE_PIDS", tmp_path / "pids.txt"),
+                       ("FAKE_REPORT", report)):
+        monkeypatch.setenv(key, str(value))
+    try:
+        result = pytester.runpytest("-p", "no:cacheprovider", "--neox-model=pythia-14m",
+                                    "--neox-weights=synthetic", f"--neox-cache-dir={preloaded}")
+        pids = _pids(tmp_path / "pids.txt")
+    finally:
+        _kill_leftovers(tmp_path / "pids.txt")
+    result.assert_outcomes(failed=1)
+    torn = json.loads(report.read_text())
+    assert len(pids) == 5 and set(pids) <= set(torn["pids"]) and torn["survivors"] == []
+
+
+SIGTERMED = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from pytest_neoxmii.deploy import processes
+    tag, tree_script, pidfile, report = sys.argv[1:5]
+    tree = processes.start([sys.executable, tree_script, pidfile], name="tree", log_path=Path(pidfile + ".log"),
+                           tag=tag)
+    processes.wait_ready([tree], lambda: Path(pidfile).exists() and Path(pidfile).read_text().endswith("ready\\n"),
+                         timeout=30, what="tree")
+    processes.register_live(tag, lambda: Path(report).write_text(json.dumps(
+        processes.teardown([tree], name="tree", tag=tag, term_timeout=2).as_dict())))
+    print("ready", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_sigterm_while_a_deployment_is_up_still_tears_it_down(tmp_path, tag):
+    """SIGTERM (a cancelled CI job) would end the process at once, servers left running; while a
+    deployment is up it becomes KeyboardInterrupt, and what is still open is closed at exit."""
+    (tmp_path / "tree.py").write_text(TREE)
+    pidfile, report = tmp_path / "pids.txt", tmp_path / "report.json"
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERMED, tag, str(tmp_path / "tree.py"), str(pidfile),
+                             str(report)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    pids = _pids(pidfile)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert "KeyboardInterrupt" in out
+    torn = json.loads(report.read_text())
+    assert set(pids) <= set(torn["pids"]) and torn["survivors"] == []
+    assert not [p for p in pids if processes.alive(p)]

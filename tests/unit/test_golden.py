@@ -1,0 +1,233 @@
+"""Golden outputs: recording and comparing greedy ids with the near-tie rule, perplexity against the noise
+floor multiple, the summary of which cases changed and how, and merging cases into the baseline store."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pytest_neoxmii import baseline_io, parity
+from pytest_neoxmii.golden import (GoldenSummary, as_generation, compare_case, compare_perplexity, golden_case,
+                                   perplexity, prompt_digest, version_changes)
+from pytest_neoxmii.outputs import Generation, PromptBatch, Scores
+from pytest_neoxmii.storage import BaselineKey, BaselineStore
+
+BATCH = PromptBatch(rows=((5, 6, 7), (8, 9, 10)), pad_token_id=0)
+
+
+def _gen(tokens, alt=None):
+    """Each step's top-3: the chosen token at -0.1, then `alt` (or token+1) at -0.2 (a near-tie), then 999."""
+    top = []
+    for r, row in enumerate(tokens):
+        steps = []
+        for s, t in enumerate(row):
+            second = alt[r][s] if alt else t + 1
+            steps.append([(t, -0.1), (second, -0.2), (999, -9.0)])
+        top.append(steps)
+    return Generation(tokens=[list(r) for r in tokens], top_logprobs=top)
+
+
+TOKENS = [[11, 12, 13, 14], [21, 22, 23, 24]]
+
+
+def _golden(tokens=TOKENS, batch=BATCH):
+    return json.loads(json.dumps(golden_case(batch, _gen(tokens), 4, 5, {"torch": "2.3.0"})))
+
+
+def test_golden_case_round_trips_through_json():
+    stored = _golden()
+    assert stored["tokens"] == TOKENS and stored["prompt_lengths"] == [3, 3] and stored["max_new_tokens"] == 4
+    assert stored["top_logprobs"][0][0] == [[11, -0.1], [12, -0.2], [999, -9.0]]
+    back = as_generation(stored)
+    assert back.tokens == TOKENS and back.top_logprobs == _gen(TOKENS).top_logprobs
+    assert as_generation(stored, 2).tokens == [[11, 12], [21, 22]]
+
+
+def test_identical_outputs_are_unchanged():
+    change = compare_case("c", _golden(), _gen(TOKENS), BATCH, 4, 5)
+    assert (change.status, change.passed, change.detail) == ("unchanged", True, "")
+
+
+def test_a_changed_token_is_caught_and_described():
+    new = [[11, 12, 77, 78], [21, 22, 23, 24]]           # row 0 step 2: 13 -> 77, not in the golden top-k
+    change = compare_case("short-b2-len3", _golden(), _gen(new), BATCH, 4, 5)
+    assert change.status == "changed" and not change.passed
+    assert change.first_divergence == 2
+    assert "row 0: step 2 token 13 -> 77 after 2 identical (changed: candidate token 77 is not in the " \
+           "reference's top-5 at step 2" in change.detail
+    assert "row 1" not in change.detail
+
+
+def test_a_near_tie_divergence_passes_and_is_reported():
+    new = [[11, 12, 14, 15], [21, 22, 23, 24]]           # 14 is golden's runner-up at step 2, 13 the new one's
+    change = compare_case("c", _golden(), _gen(new, alt=[[12, 13, 13, 16], [22, 23, 24, 25]]), BATCH, 4, 5)
+    assert change.status == "near-tie" and change.passed
+    assert "row 0: step 2 token 13 -> 14" in change.detail and "near-tie" in change.detail
+
+
+def test_shorter_runs_compare_the_recorded_prefix():
+    new = _gen([[11, 12], [21, 22]])
+    assert compare_case("c", _golden(), new, BATCH, 2, 5).status == "unchanged"
+    assert compare_case("c", _golden(), _gen([[11, 99], [21, 22]]), BATCH, 2, 5).status == "changed"
+
+
+def test_not_comparable_when_prompts_or_lengths_differ():
+    other = PromptBatch(rows=((5, 6, 7), (8, 9, 11)))
+    assert prompt_digest(other) != prompt_digest(BATCH)
+    change = compare_case("c", _golden(), _gen(TOKENS), other, 4, 5)
+    assert change.status == "not-comparable" and "other prompt ids" in change.detail
+    change = compare_case("c", _golden(), _gen([r + [0] for r in TOKENS]), BATCH, 5, 5)
+    assert change.status == "not-comparable" and "recorded with 4 new tokens, this run generates 5" in change.detail
+
+
+def test_row_count_change_is_a_change():
+    change = compare_case("c", _golden(), _gen(TOKENS[:1]), BATCH, 4, 5)
+    assert change.status == "changed" and "row counts differ" in change.detail
+
+
+# --- perplexity -------------------------------------------------------------------------------------------------
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    vocab = 50
+    batch = PromptBatch(rows=((1, 2, 3, 4), (5, 6)), pad_token_id=0)   # row 1 left-padded
+    _, mask = batch.padded()
+    lp = torch.full((2, 4, vocab), -math.log(vocab))
+    ppl, n = perplexity(Scores(lp, mask.bool()), batch)
+    assert ppl == pytest.approx(vocab) and n == 3 + 1
+
+
+def test_perplexity_matches_the_parity_engine():
+    torch.manual_seed(0)
+    batch = PromptBatch(rows=((1, 2, 3, 4, 5), (6, 7, 8)), pad_token_id=0)
+    _, mask = batch.padded()
+    lp = torch.log_softmax(torch.randn(2, 5, 20), -1)
+    scores = Scores(lp, mask.bool())
+    ppl, _ = perplexity(scores, batch)
+    assert ppl == pytest.approx(parity.teacher_forced_metrics(scores, scores, batch).perplexity_reference)
+
+
+def test_perplexity_within_the_noise_floor_multiple():
+    same = compare_perplexity(20.0, 20.0, 1e-3, 10)
+    assert same.passed and same.rel_diff == 0
+    small = compare_perplexity(20.0, 20.1, 1e-3, 10)           # 0.5% <= 10 x 0.1%
+    assert small.passed and small.limit == pytest.approx(1e-2)
+    moved = compare_perplexity(20.0, 21.0, 1e-3, 10)           # 5% > 1%
+    assert not moved.passed
+    assert "perplexity 20.0000 -> 21.0000 (+5.000%)" in moved.message() and "> limit 0.01" in moved.message()
+    # a zero floor (fp32 session) is replaced by the parity engine's epsilon, so equality is not demanded
+    assert compare_perplexity(20.0, 20.01, 0.0, 10).passed                 # 0.05% <= 10 x 0.01%
+    zero_floor = compare_perplexity(20.0, 20.05, 0.0, 10)                  # 0.25% > 0.1%
+    assert zero_floor.limit == pytest.approx(10 * parity.PPL_REL_EPSILON) and not zero_floor.passed
+    assert not compare_perplexity(20.0, float("nan"), 1e-3, 10).passed
+
+
+# --- the summary ------------------------------------------------------------------------------------------------
+
+def test_summary_lists_which_cases_changed_and_how():
+    changes = [compare_case("short-b1", _golden(), _gen(TOKENS), BATCH, 4, 5),
+               compare_case("batch-b2", _golden(), _gen([[11, 12, 77, 78], TOKENS[1]]), BATCH, 4, 5)]
+    s = GoldenSummary("ds fp16", changes, compare_perplexity(20.0, 21.0, 1e-3, 10),
+                      version_changes({"deepspeed": "0.19.8", "torch": "2.3.0"},
+                                      {"deepspeed": "0.20.0", "torch": "2.3.0"}), "baselines/x.json, GPU class cpu")
+    text = s.text()
+    assert not s.passed
+    assert text.startswith("golden outputs of ds fp16 (baselines/x.json, GPU class cpu): 1/2 cases unchanged, "
+                           "1 changed, perplexity 20.0000 -> 21.0000")
+    assert "versions since the golden outputs were recorded: deepspeed 0.19.8 -> 0.20.0" in text
+    assert "  batch-b2: changed (row 0: step 2 token 13 -> 77" in text
+    assert "short-b1" not in text
+    assert GoldenSummary("hf fp32", changes[:1]).passed
+
+
+def test_version_changes():
+    assert version_changes({"a": "1"}, {"a": "1"}) == []
+    assert version_changes({"a": "1", "b": None}, {"a": "2", "c": "3"}) == ["a 1 -> 2", "c not installed -> 3"]
+
+
+# --- the store --------------------------------------------------------------------------------------------------
+
+def test_merge_golden_keeps_other_cases_and_classes(tmp_path):
+    store = BaselineStore(tmp_path)
+    key = BaselineKey(model="pythia-14m", weights="synthetic-seed0-v2", dtype="fp16", backend="ds", tp=1)
+    baseline_io.merge_golden(store, key, "cpu", cases={"a": _golden()})
+    baseline_io.merge_golden(store, key, "cpu", cases={"b": _golden([[1, 2, 3, 4], [5, 6, 7, 8]])})
+    baseline_io.merge_golden(store, key, "cpu", perplexity={"perplexity": 12.5, "targets": 10})
+    baseline_io.merge_golden(store, key, "NVIDIA-H100-80GB-HBM3", cases={"a": _golden()})
+    cls, golden = store.golden(key, "cpu")
+    assert cls == "cpu" and sorted(golden["cases"]) == ["a", "b"]
+    assert golden["perplexity"] == 12.5 and golden["perplexity_detail"] == {"targets": 10}
+    assert golden["cases"]["b"]["tokens"] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    cls, other = store.golden(key, "NVIDIA-H100-80GB-HBM3")
+    assert sorted(other["cases"]) == ["a"] and other["perplexity"] is None
+    # a class with no golden outputs falls back to another class's, and says which
+    assert store.golden(key, "NVIDIA-A100-SXM4-40GB")[0] in ("cpu", "NVIDIA-H100-80GB-HBM3")
+
+
+def test_merge_golden_refuses_a_corrupt_file(tmp_path):
+    store = BaselineStore(tmp_path)
+    key = BaselineKey(model="m", weights="w", dtype="fp16", backend="ds", tp=1)
+    path = store.path_for(key)
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    with pytest.raises(pytest.fail.Exception, match=r"cannot write baseline: .*ds-fp16-tp1.json: not valid JSON"):
+        baseline_io.merge_golden(store, key, "cpu", cases={"a": _golden()})
+    assert path.read_text() == "{not json"
+
+
+# --- the check itself, on a stand-in session ----------------------------------------------------------------------
+
+class _Session:
+    """The parts of NeoxSession that check_golden uses."""
+
+    def __init__(self, tmp_path, generation, update):
+        import types
+        from pytest_neoxmii.hardware import Hardware
+        from pytest_neoxmii.registry import lookup
+        self.options = types.SimpleNamespace(update_baselines=update, top_k=5, baseline_dir=tmp_path)
+        self.model = types.SimpleNamespace(spec=lookup("pythia-14m"), weights_key="synthetic-seed0-v2")
+        self.hardware = Hardware(gpus=())
+        self.records = []
+        self._gen = generation
+        self._backend = types.SimpleNamespace(info=types.SimpleNamespace(dtype="fp16", tensor_parallel=1,
+                                                                         describe=lambda: "ds: fp16 on cpu"))
+
+    def backend(self, name):
+        return self._backend
+
+    def generation(self, backend, case):
+        return self._gen
+
+    def record(self, rec):
+        self.records.append(rec)
+
+
+def _case():
+    import types
+    plan = types.SimpleNamespace(generate=True, max_new_tokens=4)
+    return types.SimpleNamespace(id="short-b2-len3", plan=plan, batch=BATCH)
+
+
+def test_check_golden_records_then_fails_with_how_it_changed(tmp_path, capsys):
+    from pytest_neoxmii.golden import check_golden
+    check_golden(_Session(tmp_path, _gen(TOKENS), update=True), "ds", _case())
+    assert check_golden(_Session(tmp_path, _gen(TOKENS), update=False), "ds", _case()).status == "unchanged"
+    session = _Session(tmp_path, _gen([[11, 12, 77, 78], TOKENS[1]]), update=False)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        check_golden(session, "ds", _case())
+    text = str(failed.value)
+    assert "golden outputs of ds fp16 (" in text and "GPU class cpu): 0/1 cases unchanged, 1 changed" in text
+    assert "short-b2-len3: changed (row 0: step 2 token 13 -> 77" in text
+    assert session.records[-1].passed is False and session.records[-1].metrics["status"] == "changed"
+
+
+def test_non_finite_generations_are_never_recorded(tmp_path):
+    from pytest_neoxmii.golden import check_golden
+    gen = _gen(TOKENS)
+    gen.top_logprobs[0][1][0] = (12, float("nan"))
+    session = _Session(tmp_path, gen, update=True)
+    with pytest.raises(pytest.fail.Exception, match=r"not recorded as a golden output: ds fp16 generation of "
+                                                    r"short-b2-len3: 1 non-finite top logprob: row 0, step 1"):
+        check_golden(session, "ds", _case())
+    assert not list(tmp_path.rglob("*.json"))

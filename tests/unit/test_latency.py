@@ -1,0 +1,255 @@
+"""Latency maths with fake timers: the TTFT/TPOT split, percentiles, tokens/s, the weight-streaming floor and
+its percentage, the bandwidth table, the round bookkeeping under pytest-benchmark's pedantic mode, what is
+called on a backend, and the per-test threshold marker. (The regression gate itself: test_stats.py.)"""
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from pytest_neoxmii import latency
+from pytest_neoxmii.latency import (LatencyResult, Timer, bench_name, decode_samples, floor_pct, memory_bandwidth,
+                                    run_rounds, weight_streaming_floor)
+from pytest_neoxmii.outputs import PromptBatch
+from pytest_neoxmii.registry import lookup
+
+
+class FakeClock:
+    """A clock that advances only when told to: each fake model call adds its duration."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+    def call(self, seconds):
+        def fn():
+            self.now += seconds
+        return fn
+
+
+# --- bandwidth and the floor ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, expected", [
+    ("NVIDIA H100 80GB HBM3", 3.35e12),
+    ("NVIDIA H100 SXM5 80GB", 3.35e12),
+    ("NVIDIA H100 PCIe", 2.0e12),
+    ("NVIDIA H200", 4.8e12),
+    ("NVIDIA A100-SXM4-40GB", 1.555e12),
+    ("NVIDIA A100-PCIE-40GB", 1.555e12),
+    ("NVIDIA A100-SXM4-80GB", 2.0e12),
+    ("NVIDIA A100 80GB PCIe", 2.0e12),
+    ("Tesla T4", None),
+    ("NVIDIA H100 NVL", None),
+    ("", None),
+    (None, None),
+])
+def test_bandwidth_table(name, expected):
+    assert memory_bandwidth(name) == expected
+
+
+def test_floor_matches_the_measured_facts():
+    """STACK.md: weights / ~3.35 TB/s is ~0.1 ms per decode step for pythia-160m and ~0.6 ms for pythia-1b."""
+    h100 = memory_bandwidth("NVIDIA H100 80GB HBM3")
+    f160 = weight_streaming_floor(lookup("pythia-160m").weight_bytes("fp16"), h100)
+    f1b = weight_streaming_floor(lookup("pythia-1b").weight_bytes("fp16"), h100)
+    assert f160 == pytest.approx(lookup("pythia-160m").parameter_count() * 2 / 3.35e12)
+    assert 0.08e-3 < f160 < 0.12e-3
+    assert 0.55e-3 < f1b < 0.7e-3
+    assert weight_streaming_floor(10**9, 1e12, tp=2) == pytest.approx(0.5e-3)   # each GPU reads half
+    assert weight_streaming_floor(10**9, None) is None
+
+
+def test_floor_percentage():
+    assert floor_pct(1e-3, 4e-3) == pytest.approx(25.0)
+    assert floor_pct(1e-3, 1e-3) == pytest.approx(100.0)
+    assert floor_pct(None, 4e-3) is None
+    assert floor_pct(1e-3, None) is None
+    assert floor_pct(1e-3, 0.0) is None
+    assert floor_pct(1e-3, -1e-4) is None      # a noisy negative TPOT is not a percentage
+
+
+# --- the TTFT / TPOT split --------------------------------------------------------------------------------
+
+def test_decode_samples_pair_rounds():
+    prefill = [0.020, 0.022, 0.021]
+    e2e = [0.020 + 31 * 0.005, 0.022 + 31 * 0.006, 0.021 + 31 * 0.004]
+    assert decode_samples(prefill, e2e, 32) == pytest.approx([0.005, 0.006, 0.004])
+    assert decode_samples(prefill, e2e, 1) == []
+    with pytest.raises(ValueError, match="rounds must pair"):
+        decode_samples(prefill, e2e[:2], 32)
+
+
+def _result(prefill, e2e, **kw) -> LatencyResult:
+    base = dict(backend="ds", dtype="fp16", device="cuda:0", batch_size=4, prompt_len=64, new_tokens=32,
+                rounds=len(e2e), warmup=3, e2e=e2e, prefill=prefill)
+    base.update(kw)
+    return LatencyResult(**base)
+
+
+def test_result_metrics_from_known_samples():
+    # 5 rounds: TTFT 20..24 ms, per-token decode 5..9 ms over 31 steps.
+    prefill = [0.020, 0.021, 0.022, 0.023, 0.024]
+    tpot = [0.005, 0.006, 0.007, 0.008, 0.009]
+    e2e = [p + 31 * t for p, t in zip(prefill, tpot)]
+    spec = lookup("pythia-160m")
+    r = _result(prefill, e2e, weight_bytes=spec.weight_bytes("fp16"), gpu_name="NVIDIA H100 80GB HBM3",
+                bandwidth=memory_bandwidth("NVIDIA H100 80GB HBM3"), peak_gpu_memory_bytes=123, ratio_to_hf=0.69)
+    assert r.bench == "generate-bs4-p64-n32" == bench_name(4, 64, 32)
+    assert r.ttft_s == pytest.approx(0.022)
+    assert r.tpot_s == pytest.approx(0.007)
+    assert r.e2e_s == pytest.approx(0.022 + 31 * 0.007)
+    assert r.tokens_per_s == pytest.approx(4 * 32 / r.e2e_s)
+    floor = spec.weight_bytes("fp16") / 3.35e12
+    assert r.floor_s == pytest.approx(floor)
+    assert r.floor_pct == pytest.approx(100 * floor / 0.007)
+    m = r.metrics()
+    # percentiles: numpy's linear interpolation over the 5 sorted samples
+    assert m["e2e_p90_s"] == pytest.approx(e2e[3] + 0.6 * (e2e[4] - e2e[3]))
+    assert m["e2e_p99_s"] == pytest.approx(e2e[3] + 0.96 * (e2e[4] - e2e[3]))
+    assert m["ttft_p50_s"] == pytest.approx(0.022) and m["tpot_p90_s"] == pytest.approx(0.0086)
+    assert m["peak_gpu_memory_bytes"] == 123 and m["ratio_to_hf"] == 0.69
+    assert m["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert "ds/hf 0.69" in r.describe() and "% of TPOT" in r.describe()
+    d = r.as_dict()
+    assert d["e2e_samples_s"] == e2e and d["tpot_samples_s"] == pytest.approx(tpot)
+
+
+def test_cpu_and_zero_floors_are_reported_not_guessed():
+    cpu = _result([0.01] * 5, [0.05] * 5, device="cpu", weight_bytes=10**8)
+    assert cpu.floor_s is None and cpu.floor_pct is None
+    assert cpu.metrics()["floor"].startswith("unknown") and cpu.metrics()["gpu"] == "cpu"
+    zero = _result([0.01] * 5, [0.05] * 5, backend="zero", weight_bytes=10**8, bandwidth=3.35e12)
+    assert zero.floor_s is None and "PCIe" in zero.floor_note
+
+
+# --- timing and rounds --------------------------------------------------------------------------------------
+
+def test_timer_measures_between_syncs():
+    clock = FakeClock()
+    synced = []
+    timer = Timer("cpu", clock=clock, sync=lambda: synced.append(clock()))
+    assert timer.measure(clock.call(0.25)) == pytest.approx(0.25)
+    assert synced == [100.0, 100.25]       # synchronized before starting and after the call
+    assert not Timer("cuda:0", clock=clock).cuda   # a given clock is used even for a CUDA device
+
+
+def test_rounds_without_benchmark_drop_warmups():
+    clock = FakeClock()
+    calls = []
+
+    def prefill():
+        calls.append("p")
+        clock.now += next(pre)
+
+    def full():
+        calls.append("f")
+        clock.now += next(full_d)
+
+    pre = iter([0.5, 0.01, 0.02, 0.03])            # warm-up round is slow (compilation, caches)
+    full_d = iter([5.0, 0.11, 0.12, 0.13])
+    p, e = run_rounds(prefill, full, Timer(clock=clock), rounds=3, warmup=1)
+    assert calls == ["p", "f"] * 4
+    assert p == pytest.approx([0.01, 0.02, 0.03]) and e == pytest.approx([0.11, 0.12, 0.13])
+
+
+def test_rounds_under_pytest_benchmark_pedantic(benchmark):
+    """The full call is the benchmarked target and the prefill its setup: benchmark's own statistics are
+    the end-to-end rounds, warm-ups excluded, and the samples pair round by round."""
+    clock = FakeClock()
+    seq = {"p": 0, "f": 0}
+
+    def prefill():
+        seq["p"] += 1
+        clock.now += 0.001 * seq["p"]
+
+    def full():
+        seq["f"] += 1
+        clock.now += 0.1 * seq["f"]
+
+    p, e = run_rounds(prefill, full, Timer(clock=clock), rounds=5, warmup=2, benchmark=benchmark)
+    assert seq == {"p": 7, "f": 7}
+    assert p == pytest.approx([0.003, 0.004, 0.005, 0.006, 0.007])
+    assert e == pytest.approx([0.3, 0.4, 0.5, 0.6, 0.7])
+    assert benchmark.stats.stats.rounds == 5
+
+
+# --- what is called on a backend -----------------------------------------------------------------------------
+
+class _FakeModel:
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, **kw):
+        self.calls.append(kw)
+        return None
+
+
+def test_model_calls_generate_exactly_one_then_n_tokens_without_logits():
+    backend = types.SimpleNamespace(model=_FakeModel(), device="cpu")
+    batch = PromptBatch(rows=((1, 2, 3), (4, 5, 6)), pad_token_id=0)
+    prefill, full, notes = latency.model_calls(backend, batch, 32)
+    prefill()
+    full()
+    first, second = backend.model.calls
+    assert (first["max_new_tokens"], first["min_new_tokens"]) == (1, 1)
+    assert (second["max_new_tokens"], second["min_new_tokens"]) == (32, 32)
+    assert second["do_sample"] is False and "output_logits" not in second
+    assert tuple(second["input_ids"].shape) == (2, 3) and notes == []
+
+
+def test_mii_is_timed_through_its_query_handle():
+    queries = []
+
+    class Tok:
+        def decode(self, ids):
+            return " ".join(f"w{i}" for i in ids)
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [int(w[1:]) for w in text.split()]}
+
+    backend = types.SimpleNamespace(tokenizer=Tok(), query_texts=lambda texts, n: queries.append((texts, n)))
+    prefill, full, notes = latency.model_calls(backend, PromptBatch(rows=((7, 8),)), 16)
+    prefill()
+    full()
+    assert queries == [(["w7 w8"], 1), (["w7 w8"], 16)]
+    assert "mii_query_handle" in notes[0]
+
+
+def test_latency_batch_rows_are_prompt_len_slices_of_the_text():
+    tokens = list(range(1000))
+    batch = latency.latency_batch(tokens, 4, 64)
+    assert batch.batch_size == 4 and all(len(r) == 64 for r in batch.rows)
+    assert len(set(batch.rows)) == 4
+    assert all(list(r) == tokens[r[0]:r[0] + 64] for r in batch.rows)
+    with pytest.raises(ValueError, match="fewer than"):
+        latency.latency_batch(tokens[:10], 1, 64)
+
+
+def test_threshold_marker():
+    def request_with(marker):
+        node = types.SimpleNamespace(get_closest_marker=lambda name: marker if name == "neox_latency" else None)
+        return types.SimpleNamespace(node=node)
+
+    assert latency.threshold_for(request_with(None), 0.1) == 0.1
+    assert latency.threshold_for(request_with(pytest.mark.neox_latency(threshold=0.25).mark), 0.1) == 0.25
+    assert latency.threshold_for(request_with(pytest.mark.neox_latency(0.3).mark), 0.1) == 0.3
+    with pytest.raises(pytest.fail.Exception, match="fraction of the median"):
+        latency.threshold_for(request_with(pytest.mark.neox_latency(threshold="big").mark), 0.1)
+
+
+def test_profiles():
+    assert latency.profile_for("cuda:0") == latency.GPU_PROFILE
+    assert latency.GPU_PROFILE.prompt_len == 64 and latency.GPU_PROFILE.new_tokens == 32
+    assert latency.GPU_PROFILE.rounds >= 10
+    from pytest_neoxmii.stats import MIN_SAMPLES
+    assert latency.profile_for("cpu").rounds >= MIN_SAMPLES      # the gate compares CPU runs too
+
+
+def test_warmup_lasts_long_enough():
+    assert latency.warmup_rounds(3, 0.0, 0.2) == 3               # CPU profile: rounds only
+    assert latency.warmup_rounds(3, 3.0, 0.2) == 15               # 15 x 0.2 s = 3 s
+    assert latency.warmup_rounds(3, 3.0, 2.0) == 3                # slow rounds: the minimum count
+    assert latency.warmup_rounds(3, 3.0, 1e-4) == latency.MAX_WARMUP_ROUNDS
+    assert latency.warmup_rounds(3, -1.0, 0.2) == 3               # the sizing round already lasted long enough

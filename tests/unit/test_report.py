@@ -1,0 +1,187 @@
+"""The end-of-session report from a session filled with known results: the terminal tables (latency per
+backend with the ratio to HF, % of floor and gate verdicts; verdicts per backend and check), the JSON
+summary's schema, and the HF-vs-DS PNG (written, non-empty, a real image naming weights and GPU)."""
+from __future__ import annotations
+
+import json
+import time
+import types
+
+import pytest
+
+from pytest_neoxmii import report
+from pytest_neoxmii.backends.base import BackendInfo
+from pytest_neoxmii.hardware import Gpu, Hardware
+from pytest_neoxmii.latency import LatencyResult, memory_bandwidth
+from pytest_neoxmii.plot import main as plot_main
+from pytest_neoxmii.plot import title_for
+from pytest_neoxmii.registry import lookup
+from pytest_neoxmii.session import Record
+from pytest_neoxmii.weights import ResolvedModel
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def _lat(backend, bs, e2e, ttft, *, ratio=None, gate=None, device="cuda:0"):
+    spec = lookup("pythia-160m")
+    n = 32
+    prefill = [ttft * (1 + 0.01 * i) for i in range(10)]
+    samples = [e2e * (1 + 0.01 * i) for i in range(10)]
+    r = LatencyResult(backend=backend, dtype="fp16", device=device, batch_size=bs, prompt_len=64, new_tokens=n,
+                      rounds=10, warmup=3, e2e=samples, prefill=prefill, weight_bytes=spec.weight_bytes("fp16"),
+                      gpu_name=H100 if device != "cpu" else None,
+                      bandwidth=memory_bandwidth(H100) if device != "cpu" else None,
+                      peak_gpu_memory_bytes=512 * 2**20 if device != "cpu" else None, ratio_to_hf=ratio, gate=gate)
+    return r
+
+
+def fake_session(tmp_path, *, source="synthetic", gpus=True):
+    spec = lookup("pythia-160m")
+    if source == "synthetic":
+        model = ResolvedModel(spec=spec, source="synthetic", weights_key="synthetic-seed0-v2", seed=0)
+    else:
+        model = ResolvedModel(spec=spec, source="hub", weights_key="hub@50f5173d932e8e61f858120bcb800b97af589f46",
+                              revision="50f5173d932e8e61f858120bcb800b97af589f46")
+    hw = Hardware(gpus=(Gpu(0, H100, 85_045_870_592, (9, 0)),) if gpus else (),
+                  cuda_version="13.0" if gpus else None, driver_version="580.159.04" if gpus else None)
+    results = [
+        _lat("hf", 1, 0.250, 0.012, ratio=1.0, gate={"verdict": "unchanged"}),
+        _lat("ds", 1, 0.173, 0.009, ratio=0.692, gate={"verdict": "improvement"}),
+        _lat("hf", 4, 0.300, 0.015, ratio=1.0, gate={"verdict": "no-baseline"}),
+        _lat("ds", 4, 0.200, 0.011, ratio=0.667, gate={"verdict": "regression"}),
+        _lat("zero", 1, 2.27, 0.07, ratio=9.08),
+    ]
+    records = [
+        Record("greedy", "ds", "short-b1-len4", True),
+        Record("teacher-forced", "ds", "long-b1-len2016", False, {"kl_max": 3.0}, "KL max 3 vs floor 1e-4"),
+        Record("golden", "ds", "batch-b4-len32", False, {"status": "changed"},
+               "batch-b4-len32: changed (row 2: step 7 token 13 -> 77 ...)"),
+        Record("golden", "hf", "short-b1-len4", True, {"status": "near-tie"}, "short-b1-len4: near-tie (row 0 ...)"),
+        Record("latency", "ds", "generate-bs1-p64-n32", True, {"gate_verdict": "improvement"},
+               "ds generate-bs1-p64-n32 on NVIDIA-H100-80GB-HBM3: median 250.00 ms -> 173.00 ms (-30.8%, ...)"),
+        Record("latency", "ds", "generate-bs4-p64-n32", False, {"gate_verdict": "regression", "x": float("inf")},
+               "ds generate-bs4-p64-n32: regression"),
+        Record("latency", "hf", "generate-bs4-p64-n32", None, {"gate_verdict": "no-baseline"}, "no baseline"),
+    ]
+    return types.SimpleNamespace(
+        model=model, hardware=hw,
+        options=types.SimpleNamespace(dtype="fp16", tp=1, report_dir=tmp_path / "rep"),
+        infos={"hf:fp16": BackendInfo("hf", "fp16", "cuda:0", kernels="none (HF eager)"),
+               "ds:fp16": BackendInfo("ds", "fp16", "cuda:0", kernels="injected 12/12 layers")},
+        unavailable={"mii:fp16": "deepspeed-mii is not importable"},
+        records=records, latency={(r.backend, r.dtype, r.bench): r for r in results},
+        timings={"kernel build": 55.0, "model load": 10.0, "model calls": 20.0, "timed benchmark calls": 30.0},
+        started=time.perf_counter() - 130.0)
+
+
+class FakeTerminal:
+    def __init__(self):
+        self.lines = []
+
+    def section(self, title, **kw):
+        self.lines.append(f"== {title} ==")
+
+    def write_line(self, line, **kw):
+        self.lines.extend(str(line).splitlines())
+
+
+def test_json_summary_schema(tmp_path):
+    s = report.build_summary(fake_session(tmp_path))
+    json.dumps(s, allow_nan=False)                       # standard JSON: no NaN/Infinity anywhere
+    assert s["schema"] == "pytest-neoxmii/summary" and s["schema_version"] == 1
+    assert s["model"]["name"] == "pythia-160m" and s["model"]["weights"] == "synthetic-seed0-v2"
+    assert s["model"]["source"] == "synthetic" and s["model"]["seed"] == 0
+    assert s["hardware"]["gpu_name"] == H100 and s["hardware"]["gpu_count"] == 1
+    assert s["hardware"]["gpu_class"] == "NVIDIA-H100-80GB-HBM3" and s["hardware"]["driver_version"] == "580.159.04"
+    assert set(s["versions"]) == {"torch", "transformers", "deepspeed", "deepspeed-mii"}
+    assert [(r["backend"], r["batch_size"]) for r in s["latency"]] == [("hf", 1), ("hf", 4), ("ds", 1), ("ds", 4),
+                                                                     ("zero", 1)]
+    ds1 = s["latency"][2]
+    for field in ("e2e_p50_s", "e2e_p90_s", "e2e_p99_s", "ttft_p50_s", "tpot_p50_s", "tokens_per_s",
+                  "peak_gpu_memory_bytes", "ratio_to_hf", "floor_s", "floor_pct", "e2e_samples_s", "gate"):
+        assert field in ds1, field
+    assert ds1["ratio_to_hf"] == 0.692 and ds1["gate"] == {"verdict": "improvement"}
+    assert len(ds1["e2e_samples_s"]) == 10
+    assert 0 < ds1["floor_pct"] < 100
+    assert s["latency"][4]["floor_s"] is None            # ZeRO: weights stream over PCIe
+    assert s["verdicts"]["ds"]["golden"] == {"passed": 0, "failed": 1, "informational": 0}
+    assert s["verdicts"]["hf"]["latency"] == {"passed": 0, "failed": 0, "informational": 1}
+    assert [g["case"] for g in s["golden_changes"]] == ["batch-b4-len32", "short-b1-len4"]
+    assert [(c["backend"], c["verdict"]) for c in s["latency_changes"]] == [("ds", "improvement"),
+                                                                           ("ds", "regression")]
+    assert s["records"][5]["metrics"]["x"] is None       # inf is not JSON
+    t = s["timings_s"]
+    assert t["timed benchmark calls"] == 30.0 and t["session"] >= 130.0
+    assert t["other (plugin and pytest)"] == pytest.approx(t["session"] - 115.0, abs=1.0)
+    assert s["plot"] == "latency-pythia-160m.png"
+
+
+def test_report_files_are_written_and_the_plot_is_a_real_image(tmp_path):
+    session = fake_session(tmp_path)
+    path, png, why = report.write_report(session, tmp_path / "rep")
+    assert why is None
+    assert path == tmp_path / "rep" / "neoxmii-summary.json"
+    assert json.loads(path.read_text())["model"]["weights"] == "synthetic-seed0-v2"
+    assert png == tmp_path / "rep" / "latency-pythia-160m.png"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    import matplotlib.image
+    height, width = matplotlib.image.imread(str(png)).shape[:2]
+    assert width >= 1000 and height >= 400
+    assert not list((tmp_path / "rep").glob("*.tmp"))
+
+
+def test_plot_titles_say_weights_dtype_and_gpu(tmp_path):
+    s = report.build_summary(fake_session(tmp_path))
+    assert title_for(s) == f"pythia-160m: synthetic weights, seed 0, fp16, {H100}"
+    real = report.build_summary(fake_session(tmp_path, source="hub", gpus=False))
+    assert title_for(real) == "pythia-160m: real weights @50f5173d932e, fp16, CPU (no GPU)"
+
+
+def test_no_latency_no_plot(tmp_path):
+    session = fake_session(tmp_path)
+    session.latency = {}
+    path, png, why = report.write_report(session, tmp_path / "rep")
+    assert png is None and why == "no latency results in this session"
+    assert json.loads(path.read_text())["plot"] is None
+
+
+def test_terminal_summary(tmp_path):
+    tr = FakeTerminal()
+    session = fake_session(tmp_path)
+    report.terminal_summary(tr, session)
+    text = "\n".join(tr.lines)
+    assert tr.lines[0] == "== neoxmii summary =="
+    assert "skip mii:fp16   deepspeed-mii is not importable" in tr.lines
+    header = next(ln for ln in tr.lines if ln.startswith("backend  dtype  batch"))
+    for col in ("TTFT ms", "TPOT ms", "e2e p50 ms", "p90 ms", "p99 ms", "tokens/s", "peak MiB", "x/HF",
+                "floor ms", "floor %", "gate"):
+        assert col in header
+    ds1 = next(ln.split() for ln in tr.lines if ln.startswith("ds ") and " 1 " in ln and "improvement" in ln)
+    assert ds1[0:3] == ["ds", "fp16", "1"] and "0.692" in ds1 and ds1[-1] == "improvement"
+    zero = next(ln.split() for ln in tr.lines if ln.startswith("zero "))
+    assert "unknown" in zero                                       # no floor for ZeRO
+    verdict_header = next(ln for ln in tr.lines if ln.startswith("backend  greedy"))
+    assert "teacher-forced" in verdict_header and "golden" in verdict_header and "latency" in verdict_header
+    ds_verdicts = next(ln for ln in tr.lines if ln.startswith("ds ") and "FAILED" in ln)
+    assert "1/1 passed" in ds_verdicts and "0/1 passed FAILED" in ds_verdicts
+    assert "latency improvement: ds generate-bs1-p64-n32 on NVIDIA-H100-80GB-HBM3" in text
+    assert "latency regression: ds generate-bs4-p64-n32: regression" in text
+    assert "golden changed: ds batch-b4-len32: changed (row 2: step 7 token 13 -> 77 ...)" in text
+    assert "golden near-tie (accepted): hf short-b1-len4" in text
+    assert "timed benchmark calls 30.0 s" in text
+    assert f"report: {tmp_path / 'rep' / 'neoxmii-summary.json'}, plot {tmp_path / 'rep' / 'latency-pythia-160m.png'}" \
+        in tr.lines
+
+
+def test_plot_cli_combines_models(tmp_path, capsys):
+    a = report.build_summary(fake_session(tmp_path))
+    b = json.loads(json.dumps(a))
+    b["model"]["name"] = "pythia-1b"
+    paths = []
+    for i, s in enumerate((a, b)):
+        paths.append(tmp_path / f"s{i}.json")
+        paths[-1].write_text(json.dumps(s))
+    out = tmp_path / "both.png"
+    assert plot_main([str(p) for p in paths] + ["-o", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 30_000
