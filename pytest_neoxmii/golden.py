@@ -247,6 +247,8 @@ def check_golden(neox, backend_name: str, case, request=None) -> CaseChange | No
     if not case.plan.generate:
         pytest.skip(f"{case.id} is scored teacher-forced only")
     backend = _golden_backend(neox, backend_name)
+    from pytest_neoxmii.checks import mark_known_issue
+    mark_known_issue(request, "greedy", backend, case)     # a known decode defect has no golden output
     store, key, cls = _where(neox, backend_name, backend)
     # Read first: an unusable file fails (and a missing one skips) before any model call.
     got = None if neox.options.update_baselines else _load(store, key, cls, request, "greedy ids")
