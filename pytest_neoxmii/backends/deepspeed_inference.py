@@ -29,6 +29,16 @@ def check_kernel_dtype(dtype: str, device: str) -> None:
                                      f"{major}.{minor} on {torch.cuda.get_device_name(device)}")
 
 
+def check_kernels_can_run(dtype: str, device: str) -> None:
+    """Everything that rules kernel injection out before a model is loaded (CUDA only)."""
+    if not device.startswith("cuda"):
+        return
+    reason = compat.check_kernel_injection()
+    if reason:
+        raise BackendUnavailable(reason)
+    check_kernel_dtype(dtype, device)
+
+
 def init_distributed_env() -> None:
     """A single-process torch.distributed world (DeepSpeed wants one even for tp=1 / ZeRO on one GPU,
     else it looks for mpi4py)."""
@@ -46,11 +56,7 @@ def init_distributed_env() -> None:
 class DeepSpeedBackend(TorchModelBackend):
     def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1):
         inject = device.startswith("cuda")
-        if inject:
-            reason = compat.check_kernel_injection()
-            if reason:
-                raise BackendUnavailable(reason)
-            check_kernel_dtype(dtype, device)
+        check_kernels_can_run(dtype, device)
         if tp > 1:
             raise BackendUnavailable(f"ds with tp={tp} runs under the DeepSpeed launcher (the tensor-parallel "
                                      "backend), not in the test process")

@@ -14,7 +14,6 @@ import shutil
 import time
 from pathlib import Path
 
-from pytest_neoxmii import compat
 from pytest_neoxmii.backends.base import Backend, BackendInfo
 from pytest_neoxmii.deploy import channel, gpumem, launcher, ports, processes
 from pytest_neoxmii.errors import BackendUnavailable
@@ -35,12 +34,8 @@ class DsLauncherBackend(Backend):
                  name: str = "ds"):
         self._closed = True
         on_gpu = device.startswith("cuda")
-        if on_gpu:
-            reason = compat.check_kernel_injection()
-            if reason:
-                raise BackendUnavailable(reason)
-            from pytest_neoxmii.backends.deepspeed_inference import check_kernel_dtype
-            check_kernel_dtype(dtype, device)
+        from pytest_neoxmii.backends.deepspeed_inference import check_kernels_can_run
+        check_kernels_can_run(dtype, device)
         self.tp, self.dtype, self.name = tp, dtype, name
         self.gpus = list(gpus) if gpus is not None else list(range(tp))
         self.request_timeout = request_timeout or processes.env_float("NEOXMII_REQUEST_TIMEOUT", 600)

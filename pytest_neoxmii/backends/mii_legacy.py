@@ -11,7 +11,7 @@ import torch
 
 from pytest_neoxmii import compat
 from pytest_neoxmii.backends.base import BackendInfo
-from pytest_neoxmii.backends.deepspeed_inference import check_kernel_dtype, init_distributed_env
+from pytest_neoxmii.backends.deepspeed_inference import check_kernels_can_run, init_distributed_env
 from pytest_neoxmii.backends.torch_model import TORCH_DTYPES, TorchModelBackend
 from pytest_neoxmii.errors import BackendUnavailable
 from pytest_neoxmii.injection import (count_injected, engine_closed, engine_loaded, gpu_used_bytes,
@@ -31,16 +31,22 @@ def import_mii():
     return mii_legacy
 
 
+def prompt_texts(tokenizer, batch: PromptBatch) -> list[str]:
+    """The prompts as the text MII takes; refused when the tokenizer would not give the same ids back."""
+    texts = [tokenizer.decode(list(row)) for row in batch.rows]
+    for row, text in zip(batch.rows, texts):
+        if tokenizer(text, add_special_tokens=False)["input_ids"] != list(row):
+            raise BackendUnavailable("this tokenizer does not round-trip the prompt through text, so "
+                                     "MII's text interface cannot be compared token by token")
+    return texts
+
+
 class MiiBackend(TorchModelBackend):
     def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1):
         if tp > 1:
             raise BackendUnavailable(f"mii with tp={tp} is the gRPC server deployment, not the in-process one")
         on_gpu = device.startswith("cuda")
-        if on_gpu:
-            reason = compat.check_kernel_injection()
-            if reason:
-                raise BackendUnavailable(reason)
-            check_kernel_dtype(dtype, device)
+        check_kernels_can_run(dtype, device)
         mii = import_mii()
         compat.install()
         init_distributed_env()
@@ -87,11 +93,7 @@ class MiiBackend(TorchModelBackend):
         return [r[0]["generated_text"] if isinstance(r, list) else r["generated_text"] for r in result]
 
     def generate(self, batch: PromptBatch, max_new_tokens: int, top_k: int = 5) -> Generation:
-        texts = [self.tokenizer.decode(list(row)) for row in batch.rows]
-        for row, text in zip(batch.rows, texts):
-            if self.tokenizer(text, add_special_tokens=False)["input_ids"] != list(row):
-                raise BackendUnavailable("this tokenizer does not round-trip the prompt through text, so "
-                                         "MII's text interface cannot be compared token by token")
+        texts = prompt_texts(self.tokenizer, batch)
         outputs = self.query_texts(texts, max_new_tokens)
         tokens = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in outputs]
         # Logprobs of each step from the deployment's own model, teacher-forced on prompt + output, one row

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from pytest_neoxmii import compat
 from pytest_neoxmii.backends.base import Backend, BackendInfo
-from pytest_neoxmii.backends.deepspeed_inference import check_kernel_dtype
-from pytest_neoxmii.backends.mii_legacy import import_mii
+from pytest_neoxmii.backends.deepspeed_inference import check_kernels_can_run
+from pytest_neoxmii.backends.mii_legacy import import_mii, prompt_texts
 from pytest_neoxmii.backends.torch_model import TORCH_DTYPES
 from pytest_neoxmii.deploy import gpumem, launcher, ports, processes
 from pytest_neoxmii.deploy.mii_rank import REPORT_DIR_ENV
@@ -64,10 +64,7 @@ class MiiServerBackend(Backend):
             raise BackendUnavailable("the MII LOCAL deployment needs CUDA GPUs: MII asserts "
                                      "torch.cuda.device_count() >= tensor_parallel and its servers run on "
                                      "cuda:<rank>")
-        reason = compat.check_kernel_injection()
-        if reason:
-            raise BackendUnavailable(reason)
-        check_kernel_dtype(dtype, device)
+        check_kernels_can_run(dtype, device)
         mii = import_mii()
         from transformers import AutoTokenizer
 
@@ -219,11 +216,7 @@ class MiiServerBackend(Backend):
         return list(reply.response)
 
     def generate(self, batch: PromptBatch, max_new_tokens: int, top_k: int = 5) -> Generation:
-        texts = [self.tokenizer.decode(list(row)) for row in batch.rows]
-        for row, text in zip(batch.rows, texts):
-            if self.tokenizer(text, add_special_tokens=False)["input_ids"] != list(row):
-                raise BackendUnavailable("this tokenizer does not round-trip the prompt through text, so "
-                                         "MII's text interface cannot be compared token by token")
+        texts = prompt_texts(self.tokenizer, batch)
         outputs = self.query_texts(texts, max_new_tokens)
         tokens = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in outputs]
         return Generation(tokens=tokens, top_logprobs=[])   # the server returns no logprobs

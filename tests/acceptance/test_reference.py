@@ -3,7 +3,6 @@ verdict against it would mean nothing. Runs on CPU and GPU."""
 import math
 
 import pytest
-import torch
 
 from pytest_neoxmii import parity
 

@@ -487,3 +487,21 @@ def test_localisation_mismatched_shapes_give_a_clear_error():
         layer_errors(ref, make_trace(1, hidden=8), MASK)
     with pytest.raises(ValueError, match="floor has 2 layers"):
         localize_divergence(ref, ref, MASK, floor=[0.1, 0.1])
+
+
+def test_perplexity_floor_does_not_cancel_signed_errors():
+    """Regression: a floor whose per-target errors cancel (+e, -e) must not demand the candidate's
+    perplexity be exact: its floor is exp(mean |dNLL|) - 1, not the cancelled signed mean."""
+    import math as _math
+    from pytest_neoxmii.parity import TFMetrics, judge
+    floor = TFMetrics(kl_mean=1e-5, kl_max=1e-4, top1_agreement=1.0, max_abs_diff=0.04,
+                      perplexity_reference=100.0, perplexity_candidate=100.0001, n_positions=16, n_targets=15,
+                      nll_abs_diff_mean=1e-3)
+    within = TFMetrics(kl_mean=1e-5, kl_max=1e-4, top1_agreement=1.0, max_abs_diff=0.04,
+                       perplexity_reference=100.0, perplexity_candidate=100.3, n_positions=16, n_targets=15)
+    assert judge(floor, within, 10).passed                       # 3e-3 <= 10 x (e^1e-3 - 1)
+    beyond = TFMetrics(kl_mean=1e-5, kl_max=1e-4, top1_agreement=1.0, max_abs_diff=0.04,
+                       perplexity_reference=100.0, perplexity_candidate=100.0 * _math.exp(0.02), n_positions=16,
+                       n_targets=15)
+    verdict = judge(floor, beyond, 10)
+    assert verdict.failures == ["perplexity_rel_diff"], verdict.message()
