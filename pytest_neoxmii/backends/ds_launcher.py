@@ -148,12 +148,10 @@ class DsLauncherBackend(Backend):
             return
         self._closed = True
         try:
-            self.teardown_report = processes.teardown(
+            self.teardown_report = processes.teardown_with_settings(
                 self._trees, name=f"{self.name} tp={self.tp} (DeepSpeed launcher)", tag=self.tag,
-                polite=self._shutdown if self.conn is not None else None,
-                polite_timeout=processes.env_float("NEOXMII_POLITE_TIMEOUT", 15),
-                memory_probe=self._probe, memory_baseline=self._baseline,
-                tolerance_mib=processes.env_float("NEOXMII_LEAK_TOLERANCE_MIB", 100))
+                polite=self._shutdown if self.conn is not None else None, polite_timeout_default=15,
+                memory_probe=self._probe, memory_baseline=self._baseline)
         finally:
             for closable in (self.conn, self._listener):
                 try:

@@ -239,12 +239,11 @@ class MiiServerBackend(Backend):
             return
         self._closed = True
         try:
-            self.teardown_report = processes.teardown(
+            self.teardown_report = processes.teardown_with_settings(
                 self._trees, name=f"mii tp={self.tp} deployment {self.name}", tag=self.tag,
                 polite=self._terminate if self.handle is not None else None,
-                polite_timeout=processes.env_float("NEOXMII_POLITE_TIMEOUT", 3),   # trap 8: they may not exit
-                memory_probe=self._probe, memory_baseline=self._baseline,
-                tolerance_mib=processes.env_float("NEOXMII_LEAK_TOLERANCE_MIB", 100))
+                polite_timeout_default=3,                        # trap 8: the servers may not exit on their own
+                memory_probe=self._probe, memory_baseline=self._baseline)
         finally:
             self.ports.release()
             processes.unregister_live(self.tag)

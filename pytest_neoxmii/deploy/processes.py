@@ -339,6 +339,13 @@ def _wait_gone(pids: set[int], trees: list[ProcessTree], timeout: float) -> None
         time.sleep(0.05)
 
 
+def teardown_with_settings(trees: list[ProcessTree], *, polite_timeout_default: float, **kwargs) -> TeardownReport:
+    """teardown() with the limits users set through the environment (NEOXMII_POLITE_TIMEOUT,
+    NEOXMII_LEAK_TOLERANCE_MIB): what every deployment's close() calls."""
+    return teardown(trees, polite_timeout=env_float("NEOXMII_POLITE_TIMEOUT", polite_timeout_default),
+                    tolerance_mib=env_float("NEOXMII_LEAK_TOLERANCE_MIB", 100), **kwargs)
+
+
 def teardown(trees: list[ProcessTree], *, name: str, tag: str | None = None,
              polite: Callable[[], object] | None = None, polite_timeout: float = 10.0,
              term_timeout: float = 10.0, kill_timeout: float = 5.0,
