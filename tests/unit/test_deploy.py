@@ -430,6 +430,21 @@ HOLDING_TEST = textwrap.dedent("""
 """)
 
 
+INTERRUPTIBLE_PYTEST = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                        "sys.argv[0] = 'pytest'; runpy.run_module('pytest', run_name='__main__', alter_sys=True)")
+
+
+def _communicate_or_dump_stacks(proc: subprocess.Popen, timeout: float) -> str:
+    """The child's output once it exits; if it has not exited after `timeout`, SIGABRT makes its
+    faulthandler (PYTHONFAULTHANDLER=1) print every thread's stack, so the failure says where it hung."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out = proc.communicate(timeout=30)[0]
+        pytest.fail(f"pytest did not exit {timeout:.0f} s after SIGINT; its stacks:\n{out}")
+
+
 def test_ctrl_c_on_a_session_tears_its_deployment_down(pytester, neox_cache_dir, tmp_path):
     """Ctrl-C in the middle of a test: pytest's KeyboardInterrupt path tears the session down, and
     session.close() ends every process of the deployment."""
@@ -439,10 +454,13 @@ def test_ctrl_c_on_a_session_tears_its_deployment_down(pytester, neox_cache_dir,
     ready, report = tmp_path / "ready", tmp_path / "report.json"
     env = {**os.environ, "TREE_SCRIPT": str(tmp_path / "tree.py"), "FAKE_READY": str(ready),
            "FAKE_PIDS": str(tmp_path / "pids.txt"),
-           "FAKE_REPORT": str(report), "PYTHONPATH": os.pathsep.join(filter(None, [
+           "FAKE_REPORT": str(report), "PYTHONFAULTHANDLER": "1", "PYTHONPATH": os.pathsep.join(filter(None, [
                str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))}
+    # SIGINT must raise KeyboardInterrupt in the child as it does at a terminal. Python only installs that
+    # handler when SIGINT is not ignored at start-up, and a shell without job control starts `&` jobs with
+    # SIGINT ignored: a suite run that way used to sleep through the signal (found as a 60 s timeout).
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--neox-model=pythia-14m",
+        [sys.executable, "-c", INTERRUPTIBLE_PYTEST, "-p", "no:cacheprovider", "-q", "--neox-model=pythia-14m",
          "--neox-weights=synthetic", f"--neox-cache-dir={neox_cache_dir}", "test_hold.py"],
         cwd=pytester.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -453,7 +471,7 @@ def test_ctrl_c_on_a_session_tears_its_deployment_down(pytester, neox_cache_dir,
         pids = [int(x) for x in (tmp_path / "pids.txt").read_text().split()[:-1]]
         assert len(pids) == 5 and all(processes.alive(p) for p in pids)
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        out = _communicate_or_dump_stacks(proc, timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
