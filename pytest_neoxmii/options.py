@@ -33,7 +33,8 @@ OPTIONS = (
            metavar="REV"),
     Option("neox_weights", "auto: local directory, hub cache or hub; synthetic: seeded random weights in the "
            "model's architecture (no hub needed)", "auto", metavar="auto|synthetic"),
-    Option("neox_dtype", "dtype the backends run in: fp16, bf16 or fp32", "fp16", metavar="DTYPE"),
+    Option("neox_dtype", "dtype the backends run in: fp16, bf16 or fp32 (default: fp16; on a CPU whose "
+           "DeepSpeed accelerator lacks fp16, bf16 where offered, else fp32)", None, metavar="DTYPE"),
     Option("neox_tp", "tensor-parallel degree of the ds and mii backends", 1, kind="int", metavar="N"),
     Option("neox_backends", "comma-separated backends to run: hf, ds, mii, zero", "hf,ds,mii,zero",
            metavar="LIST"),
@@ -110,7 +111,7 @@ class NeoxOptions:
     model: str | None
     revision: str
     weights: str
-    dtype: str
+    dtype: str | None          # as given; None: the session chooses (precision.py)
     tp: int
     backends: tuple[str, ...]
     baseline_dir: Path
@@ -130,7 +131,7 @@ class NeoxOptions:
         from pytest_neoxmii.weights import default_cache_dir
 
         v = {opt.name: _convert(opt, _raw(config, opt)) for opt in OPTIONS}
-        if v["neox_dtype"] not in DTYPES:
+        if v["neox_dtype"] is not None and v["neox_dtype"] not in DTYPES:
             raise NeoxUsageError(f"unknown dtype '{v['neox_dtype']}' for --neox-dtype: choose one of "
                                  f"{', '.join(DTYPES)}")
         if v["neox_weights"] not in ("auto", "synthetic"):

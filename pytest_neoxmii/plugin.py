@@ -77,7 +77,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         return ["neoxmii: no --neox-model given; the acceptance tests will skip"]
     lines = [
         f"neoxmii: model {session.model.spec.name}: {session.model.describe()}",
-        f"neoxmii: weights source {session.model.source} ({session.model.weights_key}), dtype {o.dtype}, "
+        f"neoxmii: weights source {session.model.source} ({session.model.weights_key}), "
+        f"dtype {session.dtype_choice.describe()}, "
         f"tp {o.tp}, backends {','.join(o.backends)}",
         f"neoxmii: GPUs found: {session.hardware.describe()}",
         "neoxmii: " + ", ".join(f"{k} {v}" for k, v in versions().items()),

@@ -115,7 +115,8 @@ def build_summary(session) -> dict:
         "model": {"name": m.spec.name, "hub_id": m.spec.hub_id, "source": m.source, "weights": m.weights_key,
                   "revision": m.revision, "seed": m.seed, "description": m.describe(),
                   "parameters": m.spec.parameter_count()},
-        "dtype": session.options.dtype,
+        "dtype": session.dtype,
+        "dtype_reason": session.dtype_choice.reason,
         "tp": session.options.tp,
         "hardware": {**machine_info(session.hardware), "description": session.hardware.describe()},
         "versions": versions(),
@@ -167,6 +168,7 @@ def terminal_summary(terminalreporter, session) -> None:
     tr = terminalreporter
     tr.section("neoxmii summary")
     tr.write_line(f"model: {session.model.describe()}; GPUs: {session.hardware.describe()}")
+    tr.write_line(f"dtype: {session.dtype_choice.describe()}")
     for key, info in session.infos.items():
         tr.write_line(f"ran  {key:<10} {info.describe()}")
     for key, reason in session.unavailable.items():

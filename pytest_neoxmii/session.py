@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pytest_neoxmii import hardware
+from pytest_neoxmii import hardware, precision
 from pytest_neoxmii.backends import Backend, load_backend
 from pytest_neoxmii.cases import Case, CasePlan, materialize, plan_cases
 from pytest_neoxmii.errors import BackendUnavailable, NeoxUsageError
@@ -40,6 +40,7 @@ class NeoxSession:
         self.latency: dict[tuple, object] = {}      # (backend, dtype, bench) -> latency.LatencyResult
         self._cache: dict[tuple, object] = {}
         self._tokenizer = None
+        self._dtype_choice: precision.DtypeChoice | None = None   # kept after close(): the report shows it
         self.started = time.perf_counter()
 
     # -- what is tested -------------------------------------------------------------------------------
@@ -50,6 +51,18 @@ class NeoxSession:
     @property
     def device(self) -> str:
         return "cuda:0" if self.hardware.gpus else "cpu"
+
+    @property
+    def dtype_choice(self) -> precision.DtypeChoice:
+        """The dtype every backend runs, the HF peer included, and why (asked once per session)."""
+        if self._dtype_choice is None:
+            self._dtype_choice = precision.choose(self.options.dtype, on_cuda=bool(self.hardware.gpus),
+                                                  backends=self.options.backends)
+        return self._dtype_choice
+
+    @property
+    def dtype(self) -> str:
+        return self.dtype_choice.dtype
 
     def require_model(self) -> ResolvedModel:
         if self.model is None:
@@ -107,7 +120,7 @@ class NeoxSession:
     def backend(self, name: str, dtype: str | None = None) -> Backend:
         """The loaded backend (loaded on first use, kept for the session). Skips the calling test with the
         reason when the backend cannot run here; the same reason is reused without retrying."""
-        dtype = dtype or self.options.dtype
+        dtype = dtype or self.dtype
         key = f"{name}:{dtype}"
         if key in self.backends:
             return self.backends[key]
@@ -117,6 +130,9 @@ class NeoxSession:
         if name != "hf" and name not in self.options.backends:
             pytest.skip(f"backend {name} not selected (--neox-backends={','.join(self.options.backends)})")
         try:
+            refusal = self.dtype_choice.refusal(name, dtype) if self.device == "cpu" else None
+            if refusal:
+                raise BackendUnavailable(refusal)
             self._check_fits(name, dtype)
             if name in ("ds", "mii") and self.device.startswith("cuda"):
                 self._build_kernels()
@@ -165,7 +181,7 @@ class NeoxSession:
 
     def peer(self) -> Backend:
         """The HF reference at the session's dtype: its distance to fp32 is the noise floor."""
-        return self.backend("hf", self.options.dtype)
+        return self.backend("hf", self.dtype)
 
     # -- cached model calls ---------------------------------------------------------------------------
     def generation(self, backend: Backend, case: Case) -> Generation:
@@ -202,7 +218,7 @@ class NeoxSession:
         self._cache.clear()
 
     def close_backend(self, name: str, dtype: str | None = None) -> None:
-        key = f"{name}:{dtype or self.options.dtype}"
+        key = f"{name}:{dtype or self.dtype}"
         backend = self.backends.pop(key, None)
         if backend is not None:
             backend.close()

@@ -40,7 +40,7 @@ def test_ds_teardown_gives_gpu_memory_back(neox):
     neox.backend("ds")          # skips with the reason if ds cannot run here
     gc.collect()
     before = gpu_used_bytes(neox.device)          # device-wide: DeepSpeed's workspace bypasses torch
-    backend = load_backend("ds", path=neox.model.path, dtype=neox.options.dtype, device=neox.device, tp=1,
+    backend = load_backend("ds", path=neox.model.path, dtype=neox.dtype, device=neox.device, tp=1,
                            max_tokens=neox.max_tokens, spec=neox.model.spec,
                            max_batch=neox.max_batch)
     backend.score(neox.case(neox.plans()[1]).batch)   # run it once, so its workspace is in use

@@ -85,7 +85,7 @@ def test_tp_latency_against_tp1(neox, tp_name, record_property):
     from pytest_neoxmii.cases import text_tokens
     from pytest_neoxmii.outputs import PromptBatch
 
-    tp, dtype, n = neox.options.tp, neox.options.dtype, neox.options.max_new_tokens
+    tp, dtype, n = neox.options.tp, neox.dtype, neox.options.max_new_tokens
     backend = neox.backend(tp_name)
     fits, reason = neox.model.spec.fits(dtype, 1, [neox.hardware.gpus[0].total_memory])
     if not fits:
@@ -120,7 +120,7 @@ def test_gpt_neox_20b_deploys_where_the_registry_says_it_fits(neox, record_prope
     if spec.name != "gpt-neox-20b":
         pytest.skip(f"the session's model is {spec.name}: run with --neox-model=gpt-neox-20b "
                     "(--neox-weights=synthetic where the hub cannot be reached)")
-    tp, dtype = neox.options.tp, neox.options.dtype
+    tp, dtype = neox.options.tp, neox.dtype
     fits, reason = spec.fits(dtype, tp, [g.total_memory for g in neox.hardware.gpus])
     record_property("fit", reason)
     if not fits:

@@ -21,7 +21,7 @@ def test_reference_outputs_are_finite(neox, neox_case):
     problem = parity.find_nonfinite(scores, "fp32 reference")
     assert problem is None, problem
     peer = neox.scores(neox.peer(), neox_case)
-    problem = parity.find_nonfinite(peer, f"{neox.options.dtype} reference")
+    problem = parity.find_nonfinite(peer, f"{neox.dtype} reference")
     assert problem is None, problem
 
 
@@ -30,12 +30,12 @@ def test_noise_floor_is_small_and_nonzero_where_precision_differs(neox, neox_cas
     (a trained-like model agrees with itself on the top-1 token almost everywhere)."""
     from pytest_neoxmii.checks import noise_floor
     floor = noise_floor(neox, neox_case)
-    print(f"noise floor {neox.options.dtype} vs fp32 on {neox_case.id}: KL mean {floor.kl_mean:.3g}, "
+    print(f"noise floor {neox.dtype} vs fp32 on {neox_case.id}: KL mean {floor.kl_mean:.3g}, "
           f"KL max {floor.kl_max:.3g}, top-1 agreement {floor.top1_agreement:.4f}, "
           f"max |dlogprob| {floor.max_abs_diff:.3g}")
     assert floor.nonfinite is None
     assert floor.top1_agreement >= 0.9, "the low-precision reference disagrees with fp32 on >10% of top-1"
-    if neox.options.dtype == "fp32":
+    if neox.dtype == "fp32":
         assert floor.kl_max == 0.0
     else:
         assert 0.0 < floor.kl_max < 0.5
@@ -68,7 +68,7 @@ def test_fixed_text_perplexity_is_finite(neox):
     m = parity.teacher_forced_metrics(neox.scores(neox.reference(), case), neox.scores(neox.peer(), case),
                                       case.batch)
     print(f"fixed-text perplexity ({neox.model.describe()}): fp32 {m.perplexity_reference:.2f}, "
-          f"{neox.options.dtype} {m.perplexity_candidate:.2f}")
+          f"{neox.dtype} {m.perplexity_candidate:.2f}")
     assert math.isfinite(m.perplexity_reference) and m.perplexity_reference > 1
     assert neox.model.spec.vocab_size > 0
 

@@ -10,7 +10,7 @@ import gc
 
 import pytest
 
-from pytest_neoxmii import hardware
+from pytest_neoxmii import hardware, precision
 from pytest_neoxmii.hardware import Gpu, Hardware
 
 # Realistic devices, as torch.cuda.get_device_properties reports them (bytes), by a short key.
@@ -113,3 +113,12 @@ def _outcomes(reprec) -> dict[str, tuple[str, str | None]]:
             else:
                 found[name] = (rep.outcome, None)
     return found
+
+
+@pytest.fixture
+def deepspeed_cpu_offers(monkeypatch):
+    """Stands in for what DeepSpeed's CPU accelerator offers, so that in-process runs do not depend on the
+    CPU make: deepspeed_cpu_offers("fp32", "bf16") is a CPU without fp16 (an AMD EPYC, say)."""
+    def offer(*dtypes: str) -> None:
+        monkeypatch.setattr(precision, "deepspeed_cpu_dtypes", lambda: tuple(dtypes))
+    return offer

@@ -139,7 +139,7 @@ def test_defaults(pytester, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     opts = options_of(pytester)
     assert dataclasses.asdict(opts) == {
-        "model": None, "revision": "main", "weights": "auto", "dtype": "fp16", "tp": 1,
+        "model": None, "revision": "main", "weights": "auto", "dtype": None, "tp": 1,
         "backends": ("hf", "ds", "mii", "zero"), "baseline_dir": pytester.path / "baselines",
         "update_baselines": False, "max_new_tokens": 32, "seed": 0, "top_k": 5, "parity_multiple": 10.0,
         "cases": "default", "cache_dir": tmp_path / "xdg" / "pytest-neoxmii", "zero_nvme": None,

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_neoxmii import precision
+
 pytestmark = pytest.mark.usefixtures("preloaded")
 
 from pytest_neoxmii.weights import SYNTHETIC_VERSION as V  # noqa: E402
@@ -59,8 +61,9 @@ def test_header_with_a_model(pytester, fake_gpus, synthetic_14m):
     assert "torch " in header[3] and "deepspeed-mii " in header[3]
 
 
-def test_header_without_gpus(pytester, fake_gpus, synthetic_14m):
+def test_header_without_gpus(pytester, fake_gpus, synthetic_14m, deepspeed_cpu_offers):
     fake_gpus()
+    deepspeed_cpu_offers("fp32", "bf16", "fp16")
     pytester.makepyfile("def test_nothing():\n    pass\n")
     result = pytester.runpytest(*synthetic_14m)
     assert "neoxmii: GPUs found: no CUDA GPU found" in result.outlines
@@ -136,8 +139,10 @@ def test_parametrized(neox, neox_backend_name):
 
 
 @pytest.mark.parametrize("gpus, found", [((), 0), (("t4",), 1)])
-def test_tp_larger_than_the_gpus_found_skips(pytester, fake_gpus, synthetic_14m, gpus, found):
+def test_tp_larger_than_the_gpus_found_skips(pytester, fake_gpus, synthetic_14m, deepspeed_cpu_offers, gpus,
+                                              found):
     fake_gpus(*gpus)
+    deepspeed_cpu_offers("fp32", "bf16", "fp16")
     pytester.makepyfile(test_tp=TP_TESTS)
     result = pytester.runpytest(*synthetic_14m, "--neox-tp=2", "-rs")
     result.assert_outcomes(skipped=3)
@@ -176,7 +181,7 @@ def test_peer_against_the_reference(neox):
     case = neox.case(plan)
     assert [len(r) for r in case.batch.rows] == [16]
     peer = neox.peer()
-    assert (peer.info.backend, peer.info.dtype) == ("hf", "fp16")
+    assert (peer.info.backend, peer.info.dtype) == ("hf", neox.dtype)     # the floor at the session's dtype
     ref, low = neox.scores(neox.reference(), case), neox.scores(peer, case)
     assert ref.logprobs.shape == low.logprobs.shape == (1, 16, neox.model.spec.vocab_size)
     diff = (ref.logprobs - low.logprobs).abs().max().item()
@@ -205,12 +210,16 @@ def test_end_to_end_synthetic_14m(pytester, synthetic_14m):
         "*test_reference_generates_greedily[[]padded-b4-len8x64x23x41[]] PASSED*",
         "*test_backend_scores_every_case[[]short-b1-len4-ds[]] PASSED*",
     ], consecutive=False)
+    # The session's dtype is what this CPU's DeepSpeed accelerator offers (fp16 where it can, else bf16):
+    # asked here of DeepSpeed itself, so the test holds on either CPU make.
+    dtype = "fp16" if "fp16" in precision.deepspeed_cpu_dtypes() else "bf16"
     result.stdout.fnmatch_lines([
         "*= neoxmii summary =*",
         f"model: synthetic weights (seed 0, generator v{V}) in the pythia-14m shape; GPUs: no CUDA GPU found",
+        f"dtype: {dtype}*",
         "ran  hf:fp32    hf: fp32 on cpu, tp=1, kernels none (HF eager)",
-        "ran  hf:fp16    hf: fp16 on cpu, tp=1, kernels none (HF eager)",
-        "ran  ds:fp16    ds: fp16 on cpu, tp=1, kernels none (CPU: no kernel injection)*",
+        f"ran  hf:{dtype}    hf: {dtype} on cpu, tp=1, kernels none (HF eager)",
+        f"ran  ds:{dtype}    ds: {dtype} on cpu, tp=1, kernels none (CPU: no kernel injection)*",
     ], consecutive=False)
     text = result.stdout.str()
     summary = text[text.index("neoxmii summary"):]

@@ -15,6 +15,7 @@ from pytest_neoxmii.hardware import Gpu, Hardware
 from pytest_neoxmii.latency import LatencyResult, memory_bandwidth
 from pytest_neoxmii.plot import main as plot_main
 from pytest_neoxmii.plot import title_for
+from pytest_neoxmii.precision import DtypeChoice
 from pytest_neoxmii.registry import lookup
 from pytest_neoxmii.session import Record
 from pytest_neoxmii.weights import ResolvedModel
@@ -64,8 +65,8 @@ def fake_session(tmp_path, *, source="synthetic", gpus=True):
         Record("latency", "hf", "generate-bs4-p64-n32", None, {"gate_verdict": "no-baseline"}, "no baseline"),
     ]
     return types.SimpleNamespace(
-        model=model, hardware=hw,
-        options=types.SimpleNamespace(dtype="fp16", tp=1, report_dir=tmp_path / "rep"),
+        model=model, hardware=hw, dtype="fp16", dtype_choice=DtypeChoice("fp16", None),
+        options=types.SimpleNamespace(dtype=None, tp=1, report_dir=tmp_path / "rep"),
         infos={"hf:fp16": BackendInfo("hf", "fp16", "cuda:0", kernels="none (HF eager)"),
                "ds:fp16": BackendInfo("ds", "fp16", "cuda:0", kernels="injected 12/12 layers")},
         unavailable={"mii:fp16": "deepspeed-mii is not importable"},

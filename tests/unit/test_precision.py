@@ -1,0 +1,120 @@
+"""The session's dtype on CPUs whose DeepSpeed accelerator lacks fp16 (AMD EPYC, many CI machines): the
+default falls back to bf16 (else fp32) for every backend, the HF peer included, and says why; an explicit
+dtype the accelerator cannot run skips the DeepSpeed backends with one line; CUDA is unchanged.
+
+DeepSpeed's answer is stubbed (deepspeed_cpu_offers), so these run the same on a CPU with fp16; one test
+asks the real accelerator."""
+from __future__ import annotations
+
+import pytest
+
+from pytest_neoxmii import precision
+from pytest_neoxmii.precision import DtypeChoice, choose
+
+ALL = ("ds", "mii", "zero")
+
+
+def _never_asked():
+    raise AssertionError("DeepSpeed's CPU accelerator must not be asked here")
+
+
+@pytest.mark.parametrize("requested, expected", [(None, "fp16"), ("bf16", "bf16"), ("fp32", "fp32")])
+def test_cuda_runs_what_was_asked_without_asking_the_cpu_accelerator(requested, expected):
+    choice = choose(requested, on_cuda=True, backends=("hf",) + ALL, probe=_never_asked)
+    assert choice == DtypeChoice(expected, requested)
+    assert choice.describe() == expected and choice.refusal("ds", "fp16") is None
+
+
+def test_hf_alone_on_cpu_keeps_fp16_without_asking_deepspeed():
+    assert choose(None, on_cuda=False, backends=("hf",), probe=_never_asked).dtype == "fp16"
+
+
+@pytest.mark.parametrize("offered, expected", [
+    (("fp32", "bf16", "fp16"), "fp16"),      # an Intel CPU with AVX512-FP16: nothing changes
+    (("fp32", "bf16"), "bf16"),              # AMD EPYC with avx512_bf16, no fp16
+    (("fp32",), "fp32"),                     # neither
+])
+def test_cpu_default_is_the_first_of_fp16_bf16_fp32_that_deepspeed_offers(offered, expected):
+    choice = choose(None, on_cuda=False, backends=("hf", "ds"), probe=lambda: offered)
+    assert choice.dtype == expected
+    if expected == "fp16":
+        assert choice.reason == "" and choice.describe() == "fp16"
+    else:
+        assert choice.describe() == (f"{expected} (DeepSpeed's CPU accelerator here offers "
+                                     f"{', '.join(offered)}, not fp16)")
+    assert all(choice.refusal(b, expected) is None for b in ALL)
+
+
+def test_an_explicit_dtype_the_cpu_lacks_is_kept_and_refused_for_deepspeed_backends_only():
+    choice = choose("fp16", on_cuda=False, backends=("hf",) + ALL, probe=lambda: ("fp32", "bf16"))
+    assert choice.dtype == "fp16" and choice.reason == ""
+    for backend in ALL:
+        assert choice.refusal(backend, "fp16") == (
+            "DeepSpeed's CPU accelerator on this CPU offers fp32, bf16, not fp16; pass --neox-dtype=bf16, or "
+            "leave --neox-dtype unset to choose automatically")
+    assert choice.refusal("hf", "fp16") is None          # torch runs fp16 on any CPU
+    assert choice.refusal("ds", "bf16") is None and choice.refusal("ds", "fp32") is None
+
+
+def test_deepspeed_that_cannot_be_asked_leaves_the_default():
+    """Without an answer (deepspeed missing), fp16 stays; the backends then skip with their own reason."""
+    choice = choose(None, on_cuda=False, backends=("ds",), probe=lambda: None)
+    assert choice == DtypeChoice("fp16", None, None) and choice.refusal("ds", "fp16") is None
+
+
+def test_the_real_cpu_accelerator_is_asked_in_a_child_process():
+    pytest.importorskip("deepspeed")
+    offered = precision.deepspeed_cpu_dtypes()
+    assert offered is not None and {"fp32", "bf16"} <= set(offered) <= {"fp16", "bf16", "fp32"}
+
+
+# -- in a session: the header, the peer, the backends, the skip line ---------------------------------------
+
+SESSION_TEST = '''
+def test_every_backend_and_the_peer_run_the_session_dtype(neox):
+    ds = neox.backend("ds")
+    assert neox.dtype == "bf16"
+    assert (ds.info.dtype, neox.peer().info.dtype, neox.reference().info.dtype) == ("bf16", "bf16", "fp32")
+'''
+
+
+@pytest.mark.usefixtures("preloaded")
+def test_a_cpu_without_fp16_runs_ds_and_the_peer_in_bf16_and_says_why(
+        pytester, fake_gpus, synthetic_14m, deepspeed_cpu_offers):
+    fake_gpus()
+    deepspeed_cpu_offers("fp32", "bf16")
+    pytester.makepyfile(test_session=SESSION_TEST)
+    result = pytester.runpytest(*synthetic_14m, "--neox-report=rep")
+    result.assert_outcomes(passed=1)
+    why = "bf16 (DeepSpeed's CPU accelerator here offers fp32, bf16, not fp16)"
+    assert any(ln.startswith("neoxmii: weights source synthetic") and f"dtype {why}," in ln
+               for ln in result.outlines), result.outlines
+    assert f"dtype: {why}" in result.outlines                        # the neoxmii summary
+    import json
+    summary = json.loads((pytester.path / "rep" / "neoxmii-summary.json").read_text())
+    assert (summary["dtype"], summary["dtype_reason"]) == (
+        "bf16", "DeepSpeed's CPU accelerator here offers fp32, bf16, not fp16")
+
+
+SKIP_TEST = '''
+import pytest
+
+@pytest.mark.parametrize("name", ["ds", "mii", "zero"])
+def test_backend(neox, name):
+    neox.backend(name)
+'''
+
+
+@pytest.mark.usefixtures("preloaded")
+def test_explicit_fp16_on_a_cpu_without_it_skips_deepspeed_backends_with_one_line(
+        pytester, fake_gpus, synthetic_14m, deepspeed_cpu_offers):
+    fake_gpus()
+    deepspeed_cpu_offers("fp32", "bf16")
+    pytester.makepyfile(test_skip=SKIP_TEST)
+    result = pytester.runpytest(*synthetic_14m, "--neox-backends=ds,mii,zero", "--neox-dtype=fp16", "-rs")
+    result.assert_outcomes(skipped=3)
+    reason = ("DeepSpeed's CPU accelerator on this CPU offers fp32, bf16, not fp16; pass --neox-dtype=bf16, "
+              "or leave --neox-dtype unset to choose automatically")
+    skipped = sorted(ln for ln in result.outlines if ln.startswith("SKIPPED"))
+    assert skipped == sorted(f"SKIPPED [1] test_skip.py:3: {b} (fp16): {reason}" for b in ("ds", "mii", "zero"))
+    assert "Traceback" not in result.stdout.str()
