@@ -234,8 +234,10 @@ def test_model_is_the_snapshot(neox):
     assert str(neox.model.path) == {str(hub_cache)!r}
 """)
     # A subprocess: huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE from its environment.
+    # An explicit dtype: the header then reads the same on every CPU make (the default depends on it).
     result = pytester.runpytest_subprocess("--neox-model=EleutherAI/pythia-14m", "--neox-backends=ds",
-                                           f"--neox-cache-dir={neox_cache_dir}", "-p", "no:cacheprovider")
+                                           "--neox-dtype=fp16", f"--neox-cache-dir={neox_cache_dir}",
+                                           "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     assert f"neoxmii: weights source hub (hub@{COMMIT}), dtype fp16, tp 1, backends ds" in result.outlines
     assert (f"neoxmii: model pythia-14m: real weights EleutherAI/pythia-14m@{COMMIT} from the hub cache"
