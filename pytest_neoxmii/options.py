@@ -150,15 +150,17 @@ class NeoxOptions:
                                  f"{v['neox_latency_threshold']}")
         if v["neox_cases"] not in ("default", "full"):
             raise NeoxUsageError(f"--neox-cases must be 'default' or 'full', got '{v['neox_cases']}'")
-        root = Path(str(config.rootpath))
+        # Relative paths are relative to where pytest was started (the invocation directory), not to the
+        # rootdir: with `--pyargs pytest_neoxmii.suite` the rootdir can be the installed package's folder.
+        here = Path(config.invocation_params.dir)
         return cls(
             model=v["neox_model"], revision=v["neox_revision"], weights=v["neox_weights"],
             dtype=v["neox_dtype"], tp=v["neox_tp"], backends=backends,
-            baseline_dir=root / v["neox_baseline_dir"], update_baselines=v["neox_update_baselines"],
+            baseline_dir=here / v["neox_baseline_dir"], update_baselines=v["neox_update_baselines"],
             max_new_tokens=v["neox_max_new_tokens"], seed=v["neox_seed"], top_k=v["neox_top_k"],
             parity_multiple=v["neox_parity_multiple"], cases=v["neox_cases"],
             cache_dir=Path(v["neox_cache_dir"]).expanduser() if v["neox_cache_dir"] else default_cache_dir(),
             zero_nvme=Path(v["neox_zero_nvme"]) if v["neox_zero_nvme"] else None,
             latency_threshold=v["neox_latency_threshold"],
-            report_dir=root / v["neox_report"] if v["neox_report"] else None,
+            report_dir=here / v["neox_report"] if v["neox_report"] else None,
         )
