@@ -55,7 +55,7 @@ OPTIONS = (
            None, metavar="PATH"),
     Option("neox_latency_threshold", "relative slowdown of the median beyond which a significant latency "
            "change fails", 0.10, kind="float", metavar="FRACTION"),
-    Option("neox_report", "write the JSON summary and the HF-vs-DS latency plot to this directory", None,
+    Option("neox_report", "write the JSON summary, summary.md and the HF-vs-DS latency plot to this directory", None,
            metavar="DIR"),
 )
 

@@ -26,6 +26,7 @@ class Record:
     passed: bool | None  # None: informational
     metrics: dict = field(default_factory=dict)
     summary: str = ""
+    known_issue: str | None = None   # key of the known issue the test is strictly expected to fail with
 
 
 class NeoxSession:
