@@ -55,6 +55,9 @@ OPTIONS = (
            None, metavar="PATH"),
     Option("neox_latency_threshold", "relative slowdown of the median beyond which a significant latency "
            "change fails", 0.10, kind="float", metavar="FRACTION"),
+    Option("neox_prompts", "JSON Lines file of your own prompts, one object per line: 'prompt' (text) or "
+           "'input_ids', optional 'max_new_tokens' and 'id'; each line adds a case to the greedy, "
+           "teacher-forced and golden checks", None, metavar="FILE"),
     Option("neox_report", "write the JSON summary, summary.md and the HF-vs-DS latency plot to this directory", None,
            metavar="DIR"),
 )
@@ -124,6 +127,7 @@ class NeoxOptions:
     zero_nvme: Path | None
     latency_threshold: float
     report_dir: Path | None
+    prompts: Path | None = None
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "NeoxOptions":
@@ -163,4 +167,5 @@ class NeoxOptions:
             zero_nvme=Path(v["neox_zero_nvme"]) if v["neox_zero_nvme"] else None,
             latency_threshold=v["neox_latency_threshold"],
             report_dir=here / v["neox_report"] if v["neox_report"] else None,
+            prompts=here / v["neox_prompts"] if v["neox_prompts"] else None,
         )

@@ -39,6 +39,7 @@ def pytest_configure(config: pytest.Config) -> None:
             from pytest_neoxmii.weights import resolve
             model = resolve(opts.model, opts.weights, opts.revision, opts.seed, opts.cache_dir)
         session = NeoxSession(opts, model)
+        session.load_prompts()
         _check_cases(session)
     except NeoxUsageError as exc:
         raise pytest.UsageError(str(exc)) from None

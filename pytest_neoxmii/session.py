@@ -41,6 +41,7 @@ class NeoxSession:
         self.latency: dict[tuple, object] = {}      # (backend, dtype, bench) -> latency.LatencyResult
         self._cache: dict[tuple, object] = {}
         self._tokenizer = None
+        self.prompt_plans: list[CasePlan] = []      # users' own prompts (--neox-prompts), see load_prompts
         self.started = time.perf_counter()
 
     # -- what is tested -------------------------------------------------------------------------------
@@ -66,7 +67,24 @@ class NeoxSession:
         if self.model is None:
             return []
         o = self.options
-        return plan_cases(self.model.spec.max_position_embeddings, o.max_new_tokens, o.cases)
+        return plan_cases(self.model.spec.max_position_embeddings, o.max_new_tokens, o.cases) + self.prompt_plans
+
+    def load_prompts(self) -> None:
+        """Turn --neox-prompts into cases, once, at configure time (bad lines are usage errors). Text prompts
+        need the model's tokenizer, so the model directory is made ready here (synthetic weights built)."""
+        path = self.options.prompts
+        if path is None or self.model is None:
+            return
+        from pytest_neoxmii.prompts import prompt_plans, read_prompt_file
+        lines = read_prompt_file(path)
+        tokenizer = None
+        if any(entry.text is not None for entry in lines):
+            self.require_model()
+            tokenizer = self.tokenizer
+        spec = self.model.spec
+        self.prompt_plans = prompt_plans(lines, path, tokenizer=tokenizer,
+                                         context_length=spec.max_position_embeddings,
+                                         vocab_size=spec.vocab_size, default_max_new_tokens=self.options.max_new_tokens)
 
     @property
     def tokenizer(self):
