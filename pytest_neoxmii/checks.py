@@ -27,6 +27,18 @@ def mark_known_issue(request, check: str, backend, case: Case) -> str | None:
     return issue.key
 
 
+def config_note(neox: NeoxSession, backend_name: str, case: Case, check: str, metrics: dict) -> str:
+    """The user's serving config cannot hold this case: the case runs anyway (never quietly enlarged), and the
+    verdict carries the reason (message, JUnit property, report). Returns a prefix for the failure message."""
+    from pytest_neoxmii.serving_config import misfit
+    note = misfit(getattr(neox, "serving_configs", {}).get(backend_name), case.plan, check)
+    if note is None:
+        return ""
+    metrics["config_misfit"] = note
+    print(f"NOTE: {note}")
+    return f"NOTE: {note}\n"
+
+
 def check_greedy(neox: NeoxSession, backend_name: str, case: Case, request=None) -> parity.GreedyReport:
     """Greedy ids of the backend against the fp32 HF reference, with the top-k near-tie rule."""
     if not case.plan.generate:
@@ -40,11 +52,12 @@ def check_greedy(neox: NeoxSession, backend_name: str, case: Case, request=None)
     metrics = {"rows": len(rows), "rows_identical": sum(r.identical for r in rows),
                "first_divergence": min((r.divergence_step for r in rows if r.divergence_step is not None),
                                        default=None)}
+    note = config_note(neox, backend_name, case, "greedy", metrics)
     neox.record(Record("greedy", backend_name, case.id, report.passed, metrics, report.summary(), known))
     _record_properties(request, {f"greedy_{k}": v for k, v in metrics.items()})
     print(report.message())
     if not report.passed:
-        raise parity.ParityFailure(f"{backend.info.describe()}\n{report.message()}", report)
+        raise parity.ParityFailure(f"{note}{backend.info.describe()}\n{report.message()}", report)
     return report
 
 
@@ -67,12 +80,13 @@ def check_teacher_forced(neox: NeoxSession, backend_name: str, case: Case, reque
     metrics = {"kl_mean": measured.kl_mean, "kl_max": measured.kl_max, "top1_agreement": measured.top1_agreement,
                "max_abs_diff": measured.max_abs_diff, "floor_kl_max": floor.kl_max,
                "perplexity": measured.perplexity_candidate, "multiple": neox.options.parity_multiple}
+    note = config_note(neox, backend_name, case, "teacher-forced", metrics)
     neox.record(Record("teacher-forced", backend_name, case.id, verdict.passed, metrics,
                        f"KL max {measured.kl_max:.3g} vs floor {floor.kl_max:.3g}", known))
     _record_properties(request, {f"tf_{k}": v for k, v in metrics.items()})
     print(verdict.message())
     if not verdict.passed:
-        message = f"{backend.info.describe()}\n{verdict.message()}\n{localize(neox, backend, case)}"
+        message = f"{note}{backend.info.describe()}\n{verdict.message()}\n{localize(neox, backend, case)}"
         raise parity.ParityFailure(message, verdict)
     return verdict
 

@@ -280,6 +280,8 @@ def check_golden(neox, backend_name: str, case, request=None) -> CaseChange | No
                             source=_source(store, key, src_cls, cls))
     metrics = {"status": change.status, "first_divergence": change.first_divergence, "gpu_class": src_cls,
                "detail": change.detail}
+    from pytest_neoxmii.checks import config_note
+    note = config_note(neox, backend_name, case, "greedy", metrics)
     neox.record(Record("golden", backend_name, case.id, change.passed if change.status != "not-comparable"
                        else None, metrics, change.line(), known))
     if request is not None:
@@ -289,7 +291,7 @@ def check_golden(neox, backend_name: str, case, request=None) -> CaseChange | No
         pytest.skip(f"golden output of {case.id} not comparable: {change.detail}; re-record it with "
                     f"{baseline_io.UPDATE_FLAG}")
     if not change.passed:
-        pytest.fail(summary.text() + "\n" + change.report.message(), pytrace=False)
+        pytest.fail(note + summary.text() + "\n" + change.report.message(), pytrace=False)
     return change
 
 

@@ -3,6 +3,7 @@ says exactly what neoxmii-summary.json says). Inside GitHub Actions ($GITHUB_STE
 is appended to the job's step summary."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -25,7 +26,8 @@ def render(summary: dict) -> str:
     lines = [f"## pytest-neoxmii: {model['name']}", "",
              f"{_origin(summary)}; " + ", ".join(f"{k} {v[k]}" for k in v), ""]
     for engine, config in (summary.get("configs") or {}).items():
-        lines += [f"{engine} config (user file merged over the plugin's defaults): `{config}`", ""]
+        lines += [f"{engine} serving config `{config['file']}` (digest {config['digest']}), merged over the "
+                  f"plugin's defaults: `{json.dumps(config['values'], sort_keys=True)}`", ""]
     for key, reason in (summary.get("unavailable") or {}).items():
         lines.append(f"- skipped {key}: {reason}")
     if summary.get("unavailable"):

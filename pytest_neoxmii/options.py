@@ -58,6 +58,12 @@ OPTIONS = (
     Option("neox_prompts", "JSON Lines file of your own prompts, one object per line: 'prompt' (text) or "
            "'input_ids', optional 'max_new_tokens' and 'id'; each line adds a case to the greedy, "
            "teacher-forced and golden checks", None, metavar="FILE"),
+    Option("neox_ds_config", "JSON (or YAML) config of deepspeed.init_inference, merged over the plugin's "
+           "defaults and deployed by the ds backend; shown in the header, the report and the baseline key",
+           None, metavar="FILE"),
+    Option("neox_mii_config", "JSON (or YAML) mii_config of mii.deploy, merged over the plugin's defaults and "
+           "deployed by the mii backend; shown in the header, the report and the baseline key", None,
+           metavar="FILE"),
     Option("neox_report", "write the JSON summary, summary.md and the HF-vs-DS latency plot to this directory", None,
            metavar="DIR"),
 )
@@ -128,6 +134,8 @@ class NeoxOptions:
     latency_threshold: float
     report_dir: Path | None
     prompts: Path | None = None
+    ds_config: Path | None = None
+    mii_config: Path | None = None
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "NeoxOptions":
@@ -168,4 +176,6 @@ class NeoxOptions:
             latency_threshold=v["neox_latency_threshold"],
             report_dir=here / v["neox_report"] if v["neox_report"] else None,
             prompts=here / v["neox_prompts"] if v["neox_prompts"] else None,
+            ds_config=here / v["neox_ds_config"] if v["neox_ds_config"] else None,
+            mii_config=here / v["neox_mii_config"] if v["neox_mii_config"] else None,
         )

@@ -39,6 +39,7 @@ def pytest_configure(config: pytest.Config) -> None:
             from pytest_neoxmii.weights import resolve
             model = resolve(opts.model, opts.weights, opts.revision, opts.seed, opts.cache_dir)
         session = NeoxSession(opts, model)
+        session.load_serving_configs()
         session.load_prompts()
         _check_cases(session)
     except NeoxUsageError as exc:
@@ -83,6 +84,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"neoxmii: GPUs found: {session.hardware.describe()}",
         "neoxmii: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
     ]
+    lines += [f"neoxmii: {config.describe()}" for config in session.serving_configs.values()]
     return lines
 
 

@@ -61,7 +61,8 @@ def latency_table(rows: list[dict]) -> str:
 
 
 def _empty_counts() -> dict:
-    return {"passed": 0, "failed": 0, "xfail": 0, "xpass": 0, "informational": 0, "known_issues": []}
+    return {"passed": 0, "failed": 0, "xfail": 0, "xpass": 0, "informational": 0, "known_issues": [],
+            "outside_config": 0}
 
 
 def verdicts(session) -> dict[str, dict[str, dict]]:
@@ -76,6 +77,8 @@ def verdicts(session) -> dict[str, dict[str, dict]]:
             key = "passed" if rec.passed else "failed" if rec.passed is False else "informational"
         counts = out[rec.backend][rec.check]
         counts[key] += 1
+        if rec.metrics.get("config_misfit"):
+            counts["outside_config"] += 1
         if rec.known_issue and rec.known_issue not in counts["known_issues"]:
             counts["known_issues"].append(rec.known_issue)
     return {b: dict(c) for b, c in out.items()}
@@ -91,6 +94,8 @@ def _verdict_cell(n: dict) -> str:
         parts.append(f"{n['xpass']} XPASS(strict) {keys}")
     if n["informational"]:
         parts.append(f"{n['informational']} not judged")
+    if n.get("outside_config"):
+        parts.append(f"{n['outside_config']} outside the serving config")
     return ", ".join(parts)
 
 
@@ -149,6 +154,9 @@ def build_summary(session) -> dict:
         "unavailable": dict(session.unavailable),
         "latency": rows,
         "verdicts": verdicts(session),
+        "configs": {engine: c.as_json() for engine, c in getattr(session, "serving_configs", {}).items()},
+        "config_warnings": [f"{r.check} {r.backend} {r.case}: {r.metrics['config_misfit']}"
+                            for r in session.records if r.metrics.get("config_misfit")],
         "golden_changes": [{"backend": r.backend, "case": r.case, "check": r.check, "summary": r.summary}
                            for r in session.records
                            if (r.check.startswith("golden") and r.passed is False)
@@ -201,6 +209,8 @@ def terminal_summary(terminalreporter, session) -> None:
         tr.write_line(f"ran  {key:<10} {info.describe()}")
     for key, reason in session.unavailable.items():
         tr.write_line(f"skip {key:<10} {reason}")
+    for config in getattr(session, "serving_configs", {}).values():
+        tr.write_line(config.describe())
     groups = defaultdict(lambda: [0, 0, 0])
     for rec in session.records:
         family = rec.case.split("-b")[0] if "-b" in rec.case else rec.case
@@ -246,3 +256,7 @@ def _latency_section(tr, session) -> None:
         tr.write_line(f"golden changed: {rec.backend} {rec.summary}")
     for rec in near:
         tr.write_line(f"golden near-tie (accepted): {rec.backend} {rec.summary}")
+    for rec in session.records:
+        if rec.metrics.get("config_misfit"):
+            tr.write_line(f"outside the serving config: {rec.check} {rec.backend} {rec.case}: "
+                          f"{rec.metrics['config_misfit']}", yellow=True)

@@ -42,6 +42,7 @@ class NeoxSession:
         self._cache: dict[tuple, object] = {}
         self._tokenizer = None
         self.prompt_plans: list[CasePlan] = []      # users' own prompts (--neox-prompts), see load_prompts
+        self.serving_configs: dict = {}             # engine -> serving_config.ServingConfig (--neox-*-config)
         self.started = time.perf_counter()
 
     # -- what is tested -------------------------------------------------------------------------------
@@ -68,6 +69,15 @@ class NeoxSession:
             return []
         o = self.options
         return plan_cases(self.model.spec.max_position_embeddings, o.max_new_tokens, o.cases) + self.prompt_plans
+
+    def load_serving_configs(self) -> None:
+        """Read and check --neox-ds-config / --neox-mii-config once, at configure time (bad files are usage
+        errors naming the file and the key)."""
+        from pytest_neoxmii import serving_config
+        for engine, path in (("ds", self.options.ds_config), ("mii", self.options.mii_config)):
+            if path is not None:
+                self.serving_configs[engine] = serving_config.load(engine, path, dtype=self.options.dtype,
+                                                                   tp=self.options.tp)
 
     def load_prompts(self) -> None:
         """Turn --neox-prompts into cases, once, at configure time (bad lines are usage errors). Text prompts
@@ -144,13 +154,18 @@ class NeoxSession:
                                        tp=self.options.tp if name in ("ds", "mii") else 1,
                                        max_tokens=self.max_tokens, spec=model.spec,
                                        max_batch=self.max_batch,
-                                       zero_nvme=self.options.zero_nvme)
+                                       zero_nvme=self.options.zero_nvme,
+                                       engine_config=self._engine_config(name))
         except BackendUnavailable as exc:
             self.unavailable[key] = f"{name} ({dtype}): {exc}"
             pytest.skip(self.unavailable[key])
         self.backends[key] = backend
         self.infos[key] = backend.info
         return backend
+
+    def _engine_config(self, name: str) -> dict | None:
+        config = self.serving_configs.get(name)
+        return None if config is None else config.values
 
     def _check_fits(self, name: str, dtype: str) -> None:
         hw = self.hardware

@@ -106,7 +106,8 @@ def test_json_summary_schema(tmp_path):
     assert len(ds1["e2e_samples_s"]) == 10
     assert 0 < ds1["floor_pct"] < 100
     assert s["latency"][4]["floor_s"] is None            # ZeRO: weights stream over PCIe
-    counts = {"passed": 0, "failed": 0, "xfail": 0, "xpass": 0, "informational": 0, "known_issues": []}
+    counts = {"passed": 0, "failed": 0, "xfail": 0, "xpass": 0, "informational": 0, "known_issues": [],
+              "outside_config": 0}
     assert s["verdicts"]["ds"]["golden"] == {**counts, "failed": 1}
     assert s["verdicts"]["hf"]["latency"] == {**counts, "informational": 1}
     assert s["verdicts"]["ds"]["greedy"] == {**counts, "passed": 1, "xfail": 1,
