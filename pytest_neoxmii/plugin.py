@@ -11,7 +11,8 @@ import pytest
 
 from pytest_neoxmii import options as options_mod
 from pytest_neoxmii.errors import NeoxUsageError
-from pytest_neoxmii.fixtures import neox, neox_case, neox_generation_case  # noqa: F401  (fixtures)
+from pytest_neoxmii.fixtures import (neox, neox_case, neox_ds, neox_generation_case,  # noqa: F401
+                                     neox_mii, neox_reference, neox_zero)                      # (fixtures)
 from pytest_neoxmii.session import NeoxSession
 
 SESSION_KEY = pytest.StashKey[NeoxSession]()
