@@ -231,3 +231,65 @@ def test_plot_cli_combines_models(tmp_path, capsys):
     out = tmp_path / "both.png"
     assert plot_main([str(p) for p in paths] + ["-o", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 30_000
+
+
+# --- the sweep over model sizes (python -m pytest_neoxmii.plot over several reports) -------------------------
+
+def sweep_reports(tmp_path) -> list[dict]:
+    """Three reports in the shapes of pythia-160m, 410m and 1b (latency growing with size): 410m's ds has a
+    parity failure, 1b's ds only the strict known issue."""
+    from pytest_neoxmii.registry import lookup
+    out = []
+    for i, name in enumerate(("pythia-1b", "pythia-160m", "pythia-410m")):     # unsorted on purpose
+        s = report.build_summary(fake_session(tmp_path))
+        spec = lookup(name)
+        s["model"].update(name=name, parameters=spec.parameter_count())
+        scale = {"pythia-160m": 1.0, "pythia-410m": 1.6, "pythia-1b": 2.4}[name]
+        for r in s["latency"]:
+            r["e2e_p50_s"] *= scale
+        counts = {"passed": 3, "failed": 0, "xfail": 0, "xpass": 0, "informational": 0, "known_issues": [],
+                  "outside_config": 0}
+        ds = {"greedy": dict(counts), "teacher-forced": dict(counts)}
+        if name == "pythia-410m":
+            ds["teacher-forced"]["failed"] = 1
+        if name == "pythia-1b":
+            ds["greedy"].update(xfail=1, known_issues=["ds-left-padded-decode"])
+        s["verdicts"] = {"hf": {}, "ds": ds, "zero": {}}
+        out.append(s)
+    return out
+
+
+def test_sweep_points_are_ordered_by_size_with_each_models_verdict(tmp_path):
+    from pytest_neoxmii.plot import sweep_points
+    points = sweep_points(sweep_reports(tmp_path))
+    ds1 = [p for p in points if p.backend == "ds" and p.batch_size == 1]
+    assert [p.model for p in ds1] == ["pythia-160m", "pythia-410m", "pythia-1b"]
+    assert [p.parity for p in ds1] == ["passed", "FAILED", "xfail [ds-left-padded-decode]"]
+    assert ds1[0].parameters < ds1[1].parameters < ds1[2].parameters
+    assert [round(p.e2e_p50_ms / ds1[0].e2e_p50_ms, 2) for p in ds1] == [1.0, 1.6, 2.4]
+    assert {p.parity for p in points if p.backend == "hf"} == {"reference"}
+    assert {p.parity for p in points if p.backend == "zero"} == {"not judged"}
+
+
+def test_plot_cli_draws_the_sweep_over_several_reports(tmp_path, capsys):
+    paths = []
+    for i, s in enumerate(sweep_reports(tmp_path)):
+        paths.append(tmp_path / f"r{i}" / "neoxmii-summary.json")
+        paths[-1].parent.mkdir()
+        paths[-1].write_text(json.dumps(s))
+    out = tmp_path / "sweep.png"
+    assert plot_main([str(p) for p in paths] + ["-o", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    import matplotlib.image
+    height, width = matplotlib.image.imread(str(out)).shape[:2]
+    assert width >= 1000 and height >= 500                  # one panel per batch size (1 and 4)
+    from pytest_neoxmii.plot import sweep_subtitle
+    assert sweep_subtitle(sweep_reports(tmp_path)) == f"synthetic weights, seed 0, fp16, {H100}"
+
+
+def test_plot_cli_refuses_an_unreadable_report(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(SystemExit) as exc:
+        plot_main([str(bad), "-o", str(tmp_path / "x.png")])
+    assert exc.value.code == 2 and f"{bad}: not a readable JSON summary" in capsys.readouterr().err
