@@ -22,9 +22,13 @@ def store_for(neox) -> BaselineStore:
 def key_for(neox, backend_name: str, dtype: str, tp: int = 1) -> BaselineKey:
     """Model (registry name), weights (synthetic seed + generator version, hub revision or local digest),
     dtype, backend and tensor-parallel degree. The GPU class is not in the key: it selects an entry inside
-    the file, so one file holds the numbers of every GPU kind."""
+    the file, so one file holds the numbers of every GPU kind. A backend deployed with the user's serving
+    config (--neox-ds-config / --neox-mii-config) is keyed `<backend>-config-<digest of its content>`: a
+    baseline recorded under one config is never compared under another."""
+    config = getattr(neox, "serving_configs", {}).get(backend_name)
+    backend = backend_name if config is None else f"{backend_name}-config-{config.digest}"
     return BaselineKey(model=neox.model.spec.name, weights=neox.model.weights_key, dtype=dtype,
-                       backend=backend_name, tp=int(tp))
+                       backend=backend, tp=int(tp))
 
 
 def gpu_class(neox) -> str:

@@ -14,11 +14,12 @@ from pytest_neoxmii.weights import FIXED_TEXT
 @dataclass(frozen=True)
 class CasePlan:
     id: str
-    family: str                  # fixed-text, short, medium, batch, padded, long, context
+    family: str                  # fixed-text, short, medium, batch, padded, long, context, prompt
     lengths: tuple[int, ...]     # prompt length of each row (unequal lengths are left-padded)
     generate: bool               # greedy generation is compared; every case is also scored teacher-forced
     max_new_tokens: int
     start: int = 0               # where in the text the rows start (before the seed moves them)
+    rows: tuple[tuple[int, ...], ...] | None = None   # fixed token ids (users' prompts), instead of the text
 
     @property
     def total_tokens(self) -> int:
@@ -79,8 +80,10 @@ def text_tokens(tokenizer) -> list[int]:
 def materialize(plan: CasePlan, tokenizer, context_length: int, seed: int = 0) -> Case:
     """Token ids for a plan. `seed` moves where in the text each row starts, nothing else."""
     check_fits_context(plan, context_length)
-    tokens = text_tokens(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if plan.rows is not None:
+        return Case(plan, PromptBatch(rows=plan.rows, pad_token_id=pad))
+    tokens = text_tokens(tokenizer)
     if plan.family == "fixed-text":
         return Case(plan, PromptBatch(rows=(tuple(tokens[:context_length]),), pad_token_id=pad))
     step = 37 + seed

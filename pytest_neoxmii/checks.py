@@ -15,13 +15,28 @@ def _record_properties(request, metrics: dict) -> None:
             request.node.user_properties.append((k, v))
 
 
-def mark_known_issue(request, check: str, backend, case: Case) -> None:
-    """A measured upstream defect under its exact condition: strict xfail, so a fix shows as XPASS(strict)."""
+def mark_known_issue(request, check: str, backend, case: Case) -> str | None:
+    """A measured upstream defect under its exact condition: strict xfail, so a fix shows as XPASS(strict).
+    Returns the issue's key when the test was marked (for the report's `xfail [key]`), else None."""
     if request is None:        # called outside a test (helpers, unit tests): nothing to mark
-        return
+        return None
     issue = known_issues.match(check, backend.info, case.plan)
-    if issue is not None:
-        request.applymarker(pytest.mark.xfail(reason=issue.reason(), strict=True))
+    if issue is None:
+        return None
+    request.applymarker(pytest.mark.xfail(reason=issue.reason(), strict=True))
+    return issue.key
+
+
+def config_note(neox: NeoxSession, backend_name: str, case: Case, check: str, metrics: dict) -> str:
+    """The user's serving config cannot hold this case: the case runs anyway (never quietly enlarged), and the
+    verdict carries the reason (message, JUnit property, report). Returns a prefix for the failure message."""
+    from pytest_neoxmii.serving_config import misfit
+    note = misfit(getattr(neox, "serving_configs", {}).get(backend_name), case.plan, check)
+    if note is None:
+        return ""
+    metrics["config_misfit"] = note
+    print(f"NOTE: {note}")
+    return f"NOTE: {note}\n"
 
 
 def check_greedy(neox: NeoxSession, backend_name: str, case: Case, request=None) -> parity.GreedyReport:
@@ -30,18 +45,19 @@ def check_greedy(neox: NeoxSession, backend_name: str, case: Case, request=None)
         pytest.skip(f"{case.id} is scored teacher-forced only")
     reference = neox.generation(neox.reference(), case)
     backend = neox.backend(backend_name)
-    mark_known_issue(request, "greedy", backend, case)
+    known = mark_known_issue(request, "greedy", backend, case)
     candidate = neox.generation(backend, case)
     report = parity.compare_greedy(reference, candidate, neox.options.top_k)
     rows = report.rows
     metrics = {"rows": len(rows), "rows_identical": sum(r.identical for r in rows),
                "first_divergence": min((r.divergence_step for r in rows if r.divergence_step is not None),
                                        default=None)}
-    neox.record(Record("greedy", backend_name, case.id, report.passed, metrics, report.summary()))
+    note = config_note(neox, backend_name, case, "greedy", metrics)
+    neox.record(Record("greedy", backend_name, case.id, report.passed, metrics, report.summary(), known))
     _record_properties(request, {f"greedy_{k}": v for k, v in metrics.items()})
     print(report.message())
     if not report.passed:
-        raise parity.ParityFailure(f"{backend.info.describe()}\n{report.message()}", report)
+        raise parity.ParityFailure(f"{note}{backend.info.describe()}\n{report.message()}", report)
     return report
 
 
@@ -56,7 +72,7 @@ def check_teacher_forced(neox: NeoxSession, backend_name: str, case: Case, reque
     """Teacher-forced logprobs of the backend against fp32 HF, judged against the noise floor (HF's own
     low precision vs fp32 on the same case); on failure, localise the first layer that departs."""
     backend = neox.backend(backend_name)
-    mark_known_issue(request, "teacher-forced", backend, case)
+    known = mark_known_issue(request, "teacher-forced", backend, case)
     floor = noise_floor(neox, case, backend.info.dtype)   # the floor at the precision the backend ran
     measured = parity.teacher_forced_metrics(neox.scores(neox.reference(), case), neox.scores(backend, case),
                                              case.batch)
@@ -64,12 +80,13 @@ def check_teacher_forced(neox: NeoxSession, backend_name: str, case: Case, reque
     metrics = {"kl_mean": measured.kl_mean, "kl_max": measured.kl_max, "top1_agreement": measured.top1_agreement,
                "max_abs_diff": measured.max_abs_diff, "floor_kl_max": floor.kl_max,
                "perplexity": measured.perplexity_candidate, "multiple": neox.options.parity_multiple}
+    note = config_note(neox, backend_name, case, "teacher-forced", metrics)
     neox.record(Record("teacher-forced", backend_name, case.id, verdict.passed, metrics,
-                       f"KL max {measured.kl_max:.3g} vs floor {floor.kl_max:.3g}"))
+                       f"KL max {measured.kl_max:.3g} vs floor {floor.kl_max:.3g}", known))
     _record_properties(request, {f"tf_{k}": v for k, v in metrics.items()})
     print(verdict.message())
     if not verdict.passed:
-        message = f"{backend.info.describe()}\n{verdict.message()}\n{localize(neox, backend, case)}"
+        message = f"{note}{backend.info.describe()}\n{verdict.message()}\n{localize(neox, backend, case)}"
         raise parity.ParityFailure(message, verdict)
     return verdict
 

@@ -1,5 +1,11 @@
 """The plugin's fixtures. `neox` is the session (one model, backends loaded once and torn down at the
-end); the case fixtures turn the collection-time plans (see plugin.pytest_generate_tests) into token ids."""
+end); the case fixtures turn the collection-time plans (see plugin.pytest_generate_tests) into token ids.
+
+Public deployment fixtures, session-scoped, for users' own tests (see README, "Write your own acceptance
+test"): `neox_reference` (HF transformers, fp32: the ground truth), `neox_ds`, `neox_mii` and `neox_zero`.
+Each is deployed once per session, as the options say (--neox-dtype, --neox-tp, --neox-ds-config, ...), and
+torn down at the end; a deployment that cannot run here (or is not in --neox-backends) skips the tests that
+request it, with the reason."""
 from __future__ import annotations
 
 import pytest
@@ -28,3 +34,27 @@ def neox_generation_case(neox, neox_generation_plan):
     if neox_generation_plan is None:
         pytest.skip("no cases: no --neox-model given")
     return neox.case(neox_generation_plan)
+
+
+@pytest.fixture(scope="session")
+def neox_reference(neox):
+    """The HF transformers reference in fp32, the ground truth every deployment is compared with."""
+    return neox.reference()
+
+
+@pytest.fixture(scope="session")
+def neox_ds(neox):
+    """DeepSpeed inference (init_inference, kernel injection on CUDA; tp >= 2 under the DeepSpeed launcher)."""
+    return neox.backend("ds")
+
+
+@pytest.fixture(scope="session")
+def neox_mii(neox):
+    """DeepSpeed-MII legacy deployment (in process at tp=1, the LOCAL gRPC server at tp >= 2)."""
+    return neox.backend("mii")
+
+
+@pytest.fixture(scope="session")
+def neox_zero(neox):
+    """ZeRO-Inference: ZeRO stage 3 with the parameters offloaded to CPU (or NVMe, --neox-zero-nvme)."""
+    return neox.backend("zero")

@@ -248,7 +248,7 @@ def check_golden(neox, backend_name: str, case, request=None) -> CaseChange | No
         pytest.skip(f"{case.id} is scored teacher-forced only")
     backend = _golden_backend(neox, backend_name)
     from pytest_neoxmii.checks import mark_known_issue
-    mark_known_issue(request, "greedy", backend, case)     # a known decode defect has no golden output
+    known = mark_known_issue(request, "greedy", backend, case)   # a known decode defect has no golden output
     store, key, cls = _where(neox, backend_name, backend)
     # Read first: an unusable file fails (and a missing one skips) before any model call.
     got = None if neox.options.update_baselines else _load(store, key, cls, request, "greedy ids")
@@ -258,7 +258,7 @@ def check_golden(neox, backend_name: str, case, request=None) -> CaseChange | No
         bad = parity.find_nonfinite(gen, f"{backend_name} {backend.info.dtype} generation of {case.id}")
         if bad:     # a golden output is what a correct run answers: NaN/Inf never is (nor valid JSON)
             neox.record(Record("golden", backend_name, case.id, False, {"status": "non-finite"},
-                               parity.find_nonfinite(gen, case.id)))
+                               parity.find_nonfinite(gen, case.id), known))
             pytest.fail(f"not recorded as a golden output: {bad}", pytrace=False)
         entry = golden_case(case.batch, gen, case.plan.max_new_tokens, top_k, baseline_io.versions())
         path = baseline_io.merge_golden(store, key, cls, cases={case.id: entry})
@@ -280,8 +280,10 @@ def check_golden(neox, backend_name: str, case, request=None) -> CaseChange | No
                             source=_source(store, key, src_cls, cls))
     metrics = {"status": change.status, "first_divergence": change.first_divergence, "gpu_class": src_cls,
                "detail": change.detail}
+    from pytest_neoxmii.checks import config_note
+    note = config_note(neox, backend_name, case, "greedy", metrics)
     neox.record(Record("golden", backend_name, case.id, change.passed if change.status != "not-comparable"
-                       else None, metrics, change.line()))
+                       else None, metrics, change.line(), known))
     if request is not None:
         request.node.user_properties.append(("golden_status", change.status))
     print(summary.text())
@@ -289,7 +291,7 @@ def check_golden(neox, backend_name: str, case, request=None) -> CaseChange | No
         pytest.skip(f"golden output of {case.id} not comparable: {change.detail}; re-record it with "
                     f"{baseline_io.UPDATE_FLAG}")
     if not change.passed:
-        pytest.fail(summary.text() + "\n" + change.report.message(), pytrace=False)
+        pytest.fail(note + summary.text() + "\n" + change.report.message(), pytrace=False)
     return change
 
 

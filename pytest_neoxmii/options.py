@@ -56,7 +56,16 @@ OPTIONS = (
            None, metavar="PATH"),
     Option("neox_latency_threshold", "relative slowdown of the median beyond which a significant latency "
            "change fails", 0.10, kind="float", metavar="FRACTION"),
-    Option("neox_report", "write the JSON summary and the HF-vs-DS latency plot to this directory", None,
+    Option("neox_prompts", "JSON Lines file of your own prompts, one object per line: 'prompt' (text) or "
+           "'input_ids', optional 'max_new_tokens' and 'id'; each line adds a case to the greedy, "
+           "teacher-forced and golden checks", None, metavar="FILE"),
+    Option("neox_ds_config", "JSON (or YAML) config of deepspeed.init_inference, merged over the plugin's "
+           "defaults and deployed by the ds backend; shown in the header, the report and the baseline key",
+           None, metavar="FILE"),
+    Option("neox_mii_config", "JSON (or YAML) mii_config of mii.deploy, merged over the plugin's defaults and "
+           "deployed by the mii backend; shown in the header, the report and the baseline key", None,
+           metavar="FILE"),
+    Option("neox_report", "write the JSON summary, summary.md and the HF-vs-DS latency plot to this directory", None,
            metavar="DIR"),
 )
 
@@ -125,6 +134,9 @@ class NeoxOptions:
     zero_nvme: Path | None
     latency_threshold: float
     report_dir: Path | None
+    prompts: Path | None = None
+    ds_config: Path | None = None
+    mii_config: Path | None = None
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "NeoxOptions":
@@ -151,15 +163,20 @@ class NeoxOptions:
                                  f"{v['neox_latency_threshold']}")
         if v["neox_cases"] not in ("default", "full"):
             raise NeoxUsageError(f"--neox-cases must be 'default' or 'full', got '{v['neox_cases']}'")
-        root = Path(str(config.rootpath))
+        # Relative paths are relative to where pytest was started (the invocation directory), not to the
+        # rootdir: with `--pyargs pytest_neoxmii.suite` the rootdir can be the installed package's folder.
+        here = Path(config.invocation_params.dir)
         return cls(
             model=v["neox_model"], revision=v["neox_revision"], weights=v["neox_weights"],
             dtype=v["neox_dtype"], tp=v["neox_tp"], backends=backends,
-            baseline_dir=root / v["neox_baseline_dir"], update_baselines=v["neox_update_baselines"],
+            baseline_dir=here / v["neox_baseline_dir"], update_baselines=v["neox_update_baselines"],
             max_new_tokens=v["neox_max_new_tokens"], seed=v["neox_seed"], top_k=v["neox_top_k"],
             parity_multiple=v["neox_parity_multiple"], cases=v["neox_cases"],
             cache_dir=Path(v["neox_cache_dir"]).expanduser() if v["neox_cache_dir"] else default_cache_dir(),
             zero_nvme=Path(v["neox_zero_nvme"]) if v["neox_zero_nvme"] else None,
             latency_threshold=v["neox_latency_threshold"],
-            report_dir=root / v["neox_report"] if v["neox_report"] else None,
+            report_dir=here / v["neox_report"] if v["neox_report"] else None,
+            prompts=here / v["neox_prompts"] if v["neox_prompts"] else None,
+            ds_config=here / v["neox_ds_config"] if v["neox_ds_config"] else None,
+            mii_config=here / v["neox_mii_config"] if v["neox_mii_config"] else None,
         )

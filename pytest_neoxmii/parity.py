@@ -612,7 +612,8 @@ class LayerError:
 
     @property
     def name(self) -> str:
-        return "embed" if self.index == 0 else f"layer {self.index}"
+        """The module as users address it: hidden_states[i] is the output of gpt_neox.layers.(i-1)."""
+        return "gpt_neox.embed_in" if self.index == 0 else f"gpt_neox.layers.{self.index - 1}"
 
 
 @dataclass
@@ -638,9 +639,9 @@ class LocalizationReport:
             head = f"divergence starts at {layer.name} (hidden_states[{layer.index}]): {how}"
         ratio_name = "ratio to floor" if self.uses_floor else "ratio to prev"
         lines = [head, format_table(
-            ["layer", "rel err", "max abs", "floor", ratio_name, ""],
-            [[lay.name, lay.rel_err, lay.max_abs, lay.floor, lay.ratio, "<-- first departs" if lay.departs else ""]
-             for lay in self.layers])]
+            ["module", "output", "rel err", "max abs", "floor", ratio_name, ""],
+            [[lay.name, f"hidden_states[{lay.index}]", lay.rel_err, lay.max_abs, lay.floor, lay.ratio,
+              "<-- first departs" if lay.departs else ""] for lay in self.layers])]
         if self.worst_positions:
             lines.append("worst positions at that layer:")
             lines.append(format_table(["row", "position", "prompt len", "rel err"],

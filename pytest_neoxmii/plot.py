@@ -7,11 +7,15 @@ It reads the JSON summary the report writes (neoxmii-summary.json), so plots can
 combined across models later:
 
     python -m pytest_neoxmii.plot report-160m/neoxmii-summary.json report-1b/neoxmii-summary.json -o hf-vs-ds.png
+
+With reports of two or more models it draws the sweep of the EleutherAI notes instead (plot_sweep): latency
+against model size, HF vs DS (and MII, ZeRO), each model's parity verdict marked on its point.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 BACKEND_ORDER = ("hf", "ds", "mii", "zero")
@@ -162,14 +166,162 @@ def plot_summary(summary: dict, path: Path) -> Path:
     return plot_summaries([summary], path)
 
 
+# --- the sweep over model sizes ----------------------------------------------------------------------------
+
+PARITY_CHECKS = ("greedy", "teacher-forced", "golden", "golden-perplexity")
+
+
+def parity_verdict(summary: dict, backend: str) -> str:
+    """One word for a backend's parity in a report: "FAILED" (any check failed, or a strict known issue
+    XPASSed), "xfail [key]" (only known issues failed, as expected), "passed", or "not judged"."""
+    per = (summary.get("verdicts") or {}).get(backend) or {}
+    counts = [per[c] for c in PARITY_CHECKS if c in per]
+    if any(n.get("failed") or n.get("xpass") for n in counts):
+        return "FAILED"
+    keys = sorted({k for n in counts for k in n.get("known_issues", ()) if n.get("xfail")})
+    if keys:
+        return "xfail " + " ".join(f"[{k}]" for k in keys)
+    if any(n.get("passed") for n in counts):
+        return "passed"
+    return "not judged"
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    model: str
+    parameters: int
+    backend: str
+    batch_size: int
+    e2e_p50_ms: float
+    ratio_to_hf: float | None
+    parity: str                  # parity_verdict of this backend in this model's report ("reference" for hf)
+
+
+def sweep_points(summaries: list[dict]) -> list[SweepPoint]:
+    """Median end-to-end latency per (model, backend, batch size), ordered by model size. A model given twice
+    keeps its latest report."""
+    latest: dict[str, dict] = {}
+    for s in summaries:
+        name = s["model"]["name"]
+        if name not in latest or s.get("created_at", "") >= latest[name].get("created_at", ""):
+            latest[name] = s
+    points = []
+    for s in sorted(latest.values(), key=lambda s: s["model"].get("parameters") or 0):
+        for r in _rows(s):
+            points.append(SweepPoint(s["model"]["name"], int(s["model"].get("parameters") or 0), r["backend"],
+                                     r["batch_size"], r["e2e_p50_s"] * 1e3, r.get("ratio_to_hf"),
+                                     "reference" if r["backend"] == "hf" else parity_verdict(s, r["backend"])))
+    return points
+
+
+def _marker(parity: str, color: str) -> tuple[str, str, str]:
+    """(marker, face colour, edge colour) of a point by its parity verdict."""
+    if parity == "FAILED":
+        return "X", "#d62728", "#d62728"
+    if parity.startswith("xfail"):
+        return "s", "#ff7f0e", color
+    if parity == "not judged":
+        return "o", "none", color
+    return "o", color, color          # passed, or the hf reference itself
+
+
+def plot_sweep(summaries: list[dict], path: Path) -> Path:
+    """The EleutherAI notes' figure, from reports: x = model size, y = median end-to-end latency, one line per
+    backend (HF vs DS, MII, ZeRO), one panel per batch size; each deployment's point shows its parity verdict
+    (filled: passed, red X: FAILED, hollow: not judged, square: xfail under a known issue) and its ratio to HF."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    points = sweep_points(summaries)
+    if not points:
+        raise ValueError("no latency results to plot")
+    batches = sorted({p.batch_size for p in points})
+    models = sorted({(p.parameters, p.model) for p in points})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 5.2), squeeze=False)
+    for ax, bs in zip(axes[0], batches):
+        at_bs = [p for p in points if p.batch_size == bs]
+        backends = [b for b in BACKEND_ORDER if any(p.backend == b for p in at_bs)]
+        backends += sorted({p.backend for p in at_bs} - set(backends))
+        for b in backends:
+            line = sorted((p for p in at_bs if p.backend == b), key=lambda p: p.parameters)
+            color = COLORS.get(b, "#9467bd")
+            ax.plot([p.parameters for p in line], [p.e2e_p50_ms for p in line], "-", color=color, linewidth=1.5,
+                    label=LABELS.get(b, b))
+            for p in line:
+                marker, face, edge = _marker(p.parity, color)
+                ax.plot([p.parameters], [p.e2e_p50_ms], marker=marker, markersize=9 if marker == "X" else 7,
+                        markerfacecolor=face, markeredgecolor=edge, linestyle="none")
+                if b != "hf":
+                    label = ("" if p.ratio_to_hf is None else f"x{p.ratio_to_hf:.2f} ") + p.parity
+                    ax.annotate(label, (p.parameters, p.e2e_p50_ms), xytext=(5, -3 if b == "ds" else 6),
+                                textcoords="offset points", fontsize=7, color=color)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks([m[0] for m in models])
+        ax.set_xticklabels([f"{m[1]}\n{m[0] / 1e9:.2g}B" for m in models], fontsize=8)
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.tick_params(axis="y", labelsize=8)
+        ax.set_xlabel("model size (parameters)", fontsize=9)
+        ax.set_ylabel("end-to-end latency, ms (median)", fontsize=9)
+        ax.set_title(f"batch {bs}", fontsize=10)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles += [Line2D([], [], marker="o", color="#444444", linestyle="none", label="parity passed"),
+                Line2D([], [], marker="X", color="#d62728", linestyle="none", label="parity FAILED"),
+                Line2D([], [], marker="s", color="#444444", markerfacecolor="#ff7f0e", linestyle="none",
+                       label="xfail (known issue)"),
+                Line2D([], [], marker="o", color="#444444", markerfacecolor="none", linestyle="none",
+                       label="parity not judged")]
+    fig.legend(handles=handles, loc="upper center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, 0.89),
+               frameon=False)
+    fig.suptitle("HF vs DS inference across model sizes\n" + sweep_subtitle(summaries), fontsize=11)
+    fig.text(0.01, 0.005, footer(summaries), fontsize=7, color="#555555", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 0.83))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sweep_subtitle(summaries: list[dict]) -> str:
+    """Weights, dtype and machine, said once when every report agrees, else listed (never hidden)."""
+    def one(key):
+        values = sorted({key(s) for s in summaries})
+        return values[0] if len(values) == 1 else "mixed: " + " / ".join(values)
+    return (f"{one(lambda s: weights_label(s['model']))}, {one(lambda s: s['dtype'])}, "
+            f"{one(lambda s: s['hardware'].get('gpu_name') or 'CPU (no GPU)')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pytest_neoxmii.plot",
                                      description="Plot HF vs DS latency from neoxmii-summary.json files.")
     parser.add_argument("summaries", nargs="+", type=Path, help="neoxmii-summary.json files (one per model)")
     parser.add_argument("-o", "--output", type=Path, default=Path("hf-vs-ds.png"))
+    parser.add_argument("--kind", choices=("auto", "sweep", "models"), default="auto",
+                        help="sweep: latency against model size, each model's parity marked; models: one row "
+                             "of bar charts per report; auto (default): sweep for two or more models")
     args = parser.parse_args(argv)
-    summaries = [json.loads(p.read_text()) for p in args.summaries]
-    print(plot_summaries(summaries, args.output))
+    summaries = []
+    for p in args.summaries:
+        try:
+            summaries.append(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            parser.error(f"{p}: not a readable JSON summary ({exc})")
+    kind = args.kind
+    if kind == "auto":
+        kind = "sweep" if len({s["model"]["name"] for s in summaries}) >= 2 else "models"
+    try:
+        out = plot_sweep(summaries, args.output) if kind == "sweep" else plot_summaries(summaries, args.output)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(out)
     return 0
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from pytest_neoxmii import options as options_mod
 from pytest_neoxmii.errors import NeoxUsageError
-from pytest_neoxmii.fixtures import neox, neox_case, neox_generation_case  # noqa: F401  (fixtures)
+from pytest_neoxmii.fixtures import (neox, neox_case, neox_ds, neox_generation_case,  # noqa: F401
+                                     neox_mii, neox_reference, neox_zero)                      # (fixtures)
 from pytest_neoxmii.session import NeoxSession
 
 SESSION_KEY = pytest.StashKey[NeoxSession]()
@@ -39,6 +40,8 @@ def pytest_configure(config: pytest.Config) -> None:
             from pytest_neoxmii.weights import resolve
             model = resolve(opts.model, opts.weights, opts.revision, opts.seed, opts.cache_dir)
         session = NeoxSession(opts, model)
+        session.load_serving_configs()
+        session.load_prompts()
         _check_cases(session)
     except NeoxUsageError as exc:
         raise pytest.UsageError(str(exc)) from None
@@ -83,6 +86,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"neoxmii: GPUs found: {session.hardware.describe()}",
         "neoxmii: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
     ]
+    lines += [f"neoxmii: {config.describe()}" for config in session.serving_configs.values()]
     return lines
 
 

@@ -1,9 +1,9 @@
 """End-of-session report: what ran (per backend), the verdicts per check and case family, the latency table
 (backend x metric, ratio to HF, % of the weight-streaming floor, regression-gate verdicts), golden-output
 changes, where the time went (kernel build, model load, model calls, timed benchmark calls, the plugin's own
-overhead) and, with --neox-report DIR, the JSON summary (neoxmii-summary.json) and the HF-vs-DS plot
-(latency-<model>.png). Both say which weights (synthetic seed / real revision) and which GPU the numbers
-come from."""
+overhead) and, with --neox-report DIR, the JSON summary (neoxmii-summary.json), its Markdown rendering
+(summary.md, see markdown_summary.py) and the HF-vs-DS plot (latency-<model>.png). All say which weights
+(synthetic seed / real revision) and which GPU the numbers come from."""
 from __future__ import annotations
 
 import json
@@ -19,6 +19,7 @@ from pytest_neoxmii.table import format_table
 SUMMARY_SCHEMA = "pytest-neoxmii/summary"
 SUMMARY_VERSION = 1
 SUMMARY_FILE = "neoxmii-summary.json"
+MARKDOWN_FILE = "summary.md"
 VERDICT_CHECKS = ("greedy", "teacher-forced", "golden", "golden-perplexity", "latency")
 
 
@@ -38,9 +39,12 @@ def latency_rows(session) -> list[dict]:
     return [r.as_dict() for r in results]
 
 
-def latency_table(rows: list[dict]) -> str:
-    headers = ["backend", "dtype", "batch", "TTFT ms", "TPOT ms", "e2e p50 ms", "p90 ms", "p99 ms", "tokens/s",
-               "peak MiB", "x/HF", "floor ms", "floor %", "gate"]
+LATENCY_HEADERS = ["backend", "dtype", "batch", "TTFT ms", "TPOT ms", "e2e p50 ms", "p90 ms", "p99 ms",
+                   "tokens/s", "peak MiB", "x/HF", "floor ms", "floor %", "gate"]
+
+
+def latency_cells(rows: list[dict]) -> list[list]:
+    """One table row per latency result (the terminal table and summary.md share them)."""
     out = []
     for r in rows:
         peak = r.get("peak_gpu_memory_bytes")
@@ -49,40 +53,67 @@ def latency_table(rows: list[dict]) -> str:
                     _ms(r["e2e_p50_s"]), _ms(r["e2e_p90_s"]), _ms(r["e2e_p99_s"]), r["tokens_per_s"],
                     None if peak is None else peak / 2**20, r["ratio_to_hf"],
                     _ms(r["floor_s"]), r["floor_pct"] if r["floor_pct"] is not None else "unknown", gate])
-    return format_table(headers, out)
+    return out
 
 
-def verdicts(session) -> dict[str, dict[str, dict[str, int]]]:
-    """{backend: {check: {"passed", "failed", "informational"}}} over every record of the session."""
-    out: dict = defaultdict(lambda: defaultdict(lambda: {"passed": 0, "failed": 0, "informational": 0}))
+def latency_table(rows: list[dict]) -> str:
+    return format_table(LATENCY_HEADERS, latency_cells(rows))
+
+
+def _empty_counts() -> dict:
+    return {"passed": 0, "failed": 0, "xfail": 0, "xpass": 0, "informational": 0, "known_issues": [],
+            "outside_config": 0}
+
+
+def verdicts(session) -> dict[str, dict[str, dict]]:
+    """{backend: {check: counts}} over every record of the session. A record under a known issue (strict
+    xfail) counts as "xfail" when it failed and "xpass" when it passed (strict: the test fails, the entry
+    is stale); "known_issues" lists their keys."""
+    out: dict = defaultdict(lambda: defaultdict(_empty_counts))
     for rec in session.records:
-        key = "passed" if rec.passed else "failed" if rec.passed is False else "informational"
-        out[rec.backend][rec.check][key] += 1
+        if rec.known_issue:
+            key = "xfail" if rec.passed is False else "xpass" if rec.passed else "informational"
+        else:
+            key = "passed" if rec.passed else "failed" if rec.passed is False else "informational"
+        counts = out[rec.backend][rec.check]
+        counts[key] += 1
+        if rec.metrics.get("config_misfit"):
+            counts["outside_config"] += 1
+        if rec.known_issue and rec.known_issue not in counts["known_issues"]:
+            counts["known_issues"].append(rec.known_issue)
     return {b: dict(c) for b, c in out.items()}
 
 
-def verdict_table(v: dict) -> str | None:
+def _verdict_cell(n: dict) -> str:
+    keys = " ".join(f"[{k}]" for k in n.get("known_issues", ()))
+    judged = n["passed"] + n["failed"]
+    parts = [f"{n['passed']}/{judged} passed" + (" FAILED" if n["failed"] else "")] if judged else []
+    if n.get("xfail"):
+        parts.append(f"{n['xfail']} xfail {keys}")
+    if n.get("xpass"):
+        parts.append(f"{n['xpass']} XPASS(strict) {keys}")
+    if n["informational"]:
+        parts.append(f"{n['informational']} not judged")
+    if n.get("outside_config"):
+        parts.append(f"{n['outside_config']} outside the serving config")
+    return ", ".join(parts)
+
+
+def verdict_rows(v: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Headers and rows of the per-backend verdict table (backend x check), None when nothing was judged."""
     checks = [c for c in VERDICT_CHECKS if any(c in per for per in v.values())]
     checks += sorted({c for per in v.values() for c in per} - set(checks))
     if not checks:
         return None
     rows = []
     for backend in sorted(v, key=lambda b: ({"hf": 0, "ds": 1, "mii": 2, "zero": 3}.get(b, 9), b)):
-        row = [backend]
-        for c in checks:
-            n = v[backend].get(c)
-            if n is None:
-                row.append("-")
-                continue
-            judged = n["passed"] + n["failed"]
-            cell = f"{n['passed']}/{judged} passed" if judged else ""
-            if n["failed"]:
-                cell += " FAILED"
-            if n["informational"]:
-                cell += (", " if cell else "") + f"{n['informational']} not judged"
-            row.append(cell)
-        rows.append(row)
-    return format_table(["backend"] + checks, rows)
+        rows.append([backend] + [_verdict_cell(v[backend][c]) if c in v[backend] else "-" for c in checks])
+    return ["backend"] + checks, rows
+
+
+def verdict_table(v: dict) -> str | None:
+    table = verdict_rows(v)
+    return None if table is None else format_table(*table)
 
 
 def _finite(value):
@@ -124,6 +155,9 @@ def build_summary(session) -> dict:
         "unavailable": dict(session.unavailable),
         "latency": rows,
         "verdicts": verdicts(session),
+        "configs": {engine: c.as_json() for engine, c in getattr(session, "serving_configs", {}).items()},
+        "config_warnings": [f"{r.check} {r.backend} {r.case}: {r.metrics['config_misfit']}"
+                            for r in session.records if r.metrics.get("config_misfit")],
         "golden_changes": [{"backend": r.backend, "case": r.case, "check": r.check, "summary": r.summary}
                            for r in session.records
                            if (r.check.startswith("golden") and r.passed is False)
@@ -133,7 +167,8 @@ def build_summary(session) -> dict:
                             if r.check == "latency" and r.metrics.get("gate_verdict") in ("regression",
                                                                                          "improvement")],
         "records": [{"check": r.check, "backend": r.backend, "case": r.case, "passed": r.passed,
-                     "metrics": r.metrics, "summary": r.summary} for r in session.records],
+                     "known_issue": r.known_issue, "metrics": r.metrics, "summary": r.summary}
+                    for r in session.records],
         "timings_s": {**timings, "other (plugin and pytest)": max(wall - sum(timings.values()), 0.0),
                       "session": wall},
         "plot": plot_file(m.spec.name) if rows else None,
@@ -141,8 +176,10 @@ def build_summary(session) -> dict:
 
 
 def write_report(session, directory: Path) -> tuple[Path, Path | None, str | None]:
-    """Write neoxmii-summary.json and, when there are latency results, latency-<model>.png.
+    """Write neoxmii-summary.json, summary.md (also appended to $GITHUB_STEP_SUMMARY inside GitHub Actions)
+    and, when there are latency results, latency-<model>.png.
     Returns (json path, png path or None, why there is no png or None)."""
+    from pytest_neoxmii.markdown_summary import write_markdown
     from pytest_neoxmii.plot import plot_summary
 
     directory = Path(directory)
@@ -161,6 +198,7 @@ def write_report(session, directory: Path) -> tuple[Path, Path | None, str | Non
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=1, sort_keys=False, allow_nan=False) + "\n")
     tmp.replace(path)
+    write_markdown(summary, directory / MARKDOWN_FILE)
     return path, png, why
 
 
@@ -173,6 +211,8 @@ def terminal_summary(terminalreporter, session) -> None:
         tr.write_line(f"ran  {key:<10} {info.describe()}")
     for key, reason in session.unavailable.items():
         tr.write_line(f"skip {key:<10} {reason}")
+    for config in getattr(session, "serving_configs", {}).values():
+        tr.write_line(config.describe())
     groups = defaultdict(lambda: [0, 0, 0])
     for rec in session.records:
         family = rec.case.split("-b")[0] if "-b" in rec.case else rec.case
@@ -190,7 +230,8 @@ def terminal_summary(terminalreporter, session) -> None:
     if session.options.report_dir is not None:
         try:
             path, png, why = write_report(session, session.options.report_dir)
-            tr.write_line(f"report: {path}" + (f", plot {png}" if png else f" (no plot: {why})"))
+            tr.write_line(f"report: {path}, {path.with_name(MARKDOWN_FILE)}"
+                          + (f", plot {png}" if png else f" (no plot: {why})"))
         except OSError as exc:
             tr.write_line(f"report not written to {session.options.report_dir}: {exc}")
 
@@ -217,3 +258,7 @@ def _latency_section(tr, session) -> None:
         tr.write_line(f"golden changed: {rec.backend} {rec.summary}")
     for rec in near:
         tr.write_line(f"golden near-tie (accepted): {rec.backend} {rec.summary}")
+    for rec in session.records:
+        if rec.metrics.get("config_misfit"):
+            tr.write_line(f"outside the serving config: {rec.check} {rec.backend} {rec.case}: "
+                          f"{rec.metrics['config_misfit']}", yellow=True)

@@ -26,6 +26,7 @@ class Record:
     passed: bool | None  # None: informational
     metrics: dict = field(default_factory=dict)
     summary: str = ""
+    known_issue: str | None = None   # key of the known issue the test is strictly expected to fail with
 
 
 class NeoxSession:
@@ -41,6 +42,8 @@ class NeoxSession:
         self._cache: dict[tuple, object] = {}
         self._tokenizer = None
         self._dtype_choice: precision.DtypeChoice | None = None   # kept after close(): the report shows it
+        self.prompt_plans: list[CasePlan] = []      # users' own prompts (--neox-prompts), see load_prompts
+        self.serving_configs: dict = {}             # engine -> serving_config.ServingConfig (--neox-*-config)
         self.started = time.perf_counter()
 
     # -- what is tested -------------------------------------------------------------------------------
@@ -78,7 +81,35 @@ class NeoxSession:
         if self.model is None:
             return []
         o = self.options
-        return plan_cases(self.model.spec.max_position_embeddings, o.max_new_tokens, o.cases)
+        return plan_cases(self.model.spec.max_position_embeddings, o.max_new_tokens, o.cases) + self.prompt_plans
+
+    def load_serving_configs(self) -> None:
+        """Read and check --neox-ds-config / --neox-mii-config once, at configure time (bad files are usage
+        errors naming the file and the key)."""
+        if self.model is None:           # nothing will be deployed: the acceptance tests skip
+            return
+        from pytest_neoxmii import serving_config
+        for engine, path in (("ds", self.options.ds_config), ("mii", self.options.mii_config)):
+            if path is not None:
+                self.serving_configs[engine] = serving_config.load(engine, path, dtype=self.dtype,
+                                                                   tp=self.options.tp)
+
+    def load_prompts(self) -> None:
+        """Turn --neox-prompts into cases, once, at configure time (bad lines are usage errors). Text prompts
+        need the model's tokenizer, so the model directory is made ready here (synthetic weights built)."""
+        path = self.options.prompts
+        if path is None or self.model is None:
+            return
+        from pytest_neoxmii.prompts import prompt_plans, read_prompt_file
+        lines = read_prompt_file(path)
+        tokenizer = None
+        if any(entry.text is not None for entry in lines):
+            self.require_model()
+            tokenizer = self.tokenizer
+        spec = self.model.spec
+        self.prompt_plans = prompt_plans(lines, path, tokenizer=tokenizer,
+                                         context_length=spec.max_position_embeddings,
+                                         vocab_size=spec.vocab_size, default_max_new_tokens=self.options.max_new_tokens)
 
     @property
     def tokenizer(self):
@@ -141,13 +172,18 @@ class NeoxSession:
                                        tp=self.options.tp if name in ("ds", "mii") else 1,
                                        max_tokens=self.max_tokens, spec=model.spec,
                                        max_batch=self.max_batch,
-                                       zero_nvme=self.options.zero_nvme)
+                                       zero_nvme=self.options.zero_nvme,
+                                       engine_config=self._engine_config(name))
         except BackendUnavailable as exc:
             self.unavailable[key] = f"{name} ({dtype}): {exc}"
             pytest.skip(self.unavailable[key])
         self.backends[key] = backend
         self.infos[key] = backend.info
         return backend
+
+    def _engine_config(self, name: str) -> dict | None:
+        config = self.serving_configs.get(name)
+        return None if config is None else config.values
 
     def _check_fits(self, name: str, dtype: str) -> None:
         hw = self.hardware

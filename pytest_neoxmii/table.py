@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
-__all__ = ["format_table", "format_value"]
+__all__ = ["format_markdown_table", "format_table", "format_value"]
 
 _SEPARATOR = "  "
 
@@ -73,4 +73,25 @@ def format_table(headers: list[str], rows: list[list[object]]) -> str:
 
     lines = [line(headers), _SEPARATOR.join("-" * w for w in widths)]
     lines.extend(line(r) for r in cells)
+    return "\n".join(lines)
+
+
+def format_markdown_table(headers: list[str], rows: list[list[object]]) -> str:
+    """The same table as GitHub-flavoured Markdown (numeric columns right-aligned, '|' in a cell escaped)."""
+    if not headers:
+        raise ValueError("format_markdown_table needs at least one header")
+    for i, row in enumerate(rows):
+        if len(row) != len(headers):
+            raise ValueError(f"format_markdown_table: row {i} has {len(row)} cells, expected {len(headers)}")
+
+    def cell(value: object) -> str:
+        return format_value(value).replace("|", "\\|")
+
+    right = []
+    for c in range(len(headers)):
+        values = [row[c] for row in rows if row[c] is not None]
+        right.append(bool(values) and all(_is_numeric(v) for v in values))
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
+             "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)

@@ -30,7 +30,7 @@ flag=""
 summaries=()
 for model in "$@"; do
   start=$(date +%s)
-  python3 -m pytest tests/acceptance/test_latency.py tests/acceptance/test_golden.py "${plugin[@]}" \
+  python3 -m pytest pytest_neoxmii/suite/test_latency.py pytest_neoxmii/suite/test_golden.py "${plugin[@]}" \
     --neox-model="$model" --neox-weights=synthetic --neox-backends="$BACKENDS" \
     --neox-baseline-dir="$BASELINES" --neox-report="$OUT/report-$model" $flag \
     --benchmark-json="$OUT/bench-$model.json" --junitxml="$OUT/junit-$model.xml" \

@@ -6,7 +6,7 @@ the results go to $OUT/multi_gpu.json after every phase, so a run cut short keep
   kernels  DeepSpeed's transformer_inference op built (or loaded) once, while the synthetic models build
   parity   pythia-1b (synthetic) tp=2: ds under the DeepSpeed launcher and mii as MII LOCAL, against the
            fp32 HF reference (parity engine rules), latency against tp=1, teardown check: pytest on
-           tests/acceptance/test_multi_gpu.py
+           pytest_neoxmii/suite/test_multi_gpu.py
   cycles   10 consecutive deploy/teardown cycles in this process (MII LOCAL tp=2, pythia-70m): processes of
            the deployment and GPU memory (nvidia-smi and torch.cuda.mem_get_info per GPU) before and after
   sigint   a pytest session holding a MII tp=2 deployment, SIGINT mid-run: afterwards no process of the
@@ -138,7 +138,7 @@ INTERRUPTIBLE_PYTEST = ("import runpy, signal, sys; signal.signal(signal.SIGINT,
 
 
 def pytest_cmd(model: str, backends: str, junit: Path | None, extra: list[str]) -> list[str]:
-    cmd = [sys.executable, "-c", INTERRUPTIBLE_PYTEST, "tests/acceptance/test_multi_gpu.py", *_plugin_args(),
+    cmd = [sys.executable, "-c", INTERRUPTIBLE_PYTEST, "pytest_neoxmii/suite/test_multi_gpu.py", *_plugin_args(),
            f"--neox-model={model}", "--neox-weights=synthetic", f"--neox-cache-dir={CACHE}", "--neox-tp=2",
            f"--neox-backends={backends}", "-p", "no:cacheprovider", "-rs", "-o", "junit_family=xunit1", *extra]
     if junit is not None:

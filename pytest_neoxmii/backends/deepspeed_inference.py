@@ -54,8 +54,19 @@ def init_distributed_env() -> None:
 
 
 class DeepSpeedBackend(TorchModelBackend):
-    def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1):
-        inject = device.startswith("cuda")
+    def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1, *,
+                 engine_config: dict | None = None):
+        from pytest_neoxmii.serving_config import merged
+        on_gpu = device.startswith("cuda")
+        config = merged({
+            "tensor_parallel": {"tp_size": tp},
+            "dtype": TORCH_DTYPES[dtype],
+            "replace_with_kernel_inject": on_gpu,
+            "enable_cuda_graph": False,         # not supported with injection for this model (STACK trap 4)
+            "max_tokens": max_tokens,           # sized from the cases: the workspace must hold them
+        }, engine_config)
+        config["dtype"] = TORCH_DTYPES[dtype]   # a user's spelling of the same dtype ("fp16", "half")
+        inject = on_gpu and bool(config["replace_with_kernel_inject"])   # kernels expected only if asked
         check_kernels_can_run(dtype, device)
         if tp > 1:
             raise BackendUnavailable(f"ds with tp={tp} runs under the DeepSpeed launcher (the tensor-parallel "
@@ -66,15 +77,9 @@ class DeepSpeedBackend(TorchModelBackend):
 
         self.device = device
         before = gpu_used_bytes(device)
-        model = load_hf_model(path, dtype, device if inject else "cpu")
+        model = load_hf_model(path, dtype, device if on_gpu else "cpu")
         total = len(model.gpt_neox.layers)
-        engine = deepspeed.init_inference(model, config={
-            "tensor_parallel": {"tp_size": tp},
-            "dtype": TORCH_DTYPES[dtype],
-            "replace_with_kernel_inject": inject,
-            "enable_cuda_graph": False,         # not supported with injection for this model (STACK trap 4)
-            "max_tokens": max_tokens,           # sized from the cases: the workspace must hold them
-        })
+        engine = deepspeed.init_inference(model, config=config)
         self.model = engine
         report = count_injected(engine.module, total)
         if inject:
@@ -82,11 +87,14 @@ class DeepSpeedBackend(TorchModelBackend):
             engine_loaded()
             self.size_workspace(max_batch)
         self._injected = inject
-        held = gpu_used_bytes(device) - before if inject else None
+        held = gpu_used_bytes(device) - before if on_gpu else None
         self.info = BackendInfo(
             backend="ds", dtype=dtype, device=device, tensor_parallel=tp,
-            kernels=report.describe() if inject else "none (CPU: no kernel injection)",
-            gpu_memory_bytes=held, notes=[f"max_tokens={max_tokens}", f"workspace sized for batch {max_batch}"])
+            kernels=report.describe() if inject else "none (CPU: no kernel injection)" if not on_gpu
+            else "none (replace_with_kernel_inject is off in the ds config)",
+            gpu_memory_bytes=held, notes=[f"max_tokens={config['max_tokens']}",
+                                          f"workspace sized for batch {max_batch}"]
+            + (["user config merged over the defaults"] if engine_config else []))
 
     def close(self) -> None:
         if getattr(self, "model", None) is None:

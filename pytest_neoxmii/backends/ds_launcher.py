@@ -10,6 +10,8 @@ tail. close() asks the ranks to exit, then ends the whole tree and waits for GPU
 (deploy/processes.py)."""
 from __future__ import annotations
 
+import json
+
 import shutil
 import time
 from pathlib import Path
@@ -31,8 +33,9 @@ class DsLauncherBackend(Backend):
     def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1, *,
                  gpus: list[int] | None = None, ready_timeout: float | None = None,
                  request_timeout: float | None = None, memory_probe="default", factory: str | None = None,
-                 name: str = "ds"):
+                 name: str = "ds", engine_config: dict | None = None):
         self._closed = True
+        self.engine_config = engine_config           # the user's ds config, merged over the ranks' defaults
         on_gpu = device.startswith("cuda")
         from pytest_neoxmii.backends.deepspeed_inference import check_kernels_can_run
         check_kernels_can_run(dtype, device)
@@ -72,6 +75,8 @@ class DsLauncherBackend(Backend):
             "--device", "cuda" if device.startswith("cuda") else "cpu"]
         if factory:
             cmd += ["--factory", factory]
+        if self.engine_config:
+            cmd += ["--engine-config", json.dumps(self.engine_config)]
         tree = processes.start(cmd, name=f"DeepSpeed launcher (ds tp={self.tp})",
                                log_path=self.run_dir / "launcher.log", tag=self.tag, env_extra=self._listener.env())
         self._trees.append(tree)
@@ -99,7 +104,8 @@ class DsLauncherBackend(Backend):
             kernels=kernels.pop() if len(kernels) == 1 else "; ".join(f"rank {i['rank']}: {i['kernels']}"
                                                                       for i in infos),
             gpu_memory_bytes=sum(held) if held else None,
-            notes=[f"DeepSpeed launcher, {self.tp} ranks", f"max_tokens={max_tokens}",
+            notes=[f"DeepSpeed launcher, {self.tp} ranks",
+                   f"max_tokens={(self.engine_config or {}).get('max_tokens', max_tokens)}",
                    f"workspace sized for batch {max_batch}", f"deployed in {self.deploy_seconds:.1f} s"])
 
     # -- requests -------------------------------------------------------------------------------------

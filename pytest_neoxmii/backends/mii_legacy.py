@@ -42,7 +42,8 @@ def prompt_texts(tokenizer, batch: PromptBatch) -> list[str]:
 
 
 class MiiBackend(TorchModelBackend):
-    def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1):
+    def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1, *,
+                 engine_config: dict | None = None):
         if tp > 1:
             raise BackendUnavailable(f"mii with tp={tp} is the gRPC server deployment, not the in-process one")
         on_gpu = device.startswith("cuda")
@@ -56,17 +57,20 @@ class MiiBackend(TorchModelBackend):
         self.name = f"neoxmii-{path.name}-{next(_counter)}"
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         before = gpu_used_bytes(device)
+        from pytest_neoxmii.serving_config import merged
+        mii_config = merged({
+            "dtype": TORCH_DTYPES[dtype], "tensor_parallel": 1,
+            "skip_model_check": True,            # offline: no hub look-up of a local path
+            "replace_with_kernel_inject": on_gpu,
+            "load_with_sys_mem": not on_gpu,     # CPU: MII must not place the model on cuda:0
+            "enable_cuda_graph": False,
+            "max_tokens": max_tokens,
+        }, engine_config)
+        mii_config["dtype"] = TORCH_DTYPES[dtype]   # a user's spelling of the same dtype ("fp16", "half")
+        inject = on_gpu and bool(mii_config["replace_with_kernel_inject"])   # kernels expected only if asked
         mii.deploy(
             task="text-generation", model=str(path), deployment_name=self.name,
-            deployment_type=mii.DeploymentType.NON_PERSISTENT,
-            mii_config={
-                "dtype": TORCH_DTYPES[dtype], "tensor_parallel": 1,
-                "skip_model_check": True,            # offline: no hub look-up of a local path
-                "replace_with_kernel_inject": on_gpu,
-                "load_with_sys_mem": not on_gpu,     # CPU: MII must not place the model on cuda:0
-                "enable_cuda_graph": False,
-                "max_tokens": max_tokens,
-            })
+            deployment_type=mii.DeploymentType.NON_PERSISTENT, mii_config=mii_config)
         self._mii = mii
         self.handle = mii.mii_query_handle(self.name)
         self.pipeline = mii.non_persistent_models[self.name][0]
@@ -75,15 +79,16 @@ class MiiBackend(TorchModelBackend):
         self.model = self.pipeline.model               # the DeepSpeed engine MII built
         module = getattr(self.model, "module", self.model)
         report = count_injected(module, len(module.gpt_neox.layers))
-        if on_gpu:
+        if inject:
             require_injected(report, compat.transformers_version())
             engine_loaded()
             self.size_workspace(max_batch)
-        self._injected = on_gpu
+        self._injected = inject
         held = gpu_used_bytes(device) - before if on_gpu else None
         self.info = BackendInfo(
             backend="mii", dtype=dtype, device=device, tensor_parallel=1,
-            kernels=report.describe() if on_gpu else "none (CPU: no kernel injection)",
+            kernels=report.describe() if inject else "none (CPU: no kernel injection)" if not on_gpu
+            else "none (replace_with_kernel_inject is off in the mii config)",
             gpu_memory_bytes=held, notes=["MII legacy NON_PERSISTENT, queried through mii_query_handle"])
 
     def query_texts(self, texts: list[str], max_new_tokens: int) -> list[str]:

@@ -58,8 +58,10 @@ class MiiServerBackend(Backend):
 
     def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1, *,
                  gpus: list[int] | None = None, ready_timeout: float | None = None,
-                 request_timeout: float | None = None, memory_probe="default"):
+                 request_timeout: float | None = None, memory_probe="default",
+                 engine_config: dict | None = None):
         self._closed = True                  # nothing to tear down until processes exist
+        self.engine_config = engine_config   # the user's mii config (model_conf keys), merged over the defaults
         if not device.startswith("cuda"):
             raise BackendUnavailable("the MII LOCAL deployment needs CUDA GPUs: MII asserts "
                                      "torch.cuda.device_count() >= tensor_parallel and its servers run on "
@@ -100,18 +102,20 @@ class MiiServerBackend(Backend):
     def _mii_config(self, max_tokens: int, hostfile: Path):
         from mii.legacy.config import MIIConfig
         from mii.legacy.constants import DeploymentType
+
+        from pytest_neoxmii.serving_config import merged
         p = self.ports
         config = MIIConfig(
             deployment_name=self.name, deployment_type=DeploymentType.LOCAL,
             port_number=p.load_balancer, restful_api_port=p.restful, enable_restful_api=False,
             hostfile=str(hostfile),
-            model_conf={
+            model_conf={**merged({
                 "task": "text-generation", "model": str(self.path), "dtype": TORCH_DTYPES[self.dtype],
                 "tensor_parallel": self.tp, "torch_dist_port": p.torch_dist,
                 "load_with_sys_mem": True,         # as in the EleutherAI GPT-NeoX notes: shard from CPU
                 "skip_model_check": True,          # a local directory, no hub look-up (STACK.md trap 7)
                 "replace_with_kernel_inject": True, "enable_cuda_graph": False, "max_tokens": max_tokens,
-            })
+            }, self.engine_config), "dtype": TORCH_DTYPES[self.dtype]})
         config.generate_replica_configs()
         replica = config.model_conf.replica_configs[0]
         if list(replica.tensor_parallel_ports) != p.ranks or replica.torch_dist_port != p.torch_dist:
@@ -181,7 +185,8 @@ class MiiServerBackend(Backend):
                                                                       for r in self.rank_reports),
             gpu_memory_bytes=held,
             notes=[f"MII LOCAL gRPC server, {self.tp} ranks under the DeepSpeed launcher",
-                   "load_with_sys_mem", f"max_tokens={max_tokens}", f"deployed in {self.deploy_seconds:.1f} s",
+                   "load_with_sys_mem", f"max_tokens={(self.engine_config or {}).get('max_tokens', max_tokens)}",
+                   f"deployed in {self.deploy_seconds:.1f} s",
                    "text only: no teacher-forced scores"])
 
     # -- queries --------------------------------------------------------------------------------------

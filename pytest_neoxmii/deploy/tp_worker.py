@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import json
 import os
 import sys
 import traceback
@@ -36,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--idle-timeout-hours", type=float, default=24.0,
                    help="how long ranks may wait for the next request (torch.distributed timeout)")
+    p.add_argument("--engine-config", default=None,
+                   help="JSON of the user's init_inference config, merged over the defaults below")
     p.add_argument("--factory", default="pytest_neoxmii.deploy.tp_worker:load_ds_model",
                    help="module:function building this rank's model (tests pass a fake one)")
     return p.parse_args(argv)
@@ -62,13 +65,17 @@ def load_ds_model(args, rank: int, local_rank: int, world: int):
     # shard to its GPU, so a model larger than one GPU still loads.
     model = load_hf_model(args.model, args.dtype, "cpu")
     total = len(model.gpt_neox.layers)
-    engine = deepspeed.init_inference(model, config={
+    from pytest_neoxmii.serving_config import merged
+    config = merged({
         "tensor_parallel": {"tp_size": world},
         "dtype": TORCH_DTYPES[args.dtype],
         "replace_with_kernel_inject": inject,
         "enable_cuda_graph": False,          # not supported with injection for this model (STACK trap 4)
         "max_tokens": args.max_tokens,
-    })
+    }, json.loads(args.engine_config) if args.engine_config else None)
+    config["dtype"] = TORCH_DTYPES[args.dtype]
+    inject = inject and bool(config["replace_with_kernel_inject"])
+    engine = deepspeed.init_inference(model, config=config)
     report = count_injected(engine.module, total)
     if inject:
         require_injected(report, compat.transformers_version())

@@ -439,9 +439,11 @@ def test_localisation_with_floor_names_the_injected_layer():
     assert report.first_departing_layer == 3
     assert not report.passed
     msg = report.message()
-    assert "divergence starts at layer 3" in msg
+    # named as users address the module: hidden_states[3] is the output of gpt_neox.layers.2
+    assert "divergence starts at gpt_neox.layers.2 (hidden_states[3])" in msg
     marked = [line for line in msg.splitlines() if "first departs" in line]
-    assert len(marked) == 1 and marked[0].startswith("layer 3")
+    assert len(marked) == 1 and marked[0].split()[:2] == ["gpt_neox.layers.2", "hidden_states[3]"]
+    assert msg.splitlines()[3].split()[:2] == ["gpt_neox.embed_in", "hidden_states[0]"]
     assert report.worst_positions and all(not (row == 0 and pos == 3) for row, pos, _, _ in report.worst_positions)
     # worst positions are in row coordinates: row 0 has 3 real tokens (positions 0..2)
     assert all(pos < plen for _, pos, plen, _ in report.worst_positions)
@@ -454,7 +456,7 @@ def test_localisation_without_floor_finds_the_jump():
     cand = perturbed(ref, seed=2, rel=0.0, big=0.1, big_from=2)
     report = localize_divergence(ref, cand, MASK)
     assert report.first_departing_layer == 2
-    assert "layer 2" in report.message() and "heuristic" in report.message()
+    assert "gpt_neox.layers.1 (hidden_states[2])" in report.message() and "heuristic" in report.message()
     # error present from the embeddings on and never jumping: the embeddings are named
     report0 = localize_divergence(ref, perturbed(ref, seed=3, rel=0.1), MASK)
     assert report0.first_departing_layer == 0

@@ -60,6 +60,13 @@ CASES = [
     Case("neox_latency_threshold", "latency_threshold", "0.2", "0.05", 0.2, 0.05),
     Case("neox_report", "report_dir", "report-ini", "report-flag",
          lambda root: root / "report-ini", lambda root: root / "report-flag"),
+    # files read only when a model is given (test_prompts.py, test_serving_config.py read them)
+    Case("neox_prompts", "prompts", "ini.jsonl", "flag.jsonl",
+         lambda root: root / "ini.jsonl", lambda root: root / "flag.jsonl"),
+    Case("neox_ds_config", "ds_config", "ds-ini.json", "ds-flag.yaml",
+         lambda root: root / "ds-ini.json", lambda root: root / "ds-flag.yaml"),
+    Case("neox_mii_config", "mii_config", "mii-ini.json", "mii-flag.json",
+         lambda root: root / "mii-ini.json", lambda root: root / "mii-flag.json"),
 ]
 
 
@@ -110,6 +117,10 @@ def test_options_from_pyproject_ini_options(pytester):
     lines = "\n".join(f"{c.name} = {json.dumps(c.ini)}" for c in CASES if c.name != "neox_update_baselines")
     pytester.makepyprojecttoml(f"[tool.pytest.ini_options]\n{lines}\nneox_update_baselines = true\n")
     root = pytester.path
+    for name in ("ini.jsonl", "flag.jsonl"):           # the model is given: the files are read and checked
+        (root / name).write_text('{"input_ids": [1, 2, 3]}\n')
+    for name in ("ds-ini.json", "ds-flag.yaml", "mii-ini.json", "mii-flag.json"):
+        (root / name).write_text("{}\n")
     # neox_model from the file needs synthetic weights; neox_weights from the file is "synthetic".
     opts = options_of(pytester)
     for c in CASES:
@@ -143,7 +154,7 @@ def test_defaults(pytester, monkeypatch, tmp_path):
         "backends": ("hf", "ds", "mii", "zero"), "baseline_dir": pytester.path / "baselines",
         "update_baselines": False, "max_new_tokens": 32, "seed": 0, "top_k": 5, "parity_multiple": 10.0,
         "cases": "default", "cache_dir": tmp_path / "xdg" / "pytest-neoxmii", "zero_nvme": None,
-        "latency_threshold": 0.10, "report_dir": None,
+        "latency_threshold": 0.10, "report_dir": None, "prompts": None, "ds_config": None, "mii_config": None,
     }
     assert get_session(pytester.parseconfigure()).model is None
 

@@ -99,15 +99,13 @@ def test_without_a_model_the_acceptance_style_tests_skip(pytester, fake_gpus, ou
 
 
 def test_without_a_model_the_shipped_acceptance_suite_skips(pytester, fake_gpus, outcomes):
-    """The repository's own tests/acceptance: collected fine, every test skipped, nothing errors."""
+    """The suite shipped in the package, run as a user of the installed plugin runs it (--pyargs, from a
+    directory of their own): collected fine, every test skipped, nothing errors."""
     fake_gpus()
-    files = sorted((REPO / "tests" / "acceptance").glob("test_*.py"))
-    assert files
-    for f in files:   # renamed: the unit tests' own module names (test_parity, ...) are already imported
-        pytester.makepyfile(**{f"test_shipped_{f.stem.removeprefix('test_')}": f.read_text()})
-    reprec = pytester.inline_run("-p", "no:cacheprovider", "--strict-markers")
+    reprec = pytester.inline_run("--pyargs", "pytest_neoxmii.suite", "-p", "no:cacheprovider", "--strict-markers")
     got = outcomes(reprec)
-    assert got, "nothing collected"
+    assert {name.split("[")[0] for name in got} >= {"test_greedy_parity", "test_teacher_forced_parity",
+                                                    "test_latency", "test_golden_greedy"}
     for name, (outcome, reason) in got.items():
         assert outcome == "skipped", (name, outcome)
         assert "--neox-model" in reason or reason in (
@@ -115,6 +113,23 @@ def test_without_a_model_the_shipped_acceptance_suite_skips(pytester, fake_gpus,
             "needs a GPU with at least 40 GB (a100_40g), found none"), (name, reason)
     assert not reprec.getfailedcollections()
     assert reprec.ret == 0
+
+
+def test_the_repository_acceptance_directory_runs_the_shipped_suite():
+    """tests/acceptance collects the package's suite itself (no copy): the same tests as --pyargs."""
+    import subprocess
+    import sys
+
+    def collected(*args):
+        out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                              *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return [line for line in out.stdout.splitlines() if "::" in line]
+
+    from_repo = collected("tests/acceptance")
+    assert from_repo and all(line.startswith("pytest_neoxmii/suite/test_") for line in from_repo), from_repo[:3]
+    shipped = collected("--pyargs", "pytest_neoxmii.suite")
+    assert [line.split("/")[-1] for line in from_repo] == [line.split("/")[-1] for line in shipped]
 
 
 def test_only_the_hf_reference_selected(pytester, outcomes, synthetic_14m):

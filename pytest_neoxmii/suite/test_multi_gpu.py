@@ -4,7 +4,7 @@ deployment, under the parity engine's rules; their latency against tp=1 in the s
 teardown that leaves no process and no GPU memory behind. Backends keep their names at every tp: the
 session's --neox-tp decides which deployment `ds` and `mii` are.
 
-    pytest tests/acceptance/test_multi_gpu.py --neox-model=pythia-1b --neox-weights=synthetic \\
+    pytest pytest_neoxmii/suite/test_multi_gpu.py --neox-model=pythia-1b --neox-weights=synthetic \\
         --neox-tp=2 --neox-backends=ds,mii
 
 The mii server returns text only: it is compared on greedy token ids, and its teacher-forced cases skip

