@@ -3,8 +3,11 @@ verdict against it would mean nothing. Runs on CPU and GPU."""
 import math
 
 import pytest
+from scipy.stats import binomtest
 
 from pytest_neoxmii import parity
+
+MAX_FLIP_RATE = 0.10     # of top-1 tokens the low-precision reference may flip against fp32
 
 
 def test_reference_is_deterministic(neox, neox_generation_case):
@@ -34,7 +37,15 @@ def test_noise_floor_is_small_and_nonzero_where_precision_differs(neox, neox_cas
           f"KL max {floor.kl_max:.3g}, top-1 agreement {floor.top1_agreement:.4f}, "
           f"max |dlogprob| {floor.max_abs_diff:.3g}")
     assert floor.nonfinite is None
-    assert floor.top1_agreement >= 0.9, "the low-precision reference disagrees with fp32 on >10% of top-1"
+    # The claim is about a rate: the low-precision reference flips fp32's top-1 token at no more than 10 % of
+    # positions. A case of n positions is a sample of it, so the check is a one-sided binomial test of that
+    # rate, not a fixed fraction: bf16 flips 2-5 % of positions (measured, 14m and 160m shapes), and on a
+    # 16-position case a 4 % rate gives 2 or more flips 13 % of the time, which a fixed 0.9 called failures.
+    flips = round(floor.top1_disagreement * floor.n_positions)
+    p_value = binomtest(flips, floor.n_positions, MAX_FLIP_RATE, alternative="greater").pvalue
+    assert p_value >= 0.01, (f"the {neox.dtype} reference flips fp32's top-1 token at {flips} of "
+                             f"{floor.n_positions} positions: more than {MAX_FLIP_RATE:.0%} of positions "
+                             f"(one-sided binomial test, p = {p_value:.2g} < 0.01)")
     if neox.dtype == "fp32":
         assert floor.kl_max == 0.0
     else:
