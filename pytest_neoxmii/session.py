@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pytest_neoxmii import hardware
+from pytest_neoxmii import hardware, known_issues
 from pytest_neoxmii.backends import Backend, load_backend
 from pytest_neoxmii.cases import Case, CasePlan, materialize, plan_cases
 from pytest_neoxmii.errors import BackendUnavailable, NeoxUsageError
@@ -35,6 +35,7 @@ class NeoxSession:
         self.backends: dict[str, Backend] = {}
         self.infos: dict[str, object] = {}          # what each backend ran as, kept after teardown
         self.unavailable: dict[str, str] = {}
+        self.known_blocked: dict[str, str] = {}     # backends not deployed: a known abort (xfail reason)
         self.timings: dict[str, float] = {"kernel build": 0.0, "model load": 0.0, "model calls": 0.0}
         self.records: list[Record] = []
         self.latency: dict[tuple, object] = {}      # (backend, dtype, bench) -> latency.LatencyResult
@@ -113,6 +114,15 @@ class NeoxSession:
             return self.backends[key]
         if key in self.unavailable:
             pytest.skip(self.unavailable[key])
+        if key in self.known_blocked:
+            pytest.xfail(self.known_blocked[key])
+        if name != "hf" and self.model is not None and name in self.options.backends:
+            # Decided from the shape alone, before weights are built or anything deploys: a kernel abort
+            # would take the whole session down.
+            blocked = known_issues.match_deployment(name, dtype, self.device, self.model.spec)
+            if blocked is not None:
+                self.known_blocked[key] = blocked
+                pytest.xfail(blocked)
         model = self.require_model()
         if name != "hf" and name not in self.options.backends:
             pytest.skip(f"backend {name} not selected (--neox-backends={','.join(self.options.backends)})")
