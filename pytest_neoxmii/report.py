@@ -122,6 +122,7 @@ def build_summary(session) -> dict:
         "backends": {k: info.describe() for k, info in session.infos.items()},
         "unavailable": dict(session.unavailable),
         "known_issue_not_deployed": dict(session.known_blocked),
+        "crashed": dict(session.crashed),
         "latency": rows,
         "verdicts": verdicts(session),
         "golden_changes": [{"backend": r.backend, "case": r.case, "check": r.check, "summary": r.summary}
@@ -174,6 +175,8 @@ def terminal_summary(terminalreporter, session) -> None:
         tr.write_line(f"skip {key:<10} {reason}")
     for key, reason in session.known_blocked.items():
         tr.write_line(f"xfail {key:<9} not deployed: {reason}")
+    for key, reason in session.crashed.items():
+        tr.write_line(f"CRASH {key:<9} {reason.splitlines()[0]}", red=True)
     groups = defaultdict(lambda: [0, 0, 0])
     for rec in session.records:
         family = rec.case.split("-b")[0] if "-b" in rec.case else rec.case
