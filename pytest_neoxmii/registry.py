@@ -73,6 +73,16 @@ class ModelSpec:
         embed_out = 0 if self.tie_word_embeddings else v * h
         return embed_in + self.num_hidden_layers * per_layer + final_norm + embed_out
 
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        """Rotary dimensions per head, computed the way transformers' GPTNeoXAttention.rotary_ndims is
+        (DeepSpeed's injected layers read that attribute)."""
+        return int(self.head_size * self.rotary_pct)
+
     def weight_bytes(self, dtype: str) -> int:
         return self.parameter_count() * DTYPE_BYTES[_check_dtype(dtype)]
 

@@ -153,6 +153,8 @@ def build_summary(session) -> dict:
         "versions": versions(),
         "backends": {k: info.describe() for k, info in session.infos.items()},
         "unavailable": dict(session.unavailable),
+        "known_issue_not_deployed": dict(session.known_blocked),
+        "crashed": dict(session.crashed),
         "latency": rows,
         "verdicts": verdicts(session),
         "configs": {engine: c.as_json() for engine, c in getattr(session, "serving_configs", {}).items()},
@@ -213,6 +215,10 @@ def terminal_summary(terminalreporter, session) -> None:
         tr.write_line(f"skip {key:<10} {reason}")
     for config in getattr(session, "serving_configs", {}).values():
         tr.write_line(config.describe())
+    for key, reason in session.known_blocked.items():
+        tr.write_line(f"xfail {key:<9} not deployed: {reason}")
+    for key, reason in session.crashed.items():
+        tr.write_line(f"CRASH {key:<9} {reason.splitlines()[0]}", red=True)
     groups = defaultdict(lambda: [0, 0, 0])
     for rec in session.records:
         family = rec.case.split("-b")[0] if "-b" in rec.case else rec.case

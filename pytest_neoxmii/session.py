@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pytest_neoxmii import hardware, precision
+from pytest_neoxmii import hardware, known_issues, precision
 from pytest_neoxmii.backends import Backend, load_backend
+from pytest_neoxmii.deploy.processes import DeploymentError
 from pytest_neoxmii.cases import Case, CasePlan, materialize, plan_cases
 from pytest_neoxmii.errors import BackendUnavailable, NeoxUsageError
 from pytest_neoxmii.options import NeoxOptions
@@ -36,6 +37,8 @@ class NeoxSession:
         self.backends: dict[str, Backend] = {}
         self.infos: dict[str, object] = {}          # what each backend ran as, kept after teardown
         self.unavailable: dict[str, str] = {}
+        self.known_blocked: dict[str, str] = {}     # backends not deployed: a known abort (xfail reason)
+        self.crashed: dict[str, str] = {}           # deployments that died: every test needing one fails
         self.timings: dict[str, float] = {"kernel build": 0.0, "model load": 0.0, "model calls": 0.0}
         self.records: list[Record] = []
         self.latency: dict[tuple, object] = {}      # (backend, dtype, bench) -> latency.LatencyResult
@@ -157,6 +160,17 @@ class NeoxSession:
             return self.backends[key]
         if key in self.unavailable:
             pytest.skip(self.unavailable[key])
+        if key in self.known_blocked:
+            pytest.xfail(self.known_blocked[key])
+        if key in self.crashed:
+            pytest.fail(self.crashed[key], pytrace=False)
+        if name != "hf" and self.model is not None and name in self.options.backends:
+            # Decided from the shape alone, before weights are built or anything deploys: a kernel abort
+            # would take the whole session down.
+            blocked = known_issues.match_deployment(name, dtype, self.device, self.model.spec)
+            if blocked is not None:
+                self.known_blocked[key] = blocked
+                pytest.xfail(blocked)
         model = self.require_model()
         if name != "hf" and name not in self.options.backends:
             pytest.skip(f"backend {name} not selected (--neox-backends={','.join(self.options.backends)})")
@@ -177,6 +191,8 @@ class NeoxSession:
         except BackendUnavailable as exc:
             self.unavailable[key] = f"{name} ({dtype}): {exc}"
             pytest.skip(self.unavailable[key])
+        except DeploymentError as exc:          # died while loading: a result, and not retried
+            self._crash(key, f"{name} ({dtype}) failed to deploy: {exc}")
         self.backends[key] = backend
         self.infos[key] = backend.info
         return backend
@@ -211,6 +227,22 @@ class NeoxSession:
         with self.timed("kernel build"):
             InferenceBuilder().load()
 
+    def _crash(self, key: str, message: str):
+        """A deployment died: remember why (every later test needing it fails at once with it), release
+        what is left of it, and fail the calling test."""
+        self.crashed[key] = message
+        backend = self.backends.pop(key, None)
+        if backend is not None:
+            try:
+                backend.close()
+            except Exception as exc:    # the reason stays the crash; the teardown problem is added to it
+                self.crashed[key] = f"{message}\n(teardown after the crash failed: {exc})"
+        pytest.fail(self.crashed[key], pytrace=False)
+
+    def _key_of(self, backend: Backend) -> str:
+        return next((k for k, b in self.backends.items() if b is backend),
+                    f"{backend.info.backend}:{backend.info.dtype}")
+
     def reference(self) -> Backend:
         """The ground truth: HF transformers in fp32 on the same device."""
         return self.backend("hf", "fp32")
@@ -229,6 +261,8 @@ class NeoxSession:
                                                         self.options.top_k)
             except BackendUnavailable as exc:
                 pytest.skip(f"{backend.info.backend}: {exc}")
+            except DeploymentError as exc:
+                self._crash(self._key_of(backend), str(exc))
         return self._cache[key]
 
     def scores(self, backend: Backend, case: Case) -> Scores:
@@ -239,6 +273,8 @@ class NeoxSession:
                     self._cache[key] = backend.score(case.batch)
             except BackendUnavailable as exc:     # e.g. MII's gRPC server returns text only
                 pytest.skip(f"{backend.info.backend}: {exc}")
+            except DeploymentError as exc:
+                self._crash(self._key_of(backend), str(exc))
         return self._cache[key]
 
     def record(self, rec: Record) -> None:

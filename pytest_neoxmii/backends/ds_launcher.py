@@ -111,28 +111,34 @@ class DsLauncherBackend(Backend):
     # -- requests -------------------------------------------------------------------------------------
     def _call(self, op: str, *args):
         if self._closed:
-            raise processes.DeploymentError(f"ds tp={self.tp} deployment is closed")
+            raise processes.DeploymentError(f"{self.name} tp={self.tp} deployment is closed")
         tree = self._trees[0]
         try:
             channel.send(self.conn, {"op": op, "args": args})
             reply = channel.receive(self.conn, self.request_timeout, check=tree.check_alive)
         except channel.ChannelTimeout:
             raise processes.DeploymentError(
-                f"ds tp={self.tp}: no answer to {op} within {self.request_timeout:.0f} s; last lines of "
+                f"{self.name} tp={self.tp}: no answer to {op} within {self.request_timeout:.0f} s; last lines of "
                 f"{tree.log_path}:\n{tree.log_tail()}") from None
-        except (EOFError, OSError):
-            # Rank 0 is gone; the launcher notices within a second and exits: report that, with the log.
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                tree.check_alive()
-                time.sleep(0.1)
-            raise processes.DeploymentError(f"ds tp={self.tp}: rank 0 closed the channel during {op}; last "
-                                            f"lines of {tree.log_path}:\n{tree.log_tail()}") from None
+        except (processes.ServerDied, EOFError, OSError):
+            raise self._crashed(tree, op, args) from None
         if reply["ok"]:
             return reply["result"]
         if reply.get("unavailable"):
             raise BackendUnavailable(reply["error"])
-        raise processes.DeploymentError(f"ds tp={self.tp}: {op} failed on rank 0:\n{reply['error']}")
+        raise processes.DeploymentError(f"{self.name} tp={self.tp}: {op} failed on rank 0:\n{reply['error']}")
+
+    def _crashed(self, tree: processes.ProcessTree, op: str, args) -> processes.WorkerCrashed:
+        """The worker died during `op`: wait (at most 5 s) for the launcher to notice and exit, then name
+        how it ended, the request and the log's last lines."""
+        deadline = time.monotonic() + 5
+        while tree.popen.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        tail = tree.log_tail()
+        how = processes.describe_exit(tree.popen.poll(), tail)
+        return processes.WorkerCrashed(
+            f"{self.name} tp={self.tp}: worker crashed ({how}) during {describe_request(op, args)}; "
+            f"last lines of {tree.log_path}:\n{tail}")
 
     def generate(self, batch: PromptBatch, max_new_tokens: int, top_k: int = 5) -> Generation:
         return self._call("generate", batch, max_new_tokens, top_k)
@@ -169,3 +175,16 @@ class DsLauncherBackend(Backend):
             processes.unregister_live(self.tag)
             if not self._failed and not (self.teardown_report and self.teardown_report.leaked):
                 shutil.rmtree(self.run_dir, ignore_errors=True)    # logs are kept when something went wrong
+
+
+def describe_request(op: str, args) -> str:
+    """'generate(batch of 2 rows, lengths 2/1, 3 new tokens)': what a worker was doing when it died."""
+    parts = []
+    for a in args:
+        rows = getattr(a, "rows", None)
+        if rows is not None:
+            parts.append(f"batch of {len(rows)} row{'s' if len(rows) != 1 else ''}, "
+                         f"lengths {'/'.join(str(len(r)) for r in rows)}")
+        elif isinstance(a, int) and op == "generate" and len(parts) == 1:
+            parts.append(f"{a} new tokens")
+    return f"{op}({', '.join(parts)})"

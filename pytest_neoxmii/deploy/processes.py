@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -48,6 +49,29 @@ class ServerDied(DeploymentError):
 
 class ReadinessTimeout(DeploymentError):
     pass
+
+
+class WorkerCrashed(DeploymentError):
+    """A worker process died (signal, CUDA error, exception): a test result for every test needing it."""
+
+
+_RANK_EXIT = re.compile(r"exits with return code = (-?\d+)")
+
+
+def describe_exit(code: int | None, log_text: str = "") -> str:
+    """'killed by SIGABRT', 'exit code 1'. The DeepSpeed launcher exits 1 whatever ended a rank, and logs
+    the rank's own return code ('exits with return code = -6'): that one names the signal."""
+    ranks = [int(c) for c in _RANK_EXIT.findall(log_text)]
+    codes = [c for c in ranks if c != 0] or ([code] if code is not None else [])
+    if not codes:
+        return "exit status unknown"
+    c = codes[0]
+    if c < 0:
+        try:
+            return f"killed by {signal.Signals(-c).name}"
+        except ValueError:
+            return f"killed by signal {-c}"
+    return f"exit code {c}"
 
 
 class DeploymentLeakWarning(UserWarning):
@@ -188,9 +212,10 @@ class ProcessTree:
         """Raise ServerDied, with the tail of the log, if the root process has exited."""
         code = self.popen.poll()
         if code is not None:
-            raise ServerDied(f"{self.name} (pid {self.pid}) exited with code {code} "
+            tail = self.log_tail()
+            raise ServerDied(f"{self.name} (pid {self.pid}) exited with code {code} ({describe_exit(code, tail)}) "
                              f"{time.monotonic() - self.started:.1f} s after start; last lines of "
-                             f"{self.log_path}:\n{self.log_tail()}")
+                             f"{self.log_path}:\n{tail}")
 
     def log_tail(self, lines: int = 40) -> str:
         try:

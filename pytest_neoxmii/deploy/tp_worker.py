@@ -126,6 +126,26 @@ class PlumbingModel:
         raise BackendUnavailable("plumbing model: no layers to trace")
 
 
+class AbortingModel(PlumbingModel):
+    """A stand-in whose rank 0 aborts (SIGABRT, as a failed C assert in a kernel does) in generate."""
+
+    def generate(self, batch, max_new_tokens: int, top_k: int = 5):
+        import torch.distributed as dist
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print("aborting model: os.abort() in generate", file=sys.stderr, flush=True)
+            os.abort()
+        return super().generate(batch, max_new_tokens, top_k)
+
+
+def aborting_model(args, rank: int, local_rank: int, world: int):
+    model, info = plumbing_model(args, rank, local_rank, world)
+    return AbortingModel(world), {**info, "kernels": "none (aborting model)"}
+
+
+def dies_at_load(args, rank: int, local_rank: int, world: int):
+    raise RuntimeError("stand-in model: failed on purpose while loading")
+
+
 def plumbing_model(args, rank: int, local_rank: int, world: int):
     return PlumbingModel(world), {"rank": rank, "device": "cpu", "injected": 0, "layers": 0,
                                   "kernels": "none (plumbing model)", "gpu_memory_bytes": None}

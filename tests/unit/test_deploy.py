@@ -535,3 +535,92 @@ def test_sigterm_while_a_deployment_is_up_still_tears_it_down(tmp_path, tag):
     torn = json.loads(report.read_text())
     assert set(pids) <= set(torn["pids"]) and torn["survivors"] == []
     assert not [p for p in pids if processes.alive(p)]
+
+
+# -- a worker that dies is a result ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_worker_aborting_mid_request_is_a_crash_naming_signal_request_and_log(tag, tp):
+    pytest.importorskip("deepspeed")
+    from pytest_neoxmii.backends.ds_launcher import DsLauncherBackend
+    from pytest_neoxmii.outputs import PromptBatch
+
+    backend = DsLauncherBackend("/no/model", "fp32", "cpu", tp, 64, 1, memory_probe=None,
+                                factory="pytest_neoxmii.deploy.tp_worker:aborting_model", ready_timeout=120)
+    try:
+        pids = backend._trees[0].pids()
+        t0 = time.monotonic()
+        with pytest.raises(processes.WorkerCrashed) as info:
+            backend.generate(PromptBatch(rows=((5, 6), (9,))), 3)
+        assert time.monotonic() - t0 < 10
+        message = str(info.value)
+        assert message.startswith(f"ds tp={tp}: worker crashed (killed by SIGABRT) during "
+                                  "generate(batch of 2 rows, lengths 2/1, 3 new tokens); last lines of ")
+        assert "aborting model: os.abort() in generate" in message          # the worker's last words
+    finally:
+        backend.close()
+    assert not [p for p in pids if processes.alive(p)]
+    assert processes.tagged(backend.tag) == set()
+
+
+def test_a_worker_dying_during_load_is_a_clear_error_with_its_log(tag):
+    pytest.importorskip("deepspeed")
+    from pytest_neoxmii.backends.ds_launcher import DsLauncherBackend
+
+    t0 = time.monotonic()
+    with pytest.raises(processes.ServerDied) as info:
+        DsLauncherBackend("/no/model", "fp32", "cpu", 1, 64, 1, memory_probe=None,
+                          factory="pytest_neoxmii.deploy.tp_worker:dies_at_load", ready_timeout=120)
+    message = str(info.value)
+    assert "exited with code" in message and "(exit code 1)" in message
+    assert "failed on purpose while loading" in message
+    assert time.monotonic() - t0 < 60
+
+
+CRASH_CONFTEST = textwrap.dedent("""
+    import pytest
+    import pytest_neoxmii.session as session_module
+
+    @pytest.fixture(autouse=True)
+    def aborting_ds(monkeypatch):
+        real = session_module.load_backend
+        def load(name, **kw):
+            if name != "ds":
+                return real(name, **kw)
+            from pytest_neoxmii.backends.ds_launcher import DsLauncherBackend
+            return DsLauncherBackend("/no/model", "fp32", "cpu", 1, 64, 1, memory_probe=None, ready_timeout=120,
+                                     factory="pytest_neoxmii.deploy.tp_worker:aborting_model")
+        monkeypatch.setattr(session_module, "load_backend", load)
+""")
+
+CRASH_TESTS = """
+def generated(neox):
+    return neox.case(next(p for p in neox.plans() if p.generate))
+
+def test_crashes(neox):
+    neox.generation(neox.backend("ds"), generated(neox))
+
+def test_after_the_crash(neox):
+    neox.backend("ds")
+
+def test_the_reference_is_still_judged(neox):
+    assert neox.generation(neox.reference(), generated(neox)).tokens
+"""
+
+
+def test_a_crashed_worker_fails_the_tests_needing_it_and_the_session_goes_on(pytester, preloaded, synthetic_14m):
+    pytest.importorskip("deepspeed")
+    pytester.makeconftest(CRASH_CONFTEST)
+    pytester.makepyfile(test_crash=CRASH_TESTS)
+    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
+    result = pytester.runpytest(*args, "--neox-backends=ds", "--neox-dtype=fp32", "-rf")
+    result.assert_outcomes(failed=2, passed=1)
+    text = result.stdout.str()
+    failed = [ln for ln in result.outlines if ln.startswith("FAILED")]
+    assert [ln.split(" - ")[0] for ln in failed] == ["FAILED test_crash.py::test_crashes",
+                                                     "FAILED test_crash.py::test_after_the_crash"], text
+    # each failure (and the summary) names the backend, the signal and the request in flight
+    assert text.count("ds tp=1: worker crashed (killed by SIGABRT) during generate(batch of 1 row") >= 3, text
+    assert "CRASH ds:fp32   ds tp=1: worker crashed (killed by SIGABRT) during generate(" in text   # the summary
+    assert "aborting model: os.abort() in generate" in text                                       # the log tail
+    assert "pytest_neoxmii/session.py" not in text                      # a result, not a plugin traceback

@@ -40,3 +40,60 @@ def test_dynamic_strict_xfail_reports_xpass_as_failure(pytester):
     result = pytester.runpytest("-p", "no:neoxmii", "-rxX")
     result.assert_outcomes(failed=1, xfailed=1)
     result.stdout.fnmatch_lines(["*XPASS(strict)*known issue*"])
+
+
+# -- the rotary kernel abort (pythia-2.8b), decided before deployment -----------------------------------------
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from pytest_neoxmii.known_issues import (  # noqa: E402
+    ROTARY_HALF_LAUNCH, deepspeed_version, match_deployment, rotary_half_launch_failure)
+from pytest_neoxmii.registry import known_names, lookup  # noqa: E402
+
+CHECKED = ROTARY_HALF_LAUNCH.deepspeed_checked
+
+
+def test_rotary_abort_hits_exactly_the_2p8b_shape_among_the_registry_at_fp16_and_bf16():
+    for dtype in ("fp16", "bf16"):
+        hit = {n for n in known_names() if match_deployment("ds", dtype, "cuda:0", lookup(n), CHECKED)}
+        assert hit == {"pythia-2.8b", "pythia-2.8b-deduped"}, dtype
+
+
+def test_rotary_abort_condition_is_the_warp_fit_of_head_size_and_rotary_width():
+    # pythia-2.8b: head 80 -> padded 128; 20 rotary dims -> half 10 -> 4-byte access = 2 fp16 per thread
+    assert (lookup("pythia-2.8b").head_size, lookup("pythia-2.8b").rotary_dims) == (80, 20)
+    reason = rotary_half_launch_failure(80, 20, "fp16")
+    assert "head size 80 (padded to 128) > warp size 32 x 2 fp16" in reason and "line 163" in reason
+    # gpt-neox-20b: head 96 -> padded 128; 24 rotary dims -> half 12 -> 8-byte access = 4 per thread: fits
+    assert (lookup("gpt-neox-20b").head_size, lookup("gpt-neox-20b").rotary_dims) == (96, 24)
+    assert rotary_half_launch_failure(96, 24, "fp16") is None
+    assert rotary_half_launch_failure(256, 64, "fp16") is None          # pythia-1b: 8 per thread, 256 <= 256
+    assert rotary_half_launch_failure(256, 64, "fp32") is not None      # same shape in fp32: 4 per thread
+    assert rotary_half_launch_failure(80, 0, "fp16") is None            # no rotary: the kernel is not called
+    assert "not a multiple" in rotary_half_launch_failure(64, 6, "fp16")  # half of 6 is odd: no 4-byte access
+
+
+def test_rotary_abort_only_where_kernels_are_injected_and_only_up_to_the_checked_release():
+    spec = lookup("pythia-2.8b")
+    reason = match_deployment("mii", "fp16", "cuda:0", spec, CHECKED)
+    assert reason.startswith("known issue [ds-rotary-half-head-size]") and "pythia-2.8b fp16" in reason
+    assert "github.com/deepspeedai/DeepSpeed" in reason
+    assert match_deployment("ds", "fp16", "cpu", spec, CHECKED) is None        # no injection on CPU
+    assert match_deployment("zero", "fp16", "cuda:0", spec, CHECKED) is None   # ZeRO runs HF modules
+    assert match_deployment("hf", "fp16", "cuda:0", spec, CHECKED) is None
+    assert match_deployment("ds", "fp16", "cuda:0", spec, "0.20.0") is None    # newer: deploy and see
+    assert match_deployment("ds", "fp16", "cuda:0", spec, "0.18.0") is not None
+
+
+def test_the_mirrored_assert_is_in_the_installed_deepspeed_source():
+    """The condition mirrors one file of one release: if that file changes, re-read it."""
+    if deepspeed_version() != CHECKED:
+        pytest.skip(f"deepspeed {deepspeed_version()} installed; the condition was read from {CHECKED}")
+    import importlib.util
+    root = Path(importlib.util.find_spec("deepspeed").origin).parent
+    source = (root / "ops/csrc/transformer/inference/csrc/apply_rotary_pos_emb.cu").read_text()
+    assert "assert(padded_head_size <= hw_warp_size * T_per_elem);" in source
+    assert "if (half_dim % (16 / sizeof(T)) == 0)" in source
+    assert "if (rotary_dim > 0 && rotate_half)" in (root / "ops/csrc/transformer/inference/csrc/pt_binding.cpp"
+                                                     ).read_text()

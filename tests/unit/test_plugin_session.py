@@ -171,6 +171,38 @@ def test_tp_larger_than_the_gpus_found_skips(pytester, fake_gpus, synthetic_14m,
     assert "pytest_neoxmii/" not in result.stdout.str()
 
 
+# --- a known kernel abort (pythia-2.8b's head shape) is decided before anything deploys ---------------------
+
+# The `neox` fixture builds the weights (the HF reference needs them); the session is reached directly here
+# so that the check is seen to need no weights at all (2.8b synthetic weights would take minutes on CPU).
+KNOWN_ABORT_TESTS = """
+from pytest_neoxmii.plugin import get_session
+
+def test_ds(request):
+    get_session(request.config).backend("ds")
+
+def test_ds_again(request):
+    get_session(request.config).backend("ds")
+
+def test_no_weights_built(request):
+    assert get_session(request.config).model.path is None
+"""
+
+
+def test_known_kernel_abort_xfails_the_tests_needing_the_backend_without_deploying(pytester, fake_gpus, tmp_path):
+    fake_gpus("h100")
+    pytester.makepyfile(test_abort=KNOWN_ABORT_TESTS)
+    result = pytester.runpytest("--neox-model=pythia-2.8b", "--neox-weights=synthetic", "--neox-backends=ds",
+                                f"--neox-cache-dir={tmp_path / 'cache'}", "-p", "no:cacheprovider", "-rx")
+    result.assert_outcomes(xfailed=2, passed=1)
+    text = result.stdout.str()
+    xfailed = [ln for ln in result.outlines if ln.startswith("XFAIL")]
+    assert len(xfailed) == 2 and all("known issue [ds-rotary-half-head-size]" in ln for ln in xfailed), text
+    assert "xfail ds:fp16   not deployed: known issue [ds-rotary-half-head-size]" in text    # summary
+    assert "pythia-2.8b fp16: head size 80 (padded to 128)" in text
+    assert "Traceback" not in text
+
+
 # --- end to end: pythia-14m synthetic, hf reference and ds, in a subprocess -------------------------------
 
 END_TO_END = '''

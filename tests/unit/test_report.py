@@ -72,6 +72,8 @@ def fake_session(tmp_path, *, source="synthetic", gpus=True):
         infos={"hf:fp16": BackendInfo("hf", "fp16", "cuda:0", kernels="none (HF eager)"),
                "ds:fp16": BackendInfo("ds", "fp16", "cuda:0", kernels="injected 12/12 layers")},
         unavailable={"mii:fp16": "deepspeed-mii is not importable"},
+        known_blocked={"zero:fp16": "known issue [made-up]: a condition"},
+        crashed={"ds:bf16": "ds tp=1: worker crashed (killed by SIGABRT) during generate(...); last lines:\n  x"},
         records=records, latency={(r.backend, r.dtype, r.bench): r for r in results},
         timings={"kernel build": 55.0, "model load": 10.0, "model calls": 20.0, "timed benchmark calls": 30.0},
         started=time.perf_counter() - 130.0)
@@ -97,6 +99,8 @@ def test_json_summary_schema(tmp_path):
     assert s["hardware"]["gpu_name"] == H100 and s["hardware"]["gpu_count"] == 1
     assert s["hardware"]["gpu_class"] == "NVIDIA-H100-80GB-HBM3" and s["hardware"]["driver_version"] == "580.159.04"
     assert set(s["versions"]) == {"torch", "transformers", "deepspeed", "deepspeed-mii"}
+    assert s["known_issue_not_deployed"] == {"zero:fp16": "known issue [made-up]: a condition"}
+    assert "killed by SIGABRT" in s["crashed"]["ds:bf16"]
     assert [(r["backend"], r["batch_size"]) for r in s["latency"]] == [("hf", 1), ("hf", 4), ("ds", 1), ("ds", 4),
                                                                      ("zero", 1)]
     ds1 = s["latency"][2]
@@ -197,6 +201,8 @@ def test_terminal_summary(tmp_path):
     text = "\n".join(tr.lines)
     assert tr.lines[0] == "== neoxmii summary =="
     assert "skip mii:fp16   deepspeed-mii is not importable" in tr.lines
+    assert "xfail zero:fp16 not deployed: known issue [made-up]: a condition" in tr.lines
+    assert "CRASH ds:bf16   ds tp=1: worker crashed (killed by SIGABRT) during generate(...); last lines:" in tr.lines
     header = next(ln for ln in tr.lines if ln.startswith("backend  dtype  batch"))
     for col in ("TTFT ms", "TPOT ms", "e2e p50 ms", "p90 ms", "p99 ms", "tokens/s", "peak MiB", "x/HF",
                 "floor ms", "floor %", "gate"):
