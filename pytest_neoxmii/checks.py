@@ -47,6 +47,12 @@ def check_greedy(neox: NeoxSession, backend_name: str, case: Case, request=None)
     backend = neox.backend(backend_name)
     known = mark_known_issue(request, "greedy", backend, case)
     candidate = neox.generation(backend, case)
+    channel = ""
+    if backend.output_is_text:
+        reference, dropped = parity.through_text(reference, set(neox.tokenizer.all_special_ids))
+        if dropped:
+            channel = (f"({dropped} special token(s) of the reference dropped: {backend_name} returns text, "
+                       "where they do not appear)\n")
     report = parity.compare_greedy(reference, candidate, neox.options.top_k)
     rows = report.rows
     metrics = {"rows": len(rows), "rows_identical": sum(r.identical for r in rows),
@@ -55,9 +61,9 @@ def check_greedy(neox: NeoxSession, backend_name: str, case: Case, request=None)
     note = config_note(neox, backend_name, case, "greedy", metrics)
     neox.record(Record("greedy", backend_name, case.id, report.passed, metrics, report.summary(), known))
     _record_properties(request, {f"greedy_{k}": v for k, v in metrics.items()})
-    print(report.message())
+    print(channel + report.message())
     if not report.passed:
-        raise parity.ParityFailure(f"{note}{backend.info.describe()}\n{report.message()}", report)
+        raise parity.ParityFailure(f"{note}{backend.info.describe()}\n{channel}{report.message()}", report)
     return report
 
 

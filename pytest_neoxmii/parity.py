@@ -325,6 +325,20 @@ def compare_greedy(reference: Generation, candidate: Generation, top_k: int) -> 
     return GreedyReport(rows, top_k, errors)
 
 
+def through_text(reference: Generation, special_ids: set[int]) -> tuple[Generation, int]:
+    """The reference as a backend whose output is text sees it: the pipeline decodes with special tokens
+    skipped, so those tokens vanish from the row, and with them their steps' logprobs (the tokens that
+    remain keep their own). Returns the generation and how many tokens were dropped."""
+    tokens, top, dropped = [], [], 0
+    for i, row in enumerate(reference.tokens):
+        keep = [s for s, t in enumerate(row) if t not in special_ids]
+        dropped += len(row) - len(keep)
+        tokens.append([row[s] for s in keep])
+        if reference.top_logprobs:
+            top.append([reference.top_logprobs[i][s] for s in keep])
+    return Generation(tokens=tokens, top_logprobs=top), dropped
+
+
 def assert_greedy_parity(reference: Generation, candidate: Generation, top_k: int) -> GreedyReport:
     """compare_greedy, raising ParityFailure with the report's message when it does not pass."""
     report = compare_greedy(reference, candidate, top_k)

@@ -37,6 +37,9 @@ class Backend(abc.ABC):
     constructor (or a factory); close() must release every resource (GPU memory, processes, ports)."""
 
     info: BackendInfo
+    # The generated tokens reach the session as text (MII's query API): special tokens such as the pad token
+    # are dropped in decoding, so the greedy judge puts the reference through the same channel first.
+    output_is_text = False
 
     @abc.abstractmethod
     def generate(self, batch: PromptBatch, max_new_tokens: int, top_k: int = 5) -> Generation:

@@ -42,6 +42,7 @@ def prompt_texts(tokenizer, batch: PromptBatch) -> list[str]:
 
 
 class MiiBackend(TorchModelBackend):
+    output_is_text = True          # mii_query_handle returns generated_text
     def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1, *,
                  engine_config: dict | None = None):
         if tp > 1:

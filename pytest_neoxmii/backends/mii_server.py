@@ -52,6 +52,7 @@ def _port_open(port: int) -> bool:
 
 class MiiServerBackend(Backend):
     can_score = False
+    output_is_text = True
     # The model runs in other processes: CUDA events or synchronize in the session measure none of its
     # work (time with a wall clock), and there is no .model; info.device lists every GPU ("cuda:0,1").
     out_of_process = True

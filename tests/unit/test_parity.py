@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from pytest_neoxmii import parity
 from pytest_neoxmii.outputs import Generation, LayerTrace, PromptBatch, Scores
 from pytest_neoxmii.parity import (
     KL_EPSILON,
@@ -507,3 +508,30 @@ def test_perplexity_floor_does_not_cancel_signed_errors():
                        n_targets=15)
     verdict = judge(floor, beyond, 10)
     assert verdict.failures == ["perplexity_rel_diff"], verdict.message()
+
+
+# -- backends whose output is text (MII) --------------------------------------------------------------------
+
+def _steps(*tokens):
+    """One step's top-2 per token: the token itself first."""
+    return [[(t, -0.5), (t + 1000, -1.5)] for t in tokens]
+
+
+def test_through_text_drops_special_tokens_and_their_steps_only():
+    ref = Generation(tokens=[[5, 1, 7, 8], [9, 10]], top_logprobs=[_steps(5, 1, 7, 8), _steps(9, 10)])
+    seen, dropped = parity.through_text(ref, special_ids={0, 1})
+    assert dropped == 1
+    assert seen.tokens == [[5, 7, 8], [9, 10]]
+    assert seen.top_logprobs == [_steps(5, 7, 8), _steps(9, 10)]     # the others keep their own steps
+
+
+def test_a_pad_token_the_text_channel_cannot_carry_is_not_a_divergence_but_a_real_one_still_fails():
+    """pythia-160m (synthetic v3) on H200: the reference generated the pad token (id 1) at step 21, MII's text
+    dropped it, and the re-tokenized candidate was judged diverging there."""
+    ref = Generation(tokens=[[5, 1, 7, 8]], top_logprobs=[_steps(5, 1, 7, 8)])
+    as_text = Generation(tokens=[[5, 7, 8]], top_logprobs=[_steps(5, 7, 8)])
+    assert not parity.compare_greedy(ref, as_text, top_k=2).passed        # raw: a divergence at step 1
+    seen, _ = parity.through_text(ref, special_ids={1})
+    assert parity.compare_greedy(seen, as_text, top_k=2).passed
+    wrong = Generation(tokens=[[5, 70, 8]], top_logprobs=[_steps(5, 70, 8)])   # 70 not in ref's top-2
+    assert not parity.compare_greedy(seen, wrong, top_k=2).passed
