@@ -505,3 +505,77 @@ def test_perplexity_floor_does_not_cancel_signed_errors():
                        n_targets=15)
     verdict = judge(floor, beyond, 10)
     assert verdict.failures == ["perplexity_rel_diff"], verdict.message()
+
+
+# ---------------------------------------------------------------------------------------------- rules at their boundary
+# Each test below states one rule of the judges and checks it on both sides of its boundary, so that an
+# off-by-one or a dropped clause in parity.py makes it fail (they were written against surviving mutants).
+
+def _diverging_at_step_1(ref_top_at_1, cand_top_at_1) -> tuple[Generation, Generation]:
+    """Reference generates 2 at step 1, candidate 8; the top-logprob lists at that step are given."""
+    ref = Generation(tokens=[[1, 2]], top_logprobs=[[top((1, -0.1)), top(*ref_top_at_1)]])
+    cand = Generation(tokens=[[1, 8]], top_logprobs=[[top((1, -0.1)), top(*cand_top_at_1)]])
+    return ref, cand
+
+
+def test_near_tie_rule_reference_side_rank_k_passes_rank_k_plus_1_fails():
+    """The candidate's token must be within the first k entries of the reference's list, not k+1."""
+    cand_top = ((8, -0.3), (2, -0.4))                                       # reference token 2 at rank 2
+    at_k = _diverging_at_step_1(((2, -0.1), (8, -0.2), (5, -3.0)), cand_top)   # 8 at rank 2 of reference
+    beyond = _diverging_at_step_1(((2, -0.1), (5, -0.2), (8, -3.0)), cand_top)  # 8 at rank 3 of reference
+    assert compare_greedy(*at_k, top_k=2).passed
+    report = compare_greedy(*beyond, top_k=2)
+    assert not report.passed
+    assert report.rows[0].reason == "candidate token 8 is not in the reference's top-2 at step 1"
+
+
+def test_near_tie_rule_candidate_side_rank_k_passes_rank_k_plus_1_fails():
+    """The reference's token must be within the first k entries of the candidate's list, not k+1."""
+    ref_top = ((2, -0.1), (8, -0.2))                                        # candidate token 8 at rank 2
+    at_k = _diverging_at_step_1(ref_top, ((8, -0.1), (2, -0.2), (4, -3.0)))   # 2 at rank 2 of candidate
+    beyond = _diverging_at_step_1(ref_top, ((8, -0.1), (4, -0.2), (2, -3.0)))  # 2 at rank 3 of candidate
+    assert compare_greedy(*at_k, top_k=2).passed
+    report = compare_greedy(*beyond, top_k=2)
+    assert not report.passed
+    assert report.rows[0].reason == "reference token 2 is not in the candidate's top-2 at step 1"
+
+
+def _metrics(n: int, flips: int = 0, kl: float = 0.0) -> TFMetrics:
+    return TFMetrics(kl_mean=kl, kl_max=kl, top1_agreement=float(torch.tensor(
+        [True] * (n - flips) + [False] * flips, dtype=torch.float64).mean()), max_abs_diff=0.0,
+        perplexity_reference=10.0, perplexity_candidate=10.0, n_positions=n, n_targets=n)
+
+
+@pytest.mark.parametrize("n,multiple", [(3, 1), (3, 2), (7, 1), (7, 3), (9, 3), (100, 1), (100, 3)])
+def test_zero_floor_tolerates_exactly_multiple_top1_flips(n, multiple):
+    """A zero floor still tolerates `multiple` top-1 flips, and not one more (the epsilon is one position,
+    scaled by the multiple like every floor). n=3 and 7 are where 1 - agreement rounds above k/n."""
+    zero = _metrics(n)
+    within = judge(zero, _metrics(n, flips=multiple), multiple)
+    assert within.passed, within.message()
+    beyond = judge(zero, _metrics(n, flips=multiple + 1), multiple)
+    assert beyond.failures == ["top1_disagreement"]
+
+
+def test_zero_floor_limit_is_multiple_times_epsilon():
+    """limit = multiple x max(floor, epsilon): with a zero KL floor, a KL of 5 epsilons passes at multiple 10
+    and fails at multiple 4 (the epsilon is scaled by the multiple, not a bare minimum)."""
+    zero = _metrics(10)
+    measured = _metrics(10, kl=5 * KL_EPSILON)
+    assert judge(zero, measured, multiple=10).passed
+    assert judge(zero, measured, multiple=4).failures == ["kl_mean", "kl_max"]
+    check = next(c for c in judge(zero, measured, multiple=10).checks if c.name == "kl_max")
+    assert check.limit == pytest.approx(10 * KL_EPSILON)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("side", ["reference", "candidate"])
+def test_nonfinite_top_logprob_fails_greedy_parity_even_when_tokens_agree(bad, side):
+    """+Inf and -Inf (an fp16 overflow) are as wrong as NaN: any non-finite top logprob fails the report."""
+    clean = Generation(tokens=[[1, 2]], top_logprobs=[[top((1, -0.1)), top((2, -0.1), (3, -2.0))]])
+    broken = Generation(tokens=[[1, 2]], top_logprobs=[[top((1, -0.1)), top((2, -0.1), (3, bad))]])
+    ref, cand = (broken, clean) if side == "reference" else (clean, broken)
+    report = compare_greedy(ref, cand, top_k=5)
+    assert not report.passed
+    assert f"{side} generation: 1 non-finite top logprob: row 0, step 1 (token 3: {bad})" in report.message()
+    assert find_nonfinite(broken) is not None and find_nonfinite(clean) is None
