@@ -123,6 +123,17 @@ def test_perplexity_within_the_noise_floor_multiple():
     assert not compare_perplexity(20.0, float("nan"), 1e-3, 10).passed
 
 
+def test_perplexity_decrease_beyond_the_limit_is_a_change_too():
+    """The limit is on |change|: a perplexity that drops (20 -> 15) moved as much as one that rose, and a
+    better number from a different model is still a different model."""
+    dropped = compare_perplexity(20.0, 15.0, 1e-3, 10)
+    assert dropped.rel_diff == pytest.approx(0.25)
+    assert not dropped.passed
+    assert "perplexity 20.0000 -> 15.0000 (-25.000%)" in dropped.message() and "> limit 0.01" in dropped.message()
+    assert compare_perplexity(20.0, 19.9, 1e-3, 10).passed          # -0.5% is within 10 x 0.1%
+    assert not compare_perplexity(20.0, 19.7, 1e-3, 10).passed      # -1.5% is not
+
+
 # --- the summary ------------------------------------------------------------------------------------------------
 
 def test_summary_lists_which_cases_changed_and_how():
