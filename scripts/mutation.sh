@@ -46,6 +46,10 @@ declare -A TESTS=(
   [known_issues]="tests/unit/test_known_issues.py tests/unit/test_checks.py"
 )
 
+# mutmut forks a worker per mutant from a process that has run torch: with more than one OpenMP thread a
+# forked child can deadlock in torch's thread pool and show up as a timeout instead of a verdict.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
 out="${MUTATION_OUT:-$here/mutation-results}"
 mkdir -p "$out"
 command -v "$python" >/dev/null || { echo "mutation.sh: no '$python' (set PYTHON=)"; exit 2; }
