@@ -81,12 +81,22 @@ TOML
   (cd "$scratch" && "$python" -m mutmut run --max-children "$workers" >"$out/$module.log" 2>&1) || true
   (cd "$scratch" && "$python" -m mutmut results --all true >"$out/$module.all" 2>/dev/null) || true
   grep -v ": killed$" "$out/$module.all" >"$out/$module.survivors" || true
-  "$python" - "$out/$module.all" "$module" <<'PY'
-import collections, sys
-statuses = collections.Counter(line.rsplit(": ", 1)[1].strip() for line in open(sys.argv[1]) if ": " in line)
+  "$python" - "$out/$module.all" "$module" <<'PY' | tee "$out/$module.score"
+import collections, re, sys
+rows = [line.strip().rsplit(": ", 1) for line in open(sys.argv[1]) if ": " in line]
+statuses = collections.Counter(status for _, status in rows)
 total = sum(statuses.values())
 score = 100 * statuses["killed"] / total if total else float("nan")
 print(f"{sys.argv[2]}: {statuses['killed']}/{total} killed = {score:.1f} %  " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
+# per function (mutmut names a mutant <module>.x_<function>__mutmut_<n>, methods xǁClassǁmethod)
+by_function = collections.defaultdict(collections.Counter)
+for name, status in rows:
+    function = re.sub(r"__mutmut_\d+$", "", name.rsplit(".", 1)[-1]).removeprefix("x_").replace("xǁ", "").replace("ǁ", ".")
+    by_function[function][status] += 1
+for function, c in sorted(by_function.items(), key=lambda kv: kv[1]["killed"] - sum(kv[1].values())):
+    n = sum(c.values())
+    if c["killed"] < n:
+        print(f"    {function}: {c['killed']}/{n} killed")
 PY
   [[ -n "${MUTATION_KEEP:-}" ]] || rm -rf "$scratch"
 done
