@@ -242,3 +242,73 @@ def test_non_finite_generations_are_never_recorded(tmp_path):
                                                     r"short-b2-len3: 1 non-finite top logprob: row 0, step 1"):
         check_golden(session, "ds", _case())
     assert not list(tmp_path.rglob("*.json"))
+
+
+# --- the perplexity check, on a stand-in session --------------------------------------------------------------
+
+def _uniform(vocab: int, batch=BATCH) -> Scores:
+    """A model that is uniform over `vocab` tokens: its perplexity is exactly `vocab`."""
+    _, mask = batch.padded()
+    return Scores(torch.full((batch.batch_size, batch.max_len, 32), -math.inf).index_fill(
+        -1, torch.arange(vocab), -math.log(vocab)), mask.bool())
+
+
+class _PerplexitySession(_Session):
+    """Adds what check_golden_perplexity uses: the fixed-text case, the fp32 reference and its peer."""
+
+    def __init__(self, tmp_path, backend_vocab, update, peer_vocab=20):
+        super().__init__(tmp_path, None, update)
+        import types
+        self.options.parity_multiple = 10.0
+        self._plan = types.SimpleNamespace(family="fixed-text", generate=False, max_new_tokens=4)
+        self._scores = {"ref": _uniform(20), "peer": _uniform(peer_vocab), "ds": _uniform(backend_vocab)}
+        self._ref = types.SimpleNamespace(name="ref", info=self._backend.info)
+        self._peer = types.SimpleNamespace(name="peer", info=self._backend.info)
+        self._backend.name = "ds"
+
+    def plans(self):
+        return [self._plan]
+
+    def case(self, plan):
+        import types
+        return types.SimpleNamespace(id="fixed-text", plan=plan, batch=BATCH)
+
+    def reference(self):
+        return self._ref
+
+    def peer(self):
+        return self._peer
+
+    def scores(self, backend, case):
+        return self._scores[backend.name]
+
+
+def test_check_golden_perplexity_records_then_fails_on_a_drop_or_a_rise(tmp_path):
+    from pytest_neoxmii.golden import check_golden_perplexity
+    assert check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=True), "ds") is None
+    same = _PerplexitySession(tmp_path, 20, update=False)
+    change = check_golden_perplexity(same, "ds")
+    assert change.passed and change.rel_diff == pytest.approx(0.0, abs=1e-12)
+    # the peer equals the reference: a zero floor, so the limit is 10 x the epsilon
+    assert change.limit == pytest.approx(10 * parity.PPL_REL_EPSILON)
+    record = same.records[-1]
+    assert record.check == "golden-perplexity" and record.passed is True
+    assert record.metrics["golden"] == pytest.approx(20.0) and record.metrics["perplexity"] == pytest.approx(20.0)
+    for vocab, shown in ((15, "perplexity 20.0000 -> 15.0000 (-25.000%)"),
+                         (21, "perplexity 20.0000 -> 21.0000 (+5.000%)")):
+        session = _PerplexitySession(tmp_path, vocab, update=False)
+        with pytest.raises(pytest.fail.Exception) as failed:
+            check_golden_perplexity(session, "ds")
+        assert shown in str(failed.value)
+        assert session.records[-1].passed is False
+        assert session.records[-1].metrics["rel_diff"] == pytest.approx(abs(vocab - 20) / 20, rel=1e-5)
+
+
+def test_check_golden_perplexity_limit_follows_the_sessions_floor(tmp_path):
+    """With the peer at perplexity 21 (floor 5 %), a move to 25 (+25 %) is within 10 x the floor."""
+    from pytest_neoxmii.golden import check_golden_perplexity, session_floor
+    check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=True), "ds")
+    session = _PerplexitySession(tmp_path, 25, update=False, peer_vocab=21)
+    assert session_floor(session, session.case(session._plan)) == pytest.approx(0.05, rel=1e-5)
+    change = check_golden_perplexity(session, "ds")
+    assert change.passed and change.limit == pytest.approx(0.5, rel=1e-5)
