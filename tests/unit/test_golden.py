@@ -312,3 +312,61 @@ def test_check_golden_perplexity_limit_follows_the_sessions_floor(tmp_path):
     assert session_floor(session, session.case(session._plan)) == pytest.approx(0.05, rel=1e-5)
     change = check_golden_perplexity(session, "ds")
     assert change.passed and change.limit == pytest.approx(0.5, rel=1e-5)
+
+
+# --- stored form and comparison details, pinned ------------------------------------------------------------------
+
+def test_prompt_digest_is_the_sha256_of_the_compact_json_ids():
+    # computed independently: sha256(b"[[5,6,7],[8,9,10]]"), first 16 hex digits; stored files depend on it
+    assert prompt_digest(BATCH) == "b5c99e9cb02751ac"
+
+
+def test_golden_case_stored_form():
+    gen = Generation(tokens=[[11, 12]], top_logprobs=[[[(11, -0.123456789), (3, -1.0), (4, -2.0)],
+                                                       [(12, -0.1), (5, -0.2), (6, -0.3)]]])
+    batch = PromptBatch(rows=((5, 6, 7),), pad_token_id=0)
+    stored = golden_case(batch, gen, 2, top_k=2, versions={"torch": "2.13.0"})
+    assert stored == {"tokens": [[11, 12]], "top_logprobs": [[[[11, -0.123457], [3, -1.0]], [[12, -0.1], [5, -0.2]]]],
+                      "prompt_lengths": [3], "prompt_sha256": prompt_digest(batch), "max_new_tokens": 2,
+                      "versions": {"torch": "2.13.0"}}
+    assert golden_case(batch, gen, 2, top_k=2)["versions"] == {}
+
+
+def test_as_generation_cuts_to_the_first_steps():
+    stored = _golden()
+    cut = as_generation(stored, 2)
+    assert cut.tokens == [[11, 12], [21, 22]]
+    assert [len(row) for row in cut.top_logprobs] == [2, 2] and cut.top_logprobs[0][1][0] == (12, -0.1)
+    assert as_generation(stored).tokens == TOKENS
+    assert as_generation({"tokens": [[1, 2]]}, 1) == Generation(tokens=[[1]], top_logprobs=[])
+
+
+def test_compare_case_keeps_the_case_and_report_in_every_verdict():
+    same = compare_case("c", _golden(), _gen(TOKENS), BATCH, 4, 5)
+    assert (same.case, same.status, same.detail) == ("c", "unchanged", "") and same.report.passed
+    assert same.first_divergence is None
+    two_rows = _gen([[11, 12, 77, 78], [21, 22, 23, 88]])
+    changed = compare_case("c", _golden(), two_rows, BATCH, 4, 5)
+    assert changed.case == "c" and changed.status == "changed" and changed.first_divergence == 2
+    assert changed.detail.count("; row 1: step 3 token 24 -> 88 after 3 identical (") == 1
+    assert changed.line().startswith("c: changed (row 0: step 2 token 13 -> 77 after 2 identical (changed: ")
+    nan = _gen(TOKENS)
+    nan.top_logprobs[0][0][1] = (12, float("nan"))
+    broken = compare_case("c", _golden(), nan, BATCH, 4, 5)
+    assert (broken.case, broken.status) == ("c", "changed") and broken.report is not None
+    assert broken.detail.startswith("candidate generation: 1 non-finite top logprob: row 0, step 0")
+    other = compare_case("c", _golden(), _gen(TOKENS), PromptBatch(rows=((5, 6, 8), (8, 9, 10))), 4, 5)
+    assert (other.case, other.status) == ("c", "not-comparable") and other.line() == (
+        "c: not-comparable (the golden output answers other prompt ids (another --neox-seed or tokenizer))")
+    longer = compare_case("c", _golden(), _gen(TOKENS), BATCH, 5, 5)
+    assert longer.case == "c" and longer.detail == "recorded with 4 new tokens, this run generates 5"
+    empty = compare_case("c", {"tokens": []}, _gen(TOKENS), BATCH, 1, 5)
+    assert empty.detail == "recorded with 0 new tokens, this run generates 1"
+
+
+def test_perplexity_skips_a_row_without_targets_and_keeps_the_rows_after_it():
+    batch = PromptBatch(rows=((7,), (1, 2, 3)), pad_token_id=0)   # row 0 has one token: no target
+    _, mask = batch.padded()
+    lp = torch.full((2, 3, 10), -math.log(10))
+    ppl, n = perplexity(Scores(lp, mask.bool()), batch)
+    assert n == 2 and ppl == pytest.approx(10)
