@@ -12,6 +12,7 @@ from pytest_neoxmii.parity import (
     MAX_ABS_EPSILON,
     ParityFailure,
     TFMetrics,
+    WorstPosition,
     assert_greedy_parity,
     assert_parity,
     assert_teacher_forced_parity,
@@ -579,3 +580,139 @@ def test_nonfinite_top_logprob_fails_greedy_parity_even_when_tokens_agree(bad, s
     assert not report.passed
     assert f"{side} generation: 1 non-finite top logprob: row 0, step 1 (token 3: {bad})" in report.message()
     assert find_nonfinite(broken) is not None and find_nonfinite(clean) is None
+
+
+# ---------------------------------------------------------------------------------------------- pinned messages
+
+def _pinned_cases():
+    """Inputs with round numbers whose full messages are pinned below (reviewed by hand once: every figure
+    in them follows from the inputs)."""
+    floor = TFMetrics(kl_mean=1e-4, kl_max=2e-3, top1_agreement=1.0, max_abs_diff=0.01, perplexity_reference=10.0,
+                      perplexity_candidate=10.01, n_positions=20, n_targets=18, nll_abs_diff_mean=0.002)
+    measured = TFMetrics(kl_mean=5e-3, kl_max=0.01, top1_agreement=0.9, max_abs_diff=0.05,
+                         perplexity_reference=10.0, perplexity_candidate=10.5, n_positions=20, n_targets=18,
+                         nll_abs_diff_mean=0.05, worst_positions=[WorstPosition(1, 3, 7, 0.01, 42, 43)],
+                         nonfinite="candidate scores: 1 non-finite value (1 NaN) at 1 real position: row 1, "
+                                   "position 2 (1 value)")
+    ref = LayerTrace([torch.ones(1, 3, 4) * k for k in (1.0, 2.0, 4.0, 8.0)])
+    cand = LayerTrace([torch.ones(1, 3, 4) * k for k in (1.0, 2.0, 4.4, 8.8)])
+    mask = torch.tensor([[0, 1, 1]]).bool()
+    g_ref = Generation(tokens=[[1, 2, 3], [4, 5]], top_logprobs=[[[(1, -0.1)], [(2, -0.1), (9, -0.3)], [(3, -.1)]],
+                                                                [[(4, -.1)], [(5, -.1)]]])
+    g_tie = Generation(tokens=[[1, 9, 3], [4, 5]], top_logprobs=[[[(1, -0.1)], [(9, -0.2), (2, -0.25)], [(3, -.1)]],
+                                                                [[(4, -.1)], [(5, -.1)]]])
+    g_bad = Generation(tokens=[[1, 8, 3], [4]], top_logprobs=[[[(1, -0.1)], [(8, -0.2), (7, -0.25)], [(3, -.1)]],
+                                                             [[(4, -.1)]]])
+    lp = torch.zeros(2, 3, 4)
+    lp[0, 1, 2], lp[0, 1, 3], lp[1, 2, 0], lp[1, 0, 0] = math.nan, math.inf, -math.inf, math.nan  # [1, 0] is padding
+    return {
+        "verdict failed": lambda: judge(floor, measured, 10).message(),
+        "verdict passed": lambda: judge(floor, floor, 2).message(),
+        "localisation with floor": lambda: localize_divergence(ref, cand, mask, floor=[0.0, 0.001, 0.01, 0.01],
+                                                               multiple=4).message(),
+        "localisation without floor": lambda: localize_divergence(ref, cand, mask).message(),
+        "localisation identical": lambda: localize_divergence(ref, ref, mask).message(),
+        "greedy near-tie": lambda: compare_greedy(g_ref, g_tie, 2).message(),
+        "greedy failed": lambda: compare_greedy(g_ref, g_bad, 2).message(),
+        "nonfinite scores": lambda: find_nonfinite(Scores(lp, torch.tensor([[1, 1, 1], [0, 1, 1]]).bool())),
+        "nonfinite many": lambda: find_nonfinite(Scores(torch.full((1, 7, 2), math.nan), torch.ones(1, 7).bool()), "x"),
+    }
+
+
+PINNED = {
+    'verdict failed': [
+        'teacher-forced parity FAILED: non-finite values, kl_mean, perplexity_rel_diff (limit = 10x the noise floor, HF low precision vs HF fp32)',
+        'measured over 20 positions (18 next-token targets); floor over 20 positions',
+        'metric                  floor  measured  multiple    limit  ok',
+        '-------------------  --------  --------  --------  -------  ----',
+        'kl_mean              1.00e-04     0.005        10    0.001  FAIL',
+        'kl_max                  0.002      0.01        10     0.02  ok',
+        'top1_disagreement           0       0.1        10      0.5  ok',
+        'max_abs_diff             0.01      0.05        10      0.1  ok',
+        'perplexity_rel_diff  0.002002      0.05        10  0.02002  FAIL',
+        'perplexity: reference 10, candidate 10.5',
+        'non-finite values: candidate scores: 1 non-finite value (1 NaN) at 1 real position: row 1, position 2 (1 value)',
+        'worst positions by KL:',
+        'row  position  prompt len    kl  ref top1  cand top1',
+        '---  --------  ----------  ----  --------  ---------',
+        '  1         3           7  0.01        42         43',
+    ],
+    'verdict passed': [
+        'teacher-forced parity PASSED: every metric within 2x the noise floor (HF low precision vs HF fp32)',
+        'measured over 20 positions (18 next-token targets); floor over 20 positions',
+        'metric                  floor  measured  multiple     limit  ok',
+        '-------------------  --------  --------  --------  --------  --',
+        'kl_mean              1.00e-04  1.00e-04         2  2.00e-04  ok',
+        'kl_max                  0.002     0.002         2     0.004  ok',
+        'top1_disagreement           0         0         2       0.1  ok',
+        'max_abs_diff             0.01      0.01         2      0.02  ok',
+        'perplexity_rel_diff  0.002002  1.00e-03         2  0.004004  ok',
+        'perplexity: reference 10, candidate 10.01',
+    ],
+    'localisation with floor': [
+        'divergence starts at layer 2 (hidden_states[2]): first layer beyond 4x its noise floor',
+        'layer    rel err  max abs  floor  ratio to floor',
+        '-------  -------  -------  -----  --------------  -----------------',
+        'embed          0        0      0               0',
+        'layer 1        0        0  0.001               0',
+        'layer 2      0.1      0.4   0.01              10  <-- first departs',
+        'layer 3      0.1      0.8   0.01              10',
+        'worst positions at that layer:',
+        'row  position  prompt len  rel err',
+        '---  --------  ----------  -------',
+        '  0         0           2      0.1',
+        '  0         1           2      0.1',
+    ],
+    'localisation without floor': [
+        'divergence starts at layer 2 (hidden_states[2]): largest jump in relative error (no noise floor given: heuristic)',
+        'layer    rel err  max abs  floor  ratio to prev',
+        '-------  -------  -------  -----  -------------  -----------------',
+        'embed          0        0  -                  -',
+        'layer 1        0        0  -                  0',
+        'layer 2      0.1      0.4  -           1.00e+05  <-- first departs',
+        'layer 3      0.1      0.8  -                  1',
+        'worst positions at that layer:',
+        'row  position  prompt len  rel err',
+        '---  --------  ----------  -------',
+        '  0         0           2      0.1',
+        '  0         1           2      0.1',
+    ],
+    'localisation identical': [
+        "no layer's error jumps above float32 round-off",
+        'layer    rel err  max abs  floor  ratio to prev',
+        '-------  -------  -------  -----  -------------',
+        'embed          0        0  -                  -',
+        'layer 1        0        0  -                  0',
+        'layer 2        0        0  -                  0',
+        'layer 3        0        0  -                  0',
+    ],
+    'greedy near-tie': [
+        'greedy parity PASSED (near-tie rule: top-2)',
+        "1/2 rows identical over 2-3 tokens, 1 diverged acceptably at step 1 (near-tie: 2 vs 9, each in the other's top-2, gap 0.2 nats under the reference, 0.05 under the candidate)",
+        'row  step  matched  ref tok  cand tok  ref lp(ref)  ref lp(cand)  cand lp(ref)  cand lp(cand)  ok  why',
+        '---  ----  -------  -------  --------  -----------  ------------  ------------  -------------  --  -------------------------------------------------------------------------------------------------------',
+        "  0     1  1/3            2         9         -0.1          -0.3         -0.25           -0.2  ok  near-tie: 2 vs 9, each in the other's top-2, gap 0.2 nats under the reference, 0.05 under the candidate",
+    ],
+    'greedy failed': [
+        'greedy parity FAILED (near-tie rule: top-2)',
+        "0/2 rows identical over 2-3 tokens, 1 diverged unacceptably at step 1 (candidate token 8 is not in the reference's top-2 at step 1; reference token 2 is not in the candidate's top-2 at step 1), 1 with a different number of tokens (token counts differ: reference 2, candidate 1 (identical over the first 1))",
+        'row  step  matched  ref tok  cand tok  ref lp(ref)  ref lp(cand)  cand lp(ref)  cand lp(cand)  ok    why',
+        '---  ----  -------  -------  --------  -----------  ------------  ------------  -------------  ----  ------------------------------------------------------------------------------------------------------------------------',
+        "  0     1  1/3            2         8         -0.1  -             -                      -0.2  FAIL  candidate token 8 is not in the reference's top-2 at step 1; reference token 2 is not in the candidate's top-2 at step 1",
+        '  1     -  1/2            -         -            -  -             -                         -  FAIL  token counts differ: reference 2, candidate 1 (identical over the first 1)',
+    ],
+    'nonfinite scores': [
+        'scores: 3 non-finite values (1 NaN, 2 Inf) at 2 real positions: row 0, position 1 (2 values); row 1, position 1 (1 value)',
+    ],
+    'nonfinite many': [
+        'x: 14 non-finite values (14 NaN) at 7 real positions: row 0, position 0 (2 values); row 0, position 1 (2 values); row 0, position 2 (2 values); row 0, position 3 (2 values); row 0, position 4 (2 values), and 2 more positions',
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(PINNED))
+def test_messages_are_pinned(name):
+    """Every line of the parity engine's messages, for fixed inputs: a changed figure, label, verdict or
+    listing shows here (the tables are what a failing run leaves to read)."""
+    got = [line.rstrip() for line in _pinned_cases()[name]().splitlines()]
+    assert got == PINNED[name]
