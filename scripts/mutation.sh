@@ -41,7 +41,7 @@ declare -A TESTS=(
   [golden]="tests/unit/test_golden.py"
   [stats]="tests/unit/test_stats.py"
   [store]="tests/unit/test_baseline_store.py"
-  [schema]="tests/unit/test_baseline_store.py"
+  [schema]="tests/unit/test_schema.py tests/unit/test_baseline_store.py"
   [options]="tests/unit/test_plugin_options.py"
   [known_issues]="tests/unit/test_known_issues.py tests/unit/test_checks.py"
 )
