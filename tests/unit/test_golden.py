@@ -201,8 +201,8 @@ class _Session:
         self.hardware = Hardware(gpus=())
         self.records = []
         self._gen = generation
-        self._backend = types.SimpleNamespace(info=types.SimpleNamespace(dtype="fp16", tensor_parallel=1,
-                                                                         describe=lambda: "ds: fp16 on cpu"))
+        self._backend = types.SimpleNamespace(info=types.SimpleNamespace(
+            backend="ds", dtype="fp16", tensor_parallel=1, kernels="none (CPU)", describe=lambda: "ds: fp16 on cpu"))
 
     def backend(self, name):
         return self._backend
@@ -370,3 +370,65 @@ def test_perplexity_skips_a_row_without_targets_and_keeps_the_rows_after_it():
     lp = torch.full((2, 3, 10), -math.log(10))
     ppl, n = perplexity(Scores(lp, mask.bool()), batch)
     assert n == 2 and ppl == pytest.approx(10)
+
+
+# --- check_golden: every way out, with what it says ---------------------------------------------------------------
+
+def _case_with(case_id="short-b2-len3", generate=True, max_new_tokens=4):
+    import types
+    return types.SimpleNamespace(id=case_id, plan=types.SimpleNamespace(generate=generate,
+                                                                        max_new_tokens=max_new_tokens), batch=BATCH)
+
+
+def _golden_path(tmp_path) -> str:
+    return str(next(tmp_path.rglob("*.json")))
+
+
+def test_check_golden_skips_say_why_and_how_to_record(tmp_path, monkeypatch):
+    from pytest_neoxmii.golden import check_golden
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(pytest.skip.Exception) as skip:
+        check_golden(_Session(tmp_path, _gen(TOKENS), update=False), "ds", _case_with(generate=False))
+    assert str(skip.value) == "short-b2-len3 is scored teacher-forced only"
+    with pytest.raises(pytest.skip.Exception) as skip:
+        check_golden(_Session(tmp_path, _gen(TOKENS), update=False), "ds", _case_with())
+    assert str(skip.value) == ("no golden outputs (greedy ids) in pythia-14m/synthetic-seed0-v2/ds-fp16-tp1.json; "
+                               "create them with: --neox-update-baselines")
+    check_golden(_Session(tmp_path, _gen(TOKENS), update=True), "ds", _case_with())
+    with pytest.raises(pytest.skip.Exception) as skip:
+        check_golden(_Session(tmp_path, _gen(TOKENS), update=False), "ds", _case_with("other-case"))
+    assert str(skip.value) == ("no golden output for case other-case in pythia-14m/synthetic-seed0-v2/"
+                               "ds-fp16-tp1.json, GPU class cpu; create it with: --neox-update-baselines")
+    with pytest.raises(pytest.skip.Exception) as skip:
+        check_golden(_Session(tmp_path, _gen(TOKENS), update=False), "ds", _case_with(max_new_tokens=5))
+    assert str(skip.value) == ("golden output of short-b2-len3 not comparable: recorded with 4 new tokens, this "
+                               "run generates 5; re-record it with --neox-update-baselines")
+
+
+def test_check_golden_records_what_it_did(tmp_path, capsys):
+    from pytest_neoxmii.golden import check_golden
+    session = _Session(tmp_path, _gen(TOKENS), update=True)
+    assert check_golden(session, "ds", _case_with()) is None
+    path = _golden_path(tmp_path)
+    [rec] = session.records
+    assert (rec.check, rec.backend, rec.case, rec.passed, rec.metrics) == (
+        "golden", "ds", "short-b2-len3", True, {"status": "recorded"})
+    assert rec.summary == f"recorded for GPU class cpu in {path}"
+    assert capsys.readouterr().out == f"golden output of short-b2-len3 (ds: fp16 on cpu) written to {path}\n"
+    stored = json.loads(open(path).read())["gpu_classes"]["cpu"]["golden"]["cases"]["short-b2-len3"]
+    assert stored["tokens"] == TOKENS and stored["max_new_tokens"] == 4 and len(stored["top_logprobs"][0][0]) == 3
+
+    import types
+    request = types.SimpleNamespace(node=types.SimpleNamespace(user_properties=[]), applymarker=None)
+    # step 2: 14 is the golden runner-up, and the golden 13 is the candidate's runner-up
+    tie = _Session(tmp_path, _gen([[11, 12, 14, 15], TOKENS[1]], alt=[[12, 13, 13, 16], [22, 23, 24, 25]]),
+                   update=False)
+    change = check_golden(tie, "ds", _case_with(), request)
+    assert change.status == "near-tie" and change.passed
+    [rec] = tie.records
+    assert rec.passed is True and rec.metrics == {"status": "near-tie", "first_divergence": 2, "gpu_class": "cpu",
+                                                  "detail": change.detail}
+    assert rec.summary == change.line()
+    assert request.node.user_properties == [("golden_status", "near-tie")]
+    out = capsys.readouterr().out
+    assert out.startswith(f"golden outputs of ds fp16 ({path}, GPU class cpu): 0/1 cases unchanged, 1 near-tie")
