@@ -432,3 +432,59 @@ def test_check_golden_records_what_it_did(tmp_path, capsys):
     assert request.node.user_properties == [("golden_status", "near-tie")]
     out = capsys.readouterr().out
     assert out.startswith(f"golden outputs of ds fp16 ({path}, GPU class cpu): 0/1 cases unchanged, 1 near-tie")
+
+
+def test_check_golden_perplexity_records_its_detail_and_skips_or_fails_with_reasons(tmp_path, capsys, monkeypatch):
+    from pytest_neoxmii.golden import check_golden, check_golden_perplexity
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(pytest.skip.Exception) as skip:
+        check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=False), "ds")
+    assert str(skip.value) == ("no golden outputs (perplexity) in pythia-14m/synthetic-seed0-v2/ds-fp16-tp1.json; "
+                               "create them with: --neox-update-baselines")
+    check_golden(_Session(tmp_path, _gen(TOKENS), update=True), "ds", _case())      # greedy ids only
+    with pytest.raises(pytest.skip.Exception) as skip:
+        check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=False), "ds")
+    assert str(skip.value) == ("no golden perplexity in pythia-14m/synthetic-seed0-v2/ds-fp16-tp1.json, GPU class "
+                               "cpu; record it with --neox-update-baselines")
+    capsys.readouterr()
+
+    session = _PerplexitySession(tmp_path, 20, update=True)
+    check_golden_perplexity(session, "ds")
+    path = "pythia-14m/synthetic-seed0-v2/ds-fp16-tp1.json"
+    [rec] = session.records
+    assert (rec.check, rec.backend, rec.case, rec.passed) == ("golden-perplexity", "ds", "fixed-text", True)
+    assert rec.metrics["perplexity"] == pytest.approx(20.0)
+    assert rec.summary == f"recorded {rec.metrics['perplexity']:.4f} for GPU class cpu in {tmp_path / path}"
+    assert capsys.readouterr().out == f"golden perplexity 20.0000 of ds: fp16 on cpu written to {tmp_path / path}\n"
+    golden = json.loads((tmp_path / path).read_text())["gpu_classes"]["cpu"]["golden"]
+    assert golden["perplexity"] == pytest.approx(20.0)
+    assert golden["perplexity_detail"] == {"targets": 4, "case": "fixed-text", "prompt_sha256": prompt_digest(BATCH),
+                                           "noise_floor_rel": 0.0, "dtype": "fp16"}
+
+    request = types_request()
+    checked = _PerplexitySession(tmp_path, 20, update=False)
+    check_golden_perplexity(checked, "ds", request)
+    assert request.node.user_properties == [("golden_perplexity", pytest.approx(20.0))]
+    assert set(checked.records[-1].metrics) == {"perplexity", "golden", "rel_diff", "limit", "gpu_class"}
+    assert checked.records[-1].metrics["gpu_class"] == "cpu"
+    assert capsys.readouterr().out.startswith(f"golden outputs of ds fp16 ({path}, GPU class cpu): perplexity "
+                                              "20.0000 -> 20.0000 (+0.000%)")
+
+    other_ids = _PerplexitySession(tmp_path, 20, update=False)
+    other_ids.case = lambda plan: __import__("types").SimpleNamespace(
+        id="fixed-text", plan=plan, batch=PromptBatch(rows=((5, 6, 8), (8, 9, 10)), pad_token_id=0))
+    with pytest.raises(pytest.skip.Exception) as skip:
+        check_golden_perplexity(other_ids, "ds")
+    assert str(skip.value) == ("the golden perplexity was measured on other token ids of the fixed text (another "
+                               "tokenizer); re-record it with --neox-update-baselines")
+
+    nan = _PerplexitySession(tmp_path, 20, update=False)
+    nan._scores["ds"] = Scores(torch.full((2, 3, 32), math.nan), nan._scores["ds"].mask)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        check_golden_perplexity(nan, "ds")
+    assert str(failed.value) == "ds: fp16 on cpu: perplexity of the fixed text is nan (no finite value)"
+
+
+def types_request():
+    import types
+    return types.SimpleNamespace(node=types.SimpleNamespace(user_properties=[]))
