@@ -281,3 +281,37 @@ def test_some_cases_longer_than_the_context(pytester, assert_usage_error, synthe
     result = pytester.runpytest(*synthetic_14m, "--neox-max-new-tokens=1990")
     assert_usage_error(result, "case medium-b1-len128 needs 2118 tokens (prompt 128 + 1990 new) but the "
                                "model's context is 2048")
+
+
+def test_help_shows_each_flags_metavar_and_default(pytester):
+    """--help lists every flag with its metavar and, where it has one, its default (and never a default of
+    None); the ini section lists each option with its type."""
+    result = pytester.runpytest("--help")
+    out = result.outlines
+    start = out.index("GPT-NeoX / DeepSpeed-MII acceptance testing:")
+    group = " ".join(" ".join(out[start:out.index("", start)]).split())     # one line, single spaces
+    for opt in OPTIONS:
+        if opt.kind == "bool":
+            assert f"{opt.flag} {opt.help.split()[0]}" in group, opt.flag
+            continue
+        assert f"{opt.flag}={opt.metavar}" in group, opt.flag
+        if opt.default is not None:
+            assert f"(default: {opt.default})" in group, opt.flag
+    assert "--neox-tp=N tensor-parallel degree of the ds and mii backends (default: 1)" in group
+    assert "--neox-parity-multiple=X" in group and "(default: 10.0)" in group
+    ini = " ".join(" ".join(out[next(i for i, ln in enumerate(out) if "configuration options" in ln):]).split())
+    assert "neox_update_baselines (bool):" in ini
+    assert "neox_tp (" in ini and "neox_model (string):" in ini
+
+
+def test_an_empty_ini_value_means_the_default(pytester):
+    pytester.makeini("[pytest]\nneox_tp =\nneox_dtype =\nneox_parity_multiple =\n")
+    options = options_of(pytester)
+    assert (options.tp, options.dtype, options.parity_multiple) == (1, "fp16", 10.0)
+
+
+def test_bool_option_from_flag_and_from_ini_false(pytester):
+    assert options_of(pytester, "--neox-update-baselines").update_baselines is True
+    pytester.makeini("[pytest]\nneox_update_baselines = false\n")
+    assert options_of(pytester).update_baselines is False
+    assert options_of(pytester, "--neox-update-baselines").update_baselines is True
