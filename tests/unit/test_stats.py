@@ -262,3 +262,31 @@ def test_message_formats_seconds_in_the_unit_that_reads():
     assert msg(0.001, 0.001).startswith("median 1.00 ms -> 1.00 ms")
     assert msg(0.000999, 0.000999).startswith("median 999.0 us -> 999.0 us")
     assert msg(0.999, 0.999).startswith("median 999.00 ms -> 999.00 ms")
+
+
+def test_mann_whitney_refuses_empty_or_non_finite_samples_naming_the_side():
+    for x, y in (([], [1.0]), ([1.0], []), ([], [])):
+        with pytest.raises(ValueError) as exc:
+            mann_whitney_greater(x, y)
+        assert str(exc.value) == "mann_whitney_greater: both samples must be non-empty"
+    with pytest.raises(ValueError) as exc:
+        mann_whitney_greater([1.0, math.nan], [1.0])
+    assert str(exc.value) == "mann_whitney_greater x: latencies must be finite numbers"
+    with pytest.raises(ValueError) as exc:
+        mann_whitney_greater([1.0], [[1.0]])
+    assert str(exc.value) == "mann_whitney_greater y: expected a flat list of latencies in seconds"
+    with pytest.raises(ValueError) as exc:
+        summarize([0.1, math.inf])
+    assert str(exc.value) == "summarize: latencies must be finite numbers"
+
+
+def test_mann_whitney_small_exact_case():
+    """x = [2, 3, 4] all above y = [0, 1]: U = 6, mean 3, variance 3 (no ties), continuity-corrected
+    z = 2.5 / sqrt(3); the one-sided p is the normal upper tail at z (scipy's asymptotic method)."""
+    z = 2.5 / math.sqrt(3)
+    assert mann_whitney_greater([2.0, 3.0, 4.0], [0.0, 1.0]) == pytest.approx(0.5 * math.erfc(z / math.sqrt(2)),
+                                                                              rel=1e-12)
+    # ties across the samples: x = [1, 2], y = [1, 1]; the three 1s share rank 2, the 2 has rank 4 -> U = 6 - 3
+    # = 3, mean 2, tie groups (3, 1): variance = 4/12 * (5 - (27 - 3) / 12) = 1, z = (3 - 2 - 0.5) / 1
+    assert mann_whitney_greater([1.0, 2.0], [1.0, 1.0]) == pytest.approx(0.5 * math.erfc(0.5 / math.sqrt(2)),
+                                                                         rel=1e-12)
