@@ -716,3 +716,109 @@ def test_messages_are_pinned(name):
     listing shows here (the tables are what a failing run leaves to read)."""
     got = [line.rstrip() for line in _pinned_cases()[name]().splitlines()]
     assert got == PINNED[name]
+
+
+# ---------------------------------------------------------------------------------------------- metrics, exactly
+
+def test_find_nonfinite_default_labels_traces_and_wrong_types():
+    trace = LayerTrace([torch.zeros(1, 2, 3), torch.tensor([[[0.0, math.nan, 0.0], [math.inf, 0.0, 0.0]]])])
+    assert find_nonfinite(trace) == ("trace hidden_states[1]: 2 non-finite values (1 NaN, 1 Inf) at 2 real "
+                                     "positions: row 0, position 0 (1 value); row 0, position 1 (1 value)")
+    assert find_nonfinite(LayerTrace([torch.zeros(1, 2, 3)])) is None
+    two = LayerTrace([torch.full((1, 1, 2), math.nan)] * 2)
+    assert find_nonfinite(two, "t") == ("t hidden_states[0]: 2 non-finite values (2 NaN) at 1 real position: row 0, "
+                                        "position 0 (2 values); t hidden_states[1]: 2 non-finite values (2 NaN) at 1 "
+                                        "real position: row 0, position 0 (2 values)")
+    assert find_nonfinite(Generation(tokens=[[1]], top_logprobs=[[[(1, math.nan)]]])) == (
+        "generation: 1 non-finite top logprob: row 0, step 0 (token 1: nan)")
+    with pytest.raises(TypeError) as exc:
+        find_nonfinite([1.0])
+    assert str(exc.value) == "find_nonfinite expects Scores, Generation or LayerTrace, got list"
+
+
+def test_metrics_name_which_side_is_not_finite(batch, logits, reference):
+    bad = logits.clone()
+    bad[0, 1, 3] = math.nan
+    m = teacher_forced_metrics(reference, scores_from_logits(batch, bad), batch)
+    assert m.nonfinite == ("candidate scores: 64 non-finite values (64 NaN) at 1 real position: row 0, position 1 "
+                           "(64 values)")
+    m = teacher_forced_metrics(scores_from_logits(batch, bad), reference, batch)
+    assert m.nonfinite.startswith("reference scores: 64 non-finite values")
+    assert m.n_positions == 11
+
+
+def test_all_nonfinite_metrics_are_the_explicit_worst_case(batch, reference):
+    nan = Scores(torch.full_like(reference.logprobs, math.nan), reference.mask)
+    m = teacher_forced_metrics(reference, nan, batch)
+    assert (m.kl_mean, m.kl_max, m.top1_agreement, m.max_abs_diff) == (math.inf, math.inf, 0.0, math.inf)
+    assert (m.perplexity_reference, m.perplexity_candidate, m.n_positions, m.n_targets) == (None, None, 0, 0)
+    assert m.nll_abs_diff_mean is None and m.worst_positions == []
+    assert m.nonfinite.startswith("candidate scores: 768 non-finite values (768 NaN) at 12 real positions")
+
+
+def test_perplexities_and_mean_abs_nll_difference_by_hand():
+    """One row (1, 2, 3), vocabulary 4. Reference uniform: NLL log 4 per target. The candidate gives each
+    target (2 after 1, 3 after 2) probability 1/2: NLL log 2. Two targets, perplexities 4 and 2, mean
+    |NLL difference| log 2; the top-1 of both sides is token 0 at every position (ties go to the first)."""
+    batch = PromptBatch(rows=((1, 2, 3),), pad_token_id=0)
+    ref = torch.full((1, 3, 4), -math.log(4))
+    cand = torch.full((1, 3, 4), math.log(1 / 6))
+    cand[0, 0, 2] = cand[0, 1, 3] = math.log(1 / 2)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    m = teacher_forced_metrics(Scores(ref, mask), Scores(cand, mask), batch)
+    assert m.n_targets == 2 and m.n_positions == 3
+    assert m.perplexity_reference == pytest.approx(4.0) and m.perplexity_candidate == pytest.approx(2.0)
+    assert m.nll_abs_diff_mean == pytest.approx(math.log(2))
+    assert m.perplexity_rel_diff == pytest.approx(0.5)
+    assert m.max_abs_diff == pytest.approx(math.log(4) - math.log(2))
+
+
+def test_a_batch_of_one_token_rows_has_no_perplexity_and_an_empty_row_is_skipped():
+    one = PromptBatch(rows=((1,), (2,)), pad_token_id=0)
+    lp = torch.log_softmax(torch.zeros(2, 1, 4), -1)
+    m = teacher_forced_metrics(Scores(lp, torch.ones(2, 1, dtype=torch.bool)), Scores(lp, torch.ones(2, 1).bool()), one)
+    assert (m.perplexity_reference, m.perplexity_candidate, m.n_targets, m.nll_abs_diff_mean) == (None, None, 0, None)
+    assert m.perplexity_rel_diff is None and m.n_positions == 2
+    empty_first = PromptBatch(rows=((), (1, 2)), pad_token_id=0)
+    _, mask = empty_first.padded()
+    lp = torch.log_softmax(torch.zeros(2, 2, 4), -1)
+    m = teacher_forced_metrics(Scores(lp, mask.bool()), Scores(lp, mask.bool()), empty_first)
+    assert m.n_positions == 2 and m.n_targets == 1
+    nothing = PromptBatch(rows=((),), pad_token_id=0)
+    empty = Scores(torch.zeros(1, 0, 4), torch.zeros(1, 0, dtype=torch.bool))
+    with pytest.raises(ValueError) as exc:
+        teacher_forced_metrics(empty, empty, nothing)
+    assert str(exc.value) == "the batch has no real tokens to compare"
+
+
+def test_worst_positions_name_row_position_prompt_length_and_both_top1(batch, logits, reference):
+    """Row 1 has 3 real tokens after 2 pads: its real position 1 is padded index 3. Making the candidate
+    certain of token 40 there gives the largest KL at exactly that place."""
+    bent = logits.clone()
+    bent[1, 3, 40] = 100.0
+    m = teacher_forced_metrics(reference, scores_from_logits(batch, bent), batch)
+    w = m.worst_positions[0]
+    assert (w.row, w.position, w.prompt_len, w.cand_top1) == (1, 1, 3, 40)
+    assert w.ref_top1 == int(logits[1, 3].argmax()) and w.kl == m.kl_max
+    assert len(m.worst_positions) == 5 and all(x.kl <= w.kl for x in m.worst_positions)
+    assert {(x.row, x.prompt_len) for x in m.worst_positions} <= {(0, 5), (1, 3), (2, 4)}
+
+
+def test_bad_scores_are_refused_naming_the_side(batch, reference):
+    short = Scores(reference.logprobs[:, :4], reference.mask[:, :4])
+    with pytest.raises(ValueError) as exc:
+        teacher_forced_metrics(short, short, batch)
+    assert str(exc.value) == "reference logprobs shape (3, 4, 64) does not fit the batch [3 rows, 5 positions]"
+    wrong_mask = reference.mask.clone()
+    wrong_mask[2, 0] = True                       # row 2 has one pad at the start
+    with pytest.raises(ValueError) as exc:
+        teacher_forced_metrics(reference, Scores(reference.logprobs, wrong_mask), batch)
+    assert str(exc.value) == ("candidate mask disagrees with the batch's padding in rows [2] (both must be "
+                              "left-padded the same way)")
+    with pytest.raises(ValueError) as exc:
+        teacher_forced_metrics(Scores(reference.logprobs, reference.mask[:, :4]), reference, batch)
+    assert str(exc.value) == "reference mask shape (3, 4) does not match logprobs (3, 5)"
+    flat = Scores(reference.logprobs[..., 0], reference.mask)
+    with pytest.raises(ValueError) as exc:
+        teacher_forced_metrics(flat, flat, batch)
+    assert str(exc.value) == "reference logprobs must be [batch, max_len, vocab], got shape (3, 5)"
