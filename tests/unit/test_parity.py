@@ -822,3 +822,83 @@ def test_bad_scores_are_refused_naming_the_side(batch, reference):
     with pytest.raises(ValueError) as exc:
         teacher_forced_metrics(flat, flat, batch)
     assert str(exc.value) == "reference logprobs must be [batch, max_len, vocab], got shape (3, 5)"
+
+
+# ---------------------------------------------------------------------------------------------- judge and rows, edges
+
+def test_measured_exactly_at_the_limit_passes():
+    floor = TFMetrics(0.25, 0.25, 1.0, 0.25, 10.0, 10.0, 100, 99)
+    at = TFMetrics(0.5, 0.5, 1.0, 0.5, 10.0, 10.0, 100, 99)
+    assert judge(floor, at, 2).passed
+    above = TFMetrics(0.5000001, 0.5, 1.0, 0.5, 10.0, 10.0, 100, 99)
+    assert judge(floor, above, 2).failures == ["kl_mean"]
+
+
+def test_top1_limit_scales_a_nonzero_floor_in_positions():
+    """Floor: 2 flips in 100 positions; at multiple 3 the candidate may flip 6 positions, not 7."""
+    floor = _metrics(100, flips=2)
+    assert judge(floor, _metrics(100, flips=6), 3).passed
+    assert judge(floor, _metrics(100, flips=7), 3).failures == ["top1_disagreement"]
+    one = _metrics(1, flips=1)                       # a single position that flips: one flip is tolerated
+    assert judge(_metrics(1), one, 1).passed
+
+
+def test_failure_order_and_no_finite_positions():
+    bad = dataclasses_replace(_metrics(10), nonfinite="x")
+    verdict = judge(bad, bad, 10)
+    assert verdict.failures[:2] == ["non-finite noise floor", "non-finite values"]
+    empty = TFMetrics(0.0, 0.0, 1.0, 0.0, None, None, 0, 0)
+    verdict = judge(_metrics(10), empty, 10)
+    assert verdict.failures == ["no finite positions"]
+    ppl = next(c for c in verdict.checks if c.name == "perplexity_rel_diff")
+    assert (ppl.floor, ppl.measured, ppl.multiple, ppl.epsilon, ppl.limit, ppl.ok) == (0.0, None, 10, 1e-4, None, None)
+    assert [c.name for c in verdict.checks] == ["kl_mean", "kl_max", "top1_disagreement", "max_abs_diff",
+                                                "perplexity_rel_diff"]
+
+
+def dataclasses_replace(m, **kw):
+    import dataclasses
+    return dataclasses.replace(m, **kw)
+
+
+def test_row_results_carry_row_lengths_and_reasons():
+    report = compare_greedy(Generation(tokens=[[1, 2], [3, 4, 5]]), Generation(tokens=[[1, 2], [3, 4]]), top_k=5)
+    same, short = report.rows
+    assert (same.row, same.matched_prefix_len, same.total_len, same.candidate_len, same.reason) == (0, 2, 2, 2,
+                                                                                                     "identical")
+    assert (short.row, short.total_len, short.candidate_len, short.acceptable) == (1, 3, 2, False)
+    tie = compare_greedy(Generation(tokens=[[1, 2]], top_logprobs=[[top((1, -0.1)), top((2, -0.1), (9, -0.2))]]),
+                         Generation(tokens=[[1, 9, 7]], top_logprobs=[[top((1, -0.1)), top((9, -0.1), (2, -0.2)),
+                                                                       top((7, -0.1))]]), top_k=2)
+    row = tie.rows[0]
+    assert (row.row, row.divergence_step, row.total_len, row.candidate_len, row.acceptable) == (0, 1, 2, 3, True)
+    failed = compare_greedy(Generation(tokens=[[2]], top_logprobs=[[top((2, -0.1))]]),
+                            Generation(tokens=[[9]], top_logprobs=[[top((9, -0.1))]]), top_k=2)
+    assert failed.rows[0].acceptable is False
+    missing = compare_greedy(Generation(tokens=[[2]]), Generation(tokens=[[9]]), top_k=2)
+    assert missing.rows[0].acceptable is False
+
+
+def test_near_tie_reason_shows_only_the_gaps_it_can_compute():
+    """A side whose list lacks its own token has no gap to show; with neither, the reason has no gap part."""
+    ref_without_own = Generation(tokens=[[2]], top_logprobs=[[top((9, -0.2), (5, -0.3))]])
+    cand = Generation(tokens=[[9]], top_logprobs=[[top((9, -0.1), (2, -0.3))]])
+    row = compare_greedy(ref_without_own, cand, top_k=2).rows[0]
+    assert row.acceptable and row.reason == "near-tie: 2 vs 9, each in the other's top-2, 0.2 under the candidate"
+    cand_without_own = Generation(tokens=[[9]], top_logprobs=[[top((2, -0.1), (5, -0.3))]])
+    row = compare_greedy(ref_without_own, cand_without_own, top_k=2).rows[0]
+    assert row.acceptable and row.reason == "near-tie: 2 vs 9, each in the other's top-2"
+
+
+def test_layer_errors_of_zero_layers_and_low_precision_inputs():
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    zero, ones = torch.zeros(1, 2, 4), torch.ones(1, 2, 4)
+    assert layer_errors(LayerTrace([zero]), LayerTrace([zero]), mask) == [0.0]
+    assert layer_errors(LayerTrace([zero]), LayerTrace([ones]), mask) == [math.inf]
+    # fp16 hidden states whose squares overflow fp16: the norms are taken in float64
+    big = torch.full((1, 2, 4), 300.0, dtype=torch.float16)
+    assert layer_errors(LayerTrace([big]), LayerTrace([big * 1.5]), mask) == [pytest.approx(0.5)]
+    nan = LayerTrace([ones.clone().index_fill_(2, torch.tensor([0]), math.nan)])
+    report = localize_divergence(LayerTrace([ones]), nan, mask, floor=[0.0])
+    assert report.layers[0].rel_err == math.inf and report.layers[0].max_abs == math.inf
+    assert report.first_departing_layer == 0
