@@ -204,10 +204,13 @@ class _Session:
         self._backend = types.SimpleNamespace(info=types.SimpleNamespace(
             backend="ds", dtype="fp16", tensor_parallel=1, kernels="none (CPU)", describe=lambda: "ds: fp16 on cpu"))
 
+    # The stand-in checks what it is asked for, as the real session would answer only that.
     def backend(self, name):
+        assert name == "ds", name
         return self._backend
 
     def generation(self, backend, case):
+        assert backend is self._backend and case.plan.generate, (backend, case)
         return self._gen
 
     def record(self, rec):
@@ -271,6 +274,7 @@ class _PerplexitySession(_Session):
 
     def case(self, plan):
         import types
+        assert plan is self._plan, plan
         return types.SimpleNamespace(id="fixed-text", plan=plan, batch=BATCH)
 
     def reference(self):
@@ -280,6 +284,7 @@ class _PerplexitySession(_Session):
         return self._peer
 
     def scores(self, backend, case):
+        assert case.id == "fixed-text" and case.plan is self._plan, case
         return self._scores[backend.name]
 
 
