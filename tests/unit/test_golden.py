@@ -493,3 +493,34 @@ def test_check_golden_perplexity_records_its_detail_and_skips_or_fails_with_reas
 def types_request():
     import types
     return types.SimpleNamespace(node=types.SimpleNamespace(user_properties=[]))
+
+
+def test_a_non_finite_generation_is_recorded_as_such(tmp_path):
+    from pytest_neoxmii.golden import check_golden
+    from pytest_neoxmii.session import Record
+    gen = _gen(TOKENS)
+    gen.top_logprobs[0][1][0] = (12, float("nan"))
+    session = _Session(tmp_path, gen, update=True)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        check_golden(session, "ds", _case())
+    assert failed.value.pytrace is False
+    assert session.records == [Record("golden", "ds", "short-b2-len3", False, {"status": "non-finite"},
+                                      "short-b2-len3: 1 non-finite top logprob: row 0, step 1 (token 12: nan)")]
+
+
+def test_check_golden_marks_a_known_issue_strict_xfail(tmp_path):
+    """The golden check of a known decode defect (ds with injected kernels on a left-padded case) is a strict
+    xfail, like the parity check: the defect has no golden output."""
+    import types
+    from pytest_neoxmii.golden import check_golden
+    check_golden(_Session(tmp_path, _gen(TOKENS), update=True), "ds", _case())
+    session = _Session(tmp_path, _gen(TOKENS), update=False)
+    session._backend.info.kernels = "injected 6/6 layers"
+    case = _case_with()
+    case.plan.lengths = (3, 2)
+    markers = []
+    request = types.SimpleNamespace(node=types.SimpleNamespace(user_properties=[]), applymarker=markers.append)
+    check_golden(session, "ds", case, request)
+    [marker] = markers
+    assert marker.name == "xfail" and marker.kwargs["strict"] is True
+    assert marker.kwargs["reason"].startswith("known issue [ds-left-padded-decode]")
