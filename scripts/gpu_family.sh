@@ -35,7 +35,7 @@ PY
 fi
 for model in "$@"; do
   start=$(date +%s)
-  timeout -k 10 "$LIMIT" python3 -m pytest tests/acceptance/test_parity.py tests/acceptance/test_reference.py \
+  timeout -k 10 "$LIMIT" python3 -m pytest pytest_neoxmii/suite/test_parity.py pytest_neoxmii/suite/test_reference.py \
     -p pytest_neoxmii.plugin --neox-model="$model" --neox-weights=synthetic --neox-cache-dir="$CACHE" \
     --neox-backends="${NEOX_BACKENDS:-hf,ds,mii}" --neox-report="$W/report-$model" \
     -q -rsxX -p no:cacheprovider ${NEOX_EXTRA:-} > "$W/$model.log" 2>&1

@@ -5,7 +5,7 @@ the results go to $OUT/multi_gpu.json after every phase, so a run cut short keep
   env      GPUs, driver, versions
   kernels  DeepSpeed's transformer_inference op built (or loaded) once, while the synthetic models build
   parity   pythia-1b (synthetic) tp=2: ds under the DeepSpeed launcher and mii as MII LOCAL, against the
-           fp32 HF reference (parity engine rules), latency against tp=1, teardown check: pytest on
+           fp32 HF reference (parity engine rules), teardown check: pytest on
            pytest_neoxmii/suite/test_multi_gpu.py
   cycles   10 consecutive deploy/teardown cycles in this process (MII LOCAL tp=2, pythia-70m): processes of
            the deployment and GPU memory (nvidia-smi and torch.cuda.mem_get_info per GPU) before and after

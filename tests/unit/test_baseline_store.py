@@ -385,3 +385,75 @@ def _hold_lock(lock_path: str, held, release) -> None:
     with FileLock(lock_path):
         held.set()
         release.wait(10)
+
+
+# ---------------------------------------------------------------- caller data, defaults, names
+
+def test_numpy_and_torch_values_are_stored_as_plain_json_types(store: BaselineStore):
+    """What latency code hands the store (numpy/torch scalars and arrays, tuples) is written as JSON numbers,
+    booleans and lists of the right type: a bool stays a bool, an integer an integer."""
+    import torch
+
+    extra = {"n": np.int64(3), "ok": np.bool_(True), "flag": False, "shape": (1, 2), "t": torch.tensor(0.5),
+             "arr": torch.tensor([1, 2]), "grid": np.array([[1.5], [2.5]]), "none": None, "name": "x",
+             "zero_d": np.array(7)}
+    store.put_latency(KEY, H100, "gen", {"samples": np.array([0.01, 0.02]), "extra": extra,
+                                         "stats": {"median": np.float32(0.25)}})
+    got = store.latency(KEY, H100, "gen")
+    assert got["samples"] == [0.01, 0.02] and all(type(s) is float for s in got["samples"])
+    assert got["stats"] == {"median": 0.25}
+    want = {"n": 3, "ok": True, "flag": False, "shape": [1, 2], "t": 0.5, "arr": [1, 2], "grid": [[1.5], [2.5]],
+            "none": None, "name": "x", "zero_d": 7}
+    assert got["extra"] == want
+    assert {k: type(v) for k, v in got["extra"].items()} == {k: type(v) for k, v in want.items()}
+
+
+def test_missing_optional_fields_get_their_defaults(store: BaselineStore):
+    store.put_latency(KEY, H100, "gen", {"samples": [0.01, 0.03, 0.02]})
+    got = store.latency(KEY, H100, "gen")
+    assert got["stats"]["median"] == 0.02 and got["stats"]["n"] == 3
+    assert (got["extra"], got["versions"], got["machine"]) == ({}, {}, {})
+    assert got["recorded_at"].endswith("+00:00") and got["recorded_at"][:2] == "20"
+    store.put_golden(KEY, H100, {"cases": {}})
+    cls, golden = store.golden(KEY, H100)
+    assert cls == H100 and golden["perplexity"] is None and golden["versions"] == {}
+    assert golden["recorded_at"].endswith("+00:00")
+    # given fields are kept as given
+    store.put_latency(KEY, H100, "gen", lat(stats={"median": 1.0}, recorded_at="2026-01-01T00:00:00+00:00"))
+    got = store.latency(KEY, H100, "gen")
+    assert got["stats"] == {"median": 1.0} and got["recorded_at"] == "2026-01-01T00:00:00+00:00"
+
+
+@pytest.mark.parametrize("gpu_class,bench,message", [
+    ("", "gen", "gpu_class must be a non-empty string, got ''"),
+    (None, "gen", "gpu_class must be a non-empty string, got None"),
+    (H100, "", "bench must be a non-empty string, got ''"),
+    (H100, 3, "bench must be a non-empty string, got 3"),
+])
+def test_names_must_be_non_empty_strings(store: BaselineStore, gpu_class, bench, message):
+    with pytest.raises(ValueError) as exc:
+        store.put_latency(KEY, gpu_class, bench, lat())
+    assert str(exc.value) == message
+    if bench == "gen":
+        with pytest.raises(ValueError, match="gpu_class must be"):
+            store.put_golden(KEY, gpu_class, GOLDEN)
+    assert not store.path_for(KEY).exists()
+
+
+def test_refused_entries_say_where_and_what(store: BaselineStore, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BaselineError) as exc:
+        store.put_latency(KEY, H100, "gen", {"samples": [0.01, -1.0]})
+    assert str(exc.value) == ("baselines/EleutherAI_pythia-70m/hub_a1b2c3/deepspeed-float16-tp1.json: refusing to "
+                              'write: $.gpu_classes["NVIDIA-H100-80GB-HBM3"].latency.gen.samples[1]: expected a '
+                              "finite number >= 0, got number -1.0")
+    with pytest.raises(BaselineError) as exc:
+        store.put_golden(KEY, H100, {"cases": {"a": {}}})
+    assert str(exc.value).endswith('refusing to write: $.gpu_classes["NVIDIA-H100-80GB-HBM3"].golden.cases.a: '
+                                   'missing required field "tokens"')
+
+
+@pytest.mark.parametrize("text,safe", [("a/b c", "a_b_c"), ("..", "__"), (".", "_"), ("", "_"), ("x.y-z_1", "x.y-z_1"),
+                                       ("...", "___")])
+def test_sanitize_component(text, safe):
+    assert sanitize_component(text) == safe

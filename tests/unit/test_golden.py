@@ -123,6 +123,17 @@ def test_perplexity_within_the_noise_floor_multiple():
     assert not compare_perplexity(20.0, float("nan"), 1e-3, 10).passed
 
 
+def test_perplexity_decrease_beyond_the_limit_is_a_change_too():
+    """The limit is on |change|: a perplexity that drops (20 -> 15) moved as much as one that rose, and a
+    better number from a different model is still a different model."""
+    dropped = compare_perplexity(20.0, 15.0, 1e-3, 10)
+    assert dropped.rel_diff == pytest.approx(0.25)
+    assert not dropped.passed
+    assert "perplexity 20.0000 -> 15.0000 (-25.000%)" in dropped.message() and "> limit 0.01" in dropped.message()
+    assert compare_perplexity(20.0, 19.9, 1e-3, 10).passed          # -0.5% is within 10 x 0.1%
+    assert not compare_perplexity(20.0, 19.7, 1e-3, 10).passed      # -1.5% is not
+
+
 # --- the summary ------------------------------------------------------------------------------------------------
 
 def test_summary_lists_which_cases_changed_and_how():
@@ -190,13 +201,16 @@ class _Session:
         self.hardware = Hardware(gpus=())
         self.records = []
         self._gen = generation
-        self._backend = types.SimpleNamespace(info=types.SimpleNamespace(dtype="fp16", tensor_parallel=1,
-                                                                         describe=lambda: "ds: fp16 on cpu"))
+        self._backend = types.SimpleNamespace(info=types.SimpleNamespace(
+            backend="ds", dtype="fp16", tensor_parallel=1, kernels="none (CPU)", describe=lambda: "ds: fp16 on cpu"))
 
+    # The stand-in checks what it is asked for, as the real session would answer only that.
     def backend(self, name):
+        assert name == "ds", name
         return self._backend
 
     def generation(self, backend, case):
+        assert backend is self._backend and case.plan.generate, (backend, case)
         return self._gen
 
     def record(self, rec):
@@ -231,3 +245,282 @@ def test_non_finite_generations_are_never_recorded(tmp_path):
                                                     r"short-b2-len3: 1 non-finite top logprob: row 0, step 1"):
         check_golden(session, "ds", _case())
     assert not list(tmp_path.rglob("*.json"))
+
+
+# --- the perplexity check, on a stand-in session --------------------------------------------------------------
+
+def _uniform(vocab: int, batch=BATCH) -> Scores:
+    """A model that is uniform over `vocab` tokens: its perplexity is exactly `vocab`."""
+    _, mask = batch.padded()
+    return Scores(torch.full((batch.batch_size, batch.max_len, 32), -math.inf).index_fill(
+        -1, torch.arange(vocab), -math.log(vocab)), mask.bool())
+
+
+class _PerplexitySession(_Session):
+    """Adds what check_golden_perplexity uses: the fixed-text case, the fp32 reference and its peer."""
+
+    def __init__(self, tmp_path, backend_vocab, update, peer_vocab=20):
+        super().__init__(tmp_path, None, update)
+        import types
+        self.options.parity_multiple = 10.0
+        self._plan = types.SimpleNamespace(family="fixed-text", generate=False, max_new_tokens=4)
+        self._scores = {"ref": _uniform(20), "peer": _uniform(peer_vocab), "ds": _uniform(backend_vocab)}
+        self._ref = types.SimpleNamespace(name="ref", info=self._backend.info)
+        self._peer = types.SimpleNamespace(name="peer", info=self._backend.info)
+        self._backend.name = "ds"
+
+    def plans(self):
+        return [self._plan]
+
+    def case(self, plan):
+        import types
+        assert plan is self._plan, plan
+        return types.SimpleNamespace(id="fixed-text", plan=plan, batch=BATCH)
+
+    def reference(self):
+        return self._ref
+
+    def peer(self):
+        return self._peer
+
+    def scores(self, backend, case):
+        assert case.id == "fixed-text" and case.plan is self._plan, case
+        return self._scores[backend.name]
+
+
+def test_check_golden_perplexity_records_then_fails_on_a_drop_or_a_rise(tmp_path):
+    from pytest_neoxmii.golden import check_golden_perplexity
+    assert check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=True), "ds") is None
+    same = _PerplexitySession(tmp_path, 20, update=False)
+    change = check_golden_perplexity(same, "ds")
+    assert change.passed and change.rel_diff == pytest.approx(0.0, abs=1e-12)
+    # the peer equals the reference: a zero floor, so the limit is 10 x the epsilon
+    assert change.limit == pytest.approx(10 * parity.PPL_REL_EPSILON)
+    record = same.records[-1]
+    assert record.check == "golden-perplexity" and record.passed is True
+    assert record.metrics["golden"] == pytest.approx(20.0) and record.metrics["perplexity"] == pytest.approx(20.0)
+    for vocab, shown in ((15, "perplexity 20.0000 -> 15.0000 (-25.000%)"),
+                         (21, "perplexity 20.0000 -> 21.0000 (+5.000%)")):
+        session = _PerplexitySession(tmp_path, vocab, update=False)
+        with pytest.raises(pytest.fail.Exception) as failed:
+            check_golden_perplexity(session, "ds")
+        assert shown in str(failed.value)
+        assert session.records[-1].passed is False
+        assert session.records[-1].metrics["rel_diff"] == pytest.approx(abs(vocab - 20) / 20, rel=1e-5)
+
+
+def test_check_golden_perplexity_limit_follows_the_sessions_floor(tmp_path):
+    """With the peer at perplexity 21 (floor 5 %), a move to 25 (+25 %) is within 10 x the floor."""
+    from pytest_neoxmii.golden import check_golden_perplexity, session_floor
+    check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=True), "ds")
+    session = _PerplexitySession(tmp_path, 25, update=False, peer_vocab=21)
+    assert session_floor(session, session.case(session._plan)) == pytest.approx(0.05, rel=1e-5)
+    change = check_golden_perplexity(session, "ds")
+    assert change.passed and change.limit == pytest.approx(0.5, rel=1e-5)
+
+
+# --- stored form and comparison details, pinned ------------------------------------------------------------------
+
+def test_prompt_digest_is_the_sha256_of_the_compact_json_ids():
+    # computed independently: sha256(b"[[5,6,7],[8,9,10]]"), first 16 hex digits; stored files depend on it
+    assert prompt_digest(BATCH) == "b5c99e9cb02751ac"
+
+
+def test_golden_case_stored_form():
+    gen = Generation(tokens=[[11, 12]], top_logprobs=[[[(11, -0.123456789), (3, -1.0), (4, -2.0)],
+                                                       [(12, -0.1), (5, -0.2), (6, -0.3)]]])
+    batch = PromptBatch(rows=((5, 6, 7),), pad_token_id=0)
+    stored = golden_case(batch, gen, 2, top_k=2, versions={"torch": "2.13.0"})
+    assert stored == {"tokens": [[11, 12]], "top_logprobs": [[[[11, -0.123457], [3, -1.0]], [[12, -0.1], [5, -0.2]]]],
+                      "prompt_lengths": [3], "prompt_sha256": prompt_digest(batch), "max_new_tokens": 2,
+                      "versions": {"torch": "2.13.0"}}
+    assert golden_case(batch, gen, 2, top_k=2)["versions"] == {}
+
+
+def test_as_generation_cuts_to_the_first_steps():
+    stored = _golden()
+    cut = as_generation(stored, 2)
+    assert cut.tokens == [[11, 12], [21, 22]]
+    assert [len(row) for row in cut.top_logprobs] == [2, 2] and cut.top_logprobs[0][1][0] == (12, -0.1)
+    assert as_generation(stored).tokens == TOKENS
+    assert as_generation({"tokens": [[1, 2]]}, 1) == Generation(tokens=[[1]], top_logprobs=[])
+
+
+def test_compare_case_keeps_the_case_and_report_in_every_verdict():
+    same = compare_case("c", _golden(), _gen(TOKENS), BATCH, 4, 5)
+    assert (same.case, same.status, same.detail) == ("c", "unchanged", "") and same.report.passed
+    assert same.first_divergence is None
+    two_rows = _gen([[11, 12, 77, 78], [21, 22, 23, 88]])
+    changed = compare_case("c", _golden(), two_rows, BATCH, 4, 5)
+    assert changed.case == "c" and changed.status == "changed" and changed.first_divergence == 2
+    assert changed.detail.count("; row 1: step 3 token 24 -> 88 after 3 identical (") == 1
+    assert changed.line().startswith("c: changed (row 0: step 2 token 13 -> 77 after 2 identical (changed: ")
+    nan = _gen(TOKENS)
+    nan.top_logprobs[0][0][1] = (12, float("nan"))
+    broken = compare_case("c", _golden(), nan, BATCH, 4, 5)
+    assert (broken.case, broken.status) == ("c", "changed") and broken.report is not None
+    assert broken.detail.startswith("candidate generation: 1 non-finite top logprob: row 0, step 0")
+    other = compare_case("c", _golden(), _gen(TOKENS), PromptBatch(rows=((5, 6, 8), (8, 9, 10))), 4, 5)
+    assert (other.case, other.status) == ("c", "not-comparable") and other.line() == (
+        "c: not-comparable (the golden output answers other prompt ids (another --neox-seed or tokenizer))")
+    longer = compare_case("c", _golden(), _gen(TOKENS), BATCH, 5, 5)
+    assert longer.case == "c" and longer.detail == "recorded with 4 new tokens, this run generates 5"
+    empty = compare_case("c", {"tokens": []}, _gen(TOKENS), BATCH, 1, 5)
+    assert empty.detail == "recorded with 0 new tokens, this run generates 1"
+
+
+def test_perplexity_skips_a_row_without_targets_and_keeps_the_rows_after_it():
+    batch = PromptBatch(rows=((7,), (1, 2, 3)), pad_token_id=0)   # row 0 has one token: no target
+    _, mask = batch.padded()
+    lp = torch.full((2, 3, 10), -math.log(10))
+    ppl, n = perplexity(Scores(lp, mask.bool()), batch)
+    assert n == 2 and ppl == pytest.approx(10)
+
+
+# --- check_golden: every way out, with what it says ---------------------------------------------------------------
+
+def _case_with(case_id="short-b2-len3", generate=True, max_new_tokens=4):
+    import types
+    return types.SimpleNamespace(id=case_id, plan=types.SimpleNamespace(generate=generate,
+                                                                        max_new_tokens=max_new_tokens), batch=BATCH)
+
+
+def _golden_path(tmp_path) -> str:
+    return str(next(tmp_path.rglob("*.json")))
+
+
+def test_check_golden_skips_say_why_and_how_to_record(tmp_path, monkeypatch):
+    from pytest_neoxmii.golden import check_golden
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(pytest.skip.Exception) as skip:
+        check_golden(_Session(tmp_path, _gen(TOKENS), update=False), "ds", _case_with(generate=False))
+    assert str(skip.value) == "short-b2-len3 is scored teacher-forced only"
+    with pytest.raises(pytest.skip.Exception) as skip:
+        check_golden(_Session(tmp_path, _gen(TOKENS), update=False), "ds", _case_with())
+    assert str(skip.value) == ("no golden outputs (greedy ids) in pythia-14m/synthetic-seed0-v2/ds-fp16-tp1.json; "
+                               "create them with: --neox-update-baselines")
+    check_golden(_Session(tmp_path, _gen(TOKENS), update=True), "ds", _case_with())
+    with pytest.raises(pytest.skip.Exception) as skip:
+        check_golden(_Session(tmp_path, _gen(TOKENS), update=False), "ds", _case_with("other-case"))
+    assert str(skip.value) == ("no golden output for case other-case in pythia-14m/synthetic-seed0-v2/"
+                               "ds-fp16-tp1.json, GPU class cpu; create it with: --neox-update-baselines")
+    with pytest.raises(pytest.skip.Exception) as skip:
+        check_golden(_Session(tmp_path, _gen(TOKENS), update=False), "ds", _case_with(max_new_tokens=5))
+    assert str(skip.value) == ("golden output of short-b2-len3 not comparable: recorded with 4 new tokens, this "
+                               "run generates 5; re-record it with --neox-update-baselines")
+
+
+def test_check_golden_records_what_it_did(tmp_path, capsys):
+    from pytest_neoxmii.golden import check_golden
+    session = _Session(tmp_path, _gen(TOKENS), update=True)
+    assert check_golden(session, "ds", _case_with()) is None
+    path = _golden_path(tmp_path)
+    [rec] = session.records
+    assert (rec.check, rec.backend, rec.case, rec.passed, rec.metrics) == (
+        "golden", "ds", "short-b2-len3", True, {"status": "recorded"})
+    assert rec.summary == f"recorded for GPU class cpu in {path}"
+    assert capsys.readouterr().out == f"golden output of short-b2-len3 (ds: fp16 on cpu) written to {path}\n"
+    stored = json.loads(open(path).read())["gpu_classes"]["cpu"]["golden"]["cases"]["short-b2-len3"]
+    assert stored["tokens"] == TOKENS and stored["max_new_tokens"] == 4 and len(stored["top_logprobs"][0][0]) == 3
+
+    import types
+    request = types.SimpleNamespace(node=types.SimpleNamespace(user_properties=[]), applymarker=None)
+    # step 2: 14 is the golden runner-up, and the golden 13 is the candidate's runner-up
+    tie = _Session(tmp_path, _gen([[11, 12, 14, 15], TOKENS[1]], alt=[[12, 13, 13, 16], [22, 23, 24, 25]]),
+                   update=False)
+    change = check_golden(tie, "ds", _case_with(), request)
+    assert change.status == "near-tie" and change.passed
+    [rec] = tie.records
+    assert rec.passed is True and rec.metrics == {"status": "near-tie", "first_divergence": 2, "gpu_class": "cpu",
+                                                  "detail": change.detail}
+    assert rec.summary == change.line()
+    assert request.node.user_properties == [("golden_status", "near-tie")]
+    out = capsys.readouterr().out
+    assert out.startswith(f"golden outputs of ds fp16 ({path}, GPU class cpu): 0/1 cases unchanged, 1 near-tie")
+
+
+def test_check_golden_perplexity_records_its_detail_and_skips_or_fails_with_reasons(tmp_path, capsys, monkeypatch):
+    from pytest_neoxmii.golden import check_golden, check_golden_perplexity
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(pytest.skip.Exception) as skip:
+        check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=False), "ds")
+    assert str(skip.value) == ("no golden outputs (perplexity) in pythia-14m/synthetic-seed0-v2/ds-fp16-tp1.json; "
+                               "create them with: --neox-update-baselines")
+    check_golden(_Session(tmp_path, _gen(TOKENS), update=True), "ds", _case())      # greedy ids only
+    with pytest.raises(pytest.skip.Exception) as skip:
+        check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=False), "ds")
+    assert str(skip.value) == ("no golden perplexity in pythia-14m/synthetic-seed0-v2/ds-fp16-tp1.json, GPU class "
+                               "cpu; record it with --neox-update-baselines")
+    capsys.readouterr()
+
+    session = _PerplexitySession(tmp_path, 20, update=True)
+    check_golden_perplexity(session, "ds")
+    path = "pythia-14m/synthetic-seed0-v2/ds-fp16-tp1.json"
+    [rec] = session.records
+    assert (rec.check, rec.backend, rec.case, rec.passed) == ("golden-perplexity", "ds", "fixed-text", True)
+    assert rec.metrics["perplexity"] == pytest.approx(20.0)
+    assert rec.summary == f"recorded {rec.metrics['perplexity']:.4f} for GPU class cpu in {tmp_path / path}"
+    assert capsys.readouterr().out == f"golden perplexity 20.0000 of ds: fp16 on cpu written to {tmp_path / path}\n"
+    golden = json.loads((tmp_path / path).read_text())["gpu_classes"]["cpu"]["golden"]
+    assert golden["perplexity"] == pytest.approx(20.0)
+    assert golden["perplexity_detail"] == {"targets": 4, "case": "fixed-text", "prompt_sha256": prompt_digest(BATCH),
+                                           "noise_floor_rel": 0.0, "dtype": "fp16"}
+
+    request = types_request()
+    checked = _PerplexitySession(tmp_path, 20, update=False)
+    check_golden_perplexity(checked, "ds", request)
+    assert request.node.user_properties == [("golden_perplexity", pytest.approx(20.0))]
+    assert set(checked.records[-1].metrics) == {"perplexity", "golden", "rel_diff", "limit", "gpu_class"}
+    assert checked.records[-1].metrics["gpu_class"] == "cpu"
+    assert capsys.readouterr().out.startswith(f"golden outputs of ds fp16 ({path}, GPU class cpu): perplexity "
+                                              "20.0000 -> 20.0000 (+0.000%)")
+
+    other_ids = _PerplexitySession(tmp_path, 20, update=False)
+    other_ids.case = lambda plan: __import__("types").SimpleNamespace(
+        id="fixed-text", plan=plan, batch=PromptBatch(rows=((5, 6, 8), (8, 9, 10)), pad_token_id=0))
+    with pytest.raises(pytest.skip.Exception) as skip:
+        check_golden_perplexity(other_ids, "ds")
+    assert str(skip.value) == ("the golden perplexity was measured on other token ids of the fixed text (another "
+                               "tokenizer); re-record it with --neox-update-baselines")
+
+    nan = _PerplexitySession(tmp_path, 20, update=False)
+    nan._scores["ds"] = Scores(torch.full((2, 3, 32), math.nan), nan._scores["ds"].mask)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        check_golden_perplexity(nan, "ds")
+    assert str(failed.value) == "ds: fp16 on cpu: perplexity of the fixed text is nan (no finite value)"
+
+
+def types_request():
+    import types
+    return types.SimpleNamespace(node=types.SimpleNamespace(user_properties=[]))
+
+
+def test_a_non_finite_generation_is_recorded_as_such(tmp_path):
+    from pytest_neoxmii.golden import check_golden
+    from pytest_neoxmii.session import Record
+    gen = _gen(TOKENS)
+    gen.top_logprobs[0][1][0] = (12, float("nan"))
+    session = _Session(tmp_path, gen, update=True)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        check_golden(session, "ds", _case())
+    assert failed.value.pytrace is False
+    assert session.records == [Record("golden", "ds", "short-b2-len3", False, {"status": "non-finite"},
+                                      "short-b2-len3: 1 non-finite top logprob: row 0, step 1 (token 12: nan)")]
+
+
+def test_check_golden_marks_a_known_issue_strict_xfail(tmp_path):
+    """The golden check of a known decode defect (ds with injected kernels on a left-padded case) is a strict
+    xfail, like the parity check: the defect has no golden output."""
+    import types
+    from pytest_neoxmii.golden import check_golden
+    check_golden(_Session(tmp_path, _gen(TOKENS), update=True), "ds", _case())
+    session = _Session(tmp_path, _gen(TOKENS), update=False)
+    session._backend.info.kernels = "injected 6/6 layers"
+    case = _case_with()
+    case.plan.lengths = (3, 2)
+    markers = []
+    request = types.SimpleNamespace(node=types.SimpleNamespace(user_properties=[]), applymarker=markers.append)
+    check_golden(session, "ds", case, request)
+    [marker] = markers
+    assert marker.name == "xfail" and marker.kwargs["strict"] is True
+    assert marker.kwargs["reason"].startswith("known issue [ds-left-padded-decode]")

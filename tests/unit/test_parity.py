@@ -13,6 +13,7 @@ from pytest_neoxmii.parity import (
     MAX_ABS_EPSILON,
     ParityFailure,
     TFMetrics,
+    WorstPosition,
     assert_greedy_parity,
     assert_parity,
     assert_teacher_forced_parity,
@@ -535,3 +536,399 @@ def test_a_pad_token_the_text_channel_cannot_carry_is_not_a_divergence_but_a_rea
     assert parity.compare_greedy(seen, as_text, top_k=2).passed
     wrong = Generation(tokens=[[5, 70, 8]], top_logprobs=[_steps(5, 70, 8)])   # 70 not in ref's top-2
     assert not parity.compare_greedy(seen, wrong, top_k=2).passed
+
+
+# ---------------------------------------------------------------------------------------------- rules at their boundary
+# Each test below states one rule of the judges and checks it on both sides of its boundary, so that an
+# off-by-one or a dropped clause in parity.py makes it fail (they were written against surviving mutants).
+
+def _diverging_at_step_1(ref_top_at_1, cand_top_at_1) -> tuple[Generation, Generation]:
+    """Reference generates 2 at step 1, candidate 8; the top-logprob lists at that step are given."""
+    ref = Generation(tokens=[[1, 2]], top_logprobs=[[top((1, -0.1)), top(*ref_top_at_1)]])
+    cand = Generation(tokens=[[1, 8]], top_logprobs=[[top((1, -0.1)), top(*cand_top_at_1)]])
+    return ref, cand
+
+
+def test_near_tie_rule_reference_side_rank_k_passes_rank_k_plus_1_fails():
+    """The candidate's token must be within the first k entries of the reference's list, not k+1."""
+    cand_top = ((8, -0.3), (2, -0.4))                                       # reference token 2 at rank 2
+    at_k = _diverging_at_step_1(((2, -0.1), (8, -0.2), (5, -3.0)), cand_top)   # 8 at rank 2 of reference
+    beyond = _diverging_at_step_1(((2, -0.1), (5, -0.2), (8, -3.0)), cand_top)  # 8 at rank 3 of reference
+    assert compare_greedy(*at_k, top_k=2).passed
+    report = compare_greedy(*beyond, top_k=2)
+    assert not report.passed
+    assert report.rows[0].reason == "candidate token 8 is not in the reference's top-2 at step 1"
+
+
+def test_near_tie_rule_candidate_side_rank_k_passes_rank_k_plus_1_fails():
+    """The reference's token must be within the first k entries of the candidate's list, not k+1."""
+    ref_top = ((2, -0.1), (8, -0.2))                                        # candidate token 8 at rank 2
+    at_k = _diverging_at_step_1(ref_top, ((8, -0.1), (2, -0.2), (4, -3.0)))   # 2 at rank 2 of candidate
+    beyond = _diverging_at_step_1(ref_top, ((8, -0.1), (4, -0.2), (2, -3.0)))  # 2 at rank 3 of candidate
+    assert compare_greedy(*at_k, top_k=2).passed
+    report = compare_greedy(*beyond, top_k=2)
+    assert not report.passed
+    assert report.rows[0].reason == "reference token 2 is not in the candidate's top-2 at step 1"
+
+
+def _metrics(n: int, flips: int = 0, kl: float = 0.0) -> TFMetrics:
+    return TFMetrics(kl_mean=kl, kl_max=kl, top1_agreement=float(torch.tensor(
+        [True] * (n - flips) + [False] * flips, dtype=torch.float64).mean()), max_abs_diff=0.0,
+        perplexity_reference=10.0, perplexity_candidate=10.0, n_positions=n, n_targets=n)
+
+
+@pytest.mark.parametrize("n,multiple", [(3, 1), (3, 2), (7, 1), (7, 3), (9, 3), (100, 1), (100, 3)])
+def test_zero_floor_tolerates_exactly_multiple_top1_flips(n, multiple):
+    """A zero floor still tolerates `multiple` top-1 flips, and not one more (the epsilon is one position,
+    scaled by the multiple like every floor). n=3 and 7 are where 1 - agreement rounds above k/n."""
+    zero = _metrics(n)
+    within = judge(zero, _metrics(n, flips=multiple), multiple)
+    assert within.passed, within.message()
+    beyond = judge(zero, _metrics(n, flips=multiple + 1), multiple)
+    assert beyond.failures == ["top1_disagreement"]
+
+
+def test_zero_floor_limit_is_multiple_times_epsilon():
+    """limit = multiple x max(floor, epsilon): with a zero KL floor, a KL of 5 epsilons passes at multiple 10
+    and fails at multiple 4 (the epsilon is scaled by the multiple, not a bare minimum)."""
+    zero = _metrics(10)
+    measured = _metrics(10, kl=5 * KL_EPSILON)
+    assert judge(zero, measured, multiple=10).passed
+    assert judge(zero, measured, multiple=4).failures == ["kl_mean", "kl_max"]
+    check = next(c for c in judge(zero, measured, multiple=10).checks if c.name == "kl_max")
+    assert check.limit == pytest.approx(10 * KL_EPSILON)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("side", ["reference", "candidate"])
+def test_nonfinite_top_logprob_fails_greedy_parity_even_when_tokens_agree(bad, side):
+    """+Inf and -Inf (an fp16 overflow) are as wrong as NaN: any non-finite top logprob fails the report."""
+    clean = Generation(tokens=[[1, 2]], top_logprobs=[[top((1, -0.1)), top((2, -0.1), (3, -2.0))]])
+    broken = Generation(tokens=[[1, 2]], top_logprobs=[[top((1, -0.1)), top((2, -0.1), (3, bad))]])
+    ref, cand = (broken, clean) if side == "reference" else (clean, broken)
+    report = compare_greedy(ref, cand, top_k=5)
+    assert not report.passed
+    assert f"{side} generation: 1 non-finite top logprob: row 0, step 1 (token 3: {bad})" in report.message()
+    assert find_nonfinite(broken) is not None and find_nonfinite(clean) is None
+
+
+# ---------------------------------------------------------------------------------------------- pinned messages
+
+def _pinned_cases():
+    """Inputs with round numbers whose full messages are pinned below (reviewed by hand once: every figure
+    in them follows from the inputs)."""
+    floor = TFMetrics(kl_mean=1e-4, kl_max=2e-3, top1_agreement=1.0, max_abs_diff=0.01, perplexity_reference=10.0,
+                      perplexity_candidate=10.01, n_positions=20, n_targets=18, nll_abs_diff_mean=0.002)
+    measured = TFMetrics(kl_mean=5e-3, kl_max=0.01, top1_agreement=0.9, max_abs_diff=0.05,
+                         perplexity_reference=10.0, perplexity_candidate=10.5, n_positions=20, n_targets=18,
+                         nll_abs_diff_mean=0.05, worst_positions=[WorstPosition(1, 3, 7, 0.01, 42, 43)],
+                         nonfinite="candidate scores: 1 non-finite value (1 NaN) at 1 real position: row 1, "
+                                   "position 2 (1 value)")
+    ref = LayerTrace([torch.ones(1, 3, 4) * k for k in (1.0, 2.0, 4.0, 8.0)])
+    cand = LayerTrace([torch.ones(1, 3, 4) * k for k in (1.0, 2.0, 4.4, 8.8)])
+    mask = torch.tensor([[0, 1, 1]]).bool()
+    g_ref = Generation(tokens=[[1, 2, 3], [4, 5]], top_logprobs=[[[(1, -0.1)], [(2, -0.1), (9, -0.3)], [(3, -.1)]],
+                                                                [[(4, -.1)], [(5, -.1)]]])
+    g_tie = Generation(tokens=[[1, 9, 3], [4, 5]], top_logprobs=[[[(1, -0.1)], [(9, -0.2), (2, -0.25)], [(3, -.1)]],
+                                                                [[(4, -.1)], [(5, -.1)]]])
+    g_bad = Generation(tokens=[[1, 8, 3], [4]], top_logprobs=[[[(1, -0.1)], [(8, -0.2), (7, -0.25)], [(3, -.1)]],
+                                                             [[(4, -.1)]]])
+    lp = torch.zeros(2, 3, 4)
+    lp[0, 1, 2], lp[0, 1, 3], lp[1, 2, 0], lp[1, 0, 0] = math.nan, math.inf, -math.inf, math.nan  # [1, 0] is padding
+    return {
+        "verdict failed": lambda: judge(floor, measured, 10).message(),
+        "verdict passed": lambda: judge(floor, floor, 2).message(),
+        "localisation with floor": lambda: localize_divergence(ref, cand, mask, floor=[0.0, 0.001, 0.01, 0.01],
+                                                               multiple=4).message(),
+        "localisation without floor": lambda: localize_divergence(ref, cand, mask).message(),
+        "localisation identical": lambda: localize_divergence(ref, ref, mask).message(),
+        "greedy near-tie": lambda: compare_greedy(g_ref, g_tie, 2).message(),
+        "greedy failed": lambda: compare_greedy(g_ref, g_bad, 2).message(),
+        "nonfinite scores": lambda: find_nonfinite(Scores(lp, torch.tensor([[1, 1, 1], [0, 1, 1]]).bool())),
+        "nonfinite many": lambda: find_nonfinite(Scores(torch.full((1, 7, 2), math.nan), torch.ones(1, 7).bool()), "x"),
+    }
+
+
+PINNED = {
+    'verdict failed': [
+        'teacher-forced parity FAILED: non-finite values, kl_mean, perplexity_rel_diff (limit = 10x the noise floor, HF low precision vs HF fp32)',
+        'measured over 20 positions (18 next-token targets); floor over 20 positions',
+        'metric                  floor  measured  multiple    limit  ok',
+        '-------------------  --------  --------  --------  -------  ----',
+        'kl_mean              1.00e-04     0.005        10    0.001  FAIL',
+        'kl_max                  0.002      0.01        10     0.02  ok',
+        'top1_disagreement           0       0.1        10      0.5  ok',
+        'max_abs_diff             0.01      0.05        10      0.1  ok',
+        'perplexity_rel_diff  0.002002      0.05        10  0.02002  FAIL',
+        'perplexity: reference 10, candidate 10.5',
+        'non-finite values: candidate scores: 1 non-finite value (1 NaN) at 1 real position: row 1, position 2 (1 value)',
+        'worst positions by KL:',
+        'row  position  prompt len    kl  ref top1  cand top1',
+        '---  --------  ----------  ----  --------  ---------',
+        '  1         3           7  0.01        42         43',
+    ],
+    'verdict passed': [
+        'teacher-forced parity PASSED: every metric within 2x the noise floor (HF low precision vs HF fp32)',
+        'measured over 20 positions (18 next-token targets); floor over 20 positions',
+        'metric                  floor  measured  multiple     limit  ok',
+        '-------------------  --------  --------  --------  --------  --',
+        'kl_mean              1.00e-04  1.00e-04         2  2.00e-04  ok',
+        'kl_max                  0.002     0.002         2     0.004  ok',
+        'top1_disagreement           0         0         2       0.1  ok',
+        'max_abs_diff             0.01      0.01         2      0.02  ok',
+        'perplexity_rel_diff  0.002002  1.00e-03         2  0.004004  ok',
+        'perplexity: reference 10, candidate 10.01',
+    ],
+    'localisation with floor': [
+        'divergence starts at layer 2 (hidden_states[2]): first layer beyond 4x its noise floor',
+        'layer    rel err  max abs  floor  ratio to floor',
+        '-------  -------  -------  -----  --------------  -----------------',
+        'embed          0        0      0               0',
+        'layer 1        0        0  0.001               0',
+        'layer 2      0.1      0.4   0.01              10  <-- first departs',
+        'layer 3      0.1      0.8   0.01              10',
+        'worst positions at that layer:',
+        'row  position  prompt len  rel err',
+        '---  --------  ----------  -------',
+        '  0         0           2      0.1',
+        '  0         1           2      0.1',
+    ],
+    'localisation without floor': [
+        'divergence starts at layer 2 (hidden_states[2]): largest jump in relative error (no noise floor given: heuristic)',
+        'layer    rel err  max abs  floor  ratio to prev',
+        '-------  -------  -------  -----  -------------  -----------------',
+        'embed          0        0  -                  -',
+        'layer 1        0        0  -                  0',
+        'layer 2      0.1      0.4  -           1.00e+05  <-- first departs',
+        'layer 3      0.1      0.8  -                  1',
+        'worst positions at that layer:',
+        'row  position  prompt len  rel err',
+        '---  --------  ----------  -------',
+        '  0         0           2      0.1',
+        '  0         1           2      0.1',
+    ],
+    'localisation identical': [
+        "no layer's error jumps above float32 round-off",
+        'layer    rel err  max abs  floor  ratio to prev',
+        '-------  -------  -------  -----  -------------',
+        'embed          0        0  -                  -',
+        'layer 1        0        0  -                  0',
+        'layer 2        0        0  -                  0',
+        'layer 3        0        0  -                  0',
+    ],
+    'greedy near-tie': [
+        'greedy parity PASSED (near-tie rule: top-2)',
+        "1/2 rows identical over 2-3 tokens, 1 diverged acceptably at step 1 (near-tie: 2 vs 9, each in the other's top-2, gap 0.2 nats under the reference, 0.05 under the candidate)",
+        'row  step  matched  ref tok  cand tok  ref lp(ref)  ref lp(cand)  cand lp(ref)  cand lp(cand)  ok  why',
+        '---  ----  -------  -------  --------  -----------  ------------  ------------  -------------  --  -------------------------------------------------------------------------------------------------------',
+        "  0     1  1/3            2         9         -0.1          -0.3         -0.25           -0.2  ok  near-tie: 2 vs 9, each in the other's top-2, gap 0.2 nats under the reference, 0.05 under the candidate",
+    ],
+    'greedy failed': [
+        'greedy parity FAILED (near-tie rule: top-2)',
+        "0/2 rows identical over 2-3 tokens, 1 diverged unacceptably at step 1 (candidate token 8 is not in the reference's top-2 at step 1; reference token 2 is not in the candidate's top-2 at step 1), 1 with a different number of tokens (token counts differ: reference 2, candidate 1 (identical over the first 1))",
+        'row  step  matched  ref tok  cand tok  ref lp(ref)  ref lp(cand)  cand lp(ref)  cand lp(cand)  ok    why',
+        '---  ----  -------  -------  --------  -----------  ------------  ------------  -------------  ----  ------------------------------------------------------------------------------------------------------------------------',
+        "  0     1  1/3            2         8         -0.1  -             -                      -0.2  FAIL  candidate token 8 is not in the reference's top-2 at step 1; reference token 2 is not in the candidate's top-2 at step 1",
+        '  1     -  1/2            -         -            -  -             -                         -  FAIL  token counts differ: reference 2, candidate 1 (identical over the first 1)',
+    ],
+    'nonfinite scores': [
+        'scores: 3 non-finite values (1 NaN, 2 Inf) at 2 real positions: row 0, position 1 (2 values); row 1, position 1 (1 value)',
+    ],
+    'nonfinite many': [
+        'x: 14 non-finite values (14 NaN) at 7 real positions: row 0, position 0 (2 values); row 0, position 1 (2 values); row 0, position 2 (2 values); row 0, position 3 (2 values); row 0, position 4 (2 values), and 2 more positions',
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(PINNED))
+def test_messages_are_pinned(name):
+    """Every line of the parity engine's messages, for fixed inputs: a changed figure, label, verdict or
+    listing shows here (the tables are what a failing run leaves to read)."""
+    got = [line.rstrip() for line in _pinned_cases()[name]().splitlines()]
+    assert got == PINNED[name]
+
+
+# ---------------------------------------------------------------------------------------------- metrics, exactly
+
+def test_find_nonfinite_default_labels_traces_and_wrong_types():
+    trace = LayerTrace([torch.zeros(1, 2, 3), torch.tensor([[[0.0, math.nan, 0.0], [math.inf, 0.0, 0.0]]])])
+    assert find_nonfinite(trace) == ("trace hidden_states[1]: 2 non-finite values (1 NaN, 1 Inf) at 2 real "
+                                     "positions: row 0, position 0 (1 value); row 0, position 1 (1 value)")
+    assert find_nonfinite(LayerTrace([torch.zeros(1, 2, 3)])) is None
+    two = LayerTrace([torch.full((1, 1, 2), math.nan)] * 2)
+    assert find_nonfinite(two, "t") == ("t hidden_states[0]: 2 non-finite values (2 NaN) at 1 real position: row 0, "
+                                        "position 0 (2 values); t hidden_states[1]: 2 non-finite values (2 NaN) at 1 "
+                                        "real position: row 0, position 0 (2 values)")
+    assert find_nonfinite(Generation(tokens=[[1]], top_logprobs=[[[(1, math.nan)]]])) == (
+        "generation: 1 non-finite top logprob: row 0, step 0 (token 1: nan)")
+    with pytest.raises(TypeError) as exc:
+        find_nonfinite([1.0])
+    assert str(exc.value) == "find_nonfinite expects Scores, Generation or LayerTrace, got list"
+
+
+def test_metrics_name_which_side_is_not_finite(batch, logits, reference):
+    bad = logits.clone()
+    bad[0, 1, 3] = math.nan
+    m = teacher_forced_metrics(reference, scores_from_logits(batch, bad), batch)
+    assert m.nonfinite == ("candidate scores: 64 non-finite values (64 NaN) at 1 real position: row 0, position 1 "
+                           "(64 values)")
+    m = teacher_forced_metrics(scores_from_logits(batch, bad), reference, batch)
+    assert m.nonfinite.startswith("reference scores: 64 non-finite values")
+    assert m.n_positions == 11
+
+
+def test_all_nonfinite_metrics_are_the_explicit_worst_case(batch, reference):
+    nan = Scores(torch.full_like(reference.logprobs, math.nan), reference.mask)
+    m = teacher_forced_metrics(reference, nan, batch)
+    assert (m.kl_mean, m.kl_max, m.top1_agreement, m.max_abs_diff) == (math.inf, math.inf, 0.0, math.inf)
+    assert (m.perplexity_reference, m.perplexity_candidate, m.n_positions, m.n_targets) == (None, None, 0, 0)
+    assert m.nll_abs_diff_mean is None and m.worst_positions == []
+    assert m.nonfinite.startswith("candidate scores: 768 non-finite values (768 NaN) at 12 real positions")
+
+
+def test_perplexities_and_mean_abs_nll_difference_by_hand():
+    """One row (1, 2, 3), vocabulary 4. Reference uniform: NLL log 4 per target. The candidate gives each
+    target (2 after 1, 3 after 2) probability 1/2: NLL log 2. Two targets, perplexities 4 and 2, mean
+    |NLL difference| log 2; the top-1 of both sides is token 0 at every position (ties go to the first)."""
+    batch = PromptBatch(rows=((1, 2, 3),), pad_token_id=0)
+    ref = torch.full((1, 3, 4), -math.log(4))
+    cand = torch.full((1, 3, 4), math.log(1 / 6))
+    cand[0, 0, 2] = cand[0, 1, 3] = math.log(1 / 2)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    m = teacher_forced_metrics(Scores(ref, mask), Scores(cand, mask), batch)
+    assert m.n_targets == 2 and m.n_positions == 3
+    assert m.perplexity_reference == pytest.approx(4.0) and m.perplexity_candidate == pytest.approx(2.0)
+    assert m.nll_abs_diff_mean == pytest.approx(math.log(2))
+    assert m.perplexity_rel_diff == pytest.approx(0.5)
+    assert m.max_abs_diff == pytest.approx(math.log(4) - math.log(2))
+
+
+def test_a_batch_of_one_token_rows_has_no_perplexity_and_an_empty_row_is_skipped():
+    one = PromptBatch(rows=((1,), (2,)), pad_token_id=0)
+    lp = torch.log_softmax(torch.zeros(2, 1, 4), -1)
+    m = teacher_forced_metrics(Scores(lp, torch.ones(2, 1, dtype=torch.bool)), Scores(lp, torch.ones(2, 1).bool()), one)
+    assert (m.perplexity_reference, m.perplexity_candidate, m.n_targets, m.nll_abs_diff_mean) == (None, None, 0, None)
+    assert m.perplexity_rel_diff is None and m.n_positions == 2
+    empty_first = PromptBatch(rows=((), (1, 2)), pad_token_id=0)
+    _, mask = empty_first.padded()
+    lp = torch.log_softmax(torch.zeros(2, 2, 4), -1)
+    m = teacher_forced_metrics(Scores(lp, mask.bool()), Scores(lp, mask.bool()), empty_first)
+    assert m.n_positions == 2 and m.n_targets == 1
+    nothing = PromptBatch(rows=((),), pad_token_id=0)
+    empty = Scores(torch.zeros(1, 0, 4), torch.zeros(1, 0, dtype=torch.bool))
+    with pytest.raises(ValueError) as exc:
+        teacher_forced_metrics(empty, empty, nothing)
+    assert str(exc.value) == "the batch has no real tokens to compare"
+
+
+def test_worst_positions_name_row_position_prompt_length_and_both_top1(batch, logits, reference):
+    """Row 1 has 3 real tokens after 2 pads: its real position 1 is padded index 3. Making the candidate
+    certain of token 40 there gives the largest KL at exactly that place."""
+    bent = logits.clone()
+    bent[1, 3, 40] = 100.0
+    m = teacher_forced_metrics(reference, scores_from_logits(batch, bent), batch)
+    w = m.worst_positions[0]
+    assert (w.row, w.position, w.prompt_len, w.cand_top1) == (1, 1, 3, 40)
+    assert w.ref_top1 == int(logits[1, 3].argmax()) and w.kl == m.kl_max
+    assert len(m.worst_positions) == 5 and all(x.kl <= w.kl for x in m.worst_positions)
+    assert {(x.row, x.prompt_len) for x in m.worst_positions} <= {(0, 5), (1, 3), (2, 4)}
+
+
+def test_bad_scores_are_refused_naming_the_side(batch, reference):
+    short = Scores(reference.logprobs[:, :4], reference.mask[:, :4])
+    with pytest.raises(ValueError) as exc:
+        teacher_forced_metrics(short, short, batch)
+    assert str(exc.value) == "reference logprobs shape (3, 4, 64) does not fit the batch [3 rows, 5 positions]"
+    wrong_mask = reference.mask.clone()
+    wrong_mask[2, 0] = True                       # row 2 has one pad at the start
+    with pytest.raises(ValueError) as exc:
+        teacher_forced_metrics(reference, Scores(reference.logprobs, wrong_mask), batch)
+    assert str(exc.value) == ("candidate mask disagrees with the batch's padding in rows [2] (both must be "
+                              "left-padded the same way)")
+    with pytest.raises(ValueError) as exc:
+        teacher_forced_metrics(Scores(reference.logprobs, reference.mask[:, :4]), reference, batch)
+    assert str(exc.value) == "reference mask shape (3, 4) does not match logprobs (3, 5)"
+    flat = Scores(reference.logprobs[..., 0], reference.mask)
+    with pytest.raises(ValueError) as exc:
+        teacher_forced_metrics(flat, flat, batch)
+    assert str(exc.value) == "reference logprobs must be [batch, max_len, vocab], got shape (3, 5)"
+
+
+# ---------------------------------------------------------------------------------------------- judge and rows, edges
+
+def test_measured_exactly_at_the_limit_passes():
+    floor = TFMetrics(0.25, 0.25, 1.0, 0.25, 10.0, 10.0, 100, 99)
+    at = TFMetrics(0.5, 0.5, 1.0, 0.5, 10.0, 10.0, 100, 99)
+    assert judge(floor, at, 2).passed
+    above = TFMetrics(0.5000001, 0.5, 1.0, 0.5, 10.0, 10.0, 100, 99)
+    assert judge(floor, above, 2).failures == ["kl_mean"]
+
+
+def test_top1_limit_scales_a_nonzero_floor_in_positions():
+    """Floor: 2 flips in 100 positions; at multiple 3 the candidate may flip 6 positions, not 7."""
+    floor = _metrics(100, flips=2)
+    assert judge(floor, _metrics(100, flips=6), 3).passed
+    assert judge(floor, _metrics(100, flips=7), 3).failures == ["top1_disagreement"]
+    one = _metrics(1, flips=1)                       # a single position that flips: one flip is tolerated
+    assert judge(_metrics(1), one, 1).passed
+
+
+def test_failure_order_and_no_finite_positions():
+    bad = dataclasses_replace(_metrics(10), nonfinite="x")
+    verdict = judge(bad, bad, 10)
+    assert verdict.failures[:2] == ["non-finite noise floor", "non-finite values"]
+    empty = TFMetrics(0.0, 0.0, 1.0, 0.0, None, None, 0, 0)
+    verdict = judge(_metrics(10), empty, 10)
+    assert verdict.failures == ["no finite positions"]
+    ppl = next(c for c in verdict.checks if c.name == "perplexity_rel_diff")
+    assert (ppl.floor, ppl.measured, ppl.multiple, ppl.epsilon, ppl.limit, ppl.ok) == (0.0, None, 10, 1e-4, None, None)
+    assert [c.name for c in verdict.checks] == ["kl_mean", "kl_max", "top1_disagreement", "max_abs_diff",
+                                                "perplexity_rel_diff"]
+
+
+def dataclasses_replace(m, **kw):
+    import dataclasses
+    return dataclasses.replace(m, **kw)
+
+
+def test_row_results_carry_row_lengths_and_reasons():
+    report = compare_greedy(Generation(tokens=[[1, 2], [3, 4, 5]]), Generation(tokens=[[1, 2], [3, 4]]), top_k=5)
+    same, short = report.rows
+    assert (same.row, same.matched_prefix_len, same.total_len, same.candidate_len, same.reason) == (0, 2, 2, 2,
+                                                                                                     "identical")
+    assert (short.row, short.total_len, short.candidate_len, short.acceptable) == (1, 3, 2, False)
+    tie = compare_greedy(Generation(tokens=[[1, 2]], top_logprobs=[[top((1, -0.1)), top((2, -0.1), (9, -0.2))]]),
+                         Generation(tokens=[[1, 9, 7]], top_logprobs=[[top((1, -0.1)), top((9, -0.1), (2, -0.2)),
+                                                                       top((7, -0.1))]]), top_k=2)
+    row = tie.rows[0]
+    assert (row.row, row.divergence_step, row.total_len, row.candidate_len, row.acceptable) == (0, 1, 2, 3, True)
+    failed = compare_greedy(Generation(tokens=[[2]], top_logprobs=[[top((2, -0.1))]]),
+                            Generation(tokens=[[9]], top_logprobs=[[top((9, -0.1))]]), top_k=2)
+    assert failed.rows[0].acceptable is False
+    missing = compare_greedy(Generation(tokens=[[2]]), Generation(tokens=[[9]]), top_k=2)
+    assert missing.rows[0].acceptable is False
+
+
+def test_near_tie_reason_shows_only_the_gaps_it_can_compute():
+    """A side whose list lacks its own token has no gap to show; with neither, the reason has no gap part."""
+    ref_without_own = Generation(tokens=[[2]], top_logprobs=[[top((9, -0.2), (5, -0.3))]])
+    cand = Generation(tokens=[[9]], top_logprobs=[[top((9, -0.1), (2, -0.3))]])
+    row = compare_greedy(ref_without_own, cand, top_k=2).rows[0]
+    assert row.acceptable and row.reason == "near-tie: 2 vs 9, each in the other's top-2, 0.2 under the candidate"
+    cand_without_own = Generation(tokens=[[9]], top_logprobs=[[top((2, -0.1), (5, -0.3))]])
+    row = compare_greedy(ref_without_own, cand_without_own, top_k=2).rows[0]
+    assert row.acceptable and row.reason == "near-tie: 2 vs 9, each in the other's top-2"
+
+
+def test_layer_errors_of_zero_layers_and_low_precision_inputs():
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    zero, ones = torch.zeros(1, 2, 4), torch.ones(1, 2, 4)
+    assert layer_errors(LayerTrace([zero]), LayerTrace([zero]), mask) == [0.0]
+    assert layer_errors(LayerTrace([zero]), LayerTrace([ones]), mask) == [math.inf]
+    # fp16 hidden states whose squares overflow fp16: the norms are taken in float64
+    big = torch.full((1, 2, 4), 300.0, dtype=torch.float16)
+    assert layer_errors(LayerTrace([big]), LayerTrace([big * 1.5]), mask) == [pytest.approx(0.5)]
+    nan = LayerTrace([ones.clone().index_fill_(2, torch.tensor([0]), math.nan)])
+    report = localize_divergence(LayerTrace([ones]), nan, mask, floor=[0.0])
+    assert report.layers[0].rel_err == math.inf and report.layers[0].max_abs == math.inf
+    assert report.first_departing_layer == 0

@@ -203,6 +203,40 @@ def test_unknown_backend(pytester, assert_usage_error):
     assert_usage_error(result, "unknown backend 'vllm' in --neox-backends: choose from hf, ds, mii, zero")
 
 
+# Every bound of every option, just outside it: the exact one-line message. (A bound that moves, e.g. a
+# parity multiple below 1, i.e. a tolerance tighter than HF's own noise, must be refused, not accepted.)
+@pytest.mark.parametrize("arg,error", [
+    ("--neox-tp=0", "--neox-tp must be at least 1, got 0"),
+    ("--neox-max-new-tokens=0", "--neox-max-new-tokens must be at least 1, got 0"),
+    ("--neox-top-k=0", "--neox-top-k must be at least 1, got 0"),
+    ("--neox-parity-multiple=0.5", "--neox-parity-multiple must be at least 1, got 0.5"),
+    ("--neox-parity-multiple=0.999", "--neox-parity-multiple must be at least 1, got 0.999"),
+    ("--neox-parity-multiple=ten", "--neox-parity-multiple must be a number, got 'ten'"),
+    ("--neox-latency-threshold=0", "--neox-latency-threshold is a fraction such as 0.10, got 0.0"),
+    ("--neox-latency-threshold=-0.1", "--neox-latency-threshold is a fraction such as 0.10, got -0.1"),
+    ("--neox-latency-threshold=10", "--neox-latency-threshold is a fraction such as 0.10, got 10.0"),
+    ("--neox-cases=huge", "--neox-cases must be 'default' or 'full', got 'huge'"),
+    ("--neox-weights=random", "--neox-weights must be 'auto' or 'synthetic', got 'random'"),
+    ("--neox-dtype=FP16", "unknown dtype 'FP16' for --neox-dtype: choose one of fp16, bf16, fp32"),
+    ("--neox-backends=hf,,vllm", "unknown backend 'vllm' in --neox-backends: choose from hf, ds, mii, zero"),
+    ("--neox-backends= , ", "unknown backend '' in --neox-backends: choose from hf, ds, mii, zero"),
+    ("--neox-max-new-tokens=1.5", "--neox-max-new-tokens must be an integer, got '1.5'"),
+], ids=lambda v: v if v.startswith("--") else "")
+def test_every_option_bound_is_a_one_line_error(pytester, assert_usage_error, arg, error):
+    assert_usage_error(pytester.runpytest(arg), error)
+
+
+def test_every_option_bound_itself_is_accepted(pytester):
+    """The inclusive bounds are valid values (the errors above are for just outside them)."""
+    options = options_of(pytester, "--neox-tp=1", "--neox-max-new-tokens=1", "--neox-top-k=1",
+                         "--neox-parity-multiple=1", "--neox-latency-threshold=9.99", "--neox-cases=full",
+                         "--neox-weights=synthetic", "--neox-dtype=bf16", "--neox-backends= hf , zero ")
+    assert (options.tp, options.max_new_tokens, options.top_k, options.parity_multiple) == (1, 1, 1, 1.0)
+    assert options.latency_threshold == 9.99 and options.cases == "full" and options.weights == "synthetic"
+    assert options.dtype == "bf16" and options.backends == ("hf", "zero")
+    assert options_of(pytester, "--neox-latency-threshold=0.001").latency_threshold == 0.001
+
+
 @pytest.mark.parametrize("value", ["two", "2.5"])
 def test_non_integer_tp(pytester, assert_usage_error, value):
     result = pytester.runpytest(f"--neox-tp={value}")
@@ -258,3 +292,37 @@ def test_some_cases_longer_than_the_context(pytester, assert_usage_error, synthe
     result = pytester.runpytest(*synthetic_14m, "--neox-max-new-tokens=1990")
     assert_usage_error(result, "case medium-b1-len128 needs 2118 tokens (prompt 128 + 1990 new) but the "
                                "model's context is 2048")
+
+
+def test_help_shows_each_flags_metavar_and_default(pytester):
+    """--help lists every flag with its metavar and, where it has one, its default (and never a default of
+    None); the ini section lists each option with its type."""
+    result = pytester.runpytest("--help")
+    out = result.outlines
+    start = out.index("GPT-NeoX / DeepSpeed-MII acceptance testing:")
+    group = " ".join(" ".join(out[start:out.index("", start)]).split())     # one line, single spaces
+    for opt in OPTIONS:
+        if opt.kind == "bool":
+            assert f"{opt.flag} {opt.help.split()[0]}" in group, opt.flag
+            continue
+        assert f"{opt.flag}={opt.metavar}" in group, opt.flag
+        if opt.default is not None:
+            assert f"(default: {opt.default})" in group, opt.flag
+    assert "--neox-tp=N tensor-parallel degree of the ds and mii backends (default: 1)" in group
+    assert "--neox-parity-multiple=X" in group and "(default: 10.0)" in group
+    ini = " ".join(" ".join(out[next(i for i, ln in enumerate(out) if "configuration options" in ln):]).split())
+    assert "neox_update_baselines (bool):" in ini
+    assert "neox_tp (" in ini and "neox_model (string):" in ini
+
+
+def test_an_empty_ini_value_means_the_default(pytester):
+    pytester.makeini("[pytest]\nneox_tp =\nneox_dtype =\nneox_parity_multiple =\n")
+    options = options_of(pytester)
+    assert (options.tp, options.dtype, options.parity_multiple) == (1, "fp16", 10.0)
+
+
+def test_bool_option_from_flag_and_from_ini_false(pytester):
+    assert options_of(pytester, "--neox-update-baselines").update_baselines is True
+    pytester.makeini("[pytest]\nneox_update_baselines = false\n")
+    assert options_of(pytester).update_baselines is False
+    assert options_of(pytester, "--neox-update-baselines").update_baselines is True

@@ -181,3 +181,112 @@ def test_threshold_and_alpha_are_respected():
     assert compare_latency(base, cur, alpha=1e-30).verdict == "unchanged"
     with pytest.raises(ValueError):
         compare_latency(base, cur, alpha=0.0)
+
+
+# ---------------------------------------------------------------- the gate's rules at their boundaries
+# Written against surviving mutants: each boundary is checked on both sides.
+
+def _steps(value: float, n: int = 8) -> list[float]:
+    """n samples around `value`, each distinct (so the rank test sees no ties), median exactly `value`."""
+    offsets = [(i - (n - 1) / 2) * 1e-6 for i in range(n)]
+    return [value + o for o in offsets]
+
+
+def test_min_samples_is_the_first_count_that_is_compared():
+    slow = compare_latency(_steps(0.010, MIN_SAMPLES), _steps(0.030, MIN_SAMPLES))
+    assert slow.verdict == "regression" and slow.n_baseline == slow.n_current == MIN_SAMPLES
+    for n_base, n_cur in ((MIN_SAMPLES - 1, MIN_SAMPLES), (MIN_SAMPLES, MIN_SAMPLES - 1)):
+        r = compare_latency(_steps(0.010, n_base), _steps(0.030, n_cur))
+        assert r.verdict == "insufficient-samples" and (r.n_baseline, r.n_current) == (n_base, n_cur)
+
+
+def test_regression_needs_the_median_strictly_beyond_the_threshold():
+    base = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    at = compare_latency(base, [1.5] * 8, threshold=0.5)           # ratio exactly 1 + threshold
+    assert at.ratio == 1.5 and at.p_value < 0.01 and at.verdict == "unchanged"
+    beyond = compare_latency(base, [1.5 + 1e-9] * 8, threshold=0.5)
+    assert beyond.verdict == "regression" and beyond.failed
+
+
+def test_improvement_needs_the_median_strictly_beyond_the_threshold():
+    base = [2.0] * 8
+    at = compare_latency(base, [1.0] * 8, threshold=0.5)           # ratio exactly 1 - threshold
+    assert at.ratio == 0.5 and at.p_value < 0.01 and at.verdict == "unchanged"
+    assert at.change_pct == -50.0
+    beyond = compare_latency(base, [1.0 - 1e-9] * 8, threshold=0.5)
+    assert beyond.verdict == "improvement" and not beyond.failed
+
+
+def test_p_value_is_taken_in_the_direction_the_median_moved():
+    base, slower = _steps(0.010), _steps(0.020)
+    up = compare_latency(base, slower)
+    down = compare_latency(slower, base)
+    assert up.p_value == pytest.approx(mann_whitney_greater(slower, base)) and up.p_value < 1e-3
+    assert down.p_value == pytest.approx(mann_whitney_greater(slower, base)) and down.p_value < 1e-3
+    assert mann_whitney_greater(base, slower) > 0.99              # the other direction: no evidence
+
+
+def test_zero_threshold_is_allowed_and_negative_or_nan_is_refused():
+    base = _steps(0.010)
+    assert compare_latency(base, [x * 1.01 for x in base], threshold=0.0).verdict == "regression"
+    for bad in (-0.01, float("nan")):
+        with pytest.raises(ValueError, match="threshold must be >= 0"):
+            compare_latency(base, base, threshold=bad)
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\)"):
+            compare_latency(base, base, alpha=bad)
+    assert compare_latency(base, base, alpha=0.999).verdict == "unchanged"
+
+
+def test_a_zero_baseline_median():
+    zeros = [0.0] * 8
+    same = compare_latency(zeros, zeros)
+    assert same.ratio == 1.0 and same.change_pct == 0.0 and same.verdict == "unchanged"
+    slower = compare_latency(zeros, _steps(0.010))
+    assert slower.ratio == math.inf and slower.verdict == "regression"
+
+
+def test_non_finite_or_nested_samples_are_refused():
+    with pytest.raises(ValueError, match="compare_latency current: latencies must be finite numbers"):
+        compare_latency(_steps(0.01), _steps(0.01)[:-1] + [float("inf")])
+    with pytest.raises(ValueError, match="compare_latency baseline: expected a flat list"):
+        compare_latency([[0.01, 0.02]] * 5, _steps(0.01))
+    with pytest.raises(ValueError, match="summarize: no samples"):
+        summarize([])
+
+
+def test_message_formats_seconds_in_the_unit_that_reads():
+    def msg(base_s, cur_s):
+        return compare_latency([base_s] * 8, [cur_s] * 8).message()
+    assert msg(1.0, 1.0).startswith("median 1.000 s -> 1.000 s (+0.0%, threshold 10%)")
+    assert msg(0.001, 0.001).startswith("median 1.00 ms -> 1.00 ms")
+    assert msg(0.000999, 0.000999).startswith("median 999.0 us -> 999.0 us")
+    assert msg(0.999, 0.999).startswith("median 999.00 ms -> 999.00 ms")
+
+
+def test_mann_whitney_refuses_empty_or_non_finite_samples_naming_the_side():
+    for x, y in (([], [1.0]), ([1.0], []), ([], [])):
+        with pytest.raises(ValueError) as exc:
+            mann_whitney_greater(x, y)
+        assert str(exc.value) == "mann_whitney_greater: both samples must be non-empty"
+    with pytest.raises(ValueError) as exc:
+        mann_whitney_greater([1.0, math.nan], [1.0])
+    assert str(exc.value) == "mann_whitney_greater x: latencies must be finite numbers"
+    with pytest.raises(ValueError) as exc:
+        mann_whitney_greater([1.0], [[1.0]])
+    assert str(exc.value) == "mann_whitney_greater y: expected a flat list of latencies in seconds"
+    with pytest.raises(ValueError) as exc:
+        summarize([0.1, math.inf])
+    assert str(exc.value) == "summarize: latencies must be finite numbers"
+
+
+def test_mann_whitney_small_exact_case():
+    """x = [2, 3, 4] all above y = [0, 1]: U = 6, mean 3, variance 3 (no ties), continuity-corrected
+    z = 2.5 / sqrt(3); the one-sided p is the normal upper tail at z (scipy's asymptotic method)."""
+    z = 2.5 / math.sqrt(3)
+    assert mann_whitney_greater([2.0, 3.0, 4.0], [0.0, 1.0]) == pytest.approx(0.5 * math.erfc(z / math.sqrt(2)),
+                                                                              rel=1e-12)
+    # ties across the samples: x = [1, 2], y = [1, 1]; the three 1s share rank 2, the 2 has rank 4 -> U = 6 - 3
+    # = 3, mean 2, tie groups (3, 1): variance = 4/12 * (5 - (27 - 3) / 12) = 1, z = (3 - 2 - 0.5) / 1
+    assert mann_whitney_greater([1.0, 2.0], [1.0, 1.0]) == pytest.approx(0.5 * math.erfc(0.5 / math.sqrt(2)),
+                                                                         rel=1e-12)
