@@ -134,11 +134,12 @@ class DsLauncherBackend(Backend):
         deadline = time.monotonic() + 5
         while tree.popen.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        tail = tree.log_tail()
-        how = processes.describe_exit(tree.popen.poll(), tail)
+        # The whole log: the dying rank's own fatal-signal line can be above the tail (the others' tracebacks).
+        log = tree.log_path.read_text(errors="replace")
+        how = processes.describe_exit(tree.popen.poll(), log)
         return processes.WorkerCrashed(
             f"{self.name} tp={self.tp}: worker crashed ({how}) during {describe_request(op, args)}; "
-            f"last lines of {tree.log_path}:\n{tail}")
+            f"last lines of {tree.log_path}:\n{processes.crash_excerpt(log, tree.log_tail())}")
 
     def generate(self, batch: PromptBatch, max_new_tokens: int, top_k: int = 5) -> Generation:
         return self._call("generate", batch, max_new_tokens, top_k)

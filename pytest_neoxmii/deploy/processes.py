@@ -58,9 +58,34 @@ class WorkerCrashed(DeploymentError):
 _RANK_EXIT = re.compile(r"exits with return code = (-?\d+)")
 
 
+# What Python's faulthandler prints when a fatal signal kills the process (PYTHONFAULTHANDLER=1).
+_FATAL_SIGNAL = re.compile(r"Fatal Python error: (Aborted|Segmentation fault|Floating point exception|Bus error|"
+                           r"Illegal instruction)")
+_FATAL_NAMES = {"Aborted": "SIGABRT", "Segmentation fault": "SIGSEGV", "Floating point exception": "SIGFPE",
+                "Bus error": "SIGBUS", "Illegal instruction": "SIGILL"}
+
+
+def crash_excerpt(log_text: str, tail: str, before: int = 12) -> str:
+    """The log lines a crash report shows: what the dying rank printed up to its fatal-signal line (its
+    last words, which faulthandler's stack dump and the other ranks' tracebacks push out of the tail), then
+    the tail itself."""
+    lines = log_text.splitlines()
+    fatal = next((i for i, line in enumerate(lines) if _FATAL_SIGNAL.search(line)), None)
+    if fatal is None:
+        return tail
+    head = "\n".join(lines[max(0, fatal - before):fatal + 1])
+    return head if head in tail else f"{head}\n...\n{tail}"
+
+
 def describe_exit(code: int | None, log_text: str = "") -> str:
-    """'killed by SIGABRT', 'exit code 1'. The DeepSpeed launcher exits 1 whatever ended a rank, and logs
-    the rank's own return code ('exits with return code = -6'): that one names the signal."""
+    """'killed by SIGABRT', 'exit code 1'. First what a dying rank said itself (faulthandler's fatal-signal
+    line). Then the DeepSpeed launcher, which exits 1 whatever ended a rank and logs one rank's return code
+    ('exits with return code = -6'): when one rank aborts and the others then fail on their broken
+    connection, it logs whichever dead rank its poll meets first (it iterates over a set), so its code alone
+    named the abort only sometimes."""
+    fatal = _FATAL_SIGNAL.search(log_text)
+    if fatal:
+        return f"killed by {_FATAL_NAMES[fatal.group(1)]}"
     ranks = [int(c) for c in _RANK_EXIT.findall(log_text)]
     codes = [c for c in ranks if c != 0] or ([code] if code is not None else [])
     if not codes:
@@ -106,6 +131,9 @@ def deployment_env(tag: str | None, extra: dict[str, str] | None = None,
     env = compat.child_env(base)
     env.update(SAFE_ENV)
     env["PYTHONUNBUFFERED"] = "1"
+    # A rank killed by a signal then says so itself ("Fatal Python error: Aborted" and its stack): the
+    # launcher's own log names only one rank's code, and not always the rank that died first.
+    env["PYTHONFAULTHANDLER"] = "1"
     env.pop(TAG_ENV, None)
     if tag is not None:
         env[TAG_ENV] = tag

@@ -9,10 +9,12 @@ import inspect
 from pathlib import Path
 from types import SimpleNamespace
 
+import types
+
 import pytest
 import torch
 
-from pytest_neoxmii import checks
+from pytest_neoxmii import checks, parity
 from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.cases import Case, CasePlan
 from pytest_neoxmii.options import NeoxOptions
@@ -268,3 +270,23 @@ def test_known_issue_is_a_strict_xfail_in_a_real_test_run(pytester):
     out = result.stdout.str()
     assert "[XPASS(strict)] known issue [ds-left-padded-decode]: " in out
     assert "XFAIL test_known_issue.py::test_still_broken_upstream - known issue [ds-left-padded-decode]" in out
+
+
+class TextStandIn(StandInBackend):
+    output_is_text = True        # like MII: generated text, re-tokenized by the session
+
+
+def test_check_greedy_compares_a_text_backend_with_the_reference_as_text_shows_it(capsys):
+    """The reference generates token 1, a special token the text channel drops; the text backend's row
+    therefore lacks it. Judged through the channel it passes; the same ids from a backend that returns ids
+    do not (a missing token there is a real divergence)."""
+    seen_as_text = Generation(tokens=[[2], [4, 4]], top_logprobs=[[[(2, -0.1), (3, -0.2)]],
+                                                                  [[(4, -0.1)], [(4, -0.1)]]])
+    session = stand_in_session([StandInBackend("hf", "fp32", generation=greedy(2)),
+                                TextStandIn("mii", "fp16", generation=seen_as_text),
+                                StandInBackend("ds", "fp16", generation=seen_as_text)])
+    session._tokenizer = types.SimpleNamespace(all_special_ids=[0, 1])
+    assert checks.check_greedy(session, "mii", padded_case()).passed
+    assert "1 special token(s) of the reference dropped: mii returns text" in capsys.readouterr().out
+    with pytest.raises(parity.ParityFailure):
+        checks.check_greedy(session, "ds", padded_case())

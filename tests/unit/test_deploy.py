@@ -624,3 +624,26 @@ def test_a_crashed_worker_fails_the_tests_needing_it_and_the_session_goes_on(pyt
     assert "CRASH ds:fp32   ds tp=1: worker crashed (killed by SIGABRT) during generate(" in text   # the summary
     assert "aborting model: os.abort() in generate" in text                                       # the log tail
     assert "pytest_neoxmii/session.py" not in text                      # a result, not a plugin traceback
+
+
+def test_exit_description_prefers_the_dying_rank_over_the_launchers_racy_code():
+    """Rank 0 aborts, rank 1 then fails on the broken connection and exits 1; DeepSpeed's launcher logs
+    whichever dead rank its poll meets first. Seen once in a full unit run as 'exit code 1' for an abort."""
+    log = ("[rank0]: Fatal Python error: Aborted\n[rank0]: Current thread 0x01 (most recent call first):\n"
+           "[rank1]: RuntimeError: Connection closed by peer\n"
+           "[ERROR] [launch.py:259:sigkill_handler] [...] exits with return code = 1\n")
+    assert processes.describe_exit(1, log) == "killed by SIGABRT"
+    assert processes.describe_exit(1, "x exits with return code = -11\n") == "killed by SIGSEGV"
+    assert processes.describe_exit(1, "x exits with return code = 1\n") == "exit code 1"
+    assert processes.describe_exit(None, "") == "exit status unknown"
+    assert processes.deployment_env(None)["PYTHONFAULTHANDLER"] == "1"
+
+
+def test_crash_excerpt_keeps_the_dying_ranks_last_words_above_the_tail():
+    log = "\n".join(["loading"] + ["[rank0]: aborting model: os.abort() in generate",
+                                   "[rank0]: Fatal Python error: Aborted"]
+                    + [f"[rank0]:   File x.py, line {i}" for i in range(60)] + ["launcher: exits with return code = 1"])
+    tail = "\n".join(log.splitlines()[-40:])
+    excerpt = processes.crash_excerpt(log, tail)
+    assert "aborting model: os.abort() in generate" in excerpt and excerpt.endswith(tail)
+    assert processes.crash_excerpt("plain exit\n", "plain exit") == "plain exit"
