@@ -62,7 +62,7 @@ class DeepSpeedBackend(TorchModelBackend):
             "tensor_parallel": {"tp_size": tp},
             "dtype": TORCH_DTYPES[dtype],
             "replace_with_kernel_inject": on_gpu,
-            "enable_cuda_graph": False,         # not supported with injection for this model (STACK trap 4)
+            "enable_cuda_graph": False,         # not supported with injection for this model (docs/STACK.md trap 4)
             "max_tokens": max_tokens,           # sized from the cases: the workspace must hold them
         }, engine_config)
         config["dtype"] = TORCH_DTYPES[dtype]   # a user's spelling of the same dtype ("fp16", "half")

@@ -76,7 +76,7 @@ class MiiBackend(TorchModelBackend):
         self.handle = mii.mii_query_handle(self.name)
         self.pipeline = mii.non_persistent_models[self.name][0]
         if not on_gpu:
-            self.pipeline.device = torch.device("cpu")  # MII overwrites it with cuda:0 (STACK trap 7)
+            self.pipeline.device = torch.device("cpu")  # MII overwrites it with cuda:0 (docs/STACK.md trap 7)
         self.model = self.pipeline.model               # the DeepSpeed engine MII built
         module = getattr(self.model, "module", self.model)
         report = count_injected(module, len(module.gpt_neox.layers))

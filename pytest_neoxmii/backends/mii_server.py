@@ -6,7 +6,7 @@ What MII's own `mii.legacy.deploy(..., LOCAL)` does is kept: its config (MIIConf
 ports, the score file mii_query_handle reads, its launcher arguments and server entry point. What is
 replaced is how the processes are run, because that is where MII 0.3.3 leaks and hangs: it starts them as
 plain children sharing our process group, polls their ports forever (no timeout), terminates with a gRPC
-message that leaves the servers running (STACK.md trap 8) and uses fixed default ports. Here every port is
+message that leaves the servers running (docs/STACK.md trap 8) and uses fixed default ports. Here every port is
 reserved free at deploy time, each process tree runs in its own session with the compat environment
 (PYTHONPATH with the sitecustomize that patches GPT-NeoX, NCCL_NVLS_ENABLE=0) and a log file, readiness is
 polled with a timeout, and close() sends MII's Terminate, then ends every process and waits for the GPU
@@ -114,7 +114,7 @@ class MiiServerBackend(Backend):
                 "task": "text-generation", "model": str(self.path), "dtype": TORCH_DTYPES[self.dtype],
                 "tensor_parallel": self.tp, "torch_dist_port": p.torch_dist,
                 "load_with_sys_mem": True,         # as in the EleutherAI GPT-NeoX notes: shard from CPU
-                "skip_model_check": True,          # a local directory, no hub look-up (STACK.md trap 7)
+                "skip_model_check": True,          # a local directory, no hub look-up (docs/STACK.md trap 7)
                 "replace_with_kernel_inject": True, "enable_cuda_graph": False, "max_tokens": max_tokens,
             }, self.engine_config), "dtype": TORCH_DTYPES[self.dtype]})
         config.generate_replica_configs()

@@ -1,5 +1,5 @@
 """A rank of an MII LOCAL deployment: `python -m mii.legacy.launch.multi_gpu_server ARGS` unchanged, plus
-a report of what the rank really runs. Kernel injection must be verified, not assumed (STACK.md trap 2:
+a report of what the rank really runs. Kernel injection must be verified, not assumed (docs/STACK.md trap 2:
 with some transformers versions DeepSpeed's policy matches nothing and init_inference returns quietly),
 and the model of an MII server lives in this process, out of the test session's reach. So this wraps
 deepspeed.init_inference (MII's load_models calls it through the module attribute) and writes, per rank,

@@ -1,7 +1,7 @@
 """Free TCP ports, chosen at deploy time and held until the deployment is closed.
 
 MII's defaults (load balancer 50050, torch.distributed 29500, REST gateway 51080) collide as soon as two
-sessions share a host (STACK.md trap 8). A port that is free when checked can still be taken before the
+sessions share a host (docs/STACK.md trap 8). A port that is free when checked can still be taken before the
 server binds it, so each chosen port is also *reserved*: an exclusive flock on a per-port file in a
 host-wide directory. Other pickers (threads, processes, other sessions) skip reserved ports; the kernel
 drops the lock when the holder exits, so a killed session never leaves a stale reservation.

@@ -2,7 +2,7 @@
 what was left behind.
 
 Why this much: MII's terminate is only a gRPC message, and on a LOCAL tp=2 deployment it returned in
-0.01 s with the servers still running and holding GPU memory (STACK.md trap 8). So each deployment runs
+0.01 s with the servers still running and holding GPU memory (docs/STACK.md trap 8). So each deployment runs
 in its own session and process group, every process it starts carries a tag in its environment
 (NEOXMII_DEPLOYMENT, inherited through the DeepSpeed launcher and its ranks), and teardown ends the
 group, the tree under each root and every tagged process (which finds even a process that called
@@ -35,7 +35,7 @@ except ImportError:          # the DeepSpeed launcher itself needs psutil, but t
     psutil = None
 
 TAG_ENV = "NEOXMII_DEPLOYMENT"
-# NVLink multicast stays off in every process we start (the GPU hosts are shared; see KINDS.md).
+# NVLink multicast stays off in every process we start (the GPU hosts are shared; docs/STACK.md trap 13).
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -125,7 +125,7 @@ def env_float(name: str, default: float) -> float:
 
 def deployment_env(tag: str | None, extra: dict[str, str] | None = None,
                    base: dict[str, str] | None = None) -> dict[str, str]:
-    """The compat child environment (GPT-NeoX patches via sitecustomize, STACK.md trap 1), multicast off,
+    """The compat child environment (GPT-NeoX patches via sitecustomize, docs/STACK.md trap 1), multicast off,
     unbuffered output (so a log tail shows the last words of a dying process) and the deployment's tag."""
     from pytest_neoxmii import compat
     env = compat.child_env(base)

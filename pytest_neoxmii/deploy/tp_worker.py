@@ -70,7 +70,7 @@ def load_ds_model(args, rank: int, local_rank: int, world: int):
         "tensor_parallel": {"tp_size": world},
         "dtype": TORCH_DTYPES[args.dtype],
         "replace_with_kernel_inject": inject,
-        "enable_cuda_graph": False,          # not supported with injection for this model (STACK trap 4)
+        "enable_cuda_graph": False,          # not supported with injection for this model (docs/STACK.md trap 4)
         "max_tokens": args.max_tokens,
     }, json.loads(args.engine_config) if args.engine_config else None)
     config["dtype"] = TORCH_DTYPES[args.dtype]

@@ -50,7 +50,7 @@ def test_bandwidth_table(name, expected):
 
 
 def test_floor_matches_the_measured_facts():
-    """STACK.md: weights / ~3.35 TB/s is ~0.1 ms per decode step for pythia-160m and ~0.6 ms for pythia-1b."""
+    """docs/STACK.md: weights / ~3.35 TB/s is ~0.1 ms per decode step for pythia-160m and ~0.6 ms for pythia-1b."""
     h100 = memory_bandwidth("NVIDIA H100 80GB HBM3")
     f160 = weight_streaming_floor(lookup("pythia-160m").weight_bytes("fp16"), h100)
     f1b = weight_streaming_floor(lookup("pythia-1b").weight_bytes("fp16"), h100)
