@@ -6,6 +6,8 @@ DeepSpeed's answer is stubbed (deepspeed_cpu_offers), so these run the same on a
 asks the real accelerator."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pytest_neoxmii import precision
@@ -78,19 +80,26 @@ def test_every_backend_and_the_peer_run_the_session_dtype(neox):
 '''
 
 
-@pytest.mark.usefixtures("preloaded")
-def test_a_cpu_without_fp16_runs_ds_and_the_peer_in_bf16_and_says_why(
-        pytester, fake_gpus, synthetic_14m, deepspeed_cpu_offers):
+@pytest.fixture
+def run_on_a_cpu_without_fp16(pytester, fake_gpus, synthetic_14m, deepspeed_cpu_offers, preloaded):
+    """run(name, source, *args): a pytester session on synthetic pythia-14m, no GPU, DeepSpeed's CPU
+    accelerator offering fp32 and bf16 only (an AMD EPYC, say)."""
     fake_gpus()
     deepspeed_cpu_offers("fp32", "bf16")
-    pytester.makepyfile(test_session=SESSION_TEST)
-    result = pytester.runpytest(*synthetic_14m, "--neox-report=rep")
+
+    def run(name: str, source: str, *args: str):
+        pytester.makepyfile(**{name: source})
+        return pytester.runpytest(*synthetic_14m, *args)
+    return run
+
+
+def test_a_cpu_without_fp16_runs_ds_and_the_peer_in_bf16_and_says_why(pytester, run_on_a_cpu_without_fp16):
+    result = run_on_a_cpu_without_fp16("test_session", SESSION_TEST, "--neox-report=rep")
     result.assert_outcomes(passed=1)
     why = "bf16 (DeepSpeed's CPU accelerator here offers fp32, bf16, not fp16)"
     assert any(ln.startswith("neoxmii: weights source synthetic") and f"dtype {why}," in ln
                for ln in result.outlines), result.outlines
     assert f"dtype: {why}" in result.outlines                        # the neoxmii summary
-    import json
     summary = json.loads((pytester.path / "rep" / "neoxmii-summary.json").read_text())
     assert (summary["dtype"], summary["dtype_reason"]) == (
         "bf16", "DeepSpeed's CPU accelerator here offers fp32, bf16, not fp16")
@@ -105,13 +114,9 @@ def test_backend(neox, name):
 '''
 
 
-@pytest.mark.usefixtures("preloaded")
-def test_explicit_fp16_on_a_cpu_without_it_skips_deepspeed_backends_with_one_line(
-        pytester, fake_gpus, synthetic_14m, deepspeed_cpu_offers):
-    fake_gpus()
-    deepspeed_cpu_offers("fp32", "bf16")
-    pytester.makepyfile(test_skip=SKIP_TEST)
-    result = pytester.runpytest(*synthetic_14m, "--neox-backends=ds,mii,zero", "--neox-dtype=fp16", "-rs")
+def test_explicit_fp16_on_a_cpu_without_it_skips_deepspeed_backends_with_one_line(run_on_a_cpu_without_fp16):
+    result = run_on_a_cpu_without_fp16("test_skip", SKIP_TEST, "--neox-backends=ds,mii,zero",
+                                       "--neox-dtype=fp16", "-rs")
     result.assert_outcomes(skipped=3)
     reason = ("DeepSpeed's CPU accelerator on this CPU offers fp32, bf16, not fp16; pass --neox-dtype=bf16, "
               "or leave --neox-dtype unset to choose automatically")
