@@ -98,11 +98,14 @@ def deployment_pids(owner: int | None = None) -> list[int]:
 
 
 def snapshot(with_torch: bool = True) -> dict:
+    # torch first: its first call creates this process's own CUDA context (~527 MiB per GPU on H200), and an
+    # nvidia-smi reading taken before that would count our own context as the deployment's leak afterwards.
+    torch_mib = torch_used() if with_torch else None
     snap = {"deployment_processes": len(deployment_pids()),
             "host_processes": sum(p.isdigit() for p in os.listdir("/proc")),
             "nvidia_smi_used_mib": smi_used()}
     if with_torch:
-        snap["torch_mem_get_info_used_mib"] = torch_used()
+        snap["torch_mem_get_info_used_mib"] = torch_mib
     return snap
 
 
