@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pytest_neoxmii import options as options_mod
+from pytest_neoxmii.backends import planted_fault
 from pytest_neoxmii.errors import NeoxUsageError
 from pytest_neoxmii.fixtures import (neox, neox_case, neox_ds, neox_generation_case,  # noqa: F401
                                      neox_mii, neox_reference, neox_zero)                      # (fixtures)
@@ -43,7 +44,8 @@ def pytest_configure(config: pytest.Config) -> None:
         session.load_serving_configs()
         session.load_prompts()
         _check_cases(session)
-    except NeoxUsageError as exc:
+        planted_fault.planted()              # a malformed NEOXMII_PLANT_FAULT is refused before anything runs
+    except (NeoxUsageError, planted_fault.FaultSpecError) as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SESSION_KEY] = session
 
@@ -87,6 +89,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         "neoxmii: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
     ]
     lines += [f"neoxmii: {config.describe()}" for config in session.serving_configs.values()]
+    fault = planted_fault.planted()
+    if fault:
+        lines.append(f"neoxmii: PLANTED FAULT ({planted_fault.PLANT_FAULT_ENV}): {fault}; "
+                     "these results prove the judges, they say nothing of the stack")
     return lines
 
 

@@ -12,11 +12,13 @@ reserved free at deploy time, each process tree runs in its own session with the
 polled with a timeout, and close() sends MII's Terminate, then ends every process and waits for the GPU
 memory to come back (deploy/processes.py).
 
-Teacher-forced scoring is not offered: the model lives in the server processes and MII's gRPC API returns
-generated text only, no logits. score() raises BackendUnavailable with that reason and `can_score` is
-False, so parity checks skip teacher-forced cases for it (greedy token ids are still compared; a greedy
-divergence cannot be classed as a near-tie without its logprobs, so it fails rather than passes).
-Teacher-forced parity at tp >= 2 is checked on the ds backend (DeepSpeed launcher, backends/ds_launcher.py)."""
+MII's gRPC API returns generated text only. What the engine generated (ids, and the top-k logprobs of each
+step) is recorded by rank 0 next to the engine (backends/generation_capture.py, armed in
+deploy/mii_rank.py) and read back after each query, so a greedy divergence is judged by the same near-tie
+rule as every other backend (text alone cannot be: docs/SENSITIVITY.md). Teacher-forced scoring is still
+not offered: a query generates, it does not score a given text. score() raises BackendUnavailable with that
+reason and `can_score` is False; teacher-forced parity at tp >= 2 is checked on the ds backend (DeepSpeed
+launcher, backends/ds_launcher.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 
 from pytest_neoxmii import compat
+from pytest_neoxmii.backends import generation_capture as capture
 from pytest_neoxmii.backends.base import Backend, BackendInfo
 from pytest_neoxmii.backends.deepspeed_inference import check_kernels_can_run
 from pytest_neoxmii.backends.mii_legacy import import_mii, prompt_texts
@@ -38,8 +41,8 @@ from pytest_neoxmii.errors import BackendUnavailable
 from pytest_neoxmii.injection import InjectionFailed
 from pytest_neoxmii.outputs import Generation, PromptBatch
 
-NO_SCORES = ("mii with tp >= 2 is the MII gRPC server deployment: its API returns generated text only, no "
-             "logits, so it cannot be scored teacher-forced (teacher-forced parity at tp >= 2 runs on ds)")
+NO_SCORES = ("mii with tp >= 2 is the MII gRPC server deployment: a query generates text, it cannot score a "
+             "given text, so it is not judged teacher-forced (teacher-forced parity at tp >= 2 runs on ds)")
 
 
 def _port_open(port: int) -> bool:
@@ -52,7 +55,7 @@ def _port_open(port: int) -> bool:
 
 class MiiServerBackend(Backend):
     can_score = False
-    output_is_text = True
+    output_is_text = False         # the ids and logprobs are rank 0's engine's own, not re-tokenized text
     # The model runs in other processes: CUDA events or synchronize in the session measure none of its
     # work (time with a wall clock), and there is no .model; info.device lists every GPU ("cuda:0,1").
     out_of_process = True
@@ -155,6 +158,7 @@ class MiiServerBackend(Backend):
         processes.wait_ready(self._trees, lambda: all(_port_open(p) for p in wanted), timeout=ready_timeout,
                              what=f"MII LOCAL deployment {self.name} (ports {wanted})")
         self.rank_reports = self._rank_reports()
+        self._capture_path, self._capture_at = self.run_dir / capture.CAPTURE_FILE, 0
         self.handle = mii.mii_query_handle(self.name)
 
     def _rank_reports(self) -> list[dict]:
@@ -223,9 +227,16 @@ class MiiServerBackend(Backend):
 
     def generate(self, batch: PromptBatch, max_new_tokens: int, top_k: int = 5) -> Generation:
         texts = prompt_texts(self.tokenizer, batch)
-        outputs = self.query_texts(texts, max_new_tokens)
-        tokens = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in outputs]
-        return Generation(tokens=tokens, top_logprobs=[])   # the server returns no logprobs
+        self.query_texts(texts, max_new_tokens)     # the text MII returns is the decoding of what rank 0 recorded
+        records, self._capture_at = capture.read_records(self._capture_path, self._capture_at)
+        try:
+            tokens, top = capture.match_rows(records, [list(r) for r in batch.rows], max_new_tokens)
+        except capture.CaptureMismatch as exc:
+            raise processes.DeploymentError(f"MII deployment {self.name}: {exc}") from None
+        if top_k > capture.CAPTURE_TOP_K:
+            raise BackendUnavailable(f"rank 0 records the top-{capture.CAPTURE_TOP_K} logprobs of each step, "
+                                     f"top-{top_k} was asked")
+        return Generation(tokens=tokens, top_logprobs=[[step[:top_k] for step in row] for row in top])
 
     def score(self, batch: PromptBatch):
         raise BackendUnavailable(NO_SCORES)

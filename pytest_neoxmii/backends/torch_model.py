@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from pytest_neoxmii.backends.base import Backend
+from pytest_neoxmii.backends.generation_capture import top_logprobs_per_step
 from pytest_neoxmii.outputs import Generation, LayerTrace, PromptBatch, Scores
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -44,13 +45,8 @@ class TorchModelBackend(Backend):
             output_logits=True, return_dict_in_generate=True,
         )
         new = out.sequences[:, ids.shape[1]:].tolist()
-        top = [[] for _ in range(batch.batch_size)]
-        for step_logits in out.logits:                       # raw logits, one [batch, vocab] per step
-            lp = torch.log_softmax(step_logits.float(), dim=-1)
-            values, indices = lp.topk(top_k, dim=-1)
-            for row in range(batch.batch_size):
-                top[row].append(list(zip(indices[row].tolist(), values[row].tolist())))
-        return Generation(tokens=new, top_logprobs=top)
+        # raw logits, one [batch, vocab] per step; the same reduction MII's rank 0 records with
+        return Generation(tokens=new, top_logprobs=top_logprobs_per_step(list(out.logits), top_k))
 
     @torch.inference_mode()
     def score(self, batch: PromptBatch) -> Scores:

@@ -31,12 +31,22 @@ def _wrap_init_inference() -> None:
 
     def init_inference(model, *args, **kwargs):
         engine = original(model, *args, **kwargs)
-        report = {"rank": int(os.environ.get("RANK", "0")), "pid": os.getpid()}
+        rank = int(os.environ.get("RANK", "0"))
+        report = {"rank": rank, "pid": os.getpid()}
+        module = getattr(engine, "module", engine)
+        from pytest_neoxmii.backends import planted_fault
+        report["planted_fault"] = planted_fault.plant(module)
+        directory = os.environ.get(REPORT_DIR_ENV)
+        if rank == 0 and directory:
+            # MII's API returns text only: rank 0 also records the ids and top-k logprobs its engine
+            # generated, which the session reads after each query (backends/generation_capture.py).
+            from pytest_neoxmii.backends import generation_capture as capture
+            capture.capture_generate(module, capture.file_sink(os.path.join(directory, capture.CAPTURE_FILE)),
+                                     capture.CAPTURE_TOP_K)
         try:
             import torch
 
             from pytest_neoxmii.injection import count_injected
-            module = getattr(engine, "module", engine)
             counted = count_injected(module, len(module.gpt_neox.layers))
             report.update(injected=counted.injected, layers=counted.total, kernels=counted.describe())
             if torch.cuda.is_available():

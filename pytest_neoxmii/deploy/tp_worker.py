@@ -76,6 +76,8 @@ def load_ds_model(args, rank: int, local_rank: int, world: int):
     config["dtype"] = TORCH_DTYPES[args.dtype]
     inject = inject and bool(config["replace_with_kernel_inject"])
     engine = deepspeed.init_inference(model, config=config)
+    from pytest_neoxmii.backends import planted_fault
+    planted_fault.plant(engine.module)          # a validation run's planted defect; nothing when unset
     report = count_injected(engine.module, total)
     if inject:
         require_injected(report, compat.transformers_version())

@@ -9,8 +9,9 @@ session's --neox-tp decides which deployment `ds` and `mii` are.
     pytest pytest_neoxmii/suite/test_multi_gpu.py --neox-model=pythia-1b --neox-weights=synthetic \\
         --neox-tp=2 --neox-backends=ds,mii
 
-The mii server returns text only: it is compared on greedy token ids, and its teacher-forced cases skip
-(teacher-forced parity at tp=2 is checked on ds). gpt-neox-20b runs where the registry's memory
+The mii server returns text; its greedy ids and logprobs are what rank 0's engine recorded beside it
+(backends/generation_capture.py), and its teacher-forced cases skip (a query cannot score a given text;
+teacher-forced parity at tp=2 is checked on ds). gpt-neox-20b runs where the registry's memory
 arithmetic says it fits (one 80 GB GPU, or tp=2 on 40 GB GPUs)."""
 from __future__ import annotations
 

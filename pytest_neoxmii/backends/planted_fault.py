@@ -1,0 +1,59 @@
+"""A defect planted on purpose, to prove the judges catch one on the real stack (issue 9: a x1.05 scale of
+one layer's attention output weight in the DeepSpeed engine must still fail at tp=2).
+
+    NEOXMII_PLANT_FAULT=attention-output-scale:LAYER:FACTOR     e.g. attention-output-scale:8:1.05
+
+Read where a DeepSpeed engine is built (the ds ranks, the MII ranks): after injection the layer's output
+projection is DeepSpeed's `attention.attn_ow` (this rank's shard at tp >= 2), before injection HF's
+`attention.dense.weight`. The session's header names a planted fault, so no result of such a run can be
+taken for a real one. Unset, nothing happens."""
+from __future__ import annotations
+
+import os
+
+PLANT_FAULT_ENV = "NEOXMII_PLANT_FAULT"
+KIND = "attention-output-scale"
+
+
+class FaultSpecError(ValueError):
+    pass
+
+
+def parse(text: str) -> tuple[int, float]:
+    parts = text.split(":")
+    if len(parts) != 3 or parts[0] != KIND:
+        raise FaultSpecError(f"{PLANT_FAULT_ENV}={text!r}: expected {KIND}:LAYER:FACTOR")
+    try:
+        layer, factor = int(parts[1]), float(parts[2])
+    except ValueError:
+        raise FaultSpecError(f"{PLANT_FAULT_ENV}={text!r}: LAYER must be an integer and FACTOR a number") \
+            from None
+    return layer, factor
+
+
+def planted() -> str | None:
+    """The fault this process and its workers plant, as the header shows it; None when none."""
+    text = os.environ.get(PLANT_FAULT_ENV, "").strip()
+    if not text:
+        return None
+    layer, factor = parse(text)
+    return f"layer {layer}'s attention output weight x{factor:g} in every DeepSpeed engine"
+
+
+def plant(module) -> str | None:
+    """Scale the weight named by the environment in `module` (an HF GPT-NeoX model, injected or not)."""
+    text = os.environ.get(PLANT_FAULT_ENV, "").strip()
+    if not text:
+        return None
+    layer_index, factor = parse(text)
+    layers = module.gpt_neox.layers
+    if not 0 <= layer_index < len(layers):
+        raise FaultSpecError(f"{PLANT_FAULT_ENV}: layer {layer_index} does not exist ({len(layers)} layers)")
+    attention = layers[layer_index].attention
+    import torch
+    with torch.no_grad():
+        if getattr(attention, "attn_ow", None) is not None:      # DeepSpeed's injected layer
+            attention.attn_ow.data.mul_(factor)
+            return f"attn_ow of layer {layer_index} x{factor:g}"
+        attention.dense.weight.mul_(factor)
+        return f"attention.dense.weight of layer {layer_index} x{factor:g}"

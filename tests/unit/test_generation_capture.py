@@ -1,0 +1,207 @@
+"""What an engine generated, recorded next to it (MII's ranks) and read back by the session; and the
+planted fault that proves the judges catch a defect on the real stack."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pytest_neoxmii.backends import generation_capture as capture
+from pytest_neoxmii.backends import planted_fault
+from pytest_neoxmii.backends.torch_model import TorchModelBackend
+from pytest_neoxmii.outputs import PromptBatch
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64)
+    return GPTNeoXForCausalLM(config).eval()
+
+
+class _InProcess(TorchModelBackend):
+    def close(self) -> None:
+        pass
+
+
+def _reference(model, batch, n, top_k):
+    backend = _InProcess()
+    backend.model, backend.device = model, "cpu"
+    return backend.generate(batch, n, top_k)
+
+
+def test_the_record_is_what_the_reference_path_computes(tiny_model):
+    """The pipeline's call (input_ids, attention_mask, generation kwargs) through the wrapper: the caller still
+    gets the plain sequences, and each row's record holds the unpadded prompt, the new ids and the top-k
+    logprobs of every step, equal to what TorchModelBackend.generate (the reference's path) reports."""
+    import copy
+    model = copy.deepcopy(tiny_model)
+    records = []
+    capture.capture_generate(model, records.append, top_k=3)
+    batch = PromptBatch(rows=((5, 6, 7, 8), (9, 10)), pad_token_id=0)
+    ids, mask = batch.padded()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
+                             do_sample=False, pad_token_id=0)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 8)
+    expected = _reference(tiny_model, batch, 4, 3)
+    assert [r["prompt"] for r in records] == [[5, 6, 7, 8], [9, 10]]
+    assert [r["tokens"] for r in records] == expected.tokens == out[:, 4:].tolist()
+    for record, top in zip(records, expected.top_logprobs):
+        assert [[t for t, _ in step] for step in record["top"]] == [[t for t, _ in step] for step in top]
+        torch.testing.assert_close(torch.tensor([[lp for _, lp in step] for step in record["top"]]),
+                                   torch.tensor([[lp for _, lp in step] for step in top]), rtol=0, atol=1e-6)
+
+
+def test_file_sink_and_reader_take_only_what_came_after_the_offset(tmp_path):
+    path = tmp_path / capture.CAPTURE_FILE
+    assert capture.read_records(path, 0) == ([], 0)          # nothing written yet
+    sink = capture.file_sink(path)
+    sink({"prompt": [1], "tokens": [2], "top": [[[2, -0.1]]]})
+    first, offset = capture.read_records(path, 0)
+    sink({"prompt": [3], "tokens": [4], "top": [[[4, -0.2]]]})
+    second, end = capture.read_records(path, offset)
+    assert [r["prompt"] for r in first] == [[1]]
+    assert [r["prompt"] for r in second] == [[3]]
+    assert end == path.stat().st_size > offset
+
+
+def _record(prompt, tokens, lp=-0.5):
+    return {"prompt": prompt, "tokens": tokens, "top": [[[t, lp]] for t in tokens]}
+
+
+def test_rows_are_matched_by_prompt_ids_the_latest_record_winning():
+    records = [_record([1, 2], [7, 8], -1.0), _record([3], [9, 9]), _record([1, 2], [5, 6], -0.25)]
+    tokens, top = capture.match_rows(records, [[3], [1, 2]], 2)
+    assert tokens == [[9, 9], [5, 6]]
+    assert top[1] == [[(5, -0.25)], [(6, -0.25)]]
+
+
+def test_a_row_without_its_record_or_of_another_length_is_a_mismatch():
+    with pytest.raises(capture.CaptureMismatch, match=r"no record .* row 1 \(3 prompt tokens\) among the 1"):
+        capture.match_rows([_record([1], [2, 2])], [[1], [4, 5, 6]], 2)
+    with pytest.raises(capture.CaptureMismatch, match="row 0: the engine recorded 1 tokens and 1 steps, 2 were"):
+        capture.match_rows([_record([1], [2])], [[1]], 2)
+
+
+# --- planted fault ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ("attention-output-scale:8", "expected attention-output-scale:LAYER:FACTOR"),
+    ("mlp-scale:1:1.05", "expected attention-output-scale:LAYER:FACTOR"),
+    ("attention-output-scale:x:1.05", "LAYER must be an integer and FACTOR a number"),
+])
+def test_a_malformed_fault_is_refused_with_its_form(monkeypatch, text, message):
+    monkeypatch.setenv(planted_fault.PLANT_FAULT_ENV, text)
+    with pytest.raises(planted_fault.FaultSpecError, match=message):
+        planted_fault.planted()
+
+
+def test_no_fault_unless_asked(monkeypatch, tiny_model):
+    monkeypatch.delenv(planted_fault.PLANT_FAULT_ENV, raising=False)
+    assert planted_fault.planted() is None
+    assert planted_fault.plant(tiny_model) is None
+
+
+def test_the_named_layer_output_weight_is_scaled_and_nothing_else(monkeypatch, tiny_model):
+    import copy
+    model = copy.deepcopy(tiny_model)
+    monkeypatch.setenv(planted_fault.PLANT_FAULT_ENV, "attention-output-scale:1:1.05")
+    assert planted_fault.planted() == "layer 1's attention output weight x1.05 in every DeepSpeed engine"
+    assert planted_fault.plant(model) == "attention.dense.weight of layer 1 x1.05"
+    before, after = dict(tiny_model.named_parameters()), dict(model.named_parameters())
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert changed == ["gpt_neox.layers.1.attention.dense.weight"]
+    torch.testing.assert_close(after[changed[0]], before[changed[0]] * 1.05)
+
+
+def test_an_injected_layer_has_its_deepspeed_output_projection_scaled(monkeypatch):
+    """After kernel injection the output projection is DeepSpeed's attn_ow (this rank's shard)."""
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn_ow = torch.nn.Parameter(torch.ones(2, 2))
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = Attention()
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt_neox = torch.nn.Module()
+            self.gpt_neox.layers = torch.nn.ModuleList([Layer(), Layer()])
+
+    model = Model()
+    monkeypatch.setenv(planted_fault.PLANT_FAULT_ENV, "attention-output-scale:0:2")
+    assert planted_fault.plant(model) == "attn_ow of layer 0 x2"
+    assert torch.equal(model.gpt_neox.layers[0].attention.attn_ow, torch.full((2, 2), 2.0))
+    assert torch.equal(model.gpt_neox.layers[1].attention.attn_ow, torch.ones(2, 2))
+    monkeypatch.setenv(planted_fault.PLANT_FAULT_ENV, "attention-output-scale:2:2")
+    with pytest.raises(planted_fault.FaultSpecError, match="layer 2 does not exist \\(2 layers\\)"):
+        planted_fault.plant(model)
+
+
+def test_the_header_names_a_planted_fault_and_a_bad_one_is_a_usage_error(pytester, monkeypatch, synthetic_14m,
+                                                                          assert_usage_error):
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    monkeypatch.setenv(planted_fault.PLANT_FAULT_ENV, "attention-output-scale:3:1.05")
+    result = pytester.runpytest(*synthetic_14m)
+    assert result.ret == 0
+    assert ("neoxmii: PLANTED FAULT (NEOXMII_PLANT_FAULT): layer 3's attention output weight x1.05 in every "
+            "DeepSpeed engine; these results prove the judges, they say nothing of the stack") in result.outlines
+    monkeypatch.setenv(planted_fault.PLANT_FAULT_ENV, "attention-output-scale:3")
+    assert_usage_error(pytester.runpytest(*synthetic_14m),
+                       "NEOXMII_PLANT_FAULT='attention-output-scale:3': expected attention-output-scale:LAYER:FACTOR")
+
+
+# --- the MII server backend reads what rank 0 recorded ----------------------------------------------------
+
+class _WordTokenizer:
+    """Ids as words: round-trips any prompt through text, as prompt_texts requires."""
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [int(w) for w in text.split()]}
+
+
+def _server(tmp_path, rank0_writes):
+    """A MiiServerBackend without processes: its query goes to a stand-in that writes what rank 0 would."""
+    from pytest_neoxmii.backends.mii_server import MiiServerBackend
+    backend = MiiServerBackend.__new__(MiiServerBackend)
+    backend.name, backend.tokenizer = "neoxmii-test", _WordTokenizer()
+    backend._capture_path, backend._capture_at = tmp_path / capture.CAPTURE_FILE, 0
+    sink = capture.file_sink(backend._capture_path)
+
+    def query_texts(texts, max_new_tokens):
+        for record in rank0_writes(texts, max_new_tokens):
+            sink(record)
+        return ["(text)"] * len(texts)
+    backend.query_texts = query_texts
+    return backend
+
+
+def test_mii_server_generation_is_rank0s_record_cut_to_the_sessions_top_k(tmp_path):
+    def rank0(texts, n):
+        for text in texts:
+            prompt = [int(w) for w in text.split()]
+            yield {"prompt": prompt, "tokens": [prompt[-1] + 1] * n,
+                   "top": [[[prompt[-1] + 1, -0.1], [0, -2.0], [1, -3.0]] for _ in range(n)]}
+    backend = _server(tmp_path, rank0)
+    gen = backend.generate(PromptBatch(rows=((4, 5), (7,))), 2, top_k=2)
+    assert gen.tokens == [[6, 6], [8, 8]]
+    assert gen.top_logprobs[1] == [[(8, -0.1), (0, -2.0)], [(8, -0.1), (0, -2.0)]]
+    again = backend.generate(PromptBatch(rows=((9,),)), 1, top_k=1)     # only the new query's records
+    assert again.tokens == [[10]] and again.top_logprobs == [[[(10, -0.1)]]]
+
+
+def test_mii_server_without_rank0s_record_is_a_deployment_error_naming_it(tmp_path):
+    from pytest_neoxmii.deploy.processes import DeploymentError
+    backend = _server(tmp_path, lambda texts, n: [])
+    with pytest.raises(DeploymentError, match="MII deployment neoxmii-test: no record of what the engine "
+                                              "generated for row 0"):
+        backend.generate(PromptBatch(rows=((4, 5),)), 2, top_k=2)
