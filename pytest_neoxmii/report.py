@@ -132,8 +132,8 @@ def _finite(value):
 def build_summary(session) -> dict:
     """The JSON summary: model and weights, GPU, versions, backends, latency (with samples), verdicts,
     golden changes, timings."""
-    from pytest_neoxmii.baseline_io import machine_info
-    from pytest_neoxmii.plugin import versions
+    from pytest_neoxmii.hardware import machine_info
+    from pytest_neoxmii.versions import shown_versions
 
     m = session.model
     wall = time.perf_counter() - session.started
@@ -150,7 +150,7 @@ def build_summary(session) -> dict:
         "dtype_reason": session.dtype_choice.reason,
         "tp": session.options.tp,
         "hardware": {**machine_info(session.hardware), "description": session.hardware.describe()},
-        "versions": versions(),
+        "versions": shown_versions(),
         "backends": {k: info.describe() for k, info in session.infos.items()},
         "unavailable": dict(session.unavailable),
         "known_issue_not_deployed": dict(session.known_blocked),
