@@ -8,7 +8,6 @@ import torch
 from pytest_neoxmii.backends.base import Backend
 from pytest_neoxmii.outputs import Generation, LayerTrace, PromptBatch, Scores
 
-TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def sync(device: str) -> None:
