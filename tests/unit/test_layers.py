@@ -1,6 +1,7 @@
 """The package's layers, read from its source with `ast` (module-level and function-level imports alike):
-no import cycle anywhere, and the judges (parity, golden format and comparison, latency timing and statistics,
-the baseline store) reach no pytest, not even through another module of the package."""
+no import cycle anywhere, no import that points up a layer (README, "Layout"), and the judges (parity, golden
+format and comparison, latency timing and statistics, the baseline store) reach no pytest, not even through
+another module of the package."""
 from __future__ import annotations
 
 import ast
@@ -23,6 +24,27 @@ JUDGES = (
     "pytest_neoxmii.storage.store",
     "pytest_neoxmii.storage.schema",
 )
+
+# Bottom to top, by module or package name under pytest_neoxmii (README, "Layout"). A module imports only from
+# its own layer or below; a new module must be placed here.
+LAYERS = (
+    ("foundations", ("errors", "outputs", "dtypes", "versions", "hardware", "table", "fixed_text", "registry",
+                     "compat", "interrupt", "_child")),
+    ("model", ("weights", "cases", "prompts", "precision", "serving_config")),
+    ("engines", ("backends", "deploy", "injection", "known_issues")),
+    ("judges", ("parity", "golden", "latency", "stats", "storage")),
+    ("session", ("session", "options")),
+    ("checks", ("checks", "assertions")),
+    ("report", ("report_tables", "report", "markdown_summary", "plot")),
+    ("hooks", ("plugin", "fixtures", "")),          # "": the package itself (its lazy assert_matches_reference)
+    ("suite", ("suite",)),
+)
+
+
+def layer_of(module: str) -> int | None:
+    """The index in LAYERS of a module of the package (by its first name under the package), None if unplaced."""
+    parts = module.split(".")[1:2] or [""]
+    return next((i for i, (_, names) in enumerate(LAYERS) if parts[0] in names), None)
 
 
 def _module_name(path: Path, root: Path) -> str:
@@ -162,6 +184,15 @@ def test_the_package_has_no_import_cycle():
     assert not found, "import cycles: " + "; ".join(found)
 
 
+def test_every_module_has_a_layer_and_imports_nothing_above_it():
+    graph = import_graph()
+    assert not [m for m in graph if layer_of(m) is None], "modules not placed in LAYERS"
+    up = [f"{m} ({LAYERS[layer_of(m)][0]}) -> {t} ({LAYERS[layer_of(t)][0]})"
+          for m, targets in sorted(graph.items()) for t in sorted(targets)
+          if t in graph and layer_of(t) > layer_of(m)]
+    assert not up, "imports pointing up a layer: " + "; ".join(up)
+
+
 @pytest.mark.parametrize("judge", JUDGES)
 def test_judges_import_no_pytest(judge):
     graph = import_graph()
@@ -199,6 +230,14 @@ def test_function_level_and_relative_imports_are_edges(tmp_path):
     assert graph["pkg.sub.c"] == {"pytest", "pkg.a", "pkg.sub.d"}
     assert find_cycles(graph) == [["pkg.a", "pkg.b", "pkg.sub.c", "pkg.a"]]
     assert reachable(graph, "pkg.a")["pytest"] == ["pkg.a", "pkg.b", "pkg.sub.c", "pytest"]
+
+
+def test_layers_are_found_by_the_first_name_under_the_package():
+    assert LAYERS[layer_of("pytest_neoxmii.checks.golden")][0] == "checks"
+    assert LAYERS[layer_of("pytest_neoxmii.golden")][0] == "judges"
+    assert LAYERS[layer_of("pytest_neoxmii")][0] == "hooks"
+    assert layer_of("pytest_neoxmii.somewhere_new") is None
+    assert layer_of("pytest_neoxmii.storage.store") < layer_of("pytest_neoxmii.checks.baseline_policy")
 
 
 def test_no_cycle_is_reported_for_a_layered_package(tmp_path):
