@@ -198,7 +198,7 @@ class LatencyResult:
     peak_gpu_memory_bytes: int | None = None
     ratio_to_hf: float | None = None      # median end-to-end / the HF peer's, same session and batch
     floor_applies: bool = True            # False for ZeRO-Inference: its weights stream over PCIe, not HBM
-    gate: dict | None = None              # the regression gate's outcome (see latency.gate_outcome)
+    gate: dict | None = None              # the regression gate's outcome (set by checks/latency.py)
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
