@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pytest_neoxmii.errors import NeoxUsageError
 from pytest_neoxmii.outputs import PromptBatch
-from pytest_neoxmii.weights import FIXED_TEXT
+from pytest_neoxmii.fixed_text import FIXED_TEXT
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_neoxmii.session import get_session
+
 
 @pytest.fixture(scope="session")
 def neox(request):
     """The NeoxSession: `neox.backend("ds")`, `neox.reference()`, `neox.case(plan)`, ... Backends are
     loaded on first use and all released when the session ends (also after failures)."""
-    from pytest_neoxmii.plugin import get_session
     session = get_session(request.config)
     session.require_model()
     yield session

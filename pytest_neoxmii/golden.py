@@ -11,7 +11,8 @@ against them with the parity engine's rules:
 The comparison says which cases changed and how (row, step, tokens, why), and which versions moved.
 
 The HF reference's golden outputs are those of fp32 HF (the ground truth); those of ds, mii and zero are at
-the dtype they run."""
+the dtype they run. This module is the format and the comparison, free of pytest; the checks that record or
+compare them in a test are in checks/golden.py."""
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +20,6 @@ import json
 import math
 from dataclasses import dataclass, field
 
-import pytest
 import torch
 
 from pytest_neoxmii import parity
@@ -207,149 +207,3 @@ class GoldenSummary:
             lines.append("versions since the golden outputs were recorded: " + ", ".join(self.versions))
         lines += [f"  {c.line()}" for c in self.changes if c.status != "unchanged"]
         return "\n".join(lines)
-
-
-# --- the acceptance checks ----------------------------------------------------------------------------
-
-def _golden_backend(neox, name: str):
-    return neox.reference() if name == "hf" else neox.backend(name)
-
-
-def _where(neox, name: str, backend):
-    from pytest_neoxmii import baseline_io
-    store = baseline_io.store_for(neox)
-    key = baseline_io.key_for(neox, name, backend.info.dtype, backend.info.tensor_parallel)
-    return store, key, baseline_io.gpu_class(neox)
-
-
-def _load(store, key, cls, request, what: str):
-    """(class the golden outputs came from, golden dict); skips with the how-to when there are none."""
-    from pytest_neoxmii import baseline_io
-    got = baseline_io.fail_on_bad_file(lambda: store.golden(key, cls))
-    if got is None:
-        command = baseline_io.update_command(request.config) if request is not None else baseline_io.UPDATE_FLAG
-        pytest.skip(f"no golden outputs ({what}) in {baseline_io.shown_path(store, key)}; create them with: "
-                    f"{command}")
-    return got
-
-
-def _source(store, key, src_cls: str, cls: str) -> str:
-    from pytest_neoxmii import baseline_io
-    where = baseline_io.shown_path(store, key)
-    return f"{where}, GPU class {src_cls}" + ("" if src_cls == cls else f", this machine is {cls}")
-
-
-def check_golden(neox, backend_name: str, case, request=None) -> CaseChange | None:
-    """Record (--neox-update-baselines) or compare the golden greedy output of one case on one backend."""
-    from pytest_neoxmii import baseline_io
-    from pytest_neoxmii.session import Record
-
-    if not case.plan.generate:
-        pytest.skip(f"{case.id} is scored teacher-forced only")
-    backend = _golden_backend(neox, backend_name)
-    from pytest_neoxmii.checks import mark_known_issue
-    known = mark_known_issue(request, "greedy", backend, case)   # a known decode defect has no golden output
-    store, key, cls = _where(neox, backend_name, backend)
-    # Read first: an unusable file fails (and a missing one skips) before any model call.
-    got = None if neox.options.update_baselines else _load(store, key, cls, request, "greedy ids")
-    gen = neox.generation(backend, case)
-    top_k = neox.options.top_k
-    if neox.options.update_baselines:
-        bad = parity.find_nonfinite(gen, f"{backend_name} {backend.info.dtype} generation of {case.id}")
-        if bad:     # a golden output is what a correct run answers: NaN/Inf never is (nor valid JSON)
-            neox.record(Record("golden", backend_name, case.id, False, {"status": "non-finite"},
-                               parity.find_nonfinite(gen, case.id), known))
-            pytest.fail(f"not recorded as a golden output: {bad}", pytrace=False)
-        entry = golden_case(case.batch, gen, case.plan.max_new_tokens, top_k, baseline_io.versions())
-        path = baseline_io.merge_golden(store, key, cls, cases={case.id: entry})
-        neox.record(Record("golden", backend_name, case.id, True, {"status": "recorded"},
-                           f"recorded for GPU class {cls} in {path}"))
-        print(f"golden output of {case.id} ({backend.info.describe()}) written to {path}")
-        return None
-
-    src_cls, golden = got
-    stored = golden["cases"].get(case.id)
-    if stored is None:
-        command = baseline_io.update_command(request.config) if request is not None else baseline_io.UPDATE_FLAG
-        pytest.skip(f"no golden output for case {case.id} in {_source(store, key, src_cls, cls)}; "
-                    f"create it with: {command}")
-    change = compare_case(case.id, stored, gen, case.batch, case.plan.max_new_tokens, top_k)
-    summary = GoldenSummary(f"{backend_name} {backend.info.dtype}", [change],
-                            versions=version_changes(stored.get("versions", golden.get("versions")),
-                                                     baseline_io.versions()),
-                            source=_source(store, key, src_cls, cls))
-    metrics = {"status": change.status, "first_divergence": change.first_divergence, "gpu_class": src_cls,
-               "detail": change.detail}
-    from pytest_neoxmii.checks import config_note
-    note = config_note(neox, backend_name, case, "greedy", metrics)
-    neox.record(Record("golden", backend_name, case.id, change.passed if change.status != "not-comparable"
-                       else None, metrics, change.line(), known))
-    if request is not None:
-        request.node.user_properties.append(("golden_status", change.status))
-    print(summary.text())
-    if change.status == "not-comparable":
-        pytest.skip(f"golden output of {case.id} not comparable: {change.detail}; re-record it with "
-                    f"{baseline_io.UPDATE_FLAG}")
-    if not change.passed:
-        pytest.fail(note + summary.text() + "\n" + change.report.message(), pytrace=False)
-    return change
-
-
-def fixed_text_case(neox):
-    plan = next(p for p in neox.plans() if p.family == "fixed-text")
-    return neox.case(plan)
-
-
-def session_floor(neox, case) -> float | None:
-    """The perplexity noise floor of this session: HF at the session's dtype against HF fp32."""
-    ref, _ = perplexity(neox.scores(neox.reference(), case), case.batch)
-    low, _ = perplexity(neox.scores(neox.peer(), case), case.batch)
-    if ref is None or low is None or not ref > 0:
-        return None
-    return abs(low - ref) / ref
-
-
-def check_golden_perplexity(neox, backend_name: str, request=None) -> PerplexityChange | None:
-    """Record or compare the perplexity of the fixed text on one backend."""
-    from pytest_neoxmii import baseline_io
-    from pytest_neoxmii.session import Record
-
-    case = fixed_text_case(neox)
-    backend = _golden_backend(neox, backend_name)
-    store, key, cls = _where(neox, backend_name, backend)
-    got = None if neox.options.update_baselines else _load(store, key, cls, request, "perplexity")
-    ppl, targets = perplexity(neox.scores(backend, case), case.batch)
-    floor = session_floor(neox, case)
-    if ppl is None or not math.isfinite(ppl):
-        pytest.fail(f"{backend.info.describe()}: perplexity of the fixed text is {ppl} (no finite value)",
-                    pytrace=False)
-    if neox.options.update_baselines:
-        path = baseline_io.merge_golden(store, key, cls, perplexity={
-            "perplexity": ppl, "targets": targets, "case": case.id, "prompt_sha256": prompt_digest(case.batch),
-            "noise_floor_rel": floor, "dtype": backend.info.dtype})
-        neox.record(Record("golden-perplexity", backend_name, case.id, True, {"perplexity": ppl},
-                           f"recorded {ppl:.4f} for GPU class {cls} in {path}"))
-        print(f"golden perplexity {ppl:.4f} of {backend.info.describe()} written to {path}")
-        return None
-
-    src_cls, golden = got
-    detail = golden.get("perplexity_detail") or {}
-    if golden.get("perplexity") is None:
-        pytest.skip(f"no golden perplexity in {_source(store, key, src_cls, cls)}; record it with "
-                    f"{baseline_io.UPDATE_FLAG}")
-    if detail.get("prompt_sha256") not in (None, prompt_digest(case.batch)):
-        pytest.skip("the golden perplexity was measured on other token ids of the fixed text (another "
-                    f"tokenizer); re-record it with {baseline_io.UPDATE_FLAG}")
-    change = compare_perplexity(golden["perplexity"], ppl, floor, neox.options.parity_multiple)
-    summary = GoldenSummary(f"{backend_name} {backend.info.dtype}", [], change,
-                            version_changes(golden.get("versions"), baseline_io.versions()),
-                            _source(store, key, src_cls, cls))
-    neox.record(Record("golden-perplexity", backend_name, case.id, change.passed,
-                       {"perplexity": ppl, "golden": change.golden, "rel_diff": change.rel_diff,
-                        "limit": change.limit, "gpu_class": src_cls}, change.message()))
-    if request is not None:
-        request.node.user_properties.append(("golden_perplexity", ppl))
-    print(summary.text())
-    if not change.passed:
-        pytest.fail(summary.text(), pytrace=False)
-    return change

@@ -1,8 +1,10 @@
-"""The GPUs this session can see, and the skip reasons of the GPU markers, which say what was needed
-and what was found."""
+"""The GPUs this session can see, the skip reasons of the GPU markers, which say what was needed and what
+was found, and the machine description stored beside every latency baseline."""
 from __future__ import annotations
 
 import functools
+import os
+import platform
 import re
 from dataclasses import dataclass
 
@@ -70,6 +72,25 @@ class Hardware:
 
 
 @functools.lru_cache(maxsize=1)
+def machine_info(hardware: Hardware) -> dict:
+    """GPU name, count and memory, driver and CUDA versions, plus the host: stored beside every latency
+    baseline and added to pytest-benchmark's machine_info."""
+    gpus = [{"name": g.name, "memory_bytes": int(g.total_memory),
+             "capability": f"{g.capability[0]}.{g.capability[1]}"} for g in hardware.gpus]
+    return {
+        "gpu_class": hardware.gpu_class,
+        "gpu_name": gpus[0]["name"] if gpus else None,
+        "gpu_count": len(gpus),
+        "gpu_memory_bytes": gpus[0]["memory_bytes"] if gpus else None,
+        "gpus": gpus,
+        "cuda_version": hardware.cuda_version,
+        "driver_version": hardware.driver_version,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
 def detect() -> Hardware:
     try:
         import torch

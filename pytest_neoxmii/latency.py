@@ -14,7 +14,8 @@ than it can read its weights once. floor % = 100 x floor / TPOT, i.e. how close 
 (100% = at the memory-bandwidth limit).
 
 Speed targets are never asserted: the only latency assertion is the regression gate (stats.compare_latency)
-against a baseline recorded with --neox-update-baselines on the same GPU class.
+against a baseline recorded with --neox-update-baselines on the same GPU class, in checks/latency.py (the
+pytest layer); this module is the timing, free of pytest.
 """
 from __future__ import annotations
 
@@ -25,10 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import pytest
-
-from pytest_neoxmii.errors import BaselineError
-from pytest_neoxmii.stats import compare_latency, summarize
+from pytest_neoxmii.stats import summarize
 
 # --- memory bandwidth ---------------------------------------------------------------------------------
 # Peak HBM bandwidth (bytes/s) from the vendors' data sheets, matched on the name torch reports
@@ -200,7 +198,7 @@ class LatencyResult:
     peak_gpu_memory_bytes: int | None = None
     ratio_to_hf: float | None = None      # median end-to-end / the HF peer's, same session and batch
     floor_applies: bool = True            # False for ZeRO-Inference: its weights stream over PCIe, not HBM
-    gate: dict | None = None              # the regression gate's outcome (see latency.gate_outcome)
+    gate: dict | None = None              # the regression gate's outcome (set by checks/latency.py)
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -371,150 +369,3 @@ def measure_backend(backend, batch, new_tokens: int, rounds: int, warmup: int, *
         prefill=prefill, weight_bytes=spec.weight_bytes(info.dtype) if spec is not None else 0,
         tp=info.tensor_parallel, gpu_name=gpu_name, bandwidth=memory_bandwidth(gpu_name),
         peak_gpu_memory_bytes=peak, notes=notes)
-
-
-# --- the session-level measurement and the acceptance check --------------------------------------------
-
-TIMED_PHASE = "timed benchmark calls"
-
-
-def _backend_for(neox, name: str):
-    """hf is measured at the session's dtype (the peer of the fp32 reference): the same precision the
-    DeepSpeed backends run, so the ratio compares engines, not precisions."""
-    return neox.peer() if name == "hf" else neox.backend(name)
-
-
-def measure(neox, name: str, batch_size: int, benchmark=None, profile: LatencyProfile | None = None) \
-        -> LatencyResult:
-    """Measure one backend at one batch size in this session (kept in neox.latency for the report)."""
-    from pytest_neoxmii.cases import text_tokens
-    backend = _backend_for(neox, name)
-    profile = profile or profile_for(backend.info.device)
-    tok = neox.tokenizer
-    batch = latency_batch(text_tokens(tok), batch_size, profile.prompt_len,
-                          tok.pad_token_id if tok.pad_token_id is not None else 0)
-    with neox.timed(TIMED_PHASE):
-        result = measure_backend(backend, batch, profile.new_tokens, profile.rounds, profile.warmup,
-                                 spec=neox.model.spec, hardware=neox.hardware, benchmark=benchmark,
-                                 min_warmup_s=profile.min_warmup_s)
-    result.backend = name
-    neox.latency[(name, result.dtype, result.bench)] = result
-    return result
-
-
-def hf_side_by_side(neox, result: LatencyResult, profile: LatencyProfile) -> LatencyResult:
-    """The HF peer's measurement for the same batch and shape in this session: reused when its own test ran
-    already, else measured now (the ratio is only meaningful side by side, never against stored numbers)."""
-    if result.backend == "hf":
-        return result
-    found = neox.latency.get(("hf", result.dtype, result.bench))
-    if found is None:
-        found = measure(neox, "hf", result.batch_size, profile=profile)
-        found.notes.append(f"measured for the {result.backend}/hf ratio (no hf latency test ran before)")
-    return found
-
-
-def threshold_for(request, default: float) -> float:
-    """The neox_latency(threshold=...) marker's threshold, else the session's --neox-latency-threshold."""
-    marker = request.node.get_closest_marker("neox_latency") if request is not None else None
-    if marker is None:
-        return default
-    value = marker.kwargs.get("threshold", marker.args[0] if marker.args else default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 10:
-        pytest.fail(f"neox_latency(threshold=...) is a fraction of the median such as 0.2, got {value!r}",
-                    pytrace=False)
-    return float(value)
-
-
-def _publish(result: LatencyResult, benchmark, request) -> dict:
-    metrics = {k: v for k, v in result.metrics().items() if not isinstance(v, float) or math.isfinite(v)}
-    if benchmark is not None:
-        benchmark.extra_info.update(metrics)
-    if request is not None:
-        for k, v in metrics.items():
-            if k not in ("backend", "dtype"):
-                request.node.user_properties.append((f"latency_{k}", v))
-    return metrics
-
-
-def check_latency(neox, backend_name: str, batch_size: int, benchmark=None, request=None,
-                  profile: LatencyProfile | None = None) -> LatencyResult:
-    """The latency acceptance check of one backend at one batch size.
-
-    Reads the baseline first (an unusable file fails at once, naming it), measures under pytest-benchmark,
-    measures the HF peer side by side for the ratio, publishes the metrics (benchmark.extra_info, JUnit
-    properties, the report), then either records the baseline (--neox-update-baselines) or runs the
-    regression gate; a missing baseline, or one from another GPU class only, skips the gate with the reason."""
-    from pytest_neoxmii import baseline_io
-    from pytest_neoxmii.session import Record
-
-    if benchmark is not None and getattr(benchmark, "disabled", False):
-        pytest.skip("pytest-benchmark is disabled (--benchmark-disable, or pytest-xdist, which disables it): "
-                    "latency is not measured in this run")
-    opts = neox.options
-    if batch_size > neox.max_batch:
-        # DeepSpeed's inference workspace is sized once, for the largest batch of the case set; a larger
-        # batch would read the wrong cache rows (see TorchModelBackend.size_workspace).
-        pytest.skip(f"batch {batch_size} is larger than the case set's largest batch ({neox.max_batch}), which "
-                    "sizes DeepSpeed's workspace")
-    backend = _backend_for(neox, backend_name)
-    profile = profile or profile_for(backend.info.device)
-    store = baseline_io.store_for(neox)
-    key = baseline_io.key_for(neox, backend_name, backend.info.dtype, backend.info.tensor_parallel)
-    cls = baseline_io.gpu_class(neox)
-    bench = bench_name(batch_size, profile.prompt_len, profile.new_tokens)
-    threshold = threshold_for(request, opts.latency_threshold)
-    baseline = None
-    if not opts.update_baselines:
-        baseline = baseline_io.fail_on_bad_file(lambda: store.latency(key, cls, bench))
-
-    result = measure(neox, backend_name, batch_size, benchmark, profile)
-    hf = hf_side_by_side(neox, result, profile)
-    result.ratio_to_hf = result.e2e_s / hf.e2e_s if hf.e2e_s else None
-    print(result.describe())
-
-    def finish(passed, verdict: str, summary: str, extra: dict | None = None):
-        result.gate = {"verdict": verdict, "summary": summary, "gpu_class": cls, **(extra or {})}
-        metrics = _publish(result, benchmark, request)
-        neox.record(Record("latency", backend_name, bench, passed, metrics, summary))
-
-    if opts.update_baselines:
-        entry = {"samples": result.e2e, "stats": summarize(result.e2e),
-                 "extra": {k: v for k, v in result.as_dict().items()
-                           if k not in ("e2e_samples_s", "gate", "backend", "dtype")},
-                 "versions": baseline_io.versions(), "machine": baseline_io.machine_info(neox.hardware)}
-        path, problem = None, None
-        try:
-            path = store.put_latency(key, cls, bench, entry)
-        except BaselineError as exc:   # one line naming the file
-            problem = str(exc)
-        if problem:
-            pytest.fail(f"cannot write baseline: {problem}", pytrace=False)
-        finish(True, "recorded", f"baseline recorded for GPU class {cls} in {path}")
-        print(f"latency baseline {bench} for {cls} written to {path}")
-        return result
-
-    where = baseline_io.shown_path(store, key)
-    command = baseline_io.update_command(request.config) if request is not None else baseline_io.UPDATE_FLAG
-    if baseline is None:
-        others = baseline_io.fail_on_bad_file(lambda: store.latency_other_classes(key, bench, cls))
-        if others:
-            reason = (f"latency gate skipped: {where} has a {bench} baseline for GPU class "
-                      f"{', '.join(others)} only, this machine is {cls} (timings of another GPU class are not "
-                      f"comparable); record one here with: {command}")
-            finish(None, "other-gpu-class", reason, {"classes_found": others})
-        else:
-            reason = f"no latency baseline {bench} for GPU class {cls} in {where}; create it with: {command}"
-            finish(None, "no-baseline", reason)
-        pytest.skip(reason)
-
-    cmp = compare_latency(baseline["samples"], result.e2e, threshold=threshold)
-    message = f"{backend_name} {bench} on {cls}: {cmp.message()}"
-    print(message)
-    finish(not cmp.failed, cmp.verdict, message,
-           {"baseline_median_s": cmp.baseline_median, "current_median_s": cmp.current_median,
-            "change_pct": cmp.change_pct, "p_value": cmp.p_value, "threshold": threshold,
-            "baseline_recorded_at": baseline.get("recorded_at")})
-    if cmp.failed:
-        pytest.fail(f"latency regression: {message}", pytrace=False)
-    return result

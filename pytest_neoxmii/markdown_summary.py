@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from pytest_neoxmii.report import LATENCY_HEADERS, latency_cells, verdict_rows
+from pytest_neoxmii.report_tables import LATENCY_HEADERS, latency_cells, verdict_rows
 from pytest_neoxmii.table import format_markdown_table
 
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"

@@ -1,16 +1,16 @@
 """The parity engine: compares two sets of backend-neutral outputs (see outputs.py) and says whether the
 candidate (DeepSpeed, MII, ...) answers like the reference (Hugging Face fp32).
 
-It knows nothing of backends. Four tools:
+It knows nothing of backends. Its tools, in the order of the numbered sections below:
 
+* find_nonfinite: NaN or Inf is a failure by itself, never averaged into a metric.
 * compare_greedy: greedy tokens, position by position; a divergence is forgiven only at a near-tie
   (each side's token within the other side's top-k at that step), and the row stops there.
 * teacher_forced_metrics + judge: KL, top-1 agreement, max |logprob diff| and perplexity over the real
   (unpadded) positions of a batch, judged against a noise floor measured in the same session (the HF
   reference's own fp16/bf16 against HF fp32 on the same cases). There are no absolute tolerances: the limit
   of every metric is ``multiple x max(floor, epsilon)``, the epsilons below only keep a zero floor from
-  demanding bit-exactness.
-* find_nonfinite: NaN or Inf is a failure by itself, never averaged into a metric.
+  demanding bit-exactness (teacher_forced_metrics in section 3, judge in section 4).
 * localize_divergence: per-layer relative error of the hidden states, naming the first layer that departs
   from its own noise floor (or, without a floor, the layer where the error jumps).
 
@@ -97,7 +97,7 @@ def _position_in_row(mask_row: torch.Tensor) -> torch.Tensor:
 
 
 # ==================================================================================================
-# Non-finite detection
+# 1. Non-finite detection
 # ==================================================================================================
 
 def _describe_nonfinite_tensor(values: torch.Tensor, mask: torch.Tensor, what: str) -> str | None:
@@ -170,7 +170,7 @@ def find_nonfinite(outputs: Scores | Generation | LayerTrace, what: str | None =
 
 
 # ==================================================================================================
-# 1. Greedy comparison
+# 2. Greedy comparison
 # ==================================================================================================
 
 @dataclass
@@ -348,7 +348,7 @@ def assert_greedy_parity(reference: Generation, candidate: Generation, top_k: in
 
 
 # ==================================================================================================
-# 2. Teacher-forced metrics
+# 3. Teacher-forced metrics
 # ==================================================================================================
 
 @dataclass

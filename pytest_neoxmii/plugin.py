@@ -2,7 +2,6 @@
 parametrization over cases and backends, and the end-of-session summary. Fixtures live in fixtures.py."""
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import sys
 from pathlib import Path
@@ -14,9 +13,8 @@ from pytest_neoxmii.backends import planted_fault
 from pytest_neoxmii.errors import NeoxUsageError
 from pytest_neoxmii.fixtures import (neox, neox_case, neox_ds, neox_generation_case,  # noqa: F401
                                      neox_mii, neox_reference, neox_zero)                      # (fixtures)
-from pytest_neoxmii.session import NeoxSession
-
-SESSION_KEY = pytest.StashKey[NeoxSession]()
+from pytest_neoxmii.session import SESSION_KEY, NeoxSession, get_session
+from pytest_neoxmii.versions import shown_versions
 
 MARKERS = (
     "gpu: needs a CUDA GPU; skips with what was found otherwise",
@@ -61,20 +59,6 @@ def _check_cases(session: NeoxSession) -> None:
         check_fits_context(plan, session.model.spec.max_position_embeddings)
 
 
-def get_session(config: pytest.Config) -> NeoxSession:
-    return config.stash[SESSION_KEY]
-
-
-def versions() -> dict[str, str]:
-    found = {}
-    for dist in ("torch", "transformers", "deepspeed", "deepspeed-mii"):
-        try:
-            found[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            found[dist] = "not installed"
-    return found
-
-
 def pytest_report_header(config: pytest.Config) -> list[str]:
     session = get_session(config)
     o = session.options
@@ -86,7 +70,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"dtype {session.dtype_choice.describe()}, "
         f"tp {o.tp}, backends {','.join(o.backends)}",
         f"neoxmii: GPUs found: {session.hardware.describe()}",
-        "neoxmii: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        "neoxmii: " + ", ".join(f"{k} {v}" for k, v in shown_versions().items()),
     ]
     lines += [f"neoxmii: {config.describe()}" for config in session.serving_configs.values()]
     fault = planted_fault.planted()
@@ -201,12 +185,11 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     """pytest-benchmark's machine_info gains the GPUs (name, count, memory), driver and CUDA versions and
     the versions of torch, transformers, deepspeed and deepspeed-mii."""
     from pytest_neoxmii import hardware
-    from pytest_neoxmii.baseline_io import machine_info as neox_machine_info
     session = config.stash.get(SESSION_KEY, None)
-    info = neox_machine_info(session.hardware if session is not None else hardware.detect())
+    info = hardware.machine_info(session.hardware if session is not None else hardware.detect())
     for k in ("gpu_name", "gpu_count", "gpu_memory_bytes", "gpus", "cuda_version", "driver_version"):
         machine_info[k] = info[k]
-    machine_info["versions"] = versions()
+    machine_info["versions"] = shown_versions()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

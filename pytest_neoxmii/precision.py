@@ -16,10 +16,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from pytest_neoxmii.dtypes import TORCH_NAMES
+
 DEFAULT_DTYPE = "fp16"
 FALLBACK_ORDER = ("fp16", "bf16", "fp32")     # the first the CPU accelerator offers is the default there
 DEEPSPEED_BACKENDS = ("ds", "mii", "zero")    # the backends that run on DeepSpeed's accelerator
-_TORCH_NAMES = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}
+_TORCH_NAMES = {f"torch.{attr}": name for name, attr in TORCH_NAMES.items()}   # str(torch dtype) -> name
 
 # Run in a child process: the test process never imports deepspeed for a question this small.
 _PROBE = ("import json; from deepspeed.accelerator import get_accelerator; "

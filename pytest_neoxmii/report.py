@@ -14,21 +14,17 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pytest_neoxmii.report_tables import LATENCY_HEADERS, latency_cells, verdict_rows
 from pytest_neoxmii.table import format_table
 
 SUMMARY_SCHEMA = "pytest-neoxmii/summary"
 SUMMARY_VERSION = 1
 SUMMARY_FILE = "neoxmii-summary.json"
 MARKDOWN_FILE = "summary.md"
-VERDICT_CHECKS = ("greedy", "teacher-forced", "golden", "golden-perplexity", "latency")
 
 
 def plot_file(model_name: str) -> str:
     return f"latency-{re.sub(r'[^A-Za-z0-9._-]+', '_', model_name)}.png"
-
-
-def _ms(x):
-    return None if x is None else x * 1e3
 
 
 def latency_rows(session) -> list[dict]:
@@ -37,23 +33,6 @@ def latency_rows(session) -> list[dict]:
     results = sorted(session.latency.values(),
                      key=lambda r: (order.get(r.backend, 9), r.backend, r.batch_size, r.bench))
     return [r.as_dict() for r in results]
-
-
-LATENCY_HEADERS = ["backend", "dtype", "batch", "TTFT ms", "TPOT ms", "e2e p50 ms", "p90 ms", "p99 ms",
-                   "tokens/s", "peak MiB", "x/HF", "floor ms", "floor %", "gate"]
-
-
-def latency_cells(rows: list[dict]) -> list[list]:
-    """One table row per latency result (the terminal table and summary.md share them)."""
-    out = []
-    for r in rows:
-        peak = r.get("peak_gpu_memory_bytes")
-        gate = (r.get("gate") or {}).get("verdict") or "-"
-        out.append([r["backend"], r["dtype"], r["batch_size"], _ms(r["ttft_p50_s"]), _ms(r["tpot_p50_s"]),
-                    _ms(r["e2e_p50_s"]), _ms(r["e2e_p90_s"]), _ms(r["e2e_p99_s"]), r["tokens_per_s"],
-                    None if peak is None else peak / 2**20, r["ratio_to_hf"],
-                    _ms(r["floor_s"]), r["floor_pct"] if r["floor_pct"] is not None else "unknown", gate])
-    return out
 
 
 def latency_table(rows: list[dict]) -> str:
@@ -84,33 +63,6 @@ def verdicts(session) -> dict[str, dict[str, dict]]:
     return {b: dict(c) for b, c in out.items()}
 
 
-def _verdict_cell(n: dict) -> str:
-    keys = " ".join(f"[{k}]" for k in n.get("known_issues", ()))
-    judged = n["passed"] + n["failed"]
-    parts = [f"{n['passed']}/{judged} passed" + (" FAILED" if n["failed"] else "")] if judged else []
-    if n.get("xfail"):
-        parts.append(f"{n['xfail']} xfail {keys}")
-    if n.get("xpass"):
-        parts.append(f"{n['xpass']} XPASS(strict) {keys}")
-    if n["informational"]:
-        parts.append(f"{n['informational']} not judged")
-    if n.get("outside_config"):
-        parts.append(f"{n['outside_config']} outside the serving config")
-    return ", ".join(parts)
-
-
-def verdict_rows(v: dict) -> tuple[list[str], list[list[str]]] | None:
-    """Headers and rows of the per-backend verdict table (backend x check), None when nothing was judged."""
-    checks = [c for c in VERDICT_CHECKS if any(c in per for per in v.values())]
-    checks += sorted({c for per in v.values() for c in per} - set(checks))
-    if not checks:
-        return None
-    rows = []
-    for backend in sorted(v, key=lambda b: ({"hf": 0, "ds": 1, "mii": 2, "zero": 3}.get(b, 9), b)):
-        rows.append([backend] + [_verdict_cell(v[backend][c]) if c in v[backend] else "-" for c in checks])
-    return ["backend"] + checks, rows
-
-
 def verdict_table(v: dict) -> str | None:
     table = verdict_rows(v)
     return None if table is None else format_table(*table)
@@ -132,8 +84,8 @@ def _finite(value):
 def build_summary(session) -> dict:
     """The JSON summary: model and weights, GPU, versions, backends, latency (with samples), verdicts,
     golden changes, timings."""
-    from pytest_neoxmii.baseline_io import machine_info
-    from pytest_neoxmii.plugin import versions
+    from pytest_neoxmii.hardware import machine_info
+    from pytest_neoxmii.versions import shown_versions
 
     m = session.model
     wall = time.perf_counter() - session.started
@@ -150,7 +102,7 @@ def build_summary(session) -> dict:
         "dtype_reason": session.dtype_choice.reason,
         "tp": session.options.tp,
         "hardware": {**machine_info(session.hardware), "description": session.hardware.describe()},
-        "versions": versions(),
+        "versions": shown_versions(),
         "backends": {k: info.describe() for k, info in session.infos.items()},
         "unavailable": dict(session.unavailable),
         "known_issue_not_deployed": dict(session.known_blocked),

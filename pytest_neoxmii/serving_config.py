@@ -114,7 +114,7 @@ def _disagree(where: str, key: str, got, flag: str) -> NeoxUsageError:
 
 
 def _torch_dtype(dtype: str):
-    from pytest_neoxmii.backends.torch_model import TORCH_DTYPES
+    from pytest_neoxmii.dtypes import TORCH_DTYPES
     return TORCH_DTYPES[dtype]
 
 

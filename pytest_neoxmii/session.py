@@ -31,6 +31,9 @@ class Record:
 
 
 class NeoxSession:
+    """One per pytest session (in config.stash, see get_session): the model under test and everything
+    computed from it once."""
+
     def __init__(self, options: NeoxOptions, model: ResolvedModel | None):
         self.options = options
         self.model = model
@@ -294,3 +297,11 @@ class NeoxSession:
         backend = self.backends.pop(key, None)
         if backend is not None:
             backend.close()
+
+
+SESSION_KEY = pytest.StashKey[NeoxSession]()
+
+
+def get_session(config: pytest.Config) -> NeoxSession:
+    """The session plugin.pytest_configure stored for this pytest run."""
+    return config.stash[SESSION_KEY]

@@ -19,7 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from pytest_neoxmii.dtypes import NUMPY_NAMES
 from pytest_neoxmii.errors import NeoxUsageError
+from pytest_neoxmii.fixed_text import FIXED_TEXT
 from pytest_neoxmii.registry import MODELS, ModelSpec, lookup, spec_from_hf_config
 
 # Bump when the synthetic initialisation changes: it is part of the cache key and of the baseline key,
@@ -33,7 +35,6 @@ from pytest_neoxmii.registry import MODELS, ModelSpec, lookup, spec_from_hf_conf
 SYNTHETIC_VERSION = 3
 SYNTHETIC_LOGIT_STD = 8.0
 PROVENANCE_FILE = "neoxmii_synthetic.json"
-FIXED_TEXT = (Path(__file__).parent / "data" / "fixed_text.txt").read_text().split()
 
 
 @dataclass(frozen=True)
@@ -200,10 +201,7 @@ def _unit_normal_quantiles():
 
 def _table(mean: float, std: float, dtype: str):
     import numpy as np
-    return (_unit_normal_quantiles() * std + mean).astype(_NUMPY_DTYPES[dtype])
-
-
-_NUMPY_DTYPES = {"fp16": "float16", "fp32": "float32"}
+    return (_unit_normal_quantiles() * std + mean).astype(NUMPY_NAMES[dtype])
 
 
 def _chunk(table, tensor_seed: int, index: int, count: int):

@@ -133,14 +133,10 @@ def _plugin_args() -> list[str]:
         return ["-p", "pytest_neoxmii.plugin"]
 
 
-# The SIGINT this script sends must raise KeyboardInterrupt in pytest whatever disposition this script
-# inherited: Python ignores SIGINT for good when it starts with SIGINT ignored (a `&` job of a shell without
-# job control), so pytest is started with Python's default handler installed explicitly.
-INTERRUPTIBLE_PYTEST = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                        "sys.argv[0] = 'pytest'; runpy.run_module('pytest', run_name='__main__', alter_sys=True)")
-
-
 def pytest_cmd(model: str, backends: str, junit: Path | None, extra: list[str]) -> list[str]:
+    # The SIGINT run_pytest sends at the timeout must raise KeyboardInterrupt in pytest, whatever SIGINT
+    # disposition this script inherited.
+    from pytest_neoxmii.interrupt import INTERRUPTIBLE_PYTEST
     cmd = [sys.executable, "-c", INTERRUPTIBLE_PYTEST, "pytest_neoxmii/suite/test_multi_gpu.py", *_plugin_args(),
            f"--neox-model={model}", "--neox-weights=synthetic", f"--neox-cache-dir={CACHE}", "--neox-tp=2",
            f"--neox-backends={backends}", "-p", "no:cacheprovider", "-rs", "-o", "junit_family=xunit1", *extra]

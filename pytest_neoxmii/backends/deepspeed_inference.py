@@ -10,7 +10,8 @@ import torch
 from pytest_neoxmii import compat
 from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.backends.hf import load_hf_model
-from pytest_neoxmii.backends.torch_model import TORCH_DTYPES, TorchModelBackend
+from pytest_neoxmii.backends.torch_model import TorchModelBackend
+from pytest_neoxmii.dtypes import TORCH_DTYPES
 from pytest_neoxmii.errors import BackendUnavailable
 from pytest_neoxmii.injection import (count_injected, engine_closed, engine_loaded, gpu_used_bytes,
                                       require_injected)

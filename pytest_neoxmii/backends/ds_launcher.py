@@ -28,7 +28,6 @@ class DsLauncherBackend(Backend):
     can_score = True
     # The model runs in other processes: CUDA events or synchronize in the session measure none of its
     # work (time with a wall clock), and there is no .model; info.device lists every GPU ("cuda:0,1").
-    out_of_process = True
 
     def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1, *,
                  gpus: list[int] | None = None, ready_timeout: float | None = None,

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pytest_neoxmii.backends.base import BackendInfo
-from pytest_neoxmii.backends.torch_model import TORCH_DTYPES, TorchModelBackend
+from pytest_neoxmii.backends.torch_model import TorchModelBackend
+from pytest_neoxmii.dtypes import TORCH_DTYPES
 from pytest_neoxmii.injection import gpu_used_bytes
 
 

@@ -12,7 +12,8 @@ import torch
 from pytest_neoxmii import compat
 from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.backends.deepspeed_inference import check_kernels_can_run, init_distributed_env
-from pytest_neoxmii.backends.torch_model import TORCH_DTYPES, TorchModelBackend
+from pytest_neoxmii.backends.torch_model import TorchModelBackend
+from pytest_neoxmii.dtypes import TORCH_DTYPES
 from pytest_neoxmii.errors import BackendUnavailable
 from pytest_neoxmii.injection import (count_injected, engine_closed, engine_loaded, gpu_used_bytes,
                                       require_injected)

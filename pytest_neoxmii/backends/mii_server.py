@@ -34,7 +34,7 @@ from pytest_neoxmii.backends import generation_capture as capture
 from pytest_neoxmii.backends.base import Backend, BackendInfo
 from pytest_neoxmii.backends.deepspeed_inference import check_kernels_can_run
 from pytest_neoxmii.backends.mii_legacy import import_mii, prompt_texts
-from pytest_neoxmii.backends.torch_model import TORCH_DTYPES
+from pytest_neoxmii.dtypes import TORCH_DTYPES
 from pytest_neoxmii.deploy import gpumem, launcher, ports, processes
 from pytest_neoxmii.deploy.mii_rank import REPORT_DIR_ENV
 from pytest_neoxmii.errors import BackendUnavailable
@@ -58,7 +58,6 @@ class MiiServerBackend(Backend):
     output_is_text = False         # the ids and logprobs are rank 0's engine's own, not re-tokenized text
     # The model runs in other processes: CUDA events or synchronize in the session measure none of its
     # work (time with a wall clock), and there is no .model; info.device lists every GPU ("cuda:0,1").
-    out_of_process = True
 
     def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1, *,
                  gpus: list[int] | None = None, ready_timeout: float | None = None,

@@ -9,7 +9,6 @@ from pytest_neoxmii.backends.base import Backend
 from pytest_neoxmii.backends.generation_capture import top_logprobs_per_step
 from pytest_neoxmii.outputs import Generation, LayerTrace, PromptBatch, Scores
 
-TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def sync(device: str) -> None:

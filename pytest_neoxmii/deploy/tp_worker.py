@@ -51,7 +51,8 @@ def load_ds_model(args, rank: int, local_rank: int, world: int):
     import deepspeed
 
     from pytest_neoxmii.backends.hf import load_hf_model
-    from pytest_neoxmii.backends.torch_model import TORCH_DTYPES, TorchModelBackend
+    from pytest_neoxmii.backends.torch_model import TorchModelBackend
+    from pytest_neoxmii.dtypes import TORCH_DTYPES
     from pytest_neoxmii.injection import count_injected, gpu_used_bytes, require_injected
 
     class RankModel(TorchModelBackend):

@@ -156,6 +156,10 @@ class BaselineStore:
         name = f"{sanitize_component(key.backend)}-{sanitize_component(key.dtype)}-tp{int(key.tp)}.json"
         return self.root / sanitize_component(key.model) / sanitize_component(key.weights) / name
 
+    def shown_path(self, key: BaselineKey) -> str:
+        """The key's file as messages show it: relative to the working directory when inside it."""
+        return _shown(self.path_for(key))
+
     def load(self, key: BaselineKey) -> Optional[dict]:
         """The whole validated document, or None when the file does not exist.
         Raises BaselineError ("<file>: <problem>", one line) when it exists but is unusable."""
@@ -249,18 +253,30 @@ class BaselineStore:
         return self._update(key, mutate)
 
     def put_golden(self, key: BaselineKey, gpu_class: str, golden: dict) -> Path:
-        """Record (replace, as a whole) the golden outputs of `gpu_class`: {"cases": {...}, "perplexity",
-        "versions", "recorded_at"}; missing optional fields get null / {} / now. Returns the file written."""
+        """Record golden outputs of `gpu_class`: {"cases": {...}, "perplexity", "perplexity_detail",
+        "versions", "recorded_at"}. Each given case is added or replaced, case by case; the cases already
+        stored (written by other tests, or pytest-xdist workers, of the same backend) are kept. A given
+        perplexity (with its detail) and given versions replace the stored ones; missing, the stored ones
+        stay (defaults: null / {}). recorded_at is the given one, else now. Returns the file written."""
         _check_name("gpu_class", gpu_class)
         golden = _plain(golden)
         where = ("gpu_classes", gpu_class, "golden")
         self._check_new(key, lambda: validate_golden(golden, where))
-        golden.setdefault("perplexity", None)
-        golden.setdefault("versions", {})
-        golden.setdefault("recorded_at", _now_iso())
+        recorded_at = golden.get("recorded_at") or _now_iso()
 
         def mutate(doc: dict) -> None:
-            doc["gpu_classes"].setdefault(gpu_class, {})["golden"] = golden
+            stored = doc["gpu_classes"].setdefault(gpu_class, {}).setdefault("golden", {"cases": {}})
+            stored.setdefault("cases", {}).update(golden["cases"])
+            if "perplexity" in golden:     # its detail belongs to it: never keep an older one beside it
+                stored["perplexity"] = golden["perplexity"]
+                stored.pop("perplexity_detail", None)
+            if "perplexity_detail" in golden:
+                stored["perplexity_detail"] = golden["perplexity_detail"]
+            if "versions" in golden:
+                stored["versions"] = golden["versions"]
+            stored.setdefault("perplexity", None)
+            stored.setdefault("versions", {})
+            stored["recorded_at"] = recorded_at
 
         return self._update(key, mutate)
 

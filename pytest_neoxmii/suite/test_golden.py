@@ -2,7 +2,7 @@
 perplexity of the fixed text, per backend (the fp32 HF reference and every selected backend). Recorded with
 --neox-update-baselines; otherwise compared with the parity engine's rules (near-tie top-k rule, perplexity
 within the noise-floor multiple), failing with which cases changed and how."""
-from pytest_neoxmii.golden import check_golden, check_golden_perplexity
+from pytest_neoxmii.checks import check_golden, check_golden_perplexity
 
 
 def test_golden_greedy(neox, neox_each_backend, neox_generation_case, request):

@@ -5,7 +5,8 @@ benchmark.extra_info, the JUnit XML and the report. The only assertion is the re
 baseline of this GPU class (record it with --neox-update-baselines)."""
 import pytest
 
-from pytest_neoxmii.latency import BATCH_SIZES, check_latency
+from pytest_neoxmii.checks import check_latency
+from pytest_neoxmii.latency import BATCH_SIZES
 
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES, ids=[f"bs{b}" for b in BATCH_SIZES])

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.usefixtures("preloaded")
 from pytest_neoxmii.weights import SYNTHETIC_VERSION as V  # noqa: E402
 
 FLOW = '''
-from pytest_neoxmii.golden import check_golden, check_golden_perplexity
-from pytest_neoxmii.latency import LatencyProfile, check_latency
+from pytest_neoxmii.checks import check_golden, check_golden_perplexity, check_latency
+from pytest_neoxmii.latency import LatencyProfile
 
 TINY = LatencyProfile(prompt_len=16, new_tokens=3, rounds=5, warmup=1)
 

@@ -1,4 +1,4 @@
-"""checks.py against a real NeoxSession whose backends are tiny stand-ins with fixed outputs (no model): the
+"""checks/parity.py against a real NeoxSession whose backends are tiny stand-ins with fixed outputs (no model): the
 verdicts, what is recorded for the report, the failure messages, and the strict xfail of a known issue.
 
 The stand-ins are plain functions and classes so that the pytester test at the end can write the same code
@@ -101,7 +101,7 @@ def scores(case: Case, perturbation: float) -> Scores:
 
 
 def fake_request():
-    """The two things checks.py uses of pytest's `request`: node.user_properties and applymarker."""
+    """The two things checks/parity.py uses of pytest's `request`: node.user_properties and applymarker."""
     markers = []
     return SimpleNamespace(node=SimpleNamespace(user_properties=[]), applymarker=markers.append, markers=markers)
 

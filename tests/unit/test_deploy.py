@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pytest_neoxmii.deploy import channel, ports, processes
+from pytest_neoxmii.interrupt import INTERRUPTIBLE_PYTEST
 
 # A process tree like a deployment's: the root, a child with a grandchild (same process group), a child
 # that ignores SIGTERM, and a grandchild that called setsid and whose parent then exited (re-parented to
@@ -428,10 +429,6 @@ HOLDING_TEST = textwrap.dedent("""
         Path(os.environ["FAKE_READY"]).write_text(str(fake_deployment.tree.pid))
         time.sleep(120)
 """)
-
-
-INTERRUPTIBLE_PYTEST = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                        "sys.argv[0] = 'pytest'; runpy.run_module('pytest', run_name='__main__', alter_sys=True)")
 
 
 def _communicate_or_dump_stacks(proc: subprocess.Popen, timeout: float) -> str:

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from pytest_neoxmii import baseline_io, parity
+from pytest_neoxmii import parity
+from pytest_neoxmii.checks.baseline_policy import BaselinePolicy
 from pytest_neoxmii.golden import (GoldenSummary, as_generation, compare_case, compare_perplexity, golden_case,
                                    perplexity, prompt_digest, version_changes)
 from pytest_neoxmii.outputs import Generation, PromptBatch, Scores
@@ -162,10 +163,10 @@ def test_version_changes():
 def test_merge_golden_keeps_other_cases_and_classes(tmp_path):
     store = BaselineStore(tmp_path)
     key = BaselineKey(model="pythia-14m", weights="synthetic-seed0-v2", dtype="fp16", backend="ds", tp=1)
-    baseline_io.merge_golden(store, key, "cpu", cases={"a": _golden()})
-    baseline_io.merge_golden(store, key, "cpu", cases={"b": _golden([[1, 2, 3, 4], [5, 6, 7, 8]])})
-    baseline_io.merge_golden(store, key, "cpu", perplexity={"perplexity": 12.5, "targets": 10})
-    baseline_io.merge_golden(store, key, "NVIDIA-H100-80GB-HBM3", cases={"a": _golden()})
+    store.put_golden(key, "cpu", {"cases": {"a": _golden()}})
+    store.put_golden(key, "cpu", {"cases": {"b": _golden([[1, 2, 3, 4], [5, 6, 7, 8]])}})
+    store.put_golden(key, "cpu", {"cases": {}, "perplexity": 12.5, "perplexity_detail": {"targets": 10}})
+    store.put_golden(key, "NVIDIA-H100-80GB-HBM3", {"cases": {"a": _golden()}})
     cls, golden = store.golden(key, "cpu")
     assert cls == "cpu" and sorted(golden["cases"]) == ["a", "b"]
     assert golden["perplexity"] == 12.5 and golden["perplexity_detail"] == {"targets": 10}
@@ -183,7 +184,8 @@ def test_merge_golden_refuses_a_corrupt_file(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
     with pytest.raises(pytest.fail.Exception, match=r"cannot write baseline: .*ds-fp16-tp1.json: not valid JSON"):
-        baseline_io.merge_golden(store, key, "cpu", cases={"a": _golden()})
+        BaselinePolicy(store, key, "cpu", recording=True).record(
+            lambda s: s.put_golden(key, "cpu", {"cases": {"a": _golden()}}))
     assert path.read_text() == "{not json"
 
 
@@ -224,7 +226,7 @@ def _case():
 
 
 def test_check_golden_records_then_fails_with_how_it_changed(tmp_path, capsys):
-    from pytest_neoxmii.golden import check_golden
+    from pytest_neoxmii.checks.golden import check_golden
     check_golden(_Session(tmp_path, _gen(TOKENS), update=True), "ds", _case())
     assert check_golden(_Session(tmp_path, _gen(TOKENS), update=False), "ds", _case()).status == "unchanged"
     session = _Session(tmp_path, _gen([[11, 12, 77, 78], TOKENS[1]]), update=False)
@@ -237,7 +239,7 @@ def test_check_golden_records_then_fails_with_how_it_changed(tmp_path, capsys):
 
 
 def test_non_finite_generations_are_never_recorded(tmp_path):
-    from pytest_neoxmii.golden import check_golden
+    from pytest_neoxmii.checks.golden import check_golden
     gen = _gen(TOKENS)
     gen.top_logprobs[0][1][0] = (12, float("nan"))
     session = _Session(tmp_path, gen, update=True)
@@ -289,7 +291,7 @@ class _PerplexitySession(_Session):
 
 
 def test_check_golden_perplexity_records_then_fails_on_a_drop_or_a_rise(tmp_path):
-    from pytest_neoxmii.golden import check_golden_perplexity
+    from pytest_neoxmii.checks.golden import check_golden_perplexity
     assert check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=True), "ds") is None
     same = _PerplexitySession(tmp_path, 20, update=False)
     change = check_golden_perplexity(same, "ds")
@@ -311,7 +313,7 @@ def test_check_golden_perplexity_records_then_fails_on_a_drop_or_a_rise(tmp_path
 
 def test_check_golden_perplexity_limit_follows_the_sessions_floor(tmp_path):
     """With the peer at perplexity 21 (floor 5 %), a move to 25 (+25 %) is within 10 x the floor."""
-    from pytest_neoxmii.golden import check_golden_perplexity, session_floor
+    from pytest_neoxmii.checks.golden import check_golden_perplexity, session_floor
     check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=True), "ds")
     session = _PerplexitySession(tmp_path, 25, update=False, peer_vocab=21)
     assert session_floor(session, session.case(session._plan)) == pytest.approx(0.05, rel=1e-5)
@@ -390,7 +392,7 @@ def _golden_path(tmp_path) -> str:
 
 
 def test_check_golden_skips_say_why_and_how_to_record(tmp_path, monkeypatch):
-    from pytest_neoxmii.golden import check_golden
+    from pytest_neoxmii.checks.golden import check_golden
     monkeypatch.chdir(tmp_path)
     with pytest.raises(pytest.skip.Exception) as skip:
         check_golden(_Session(tmp_path, _gen(TOKENS), update=False), "ds", _case_with(generate=False))
@@ -411,7 +413,7 @@ def test_check_golden_skips_say_why_and_how_to_record(tmp_path, monkeypatch):
 
 
 def test_check_golden_records_what_it_did(tmp_path, capsys):
-    from pytest_neoxmii.golden import check_golden
+    from pytest_neoxmii.checks.golden import check_golden
     session = _Session(tmp_path, _gen(TOKENS), update=True)
     assert check_golden(session, "ds", _case_with()) is None
     path = _golden_path(tmp_path)
@@ -440,7 +442,7 @@ def test_check_golden_records_what_it_did(tmp_path, capsys):
 
 
 def test_check_golden_perplexity_records_its_detail_and_skips_or_fails_with_reasons(tmp_path, capsys, monkeypatch):
-    from pytest_neoxmii.golden import check_golden, check_golden_perplexity
+    from pytest_neoxmii.checks.golden import check_golden, check_golden_perplexity
     monkeypatch.chdir(tmp_path)
     with pytest.raises(pytest.skip.Exception) as skip:
         check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=False), "ds")
@@ -450,7 +452,7 @@ def test_check_golden_perplexity_records_its_detail_and_skips_or_fails_with_reas
     with pytest.raises(pytest.skip.Exception) as skip:
         check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=False), "ds")
     assert str(skip.value) == ("no golden perplexity in pythia-14m/synthetic-seed0-v2/ds-fp16-tp1.json, GPU class "
-                               "cpu; record it with --neox-update-baselines")
+                               "cpu; create it with: --neox-update-baselines")
     capsys.readouterr()
 
     session = _PerplexitySession(tmp_path, 20, update=True)
@@ -496,7 +498,7 @@ def types_request():
 
 
 def test_a_non_finite_generation_is_recorded_as_such(tmp_path):
-    from pytest_neoxmii.golden import check_golden
+    from pytest_neoxmii.checks.golden import check_golden
     from pytest_neoxmii.session import Record
     gen = _gen(TOKENS)
     gen.top_logprobs[0][1][0] = (12, float("nan"))
@@ -512,7 +514,7 @@ def test_check_golden_marks_a_known_issue_strict_xfail(tmp_path):
     """The golden check of a known decode defect (ds with injected kernels on a left-padded case) is a strict
     xfail, like the parity check: the defect has no golden output."""
     import types
-    from pytest_neoxmii.golden import check_golden
+    from pytest_neoxmii.checks.golden import check_golden
     check_golden(_Session(tmp_path, _gen(TOKENS), update=True), "ds", _case())
     session = _Session(tmp_path, _gen(TOKENS), update=False)
     session._backend.info.kernels = "injected 6/6 layers"

@@ -8,6 +8,7 @@ import types
 import pytest
 
 from pytest_neoxmii import latency
+from pytest_neoxmii.checks.latency import threshold_for
 from pytest_neoxmii.latency import (LatencyResult, Timer, bench_name, decode_samples, floor_pct, memory_bandwidth,
                                     run_rounds, weight_streaming_floor)
 from pytest_neoxmii.outputs import PromptBatch
@@ -232,11 +233,11 @@ def test_threshold_marker():
         node = types.SimpleNamespace(get_closest_marker=lambda name: marker if name == "neox_latency" else None)
         return types.SimpleNamespace(node=node)
 
-    assert latency.threshold_for(request_with(None), 0.1) == 0.1
-    assert latency.threshold_for(request_with(pytest.mark.neox_latency(threshold=0.25).mark), 0.1) == 0.25
-    assert latency.threshold_for(request_with(pytest.mark.neox_latency(0.3).mark), 0.1) == 0.3
+    assert threshold_for(request_with(None), 0.1) == 0.1
+    assert threshold_for(request_with(pytest.mark.neox_latency(threshold=0.25).mark), 0.1) == 0.25
+    assert threshold_for(request_with(pytest.mark.neox_latency(0.3).mark), 0.1) == 0.3
     with pytest.raises(pytest.fail.Exception, match="fraction of the median"):
-        latency.threshold_for(request_with(pytest.mark.neox_latency(threshold="big").mark), 0.1)
+        threshold_for(request_with(pytest.mark.neox_latency(threshold="big").mark), 0.1)
 
 
 def test_profiles():

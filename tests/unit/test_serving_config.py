@@ -84,7 +84,7 @@ def test_misfit_says_by_how_much_and_only_when_it_does_not_fit(tmp_path):
 
 USER_TEST = """
 from pytest_neoxmii.checks import check_greedy, check_teacher_forced
-from pytest_neoxmii.baseline_io import key_for
+from pytest_neoxmii.checks.baseline_policy import key_for
 
 def test_greedy(neox, neox_generation_case, request):
     check_greedy(neox, "ds", neox_generation_case, request)

@@ -1,5 +1,5 @@
-"""The checks an acceptance test runs: fetch outputs through the session (each computed once), compare
-them with the parity engine, record the verdict for the report, and fail with a readable table."""
+"""The parity checks an acceptance test runs: fetch outputs through the session (each computed once), compare
+them with the parity engine (parity.py), record the verdict for the report, and fail with a readable table."""
 from __future__ import annotations
 
 import pytest

@@ -1,0 +1,149 @@
+"""The latency check of one backend at one batch size: measured in this session with latency.py's timing
+(under pytest-benchmark), set beside the HF peer measured side by side, published (benchmark.extra_info,
+JUnit properties, the report), then recorded as the baseline (--neox-update-baselines) or gated against it
+(stats.compare_latency) through the baseline policy."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pytest_neoxmii.cases import text_tokens
+from pytest_neoxmii.checks.baseline_policy import BaselinePolicy
+from pytest_neoxmii.hardware import machine_info
+from pytest_neoxmii.latency import (LatencyProfile, LatencyResult, bench_name, latency_batch, measure_backend,
+                                    profile_for)
+from pytest_neoxmii.session import Record
+from pytest_neoxmii.stats import compare_latency, summarize
+from pytest_neoxmii.versions import installed_versions
+
+TIMED_PHASE = "timed benchmark calls"
+
+
+def _backend_for(neox, name: str):
+    """hf is measured at the session's dtype (the peer of the fp32 reference): the same precision the
+    DeepSpeed backends run, so the ratio compares engines, not precisions."""
+    return neox.peer() if name == "hf" else neox.backend(name)
+
+
+def measure(neox, name: str, batch_size: int, benchmark=None, profile: LatencyProfile | None = None) \
+        -> LatencyResult:
+    """Measure one backend at one batch size in this session (kept in neox.latency for the report)."""
+    backend = _backend_for(neox, name)
+    profile = profile or profile_for(backend.info.device)
+    tok = neox.tokenizer
+    batch = latency_batch(text_tokens(tok), batch_size, profile.prompt_len,
+                          tok.pad_token_id if tok.pad_token_id is not None else 0)
+    with neox.timed(TIMED_PHASE):
+        result = measure_backend(backend, batch, profile.new_tokens, profile.rounds, profile.warmup,
+                                 spec=neox.model.spec, hardware=neox.hardware, benchmark=benchmark,
+                                 min_warmup_s=profile.min_warmup_s)
+    result.backend = name
+    neox.latency[(name, result.dtype, result.bench)] = result
+    return result
+
+
+def hf_side_by_side(neox, result: LatencyResult, profile: LatencyProfile) -> LatencyResult:
+    """The HF peer's measurement for the same batch and shape in this session: reused when its own test ran
+    already, else measured now (the ratio is only meaningful side by side, never against stored numbers)."""
+    if result.backend == "hf":
+        return result
+    found = neox.latency.get(("hf", result.dtype, result.bench))
+    if found is None:
+        found = measure(neox, "hf", result.batch_size, profile=profile)
+        found.notes.append(f"measured for the {result.backend}/hf ratio (no hf latency test ran before)")
+    return found
+
+
+def threshold_for(request, default: float) -> float:
+    """The neox_latency(threshold=...) marker's threshold, else the session's --neox-latency-threshold."""
+    marker = request.node.get_closest_marker("neox_latency") if request is not None else None
+    if marker is None:
+        return default
+    value = marker.kwargs.get("threshold", marker.args[0] if marker.args else default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 10:
+        pytest.fail(f"neox_latency(threshold=...) is a fraction of the median such as 0.2, got {value!r}",
+                    pytrace=False)
+    return float(value)
+
+
+def _publish(result: LatencyResult, benchmark, request) -> dict:
+    metrics = {k: v for k, v in result.metrics().items() if not isinstance(v, float) or math.isfinite(v)}
+    if benchmark is not None:
+        benchmark.extra_info.update(metrics)
+    if request is not None:
+        for k, v in metrics.items():
+            if k not in ("backend", "dtype"):
+                request.node.user_properties.append((f"latency_{k}", v))
+    return metrics
+
+
+def check_latency(neox, backend_name: str, batch_size: int, benchmark=None, request=None,
+                  profile: LatencyProfile | None = None) -> LatencyResult:
+    """The latency acceptance check of one backend at one batch size.
+
+    Reads the baseline first (an unusable file fails at once, naming it), measures under pytest-benchmark,
+    measures the HF peer side by side for the ratio, publishes the metrics (benchmark.extra_info, JUnit
+    properties, the report), then either records the baseline (--neox-update-baselines) or runs the
+    regression gate; a missing baseline, or one from another GPU class only, skips the gate with the reason."""
+    if benchmark is not None and getattr(benchmark, "disabled", False):
+        pytest.skip("pytest-benchmark is disabled (--benchmark-disable, or pytest-xdist, which disables it): "
+                    "latency is not measured in this run")
+    opts = neox.options
+    if batch_size > neox.max_batch:
+        # DeepSpeed's inference workspace is sized once, for the largest batch of the case set; a larger
+        # batch would read the wrong cache rows (see TorchModelBackend.size_workspace).
+        pytest.skip(f"batch {batch_size} is larger than the case set's largest batch ({neox.max_batch}), which "
+                    "sizes DeepSpeed's workspace")
+    backend = _backend_for(neox, backend_name)
+    profile = profile or profile_for(backend.info.device)
+    policy = BaselinePolicy.of(neox, backend_name, backend.info, request)
+    cls = policy.gpu_class
+    bench = bench_name(batch_size, profile.prompt_len, profile.new_tokens)
+    threshold = threshold_for(request, opts.latency_threshold)
+    # Read first: an unusable file fails before the minutes of timing. A missing one is decided after the
+    # measurement, which the report shows either way.
+    baseline = None if policy.recording else policy.read(lambda store: store.latency(policy.key, cls, bench))
+
+    result = measure(neox, backend_name, batch_size, benchmark, profile)
+    hf = hf_side_by_side(neox, result, profile)
+    result.ratio_to_hf = result.e2e_s / hf.e2e_s if hf.e2e_s else None
+    print(result.describe())
+
+    def finish(passed, verdict: str, summary: str, extra: dict | None = None):
+        result.gate = {"verdict": verdict, "summary": summary, "gpu_class": cls, **(extra or {})}
+        metrics = _publish(result, benchmark, request)
+        neox.record(Record("latency", backend_name, bench, passed, metrics, summary))
+
+    if policy.recording:
+        entry = {"samples": result.e2e, "stats": summarize(result.e2e),
+                 "extra": {k: v for k, v in result.as_dict().items()
+                           if k not in ("e2e_samples_s", "gate", "backend", "dtype")},
+                 "versions": installed_versions(), "machine": machine_info(neox.hardware)}
+        path = policy.record(lambda store: store.put_latency(policy.key, cls, bench, entry))
+        finish(True, "recorded", f"baseline recorded for GPU class {cls} in {path}")
+        print(f"latency baseline {bench} for {cls} written to {path}")
+        return result
+
+    if baseline is None:
+        others = policy.read(lambda store: store.latency_other_classes(policy.key, bench, cls))
+        if others:
+            reason = (f"latency gate skipped: {policy.where} has a {bench} baseline for GPU class "
+                      f"{', '.join(others)} only, this machine is {cls} (timings of another GPU class are not "
+                      f"comparable); record one here with: {policy.record_command}")
+            finish(None, "other-gpu-class", reason, {"classes_found": others})
+        else:
+            reason = policy.missing(f"latency baseline {bench} for GPU class {cls}")
+            finish(None, "no-baseline", reason)
+        pytest.skip(reason)
+
+    cmp = compare_latency(baseline["samples"], result.e2e, threshold=threshold)
+    message = f"{backend_name} {bench} on {cls}: {cmp.message()}"
+    print(message)
+    finish(not cmp.failed, cmp.verdict, message,
+           {"baseline_median_s": cmp.baseline_median, "current_median_s": cmp.current_median,
+            "change_pct": cmp.change_pct, "p_value": cmp.p_value, "threshold": threshold,
+            "baseline_recorded_at": baseline.get("recorded_at")})
+    if cmp.failed:
+        pytest.fail(f"latency regression: {message}", pytrace=False)
+    return result

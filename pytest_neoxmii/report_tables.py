@@ -1,0 +1,53 @@
+"""The rows of the session's two tables, verdicts (backend x check) and latency (backend x metric): the
+terminal summary (report.py) and summary.md (markdown_summary.py) show the same cells."""
+from __future__ import annotations
+
+VERDICT_CHECKS = ("greedy", "teacher-forced", "golden", "golden-perplexity", "latency")
+
+
+def _ms(x):
+    return None if x is None else x * 1e3
+
+
+LATENCY_HEADERS = ["backend", "dtype", "batch", "TTFT ms", "TPOT ms", "e2e p50 ms", "p90 ms", "p99 ms",
+                   "tokens/s", "peak MiB", "x/HF", "floor ms", "floor %", "gate"]
+
+
+def latency_cells(rows: list[dict]) -> list[list]:
+    """One table row per latency result (the terminal table and summary.md share them)."""
+    out = []
+    for r in rows:
+        peak = r.get("peak_gpu_memory_bytes")
+        gate = (r.get("gate") or {}).get("verdict") or "-"
+        out.append([r["backend"], r["dtype"], r["batch_size"], _ms(r["ttft_p50_s"]), _ms(r["tpot_p50_s"]),
+                    _ms(r["e2e_p50_s"]), _ms(r["e2e_p90_s"]), _ms(r["e2e_p99_s"]), r["tokens_per_s"],
+                    None if peak is None else peak / 2**20, r["ratio_to_hf"],
+                    _ms(r["floor_s"]), r["floor_pct"] if r["floor_pct"] is not None else "unknown", gate])
+    return out
+
+
+def _verdict_cell(n: dict) -> str:
+    keys = " ".join(f"[{k}]" for k in n.get("known_issues", ()))
+    judged = n["passed"] + n["failed"]
+    parts = [f"{n['passed']}/{judged} passed" + (" FAILED" if n["failed"] else "")] if judged else []
+    if n.get("xfail"):
+        parts.append(f"{n['xfail']} xfail {keys}")
+    if n.get("xpass"):
+        parts.append(f"{n['xpass']} XPASS(strict) {keys}")
+    if n["informational"]:
+        parts.append(f"{n['informational']} not judged")
+    if n.get("outside_config"):
+        parts.append(f"{n['outside_config']} outside the serving config")
+    return ", ".join(parts)
+
+
+def verdict_rows(v: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Headers and rows of the per-backend verdict table (backend x check), None when nothing was judged."""
+    checks = [c for c in VERDICT_CHECKS if any(c in per for per in v.values())]
+    checks += sorted({c for per in v.values() for c in per} - set(checks))
+    if not checks:
+        return None
+    rows = []
+    for backend in sorted(v, key=lambda b: ({"hf": 0, "ds": 1, "mii": 2, "zero": 3}.get(b, 9), b)):
+        rows.append([backend] + [_verdict_cell(v[backend][c]) if c in v[backend] else "-" for c in checks])
+    return ["backend"] + checks, rows
