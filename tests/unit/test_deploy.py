@@ -83,9 +83,9 @@ def test_reserved_ports_are_distinct_free_and_held():
         rng = ports.candidate_range()
         assert all(p in rng and ports.is_free(p) for p in r1.ports + r2.ports)
         assert all(ports._lock(p) is None for p in r1.ports)      # held: nobody else can take them
-    f = ports._lock(r1.ports[0])                                 # released with the reservation
-    assert f is not None
-    f.close()
+    lock = ports._lock(r1.ports[0])                              # released with the reservation
+    assert lock is not None
+    lock.release()
 
 
 def test_a_bound_port_is_never_picked(monkeypatch):
