@@ -204,7 +204,8 @@ class LatencyResult:
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.backend == "zero":
+        from pytest_neoxmii.backends import ENGINES
+        if self.backend in ENGINES and not ENGINES[self.backend].weights_on_gpu:
             self.floor_applies = False
 
     @property
@@ -322,7 +323,7 @@ def model_calls(backend, batch, new_tokens: int) -> tuple[Callable[[], object], 
     MII: a query through its handle (text in, text out: tokenization and MII's pipeline are part of what
     MII users wait for). Every other backend: the model's greedy generate() on ids already on the device,
     without the per-step logits the parity checks ask for."""
-    if hasattr(backend, "query_texts") and hasattr(backend, "tokenizer"):
+    if getattr(backend, "output_is_text", False):     # the engine's trait (backends/base.py); stand-ins may lack it
         texts = [backend.tokenizer.decode(list(row)) for row in batch.rows]
         notes = ["timed through mii_query_handle (text in, text out)"]
         if any(backend.tokenizer(t, add_special_tokens=False)["input_ids"] != list(r)

@@ -14,6 +14,7 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pytest_neoxmii import backends as engines
 from pytest_neoxmii.table import format_table
 
 SUMMARY_SCHEMA = "pytest-neoxmii/summary"
@@ -32,10 +33,10 @@ def _ms(x):
 
 
 def latency_rows(session) -> list[dict]:
-    """The session's latency results as dicts (samples included), hf first, then by batch size."""
-    order = {"hf": 0, "ds": 1, "mii": 2, "zero": 3}
-    results = sorted(session.latency.values(),
-                     key=lambda r: (order.get(r.backend, 9), r.backend, r.batch_size, r.bench))
+    """The session's latency results as dicts (samples included), in the engines' order (the hf reference
+    first), then by batch size."""
+    order = {name: i for i, name in enumerate(engines.display_order(r.backend for r in session.latency.values()))}
+    results = sorted(session.latency.values(), key=lambda r: (order[r.backend], r.batch_size, r.bench))
     return [r.as_dict() for r in results]
 
 
@@ -106,7 +107,7 @@ def verdict_rows(v: dict) -> tuple[list[str], list[list[str]]] | None:
     if not checks:
         return None
     rows = []
-    for backend in sorted(v, key=lambda b: ({"hf": 0, "ds": 1, "mii": 2, "zero": 3}.get(b, 9), b)):
+    for backend in engines.display_order(v):
         rows.append([backend] + [_verdict_cell(v[backend][c]) if c in v[backend] else "-" for c in checks])
     return ["backend"] + checks, rows
 
@@ -225,7 +226,9 @@ def terminal_summary(terminalreporter, session) -> None:
         g = groups[(rec.backend, rec.check, family)]
         g[0 if rec.passed else 1 if rec.passed is False else 2] += 1
     if groups:
-        rows = [[b, c, f, p, fl] for (b, c, f), (p, fl, _) in sorted(groups.items())]
+        order = {b: i for i, b in enumerate(engines.display_order(b for b, _, _ in groups))}
+        rows = [[b, c, f, p, fl] for (b, c, f), (p, fl, _) in sorted(groups.items(),
+                                                                      key=lambda g: (order[g[0][0]], g[0]))]
         tr.write_line(format_table(["backend", "check", "case family", "passed", "failed"], rows))
     _latency_section(tr, session)
     wall = time.perf_counter() - session.started
