@@ -132,3 +132,28 @@ def test_a_stand_in_engine_registered_in_a_conftest_is_selected_described_judged
     table = out[out.index("verdicts per backend:"):].splitlines()
     rows = [ln.split()[0] for ln in table[1:] if ln.split() and ln.split()[0] in ("copy", "skewed")]
     assert rows == ["copy", "skewed"], out
+
+
+# --- latency reads the traits too --------------------------------------------------------------------------------
+
+class _WorkerDeploymentStandIn:
+    """What the latency harness sees of a tp >= 2 deployment: no .model, GPUs listed as "cuda:0,1"."""
+    runs_in_worker = True
+
+    def __init__(self):
+        from pytest_neoxmii.backends.base import BackendInfo
+        self.info = BackendInfo(backend="ds", dtype="fp16", device="cuda:0,1", tensor_parallel=2)
+        self.calls = []
+
+    def generate(self, batch, max_new_tokens, top_k=5):
+        self.calls.append(max_new_tokens)
+
+
+def test_a_worker_deployment_is_timed_through_its_own_generate_with_a_wall_clock():
+    from pytest_neoxmii import latency
+    from pytest_neoxmii.outputs import PromptBatch
+    backend = _WorkerDeploymentStandIn()
+    result = latency.measure_backend(backend, PromptBatch(rows=((7, 8),)), 16, rounds=3, warmup=1)
+    assert backend.calls == [1, 16] * 4                   # prefill then full, warm-up round included
+    assert len(result.e2e) == 3 and result.peak_gpu_memory_bytes is None
+    assert "worker channel" in result.notes[0]
