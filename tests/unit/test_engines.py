@@ -55,11 +55,11 @@ def test_everything_that_lists_engines_reads_the_registry(registered):
     assert backends.names()[-1] == "copy"
     assert backends.display_order(["copy", "zero", "gone", "hf"]) == ["hf", "zero", "copy", "gone"]
     assert precision.runs_on_deepspeed("copy") and not precision.runs_on_deepspeed("hf")
-    headers, rows = report.verdict_rows({"copy": {"greedy": _counts(1)}, "ds": {"greedy": _counts(2)}})
+    _, rows = report.verdict_rows({"copy": {"greedy": _counts(1)}, "ds": {"greedy": _counts(2)}})
     assert [r[0] for r in rows] == ["ds", "copy"]
 
 
-def test_options_accept_only_registered_engines(registered, pytester, assert_usage_error):
+def test_options_accept_only_registered_engines(registered, pytester):
     from pytest_neoxmii.backends.hf import HFBackend
     registered("copy", HFBackend)
     assert options.NeoxOptions.from_config(pytester.parseconfig("--neox-backends=hf,copy")).backends == ("hf", "copy")
