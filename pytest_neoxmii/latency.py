@@ -202,7 +202,8 @@ class LatencyResult:
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.backend == "zero":
+        from pytest_neoxmii.backends import ENGINES
+        if self.backend in ENGINES and not ENGINES[self.backend].weights_on_gpu:
             self.floor_applies = False
 
     @property
@@ -318,15 +319,19 @@ def model_calls(backend, batch, new_tokens: int) -> tuple[Callable[[], object], 
     """(prefill call, full call, notes) for a backend: what a user of that backend runs, nothing more.
 
     MII: a query through its handle (text in, text out: tokenization and MII's pipeline are part of what
-    MII users wait for). Every other backend: the model's greedy generate() on ids already on the device,
-    without the per-step logits the parity checks ask for."""
-    if hasattr(backend, "query_texts") and hasattr(backend, "tokenizer"):
+    MII users wait for). An engine in worker processes: its own generate() over the channel. Every other
+    backend: the model's greedy generate() on ids already on the device, without the per-step logits the
+    parity checks ask for."""
+    if getattr(backend, "output_is_text", False):     # the engine's trait (backends/base.py); stand-ins may lack it
         texts = [backend.tokenizer.decode(list(row)) for row in batch.rows]
         notes = ["timed through mii_query_handle (text in, text out)"]
         if any(backend.tokenizer(t, add_special_tokens=False)["input_ids"] != list(r)
                for t, r in zip(texts, batch.rows)):
             notes.append("prompt text does not re-tokenize to the same ids: prompt lengths are approximate")
         return (lambda: backend.query_texts(texts, 1)), (lambda: backend.query_texts(texts, new_tokens)), notes
+    if getattr(backend, "runs_in_worker", False):     # no .model in this process
+        return ((lambda: backend.generate(batch, 1)), (lambda: backend.generate(batch, new_tokens)),
+                ["timed through the worker channel (generate, with the per-step top-k the ranks return)"])
 
     import torch
     ids, mask = batch.padded()
@@ -346,10 +351,12 @@ def measure_backend(backend, batch, new_tokens: int, rounds: int, warmup: int, *
     prefill + full generation of one loaded backend."""
     info = backend.info
     device = info.device
-    timer = timer or Timer(device)
+    # Workers' GPUs ("cuda:0,1") are not this process's: a wall clock, and their memory is not ours to read.
+    local = not getattr(backend, "runs_in_worker", False)
+    timer = timer or Timer(device if local else "cpu")
     prefill_call, full_call, notes = model_calls(backend, batch, new_tokens)
     on_gpu = device.startswith("cuda")
-    if on_gpu:
+    if on_gpu and local:
         import torch
         torch.cuda.reset_peak_memory_stats(device)
     if min_warmup_s > 0:
@@ -359,7 +366,7 @@ def measure_backend(backend, batch, new_tokens: int, rounds: int, warmup: int, *
         warmup = warmup_rounds(warmup, min_warmup_s - first, first)
     prefill, e2e = run_rounds(prefill_call, full_call, timer, rounds, warmup, benchmark)
     peak = None
-    if on_gpu:
+    if on_gpu and local:
         import torch
         peak = int(torch.cuda.max_memory_allocated(device))
     gpu_name = hardware.gpus[0].name if hardware is not None and hardware.gpus and on_gpu else None

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from pytest_neoxmii import backends as engines
 from pytest_neoxmii.errors import NeoxUsageError
 
 DTYPES = ("fp16", "bf16", "fp32")
-BACKENDS = ("hf", "ds", "mii", "zero")
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,11 @@ OPTIONS = (
            "model's architecture (no hub needed)", "auto", metavar="auto|synthetic"),
     Option("neox_dtype", "dtype the backends run in: fp16, bf16 or fp32 (default: fp16; on a CPU whose "
            "DeepSpeed accelerator lacks fp16, bf16 where offered, else fp32)", None, metavar="DTYPE"),
-    Option("neox_tp", "tensor-parallel degree of the ds and mii backends", 1, kind="int", metavar="N"),
-    Option("neox_backends", "comma-separated backends to run: hf, ds, mii, zero", "hf,ds,mii,zero",
-           metavar="LIST"),
+    Option("neox_tp", "tensor-parallel degree of the "
+           + " and ".join(n for n, e in engines.ENGINES.items() if e.tensor_parallel_capable) + " backends", 1,
+           kind="int", metavar="N"),
+    Option("neox_backends", "comma-separated backends to run: " + ", ".join(engines.names()),
+           ",".join(engines.names()), metavar="LIST"),
     Option("neox_baseline_dir", "directory of the stored baselines", "baselines", metavar="DIR"),
     Option("neox_update_baselines", "write the measured results as the new baselines", False, kind="bool"),
     Option("neox_max_new_tokens", "tokens generated greedily per case", 32, kind="int", metavar="N"),
@@ -149,10 +151,10 @@ class NeoxOptions:
         if v["neox_weights"] not in ("auto", "synthetic"):
             raise NeoxUsageError(f"--neox-weights must be 'auto' or 'synthetic', got '{v['neox_weights']}'")
         backends = tuple(b.strip() for b in str(v["neox_backends"]).split(",") if b.strip())
-        unknown = [b for b in backends if b not in BACKENDS]
+        unknown = [b for b in backends if b not in engines.ENGINES]
         if unknown or not backends:
             raise NeoxUsageError(f"unknown backend '{unknown[0] if unknown else ''}' in --neox-backends: "
-                                 f"choose from {', '.join(BACKENDS)}")
+                                 f"choose from {', '.join(engines.names())}")
         for name, low in (("neox_tp", 1), ("neox_max_new_tokens", 1), ("neox_top_k", 1)):
             if v[name] < low:
                 raise NeoxUsageError(f"--{name.replace('_', '-')} must be at least {low}, got {v[name]}")

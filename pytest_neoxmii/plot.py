@@ -18,9 +18,19 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-BACKEND_ORDER = ("hf", "ds", "mii", "zero")
-COLORS = {"hf": "#7f7f7f", "ds": "#1f77b4", "mii": "#2ca02c", "zero": "#d62728"}
-LABELS = {"hf": "HF transformers", "ds": "DeepSpeed inference", "mii": "DeepSpeed-MII", "zero": "ZeRO-Inference"}
+# The engine registry (order, labels, colours) is imported where a figure is drawn, not at import: it
+# imports torch, which `python -m pytest_neoxmii.plot --help` should not wait for.
+
+
+def colour_of(backend: str) -> str:
+    from pytest_neoxmii.backends import ENGINES
+    from pytest_neoxmii.backends.base import Backend
+    return ENGINES[backend].colour if backend in ENGINES else Backend.colour
+
+
+def label_of(backend: str) -> str:
+    from pytest_neoxmii.backends import ENGINES
+    return (ENGINES[backend].label or backend) if backend in ENGINES else backend
 
 
 def weights_label(model: dict) -> str:
@@ -57,10 +67,11 @@ def _rows(summary: dict) -> list[dict]:
 def _draw_model(ax_e2e, ax_tpot, summary: dict) -> None:
     import numpy as np
 
+    from pytest_neoxmii import backends as engines
+
     rows = _rows(summary)
     batches = sorted({r["batch_size"] for r in rows})
-    backends = [b for b in BACKEND_ORDER if any(r["backend"] == b for r in rows)]
-    backends += sorted({r["backend"] for r in rows} - set(backends))
+    backends = engines.display_order(r["backend"] for r in rows)
     width = 0.8 / max(len(backends), 1)
     x = np.arange(len(batches))
     by = {(r["backend"], r["batch_size"]): r for r in rows}
@@ -76,7 +87,7 @@ def _draw_model(ax_e2e, ax_tpot, summary: dict) -> None:
                 heights.append(float("nan") if p50 is None else p50 * 1e3)
                 upper.append(0.0 if p50 is None or p90 is None else max(p90 - p50, 0.0) * 1e3)
             pos = x - 0.4 + width * (i + 0.5)
-            bars = ax.bar(pos, heights, width, color=COLORS.get(b, "#9467bd"), label=LABELS.get(b, b),
+            bars = ax.bar(pos, heights, width, color=colour_of(b), label=label_of(b),
                           yerr=[[0.0] * len(upper), upper], capsize=3, error_kw={"elinewidth": 1})
             heights_all += [h + u for h, u in zip(heights, upper) if h == h]   # whisker tops: labels sit there
             for bs, bar, h, up in zip(batches, bars, heights, upper):
@@ -85,7 +96,7 @@ def _draw_model(ax_e2e, ax_tpot, summary: dict) -> None:
                     continue
                 if metric == "e2e":
                     ratio = r.get("ratio_to_hf")
-                    text = "HF" if b == "hf" else ("" if ratio is None else f"x{ratio:.2f}")
+                    text = "HF" if engines.is_reference(b) else ("" if ratio is None else f"x{ratio:.2f}")
                 else:
                     pct = r.get("floor_pct")
                     text = "" if pct is None else f"floor\n{pct:.0f}%" if pct >= 10 else f"floor\n{pct:.2g}%"
@@ -200,6 +211,7 @@ class SweepPoint:
 def sweep_points(summaries: list[dict]) -> list[SweepPoint]:
     """Median end-to-end latency per (model, backend, batch size), ordered by model size. A model given twice
     keeps its latest report."""
+    from pytest_neoxmii import backends as engines
     latest: dict[str, dict] = {}
     for s in summaries:
         name = s["model"]["name"]
@@ -208,9 +220,10 @@ def sweep_points(summaries: list[dict]) -> list[SweepPoint]:
     points = []
     for s in sorted(latest.values(), key=lambda s: s["model"].get("parameters") or 0):
         for r in _rows(s):
-            points.append(SweepPoint(s["model"]["name"], int(s["model"].get("parameters") or 0), r["backend"],
+            b = r["backend"]
+            points.append(SweepPoint(s["model"]["name"], int(s["model"].get("parameters") or 0), b,
                                      r["batch_size"], r["e2e_p50_s"] * 1e3, r.get("ratio_to_hf"),
-                                     "reference" if r["backend"] == "hf" else parity_verdict(s, r["backend"])))
+                                     "reference" if engines.is_reference(b) else parity_verdict(s, b)))
     return points
 
 
@@ -235,6 +248,8 @@ def plot_sweep(summaries: list[dict], path: Path) -> Path:
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
+    from pytest_neoxmii import backends as engines
+
     points = sweep_points(summaries)
     if not points:
         raise ValueError("no latency results to plot")
@@ -243,20 +258,21 @@ def plot_sweep(summaries: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 5.2), squeeze=False)
     for ax, bs in zip(axes[0], batches):
         at_bs = [p for p in points if p.batch_size == bs]
-        backends = [b for b in BACKEND_ORDER if any(p.backend == b for p in at_bs)]
-        backends += sorted({p.backend for p in at_bs} - set(backends))
+        backends = engines.display_order(p.backend for p in at_bs)
+        # The first judged engine's labels sit below its line, the others' above: close lines don't overprint.
+        first_judged = next((b for b in backends if not engines.is_reference(b)), None)
         for b in backends:
             line = sorted((p for p in at_bs if p.backend == b), key=lambda p: p.parameters)
-            color = COLORS.get(b, "#9467bd")
+            color = colour_of(b)
             ax.plot([p.parameters for p in line], [p.e2e_p50_ms for p in line], "-", color=color, linewidth=1.5,
-                    label=LABELS.get(b, b))
+                    label=label_of(b))
             for p in line:
                 marker, face, edge = _marker(p.parity, color)
                 ax.plot([p.parameters], [p.e2e_p50_ms], marker=marker, markersize=9 if marker == "X" else 7,
                         markerfacecolor=face, markeredgecolor=edge, linestyle="none")
-                if b != "hf":
+                if not engines.is_reference(b):
                     label = ("" if p.ratio_to_hf is None else f"x{p.ratio_to_hf:.2f} ") + p.parity
-                    ax.annotate(label, (p.parameters, p.e2e_p50_ms), xytext=(5, -3 if b == "ds" else 6),
+                    ax.annotate(label, (p.parameters, p.e2e_p50_ms), xytext=(5, -3 if b == first_judged else 6),
                                 textcoords="offset points", fontsize=7, color=color)
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_neoxmii import backends as engines
 from pytest_neoxmii import options as options_mod
 from pytest_neoxmii.backends import planted_fault
 from pytest_neoxmii.errors import NeoxUsageError
@@ -69,6 +70,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"neoxmii: weights source {session.model.source} ({session.model.weights_key}), "
         f"dtype {session.dtype_choice.describe()}, "
         f"tp {o.tp}, backends {','.join(o.backends)}",
+        *(f"neoxmii: backend {name}: {engines.engine(name).description}" for name in o.backends),
         f"neoxmii: GPUs found: {session.hardware.describe()}",
         "neoxmii: " + ", ".join(f"{k} {v}" for k, v in shown_versions().items()),
     ]
@@ -135,15 +137,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         gen = [p for p in plans if p.generate]
         metafunc.parametrize("neox_generation_plan", gen or [None], ids=[p.id for p in gen] or ["no-model"])
     if "neox_backend_name" in metafunc.fixturenames:
-        names = [b for b in session.options.backends if b != "hf"]
+        names = [b for b in session.options.backends if not engines.is_reference(b)]
         # Only the hf reference selected: one placeholder that skips, rather than a test asking for backend None.
+        others = [n for n in engines.names() if not engines.is_reference(n)]
+        add = ", ".join(others[:-1]) + " or " + others[-1] if len(others) > 1 else "".join(others)
         none = pytest.param(None, id="no-backend", marks=pytest.mark.skip(
-            reason="no backend to compare: --neox-backends selects only the hf reference (add ds, mii or zero)"))
+            reason=f"no backend to compare: --neox-backends selects only the {engines.reference_name()} "
+                   f"reference (add {add})"))
         metafunc.parametrize("neox_backend_name", names or [none], ids=names or None)
     if "neox_each_backend" in metafunc.fixturenames:
         # The hf reference and every selected backend (latency, golden outputs): hf first, since the
         # DS/HF ratio is measured side by side in the same session.
-        names = ["hf"] + [b for b in session.options.backends if b != "hf"]
+        names = [engines.reference_name()] + [b for b in session.options.backends if not engines.is_reference(b)]
         metafunc.parametrize("neox_each_backend", names, ids=names)
 
 

@@ -16,16 +16,22 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from pytest_neoxmii.backends import ENGINES
 from pytest_neoxmii.dtypes import TORCH_NAMES
 
 DEFAULT_DTYPE = "fp16"
 FALLBACK_ORDER = ("fp16", "bf16", "fp32")     # the first the CPU accelerator offers is the default there
-DEEPSPEED_BACKENDS = ("ds", "mii", "zero")    # the backends that run on DeepSpeed's accelerator
 _TORCH_NAMES = {f"torch.{attr}": name for name, attr in TORCH_NAMES.items()}   # str(torch dtype) -> name
 
 # Run in a child process: the test process never imports deepspeed for a question this small.
 _PROBE = ("import json; from deepspeed.accelerator import get_accelerator; "
           "print(json.dumps([str(d) for d in get_accelerator().supported_dtypes()]))")
+
+
+def runs_on_deepspeed(backend: str) -> bool:
+    """The engine runs on DeepSpeed's accelerator (its needs_deepspeed trait), so DeepSpeed's CPU dtypes
+    bound it."""
+    return backend in ENGINES and ENGINES[backend].needs_deepspeed
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,7 +67,7 @@ class DtypeChoice:
 
     def refusal(self, backend: str, dtype: str) -> str | None:
         """Why `backend` cannot run `dtype` here (one line), or None."""
-        if backend not in DEEPSPEED_BACKENDS or self.offered is None or dtype in self.offered:
+        if not runs_on_deepspeed(backend) or self.offered is None or dtype in self.offered:
             return None
         return (f"DeepSpeed's CPU accelerator on this CPU offers {', '.join(self.offered)}, not {dtype}; "
                 f"pass --neox-dtype={_first_offered(self.offered)}, or leave --neox-dtype unset to choose "
@@ -75,7 +81,7 @@ def _first_offered(offered: tuple[str, ...]) -> str:
 def choose(requested: str | None, *, on_cuda: bool, backends: tuple[str, ...], probe=None) -> DtypeChoice:
     """The session's dtype. `probe` returns DeepSpeed's CPU dtypes (default: deepspeed_cpu_dtypes); it is
     asked only on a CPU-only machine with a DeepSpeed backend selected."""
-    if on_cuda or not any(b in DEEPSPEED_BACKENDS for b in backends):
+    if on_cuda or not any(runs_on_deepspeed(b) for b in backends):
         return DtypeChoice(requested or DEFAULT_DTYPE, requested)
     offered = (probe or deepspeed_cpu_dtypes)()
     if requested is not None or offered is None:

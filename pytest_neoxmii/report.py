@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pytest_neoxmii.report_tables import LATENCY_HEADERS, latency_cells, verdict_rows
+from pytest_neoxmii import backends as engines
 from pytest_neoxmii.table import format_table
 
 SUMMARY_SCHEMA = "pytest-neoxmii/summary"
@@ -28,10 +29,10 @@ def plot_file(model_name: str) -> str:
 
 
 def latency_rows(session) -> list[dict]:
-    """The session's latency results as dicts (samples included), hf first, then by batch size."""
-    order = {"hf": 0, "ds": 1, "mii": 2, "zero": 3}
-    results = sorted(session.latency.values(),
-                     key=lambda r: (order.get(r.backend, 9), r.backend, r.batch_size, r.bench))
+    """The session's latency results as dicts (samples included), in the engines' order (the hf reference
+    first), then by batch size."""
+    order = {name: i for i, name in enumerate(engines.display_order(r.backend for r in session.latency.values()))}
+    results = sorted(session.latency.values(), key=lambda r: (order[r.backend], r.batch_size, r.bench))
     return [r.as_dict() for r in results]
 
 
@@ -177,7 +178,9 @@ def terminal_summary(terminalreporter, session) -> None:
         g = groups[(rec.backend, rec.check, family)]
         g[0 if rec.passed else 1 if rec.passed is False else 2] += 1
     if groups:
-        rows = [[b, c, f, p, fl] for (b, c, f), (p, fl, _) in sorted(groups.items())]
+        order = {b: i for i, b in enumerate(engines.display_order(b for b, _, _ in groups))}
+        rows = [[b, c, f, p, fl] for (b, c, f), (p, fl, _) in sorted(groups.items(),
+                                                                      key=lambda g: (order[g[0][0]], g[0]))]
         tr.write_line(format_table(["backend", "check", "case family", "passed", "failed"], rows))
     _latency_section(tr, session)
     wall = time.perf_counter() - session.started

@@ -2,6 +2,8 @@
 terminal summary (report.py) and summary.md (markdown_summary.py) show the same cells."""
 from __future__ import annotations
 
+from pytest_neoxmii import backends as engines
+
 VERDICT_CHECKS = ("greedy", "teacher-forced", "golden", "golden-perplexity", "latency")
 
 
@@ -48,6 +50,6 @@ def verdict_rows(v: dict) -> tuple[list[str], list[list[str]]] | None:
     if not checks:
         return None
     rows = []
-    for backend in sorted(v, key=lambda b: ({"hf": 0, "ds": 1, "mii": 2, "zero": 3}.get(b, 9), b)):
+    for backend in engines.display_order(v):
         rows.append([backend] + [_verdict_cell(v[backend][c]) if c in v[backend] else "-" for c in checks])
     return ["backend"] + checks, rows

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from pytest_neoxmii import hardware, known_issues, precision
+from pytest_neoxmii import backends as engines
 from pytest_neoxmii.backends import Backend, load_backend
 from pytest_neoxmii.deploy.processes import DeploymentError
 from pytest_neoxmii.cases import Case, CasePlan, materialize, plan_cases
@@ -167,7 +168,8 @@ class NeoxSession:
             pytest.xfail(self.known_blocked[key])
         if key in self.crashed:
             pytest.fail(self.crashed[key], pytrace=False)
-        if name != "hf" and self.model is not None and name in self.options.backends:
+        reference = engines.is_reference(name)
+        if not reference and self.model is not None and name in self.options.backends:
             # Decided from the shape alone, before weights are built or anything deploys: a kernel abort
             # would take the whole session down.
             blocked = known_issues.match_deployment(name, dtype, self.device, self.model.spec)
@@ -175,18 +177,18 @@ class NeoxSession:
                 self.known_blocked[key] = blocked
                 pytest.xfail(blocked)
         model = self.require_model()
-        if name != "hf" and name not in self.options.backends:
+        if not reference and name not in self.options.backends:
             pytest.skip(f"backend {name} not selected (--neox-backends={','.join(self.options.backends)})")
         try:
             refusal = self.dtype_choice.refusal(name, dtype) if self.device == "cpu" else None
             if refusal:
                 raise BackendUnavailable(refusal)
             self._check_fits(name, dtype)
-            if name in ("ds", "mii") and self.device.startswith("cuda"):
+            if engines.engine(name).injects_kernels and self.device.startswith("cuda"):
                 self._build_kernels()
             with self.timed("model load"):
                 backend = load_backend(name, path=model.path, dtype=dtype, device=self.device,
-                                       tp=self.options.tp if name in ("ds", "mii") else 1,
+                                       tp=self._tp_of(name),
                                        max_tokens=self.max_tokens, spec=model.spec,
                                        max_batch=self.max_batch,
                                        zero_nvme=self.options.zero_nvme,
@@ -204,14 +206,18 @@ class NeoxSession:
         config = self.serving_configs.get(name)
         return None if config is None else config.values
 
+    def _tp_of(self, name: str) -> int:
+        """--neox-tp applies to the tensor-parallel engines; the others always run at tp = 1."""
+        return self.options.tp if engines.engine(name).tensor_parallel_capable else 1
+
     def _check_fits(self, name: str, dtype: str) -> None:
         hw = self.hardware
-        tp = self.options.tp if name in ("ds", "mii") else 1
+        tp = self._tp_of(name)
         if tp > 1 and hw.count < tp:
             raise BackendUnavailable(f"--neox-tp={tp} needs {tp} GPUs, found {hw.count}")
         if not hw.gpus:
             return
-        if name == "zero":     # weights stay in CPU/NVMe memory by design
+        if not engines.engine(name).weights_on_gpu:     # e.g. ZeRO-Inference: CPU/NVMe memory by design
             return
         ok, reason = self.model.spec.fits(dtype, tp, [g.total_memory for g in hw.gpus])
         if not ok:
@@ -248,11 +254,11 @@ class NeoxSession:
 
     def reference(self) -> Backend:
         """The ground truth: HF transformers in fp32 on the same device."""
-        return self.backend("hf", "fp32")
+        return self.backend(engines.reference_name(), "fp32")
 
     def peer(self) -> Backend:
         """The HF reference at the session's dtype: its distance to fp32 is the noise floor."""
-        return self.backend("hf", self.dtype)
+        return self.backend(engines.reference_name(), self.dtype)
 
     # -- cached model calls ---------------------------------------------------------------------------
     def generation(self, backend: Backend, case: Case) -> Generation:

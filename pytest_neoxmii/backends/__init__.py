@@ -1,42 +1,104 @@
-"""Backend loaders by name. Each returns an object implementing backends.base.Backend; the rest of the
-plugin (parity, baselines, report) only ever sees that interface."""
+"""The engines, by name, in display order: the one registry the rest of the plugin reads (the names
+--neox-backends accepts, the order of the report and the plots, which engines DeepSpeed's CPU dtypes bound).
+Every engine implements backends.base.Backend and declares its traits there; parity, baselines and the
+report only ever see that interface.
+
+Adding an engine: its own file with a Backend subclass (traits as class attributes, a `load(request)`
+classmethod; import optional packages inside it, so that a missing one is a skip for that engine alone), and
+one line here (or in a conftest.py, for an engine outside this package):
+
+    register("vllm", VllmBackend)                                   # one class at every tp
+    register("ds", DeepSpeedBackend, tensor_parallel=DsLauncherBackend)   # tp >= 2 runs another class
+"""
 from __future__ import annotations
 
-from pytest_neoxmii.backends.base import Backend, BackendInfo
+from dataclasses import dataclass
 
-BACKEND_DESCRIPTIONS = {
-    "hf": "Hugging Face transformers reference (eager)",
-    "ds": "DeepSpeed inference, kernel injection (init_inference; tp >= 2: under the DeepSpeed launcher)",
-    "mii": "DeepSpeed-MII legacy in-process deployment (tp >= 2: LOCAL gRPC server deployment)",
-    "zero": "ZeRO-Inference, stage 3 with parameters offloaded",
-}
+from pytest_neoxmii.backends.base import Backend, BackendInfo, LoadRequest
+from pytest_neoxmii.backends.deepspeed_inference import DeepSpeedBackend
+from pytest_neoxmii.backends.ds_launcher import DsLauncherBackend
+from pytest_neoxmii.backends.hf import HFBackend
+from pytest_neoxmii.backends.mii_legacy import MiiBackend
+from pytest_neoxmii.backends.mii_server import MiiServerBackend
+from pytest_neoxmii.backends.zero_inference import ZeroInferenceBackend
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A registered engine: its class at tp = 1 and, where it is tensor-parallel, its class at tp >= 2.
+    The engine-wide traits are the tp = 1 class's."""
+
+    name: str
+    backend: type[Backend]
+    tensor_parallel: type[Backend] | None = None
+
+    @property
+    def tensor_parallel_capable(self) -> bool:
+        return self.tensor_parallel is not None
+
+    def backend_for(self, tp: int) -> type[Backend]:
+        return self.tensor_parallel if tp > 1 and self.tensor_parallel is not None else self.backend
+
+    def __getattr__(self, trait: str):
+        # description, label, colour, is_reference, needs_deepspeed, injects_kernels, weights_on_gpu, ...
+        if trait.startswith("_"):
+            raise AttributeError(trait)
+        return getattr(self.backend, trait)
+
+
+ENGINES: dict[str, Engine] = {}      # in registration order, which is the display order
+
+
+def register(name: str, backend: type[Backend], *, tensor_parallel: type[Backend] | None = None) -> Engine:
+    """Make an engine selectable by --neox-backends=NAME; registering a name again replaces it in place."""
+    ENGINES[name] = Engine(name, backend, tensor_parallel)
+    return ENGINES[name]
+
+
+register("hf", HFBackend)
+register("ds", DeepSpeedBackend, tensor_parallel=DsLauncherBackend)
+register("mii", MiiBackend, tensor_parallel=MiiServerBackend)
+register("zero", ZeroInferenceBackend)
+
+
+def names() -> tuple[str, ...]:
+    return tuple(ENGINES)
+
+
+def engine(name: str) -> Engine:
+    try:
+        return ENGINES[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}: choose from {', '.join(ENGINES)}") from None
+
+
+def reference_name() -> str:
+    """The engine every other one is judged against (the HF reference)."""
+    return next(name for name, e in ENGINES.items() if e.is_reference)
+
+
+def is_reference(name: str) -> bool:
+    return name in ENGINES and ENGINES[name].is_reference
+
+
+def display_order(names_seen) -> list[str]:
+    """Registered engines in registration order, then any others (from older reports) alphabetically."""
+    seen = set(names_seen)
+    return [n for n in ENGINES if n in seen] + sorted(seen - set(ENGINES))
 
 
 def load_backend(name: str, *, path, dtype: str, device: str, tp: int, max_tokens: int, spec,
                  max_batch: int = 1, zero_nvme=None, engine_config: dict | None = None) -> Backend:
-    """Import lazily: a missing optional package is a skip for that backend alone, not an import error.
+    """Load the engine `name` at tensor-parallel degree `tp` (its tp >= 2 class where it has one).
 
     engine_config: the user's serving config of ds (init_inference's config) or mii (mii_config), merged over
-    the backend's defaults (serving_config.merged) and deployed as it is.
-
-    ds and mii keep their names at every tp; tp >= 2 runs out of process (one process per GPU): ds under the
-    DeepSpeed launcher (backends/ds_launcher.py), mii as MII's LOCAL gRPC deployment (backends/mii_server.py)."""
-    if tp > 1 and name in ("ds", "mii"):
-        return _load_tensor_parallel(name, path=path, dtype=dtype, device=device, tp=tp, max_tokens=max_tokens,
-                                     max_batch=max_batch, engine_config=engine_config)
-    if name == "hf":
-        from pytest_neoxmii.backends.hf import HFBackend
-        return HFBackend(path, dtype, device)
-    if name == "ds":
-        from pytest_neoxmii.backends.deepspeed_inference import DeepSpeedBackend
-        return DeepSpeedBackend(path, dtype, device, tp, max_tokens, max_batch, engine_config=engine_config)
-    if name == "mii":
-        from pytest_neoxmii.backends.mii_legacy import MiiBackend
-        return MiiBackend(path, dtype, device, tp, max_tokens, max_batch, engine_config=engine_config)
-    if name == "zero":
-        from pytest_neoxmii.backends.zero_inference import ZeroInferenceBackend
-        return ZeroInferenceBackend(path, dtype, device, spec.hidden_size, zero_nvme)
-    raise ValueError(f"unknown backend {name!r}")
+    the backend's defaults (serving_config.merged) and deployed as it is."""
+    cls = engine(name).backend_for(tp)
+    request = LoadRequest(path=path, dtype=dtype, device=device, tp=tp, max_tokens=max_tokens,
+                          max_batch=max_batch, spec=spec, zero_nvme=zero_nvme, engine_config=engine_config)
+    if not cls.runs_in_worker:
+        return cls.load(request)
+    return _deploy_once(name, cls, request)
 
 
 # A deployment that failed to start (its log tail is in the error) is not started again for every test
@@ -44,23 +106,25 @@ def load_backend(name: str, *, path, dtype: str, device: str, tp: int, max_token
 _failed_deployments: dict[tuple, Exception] = {}
 
 
-def _load_tensor_parallel(name: str, *, path, dtype: str, device: str, tp: int, max_tokens: int,
-                          max_batch: int, engine_config: dict | None = None) -> Backend:
+def _deploy_once(name: str, cls: type[Backend], request: LoadRequest) -> Backend:
     from pytest_neoxmii.deploy.processes import DeploymentError
     from pytest_neoxmii.injection import InjectionFailed
-    key = (name, str(path), dtype, tp, max_tokens, max_batch, repr(sorted((engine_config or {}).items())))
+    r = request
+    key = (name, str(r.path), r.dtype, r.tp, r.max_tokens, r.max_batch,
+           repr(sorted((r.engine_config or {}).items())))
     if key in _failed_deployments:
-        raise DeploymentError(f"{name} tp={tp} failed to deploy earlier in this session, not retried: "
+        raise DeploymentError(f"{name} tp={r.tp} failed to deploy earlier in this session, not retried: "
                               f"{_failed_deployments[key]}")
     try:
-        if name == "ds":
-            from pytest_neoxmii.backends.ds_launcher import DsLauncherBackend
-            return DsLauncherBackend(path, dtype, device, tp, max_tokens, max_batch, engine_config=engine_config)
-        from pytest_neoxmii.backends.mii_server import MiiServerBackend
-        return MiiServerBackend(path, dtype, device, tp, max_tokens, max_batch, engine_config=engine_config)
+        return cls.load(request)
     except (DeploymentError, InjectionFailed) as exc:
         _failed_deployments[key] = exc
         raise
 
 
-__all__ = ["Backend", "BackendInfo", "BACKEND_DESCRIPTIONS", "load_backend"]
+def descriptions() -> dict[str, str]:
+    return {name: e.description for name, e in ENGINES.items()}
+
+
+__all__ = ["Backend", "BackendInfo", "Engine", "ENGINES", "LoadRequest", "descriptions", "display_order",
+           "engine", "is_reference", "load_backend", "names", "reference_name", "register"]

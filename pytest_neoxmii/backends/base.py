@@ -1,9 +1,12 @@
 """The small interface every backend implements (hf, ds, mii, zero), in the spirit of vLLM's HfRunner and
-VllmRunner: the same calls and the same output types, whatever runs underneath."""
+VllmRunner: the same calls and the same output types, whatever runs underneath. An engine also declares its
+traits here, as class attributes, so that the session, the judges and the report read what an engine can
+do instead of comparing its name."""
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pytest_neoxmii.outputs import Generation, LayerTrace, PromptBatch, Scores
 
@@ -32,14 +35,46 @@ class BackendInfo:
         return ", ".join(parts)
 
 
+@dataclass(frozen=True)
+class LoadRequest:
+    """Everything the session knows when it loads an engine; each engine takes what it needs."""
+
+    path: Path                       # the model directory
+    dtype: str                       # "fp16", "bf16", "fp32"
+    device: str                      # "cpu", "cuda:0"
+    tp: int = 1                      # tensor-parallel degree (1 for engines that are not tensor-parallel)
+    max_tokens: int = 1024           # DeepSpeed's workspace: the longest case, prompt plus output
+    max_batch: int = 1               # the largest batch of the cases (DeepSpeed sizes its workspace by it)
+    spec: object = None              # registry.ModelSpec of the model
+    zero_nvme: Path | None = None    # --neox-zero-nvme
+    engine_config: dict | None = None   # the user's serving config (--neox-ds-config / --neox-mii-config)
+
+
 class Backend(abc.ABC):
     """A loaded model that can generate greedily and score teacher-forced. Load happens in the
     constructor (or a factory); close() must release every resource (GPU memory, processes, ports)."""
 
     info: BackendInfo
+
+    # -- traits (class attributes; the registry in backends/__init__.py reads them) ------------------------
+    description = ""             # one line: --help, the report header
+    label = ""                   # the plots' legend (default: the engine's name)
+    colour = "#9467bd"           # the plots' colour
+    is_reference = False         # the HF reference: the ground truth every other engine is judged against
+    can_score = True             # teacher-forced scores: False makes those cases skip with score()'s reason
     # The generated tokens reach the session as text (MII's query API): special tokens such as the pad token
-    # are dropped in decoding, so the greedy judge puts the reference through the same channel first.
+    # are dropped in decoding, so the greedy judge puts the reference through the same channel first. Such an
+    # engine also has .tokenizer and query_texts(texts, max_new_tokens), the call its users wait for.
     output_is_text = False
+    needs_deepspeed = False      # runs on DeepSpeed's accelerator: on a CPU, DeepSpeed's dtypes bound it
+    injects_kernels = False      # DeepSpeed kernel injection on CUDA (its inference op is built before load)
+    weights_on_gpu = True        # False: weights stay in CPU/NVMe memory, so GPU memory never rules it out
+    runs_in_worker = False       # the model is in other processes: no .model here, time with a wall clock
+
+    @classmethod
+    def load(cls, request: LoadRequest) -> "Backend":
+        """Load the engine for the session's request (the registry calls this)."""
+        raise NotImplementedError(f"{cls.__name__} does not say how to load it: define load(request)")
 
     @abc.abstractmethod
     def generate(self, batch: PromptBatch, max_new_tokens: int, top_k: int = 5) -> Generation:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from pytest_neoxmii import compat
-from pytest_neoxmii.backends.base import BackendInfo
+from pytest_neoxmii.backends.base import BackendInfo, LoadRequest
 from pytest_neoxmii.backends.hf import load_hf_model
 from pytest_neoxmii.backends.torch_model import TorchModelBackend
 from pytest_neoxmii.dtypes import TORCH_DTYPES
@@ -54,7 +54,47 @@ def init_distributed_env() -> None:
         os.environ.setdefault(key, value)
 
 
-class DeepSpeedBackend(TorchModelBackend):
+class KernelInjectedBackend(TorchModelBackend):
+    """A DeepSpeed inference engine in the test process (ds, and the model inside an in-process MII
+    deployment): kernel injection verified where asked, the workspace sized, DeepSpeed's process-wide
+    workspace released with the last such engine."""
+
+    needs_deepspeed = True
+    injects_kernels = True
+    _injected = False
+
+    @classmethod
+    def load(cls, request: LoadRequest) -> "KernelInjectedBackend":
+        r = request
+        return cls(r.path, r.dtype, r.device, r.tp, r.max_tokens, r.max_batch, engine_config=r.engine_config)
+
+    def _verify_kernels(self, module, *, inject: bool, on_gpu: bool, max_batch: int, config_name: str) -> str:
+        """The kernels as the report says them. Where injection was asked, every layer must have it (else
+        InjectionFailed), and the first forward sizes the workspace for the largest batch."""
+        report = count_injected(module, len(module.gpt_neox.layers))
+        if not inject:
+            return ("none (CPU: no kernel injection)" if not on_gpu
+                    else f"none (replace_with_kernel_inject is off in the {config_name} config)")
+        require_injected(report, compat.transformers_version())
+        engine_loaded()
+        self._injected = True
+        self.size_workspace(max_batch)
+        return report.describe()
+
+    def close(self) -> None:
+        if getattr(self, "model", None) is None:
+            return
+        self._release()
+        if self._injected:
+            self._injected = False
+            engine_closed()
+
+
+class DeepSpeedBackend(KernelInjectedBackend):
+    description = "DeepSpeed inference, kernel injection (init_inference; tp >= 2: under the DeepSpeed launcher)"
+    label = "DeepSpeed inference"
+    colour = "#1f77b4"
+
     def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1, *,
                  engine_config: dict | None = None):
         from pytest_neoxmii.serving_config import merged
@@ -79,27 +119,12 @@ class DeepSpeedBackend(TorchModelBackend):
         self.device = device
         before = gpu_used_bytes(device)
         model = load_hf_model(path, dtype, device if on_gpu else "cpu")
-        total = len(model.gpt_neox.layers)
-        engine = deepspeed.init_inference(model, config=config)
-        self.model = engine
-        report = count_injected(engine.module, total)
-        if inject:
-            require_injected(report, compat.transformers_version())
-            engine_loaded()
-            self.size_workspace(max_batch)
-        self._injected = inject
+        self.model = deepspeed.init_inference(model, config=config)
+        kernels = self._verify_kernels(self.model.module, inject=inject, on_gpu=on_gpu, max_batch=max_batch,
+                                       config_name="ds")
         held = gpu_used_bytes(device) - before if on_gpu else None
         self.info = BackendInfo(
-            backend="ds", dtype=dtype, device=device, tensor_parallel=tp,
-            kernels=report.describe() if inject else "none (CPU: no kernel injection)" if not on_gpu
-            else "none (replace_with_kernel_inject is off in the ds config)",
+            backend="ds", dtype=dtype, device=device, tensor_parallel=tp, kernels=kernels,
             gpu_memory_bytes=held, notes=[f"max_tokens={config['max_tokens']}",
                                           f"workspace sized for batch {max_batch}"]
             + (["user config merged over the defaults"] if engine_config else []))
-
-    def close(self) -> None:
-        if getattr(self, "model", None) is None:
-            return
-        self._release()
-        if self._injected:
-            engine_closed()

@@ -1,5 +1,5 @@
 """DeepSpeed tensor parallelism across GPUs, run the way DeepSpeed runs it: under the DeepSpeed launcher,
-one process per GPU (deploy/tp_worker.py), each calling init_inference with tp_size = N and kernel
+one process per GPU (backends/ds_rank.py), each calling init_inference with tp_size = N and kernel
 injection. Rank 0 answers this backend over a local authenticated channel (deploy/channel.py) and
 broadcasts every request to the other ranks, so generate, score and trace behave as for the in-process
 backends, with the same output types.
@@ -11,69 +11,49 @@ tail. close() asks the ranks to exit, then ends the whole tree and waits for GPU
 from __future__ import annotations
 
 import json
-
-import shutil
 import time
 from pathlib import Path
 
-from pytest_neoxmii.backends.base import Backend, BackendInfo
-from pytest_neoxmii.deploy import channel, gpumem, launcher, ports, processes
+from pytest_neoxmii.backends.base import BackendInfo
+from pytest_neoxmii.backends.worker_deployment import WorkerDeployment
+from pytest_neoxmii.deploy import channel, launcher, ports, processes
 from pytest_neoxmii.errors import BackendUnavailable
 from pytest_neoxmii.outputs import Generation, LayerTrace, PromptBatch, Scores
 
-WORKER = "pytest_neoxmii.deploy.tp_worker"
+WORKER = "pytest_neoxmii.backends.ds_rank"
 
 
-class DsLauncherBackend(Backend):
-    can_score = True
-    # The model runs in other processes: CUDA events or synchronize in the session measure none of its
-    # work (time with a wall clock), and there is no .model; info.device lists every GPU ("cuda:0,1").
-
+class DsLauncherBackend(WorkerDeployment):
+    needs_deepspeed = True
+    injects_kernels = True
     def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1, *,
                  gpus: list[int] | None = None, ready_timeout: float | None = None,
                  request_timeout: float | None = None, memory_probe="default", factory: str | None = None,
                  name: str = "ds", engine_config: dict | None = None):
-        self._closed = True
-        self.engine_config = engine_config           # the user's ds config, merged over the ranks' defaults
-        on_gpu = device.startswith("cuda")
         from pytest_neoxmii.backends.deepspeed_inference import check_kernels_can_run
         check_kernels_can_run(dtype, device)
-        self.tp, self.dtype, self.name = tp, dtype, name
-        self.gpus = list(gpus) if gpus is not None else list(range(tp))
-        self.request_timeout = request_timeout or processes.env_float("NEOXMII_REQUEST_TIMEOUT", 600)
-        self.tag = processes.new_tag("ds-tp")
-        self.run_dir = processes.run_dir(self.tag)
-        self._probe = (gpumem.default_probe(lambda: processes.other_live_pids(self.tag))
-                       if memory_probe == "default" else memory_probe)
-        self._baseline = self._probe() if self._probe else None
-        self._trees: list[processes.ProcessTree] = []
+        self.name, self.path, self.device = name, Path(path), device
+        self.max_tokens, self.max_batch, self.factory = max_tokens, max_batch, factory
         self.conn = None
-        self.teardown_report: processes.TeardownReport | None = None
-        self._failed = False
+        super().__init__(tag_prefix="ds-tp", dtype=dtype, tp=tp, gpus=gpus, ready_timeout=ready_timeout,
+                         request_timeout=request_timeout, memory_probe=memory_probe, engine_config=engine_config)
+
+    def _reserve(self) -> None:
         self._ports = ports.reserve(1)               # torch.distributed's master port
-        self._listener = channel.Listener()
-        self._closed = False
-        processes.register_live(self.tag, self.close)
         try:
-            t0 = time.monotonic()
-            infos = self._start(Path(path), device, max_tokens, max_batch, factory,
-                                ready_timeout or processes.env_float("NEOXMII_READY_TIMEOUT", 900))
-            self.deploy_seconds = time.monotonic() - t0
-            self.info = self._describe(infos, on_gpu, max_tokens, max_batch)
-        except BaseException:                        # a failed start, or Ctrl-C during it: leave nothing
-            self._failed = True
-            self.close()
+            self._listener = channel.Listener()
+        except BaseException:
+            self._ports.release()
             raise
 
-    def _start(self, path: Path, device: str, max_tokens: int, max_batch: int, factory: str | None,
-               ready_timeout: float) -> list[dict]:
+    def _start(self, ready_timeout: float) -> None:
         hostfile = launcher.write_hostfile(self.run_dir / "hostfile", max(self.gpus) + 1)
         cmd = launcher.runner_command(hostfile, self.gpus, self._ports.ports[0]) + [
-            "--no_local_rank", "--module", WORKER, "--address", self._listener.address, "--model", str(path),
-            "--dtype", self.dtype, "--max-tokens", str(max_tokens), "--max-batch", str(max_batch),
-            "--device", "cuda" if device.startswith("cuda") else "cpu"]
-        if factory:
-            cmd += ["--factory", factory]
+            "--no_local_rank", "--module", WORKER, "--address", self._listener.address, "--model", str(self.path),
+            "--dtype", self.dtype, "--max-tokens", str(self.max_tokens), "--max-batch", str(self.max_batch),
+            "--device", "cuda" if self.device.startswith("cuda") else "cpu"]
+        if self.factory:
+            cmd += ["--factory", self.factory]
         if self.engine_config:
             cmd += ["--engine-config", json.dumps(self.engine_config)]
         tree = processes.start(cmd, name=f"DeepSpeed launcher (ds tp={self.tp})",
@@ -92,20 +72,22 @@ class DsLauncherBackend(Backend):
             raise processes.ReadinessTimeout(
                 f"ds tp={self.tp}: rank 0 did not report ready within {ready_timeout:.0f} s, its processes still "
                 f"running; last lines of {tree.log_path}:\n{tree.log_tail()}") from None
-        return ready["infos"]
+        self.rank_infos = ready["infos"]
 
-    def _describe(self, infos: list[dict], on_gpu: bool, max_tokens: int, max_batch: int) -> BackendInfo:
+    def _describe(self) -> BackendInfo:
+        infos = self.rank_infos
         kernels = {i["kernels"] for i in infos}
         held = [i["gpu_memory_bytes"] for i in infos if i.get("gpu_memory_bytes") is not None]
         return BackendInfo(
             backend=self.name, dtype=self.dtype,
-            device="cuda:" + ",".join(map(str, self.gpus)) if on_gpu else "cpu", tensor_parallel=self.tp,
+            device="cuda:" + ",".join(map(str, self.gpus)) if self.device.startswith("cuda") else "cpu",
+            tensor_parallel=self.tp,
             kernels=kernels.pop() if len(kernels) == 1 else "; ".join(f"rank {i['rank']}: {i['kernels']}"
                                                                       for i in infos),
             gpu_memory_bytes=sum(held) if held else None,
             notes=[f"DeepSpeed launcher, {self.tp} ranks",
-                   f"max_tokens={(self.engine_config or {}).get('max_tokens', max_tokens)}",
-                   f"workspace sized for batch {max_batch}", f"deployed in {self.deploy_seconds:.1f} s"])
+                   f"max_tokens={(self.engine_config or {}).get('max_tokens', self.max_tokens)}",
+                   f"workspace sized for batch {self.max_batch}", f"deployed in {self.deploy_seconds:.1f} s"])
 
     # -- requests -------------------------------------------------------------------------------------
     def _call(self, op: str, *args):
@@ -155,26 +137,20 @@ class DsLauncherBackend(Backend):
         channel.send(self.conn, {"op": "shutdown"})
         channel.receive(self.conn, 10)
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self.teardown_report = processes.teardown_with_settings(
-                self._trees, name=f"{self.name} tp={self.tp} (DeepSpeed launcher)", tag=self.tag,
-                polite=self._shutdown if self.conn is not None else None, polite_timeout_default=15,
-                memory_probe=self._probe, memory_baseline=self._baseline)
-        finally:
-            for closable in (self.conn, self._listener):
-                try:
-                    if closable is not None:
-                        closable.close()
-                except OSError:
-                    pass
-            self._ports.release()
-            processes.unregister_live(self.tag)
-            if not self._failed and not (self.teardown_report and self.teardown_report.leaked):
-                shutil.rmtree(self.run_dir, ignore_errors=True)    # logs are kept when something went wrong
+    def _polite(self):
+        return self._shutdown if self.conn is not None else None
+
+    def _teardown_name(self) -> str:
+        return f"{self.name} tp={self.tp} (DeepSpeed launcher)"
+
+    def _release(self) -> None:
+        for closable in (self.conn, self._listener):
+            try:
+                if closable is not None:
+                    closable.close()
+            except OSError:
+                pass
+        self._ports.release()
 
 
 def describe_request(op: str, args) -> str:

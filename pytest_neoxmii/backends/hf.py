@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pytest_neoxmii.backends.base import BackendInfo
+from pytest_neoxmii.backends.base import BackendInfo, LoadRequest
 from pytest_neoxmii.backends.torch_model import TorchModelBackend
 from pytest_neoxmii.dtypes import TORCH_DTYPES
 from pytest_neoxmii.injection import gpu_used_bytes
@@ -16,6 +16,15 @@ def load_hf_model(path: Path, dtype: str, device: str):
 
 
 class HFBackend(TorchModelBackend):
+    description = "Hugging Face transformers reference (eager)"
+    label = "HF transformers"
+    colour = "#7f7f7f"
+    is_reference = True
+
+    @classmethod
+    def load(cls, request: LoadRequest) -> "HFBackend":
+        return cls(request.path, request.dtype, request.device)
+
     def __init__(self, path: Path, dtype: str, device: str, name: str = "hf"):
         self.device = device
         before = gpu_used_bytes(device)

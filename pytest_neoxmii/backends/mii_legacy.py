@@ -11,12 +11,11 @@ import torch
 
 from pytest_neoxmii import compat
 from pytest_neoxmii.backends.base import BackendInfo
-from pytest_neoxmii.backends.deepspeed_inference import check_kernels_can_run, init_distributed_env
-from pytest_neoxmii.backends.torch_model import TorchModelBackend
+from pytest_neoxmii.backends.deepspeed_inference import (KernelInjectedBackend, check_kernels_can_run,
+                                                         init_distributed_env)
 from pytest_neoxmii.dtypes import TORCH_DTYPES
 from pytest_neoxmii.errors import BackendUnavailable
-from pytest_neoxmii.injection import (count_injected, engine_closed, engine_loaded, gpu_used_bytes,
-                                      require_injected)
+from pytest_neoxmii.injection import gpu_used_bytes
 from pytest_neoxmii.outputs import Generation, PromptBatch
 
 _counter = itertools.count()
@@ -42,8 +41,12 @@ def prompt_texts(tokenizer, batch: PromptBatch) -> list[str]:
     return texts
 
 
-class MiiBackend(TorchModelBackend):
+class MiiBackend(KernelInjectedBackend):
+    description = "DeepSpeed-MII legacy in-process deployment (tp >= 2: LOCAL gRPC server deployment)"
+    label = "DeepSpeed-MII"
+    colour = "#2ca02c"
     output_is_text = True          # mii_query_handle returns generated_text
+
     def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1, *,
                  engine_config: dict | None = None):
         if tp > 1:
@@ -79,18 +82,11 @@ class MiiBackend(TorchModelBackend):
         if not on_gpu:
             self.pipeline.device = torch.device("cpu")  # MII overwrites it with cuda:0 (docs/STACK.md trap 7)
         self.model = self.pipeline.model               # the DeepSpeed engine MII built
-        module = getattr(self.model, "module", self.model)
-        report = count_injected(module, len(module.gpt_neox.layers))
-        if inject:
-            require_injected(report, compat.transformers_version())
-            engine_loaded()
-            self.size_workspace(max_batch)
-        self._injected = inject
+        kernels = self._verify_kernels(getattr(self.model, "module", self.model), inject=inject, on_gpu=on_gpu,
+                                       max_batch=max_batch, config_name="mii")
         held = gpu_used_bytes(device) - before if on_gpu else None
         self.info = BackendInfo(
-            backend="mii", dtype=dtype, device=device, tensor_parallel=1,
-            kernels=report.describe() if inject else "none (CPU: no kernel injection)" if not on_gpu
-            else "none (replace_with_kernel_inject is off in the mii config)",
+            backend="mii", dtype=dtype, device=device, tensor_parallel=1, kernels=kernels,
             gpu_memory_bytes=held, notes=["MII legacy NON_PERSISTENT, queried through mii_query_handle"])
 
     def query_texts(self, texts: list[str], max_new_tokens: int) -> list[str]:
@@ -117,13 +113,10 @@ class MiiBackend(TorchModelBackend):
         return Generation(tokens=tokens, top_logprobs=top)
 
     def close(self) -> None:
-        if getattr(self, "_mii", None) is not None:
-            self._mii.non_persistent_models.pop(self.name, None)
-            self._mii = None
-        else:
+        if getattr(self, "_mii", None) is None:
             return
+        self._mii.non_persistent_models.pop(self.name, None)
+        self._mii = None
         self.pipeline = None
         self.handle = None
-        self._release()
-        if self._injected:
-            engine_closed()
+        super().close()

@@ -14,7 +14,7 @@ memory to come back (deploy/processes.py).
 
 MII's gRPC API returns generated text only. What the engine generated (ids, and the top-k logprobs of each
 step) is recorded by rank 0 next to the engine (backends/generation_capture.py, armed in
-deploy/mii_rank.py) and read back after each query, so a greedy divergence is judged by the same near-tie
+backends/mii_rank.py) and read back after each query, so a greedy divergence is judged by the same near-tie
 rule as every other backend (text alone cannot be: docs/SENSITIVITY.md). Teacher-forced scoring is still
 not offered: a query generates, it does not score a given text. score() raises BackendUnavailable with that
 reason and `can_score` is False; teacher-forced parity at tp >= 2 is checked on the ds backend (DeepSpeed
@@ -31,12 +31,12 @@ from pathlib import Path
 
 from pytest_neoxmii import compat
 from pytest_neoxmii.backends import generation_capture as capture
-from pytest_neoxmii.backends.base import Backend, BackendInfo
+from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.backends.deepspeed_inference import check_kernels_can_run
 from pytest_neoxmii.backends.mii_legacy import import_mii, prompt_texts
+from pytest_neoxmii.backends.worker_deployment import WorkerDeployment
+from pytest_neoxmii.deploy import launcher, ports, processes
 from pytest_neoxmii.dtypes import TORCH_DTYPES
-from pytest_neoxmii.deploy import gpumem, launcher, ports, processes
-from pytest_neoxmii.deploy.mii_rank import REPORT_DIR_ENV
 from pytest_neoxmii.errors import BackendUnavailable
 from pytest_neoxmii.injection import InjectionFailed
 from pytest_neoxmii.outputs import Generation, PromptBatch
@@ -53,53 +53,35 @@ def _port_open(port: int) -> bool:
         return False
 
 
-class MiiServerBackend(Backend):
+class MiiServerBackend(WorkerDeployment):
+    needs_deepspeed = True
+    injects_kernels = True
     can_score = False
     output_is_text = False         # the ids and logprobs are rank 0's engine's own, not re-tokenized text
-    # The model runs in other processes: CUDA events or synchronize in the session measure none of its
-    # work (time with a wall clock), and there is no .model; info.device lists every GPU ("cuda:0,1").
+    polite_timeout = 3.0                     # trap 8: the servers may not exit on their own
 
     def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1, *,
                  gpus: list[int] | None = None, ready_timeout: float | None = None,
                  request_timeout: float | None = None, memory_probe="default",
                  engine_config: dict | None = None):
-        self._closed = True                  # nothing to tear down until processes exist
-        self.engine_config = engine_config   # the user's mii config (model_conf keys), merged over the defaults
         if not device.startswith("cuda"):
             raise BackendUnavailable("the MII LOCAL deployment needs CUDA GPUs: MII asserts "
                                      "torch.cuda.device_count() >= tensor_parallel and its servers run on "
                                      "cuda:<rank>")
         check_kernels_can_run(dtype, device)
-        mii = import_mii()
+        self._mii = import_mii()
         from transformers import AutoTokenizer
 
-        self.path, self.dtype, self.tp = Path(path), dtype, tp
-        self.gpus = list(gpus) if gpus is not None else list(range(tp))
+        self.path, self.max_tokens = Path(path), max_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.request_timeout = request_timeout or processes.env_float("NEOXMII_REQUEST_TIMEOUT", 600)
-        self.tag = processes.new_tag("mii-tp")
-        self.name = f"neoxmii-{self.tag}"   # MII's deployment name: unique on the host (pid + random)
-        self.run_dir = processes.run_dir(self.tag)
-        self._probe = (gpumem.default_probe(lambda: processes.other_live_pids(self.tag))
-                       if memory_probe == "default" else memory_probe)
-        self._baseline = self._probe() if self._probe else None
-        self._trees: list[processes.ProcessTree] = []
         self._score_dir: Path | None = None
         self.handle = None
-        self.teardown_report: processes.TeardownReport | None = None
-        self._failed = False
-        self.ports = ports.reserve_mii(tp)
-        self._closed = False
-        processes.register_live(self.tag, self.close)
-        try:
-            t0 = time.monotonic()
-            self._deploy(mii, max_tokens, ready_timeout or processes.env_float("NEOXMII_READY_TIMEOUT", 900))
-            self.deploy_seconds = time.monotonic() - t0
-            self.info = self._describe(max_tokens)
-        except BaseException:                # a failed start, or Ctrl-C during it: leave nothing behind
-            self._failed = True
-            self.close()
-            raise
+        super().__init__(tag_prefix="mii-tp", dtype=dtype, tp=tp, gpus=gpus, ready_timeout=ready_timeout,
+                         request_timeout=request_timeout, memory_probe=memory_probe, engine_config=engine_config)
+
+    def _reserve(self) -> None:
+        self.name = f"neoxmii-{self.tag}"   # MII's deployment name: unique on the host (pid + random)
+        self.ports = ports.reserve_mii(self.tp)
 
     # -- deploy ---------------------------------------------------------------------------------------
     def _mii_config(self, max_tokens: int, hostfile: Path):
@@ -127,13 +109,15 @@ class MiiServerBackend(Backend):
                 f"the reserved {p.ranks} / {p.torch_dist}: MII's port scheme changed (mii/legacy/config.py)")
         return config, replica
 
-    def _deploy(self, mii, max_tokens: int, ready_timeout: float) -> None:
+    def _start(self, ready_timeout: float) -> None:
         from mii.legacy.models.score import create_score_file
         from mii.legacy.models.score.generate import generated_score_path
         from mii.legacy.server import MIIServer, config_to_b64_str
 
+        from pytest_neoxmii.backends.mii_rank import REPORT_DIR_ENV   # not at import: `python -m` runs that module
+
         hostfile = launcher.write_hostfile(self.run_dir / "hostfile", max(self.gpus) + 1)
-        config, replica = self._mii_config(max_tokens, hostfile)
+        config, replica = self._mii_config(self.max_tokens, hostfile)
         create_score_file(config)            # mii_query_handle(name) reads the config back from it
         self._score_dir = Path(generated_score_path(self.name, config.deployment_type)).parent
         # The arguments MIIServer._initialize_service passes, as separate argv items.
@@ -144,7 +128,7 @@ class MiiServerBackend(Backend):
         env = {"TRANSFORMERS_CACHE": config.model_conf.model_path,   # what MII sets for its servers
                REPORT_DIR_ENV: str(self.run_dir)}
         servers = processes.start(
-            ds + [sys.executable, "-m", "pytest_neoxmii.deploy.mii_rank", *common,
+            ds + [sys.executable, "-m", "pytest_neoxmii.backends.mii_rank", *common,
                   "--server-port", str(replica.tensor_parallel_ports[0])],
             name=f"MII servers (DeepSpeed launcher, tp={self.tp})", log_path=self.run_dir / "servers.log",
             tag=self.tag, env_extra=env)
@@ -158,7 +142,7 @@ class MiiServerBackend(Backend):
                              what=f"MII LOCAL deployment {self.name} (ports {wanted})")
         self.rank_reports = self._rank_reports()
         self._capture_path, self._capture_at = self.run_dir / capture.CAPTURE_FILE, 0
-        self.handle = mii.mii_query_handle(self.name)
+        self.handle = self._mii.mii_query_handle(self.name)
 
     def _rank_reports(self) -> list[dict]:
         reports = []
@@ -176,7 +160,7 @@ class MiiServerBackend(Backend):
                                       f"{compat.transformers_version()}): the kernels were not injected")
         return reports
 
-    def _describe(self, max_tokens: int) -> BackendInfo:
+    def _describe(self) -> BackendInfo:
         kernels = {r["kernels"] for r in self.rank_reports}
         held = None
         if self._probe is not None:
@@ -189,7 +173,7 @@ class MiiServerBackend(Backend):
                                                                       for r in self.rank_reports),
             gpu_memory_bytes=held,
             notes=[f"MII LOCAL gRPC server, {self.tp} ranks under the DeepSpeed launcher",
-                   "load_with_sys_mem", f"max_tokens={(self.engine_config or {}).get('max_tokens', max_tokens)}",
+                   "load_with_sys_mem", f"max_tokens={(self.engine_config or {}).get('max_tokens', self.max_tokens)}",
                    f"deployed in {self.deploy_seconds:.1f} s",
                    "text only: no teacher-forced scores"])
 
@@ -250,20 +234,13 @@ class MiiServerBackend(Backend):
         with grpc.insecure_channel(f"localhost:{self.ports.load_balancer}") as channel:
             pb2_grpc.ModelResponseStub(channel).Terminate(empty_pb2.Empty(), timeout=10)
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self.teardown_report = processes.teardown_with_settings(
-                self._trees, name=f"mii tp={self.tp} deployment {self.name}", tag=self.tag,
-                polite=self._terminate if self.handle is not None else None,
-                polite_timeout_default=3,                        # trap 8: the servers may not exit on their own
-                memory_probe=self._probe, memory_baseline=self._baseline)
-        finally:
-            self.ports.release()
-            processes.unregister_live(self.tag)
-            if self._score_dir is not None:
-                shutil.rmtree(self._score_dir, ignore_errors=True)
-            if not self._failed and not (self.teardown_report and self.teardown_report.leaked):
-                shutil.rmtree(self.run_dir, ignore_errors=True)    # logs are kept when something went wrong
+    def _polite(self):
+        return self._terminate if self.handle is not None else None
+
+    def _teardown_name(self) -> str:
+        return f"mii tp={self.tp} deployment {self.name}"
+
+    def _release(self) -> None:
+        self.ports.release()
+        if self._score_dir is not None:
+            shutil.rmtree(self._score_dir, ignore_errors=True)

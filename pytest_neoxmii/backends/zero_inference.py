@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pytest_neoxmii.backends.base import BackendInfo
+from pytest_neoxmii.backends.base import BackendInfo, LoadRequest
 from pytest_neoxmii.backends.deepspeed_inference import init_distributed_env
 from pytest_neoxmii.backends.torch_model import TorchModelBackend
 from pytest_neoxmii.dtypes import TORCH_DTYPES
@@ -41,6 +41,16 @@ def zero_config(hidden_size: int, dtype: str, nvme_path: Path | None) -> dict:
 
 
 class ZeroInferenceBackend(TorchModelBackend):
+    description = "ZeRO-Inference, stage 3 with parameters offloaded"
+    label = "ZeRO-Inference"
+    colour = "#d62728"
+    needs_deepspeed = True
+    weights_on_gpu = False       # offloaded to CPU memory or NVMe by design
+
+    @classmethod
+    def load(cls, request: LoadRequest) -> "ZeroInferenceBackend":
+        return cls(request.path, request.dtype, request.device, request.spec.hidden_size, request.zero_nvme)
+
     def __init__(self, path: Path, dtype: str, device: str, hidden_size: int, nvme_path: Path | None = None):
         if nvme_path is not None and not Path(nvme_path).is_dir():
             raise BackendUnavailable(f"--neox-zero-nvme={nvme_path} is not a directory")

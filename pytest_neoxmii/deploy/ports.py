@@ -2,22 +2,24 @@
 
 MII's defaults (load balancer 50050, torch.distributed 29500, REST gateway 51080) collide as soon as two
 sessions share a host (docs/STACK.md trap 8). A port that is free when checked can still be taken before the
-server binds it, so each chosen port is also *reserved*: an exclusive flock on a per-port file in a
-host-wide directory. Other pickers (threads, processes, other sessions) skip reserved ports; the kernel
-drops the lock when the holder exits, so a killed session never leaves a stale reservation.
+server binds it, so each chosen port is also *reserved*: an exclusive file lock (filelock, flock on
+Linux) on a per-port file in a host-wide directory. Other pickers (threads, processes, other sessions)
+skip reserved ports; the kernel drops the lock when the holder exits, so a killed session never leaves a
+stale reservation.
 
 Ports come from below the kernel's ephemeral range (ip_local_port_range): the kernel hands those out to
 outgoing connections (NCCL bootstrap, gRPC clients) at any moment, which would race with our servers."""
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import random
 import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 LOCK_DIR = Path(os.environ.get("NEOXMII_PORT_LOCK_DIR") or Path(tempfile.gettempdir()) / "pytest-neoxmii-ports")
 LOWEST = 20000
@@ -71,9 +73,9 @@ class PortReservation:
     _locks: list = field(default_factory=list, repr=False)
 
     def release(self) -> None:
-        for f in self._locks:
+        for lock in self._locks:
             try:
-                f.close()            # closing the file drops the flock
+                lock.release()
             except OSError:
                 pass
         self._locks.clear()
@@ -85,15 +87,16 @@ class PortReservation:
         self.release()
 
 
-def _lock(port: int):
+def _lock(port: int) -> FileLock | None:
+    """The port's lock, held, or None when someone else holds it (never waits)."""
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
-    f = open(LOCK_DIR / f"{port}.lock", "a")
+    # thread_local=False: a deployment may be closed from another thread than the one that deployed it.
+    lock = FileLock(LOCK_DIR / f"{port}.lock", timeout=0, thread_local=False)
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
+        lock.acquire()
+    except Timeout:
         return None
-    return f
+    return lock
 
 
 def _try_block(base: int, count: int):
@@ -101,14 +104,14 @@ def _try_block(base: int, count: int):
     pickers both see the port free and the loser only find out when its server fails to bind."""
     locks = []
     for port in range(base, base + count):
-        f = _lock(port)
-        if f is None or not is_free(port):
-            if f is not None:
-                f.close()
+        lock = _lock(port)
+        if lock is None or not is_free(port):
+            if lock is not None:
+                lock.release()
             for held in locks:
-                held.close()
+                held.release()
             return None
-        locks.append(f)
+        locks.append(lock)
     return locks
 
 
@@ -132,8 +135,8 @@ def reserve(count: int = 1, *, consecutive: bool = False, attempts: int = 2000) 
                 locks.extend(got)
                 break
         else:
-            for f in locks:
-                f.close()
+            for lock in locks:
+                lock.release()
             raise RuntimeError(f"no block of {size} free TCP port(s) found in {candidates.start}-"
                                f"{candidates.stop - 1} after {attempts} attempts")
     return PortReservation(chosen, locks)

@@ -29,10 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-try:
-    import psutil
-except ImportError:          # the DeepSpeed launcher itself needs psutil, but the teardown must not
-    psutil = None
+import psutil
 
 TAG_ENV = "NEOXMII_DEPLOYMENT"
 # NVLink multicast stays off in every process we start (the GPU hosts are shared; docs/STACK.md trap 13).
@@ -143,75 +140,41 @@ def deployment_env(tag: str | None, extra: dict[str, str] | None = None,
 
 # -- looking at processes ------------------------------------------------------------------------------
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, ppid) from /proc, None if the process is gone."""
+def _starttime(pid: int) -> float | None:
+    """When the process started: with the pid, it names one process, so a pid the kernel reused for
+    someone else's process is never taken for ours."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    return fields[0], int(fields[1])
-
-
-def _starttime(pid: int) -> int | None:
-    """When the process started (clock ticks since boot): with the pid, it names one process, so a pid
-    the kernel reused for someone else's process is never taken for ours."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-        return int(text[text.rindex(")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
         return None
 
 
 def alive(pid: int) -> bool:
     """Running or sleeping; a zombie has released its memory and counts as gone."""
-    if psutil is not None:
-        try:
-            return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-        except psutil.Error:
-            return False
-    st = _stat(pid)
-    return st is not None and st[0] not in ("Z", "X")
-
-
-def _all_pids() -> list[int]:
-    if psutil is not None:
-        return psutil.pids()
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    try:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
+        return False
 
 
 def descendants(pid: int) -> set[int]:
-    if psutil is not None:
-        try:
-            return {c.pid for c in psutil.Process(pid).children(recursive=True)}
-        except psutil.Error:
-            return set()
-    children: dict[int, list[int]] = {}
-    for p in _all_pids():
-        st = _stat(p)
-        if st is not None:
-            children.setdefault(st[1], []).append(p)
-    found, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in found:
-                found.add(c)
-                todo.append(c)
-    return found
-
-
-def _environ_has(pid: int, needle: bytes) -> bool:
     try:
-        return needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
+        return {c.pid for c in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
+def _environ_value(pid: int, name: str) -> str | None:
+    try:
+        return psutil.Process(pid).environ().get(name)
+    except psutil.Error:                  # gone, or someone else's process
+        return None
 
 
 def tagged(tag: str) -> set[int]:
     """Living processes started for the deployment `tag` (wherever they were re-parented to)."""
-    needle = f"{TAG_ENV}={tag}".encode()
     me = os.getpid()
-    return {p for p in _all_pids() if p != me and _environ_has(p, needle) and alive(p)}
+    return {p for p in psutil.pids() if p != me and _environ_value(p, TAG_ENV) == tag and alive(p)}
 
 
 def living(pids: Iterable[int]) -> list[int]:

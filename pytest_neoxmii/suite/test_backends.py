@@ -4,9 +4,11 @@ import gc
 
 import pytest
 
+from pytest_neoxmii.backends import ENGINES
+
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["ds", "mii"])
+@pytest.mark.parametrize("name", [name for name, engine in ENGINES.items() if engine.injects_kernels])
 def test_kernels_are_injected_in_every_layer(neox, name):
     backend = neox.backend(name)
     layers = neox.model.spec.num_hidden_layers

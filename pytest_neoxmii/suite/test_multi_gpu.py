@@ -18,9 +18,10 @@ from __future__ import annotations
 import pytest
 
 from pytest_neoxmii.checks import check_greedy, check_teacher_forced
+from pytest_neoxmii.backends import ENGINES
 from pytest_neoxmii.registry import HEADROOM
 
-TP_BACKENDS = ("ds", "mii")
+TP_BACKENDS = tuple(name for name, engine in ENGINES.items() if engine.tensor_parallel_capable)
 
 
 @pytest.fixture(params=TP_BACKENDS)
@@ -51,7 +52,7 @@ def test_tp_greedy_parity(neox, tp_name, neox_generation_case, request):
 @pytest.mark.multi_gpu(2)
 def test_tp_teacher_forced_parity(neox, tp_name, neox_case, request):
     backend = neox.backend(tp_name)
-    if not getattr(backend, "can_score", True):
+    if not backend.can_score:
         from pytest_neoxmii.backends.mii_server import NO_SCORES
         pytest.skip(NO_SCORES)
     check_teacher_forced(neox, tp_name, neox_case, request)

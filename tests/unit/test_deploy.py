@@ -84,9 +84,9 @@ def test_reserved_ports_are_distinct_free_and_held():
         rng = ports.candidate_range()
         assert all(p in rng and ports.is_free(p) for p in r1.ports + r2.ports)
         assert all(ports._lock(p) is None for p in r1.ports)      # held: nobody else can take them
-    f = ports._lock(r1.ports[0])                                 # released with the reservation
-    assert f is not None
-    f.close()
+    lock = ports._lock(r1.ports[0])                              # released with the reservation
+    assert lock is not None
+    lock.release()
 
 
 def test_a_bound_port_is_never_picked(monkeypatch):
@@ -295,7 +295,7 @@ def test_reaper_ends_the_deployment_when_the_test_process_is_killed(tmp_path):
 # -- the tensor-parallel worker's channel ------------------------------------------------------------------
 
 def test_worker_protocol_round_trip_in_process():
-    from pytest_neoxmii.deploy.tp_worker import PlumbingModel, serve
+    from pytest_neoxmii.backends.ds_rank import PlumbingModel, serve
     from pytest_neoxmii.outputs import PromptBatch
 
     listener = channel.Listener()
@@ -358,7 +358,7 @@ def test_ds_launcher_backend_end_to_end_with_a_stand_in_model(tag):
     from pytest_neoxmii.outputs import PromptBatch
 
     backend = DsLauncherBackend("/no/model", "fp32", "cpu", 2, 64, 1, memory_probe=None,
-                                factory="pytest_neoxmii.deploy.tp_worker:plumbing_model", ready_timeout=120)
+                                factory="pytest_neoxmii.backends.ds_rank:plumbing_model", ready_timeout=120)
     try:
         assert backend.info.tensor_parallel == 2 and backend.info.device == "cpu"
         pids = backend._trees[0].pids()
@@ -543,7 +543,7 @@ def test_a_worker_aborting_mid_request_is_a_crash_naming_signal_request_and_log(
     from pytest_neoxmii.outputs import PromptBatch
 
     backend = DsLauncherBackend("/no/model", "fp32", "cpu", tp, 64, 1, memory_probe=None,
-                                factory="pytest_neoxmii.deploy.tp_worker:aborting_model", ready_timeout=120)
+                                factory="pytest_neoxmii.backends.ds_rank:aborting_model", ready_timeout=120)
     try:
         pids = backend._trees[0].pids()
         t0 = time.monotonic()
@@ -567,7 +567,7 @@ def test_a_worker_dying_during_load_is_a_clear_error_with_its_log(tag):
     t0 = time.monotonic()
     with pytest.raises(processes.ServerDied) as info:
         DsLauncherBackend("/no/model", "fp32", "cpu", 1, 64, 1, memory_probe=None,
-                          factory="pytest_neoxmii.deploy.tp_worker:dies_at_load", ready_timeout=120)
+                          factory="pytest_neoxmii.backends.ds_rank:dies_at_load", ready_timeout=120)
     message = str(info.value)
     assert "exited with code" in message and "(exit code 1)" in message
     assert "failed on purpose while loading" in message
@@ -586,7 +586,7 @@ CRASH_CONFTEST = textwrap.dedent("""
                 return real(name, **kw)
             from pytest_neoxmii.backends.ds_launcher import DsLauncherBackend
             return DsLauncherBackend("/no/model", "fp32", "cpu", 1, 64, 1, memory_probe=None, ready_timeout=120,
-                                     factory="pytest_neoxmii.deploy.tp_worker:aborting_model")
+                                     factory="pytest_neoxmii.backends.ds_rank:aborting_model")
         monkeypatch.setattr(session_module, "load_backend", load)
 """)
 

@@ -210,7 +210,8 @@ def test_mii_is_timed_through_its_query_handle():
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [int(w[1:]) for w in text.split()]}
 
-    backend = types.SimpleNamespace(tokenizer=Tok(), query_texts=lambda texts, n: queries.append((texts, n)))
+    backend = types.SimpleNamespace(output_is_text=True, tokenizer=Tok(),
+                                    query_texts=lambda texts, n: queries.append((texts, n)))
     prefill, full, notes = latency.model_calls(backend, PromptBatch(rows=((7, 8),)), 16)
     prefill()
     full()

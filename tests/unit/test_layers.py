@@ -30,10 +30,11 @@ JUDGES = (
 LAYERS = (
     ("foundations", ("errors", "outputs", "dtypes", "versions", "hardware", "table", "fixed_text", "registry",
                      "compat", "interrupt", "_child")),
-    ("model", ("weights", "cases", "prompts", "precision", "serving_config")),
+    ("model", ("weights", "cases", "prompts", "serving_config")),
     ("engines", ("backends", "deploy", "injection", "known_issues")),
     ("judges", ("parity", "golden", "latency", "stats", "storage")),
-    ("session", ("session", "options")),
+    # precision: the session's dtype, bounded by the engines' traits (which run on DeepSpeed's accelerator)
+    ("session", ("precision", "session", "options")),
     ("checks", ("checks", "assertions")),
     ("report", ("report_tables", "report", "markdown_summary", "plot")),
     ("hooks", ("plugin", "fixtures", "")),          # "": the package itself (its lazy assert_matches_reference)

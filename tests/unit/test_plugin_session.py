@@ -55,10 +55,12 @@ def test_header_with_a_model(pytester, fake_gpus, synthetic_14m):
     assert header == [
         f"neoxmii: model pythia-14m: synthetic weights (seed 3, generator v{V}) in the pythia-14m shape",
         f"neoxmii: weights source synthetic (synthetic-seed3-v{V}), dtype bf16, tp 2, backends ds",
+        "neoxmii: backend ds: DeepSpeed inference, kernel injection (init_inference; tp >= 2: under the "
+        "DeepSpeed launcher)",
         "neoxmii: GPUs found: 2 x NVIDIA A100-SXM4-40GB 42.3 GB (CUDA 12.8, driver 570.1)",
         _versions_line(),
     ]
-    assert "torch " in header[3] and "deepspeed-mii " in header[3]
+    assert "torch " in header[4] and "deepspeed-mii " in header[4]
 
 
 def test_header_without_gpus(pytester, fake_gpus, synthetic_14m, deepspeed_cpu_offers):

@@ -1,7 +1,7 @@
 """One rank of the DeepSpeed tensor-parallel backend (backends/ds_launcher.py), started by the DeepSpeed
 launcher, one process per GPU:
 
-    python -m deepspeed.launcher.runner ... --no_local_rank --module pytest_neoxmii.deploy.tp_worker \
+    python -m deepspeed.launcher.runner ... --no_local_rank --module pytest_neoxmii.backends.ds_rank \
         --address 127.0.0.1:PORT --model DIR --dtype fp16 --max-tokens N --max-batch B
 
 Every rank loads the model in system memory and shards it onto its GPU with deepspeed.init_inference
@@ -28,7 +28,7 @@ OPS = ("generate", "score", "trace")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pytest_neoxmii.deploy.tp_worker")
+    p = argparse.ArgumentParser(prog="python -m pytest_neoxmii.backends.ds_rank")
     p.add_argument("--address", required=True, help="host:port the test session listens on")
     p.add_argument("--model", required=True, help="local model directory")
     p.add_argument("--dtype", default="fp16")
@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="how long ranks may wait for the next request (torch.distributed timeout)")
     p.add_argument("--engine-config", default=None,
                    help="JSON of the user's init_inference config, merged over the defaults below")
-    p.add_argument("--factory", default="pytest_neoxmii.deploy.tp_worker:load_ds_model",
+    p.add_argument("--factory", default="pytest_neoxmii.backends.ds_rank:load_ds_model",
                    help="module:function building this rank's model (tests pass a fake one)")
     return p.parse_args(argv)
 
@@ -96,7 +96,7 @@ class PlumbingModel:
     """A stand-in model (CPU, gloo) for checking the launcher, the channel and the broadcast without
     weights: every call runs an all-reduce over the ranks (so it only answers if every rank received the
     request), and the result says how many ranks took part; generate with a negative token count fails
-    (a fatal error), trace is unavailable. `--factory pytest_neoxmii.deploy.tp_worker:plumbing_model`."""
+    (a fatal error), trace is unavailable. `--factory pytest_neoxmii.backends.ds_rank:plumbing_model`."""
 
     def __init__(self, world: int):
         self.world = world
