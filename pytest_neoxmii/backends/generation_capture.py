@@ -3,7 +3,7 @@
 MII's API returns text only, so a greedy divergence of an MII deployment could not be told from a near-tie
 (docs/SENSITIVITY.md: no gap threshold on text alone separates precision noise from a real defect). The
 engine itself knows: MII's text-generation pipeline calls `model.generate` of the HF model that DeepSpeed
-wraps, in a process of ours (`backends/mii_rank.py` at tp >= 2, the session at tp = 1). Wrapping that call
+wraps, in a process of ours (`backends/mii_rank.py`, each rank of the tp >= 2 deployment). Wrapping that call
 records the prompt ids, the new ids and the top-k logprobs of each step's raw logits, and still hands the
 pipeline the plain sequences it expects, so what MII returns to its client is unchanged.
 
