@@ -16,7 +16,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from pytest_neoxmii.backends import ENGINES
 from pytest_neoxmii.dtypes import TORCH_NAMES
 
 DEFAULT_DTYPE = "fp16"
@@ -30,7 +29,9 @@ _PROBE = ("import json; from deepspeed.accelerator import get_accelerator; "
 
 def runs_on_deepspeed(backend: str) -> bool:
     """The engine runs on DeepSpeed's accelerator (its needs_deepspeed trait), so DeepSpeed's CPU dtypes
-    bound it."""
+    bound it. The registry is imported here, not at the top: it imports every engine and so torch, which the
+    dtype table and the probe do not need."""
+    from pytest_neoxmii.backends import ENGINES
     return backend in ENGINES and ENGINES[backend].needs_deepspeed
 
 
