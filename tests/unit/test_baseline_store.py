@@ -334,6 +334,74 @@ def test_broken_file_gives_one_line_error_naming_file(store: BaselineStore, case
     assert leftovers(path.parent) == []
 
 
+SHOWN = "baselines/EleutherAI_pythia-70m/hub_a1b2c3/deepspeed-float16-tp1.json"
+
+
+def _unreadable_by_permissions(path: Path) -> str:
+    path.write_text(json.dumps(valid_doc()))
+    path.chmod(0)
+    return "Permission denied"
+
+
+def _a_directory_in_its_place(path: Path) -> str:
+    path.mkdir()
+    return "Is a directory"
+
+
+@pytest.mark.parametrize("make_unreadable", [
+    pytest.param(_unreadable_by_permissions, id="no-read-permission",
+                 marks=pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                                          reason="root (or a non-POSIX system) reads a file whatever its mode")),
+    pytest.param(_a_directory_in_its_place, id="a-directory"),
+])
+def test_a_file_that_cannot_be_read_is_a_one_line_error_with_the_os_reason(store: BaselineStore, tmp_path: Path,
+                                                                             monkeypatch, make_unreadable):
+    """An existing baseline the OS refuses to read is not "no baseline": every reader and writer says so, with
+    the OS's reason, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    path = store.path_for(KEY)
+    path.parent.mkdir(parents=True)
+    reason = make_unreadable(path)
+    try:
+        for call in (lambda: store.load(KEY), lambda: store.golden(KEY, H100),
+                     lambda: store.put_latency(KEY, H100, "gen", lat())):
+            with pytest.raises(BaselineError) as exc:
+                call()
+            assert str(exc.value) == f"{SHOWN}: cannot read: {reason}"
+        assert leftovers(path.parent) == []
+    finally:
+        if path.is_file():
+            path.chmod(0o644)
+
+
+def test_a_file_that_is_not_utf8_says_where_the_bad_byte_is(store: BaselineStore, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = store.path_for(KEY)
+    path.parent.mkdir(parents=True)
+    raw = b'{"schema": "pytest-neoxmii/baseline", "note": "caf\xe9"}'       # Latin-1, as an editor may save it
+    path.write_bytes(raw)
+    with pytest.raises(BaselineError) as exc:
+        store.load(KEY)
+    assert str(exc.value) == f"{SHOWN}: not UTF-8 text (bad byte at offset {raw.index(0xE9)})"
+    with pytest.raises(BaselineError, match="not UTF-8 text"):
+        store.put_golden(KEY, H100, GOLDEN)
+    assert path.read_bytes() == raw
+
+
+def test_a_directory_that_cannot_be_created_is_a_one_line_error(store: BaselineStore, tmp_path: Path, monkeypatch):
+    """A file where the model's directory should be: the write names the directory and the OS's reason."""
+    monkeypatch.chdir(tmp_path)
+    blocker = store.root / "EleutherAI_pythia-70m"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a directory")
+    for call in (lambda: store.put_latency(KEY, H100, "gen", lat()), lambda: store.put_golden(KEY, H100, GOLDEN)):
+        with pytest.raises(BaselineError) as exc:
+            call()
+        assert str(exc.value) == (f"{SHOWN}: cannot create directory baselines/EleutherAI_pythia-70m/hub_a1b2c3: "
+                                  "Not a directory")
+    assert blocker.read_text() == "not a directory"
+
+
 def test_valid_hand_written_file_loads(store: BaselineStore):
     write_raw(store, json.dumps(valid_doc()))
     assert store.latency(KEY, H100, "gen")["samples"] == lat()["samples"]

@@ -407,6 +407,29 @@ def test_bad_top_k_is_rejected():
         compare_greedy(Generation(tokens=[[1]]), Generation(tokens=[[1]]), top_k=0)
 
 
+def test_top_k_of_one_is_exact_greedy_agreement():
+    """top_k=1 (--neox-top-k=1) is the smallest near-tie window: accepted, and it forgives no divergence,
+    even between tokens that are each other's runner-up."""
+    ref = Generation(tokens=[[1, 2]], top_logprobs=[[top((1, -0.1)), top((2, -0.5), (8, -0.6))]])
+    cand = Generation(tokens=[[1, 8]], top_logprobs=[[top((1, -0.1)), top((8, -0.5), (2, -0.6))]])
+    assert compare_greedy(ref, ref, top_k=1).passed
+    report = compare_greedy(ref, cand, top_k=1)
+    assert not report.passed and report.top_k == 1
+    assert "candidate token 8 is not in the reference's top-1 at step 1" in report.rows[0].reason
+    assert compare_greedy(ref, cand, top_k=2).passed
+
+
+def test_row_count_mismatch_is_the_first_error_even_with_nonfinite_logprobs():
+    """With different row counts nothing is compared row by row, so that is the first thing the report says;
+    the non-finite logprobs found on the way are still listed after it."""
+    ref = Generation(tokens=[[1], [2]], top_logprobs=[[top((1, -0.1))], [top((2, -0.1))]])
+    cand = Generation(tokens=[[1]], top_logprobs=[[top((1, float("inf")))]])
+    report = compare_greedy(ref, cand, top_k=5)
+    assert not report.passed and report.rows == []
+    assert report.errors[0] == "row counts differ: reference has 2 rows, candidate has 1"
+    assert len(report.errors) == 2 and report.errors[1].startswith("candidate generation: 1 non-finite")
+
+
 # ---------------------------------------------------------------------------------------------- localisation
 
 def make_trace(seed: int, layers: int = 6, b: int = 2, length: int = 4, hidden: int = 16) -> LayerTrace:
