@@ -548,10 +548,11 @@ def _request(*args):
 def test_recording_needs_no_golden_outputs_to_exist_and_checking_needs_no_update(tmp_path):
     """--neox-update-baselines records into an empty store (it does not look for golden outputs first and
     skip for lack of them); without it, recorded outputs are compared, not skipped."""
-    assert _no_skip(check_golden, _Session(tmp_path, _gen(TOKENS), update=True), "ds", _case()) is None
-    assert _no_skip(check_golden_perplexity, _PerplexitySession(tmp_path, 20, update=True), "ds") is None
-    assert _no_skip(check_golden, _Session(tmp_path, _gen(TOKENS), update=False), "ds", _case()).status == "unchanged"
-    assert _no_skip(check_golden_perplexity, _PerplexitySession(tmp_path, 20, update=False), "ds").passed
+    greedy, ppl = tmp_path / "greedy", tmp_path / "perplexity"          # each check starts from an empty store
+    assert _no_skip(check_golden, _Session(greedy, _gen(TOKENS), update=True), "ds", _case()) is None
+    assert _no_skip(check_golden_perplexity, _PerplexitySession(ppl, 20, update=True), "ds") is None
+    assert _no_skip(check_golden, _Session(greedy, _gen(TOKENS), update=False), "ds", _case()).status == "unchanged"
+    assert _no_skip(check_golden_perplexity, _PerplexitySession(ppl, 20, update=False), "ds").passed
 
 
 def test_recording_keeps_the_sessions_top_k_and_the_installed_versions(tmp_path, monkeypatch):
