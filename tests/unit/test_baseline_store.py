@@ -145,6 +145,8 @@ def test_latency_other_classes(store: BaselineStore):
     assert store.latency_other_classes(KEY, "gen", A100) == ["cpu"]
     assert store.latency_other_classes(KEY, "gen") == [A100, "cpu"]
     assert store.latency_other_classes(KEY, "missing", H100) == []
+    store.put_golden(KEY, "golden-only", GOLDEN)          # a class with golden outputs and no latency at all
+    assert store.latency_other_classes(KEY, "gen", H100) == [A100, "cpu"]
 
 
 def test_file_is_sorted_indented_with_trailing_newline(store: BaselineStore):
@@ -219,7 +221,7 @@ def test_crash_in_replace_keeps_old_file_and_no_temp(store: BaselineStore, monke
     monkeypatch.setattr(store_mod.os, "replace", boom)
     with pytest.raises(BaselineError, match="No space left on device") as exc:
         store.put_latency(KEY, H100, "gen2", lat())
-    assert str(path.name) in str(exc.value)
+    assert str(exc.value).endswith(f"{path.name}: cannot write: No space left on device")    # the OS's words
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert leftovers(path.parent) == []
@@ -266,7 +268,7 @@ BROKEN = {
     "not-json": ('{"schema": "pytest-neoxmii/baseline",', "not valid JSON"),
     "empty": ("", "empty"),
     "merge-conflict": ("<<<<<<< HEAD\n{}\n=======\n{}\n>>>>>>> other\n", "merge conflict"),
-    "duplicate-key": ('{"schema": 1, "schema": 2}', "appears twice"),
+    "duplicate-key": ('{"schema": 1, "schema": 2}', 'not valid JSON: key "schema" appears twice in one object'),
     "nan": (json.dumps(valid_doc()).replace("0.011", "NaN"), "NaN is not valid JSON"),
     "not-object": ("[1, 2, 3]", "$: expected an object, got array"),
     "wrong-schema-name": (_mutated(lambda d: d.update(schema="something-else")), "$.schema: expected"),
@@ -325,9 +327,10 @@ def test_broken_file_gives_one_line_error_naming_file(store: BaselineStore, case
                  lambda: store.latency_other_classes(KEY, "gen")):
         with pytest.raises(BaselineError):
             read()
-    # And a write refuses to replace the file: the user must look at it.
-    with pytest.raises(BaselineError):
+    # And a write refuses to replace the file, saying why as a read does: the user must look at it.
+    with pytest.raises(BaselineError) as exc:
         store.put_latency(KEY, H100, "gen", lat())
+    assert str(exc.value) == msg
     with pytest.raises(BaselineError):
         store.put_golden(KEY, A100, GOLDEN)
     assert path.read_text() == text
@@ -508,6 +511,26 @@ def test_names_must_be_non_empty_strings(store: BaselineStore, gpu_class, bench,
     assert not store.path_for(KEY).exists()
 
 
+def test_golden_outputs_that_are_not_an_object_are_refused_not_crashed_on(store: BaselineStore):
+    with pytest.raises(BaselineError) as exc:
+        store.put_golden(KEY, H100, [GOLDEN])
+    assert str(exc.value).endswith(f'refusing to write: $.gpu_classes["{H100}"].golden: expected an object, got array')
+    assert not store.path_for(KEY).exists()
+
+
+def test_a_merge_that_breaks_the_document_is_refused_whole(store: BaselineStore, tmp_path: Path, monkeypatch):
+    """baseline_io.merge_golden edits the document under the lock through _update, which validates the result
+    as a whole: a bad merge is one line naming what is wrong, and the file stays as it was."""
+    monkeypatch.chdir(tmp_path)
+    path = store.put_latency(KEY, H100, "gen", lat())
+    before = path.read_bytes()
+    with pytest.raises(BaselineError) as exc:
+        store._update(KEY, lambda doc: doc["gpu_classes"][H100].update(golden={"cases": {"c": {"tokens": 3}}}))
+    assert str(exc.value) == ("baselines/EleutherAI_pythia-70m/hub_a1b2c3/deepspeed-float16-tp1.json: refusing to "
+                              f'write: $.gpu_classes["{H100}"].golden.cases.c.tokens: expected an array, got integer 3')
+    assert path.read_bytes() == before
+
+
 def test_refused_entries_say_where_and_what(store: BaselineStore, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(BaselineError) as exc:
@@ -522,6 +545,6 @@ def test_refused_entries_say_where_and_what(store: BaselineStore, tmp_path: Path
 
 
 @pytest.mark.parametrize("text,safe", [("a/b c", "a_b_c"), ("..", "__"), (".", "_"), ("", "_"), ("x.y-z_1", "x.y-z_1"),
-                                       ("...", "___")])
+                                       ("...", "___"), ("XX", "XX"), ("X.X", "X.X")])
 def test_sanitize_component(text, safe):
     assert sanitize_component(text) == safe

@@ -98,6 +98,13 @@ CASES = [
     (lambda d: at(d, LAT).update(recorded_at="x" * 50),
      '$.gpu_classes.H100.latency["gen/bs1"].recorded_at: expected an ISO-8601 timestamp, got string "'
      + "x" * 36 + "..."),                 # long values are cut to 40 characters
+    # a value of exactly 40 characters (the string 38 and its quotes) is shown whole, 41 are cut
+    (lambda d: at(d, LAT).update(recorded_at="y" * 38),
+     '$.gpu_classes.H100.latency["gen/bs1"].recorded_at: expected an ISO-8601 timestamp, got string "'
+     + "y" * 38 + '"'),
+    (lambda d: at(d, LAT).update(recorded_at="y" * 39),
+     '$.gpu_classes.H100.latency["gen/bs1"].recorded_at: expected an ISO-8601 timestamp, got string "'
+     + "y" * 36 + "..."),
     (lambda d: at(d, GOLD).pop("cases"), '$.gpu_classes.H100.golden: missing required field "cases"'),
     (lambda d: at(d, GOLD).update(perplexity=-1.0),
      "$.gpu_classes.H100.golden.perplexity: expected a finite number >= 0, got number -1.0"),
@@ -202,6 +209,12 @@ def test_baseline_key_validation(field, value, problem):
     with pytest.raises(ValueError) as exc:
         BaselineKey(**args)
     assert str(exc.value) == problem
+
+
+def test_the_smallest_valid_key_is_accepted():
+    """tp=1 (one GPU, every CPU run) is the smallest degree, and one-character names are names."""
+    key = BaselineKey(model="m", weights="w", dtype="d", backend="b", tp=1)
+    assert key.tp == 1 and key.as_json() == {"model": "m", "weights": "w", "dtype": "d", "backend": "b", "tp": 1}
 
 
 def test_new_document():
