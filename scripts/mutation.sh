@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
 # Mutation testing of the judging code with mutmut (pip install -e ".[mutation]").
 #
-#   scripts/mutation.sh [--rev REV] [--workers N] [MODULE ...]
+#   scripts/mutation.sh [--rev REV] [--workers N] [--min-score PERCENT] [MODULE ...]
 #
 # MODULE is one of: parity golden stats store schema options known_issues (default: all, one after another).
 # Each module is mutated on its own, in a scratch copy of the repository (the working tree, or commit REV with
 # --rev), against only the unit tests that guard it, so a module takes minutes, not hours. For each module the
 # script prints mutmut's count per status and the score = killed / (all mutants), and leaves the survivors in
-# $MUTATION_OUT/<module>.survivors (default ./mutation-results). Exit status 0 even with survivors: the score
-# is a measurement; docs/MUTATION.md says what the survivors are.
+# $MUTATION_OUT/<module>.survivors (default ./mutation-results). Exit status 0 even with survivors (the score
+# is a measurement; docs/MUTATION.md says what the survivors are), unless --min-score is given: then 1 when a
+# module scores below PERCENT (CI: .github/workflows/mutation.yml). PYTHON picks the interpreter.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
 rev=""
+min_score=""
 workers="${MUTATION_WORKERS:-2}"
 python="${PYTHON:-python}"
 modules=()
+below=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --rev) rev="$2"; shift 2 ;;
     --workers) workers="$2"; shift 2 ;;
-    -h|--help) sed -n 2,11p "$0"; exit 0 ;;
+    --min-score) min_score="$2"; shift 2 ;;
+    -h|--help) sed -n 2,12p "$0"; exit 0 ;;
     *) modules+=("$1"); shift ;;
   esac
 done
@@ -53,6 +57,10 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 out="${MUTATION_OUT:-$here/mutation-results}"
 mkdir -p "$out"
 command -v "$python" >/dev/null || { echo "mutation.sh: no '$python' (set PYTHON=)"; exit 2; }
+# mutmut runs in the scratch copy: a relative PYTHON (.venv/bin/python) must not depend on the directory.
+# Not resolved through symlinks: a venv's python is a link to the base interpreter, and only the link knows
+# the venv.
+[[ "$python" != */* ]] || python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"
 "$python" -c "import mutmut" 2>/dev/null || { echo "mutation.sh: mutmut is not installed: pip install -e '.[mutation]'"; exit 2; }
 
 for module in "${modules[@]}"; do
@@ -99,4 +107,17 @@ for function, c in sorted(by_function.items(), key=lambda kv: kv[1]["killed"] - 
         print(f"    {function}: {c['killed']}/{n} killed")
 PY
   [[ -n "${MUTATION_KEEP:-}" ]] || rm -rf "$scratch"
+  if [[ -n "$min_score" ]]; then
+    "$python" - "$out/$module.all" "$module" "$min_score" <<'PY' || below+=("$module")
+import sys
+statuses = [line.strip().rsplit(": ", 1)[1] for line in open(sys.argv[1]) if ": " in line]
+score = 100 * statuses.count("killed") / len(statuses) if statuses else 0.0
+if score < float(sys.argv[3]):
+    sys.exit(f"{sys.argv[2]}: {score:.1f} % is below --min-score {sys.argv[3]}")
+PY
+  fi
 done
+if [[ ${#below[@]} -gt 0 ]]; then
+  echo "mutation.sh: below --min-score $min_score: ${below[*]}"
+  exit 1
+fi

@@ -145,6 +145,8 @@ def test_latency_other_classes(store: BaselineStore):
     assert store.latency_other_classes(KEY, "gen", A100) == ["cpu"]
     assert store.latency_other_classes(KEY, "gen") == [A100, "cpu"]
     assert store.latency_other_classes(KEY, "missing", H100) == []
+    store.put_golden(KEY, "golden-only", GOLDEN)          # a class with golden outputs and no latency at all
+    assert store.latency_other_classes(KEY, "gen", H100) == [A100, "cpu"]
 
 
 def test_file_is_sorted_indented_with_trailing_newline(store: BaselineStore):
@@ -219,7 +221,7 @@ def test_crash_in_replace_keeps_old_file_and_no_temp(store: BaselineStore, monke
     monkeypatch.setattr(store_mod.os, "replace", boom)
     with pytest.raises(BaselineError, match="No space left on device") as exc:
         store.put_latency(KEY, H100, "gen2", lat())
-    assert str(path.name) in str(exc.value)
+    assert str(exc.value).endswith(f"{path.name}: cannot write: No space left on device")    # the OS's words
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert leftovers(path.parent) == []
@@ -266,7 +268,7 @@ BROKEN = {
     "not-json": ('{"schema": "pytest-neoxmii/baseline",', "not valid JSON"),
     "empty": ("", "empty"),
     "merge-conflict": ("<<<<<<< HEAD\n{}\n=======\n{}\n>>>>>>> other\n", "merge conflict"),
-    "duplicate-key": ('{"schema": 1, "schema": 2}', "appears twice"),
+    "duplicate-key": ('{"schema": 1, "schema": 2}', 'not valid JSON: key "schema" appears twice in one object'),
     "nan": (json.dumps(valid_doc()).replace("0.011", "NaN"), "NaN is not valid JSON"),
     "not-object": ("[1, 2, 3]", "$: expected an object, got array"),
     "wrong-schema-name": (_mutated(lambda d: d.update(schema="something-else")), "$.schema: expected"),
@@ -325,13 +327,82 @@ def test_broken_file_gives_one_line_error_naming_file(store: BaselineStore, case
                  lambda: store.latency_other_classes(KEY, "gen")):
         with pytest.raises(BaselineError):
             read()
-    # And a write refuses to replace the file: the user must look at it.
-    with pytest.raises(BaselineError):
+    # And a write refuses to replace the file, saying why as a read does: the user must look at it.
+    with pytest.raises(BaselineError) as exc:
         store.put_latency(KEY, H100, "gen", lat())
+    assert str(exc.value) == msg
     with pytest.raises(BaselineError):
         store.put_golden(KEY, A100, GOLDEN)
     assert path.read_text() == text
     assert leftovers(path.parent) == []
+
+
+SHOWN = "baselines/EleutherAI_pythia-70m/hub_a1b2c3/deepspeed-float16-tp1.json"
+
+
+def _unreadable_by_permissions(path: Path) -> str:
+    path.write_text(json.dumps(valid_doc()))
+    path.chmod(0)
+    return "Permission denied"
+
+
+def _a_directory_in_its_place(path: Path) -> str:
+    path.mkdir()
+    return "Is a directory"
+
+
+@pytest.mark.parametrize("make_unreadable", [
+    pytest.param(_unreadable_by_permissions, id="no-read-permission",
+                 marks=pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                                          reason="root (or a non-POSIX system) reads a file whatever its mode")),
+    pytest.param(_a_directory_in_its_place, id="a-directory"),
+])
+def test_a_file_that_cannot_be_read_is_a_one_line_error_with_the_os_reason(store: BaselineStore, tmp_path: Path,
+                                                                             monkeypatch, make_unreadable):
+    """An existing baseline the OS refuses to read is not "no baseline": every reader and writer says so, with
+    the OS's reason, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    path = store.path_for(KEY)
+    path.parent.mkdir(parents=True)
+    reason = make_unreadable(path)
+    try:
+        for call in (lambda: store.load(KEY), lambda: store.golden(KEY, H100),
+                     lambda: store.put_latency(KEY, H100, "gen", lat())):
+            with pytest.raises(BaselineError) as exc:
+                call()
+            assert str(exc.value) == f"{SHOWN}: cannot read: {reason}"
+        assert leftovers(path.parent) == []
+    finally:
+        if path.is_file():
+            path.chmod(0o644)
+
+
+def test_a_file_that_is_not_utf8_says_where_the_bad_byte_is(store: BaselineStore, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = store.path_for(KEY)
+    path.parent.mkdir(parents=True)
+    raw = b'{"schema": "pytest-neoxmii/baseline", "note": "caf\xe9"}'       # Latin-1, as an editor may save it
+    path.write_bytes(raw)
+    with pytest.raises(BaselineError) as exc:
+        store.load(KEY)
+    assert str(exc.value) == f"{SHOWN}: not UTF-8 text (bad byte at offset {raw.index(0xE9)})"
+    with pytest.raises(BaselineError, match="not UTF-8 text"):
+        store.put_golden(KEY, H100, GOLDEN)
+    assert path.read_bytes() == raw
+
+
+def test_a_directory_that_cannot_be_created_is_a_one_line_error(store: BaselineStore, tmp_path: Path, monkeypatch):
+    """A file where the model's directory should be: the write names the directory and the OS's reason."""
+    monkeypatch.chdir(tmp_path)
+    blocker = store.root / "EleutherAI_pythia-70m"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a directory")
+    for call in (lambda: store.put_latency(KEY, H100, "gen", lat()), lambda: store.put_golden(KEY, H100, GOLDEN)):
+        with pytest.raises(BaselineError) as exc:
+            call()
+        assert str(exc.value) == (f"{SHOWN}: cannot create directory baselines/EleutherAI_pythia-70m/hub_a1b2c3: "
+                                  "Not a directory")
+    assert blocker.read_text() == "not a directory"
 
 
 def test_valid_hand_written_file_loads(store: BaselineStore):
@@ -440,6 +511,26 @@ def test_names_must_be_non_empty_strings(store: BaselineStore, gpu_class, bench,
     assert not store.path_for(KEY).exists()
 
 
+def test_golden_outputs_that_are_not_an_object_are_refused_not_crashed_on(store: BaselineStore):
+    with pytest.raises(BaselineError) as exc:
+        store.put_golden(KEY, H100, [GOLDEN])
+    assert str(exc.value).endswith(f'refusing to write: $.gpu_classes["{H100}"].golden: expected an object, got array')
+    assert not store.path_for(KEY).exists()
+
+
+def test_a_merge_that_breaks_the_document_is_refused_whole(store: BaselineStore, tmp_path: Path, monkeypatch):
+    """put_golden edits the document under the lock through _update, which validates the result
+    as a whole: a bad merge is one line naming what is wrong, and the file stays as it was."""
+    monkeypatch.chdir(tmp_path)
+    path = store.put_latency(KEY, H100, "gen", lat())
+    before = path.read_bytes()
+    with pytest.raises(BaselineError) as exc:
+        store._update(KEY, lambda doc: doc["gpu_classes"][H100].update(golden={"cases": {"c": {"tokens": 3}}}))
+    assert str(exc.value) == ("baselines/EleutherAI_pythia-70m/hub_a1b2c3/deepspeed-float16-tp1.json: refusing to "
+                              f'write: $.gpu_classes["{H100}"].golden.cases.c.tokens: expected an array, got integer 3')
+    assert path.read_bytes() == before
+
+
 def test_refused_entries_say_where_and_what(store: BaselineStore, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(BaselineError) as exc:
@@ -454,6 +545,6 @@ def test_refused_entries_say_where_and_what(store: BaselineStore, tmp_path: Path
 
 
 @pytest.mark.parametrize("text,safe", [("a/b c", "a_b_c"), ("..", "__"), (".", "_"), ("", "_"), ("x.y-z_1", "x.y-z_1"),
-                                       ("...", "___")])
+                                       ("...", "___"), ("XX", "XX"), ("X.X", "X.X")])
 def test_sanitize_component(text, safe):
     assert sanitize_component(text) == safe

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 
 import pytest
 import torch
 
 from pytest_neoxmii import parity
 from pytest_neoxmii.checks.baseline_policy import BaselinePolicy
-from pytest_neoxmii.golden import (GoldenSummary, as_generation, compare_case, compare_perplexity, golden_case,
-                                   perplexity, prompt_digest, version_changes)
+from pytest_neoxmii.golden import (CaseChange, GoldenSummary, PerplexityChange, as_generation, compare_case,
+                                   compare_perplexity, golden_case, perplexity, prompt_digest, version_changes)
+# The pytest layer of golden outputs (the checks, their skips and failures, the session's noise floor): one
+# import line, so that moving these names to another module changes only this line.
+from pytest_neoxmii.checks import golden as checks_golden
+from pytest_neoxmii.checks.golden import check_golden, check_golden_perplexity, session_floor
 from pytest_neoxmii.outputs import Generation, PromptBatch, Scores
 from pytest_neoxmii.storage import BaselineKey, BaselineStore
 
@@ -226,7 +232,6 @@ def _case():
 
 
 def test_check_golden_records_then_fails_with_how_it_changed(tmp_path, capsys):
-    from pytest_neoxmii.checks.golden import check_golden
     check_golden(_Session(tmp_path, _gen(TOKENS), update=True), "ds", _case())
     assert check_golden(_Session(tmp_path, _gen(TOKENS), update=False), "ds", _case()).status == "unchanged"
     session = _Session(tmp_path, _gen([[11, 12, 77, 78], TOKENS[1]]), update=False)
@@ -239,7 +244,6 @@ def test_check_golden_records_then_fails_with_how_it_changed(tmp_path, capsys):
 
 
 def test_non_finite_generations_are_never_recorded(tmp_path):
-    from pytest_neoxmii.checks.golden import check_golden
     gen = _gen(TOKENS)
     gen.top_logprobs[0][1][0] = (12, float("nan"))
     session = _Session(tmp_path, gen, update=True)
@@ -291,7 +295,6 @@ class _PerplexitySession(_Session):
 
 
 def test_check_golden_perplexity_records_then_fails_on_a_drop_or_a_rise(tmp_path):
-    from pytest_neoxmii.checks.golden import check_golden_perplexity
     assert check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=True), "ds") is None
     same = _PerplexitySession(tmp_path, 20, update=False)
     change = check_golden_perplexity(same, "ds")
@@ -313,7 +316,6 @@ def test_check_golden_perplexity_records_then_fails_on_a_drop_or_a_rise(tmp_path
 
 def test_check_golden_perplexity_limit_follows_the_sessions_floor(tmp_path):
     """With the peer at perplexity 21 (floor 5 %), a move to 25 (+25 %) is within 10 x the floor."""
-    from pytest_neoxmii.checks.golden import check_golden_perplexity, session_floor
     check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=True), "ds")
     session = _PerplexitySession(tmp_path, 25, update=False, peer_vocab=21)
     assert session_floor(session, session.case(session._plan)) == pytest.approx(0.05, rel=1e-5)
@@ -392,7 +394,6 @@ def _golden_path(tmp_path) -> str:
 
 
 def test_check_golden_skips_say_why_and_how_to_record(tmp_path, monkeypatch):
-    from pytest_neoxmii.checks.golden import check_golden
     monkeypatch.chdir(tmp_path)
     with pytest.raises(pytest.skip.Exception) as skip:
         check_golden(_Session(tmp_path, _gen(TOKENS), update=False), "ds", _case_with(generate=False))
@@ -413,7 +414,6 @@ def test_check_golden_skips_say_why_and_how_to_record(tmp_path, monkeypatch):
 
 
 def test_check_golden_records_what_it_did(tmp_path, capsys):
-    from pytest_neoxmii.checks.golden import check_golden
     session = _Session(tmp_path, _gen(TOKENS), update=True)
     assert check_golden(session, "ds", _case_with()) is None
     path = _golden_path(tmp_path)
@@ -442,7 +442,6 @@ def test_check_golden_records_what_it_did(tmp_path, capsys):
 
 
 def test_check_golden_perplexity_records_its_detail_and_skips_or_fails_with_reasons(tmp_path, capsys, monkeypatch):
-    from pytest_neoxmii.checks.golden import check_golden, check_golden_perplexity
     monkeypatch.chdir(tmp_path)
     with pytest.raises(pytest.skip.Exception) as skip:
         check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=False), "ds")
@@ -498,7 +497,6 @@ def types_request():
 
 
 def test_a_non_finite_generation_is_recorded_as_such(tmp_path):
-    from pytest_neoxmii.checks.golden import check_golden
     from pytest_neoxmii.session import Record
     gen = _gen(TOKENS)
     gen.top_logprobs[0][1][0] = (12, float("nan"))
@@ -514,7 +512,6 @@ def test_check_golden_marks_a_known_issue_strict_xfail(tmp_path):
     """The golden check of a known decode defect (ds with injected kernels on a left-padded case) is a strict
     xfail, like the parity check: the defect has no golden output."""
     import types
-    from pytest_neoxmii.checks.golden import check_golden
     check_golden(_Session(tmp_path, _gen(TOKENS), update=True), "ds", _case())
     session = _Session(tmp_path, _gen(TOKENS), update=False)
     session._backend.info.kernels = "injected 6/6 layers"
@@ -526,3 +523,302 @@ def test_check_golden_marks_a_known_issue_strict_xfail(tmp_path):
     [marker] = markers
     assert marker.name == "xfail" and marker.kwargs["strict"] is True
     assert marker.kwargs["reason"].startswith("known issue [ds-left-padded-decode]")
+
+
+# --- the rules of the checks, one by one ----------------------------------------------------------------------
+
+def _no_skip(check, *args, **kwargs):
+    """Run a check that must reach a verdict. A skip raised in a test body makes the test SKIPPED, not failed,
+    so a check that gave up where it should have recorded or compared would otherwise go unseen."""
+    try:
+        return check(*args, **kwargs)
+    except pytest.skip.Exception as exc:
+        pytest.fail(f"the check skipped instead of deciding: {exc}")
+
+
+KEY = BaselineKey(model="pythia-14m", weights="synthetic-seed0-v2", dtype="fp16", backend="ds", tp=1)
+OTHER_CLASS = "NVIDIA-A100-SXM4-40GB"        # sorts before "cpu": a fallback to it is visible
+
+
+def _request(*args):
+    """A pytest request of an invocation with these arguments."""
+    import types
+    config = types.SimpleNamespace(invocation_params=types.SimpleNamespace(args=args))
+    return types.SimpleNamespace(config=config, node=types.SimpleNamespace(user_properties=[]),
+                                 applymarker=lambda marker: None)
+
+
+def test_recording_needs_no_golden_outputs_to_exist_and_checking_needs_no_update(tmp_path):
+    """--neox-update-baselines records into an empty store (it does not look for golden outputs first and
+    skip for lack of them); without it, recorded outputs are compared, not skipped."""
+    greedy, ppl = tmp_path / "greedy", tmp_path / "perplexity"          # each check starts from an empty store
+    assert _no_skip(check_golden, _Session(greedy, _gen(TOKENS), update=True), "ds", _case()) is None
+    assert _no_skip(check_golden_perplexity, _PerplexitySession(ppl, 20, update=True), "ds") is None
+    assert _no_skip(check_golden, _Session(greedy, _gen(TOKENS), update=False), "ds", _case()).status == "unchanged"
+    assert _no_skip(check_golden_perplexity, _PerplexitySession(ppl, 20, update=False), "ds").passed
+
+
+def test_recording_keeps_the_sessions_top_k_and_the_installed_versions(tmp_path, monkeypatch):
+    monkeypatch.setattr(checks_golden, "installed_versions", lambda: {"torch": "2.13.0", "deepspeed": "0.19.8"})
+    session = _Session(tmp_path, _gen(TOKENS), update=True)
+    session.options.top_k = 2
+    check_golden(session, "ds", _case())
+    stored = BaselineStore(tmp_path).golden(KEY, "cpu")[1]["cases"]["short-b2-len3"]
+    assert [len(step) for row in stored["top_logprobs"] for step in row] == [2] * 8
+    assert stored["versions"] == {"torch": "2.13.0", "deepspeed": "0.19.8"}
+
+
+def test_the_summary_names_the_versions_that_moved_since_recording(tmp_path, monkeypatch, capsys):
+    """A case is compared with the versions it was recorded under (its own, else the file's), the perplexity
+    with the file's; the summary names every package that moved."""
+    recorded = {"torch": "2.12.0", "deepspeed": "0.18.0"}
+    case = dict(_golden(), versions={"torch": "2.12.0", "deepspeed": "0.19.8"})
+    older_case = {k: v for k, v in _golden().items() if k != "versions"}       # written before per-case versions
+    BaselineStore(tmp_path).put_golden(KEY, "cpu", {"cases": {"short-b2-len3": case, "older": older_case},
+                                                    "versions": recorded, "perplexity": 20.0})
+    monkeypatch.setattr(checks_golden, "installed_versions", lambda: {"torch": "2.13.0", "deepspeed": "0.20.0"})
+    line = "versions since the golden outputs were recorded: "
+
+    _no_skip(check_golden, _Session(tmp_path, _gen(TOKENS), update=False), "ds", _case())
+    assert line + "deepspeed 0.19.8 -> 0.20.0, torch 2.12.0 -> 2.13.0\n" in capsys.readouterr().out
+    _no_skip(check_golden, _Session(tmp_path, _gen(TOKENS), update=False), "ds", _case_with("older"))
+    assert line + "deepspeed 0.18.0 -> 0.20.0, torch 2.12.0 -> 2.13.0\n" in capsys.readouterr().out
+    _no_skip(check_golden_perplexity, _PerplexitySession(tmp_path, 20, update=False), "ds")
+    assert line + "deepspeed 0.18.0 -> 0.20.0, torch 2.12.0 -> 2.13.0\n" in capsys.readouterr().out
+
+
+def test_skips_for_missing_golden_outputs_give_the_command_of_this_very_run(tmp_path, monkeypatch):
+    """The how-to in a skip is the invocation that skipped plus --neox-update-baselines (quoted for a shell),
+    not the bare flag."""
+    monkeypatch.chdir(tmp_path)
+    request = _request("tests/acceptance", "--neox-model=pythia-14m", "-k", "golden and ds")
+    command = (f"{os.path.basename(sys.executable)} -m pytest tests/acceptance --neox-model=pythia-14m "
+               "-k 'golden and ds' --neox-update-baselines")
+    where = "pythia-14m/synthetic-seed0-v2/ds-fp16-tp1.json"
+    with pytest.raises(pytest.skip.Exception) as skip:
+        check_golden(_Session(tmp_path, _gen(TOKENS), update=False), "ds", _case(), request)
+    assert str(skip.value) == f"no golden outputs (greedy ids) in {where}; create them with: {command}"
+    with pytest.raises(pytest.skip.Exception) as skip:
+        check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=False), "ds", request)
+    assert str(skip.value) == f"no golden outputs (perplexity) in {where}; create them with: {command}"
+    check_golden(_Session(tmp_path, _gen(TOKENS), update=True), "ds", _case())
+    with pytest.raises(pytest.skip.Exception) as skip:
+        check_golden(_Session(tmp_path, _gen(TOKENS), update=False), "ds", _case_with("other-case"), request)
+    assert str(skip.value) == (f"no golden output for case other-case in {where}, GPU class cpu; create it with: "
+                               f"{command}")
+
+
+def test_this_machines_gpu_class_is_preferred_and_a_fallback_is_named(tmp_path, capsys):
+    """Golden outputs of another GPU class are used only when this machine's class has none, and the summary
+    says so; once this class has its own, they are the ones compared."""
+    store = BaselineStore(tmp_path)
+    store.put_golden(KEY, OTHER_CLASS, {"cases": {"short-b2-len3": _golden()}, "perplexity": 30.0})
+    _no_skip(check_golden, _Session(tmp_path, _gen(TOKENS), update=False), "ds", _case())
+    assert f"GPU class {OTHER_CLASS}, this machine is cpu): 1/1 cases unchanged" in capsys.readouterr().out
+
+    moved = [[11, 12, 77, 78], TOKENS[1]]                  # "changed" against the other class's outputs
+    check_golden(_Session(tmp_path, _gen(moved), update=True), "ds", _case())
+    check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=True), "ds")
+    capsys.readouterr()
+    assert _no_skip(check_golden, _Session(tmp_path, _gen(moved), update=False), "ds", _case()).status == "unchanged"
+    assert "GPU class cpu): 1/1 cases unchanged" in capsys.readouterr().out
+    assert _no_skip(check_golden_perplexity, _PerplexitySession(tmp_path, 20, update=False), "ds").golden == \
+        pytest.approx(20.0)
+
+
+class _ReferenceSession(_Session):
+    """A session whose "hf" is the fp32 HF reference, which is not one of the backends."""
+
+    def __init__(self, tmp_path, generation, update):
+        super().__init__(tmp_path, generation, update)
+        self._backend.info.backend, self._backend.info.dtype = "hf", "fp32"
+
+    def backend(self, name):
+        raise AssertionError(f"the HF reference was asked for as a backend: {name}")
+
+    def reference(self):
+        return self._backend
+
+
+def test_golden_outputs_are_filed_by_backend_dtype_and_tensor_parallel_degree(tmp_path):
+    """"hf" is the session's fp32 reference, filed as hf-fp32; a tensor-parallel backend gets its own file."""
+    check_golden(_ReferenceSession(tmp_path, _gen(TOKENS), update=True), "hf", _case())
+    tp2 = _Session(tmp_path, _gen(TOKENS), update=True)
+    tp2._backend.info.tensor_parallel = 2
+    check_golden(tp2, "ds", _case())
+    assert sorted(p.name for p in tmp_path.rglob("*.json")) == ["ds-fp16-tp2.json", "hf-fp32-tp1.json"]
+
+
+def test_a_case_the_serving_config_cannot_hold_says_so_first_in_the_failure(tmp_path):
+    """--neox-ds-config with max_tokens below prompt + new tokens: the case runs anyway, and its failure and
+    record carry why it may not be comparable to what the config serves."""
+    from pathlib import Path
+
+    from pytest_neoxmii.serving_config import ServingConfig
+    config = {"ds": ServingConfig("ds", Path("ds.json"), {"max_tokens": 6})}
+    case = _case_with()
+    case.plan.lengths = (3, 3)
+    recording = _Session(tmp_path, _gen(TOKENS), update=True)
+    recording.serving_configs = config
+    check_golden(recording, "ds", case)
+    session = _Session(tmp_path, _gen([[11, 12, 77, 78], TOKENS[1]]), update=False)
+    session.serving_configs = config
+    with pytest.raises(pytest.fail.Exception) as failed:
+        check_golden(session, "ds", case)
+    note = ("the ds config does not fit this case: max_tokens 6 < prompt 3 + 4 new = 7 tokens (ds.json); run "
+            "anyway, as deployed")
+    assert str(failed.value).startswith(f"NOTE: {note}\ngolden outputs of ds fp16 (")
+    assert session.records[-1].metrics["config_misfit"] == note
+
+
+def test_a_changed_case_fails_without_traceback_with_the_summary_then_the_parity_report(tmp_path, capsys):
+    check_golden(_Session(tmp_path, _gen(TOKENS), update=True), "ds", _case())
+    capsys.readouterr()
+    session = _Session(tmp_path, _gen([[11, 12, 77, 78], TOKENS[1]]), update=False)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        check_golden(session, "ds", _case())
+    assert failed.value.pytrace is False
+    summary = capsys.readouterr().out.rstrip("\n")
+    assert summary.startswith("golden outputs of ds fp16")
+    assert str(failed.value).startswith(summary + "\ngreedy parity FAILED (near-tie rule: top-5)\n")
+    [rec] = session.records
+    assert (rec.check, rec.backend, rec.case, rec.passed, rec.known_issue) == (
+        "golden", "ds", "short-b2-len3", False, None)
+    assert rec.summary.startswith("short-b2-len3: changed (row 0: step 2 token 13 -> 77")
+
+
+def test_a_case_that_is_not_comparable_is_recorded_without_a_verdict(tmp_path):
+    check_golden(_Session(tmp_path, _gen(TOKENS), update=True), "ds", _case())
+    session = _Session(tmp_path, _gen(TOKENS), update=False)
+    with pytest.raises(pytest.skip.Exception):
+        check_golden(session, "ds", _case_with(max_new_tokens=5))
+    [rec] = session.records
+    assert rec.passed is None and rec.metrics["status"] == "not-comparable"
+
+
+def test_a_known_issue_is_named_in_the_record_of_a_failure_and_of_a_comparison(tmp_path):
+    """Under a known decode defect the record carries the issue's key (the report shows `xfail [key]`), whether
+    the output was non-finite when recording or was compared."""
+    import types
+    case = _case_with()
+    case.plan.lengths = (3, 2)                  # left-padded: the condition of ds-left-padded-decode
+    request = types.SimpleNamespace(node=types.SimpleNamespace(user_properties=[]), applymarker=lambda m: None)
+    nan = _gen(TOKENS)
+    nan.top_logprobs[0][1][0] = (12, float("nan"))
+    # (what the backend generates, --neox-update-baselines, what the check raises, the record's known issue)
+    runs = ((nan, True, pytest.fail.Exception, "ds-left-padded-decode"),     # non-finite: not recorded
+            (_gen(TOKENS), True, None, None),                               # recorded: no verdict to excuse
+            (_gen(TOKENS), False, None, "ds-left-padded-decode"))           # compared
+    for generation, update, raises, known in runs:
+        session = _Session(tmp_path, generation, update=update)
+        session._backend.info.kernels = "injected 6/6 layers"
+        if raises is None:
+            check_golden(session, "ds", case, request)
+        else:
+            with pytest.raises(raises):
+                check_golden(session, "ds", case, request)
+        assert session.records[-1].known_issue == known
+
+
+def test_perplexity_failures_have_no_traceback_and_records_say_what_was_compared(tmp_path):
+    check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=True), "ds")
+    session = _PerplexitySession(tmp_path, 21, update=False)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        check_golden_perplexity(session, "ds")
+    assert failed.value.pytrace is False
+    [rec] = session.records
+    assert (rec.check, rec.backend, rec.case, rec.passed) == ("golden-perplexity", "ds", "fixed-text", False)
+    assert rec.summary == ("perplexity 20.0000 -> 21.0000 (+5.000%): relative change 0.05 > limit 0.001 "
+                           "(10 x max(noise floor 0, 0.0001))")
+    nan = _PerplexitySession(tmp_path, 20, update=False)
+    nan._scores["ds"] = Scores(torch.full((2, 3, 32), math.nan), nan._scores["ds"].mask)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        check_golden_perplexity(nan, "ds")
+    assert failed.value.pytrace is False
+
+
+def _next_token_probability(p: float, batch=BATCH) -> Scores:
+    """A model that gives every next token of the batch probability `p`: perplexity exactly 1 / p."""
+    ids, mask = batch.padded()
+    lp = torch.full((batch.batch_size, batch.max_len, 32), -math.inf)
+    for b in range(batch.batch_size):
+        for i in range(batch.max_len - 1):
+            lp[b, i, ids[b, i + 1]] = math.log(p)
+    return Scores(lp, mask.bool())
+
+
+def test_the_noise_floor_is_defined_for_any_positive_reference_perplexity(tmp_path):
+    """Perplexity is >= 1 for a real model; a reference certain of every token (exactly 1) still gives a floor:
+    a peer at perplexity 2 is 100 % away from it."""
+    session = _PerplexitySession(tmp_path, 20, update=False)
+    session._scores["ref"], session._scores["peer"] = _next_token_probability(1.0), _next_token_probability(0.5)
+    assert perplexity(session._scores["ref"], BATCH) == (1.0, 4)
+    assert session_floor(session, session.case(session._plan)) == pytest.approx(1.0)
+
+
+def test_perplexity_message_states_the_verdict_and_the_floor_it_used():
+    assert PerplexityChange(20.0, 20.1, 1e-3, 10).message() == (
+        "perplexity 20.0000 -> 20.1000 (+0.500%): relative change 0.005 <= limit 0.01 "
+        "(10 x max(noise floor 0.001, 0.0001))")
+    # no floor measured (the session had no reference at low precision): shown as "-", the epsilon applies
+    assert PerplexityChange(20.0, 20.0, None, 10).message() == (
+        "perplexity 20.0000 -> 20.0000 (+0.000%): relative change 0 <= limit 0.001 "
+        "(10 x max(noise floor -, 0.0001))")
+    # a zero golden perplexity (a hand-edited file) is an infinite change, not a ZeroDivisionError
+    zero = PerplexityChange(0.0, 20.0, 1e-3, 10)
+    assert not zero.passed and zero.message().startswith("perplexity 0.0000 -> 20.0000 (+inf%): relative change "
+                                                         "inf > limit 0.01")
+
+
+def test_summary_text_exactly():
+    assert GoldenSummary("ds fp16").text() == "golden outputs of ds fp16: nothing compared"
+    changed = compare_case("batch-b2", _golden(), _gen([[11, 12, 77, 78], TOKENS[1]]), BATCH, 4, 5)
+    s = GoldenSummary("ds fp16", [compare_case("short", _golden(), _gen(TOKENS), BATCH, 4, 5), changed],
+                      versions=["deepspeed 0.19.8 -> 0.20.0", "torch 2.12.0 -> 2.13.0"], source="x.json")
+    assert s.text() == ("golden outputs of ds fp16 (x.json): 1/2 cases unchanged, 1 changed\n"
+                        "versions since the golden outputs were recorded: deepspeed 0.19.8 -> 0.20.0, "
+                        "torch 2.12.0 -> 2.13.0\n"
+                        f"  {changed.line()}")
+
+
+def test_case_lines_say_near_tie_or_changed_and_an_unchanged_case_has_no_detail():
+    tie = compare_case("c", _golden(), _gen([[11, 12, 14, 15], TOKENS[1]], alt=[[12, 13, 13, 16], [22, 23, 24, 25]]),
+                       BATCH, 4, 5)
+    reason = tie.report.rows[0].reason
+    assert tie.detail == f"row 0: step 2 token 13 -> 14 after 2 identical (near-tie: {reason})"
+    changed = compare_case("c", _golden(), _gen([[11, 12, 77, 78], TOKENS[1]]), BATCH, 4, 5)
+    assert changed.detail == f"row 0: step 2 token 13 -> 77 after 2 identical (changed: {changed.report.rows[0].reason})"
+    assert CaseChange("c", "unchanged", "").line() == "c: unchanged"
+    assert CaseChange("c", "changed", "why").line() == "c: changed (why)"
+
+
+def test_a_package_removed_since_recording_is_shown_as_not_installed():
+    assert version_changes({"deepspeed-mii": "0.3.3"}, {}) == ["deepspeed-mii 0.3.3 -> not installed"]
+
+
+def test_every_structural_error_of_a_case_is_in_its_detail():
+    both = _gen(TOKENS)
+    both.top_logprobs[0][0][1] = (12, float("nan"))
+    golden = _golden()
+    golden["top_logprobs"][1][1][0] = [22, float("inf")]
+    change = compare_case("c", golden, both, BATCH, 4, 5)
+    assert change.status == "changed"
+    assert change.detail == "; ".join(change.report.errors) and len(change.report.errors) == 2
+    assert change.detail.startswith("reference generation: 1 non-finite") and "; candidate generation: " in change.detail
+
+
+def test_perplexity_without_targets_counts_none():
+    batch = PromptBatch(rows=((7,), (8,)), pad_token_id=0)
+    _, mask = batch.padded()
+    assert perplexity(Scores(torch.zeros(2, 1, 10), mask.bool()), batch) == (None, 0)
+
+
+def test_perplexity_is_accumulated_in_float64():
+    """A small NLL next to a large one is not rounded away: float32 would lose 2**-30 next to 1.0."""
+    batch = PromptBatch(rows=((1, 2, 3),), pad_token_id=0)
+    _, mask = batch.padded()
+    lp = torch.zeros(1, 3, 4)
+    lp[0, 0, 2], lp[0, 1, 3] = -1.0, -2.0 ** -30
+    ppl, n = perplexity(Scores(lp, mask.bool()), batch)
+    assert n == 2 and ppl == pytest.approx(math.exp((1.0 + 2.0 ** -30) / 2), rel=1e-13)
+    assert ppl != pytest.approx(math.exp(0.5), rel=1e-13)

@@ -85,3 +85,54 @@ def test_the_mirrored_assert_is_in_the_installed_deepspeed_source():
     assert "if (half_dim % (16 / sizeof(T)) == 0)" in source
     assert "if (rotary_dim > 0 && rotate_half)" in (root / "ops/csrc/transformer/inference/csrc/pt_binding.cpp"
                                                      ).read_text()
+
+
+def test_next_pow2_rounds_up_as_deepspeeds_does():
+    from pytest_neoxmii.known_issues import _next_pow2
+    assert [_next_pow2(n) for n in (1, 2, 3, 4, 5, 64, 65, 80, 96, 128)] == [1, 2, 4, 4, 8, 64, 128, 128, 128, 128]
+
+
+@pytest.mark.parametrize("head_size,rotary_dims,dtype,expected", [
+    # pythia-2.8b: half of 20 is 10, so only the 4-byte access (2 fp16 elements) divides it
+    (80, 20, "fp16", "head size 80 (padded to 128) > warp size 32 x 2 fp16 elements per 4-byte access, the widest "
+                     "that divides half the rotary dims (20/2 = 10) (assert(padded_head_size <= hw_warp_size * "
+                     "T_per_elem) at line 163)"),
+    (256, 24, "fp16", "head size 256 (padded to 256) > warp size 32 x 4 fp16 elements per 8-byte access, the widest "
+                      "that divides half the rotary dims (24/2 = 12) (assert(padded_head_size <= hw_warp_size * "
+                      "T_per_elem) at line 163)"),
+    (512, 64, "bf16", "head size 512 (padded to 512) > warp size 32 x 8 bf16 elements per 16-byte access, the widest "
+                      "that divides half the rotary dims (64/2 = 32) (assert(padded_head_size <= hw_warp_size * "
+                      "T_per_elem) at line 163)"),
+    (8, 8, "fp16", "2 threads per head (head size 8, padded to 8, 4 fp16 elements per thread) has no launch "
+                   "(assert(false) at line 128)"),
+    (64, 6, "fp16", "half the rotary dims (3) is not a multiple of 2 fp16 elements (assert(false) at line 155)"),
+    (32, 10, "fp32", None),            # fp32: the 4-byte access is one element, so any half fits it
+    (512, 0, "fp16", None),            # no rotary: pt_binding.cpp does not call the kernel, whatever the head
+    (512, 1, "fp16", "head size 512 (padded to 512) > warp size 32 x 8 fp16 elements per 16-byte access, the widest "
+                     "that divides half the rotary dims (1/2 = 0) (assert(padded_head_size <= hw_warp_size * "
+                     "T_per_elem) at line 163)"),   # rotary_dim > 0 calls it, even a half of 0
+])
+def test_rotary_abort_reason_names_the_failing_assert_with_the_shapes_numbers(head_size, rotary_dims, dtype, expected):
+    assert rotary_half_launch_failure(head_size, rotary_dims, dtype) == expected
+
+
+def test_the_deployment_reason_carries_the_shapes_detail():
+    spec = lookup("pythia-2.8b")
+    assert match_deployment("ds", "bf16", "cuda:0", spec, CHECKED) == ROTARY_HALF_LAUNCH.reason(
+        spec, "bf16", rotary_half_launch_failure(80, 20, "bf16"))
+
+
+def test_without_a_version_given_the_installed_deepspeed_decides(monkeypatch):
+    import importlib.metadata
+
+    from pytest_neoxmii import known_issues
+    try:
+        installed = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    assert deepspeed_version() == installed
+    spec = lookup("pythia-2.8b")
+    monkeypatch.setattr(known_issues, "deepspeed_version", lambda: "0.20.0")
+    assert match_deployment("ds", "fp16", "cuda:0", spec) is None          # a newer release: deploy and see
+    monkeypatch.setattr(known_issues, "deepspeed_version", lambda: CHECKED)
+    assert match_deployment("ds", "fp16", "cuda:0", spec) is not None

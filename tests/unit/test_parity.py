@@ -299,6 +299,34 @@ def test_judge_rejects_bad_multiple(batch, reference):
         judge(m, m, multiple=0)
 
 
+def test_parity_failures_carry_the_report_or_verdict_they_print():
+    """The checks record the numbers of a failure (report, JUnit properties) from the exception itself."""
+    floor = TFMetrics(1e-4, 1e-3, 1.0, 1e-2, 10.0, 10.001, 12, 9)
+    measured = TFMetrics(1e-4, 1e-3, 1.0, 1e-2, 10.0, 10.1, 12, 9)
+    with pytest.raises(ParityFailure) as exc:
+        assert_parity(floor, measured, multiple=4.0)
+    verdict = exc.value.report
+    assert verdict.failures == ["perplexity_rel_diff"] and str(exc.value) == exc.value.message == verdict.message()
+    ref = Generation(tokens=[[1, 2]], top_logprobs=[[top((1, -0.1)), top((2, -0.1))]])
+    cand = Generation(tokens=[[1, 9]], top_logprobs=[[top((1, -0.1)), top((9, -0.1))]])
+    with pytest.raises(ParityFailure) as exc:
+        assert_greedy_parity(ref, cand, top_k=2)
+    report = exc.value.report
+    assert report.rows[0].divergence_step == 1 and str(exc.value) == report.message()
+
+
+def test_a_step_without_recorded_top_logprobs_is_never_a_near_tie():
+    """top_logprobs may stop short of the tokens (fewer steps): a divergence there cannot be checked
+    against the top-k, so it fails with that reason, not an IndexError."""
+    ref_tokens, cand_tokens = [[1, 2, 3], [4, 5, 6]], [[1, 2, 7], [4, 8, 6]]
+    short_steps = [[top((1, -0.1)), top((2, -0.1))], [top((4, -0.1)), top((5, -0.1), (8, -0.2))]]
+    cand_top = [[top((1, -0.1)), top((2, -0.1)), top((7, -0.1), (3, -0.2))],
+                [top((4, -0.1)), top((8, -0.1), (5, -0.2))]]
+    report = compare_greedy(Generation(ref_tokens, short_steps), Generation(cand_tokens, cand_top), top_k=2)
+    assert not report.rows[0].acceptable and "no top_logprobs at step 2" in report.rows[0].reason
+    assert report.rows[1].acceptable                                  # step 1 of row 1 was recorded: a near-tie
+
+
 def test_perplexity_relative_difference_is_judged(batch):
     floor = TFMetrics(1e-4, 1e-3, 1.0, 1e-2, 10.0, 10.001, 12, 9)     # floor rel diff 1e-4
     measured = TFMetrics(1e-4, 1e-3, 1.0, 1e-2, 10.0, 10.1, 12, 9)    # rel diff 1e-2 = 100x
@@ -405,6 +433,29 @@ def test_nonfinite_generation_logprobs_fail():
 def test_bad_top_k_is_rejected():
     with pytest.raises(ValueError, match="top_k"):
         compare_greedy(Generation(tokens=[[1]]), Generation(tokens=[[1]]), top_k=0)
+
+
+def test_top_k_of_one_is_exact_greedy_agreement():
+    """top_k=1 (--neox-top-k=1) is the smallest near-tie window: accepted, and it forgives no divergence,
+    even between tokens that are each other's runner-up."""
+    ref = Generation(tokens=[[1, 2]], top_logprobs=[[top((1, -0.1)), top((2, -0.5), (8, -0.6))]])
+    cand = Generation(tokens=[[1, 8]], top_logprobs=[[top((1, -0.1)), top((8, -0.5), (2, -0.6))]])
+    assert compare_greedy(ref, ref, top_k=1).passed
+    report = compare_greedy(ref, cand, top_k=1)
+    assert not report.passed and report.top_k == 1
+    assert "candidate token 8 is not in the reference's top-1 at step 1" in report.rows[0].reason
+    assert compare_greedy(ref, cand, top_k=2).passed
+
+
+def test_row_count_mismatch_is_the_first_error_even_with_nonfinite_logprobs():
+    """With different row counts nothing is compared row by row, so that is the first thing the report says;
+    the non-finite logprobs found on the way are still listed after it."""
+    ref = Generation(tokens=[[1], [2]], top_logprobs=[[top((1, -0.1))], [top((2, -0.1))]])
+    cand = Generation(tokens=[[1]], top_logprobs=[[top((1, float("inf")))]])
+    report = compare_greedy(ref, cand, top_k=5)
+    assert not report.passed and report.rows == [] and report.top_k == 5
+    assert report.errors[0] == "row counts differ: reference has 2 rows, candidate has 1"
+    assert len(report.errors) == 2 and report.errors[1].startswith("candidate generation: 1 non-finite")
 
 
 # ---------------------------------------------------------------------------------------------- localisation

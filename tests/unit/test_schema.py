@@ -98,6 +98,13 @@ CASES = [
     (lambda d: at(d, LAT).update(recorded_at="x" * 50),
      '$.gpu_classes.H100.latency["gen/bs1"].recorded_at: expected an ISO-8601 timestamp, got string "'
      + "x" * 36 + "..."),                 # long values are cut to 40 characters
+    # a value of exactly 40 characters (the string 38 and its quotes) is shown whole, 41 are cut
+    (lambda d: at(d, LAT).update(recorded_at="y" * 38),
+     '$.gpu_classes.H100.latency["gen/bs1"].recorded_at: expected an ISO-8601 timestamp, got string "'
+     + "y" * 38 + '"'),
+    (lambda d: at(d, LAT).update(recorded_at="y" * 39),
+     '$.gpu_classes.H100.latency["gen/bs1"].recorded_at: expected an ISO-8601 timestamp, got string "'
+     + "y" * 36 + "..."),
     (lambda d: at(d, GOLD).pop("cases"), '$.gpu_classes.H100.golden: missing required field "cases"'),
     (lambda d: at(d, GOLD).update(perplexity=-1.0),
      "$.gpu_classes.H100.golden.perplexity: expected a finite number >= 0, got number -1.0"),
@@ -133,6 +140,42 @@ def test_each_rule_with_its_exact_message(edit, expected):
         assert message(edit) == expected
 
 
+# Every container of the format given as the wrong JSON type: refused, and the message names that container's
+# own path (a person fixing a hand-edited file goes there), not its parent's or a sibling's.
+WRONG_CONTAINERS = [
+    (("key",), "x", '$.key: expected an object, got string "x"'),
+    (("gpu_classes",), [], "$.gpu_classes: expected an object, got array"),
+    (("gpu_classes", "H100"), 3, "$.gpu_classes.H100: expected an object, got integer 3"),
+    (("gpu_classes", "H100", "latency"), [], "$.gpu_classes.H100.latency: expected an object, got array"),
+    (LAT, None, '$.gpu_classes.H100.latency["gen/bs1"]: expected an object, got null'),
+    (LAT + ("stats",), [0.1], '$.gpu_classes.H100.latency["gen/bs1"].stats: expected an object, got array'),
+    (LAT + ("extra",), "x", '$.gpu_classes.H100.latency["gen/bs1"].extra: expected an object, got string "x"'),
+    (LAT + ("machine",), [], '$.gpu_classes.H100.latency["gen/bs1"].machine: expected an object, got array'),
+    (LAT + ("versions",), "2.13", '$.gpu_classes.H100.latency["gen/bs1"].versions: expected an object, got '
+                                  'string "2.13"'),
+    (GOLD, [], "$.gpu_classes.H100.golden: expected an object, got array"),
+    (GOLD + ("versions",), [], "$.gpu_classes.H100.golden.versions: expected an object, got array"),
+    (GOLD + ("cases",), [], "$.gpu_classes.H100.golden.cases: expected an object, got array"),
+    (CASE, [[1]], "$.gpu_classes.H100.golden.cases.short: expected an object, got array"),
+    (CASE + ("tokens",), {}, "$.gpu_classes.H100.golden.cases.short.tokens: expected an array, got object"),
+    (CASE + ("top_logprobs",), {"0": []},
+     "$.gpu_classes.H100.golden.cases.short.top_logprobs: expected an array, got object"),
+    (CASE + ("top_logprobs", 1), {}, "$.gpu_classes.H100.golden.cases.short.top_logprobs[1]: expected an array, "
+                                     "got object"),
+    (CASE + ("top_logprobs", 0, 1), 2, "$.gpu_classes.H100.golden.cases.short.top_logprobs[0][1]: expected an "
+                                       "array, got integer 2"),
+    (CASE + ("top_logprobs", 0, 0, 0), {"token": 1}, "$.gpu_classes.H100.golden.cases.short.top_logprobs[0][0][0]: "
+                                                     "expected a [token id, logprob] pair, got object"),
+]
+
+
+@pytest.mark.parametrize("path,value,expected", WRONG_CONTAINERS, ids=[json_path(p) for p, _, _ in WRONG_CONTAINERS])
+def test_a_container_of_the_wrong_type_is_refused_at_its_own_path(path, value, expected):
+    def edit(d):
+        at(d, path[:-1])[path[-1]] = value
+    assert message(edit) == expected
+
+
 def test_not_an_object_and_no_expected_key():
     with pytest.raises(SchemaError) as exc:
         validate_document([1, 2])
@@ -166,6 +209,12 @@ def test_baseline_key_validation(field, value, problem):
     with pytest.raises(ValueError) as exc:
         BaselineKey(**args)
     assert str(exc.value) == problem
+
+
+def test_the_smallest_valid_key_is_accepted():
+    """tp=1 (one GPU, every CPU run) is the smallest degree, and one-character names are names."""
+    key = BaselineKey(model="m", weights="w", dtype="d", backend="b", tp=1)
+    assert key.tp == 1 and key.as_json() == {"model": "m", "weights": "w", "dtype": "d", "backend": "b", "tp": 1}
 
 
 def test_new_document():

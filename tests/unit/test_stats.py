@@ -290,3 +290,11 @@ def test_mann_whitney_small_exact_case():
     # = 3, mean 2, tie groups (3, 1): variance = 4/12 * (5 - (27 - 3) / 12) = 1, z = (3 - 2 - 0.5) / 1
     assert mann_whitney_greater([1.0, 2.0], [1.0, 1.0]) == pytest.approx(0.5 * math.erfc(0.5 / math.sqrt(2)),
                                                                          rel=1e-12)
+
+
+def test_two_samples_have_a_sample_stddev_and_none_is_a_one_line_error():
+    """ddof=1 needs two samples, and two are enough: only a single sample's spread is reported as 0."""
+    assert summarize([1.0, 2.0])["stddev"] == pytest.approx(math.sqrt(0.5))
+    with pytest.raises(ValueError) as exc:
+        summarize([])
+    assert str(exc.value) == "summarize: no samples"

@@ -5,6 +5,7 @@ the sweep plot uploaded as artefacts."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -69,3 +70,17 @@ def test_cpu_workflow_runs_the_installed_suite_and_the_unit_tests_on_a_hosted_ru
     runs = "\n".join(s.get("run", "") for s in job["steps"])
     assert "bash scripts/setup-cpu.sh" in runs
     assert "--pyargs pytest_neoxmii.suite" in runs and "tests/unit" in runs
+
+
+def test_mutation_workflow_runs_the_script_weekly_and_on_demand_and_keeps_the_results():
+    wf = load("mutation.yml")
+    triggers = wf[True]              # YAML 1.1 reads the key `on` as the boolean true
+    assert set(triggers) == {"workflow_dispatch", "schedule"} and triggers["schedule"][0]["cron"]
+    job = wf["jobs"]["mutation"]
+    modules = job["strategy"]["matrix"]["module"]
+    default = re.search(r"modules=\(([a-z_ ]+)\)", (REPO / "scripts" / "mutation.sh").read_text())
+    assert modules == default.group(1).split(), "one job for every module the script mutates by default"
+    runs = "\n".join(s.get("run", "") for s in job["steps"])
+    assert "scripts/mutation.sh --min-score" in runs and ".[mii,test,mutation]" in runs
+    uploaded = steps_using(job, "actions/upload-artifact")[0]
+    assert uploaded.get("if") == "always()" and uploaded["with"]["path"] == "mutation-results/"
