@@ -40,6 +40,9 @@ def pytest_configure(config: pytest.Config) -> None:
             from pytest_neoxmii.weights import resolve
             model = resolve(opts.model, opts.weights, opts.revision, opts.seed, opts.cache_dir)
         session = NeoxSession(opts, model)
+        if model is not None:
+            from pytest_neoxmii import kernels
+            session.kernels = kernels.prepare(session.device)   # before anything deploys or imports deepspeed
         session.load_serving_configs()
         session.load_prompts()
         _check_cases(session)
@@ -87,6 +90,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         "neoxmii: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
     ]
     lines += [f"neoxmii: {config.describe()}" for config in session.serving_configs.values()]
+    if session.kernels is not None:
+        lines.append(f"neoxmii: {session.kernels.describe()}")
     return lines
 
 

@@ -157,6 +157,7 @@ def build_summary(session) -> dict:
         "hardware": {**machine_info(session.hardware), "description": session.hardware.describe()},
         "versions": versions(),
         "backends": {k: info.describe() for k, info in session.infos.items()},
+        "kernels": session.kernels.as_json() if getattr(session, "kernels", None) else None,
         "unavailable": dict(session.unavailable),
         "known_issue_not_deployed": dict(session.known_blocked),
         "crashed": dict(session.crashed),
