@@ -42,6 +42,8 @@ def pytest_configure(config: pytest.Config) -> None:
         session = NeoxSession(opts, model)
         if model is not None:
             from pytest_neoxmii import kernels
+            if not os.environ.get(kernels.ENV):     # the default lasts as long as this session (pytester)
+                config.add_cleanup(lambda: os.environ.pop(kernels.ENV, None))
             session.kernels = kernels.prepare(session.device)   # before anything deploys or imports deepspeed
         session.load_serving_configs()
         session.load_prompts()

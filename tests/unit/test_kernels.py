@@ -5,7 +5,11 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 
+import pytest
+
 from pytest_neoxmii import kernels
+
+pytestmark = pytest.mark.usefixtures("preloaded")
 
 
 def _lib(directory, folder, name):
@@ -43,3 +47,15 @@ def test_a_users_directory_is_honoured_and_built_ops_are_found(tmp_path):
     # torch's versioned rebuild after a source change counts too
     so_v1 = _lib(tmp_path, "deepspeed_shm_comm_v1", "deepspeed_shm_comm_v1.so")
     assert kernels.prepare("cpu", env).found == {"deepspeed_shm_comm": so_v1}
+
+
+def test_the_default_lasts_one_session(pytester, synthetic_14m, fake_gpus, monkeypatch):
+    """An in-process run (pytester) sets the default for its session only: the next session decides again."""
+    import os
+    fake_gpus()
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    pytester.makepyfile("import os\n\ndef test_env():\n"
+                        "    assert '-deepspeed' in os.environ['TORCH_EXTENSIONS_DIR']\n")
+    result = pytester.runpytest(*synthetic_14m, "--neox-dtype=fp32")
+    assert result.ret == 0, result.outlines
+    assert "TORCH_EXTENSIONS_DIR" not in os.environ
