@@ -157,6 +157,7 @@ def test_defaults(pytester, monkeypatch, tmp_path):
         "update_baselines": False, "max_new_tokens": 32, "seed": 0, "top_k": 5, "parity_multiple": 10.0,
         "cases": "default", "cache_dir": tmp_path / "xdg" / "pytest-neoxmii", "zero_nvme": None,
         "latency_threshold": 0.10, "report_dir": None, "prompts": None, "ds_config": None, "mii_config": None,
+        "latency_time_box": None, "latency_ci": 0.02,
     }
     assert get_session(pytester.parseconfigure()).model is None
 
