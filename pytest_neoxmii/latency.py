@@ -143,9 +143,9 @@ class LatencyProfile:
 
 # GPU: the reference numbers' shape (64-token prompt, 32 new tokens); a median within +-2 % at 95 %, or what
 # 10 s of timing gives (the Mann-Whitney gate sees a 10-15 % shift from a dozen rounds). CPU: the plumbing and
-# the gate run, kept short (CI is CPU-only): the fewest rounds the gate compares, more only while they fit 2 s.
+# the gate run, kept short (CI is CPU-only): the fewest rounds the gate compares, more only while they fit 1 s.
 GPU_PROFILE = LatencyProfile(prompt_len=64, new_tokens=32, warmup=3, min_warmup_s=3.0, time_box_s=10.0)
-CPU_PROFILE = LatencyProfile(prompt_len=64, new_tokens=8, warmup=1, time_box_s=2.0)
+CPU_PROFILE = LatencyProfile(prompt_len=64, new_tokens=8, warmup=1, time_box_s=1.0)
 BATCH_SIZES = (1, 4)
 
 STOP_REASONS = {"ci": "median's 95% CI within the target", "time-box": "time box ran out",
