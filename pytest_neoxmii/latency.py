@@ -148,9 +148,6 @@ GPU_PROFILE = LatencyProfile(prompt_len=64, new_tokens=32, warmup=3, min_warmup_
 CPU_PROFILE = LatencyProfile(prompt_len=64, new_tokens=8, warmup=1, time_box_s=1.0)
 BATCH_SIZES = (1, 4)
 
-STOP_REASONS = {"ci": "median's 95% CI within the target", "time-box": "time box ran out",
-                "max-rounds": "most rounds allowed", "fixed": "fixed number of rounds"}
-
 
 MAX_WARMUP_ROUNDS = 50
 
@@ -281,7 +278,7 @@ class LatencyResult:
     floor_applies: bool = True            # False for ZeRO-Inference: its weights stream over PCIe, not HBM
     gate: dict | None = None              # the regression gate's outcome (see latency.gate_outcome)
     notes: list[str] = field(default_factory=list)
-    stop_reason: str = "fixed"            # why the rounds stopped (StopRule, STOP_REASONS)
+    stop_reason: str = "fixed"            # why the rounds stopped: ci, time-box, max-rounds or fixed (StopRule)
     timing_s: float | None = None         # seconds the timing took, warm-up included
 
     def __post_init__(self) -> None:
