@@ -106,6 +106,7 @@ def detect() -> Hardware:
     return Hardware(gpus=tuple(gpus), cuda_version=torch.version.cuda, driver_version=_driver_version())
 
 
+@functools.lru_cache(maxsize=1)   # nvidia-smi costs tens of ms, and the session asks for the GPUs often
 def _driver_version() -> str | None:
     try:
         import subprocess

@@ -19,6 +19,7 @@ pytest layer); this module is the timing, free of pytest.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import statistics
@@ -26,7 +27,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from pytest_neoxmii.stats import summarize
+from pytest_neoxmii.samples import median_ci
+from pytest_neoxmii.stats import MIN_SAMPLES, summarize
 
 # --- memory bandwidth ---------------------------------------------------------------------------------
 # Peak HBM bandwidth (bytes/s) from the vendors' data sheets, matched on the name torch reports
@@ -75,6 +77,10 @@ def decode_samples(prefill: Sequence[float], e2e: Sequence[float], new_tokens: i
     return [(e - p) / (new_tokens - 1) for p, e in zip(prefill, e2e)]
 
 
+def _pct(fraction: float | None) -> float | None:
+    return None if fraction is None else 100.0 * fraction
+
+
 def _median(xs: Sequence[float]) -> float | None:
     return float(statistics.median(xs)) if xs else None
 
@@ -82,19 +88,62 @@ def _median(xs: Sequence[float]) -> float | None:
 # --- profiles -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class StopRule:
+    """When timing stops adding measured rounds: never before min_rounds; then as soon as the 95 % confidence
+    interval of the end-to-end median is within +-target_ci of it ("ci"), or at max_rounds ("max-rounds"), or
+    when one more round would end past the time box, counted from the start of the warm-up ("time-box").
+    min_rounds wins over the box: a slow-by-design engine (ZeRO offload) still gets the samples the gate
+    needs, and no more. target_ci None: exactly max_rounds rounds ("fixed")."""
+    min_rounds: int
+    max_rounds: int
+    time_box_s: float = math.inf
+    target_ci: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_rounds <= self.max_rounds:
+            raise ValueError(f"rounds: need 1 <= min_rounds ({self.min_rounds}) <= max_rounds ({self.max_rounds})")
+
+    def reason_to_stop(self, e2e: Sequence[float], elapsed_s: float) -> str | None:
+        n = len(e2e)
+        if n < self.min_rounds:
+            return None
+        if self.target_ci is None:
+            return "fixed" if n >= self.max_rounds else None
+        ci = median_ci(e2e)
+        if ci is not None and ci.half_width_rel <= self.target_ci:
+            return "ci"
+        if n >= self.max_rounds:
+            return "max-rounds"
+        if elapsed_s + statistics.fmean(e2e) > self.time_box_s:   # prefill is small next to a full round
+            return "time-box"
+        return None
+
+
+@dataclass(frozen=True)
 class LatencyProfile:
+    """The shape that is timed, the warm-up, and when timing stops (see StopRule): adaptive by default;
+    `rounds` fixes the count instead."""
     prompt_len: int
     new_tokens: int
-    rounds: int
-    warmup: int                 # at least this many warm-up rounds ...
+    rounds: int | None = None   # a fixed number of measured rounds (no early stop, no time box)
+    warmup: int = 1             # at least this many warm-up rounds ...
     min_warmup_s: float = 0.0   # ... and at least this long (GPU clocks ramp up from idle over seconds)
+    min_rounds: int = MIN_SAMPLES
+    max_rounds: int = 100
+    time_box_s: float = 10.0    # per test and batch size, warm-up included (--neox-latency-time-box)
+    target_ci: float = 0.02     # +-2 % of the median at 95 % (--neox-latency-ci)
+
+    def stop_rule(self) -> StopRule:
+        if self.rounds is not None:
+            return StopRule(min_rounds=self.rounds, max_rounds=self.rounds)
+        return StopRule(self.min_rounds, self.max_rounds, self.time_box_s, self.target_ci)
 
 
-# GPU: the reference numbers' shape (64-token prompt, 32 new tokens) and enough rounds for the Mann-Whitney
-# gate to see a 10-15% shift. CPU: the plumbing and the gate run, kept short (CI is CPU-only); 5 rounds is
-# stats.MIN_SAMPLES, the fewest the gate compares.
-GPU_PROFILE = LatencyProfile(prompt_len=64, new_tokens=32, rounds=20, warmup=3, min_warmup_s=3.0)
-CPU_PROFILE = LatencyProfile(prompt_len=64, new_tokens=8, rounds=5, warmup=1)
+# GPU: the reference numbers' shape (64-token prompt, 32 new tokens); a median within +-2 % at 95 %, or what
+# 10 s of timing gives (the Mann-Whitney gate sees a 10-15 % shift from a dozen rounds). CPU: the plumbing and
+# the gate run, kept short (CI is CPU-only): the fewest rounds the gate compares, more only while they fit 1 s.
+GPU_PROFILE = LatencyProfile(prompt_len=64, new_tokens=32, warmup=3, min_warmup_s=3.0, time_box_s=10.0)
+CPU_PROFILE = LatencyProfile(prompt_len=64, new_tokens=8, warmup=1, time_box_s=1.0)
 BATCH_SIZES = (1, 4)
 
 
@@ -108,8 +157,15 @@ def warmup_rounds(min_rounds: int, min_seconds: float, round_s: float) -> int:
     return max(min_rounds, min(MAX_WARMUP_ROUNDS, math.ceil(min_seconds / round_s)))
 
 
-def profile_for(device: str) -> LatencyProfile:
-    return GPU_PROFILE if device.startswith("cuda") else CPU_PROFILE
+def profile_for(device: str, options=None) -> LatencyProfile:
+    """The device's profile, with the session's --neox-latency-time-box / --neox-latency-ci when set."""
+    profile = GPU_PROFILE if device.startswith("cuda") else CPU_PROFILE
+    changes = {}
+    if options is not None and getattr(options, "latency_time_box", None) is not None:
+        changes["time_box_s"] = options.latency_time_box
+    if options is not None and getattr(options, "latency_ci", None) is not None:
+        changes["target_ci"] = options.latency_ci
+    return dataclasses.replace(profile, **changes) if changes else profile
 
 
 def bench_name(batch_size: int, prompt_len: int, new_tokens: int) -> str:
@@ -150,31 +206,51 @@ class Timer:
         return self.clock() - t0
 
 
-def run_rounds(prefill_call: Callable[[], object], full_call: Callable[[], object], timer: Timer, rounds: int,
-               warmup: int, benchmark=None) -> tuple[list[float], list[float]]:
-    """`warmup` untimed-for-the-result rounds, then `rounds` rounds, each a prefill call then a full call.
+@dataclass
+class TimedRounds:
+    """What run_rounds measured: paired samples of the measured rounds (warm-ups excluded), how many warm-up
+    rounds ran, why the rounds stopped (StopRule) and how long it all took (warm-up included)."""
+    prefill: list[float]
+    e2e: list[float]
+    warmup: int
+    stop_reason: str
+    seconds: float
 
-    With pytest-benchmark's fixture the full call is the benchmarked target (pedantic mode, explicit warm-up)
-    and the prefill call its per-round setup, so benchmark's own statistics are the end-to-end latency.
-    Returns (prefill samples, end-to-end samples) of the measured rounds, paired."""
+
+def run_rounds(prefill_call: Callable[[], object], full_call: Callable[[], object], timer: Timer,
+               rounds: int | StopRule, warmup: int, benchmark=None, started: float | None = None) -> TimedRounds:
+    """`warmup` rounds whose samples are dropped, then measured rounds until `rounds` says stop (a StopRule,
+    or a fixed count), each a prefill call then a full call, timed by `timer`. The time box counts from
+    `started` (timer.clock() values; default: now).
+
+    With pytest-benchmark's fixture the end-to-end samples become its statistics (one round each), so its
+    table, JSON and comparisons are the end-to-end latency. pedantic() would need the round count up front,
+    which adaptive rounds only know at the end: the samples go in the way pedantic's own loop adds them."""
+    rule = rounds if isinstance(rounds, StopRule) else StopRule(min_rounds=rounds, max_rounds=rounds)
+    t0 = timer.clock() if started is None else started
+    for _ in range(warmup):
+        timer.measure(prefill_call)
+        timer.measure(full_call)
     prefill: list[float] = []
     e2e: list[float] = []
-
-    def setup():
+    while True:
         prefill.append(timer.measure(prefill_call))
-
-    def target():
         e2e.append(timer.measure(full_call))
-
+        reason = rule.reason_to_stop(e2e, timer.clock() - t0)
+        if reason:
+            break
     if benchmark is not None:
-        benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
-    else:
-        for _ in range(warmup + rounds):
-            setup()
-            target()
-    # Warm-up rounds come first; anything after the measured rounds (pytest-benchmark's --benchmark-cprofile
-    # runs the target again) is not a sample.
-    return prefill[warmup:warmup + rounds], e2e[warmup:warmup + rounds]
+        _into_benchmark(benchmark, e2e)
+    return TimedRounds(prefill=prefill, e2e=e2e, warmup=warmup, stop_reason=reason, seconds=timer.clock() - t0)
+
+
+def _into_benchmark(benchmark, samples: Sequence[float]) -> None:
+    """pytest-benchmark's statistics from samples timed here (its _raw_pedantic does exactly this per round;
+    the private names are pinned by pyproject's pytest-benchmark range)."""
+    stats = benchmark._make_stats(1)
+    for duration in samples:
+        stats.update(duration)
+    benchmark._mode = "benchmark.pedantic(...)"     # used once, as pedantic leaves it
 
 
 # --- results ------------------------------------------------------------------------------------------
@@ -200,6 +276,8 @@ class LatencyResult:
     floor_applies: bool = True            # False for ZeRO-Inference: its weights stream over PCIe, not HBM
     gate: dict | None = None              # the regression gate's outcome (set by checks/latency.py)
     notes: list[str] = field(default_factory=list)
+    stop_reason: str = "fixed"            # why the rounds stopped: ci, time-box, max-rounds or fixed (StopRule)
+    timing_s: float | None = None         # seconds the timing took, warm-up included
 
     def __post_init__(self) -> None:
         from pytest_neoxmii.backends import ENGINES
@@ -225,6 +303,11 @@ class LatencyResult:
     @property
     def tpot_s(self) -> float | None:
         return _median(self.tpot_samples)
+
+    @property
+    def e2e_ci(self):
+        """95 % confidence interval of the end-to-end median (samples.MedianCI), None below 6 rounds."""
+        return median_ci(self.e2e)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -257,9 +340,13 @@ class LatencyResult:
         out = {
             "bench": self.bench, "backend": self.backend, "dtype": self.dtype, "batch_size": self.batch_size,
             "prompt_tokens": self.prompt_len, "new_tokens": self.new_tokens, "rounds": self.rounds,
-            "warmup_rounds": self.warmup,
+            "warmup_rounds": self.warmup, "stop_reason": self.stop_reason, "timing_s": self.timing_s,
             "e2e_p50_s": e2e["p50"], "e2e_p90_s": e2e["p90"], "e2e_p99_s": e2e["p99"],
             "e2e_mean_s": e2e["mean"], "e2e_stddev_s": e2e["stddev"],
+            "e2e_ci_low_s": e2e["median_ci_low"], "e2e_ci_high_s": e2e["median_ci_high"],
+            "e2e_ci_half_width_pct": _pct(e2e["median_ci_half_width_rel"]),
+            "ttft_ci_half_width_pct": _pct(pre["median_ci_half_width_rel"]),
+            "tpot_ci_half_width_pct": _pct(summarize(tpot)["median_ci_half_width_rel"]) if tpot else None,
             "ttft_p50_s": pre["p50"], "ttft_p90_s": pre["p90"], "ttft_p99_s": pre["p99"],
             "tpot_p50_s": self.tpot_s,
             "tpot_p90_s": summarize(tpot)["p90"] if tpot else None,
@@ -288,7 +375,10 @@ class LatencyResult:
     def describe(self) -> str:
         def ms(x):
             return "-" if x is None else f"{x * 1e3:.2f} ms"
-        parts = [f"{self.backend} {self.dtype} batch {self.batch_size}: end-to-end p50 {ms(self.e2e_s)}",
+        ci = self.e2e_ci
+        spread = f" +-{ci.half_width_rel * 100:.1f}%" if ci else ""
+        parts = [f"{self.backend} {self.dtype} batch {self.batch_size}: end-to-end p50 {ms(self.e2e_s)}{spread} "
+                 f"({len(self.e2e)} rounds, stop: {self.stop_reason})",
                  f"TTFT {ms(self.ttft_s)}", f"TPOT {ms(self.tpot_s)}"]
         if self.tokens_per_s:
             parts.append(f"{self.tokens_per_s:.1f} tokens/s")
@@ -345,10 +435,11 @@ def model_calls(backend, batch, new_tokens: int) -> tuple[Callable[[], object], 
     return (lambda: generate(1)), (lambda: generate(new_tokens)), []
 
 
-def measure_backend(backend, batch, new_tokens: int, rounds: int, warmup: int, *, spec=None, hardware=None,
-                    benchmark=None, timer: Timer | None = None, min_warmup_s: float = 0.0) -> LatencyResult:
-    """Time `rounds` rounds (after `warmup` rounds, more if they would last less than min_warmup_s) of
-    prefill + full generation of one loaded backend."""
+def measure_backend(backend, batch, new_tokens: int, rounds: int | StopRule, warmup: int, *, spec=None,
+                    hardware=None, benchmark=None, timer: Timer | None = None,
+                    min_warmup_s: float = 0.0) -> LatencyResult:
+    """Time rounds of prefill + full generation of one loaded backend, as `rounds` (a StopRule or a fixed
+    count) says, after `warmup` rounds (more if they would last less than min_warmup_s)."""
     info = backend.info
     device = info.device
     # Workers' GPUs ("cuda:0,1") are not this process's: a wall clock, and their memory is not ours to read.
@@ -359,12 +450,12 @@ def measure_backend(backend, batch, new_tokens: int, rounds: int, warmup: int, *
     if on_gpu and local:
         import torch
         torch.cuda.reset_peak_memory_stats(device)
+    started = timer.clock()
     if min_warmup_s > 0:
-        # One untimed round sizes the warm-up; the warm-up itself still runs as pytest-benchmark's own
-        # explicit warm-up rounds.
+        # One untimed round sizes the warm-up (and counts against the time box, as the warm-up does).
         first = timer.measure(prefill_call) + timer.measure(full_call)
         warmup = warmup_rounds(warmup, min_warmup_s - first, first)
-    prefill, e2e = run_rounds(prefill_call, full_call, timer, rounds, warmup, benchmark)
+    timed = run_rounds(prefill_call, full_call, timer, rounds, warmup, benchmark, started=started)
     peak = None
     if on_gpu and local:
         import torch
@@ -372,7 +463,8 @@ def measure_backend(backend, batch, new_tokens: int, rounds: int, warmup: int, *
     gpu_name = hardware.gpus[0].name if hardware is not None and hardware.gpus and on_gpu else None
     return LatencyResult(
         backend=info.backend, dtype=info.dtype, device=device, batch_size=batch.batch_size,
-        prompt_len=batch.max_len, new_tokens=new_tokens, rounds=rounds, warmup=warmup, e2e=e2e,
-        prefill=prefill, weight_bytes=spec.weight_bytes(info.dtype) if spec is not None else 0,
+        prompt_len=batch.max_len, new_tokens=new_tokens, rounds=len(timed.e2e), warmup=timed.warmup,
+        e2e=timed.e2e, prefill=timed.prefill, stop_reason=timed.stop_reason, timing_s=timed.seconds,
+        weight_bytes=spec.weight_bytes(info.dtype) if spec is not None else 0,
         tp=info.tensor_parallel, gpu_name=gpu_name, bandwidth=memory_bandwidth(gpu_name),
         peak_gpu_memory_bytes=peak, notes=notes)

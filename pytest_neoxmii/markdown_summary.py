@@ -45,7 +45,9 @@ def render(summary: dict) -> str:
     rows = summary.get("latency") or []
     lines += ["### Latency", ""]
     if rows:
-        lines += ["x/HF: median end-to-end over the HF peer's in this session; floor %: weight-streaming floor "
+        lines += ["+-CI %: half-width of the 95% confidence interval of the end-to-end median; rounds: measured "
+                  "rounds/why they stopped (ci, box: time box, max: round limit). x/HF: median end-to-end over the "
+                  "HF peer's in this session; floor %: weight-streaming floor "
                   "/ TPOT.", "", format_markdown_table(LATENCY_HEADERS, latency_cells(rows)), ""]
     else:
         lines += ["no latency results in this session", ""]

@@ -2,6 +2,7 @@
 NeoxOptions is the validated result the rest of the plugin reads."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,11 @@ OPTIONS = (
            None, metavar="PATH"),
     Option("neox_latency_threshold", "relative slowdown of the median beyond which a significant latency "
            "change fails", 0.10, kind="float", metavar="FRACTION"),
+    Option("neox_latency_time_box", "seconds of timing per latency test, warm-up included: rounds stop when "
+           "one more would not fit (after the 6 the gate needs) (default: 10 on a GPU, 1 on the CPU)", None,
+           kind="float", metavar="SECONDS"),
+    Option("neox_latency_ci", "rounds stop once the 95 percent confidence interval of the median is within this "
+           "fraction of it", 0.02, kind="float", metavar="FRACTION"),
     Option("neox_prompts", "JSON Lines file of your own prompts, one object per line: 'prompt' (text) or "
            "'input_ids', optional 'max_new_tokens' and 'id'; each line adds a case to the greedy, "
            "teacher-forced and golden checks", None, metavar="FILE"),
@@ -139,6 +145,8 @@ class NeoxOptions:
     prompts: Path | None = None
     ds_config: Path | None = None
     mii_config: Path | None = None
+    latency_time_box: float | None = None   # None: the device's profile decides (latency.profile_for)
+    latency_ci: float = 0.02
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "NeoxOptions":
@@ -163,6 +171,12 @@ class NeoxOptions:
         if not 0 < v["neox_latency_threshold"] < 10:
             raise NeoxUsageError("--neox-latency-threshold is a fraction such as 0.10, got "
                                  f"{v['neox_latency_threshold']}")
+        box = v["neox_latency_time_box"]
+        if box is not None and not (box > 0 and math.isfinite(box)):
+            raise NeoxUsageError(f"--neox-latency-time-box is a number of seconds above 0, got {box}")
+        if not 0 < v["neox_latency_ci"] < 1:
+            raise NeoxUsageError(f"--neox-latency-ci is a fraction of the median such as 0.02, got "
+                                 f"{v['neox_latency_ci']}")
         if v["neox_cases"] not in ("default", "full"):
             raise NeoxUsageError(f"--neox-cases must be 'default' or 'full', got '{v['neox_cases']}'")
         # Relative paths are relative to where pytest was started (the invocation directory), not to the
@@ -177,6 +191,7 @@ class NeoxOptions:
             cache_dir=Path(v["neox_cache_dir"]).expanduser() if v["neox_cache_dir"] else default_cache_dir(),
             zero_nvme=Path(v["neox_zero_nvme"]) if v["neox_zero_nvme"] else None,
             latency_threshold=v["neox_latency_threshold"],
+            latency_time_box=box, latency_ci=v["neox_latency_ci"],
             report_dir=here / v["neox_report"] if v["neox_report"] else None,
             prompts=here / v["neox_prompts"] if v["neox_prompts"] else None,
             ds_config=here / v["neox_ds_config"] if v["neox_ds_config"] else None,

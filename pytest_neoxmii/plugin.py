@@ -40,6 +40,11 @@ def pytest_configure(config: pytest.Config) -> None:
             from pytest_neoxmii.weights import resolve
             model = resolve(opts.model, opts.weights, opts.revision, opts.seed, opts.cache_dir)
         session = NeoxSession(opts, model)
+        if model is not None:
+            from pytest_neoxmii import kernels
+            if not os.environ.get(kernels.ENV):     # the default lasts as long as this session (pytester)
+                config.add_cleanup(lambda: os.environ.pop(kernels.ENV, None))
+            session.kernels = kernels.prepare(session.device)   # before anything deploys or imports deepspeed
         session.load_serving_configs()
         session.load_prompts()
         _check_cases(session)
@@ -75,6 +80,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         "neoxmii: " + ", ".join(f"{k} {v}" for k, v in shown_versions().items()),
     ]
     lines += [f"neoxmii: {config.describe()}" for config in session.serving_configs.values()]
+    if session.kernels is not None:
+        lines.append(f"neoxmii: {session.kernels.describe()}")
     fault = planted_fault.planted()
     if fault:
         lines.append(f"neoxmii: PLANTED FAULT ({planted_fault.PLANT_FAULT_ENV}): {fault}; "

@@ -105,6 +105,7 @@ def build_summary(session) -> dict:
         "hardware": {**machine_info(session.hardware), "description": session.hardware.describe()},
         "versions": shown_versions(),
         "backends": {k: info.describe() for k, info in session.infos.items()},
+        "kernels": session.kernels.as_json() if getattr(session, "kernels", None) else None,
         "unavailable": dict(session.unavailable),
         "known_issue_not_deployed": dict(session.known_blocked),
         "crashed": dict(session.crashed),
@@ -201,7 +202,9 @@ def _latency_section(tr, session) -> None:
     rows = latency_rows(session)
     if rows:
         gpu = session.hardware.gpus[0].name if session.hardware.gpus else "CPU"
-        tr.write_line(f"latency ({session.model.describe()}, on {gpu}; x/HF: median end-to-end over the HF "
+        tr.write_line(f"latency ({session.model.describe()}, on {gpu}; +-CI %: half-width of the 95% confidence "
+                      f"interval of the end-to-end median; rounds: measured rounds/why they stopped (ci: interval "
+                      f"within target, box: time box, max: round limit); x/HF: median end-to-end over the HF "
                       f"peer's in this session; floor %: weight-streaming floor / TPOT):")
         tr.write_line(latency_table(rows))
     v = verdicts(session)

@@ -11,8 +11,10 @@ def _ms(x):
     return None if x is None else x * 1e3
 
 
-LATENCY_HEADERS = ["backend", "dtype", "batch", "TTFT ms", "TPOT ms", "e2e p50 ms", "p90 ms", "p99 ms",
-                   "tokens/s", "peak MiB", "x/HF", "floor ms", "floor %", "gate"]
+LATENCY_HEADERS = ["backend", "dtype", "batch", "TTFT ms", "TPOT ms", "e2e p50 ms", "+-CI %", "rounds", "p90 ms",
+                   "p99 ms", "tokens/s", "peak MiB", "x/HF", "floor ms", "floor %", "gate"]
+# why the rounds stopped, in the table's rounds column (latency.StopRule)
+STOP_MARKS = {"ci": "ci", "time-box": "box", "max-rounds": "max", "fixed": "fixed"}
 
 
 def latency_cells(rows: list[dict]) -> list[list]:
@@ -21,8 +23,11 @@ def latency_cells(rows: list[dict]) -> list[list]:
     for r in rows:
         peak = r.get("peak_gpu_memory_bytes")
         gate = (r.get("gate") or {}).get("verdict") or "-"
+        ci = r.get("e2e_ci_half_width_pct")
+        stop = r.get("stop_reason")
+        rounds = f"{r['rounds']}/{STOP_MARKS.get(stop, stop)}" if stop else r["rounds"]
         out.append([r["backend"], r["dtype"], r["batch_size"], _ms(r["ttft_p50_s"]), _ms(r["tpot_p50_s"]),
-                    _ms(r["e2e_p50_s"]), _ms(r["e2e_p90_s"]), _ms(r["e2e_p99_s"]), r["tokens_per_s"],
+                    _ms(r["e2e_p50_s"]), "-" if ci is None else ci, rounds, _ms(r["e2e_p90_s"]), _ms(r["e2e_p99_s"]), r["tokens_per_s"],
                     None if peak is None else peak / 2**20, r["ratio_to_hf"],
                     _ms(r["floor_s"]), r["floor_pct"] if r["floor_pct"] is not None else "unknown", gate])
     return out

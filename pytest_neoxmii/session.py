@@ -51,6 +51,7 @@ class NeoxSession:
         self._dtype_choice: precision.DtypeChoice | None = None   # kept after close(): the report shows it
         self.prompt_plans: list[CasePlan] = []      # users' own prompts (--neox-prompts), see load_prompts
         self.serving_configs: dict = {}             # engine -> serving_config.ServingConfig (--neox-*-config)
+        self.kernels = None                         # kernels.KernelCache: where DeepSpeed's JIT ops are kept
         self.started = time.perf_counter()
 
     # -- what is tested -------------------------------------------------------------------------------

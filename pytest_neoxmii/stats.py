@@ -1,13 +1,19 @@
-"""Latency summaries and the latency regression gate.
+"""The latency regression gate.
 
-The gate fails a benchmark only when the slowdown is both *large* (the median moved by more than a relative
-threshold) and *real* (a one-sided Mann-Whitney U test on the raw samples says it is unlikely to be noise).
-Either condition alone is a poor gate: a threshold on the median alone fires on noisy machines, a significance
-test alone fires on tiny but consistent changes that nobody cares about.
+The gate fails a benchmark only when the slowdown is *large* (the median moved by more than a relative
+threshold), *real* (a one-sided Mann-Whitney U test on the raw samples says it is unlikely to be noise) and
+*outside the baseline's own uncertainty* (the current median lies beyond the 95 % confidence interval of the
+baseline's median, samples.median_ci). A threshold on the median alone fires on noisy machines, a significance
+test alone fires on tiny but consistent changes that nobody cares about, and the interval keeps a baseline
+whose own median is uncertain by more than the threshold from calling a move inside that uncertainty a
+regression. Improvements are judged by the mirror rule.
 
-Only numpy is used at runtime (no scipy): the U test uses the normal approximation with tie and continuity
-correction, which matches scipy.stats.mannwhitneyu(..., method="asymptotic") and is accurate for the sample
-counts pytest-benchmark produces (tens of rounds).
+The U test is scipy.stats.mannwhitneyu: method="exact" when the pooled samples have no ties and the smaller
+side has at most EXACT_MAX_N samples (scipy's own "auto" rule, stated here so that it cannot move under us:
+there the normal approximation is poor, and the exact null distribution is cheap), else "asymptotic" (normal
+approximation with tie and continuity correction; the exact distribution does not hold under ties, and
+building it for two samples of 20-50 costs milliseconds per comparison for a p-value that differs from the
+approximation in the third digit).
 """
 from __future__ import annotations
 
@@ -16,82 +22,38 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
+from scipy.stats import mannwhitneyu
 
-# Below this many samples on either side the test has too little power to mean anything; such comparisons
-# are reported and never fail.
-MIN_SAMPLES = 5
+from pytest_neoxmii.samples import MEDIAN_CI_CONFIDENCE, MedianCI, as_samples, median_ci, summarize  # noqa: F401
+
+# Below this many samples on either side the comparison is reported and never fails: 6 is the fewest whose
+# median has a 95 % distribution-free confidence interval (samples.median_ci_rank), which the gate needs.
+MIN_SAMPLES = 6
+
+# The exact U distribution when the smaller sample has at most this many (and nothing is tied).
+EXACT_MAX_N = 8
 
 VERDICTS = ("regression", "improvement", "unchanged", "insufficient-samples")
 
-
-def _as_samples(samples: Sequence[float], what: str) -> np.ndarray:
-    arr = np.asarray(list(samples), dtype=np.float64)
-    if arr.ndim != 1:
-        raise ValueError(f"{what}: expected a flat list of latencies in seconds")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{what}: latencies must be finite numbers")
-    return arr
-
-
-def summarize(samples: Sequence[float]) -> dict:
-    """Summary of latency samples (seconds). Plain Python numbers, so the result can go straight into JSON.
-
-    stddev is the sample standard deviation (ddof=1; 0.0 for a single sample); percentiles use numpy's
-    default linear interpolation; iqr = p75 - p25."""
-    arr = _as_samples(samples, "summarize")
-    if arr.size == 0:
-        raise ValueError("summarize: no samples")
-    p25, p50, p75, p90, p99 = np.percentile(arr, [25, 50, 75, 90, 99])
-    return {
-        "n": int(arr.size),
-        "min": float(arr.min()),
-        "max": float(arr.max()),
-        "mean": float(arr.mean()),
-        "stddev": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
-        "median": float(p50),
-        "p50": float(p50),
-        "p90": float(p90),
-        "p99": float(p99),
-        "iqr": float(p75 - p25),
-    }
-
-
-def _rank_with_ties(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """1-based ranks, tied values sharing their average rank; also the size of every tie group."""
-    order = np.argsort(values, kind="mergesort")
-    sorted_vals = values[order]
-    # Start index of each run of equal values in sorted order.
-    starts = np.flatnonzero(np.r_[True, sorted_vals[1:] != sorted_vals[:-1]])
-    counts = np.diff(np.r_[starts, values.size])
-    # Average of ranks start+1 .. start+count.
-    avg_rank = starts + (counts + 1) / 2.0
-    ranks = np.empty(values.size, dtype=np.float64)
-    ranks[order] = np.repeat(avg_rank, counts)
-    return ranks, counts
+def mann_whitney_method(x: np.ndarray, y: np.ndarray) -> str:
+    """"exact" for tie-free samples whose smaller side has at most EXACT_MAX_N, else "asymptotic"."""
+    pooled = np.concatenate([x, y])
+    ties = np.unique(pooled).size < pooled.size
+    return "exact" if not ties and min(x.size, y.size) <= EXACT_MAX_N else "asymptotic"
 
 
 def mann_whitney_greater(x: Sequence[float], y: Sequence[float]) -> float:
-    """One-sided Mann-Whitney U p-value for "x tends to be larger than y".
-
-    Normal approximation with tie correction and continuity correction (same as scipy's
-    mannwhitneyu(x, y, alternative="greater", method="asymptotic")). Returns 1.0 when every value is equal
-    (no evidence of a shift either way)."""
-    xa = _as_samples(x, "mann_whitney_greater x")
-    ya = _as_samples(y, "mann_whitney_greater y")
-    n1, n2 = xa.size, ya.size
-    if n1 == 0 or n2 == 0:
+    """One-sided Mann-Whitney U p-value for "x tends to be larger than y" (scipy.stats.mannwhitneyu,
+    alternative="greater", method as mann_whitney_method says). 1.0 when every value is equal (no evidence
+    of a shift either way)."""
+    xa = as_samples(x, "mann_whitney_greater x")
+    ya = as_samples(y, "mann_whitney_greater y")
+    if xa.size == 0 or ya.size == 0:
         raise ValueError("mann_whitney_greater: both samples must be non-empty")
-    ranks, ties = _rank_with_ties(np.concatenate([xa, ya]))
-    n = n1 + n2
-    u1 = ranks[:n1].sum() - n1 * (n1 + 1) / 2.0
-    mu = n1 * n2 / 2.0
-    tie_term = float((ties.astype(np.float64) ** 3 - ties).sum()) / (n * (n - 1))
-    var = n1 * n2 / 12.0 * ((n + 1) - tie_term)
-    if var <= 0.0:
+    if np.all(np.concatenate([xa, ya]) == xa[0]):
         return 1.0
-    # Continuity correction: U is discrete, so move half a step toward the null.
-    z = (u1 - mu - 0.5) / math.sqrt(var)
-    return 0.5 * math.erfc(z / math.sqrt(2.0))  # upper tail of the standard normal
+    p = float(mannwhitneyu(xa, ya, alternative="greater", method=mann_whitney_method(xa, ya)).pvalue)
+    return 1.0 if math.isnan(p) else p
 
 
 def _fmt_seconds(s: float) -> str:
@@ -112,7 +74,8 @@ class LatencyComparison:
     """Result of compare_latency.
 
     p_value is the one-sided Mann-Whitney p-value in the direction the median moved (slower -> "current is
-    larger", faster -> "current is smaller"); None when there were too few samples to test."""
+    larger", faster -> "current is smaller"); None when there were too few samples to test. baseline_ci and
+    current_ci are the 95 % confidence intervals of the two medians (None below MIN_SAMPLES)."""
 
     baseline_median: float
     current_median: float
@@ -124,14 +87,25 @@ class LatencyComparison:
     verdict: str
     n_baseline: int = 0
     n_current: int = 0
+    baseline_ci: Optional[MedianCI] = None
+    current_ci: Optional[MedianCI] = None
 
     @property
     def failed(self) -> bool:
         return self.verdict == "regression"
 
+    @property
+    def outside_baseline_ci(self) -> Optional[bool]:
+        """Whether the current median lies beyond the baseline median's confidence interval, on the side it
+        moved to (None without an interval)."""
+        ci = self.baseline_ci
+        if ci is None:
+            return None
+        return self.current_median > ci.high if self.ratio >= 1.0 else self.current_median < ci.low
+
     def message(self) -> str:
         """One readable line, e.g. 'median 12.31 ms -> 14.20 ms (+15.4%, threshold 10%), Mann-Whitney
-        p=0.0003 < 0.01: regression'."""
+        p=0.0003 < 0.01, outside the baseline's 95% CI [12.21 ms, 12.41 ms]: regression'."""
         head = (
             f"median {_fmt_seconds(self.baseline_median)} -> {_fmt_seconds(self.current_median)} "
             f"({self.change_pct:+.1f}%, threshold {self.threshold * 100:g}%)"
@@ -142,7 +116,10 @@ class LatencyComparison:
                 f"(need >= {MIN_SAMPLES} each): insufficient-samples, not compared"
             )
         cmp = "<" if self.p_value < self.alpha else ">="
-        return f"{head}, Mann-Whitney p={_fmt_p(self.p_value)} {cmp} {self.alpha:g}: {self.verdict}"
+        ci = self.baseline_ci
+        where = "outside" if self.outside_baseline_ci else "inside"
+        return (f"{head}, Mann-Whitney p={_fmt_p(self.p_value)} {cmp} {self.alpha:g}, {where} the baseline's "
+                f"{MEDIAN_CI_CONFIDENCE * 100:g}% CI [{_fmt_seconds(ci.low)}, {_fmt_seconds(ci.high)}]: {self.verdict}")
 
 
 def compare_latency(
@@ -154,9 +131,10 @@ def compare_latency(
     """Compare current latency samples against the baseline ones (seconds).
 
     regression:  median slower by more than `threshold` (current/baseline > 1 + threshold) AND one-sided
-                 Mann-Whitney p < alpha for "current is slower". The only verdict that fails.
-    improvement: median faster by more than `threshold` (current/baseline < 1 - threshold) AND p < alpha for
-                 "current is faster".
+                 Mann-Whitney p < alpha for "current is slower" AND the current median above the upper end
+                 of the baseline median's 95 % confidence interval. The only verdict that fails.
+    improvement: the mirror image: faster by more than `threshold`, p < alpha for "current is faster", and
+                 the current median below the lower end of the baseline median's interval.
     insufficient-samples: fewer than MIN_SAMPLES on either side (never fails).
     unchanged:   anything else (small change, or a large change the samples cannot distinguish from noise).
     """
@@ -164,8 +142,8 @@ def compare_latency(
         raise ValueError(f"compare_latency: threshold must be >= 0, got {threshold!r}")
     if not 0 < alpha < 1:
         raise ValueError(f"compare_latency: alpha must be in (0, 1), got {alpha!r}")
-    base = _as_samples(baseline, "compare_latency baseline")
-    cur = _as_samples(current, "compare_latency current")
+    base = as_samples(baseline, "compare_latency baseline")
+    cur = as_samples(current, "compare_latency current")
 
     base_med = float(np.median(base)) if base.size else math.nan
     cur_med = float(np.median(cur)) if cur.size else math.nan
@@ -188,10 +166,13 @@ def compare_latency(
     if base.size < MIN_SAMPLES or cur.size < MIN_SAMPLES:
         return LatencyComparison(p_value=None, verdict="insufficient-samples", **common)
 
+    base_ci, cur_ci = median_ci(base), median_ci(cur)
     if ratio >= 1.0:
         p = mann_whitney_greater(cur, base)
-        verdict = "regression" if (ratio > 1.0 + threshold and p < alpha) else "unchanged"
+        verdict = ("regression" if ratio > 1.0 + threshold and p < alpha and cur_med > base_ci.high
+                   else "unchanged")
     else:
         p = mann_whitney_greater(base, cur)
-        verdict = "improvement" if (ratio < 1.0 - threshold and p < alpha) else "unchanged"
-    return LatencyComparison(p_value=p, verdict=verdict, **common)
+        verdict = ("improvement" if ratio < 1.0 - threshold and p < alpha and cur_med < base_ci.low
+                   else "unchanged")
+    return LatencyComparison(p_value=p, verdict=verdict, baseline_ci=base_ci, current_ci=cur_ci, **common)

@@ -30,12 +30,12 @@ def measure(neox, name: str, batch_size: int, benchmark=None, profile: LatencyPr
         -> LatencyResult:
     """Measure one backend at one batch size in this session (kept in neox.latency for the report)."""
     backend = _backend_for(neox, name)
-    profile = profile or profile_for(backend.info.device)
+    profile = profile or profile_for(backend.info.device, neox.options)
     tok = neox.tokenizer
     batch = latency_batch(text_tokens(tok), batch_size, profile.prompt_len,
                           tok.pad_token_id if tok.pad_token_id is not None else 0)
     with neox.timed(TIMED_PHASE):
-        result = measure_backend(backend, batch, profile.new_tokens, profile.rounds, profile.warmup,
+        result = measure_backend(backend, batch, profile.new_tokens, profile.stop_rule(), profile.warmup,
                                  spec=neox.model.spec, hardware=neox.hardware, benchmark=benchmark,
                                  min_warmup_s=profile.min_warmup_s)
     result.backend = name
@@ -96,7 +96,7 @@ def check_latency(neox, backend_name: str, batch_size: int, benchmark=None, requ
         pytest.skip(f"batch {batch_size} is larger than the case set's largest batch ({neox.max_batch}), which "
                     "sizes DeepSpeed's workspace")
     backend = _backend_for(neox, backend_name)
-    profile = profile or profile_for(backend.info.device)
+    profile = profile or profile_for(backend.info.device, opts)
     policy = BaselinePolicy.of(neox, backend_name, backend.info, request)
     cls = policy.gpu_class
     bench = bench_name(batch_size, profile.prompt_len, profile.new_tokens)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 from filelock import FileLock, Timeout
 
 from ..errors import BaselineError
-from ..stats import summarize
+from ..samples import summarize
 from .schema import (
     BaselineKey,
     SchemaError,

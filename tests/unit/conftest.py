@@ -122,3 +122,11 @@ def deepspeed_cpu_offers(monkeypatch):
     def offer(*dtypes: str) -> None:
         monkeypatch.setattr(precision, "deepspeed_cpu_dtypes", lambda: tuple(dtypes))
     return offer
+
+
+@pytest.fixture(autouse=True)
+def _inner_sessions_are_not_xdist_workers(monkeypatch):
+    """Under pytest-xdist (-n) the worker's PYTEST_XDIST_* variables would make every in-process pytester
+    session believe it is a worker too: pytest-benchmark then disables itself and the latency tests skip."""
+    for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(var, raising=False)

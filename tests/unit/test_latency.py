@@ -3,6 +3,7 @@ its percentage, the bandwidth table, the round bookkeeping under pytest-benchmar
 called on a backend, and the per-test threshold marker. (The regression gate itself: test_stats.py.)"""
 from __future__ import annotations
 
+import statistics
 import types
 
 import pytest
@@ -150,14 +151,16 @@ def test_rounds_without_benchmark_drop_warmups():
 
     pre = iter([0.5, 0.01, 0.02, 0.03])            # warm-up round is slow (compilation, caches)
     full_d = iter([5.0, 0.11, 0.12, 0.13])
-    p, e = run_rounds(prefill, full, Timer(clock=clock), rounds=3, warmup=1)
+    timed = run_rounds(prefill, full, Timer(clock=clock), rounds=3, warmup=1)
     assert calls == ["p", "f"] * 4
-    assert p == pytest.approx([0.01, 0.02, 0.03]) and e == pytest.approx([0.11, 0.12, 0.13])
+    assert timed.prefill == pytest.approx([0.01, 0.02, 0.03]) and timed.e2e == pytest.approx([0.11, 0.12, 0.13])
+    assert timed.warmup == 1 and timed.stop_reason == "fixed"
+    assert timed.seconds == pytest.approx(0.5 + 5.0 + 0.06 + 0.36)      # warm-up included
 
 
-def test_rounds_under_pytest_benchmark_pedantic(benchmark):
-    """The full call is the benchmarked target and the prefill its setup: benchmark's own statistics are
-    the end-to-end rounds, warm-ups excluded, and the samples pair round by round."""
+def test_rounds_under_pytest_benchmark(benchmark):
+    """benchmark's own statistics are the end-to-end rounds, warm-ups excluded, and the samples pair round
+    by round."""
     clock = FakeClock()
     seq = {"p": 0, "f": 0}
 
@@ -169,11 +172,65 @@ def test_rounds_under_pytest_benchmark_pedantic(benchmark):
         seq["f"] += 1
         clock.now += 0.1 * seq["f"]
 
-    p, e = run_rounds(prefill, full, Timer(clock=clock), rounds=5, warmup=2, benchmark=benchmark)
+    timed = run_rounds(prefill, full, Timer(clock=clock), rounds=5, warmup=2, benchmark=benchmark)
     assert seq == {"p": 7, "f": 7}
-    assert p == pytest.approx([0.003, 0.004, 0.005, 0.006, 0.007])
-    assert e == pytest.approx([0.3, 0.4, 0.5, 0.6, 0.7])
+    assert timed.prefill == pytest.approx([0.003, 0.004, 0.005, 0.006, 0.007])
+    assert timed.e2e == pytest.approx([0.3, 0.4, 0.5, 0.6, 0.7])
     assert benchmark.stats.stats.rounds == 5
+    assert benchmark.stats.stats.median == pytest.approx(0.5) and benchmark.stats.stats.min == pytest.approx(0.3)
+
+
+def _rounds_of(durations, rule, warmup=0, benchmark=None):
+    """run_rounds over a fake model whose full calls last `durations` in turn (prefill: 1 ms)."""
+    clock = FakeClock()
+    it = iter(durations)
+
+    def full():
+        clock.now += next(it)
+    return run_rounds(clock.call(0.001), full, Timer(clock=clock), rule, warmup, benchmark)
+
+
+def test_adaptive_rounds_stop_when_the_median_ci_is_tight():
+    # +-0.5 % around 100 ms: at 6 rounds the interval [min, max] is already within 2 %
+    steady = [0.1 * (1 + 0.005 * ((i % 3) - 1)) for i in range(100)]
+    timed = _rounds_of(steady, latency.StopRule(min_rounds=6, max_rounds=50, time_box_s=60, target_ci=0.02))
+    assert (len(timed.e2e), timed.stop_reason) == (6, "ci")
+    # +-5 %: the interval narrows with more rounds until it is within 2 % (then stops at once)
+    noisy = [0.1 * (1 + 0.05 * ((i * 7) % 11 - 5) / 5) for i in range(200)]
+    rule = latency.StopRule(min_rounds=6, max_rounds=200, time_box_s=1e9, target_ci=0.02)
+    timed = _rounds_of(noisy, rule)
+    n = len(timed.e2e)
+    assert timed.stop_reason == "ci" and 6 < n < 200
+    assert latency.median_ci(timed.e2e).half_width_rel <= 0.02 < latency.median_ci(timed.e2e[:-1]).half_width_rel
+
+
+def test_adaptive_rounds_stop_at_the_time_box_but_never_below_min_rounds():
+    noisy = [0.1 * (1 + 0.3 * ((i * 7) % 11 - 5) / 5) for i in range(100)]   # +-30 %: never within 2 %
+    rule = latency.StopRule(min_rounds=6, max_rounds=100, time_box_s=1.5, target_ci=0.02)
+    timed = _rounds_of(noisy, rule)
+    assert timed.stop_reason == "time-box"
+    mean = statistics.fmean
+    assert timed.seconds + mean(timed.e2e) > 1.5                       # one more round would not fit ...
+    before_last = timed.seconds - timed.e2e[-1] - timed.prefill[-1]
+    assert before_last + mean(timed.e2e[:-1]) <= 1.5                   # ... the last one did, as predicted
+    slow = [3.5] * 20                                                         # ZeRO offload: 3.5 s a round
+    timed = _rounds_of(slow, latency.StopRule(min_rounds=6, max_rounds=100, time_box_s=10, target_ci=0.0001))
+    assert (len(timed.e2e), timed.stop_reason) == (6, "ci")                  # identical rounds: CI is 0
+    slow_noisy = [3.5 + 0.5 * (i % 2) for i in range(20)]
+    timed = _rounds_of(slow_noisy, latency.StopRule(min_rounds=6, max_rounds=100, time_box_s=10, target_ci=0.02),
+                       warmup=1)
+    assert (len(timed.e2e), timed.stop_reason) == (6, "time-box")            # the gate's minimum, no more
+
+
+def test_adaptive_rounds_stop_at_max_rounds_and_fill_benchmark(benchmark):
+    noisy = [0.1 * (1 + 0.3 * ((i * 7) % 11 - 5) / 5) for i in range(100)]
+    timed = _rounds_of(noisy, latency.StopRule(min_rounds=6, max_rounds=9, time_box_s=1e9, target_ci=0.02),
+                       warmup=2, benchmark=benchmark)
+    assert (len(timed.e2e), timed.stop_reason) == (9, "max-rounds")
+    assert timed.e2e == pytest.approx(noisy[2:11])
+    assert benchmark.stats.stats.rounds == 9 and benchmark.stats.stats.data == pytest.approx(noisy[2:11])
+    with pytest.raises(ValueError, match="min_rounds"):
+        latency.StopRule(min_rounds=7, max_rounds=6)
 
 
 # --- what is called on a backend -----------------------------------------------------------------------------
@@ -242,11 +299,19 @@ def test_threshold_marker():
 
 
 def test_profiles():
+    from pytest_neoxmii.stats import MIN_SAMPLES
     assert latency.profile_for("cuda:0") == latency.GPU_PROFILE
     assert latency.GPU_PROFILE.prompt_len == 64 and latency.GPU_PROFILE.new_tokens == 32
-    assert latency.GPU_PROFILE.rounds >= 10
-    from pytest_neoxmii.stats import MIN_SAMPLES
-    assert latency.profile_for("cpu").rounds >= MIN_SAMPLES      # the gate compares CPU runs too
+    gpu = latency.GPU_PROFILE.stop_rule()
+    assert (gpu.time_box_s, gpu.target_ci) == (10.0, 0.02) and gpu.max_rounds >= 50
+    cpu = latency.profile_for("cpu").stop_rule()
+    assert cpu.min_rounds == gpu.min_rounds == MIN_SAMPLES         # the gate compares CPU runs too
+    fixed = latency.LatencyProfile(prompt_len=16, new_tokens=3, rounds=8).stop_rule()
+    assert (fixed.min_rounds, fixed.max_rounds, fixed.target_ci) == (8, 8, None)
+    opts = types.SimpleNamespace(latency_time_box=30.0, latency_ci=0.05)
+    assert latency.profile_for("cuda:0", opts).stop_rule() == latency.StopRule(MIN_SAMPLES, gpu.max_rounds, 30.0, 0.05)
+    unset = types.SimpleNamespace(latency_time_box=None, latency_ci=0.02)
+    assert latency.profile_for("cpu", unset) == latency.CPU_PROFILE
 
 
 def test_warmup_lasts_long_enough():

@@ -18,6 +18,7 @@ ROOT = Path(pytest_neoxmii.__file__).resolve().parent
 JUDGES = (
     "pytest_neoxmii.parity",
     "pytest_neoxmii.golden",
+    "pytest_neoxmii.samples",
     "pytest_neoxmii.stats",
     "pytest_neoxmii.latency",
     "pytest_neoxmii.storage",
@@ -31,8 +32,8 @@ LAYERS = (
     ("foundations", ("errors", "outputs", "dtypes", "versions", "hardware", "table", "fixed_text", "registry",
                      "compat", "interrupt", "_child")),
     ("model", ("weights", "cases", "prompts", "serving_config")),
-    ("engines", ("backends", "deploy", "injection", "known_issues")),
-    ("judges", ("parity", "golden", "latency", "stats", "storage")),
+    ("engines", ("backends", "deploy", "injection", "known_issues", "kernels")),
+    ("judges", ("parity", "golden", "latency", "samples", "stats", "storage")),
     # precision: the session's dtype, bounded by the engines' traits (which run on DeepSpeed's accelerator)
     ("session", ("precision", "session", "options")),
     ("checks", ("checks", "assertions")),

@@ -58,6 +58,8 @@ CASES = [
          lambda root: Path("~/ini-cache").expanduser(), Path("/tmp/flag-cache")),
     Case("neox_zero_nvme", "zero_nvme", "/nvme/ini", "/nvme/flag", Path("/nvme/ini"), Path("/nvme/flag")),
     Case("neox_latency_threshold", "latency_threshold", "0.2", "0.05", 0.2, 0.05),
+    Case("neox_latency_time_box", "latency_time_box", "30", "4.5", 30.0, 4.5),
+    Case("neox_latency_ci", "latency_ci", "0.05", "0.01", 0.05, 0.01),
     Case("neox_report", "report_dir", "report-ini", "report-flag",
          lambda root: root / "report-ini", lambda root: root / "report-flag"),
     # files read only when a model is given (test_prompts.py, test_serving_config.py read them)
@@ -155,6 +157,7 @@ def test_defaults(pytester, monkeypatch, tmp_path):
         "update_baselines": False, "max_new_tokens": 32, "seed": 0, "top_k": 5, "parity_multiple": 10.0,
         "cases": "default", "cache_dir": tmp_path / "xdg" / "pytest-neoxmii", "zero_nvme": None,
         "latency_threshold": 0.10, "report_dir": None, "prompts": None, "ds_config": None, "mii_config": None,
+        "latency_time_box": None, "latency_ci": 0.02,
     }
     assert get_session(pytester.parseconfigure()).model is None
 
@@ -215,6 +218,10 @@ def test_unknown_backend(pytester, assert_usage_error):
     ("--neox-latency-threshold=0", "--neox-latency-threshold is a fraction such as 0.10, got 0.0"),
     ("--neox-latency-threshold=-0.1", "--neox-latency-threshold is a fraction such as 0.10, got -0.1"),
     ("--neox-latency-threshold=10", "--neox-latency-threshold is a fraction such as 0.10, got 10.0"),
+    ("--neox-latency-time-box=0", "--neox-latency-time-box is a number of seconds above 0, got 0.0"),
+    ("--neox-latency-time-box=inf", "--neox-latency-time-box is a number of seconds above 0, got inf"),
+    ("--neox-latency-ci=0", "--neox-latency-ci is a fraction of the median such as 0.02, got 0.0"),
+    ("--neox-latency-ci=1", "--neox-latency-ci is a fraction of the median such as 0.02, got 1.0"),
     ("--neox-cases=huge", "--neox-cases must be 'default' or 'full', got 'huge'"),
     ("--neox-weights=random", "--neox-weights must be 'auto' or 'synthetic', got 'random'"),
     ("--neox-dtype=FP16", "unknown dtype 'FP16' for --neox-dtype: choose one of fp16, bf16, fp32"),

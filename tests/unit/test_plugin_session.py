@@ -46,8 +46,12 @@ def _versions_line() -> str:
 
 # --- report header ----------------------------------------------------------------------------------------
 
-def test_header_with_a_model(pytester, fake_gpus, synthetic_14m):
+def test_header_with_a_model(pytester, fake_gpus, synthetic_14m, monkeypatch, tmp_path):
     fake_gpus("a100-40g", "a100-40g")
+    ext = tmp_path / "ext"
+    (ext / "transformer_inference").mkdir(parents=True)
+    (ext / "transformer_inference" / "transformer_inference.so").write_bytes(b"\x7fELF")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
     pytester.makepyfile("def test_nothing():\n    pass\n")
     result = pytester.runpytest(*synthetic_14m, "--neox-seed=3", "--neox-dtype=bf16", "--neox-tp=2")
     assert result.ret == 0
@@ -59,6 +63,7 @@ def test_header_with_a_model(pytester, fake_gpus, synthetic_14m):
         "DeepSpeed launcher)",
         "neoxmii: GPUs found: 2 x NVIDIA A100-SXM4-40GB 42.3 GB (CUDA 12.8, driver 570.1)",
         _versions_line(),
+        f"neoxmii: kernels: DeepSpeed JIT ops in {ext} (TORCH_EXTENSIONS_DIR): transformer_inference cached",
     ]
     assert "torch " in header[4] and "deepspeed-mii " in header[4]
 

@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 
 from pytest_neoxmii.stats import (
+    EXACT_MAX_N,
     MIN_SAMPLES,
     LatencyComparison,
     compare_latency,
     mann_whitney_greater,
+    mann_whitney_method,
+    median_ci,
     summarize,
 )
+from pytest_neoxmii.samples import median_ci_rank
 
 TRIALS = 2000
 
@@ -52,13 +56,16 @@ def test_summarize_known_data():
     assert s["p90"] == pytest.approx(4.6)  # linear interpolation
     assert s["p99"] == pytest.approx(4.96)
     assert s["iqr"] == pytest.approx(2.0)  # 4 - 2
-    assert set(s) == {"n", "min", "max", "mean", "stddev", "median", "p50", "p90", "p99", "iqr"}
+    assert set(s) == {"n", "min", "max", "mean", "stddev", "median", "p50", "p90", "p99", "iqr", "median_ci_low",
+                      "median_ci_high", "median_ci_half_width_rel", "median_ci_coverage"}
+    # 5 samples: even [min, max] covers the median with 1 - 2/32 = 93.75 % only, so no 95 % interval
+    assert s["median_ci_low"] is s["median_ci_high"] is s["median_ci_half_width_rel"] is None
 
 
 def test_summarize_plain_python_types_and_edge_cases():
     s = summarize(np.array([0.5], dtype=np.float32))
     assert s["stddev"] == 0.0 and s["median"] == 0.5 and s["iqr"] == 0.0
-    assert all(type(v) in (int, float) for v in s.values())
+    assert all(type(v) in (int, float) or (v is None and k.startswith("median_ci")) for k, v in s.items())
     even = summarize([4.0, 1.0, 3.0, 2.0])
     assert even["median"] == 2.5
     with pytest.raises(ValueError):
@@ -70,8 +77,11 @@ def test_summarize_plain_python_types_and_edge_cases():
 # ---------------------------------------------------------------- Mann-Whitney U
 
 def test_mann_whitney_matches_scipy():
+    """scipy is the oracle: the exact distribution without ties when the smaller side has at most EXACT_MAX_N,
+    else asymptotic."""
     scipy_stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(7)
+    methods = set()
     for i in range(60):
         n1, n2 = int(rng.integers(5, 60)), int(rng.integers(5, 60))
         x = latencies(rng, n1, median=0.010 * rng.uniform(0.9, 1.1))
@@ -79,9 +89,21 @@ def test_mann_whitney_matches_scipy():
         if i % 3 == 0:
             # Timer resolution makes ties common in real data: exercise the tie correction.
             x, y = np.round(x, 4), np.round(y, 4)
+        method = "asymptotic" if i % 3 == 0 or min(n1, n2) > EXACT_MAX_N else "exact"
+        assert mann_whitney_method(np.asarray(x), np.asarray(y)) == method, (i, n1, n2)
+        methods.add(method)
         ours = mann_whitney_greater(x, y)
-        ref = scipy_stats.mannwhitneyu(x, y, alternative="greater", method="asymptotic").pvalue
+        ref = scipy_stats.mannwhitneyu(x, y, alternative="greater", method=method).pvalue
         assert ours == pytest.approx(ref, rel=1e-9, abs=1e-15), (i, n1, n2)
+    assert methods == {"exact", "asymptotic"}
+
+
+def test_mann_whitney_method_choice_at_its_boundaries():
+    a = np.arange(EXACT_MAX_N, dtype=float)
+    b = np.arange(40, dtype=float) + 0.5
+    assert mann_whitney_method(a, b) == mann_whitney_method(b, a) == "exact"
+    assert mann_whitney_method(np.r_[a, 100.0], b) == "asymptotic"       # both sides over EXACT_MAX_N
+    assert mann_whitney_method(a, np.r_[b[:-1], 3.0]) == "asymptotic"    # a tie across the samples
 
 
 def test_mann_whitney_direction_and_degenerate():
@@ -160,13 +182,14 @@ def test_comparison_fields_and_message():
     assert r.verdict == "regression" and r.failed
     msg = r.message()
     assert re.fullmatch(
-        r"median 12\.31 ms -> 14\.20 ms \(\+15\.4%, threshold 10%\), Mann-Whitney p=\S+ < 0\.01: regression",
+        r"median 12\.31 ms -> 14\.20 ms \(\+15\.4%, threshold 10%\), Mann-Whitney p=\S+ < 0\.01, outside the "
+        r"baseline's 95% CI \[12\.21 ms, 12\.41 ms\]: regression",
         msg,
     ), msg
 
     same = compare_latency(base, base)
     assert same.verdict == "unchanged" and not same.failed
-    assert same.message().endswith(">= 0.01: unchanged")
+    assert same.message().endswith(">= 0.01, inside the baseline's 95% CI [12.21 ms, 12.41 ms]: unchanged")
 
     better = compare_latency(cur, base)
     assert better.verdict == "improvement" and not better.failed
@@ -281,11 +304,11 @@ def test_mann_whitney_refuses_empty_or_non_finite_samples_naming_the_side():
 
 
 def test_mann_whitney_small_exact_case():
-    """x = [2, 3, 4] all above y = [0, 1]: U = 6, mean 3, variance 3 (no ties), continuity-corrected
-    z = 2.5 / sqrt(3); the one-sided p is the normal upper tail at z (scipy's asymptotic method)."""
-    z = 2.5 / math.sqrt(3)
-    assert mann_whitney_greater([2.0, 3.0, 4.0], [0.0, 1.0]) == pytest.approx(0.5 * math.erfc(z / math.sqrt(2)),
-                                                                              rel=1e-12)
+    """x = [2, 3, 4] all above y = [0, 1], no ties: exact. U = 6 is the largest U there is, reached by 1 of the
+    C(5, 2) = 10 equally likely rank arrangements, so p = 0.1 (the normal approximation would say 0.074)."""
+    assert mann_whitney_greater([2.0, 3.0, 4.0], [0.0, 1.0]) == pytest.approx(0.1, rel=1e-12)
+    # x = [3, 4], y = [0, 1, 2]: U = 6 of 6 again, 1 arrangement of 10 -> 0.1; U = 5 ([2, 4] vs [0, 1, 3]): 2/10
+    assert mann_whitney_greater([2.0, 4.0], [0.0, 1.0, 3.0]) == pytest.approx(0.2, rel=1e-12)
     # ties across the samples: x = [1, 2], y = [1, 1]; the three 1s share rank 2, the 2 has rank 4 -> U = 6 - 3
     # = 3, mean 2, tie groups (3, 1): variance = 4/12 * (5 - (27 - 3) / 12) = 1, z = (3 - 2 - 0.5) / 1
     assert mann_whitney_greater([1.0, 2.0], [1.0, 1.0]) == pytest.approx(0.5 * math.erfc(0.5 / math.sqrt(2)),
@@ -298,3 +321,53 @@ def test_two_samples_have_a_sample_stddev_and_none_is_a_one_line_error():
     with pytest.raises(ValueError) as exc:
         summarize([])
     assert str(exc.value) == "summarize: no samples"
+
+
+# ---------------------------------------------------------------- the median's confidence interval
+
+def test_median_ci_ranks_match_the_published_table():
+    """Ranks of the 95 % distribution-free interval (e.g. Conover, Practical Nonparametric Statistics, table
+    A3): below 6 samples there is none; n = 20 -> [x_(6), x_(15)]."""
+    expected = {5: None, 6: 1, 8: 1, 9: 2, 12: 3, 15: 4, 17: 5, 20: 6, 25: 8, 30: 10, 50: 18}
+    assert {n: median_ci_rank(n) for n in expected} == expected
+    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\)"):
+        median_ci_rank(20, 1.0)
+
+
+def test_median_ci_bounds_and_coverage():
+    x = [float(v) for v in range(1, 21)]            # 1..20 shuffled: order statistics do not care
+    ci = median_ci(x[::-1])
+    assert (ci.low, ci.high, ci.median, ci.rank) == (6.0, 15.0, 10.5, 6)
+    assert ci.coverage == pytest.approx(1 - 2 * 0.020694732666015625)   # P(Binomial(20, 1/2) <= 5)
+    assert ci.half_width_rel == pytest.approx(4.5 / 10.5)
+    assert median_ci(x[:5]) is None
+    # The interval holds what it promises: on skewed latencies with outliers it covers the true median in
+    # >= 95 % of draws (within 3 standard errors of 2000 trials), and it is not grossly conservative.
+    rng = np.random.default_rng(11)
+    true_median = 0.010 * np.exp(0.0)              # lognormal median; outliers (3 %) move it by < 1e-3
+    covered = 0
+    for _ in range(2000):
+        s = latencies(rng, int(rng.integers(6, 40)), outlier_rate=0.0)
+        c = median_ci(s)
+        covered += c.low <= true_median <= c.high
+    assert 0.95 - 3 * math.sqrt(0.95 * 0.05 / 2000) <= covered / 2000 <= 0.995, covered
+
+
+def test_regression_needs_the_median_outside_the_baseline_ci():
+    """A widely spread baseline cannot pin its median down. A current run whose median is 10.7 % slower,
+    significant by the U test (half its rounds are very slow), still lies inside the baseline median's
+    interval and is not a regression; the same current run against a tight baseline is."""
+    base = [0.008 + i * 0.0003 for i in range(20)]           # median 10.85 ms, 95 % CI [9.50 ms, 12.20 ms]
+    cur = _steps(0.0120, 11) + _steps(0.020, 10)              # median 12.005 ms
+    r = compare_latency(base, cur)
+    assert r.ratio > 1.10 and r.p_value < 0.01
+    assert r.baseline_ci.high == pytest.approx(0.0122) and r.outside_baseline_ci is False
+    assert r.verdict == "unchanged" and not r.failed
+    assert "inside the baseline's 95% CI [9.50 ms, 12.20 ms]: unchanged" in r.message()
+    tight = compare_latency(_steps(0.01085, 20), cur)
+    assert tight.outside_baseline_ci and tight.verdict == "regression"
+    # the mirror image for improvements
+    better = compare_latency(base, _steps(0.0097, 11) + _steps(0.001, 10))
+    assert better.ratio < 0.90 and better.p_value < 0.01 and better.outside_baseline_ci is False
+    assert better.verdict == "unchanged"
+    assert compare_latency(_steps(0.01085, 20), _steps(0.0097, 11) + _steps(0.001, 10)).verdict == "improvement"
