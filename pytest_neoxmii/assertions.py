@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from pytest_neoxmii import backends as engines
 from pytest_neoxmii import parity
 from pytest_neoxmii.errors import BackendUnavailable
 from pytest_neoxmii.outputs import PromptBatch
@@ -62,7 +63,7 @@ def assert_matches_reference(neox, backend, prompts, *, max_new_tokens: int | No
     top_k, multiple = neox.options.top_k, neox.options.parity_multiple
     context = neox.model.spec.max_position_embeddings
     pad = neox.tokenizer.pad_token_id if neox.tokenizer.pad_token_id is not None else 0
-    reference, peer = neox.reference(), neox.backend("hf", backend.info.dtype)
+    reference, peer = neox.reference(), neox.backend(engines.reference_name(), backend.info.dtype)
     can_score = getattr(backend, "can_score", True)
     rows, failures, greedy_reports, verdicts = [], [], [], []
     for prompt in prompts:

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from pytest_neoxmii import backends as engines
 from pytest_neoxmii.samples import median_ci
 from pytest_neoxmii.stats import MIN_SAMPLES, summarize
 
@@ -382,7 +383,7 @@ class LatencyResult:
                  f"TTFT {ms(self.ttft_s)}", f"TPOT {ms(self.tpot_s)}"]
         if self.tokens_per_s:
             parts.append(f"{self.tokens_per_s:.1f} tokens/s")
-        if self.ratio_to_hf is not None and self.backend != "hf":
+        if self.ratio_to_hf is not None and not engines.is_reference(self.backend):
             parts.append(f"{self.backend}/hf {self.ratio_to_hf:.2f}")
         pct = self.floor_pct
         parts.append(f"floor {ms(self.floor_s)} = {pct:.1f}% of TPOT" if pct is not None

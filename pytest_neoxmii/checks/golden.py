@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from pytest_neoxmii import backends as engines
 from pytest_neoxmii import parity
 from pytest_neoxmii.checks.baseline_policy import BaselinePolicy
 from pytest_neoxmii.checks.parity import config_note, mark_known_issue
@@ -18,7 +19,7 @@ from pytest_neoxmii.versions import installed_versions
 
 def _golden_backend(neox, name: str):
     """hf's golden outputs are those of fp32 HF (the ground truth); every other backend's at its dtype."""
-    return neox.reference() if name == "hf" else neox.backend(name)
+    return neox.reference() if engines.is_reference(name) else neox.backend(name)
 
 
 def _source(policy: BaselinePolicy, src_cls: str) -> str:

@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from pytest_neoxmii import backends as engines
 from pytest_neoxmii.cases import text_tokens
 from pytest_neoxmii.checks.baseline_policy import BaselinePolicy
 from pytest_neoxmii.hardware import machine_info
@@ -23,7 +24,7 @@ TIMED_PHASE = "timed benchmark calls"
 def _backend_for(neox, name: str):
     """hf is measured at the session's dtype (the peer of the fp32 reference): the same precision the
     DeepSpeed backends run, so the ratio compares engines, not precisions."""
-    return neox.peer() if name == "hf" else neox.backend(name)
+    return neox.peer() if engines.is_reference(name) else neox.backend(name)
 
 
 def measure(neox, name: str, batch_size: int, benchmark=None, profile: LatencyProfile | None = None) \
@@ -46,11 +47,11 @@ def measure(neox, name: str, batch_size: int, benchmark=None, profile: LatencyPr
 def hf_side_by_side(neox, result: LatencyResult, profile: LatencyProfile) -> LatencyResult:
     """The HF peer's measurement for the same batch and shape in this session: reused when its own test ran
     already, else measured now (the ratio is only meaningful side by side, never against stored numbers)."""
-    if result.backend == "hf":
+    if engines.is_reference(result.backend):
         return result
-    found = neox.latency.get(("hf", result.dtype, result.bench))
+    found = neox.latency.get((engines.reference_name(), result.dtype, result.bench))
     if found is None:
-        found = measure(neox, "hf", result.batch_size, profile=profile)
+        found = measure(neox, engines.reference_name(), result.batch_size, profile=profile)
         found.notes.append(f"measured for the {result.backend}/hf ratio (no hf latency test ran before)")
     return found
 

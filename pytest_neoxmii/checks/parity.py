@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_neoxmii import backends as engines
 from pytest_neoxmii import known_issues, parity
 from pytest_neoxmii.cases import Case
 from pytest_neoxmii.session import NeoxSession, Record
@@ -69,7 +70,7 @@ def check_greedy(neox: NeoxSession, backend_name: str, case: Case, request=None)
 
 def noise_floor(neox: NeoxSession, case: Case, dtype: str | None = None) -> parity.TFMetrics:
     """HF at `dtype` (default: the session's) against HF fp32 on the same case."""
-    peer = neox.backend("hf", dtype) if dtype else neox.peer()
+    peer = neox.backend(engines.reference_name(), dtype) if dtype else neox.peer()
     return parity.teacher_forced_metrics(neox.scores(neox.reference(), case), neox.scores(peer, case),
                                          case.batch)
 
@@ -102,7 +103,7 @@ def localize(neox: NeoxSession, backend, case: Case) -> str:
     try:
         with neox.timed("model calls"):
             ref = neox.reference().trace(case.batch)
-            peer = neox.backend("hf", backend.info.dtype).trace(case.batch)
+            peer = neox.backend(engines.reference_name(), backend.info.dtype).trace(case.batch)
             cand = backend.trace(case.batch)
         _, mask = case.batch.padded()
         floor = parity.layer_errors(ref, peer, mask)
