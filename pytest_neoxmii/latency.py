@@ -281,8 +281,7 @@ class LatencyResult:
     timing_s: float | None = None         # seconds the timing took, warm-up included
 
     def __post_init__(self) -> None:
-        from pytest_neoxmii.backends import ENGINES
-        if self.backend in ENGINES and not ENGINES[self.backend].weights_on_gpu:
+        if self.backend in engines.ENGINES and not engines.ENGINES[self.backend].weights_on_gpu:
             self.floor_applies = False
 
     @property
