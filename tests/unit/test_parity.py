@@ -482,6 +482,39 @@ def perturbed(trace: LayerTrace, seed: int, rel: float, start: int = 0, big: flo
 MASK = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
 
 
+@pytest.mark.parametrize("multiple", [0.0, -1.0, math.inf, math.nan])
+def test_localisation_refuses_a_multiple_that_is_not_positive_and_finite(multiple):
+    ref = make_trace(0)
+    with pytest.raises(ValueError) as exc:
+        localize_divergence(ref, ref, MASK, floor=layer_errors(ref, ref, MASK), multiple=multiple)
+    assert str(exc.value) == f"multiple must be a positive finite number, got {multiple!r}"
+
+
+def test_localisation_default_multiple_is_four_times_the_floor():
+    """A layer 4.5x its floor departs under the default (4), as under an explicit 4 and not under 5; a
+    multiple below 1 (0.5) is allowed: it only makes the localisation stricter."""
+    ref = make_trace(0)
+    cand = perturbed(ref, seed=2, rel=4.5e-2)
+    floor = [e / 4.5 for e in layer_errors(ref, cand, MASK)]         # every layer at 4.5x its floor
+    assert localize_divergence(ref, cand, MASK, floor=floor).first_departing_layer == 0
+    assert localize_divergence(ref, cand, MASK, floor=floor, multiple=5.0).first_departing_layer is None
+    assert localize_divergence(ref, ref, MASK, floor=floor, multiple=0.5).passed
+
+
+def test_traces_that_do_not_fit_are_one_line_errors():
+    ref = make_trace(0)
+    with pytest.raises(ValueError) as exc:
+        localize_divergence(LayerTrace([]), LayerTrace([]), MASK)
+    assert str(exc.value) == "traces hold no hidden states"
+    flat = LayerTrace([h[:, :, 0] for h in ref.hidden_states])            # [batch, len]: no hidden dimension
+    with pytest.raises(ValueError) as exc:
+        localize_divergence(flat, flat, MASK)
+    assert str(exc.value) == "hidden_states[0] shape (2, 4) does not fit mask (2, 4)"
+    with pytest.raises(ValueError) as exc:
+        localize_divergence(ref, ref, MASK[:, :3])
+    assert str(exc.value) == "hidden_states[0] shape (2, 4, 16) does not fit mask (2, 3)"
+
+
 def test_localisation_with_floor_names_the_injected_layer():
     ref = make_trace(0)
     lowp = perturbed(ref, seed=1, rel=1e-3)                        # HF low precision: noise everywhere
