@@ -327,6 +327,16 @@ def test_a_step_without_recorded_top_logprobs_is_never_a_near_tie():
     assert report.rows[1].acceptable                                  # step 1 of row 1 was recorded: a near-tie
 
 
+def test_a_row_without_finite_positions_does_not_hide_the_rows_after_it(batch, logits):
+    """Row 0 all NaN on the candidate: it is reported and excluded, and rows 1 and 2 are still compared."""
+    reference = scores_from_logits(batch, logits)
+    broken = logits.clone()
+    broken[0] = math.nan
+    metrics = teacher_forced_metrics(reference, scores_from_logits(batch, broken), batch)
+    assert metrics.n_positions == 3 + 4 and metrics.kl_mean == pytest.approx(0.0, abs=1e-12)
+    assert metrics.nonfinite.startswith("candidate scores: ")
+
+
 def test_perplexity_relative_difference_is_judged(batch):
     floor = TFMetrics(1e-4, 1e-3, 1.0, 1e-2, 10.0, 10.001, 12, 9)     # floor rel diff 1e-4
     measured = TFMetrics(1e-4, 1e-3, 1.0, 1e-2, 10.0, 10.1, 12, 9)    # rel diff 1e-2 = 100x
