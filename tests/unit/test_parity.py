@@ -327,6 +327,16 @@ def test_a_step_without_recorded_top_logprobs_is_never_a_near_tie():
     assert report.rows[1].acceptable                                  # step 1 of row 1 was recorded: a near-tie
 
 
+def test_a_row_without_finite_positions_does_not_hide_the_rows_after_it(batch, logits):
+    """Row 0 all NaN on the candidate: it is reported and excluded, and rows 1 and 2 are still compared."""
+    reference = scores_from_logits(batch, logits)
+    broken = logits.clone()
+    broken[0] = math.nan
+    metrics = teacher_forced_metrics(reference, scores_from_logits(batch, broken), batch)
+    assert metrics.n_positions == 3 + 4 and metrics.kl_mean == pytest.approx(0.0, abs=1e-12)
+    assert metrics.nonfinite.startswith("candidate scores: ")
+
+
 def test_perplexity_relative_difference_is_judged(batch):
     floor = TFMetrics(1e-4, 1e-3, 1.0, 1e-2, 10.0, 10.001, 12, 9)     # floor rel diff 1e-4
     measured = TFMetrics(1e-4, 1e-3, 1.0, 1e-2, 10.0, 10.1, 12, 9)    # rel diff 1e-2 = 100x
@@ -480,6 +490,39 @@ def perturbed(trace: LayerTrace, seed: int, rel: float, start: int = 0, big: flo
 
 
 MASK = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("multiple", [0.0, -1.0, math.inf, math.nan])
+def test_localisation_refuses_a_multiple_that_is_not_positive_and_finite(multiple):
+    ref = make_trace(0)
+    with pytest.raises(ValueError) as exc:
+        localize_divergence(ref, ref, MASK, floor=layer_errors(ref, ref, MASK), multiple=multiple)
+    assert str(exc.value) == f"multiple must be a positive finite number, got {multiple!r}"
+
+
+def test_localisation_default_multiple_is_four_times_the_floor():
+    """A layer 4.5x its floor departs under the default (4), as under an explicit 4 and not under 5; a
+    multiple below 1 (0.5) is allowed: it only makes the localisation stricter."""
+    ref = make_trace(0)
+    cand = perturbed(ref, seed=2, rel=4.5e-2)
+    floor = [e / 4.5 for e in layer_errors(ref, cand, MASK)]         # every layer at 4.5x its floor
+    assert localize_divergence(ref, cand, MASK, floor=floor).first_departing_layer == 0
+    assert localize_divergence(ref, cand, MASK, floor=floor, multiple=5.0).first_departing_layer is None
+    assert localize_divergence(ref, ref, MASK, floor=floor, multiple=0.5).passed
+
+
+def test_traces_that_do_not_fit_are_one_line_errors():
+    ref = make_trace(0)
+    with pytest.raises(ValueError) as exc:
+        localize_divergence(LayerTrace([]), LayerTrace([]), MASK)
+    assert str(exc.value) == "traces hold no hidden states"
+    flat = LayerTrace([h[:, :, 0] for h in ref.hidden_states])            # [batch, len]: no hidden dimension
+    with pytest.raises(ValueError) as exc:
+        localize_divergence(flat, flat, MASK)
+    assert str(exc.value) == "hidden_states[0] shape (2, 4) does not fit mask (2, 4)"
+    with pytest.raises(ValueError) as exc:
+        localize_divergence(ref, ref, MASK[:, :3])
+    assert str(exc.value) == "hidden_states[0] shape (2, 4, 16) does not fit mask (2, 3)"
 
 
 def test_localisation_with_floor_names_the_injected_layer():
