@@ -28,12 +28,15 @@ while [[ $# -gt 0 ]]; do
     *) modules+=("$1"); shift ;;
   esac
 done
-[[ ${#modules[@]} -gt 0 ]] || modules=(parity golden stats store schema options known_issues)
+[[ ${#modules[@]} -gt 0 ]] || modules=(parity golden golden_checks baseline_policy stats samples store schema options known_issues)
 
 # module -> source file and the unit tests that guard it
 declare -A SOURCE=(
   [parity]=pytest_neoxmii/parity.py
   [golden]=pytest_neoxmii/golden.py
+  [golden_checks]=pytest_neoxmii/checks/golden.py
+  [baseline_policy]=pytest_neoxmii/checks/baseline_policy.py
+  [samples]=pytest_neoxmii/samples.py
   [stats]=pytest_neoxmii/stats.py
   [store]=pytest_neoxmii/storage/store.py
   [schema]=pytest_neoxmii/storage/schema.py
@@ -43,6 +46,9 @@ declare -A SOURCE=(
 declare -A TESTS=(
   [parity]="tests/unit/test_parity.py"
   [golden]="tests/unit/test_golden.py"
+  [golden_checks]="tests/unit/test_golden.py"
+  [baseline_policy]="tests/unit/test_baseline_policy.py tests/unit/test_golden.py"
+  [samples]="tests/unit/test_stats.py"
   [stats]="tests/unit/test_stats.py"
   [store]="tests/unit/test_baseline_store.py"
   [schema]="tests/unit/test_schema.py tests/unit/test_baseline_store.py"
