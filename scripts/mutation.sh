@@ -3,7 +3,8 @@
 #
 #   scripts/mutation.sh [--rev REV] [--workers N] [--min-score PERCENT] [MODULE ...]
 #
-# MODULE is one of: parity golden stats store schema options known_issues (default: all, one after another).
+# MODULE is one of: parity golden golden_checks baseline_policy stats samples store schema options known_issues
+# (default: all, one after another).
 # Each module is mutated on its own, in a scratch copy of the repository (the working tree, or commit REV with
 # --rev), against only the unit tests that guard it, so a module takes minutes, not hours. For each module the
 # script prints mutmut's count per status and the score = killed / (all mutants), and leaves the survivors in
