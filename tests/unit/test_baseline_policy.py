@@ -178,3 +178,8 @@ def test_a_users_serving_config_gets_its_own_baselines(tmp_path):
     session = _session(tmp_path, configs=configs)
     assert key_for(session, "ds", "fp32").backend == "ds-config-0123456789"
     assert key_for(session, "mii", "fp32").backend == "mii"
+
+
+def test_a_key_without_a_tensor_parallel_degree_is_tp1(tmp_path):
+    """A caller that does not say (a single-GPU engine) files under tp1, never beside a tp2 deployment."""
+    assert key_for(_session(tmp_path), "ds", "fp16").tp == 1

@@ -566,6 +566,14 @@ def test_recording_keeps_the_sessions_top_k_and_the_installed_versions(tmp_path,
     stored = BaselineStore(tmp_path).golden(KEY, "cpu")[1]["cases"]["short-b2-len3"]
     assert [len(step) for row in stored["top_logprobs"] for step in row] == [2] * 8
     assert stored["versions"] == {"torch": "2.13.0", "deepspeed": "0.19.8"}
+    # ... and at the file level, the versions the perplexity and older cases are compared with
+    assert BaselineStore(tmp_path).golden(KEY, "cpu")[1]["versions"] == {"torch": "2.13.0", "deepspeed": "0.19.8"}
+
+
+def test_recording_the_perplexity_keeps_the_installed_versions_for_its_summary(tmp_path, monkeypatch):
+    monkeypatch.setattr(checks_golden, "installed_versions", lambda: {"torch": "2.13.0", "deepspeed": "0.19.8"})
+    check_golden_perplexity(_PerplexitySession(tmp_path, 20, update=True), "ds")
+    assert BaselineStore(tmp_path).golden(KEY, "cpu")[1]["versions"] == {"torch": "2.13.0", "deepspeed": "0.19.8"}
 
 
 def test_the_summary_names_the_versions_that_moved_since_recording(tmp_path, monkeypatch, capsys):
