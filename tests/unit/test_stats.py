@@ -371,3 +371,15 @@ def test_regression_needs_the_median_outside_the_baseline_ci():
     assert better.ratio < 0.90 and better.p_value < 0.01 and better.outside_baseline_ci is False
     assert better.verdict == "unchanged"
     assert compare_latency(_steps(0.01085, 20), _steps(0.0097, 11) + _steps(0.001, 10)).verdict == "improvement"
+
+
+def test_the_summary_stored_with_a_baseline_carries_the_medians_ci():
+    """summarize() (what a baseline file and the report show) holds the same interval median_ci computes,
+    and none below the 6 samples a 95 % interval needs."""
+    s = summarize([float(v) for v in range(20, 0, -1)])
+    assert (s["median_ci_low"], s["median_ci_high"]) == (6.0, 15.0)
+    assert s["median_ci_half_width_rel"] == pytest.approx(4.5 / 10.5)
+    assert s["median_ci_coverage"] == pytest.approx(1 - 2 * 0.020694732666015625)
+    few = summarize([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert [few[k] for k in ("median_ci_low", "median_ci_high", "median_ci_half_width_rel",
+                             "median_ci_coverage")] == [None] * 4
