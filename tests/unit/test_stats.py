@@ -373,13 +373,89 @@ def test_regression_needs_the_median_outside_the_baseline_ci():
     assert compare_latency(_steps(0.01085, 20), _steps(0.0097, 11) + _steps(0.001, 10)).verdict == "improvement"
 
 
-def test_the_summary_stored_with_a_baseline_carries_the_medians_ci():
-    """summarize() (what a baseline file and the report show) holds the same interval median_ci computes,
-    and none below the 6 samples a 95 % interval needs."""
+# ---------------------------------------------------------------- written against the merged tree's survivors
+# (scipy's mannwhitneyu and samples.py, 2026-11-27; docs/MUTATION.md lists them)
+
+def test_p_equal_to_alpha_is_not_significant():
+    """The rule is p < alpha: a p-value exactly at alpha decides neither a regression nor an improvement, and
+    the message says ">=". (Exact p-values are ratios such as 1 / C(16, 8), so equality is reachable.)"""
+    base, slower = _steps(0.010), _steps(0.020)
+    p = mann_whitney_greater(slower, base)
+    assert p == pytest.approx(1 / 12870)
+    up = compare_latency(base, slower, alpha=p)
+    assert up.p_value == p and up.verdict == "unchanged" and not up.failed
+    assert f"p=7.8e-05 >= {p:g}, outside" in up.message()
+    down = compare_latency(slower, base, alpha=p)
+    assert down.p_value == p and down.verdict == "unchanged"
+    assert compare_latency(base, slower, alpha=p * 1.0001).verdict == "regression"
+
+
+def test_a_current_median_at_the_end_of_the_baseline_ci_is_inside_it():
+    """"Outside the baseline's interval" means strictly beyond its end: 8 samples give the interval [min, max]
+    (rank 1), and a current median equal to that end is not a regression (nor, mirrored, an improvement)
+    although the median moved by 100 % / -50 % with p < 0.001."""
+    r = compare_latency([1.0] * 7 + [2.0], [2.0] * 8)
+    assert r.baseline_ci.high == r.current_median == 2.0 and r.p_value < 1e-3 and r.ratio == 2.0
+    assert r.outside_baseline_ci is False and r.verdict == "unchanged"
+    m = compare_latency([1.0] + [2.0] * 7, [1.0] * 8)
+    assert m.baseline_ci.low == m.current_median == 1.0 and m.p_value < 1e-3 and m.ratio == 0.5
+    assert m.outside_baseline_ci is False and m.verdict == "unchanged"
+
+
+def test_the_current_median_ci_is_reported():
+    base, cur = _steps(0.010, 20), _steps(0.012, 20)
+    r = compare_latency(base, cur)
+    assert r.current_ci == median_ci(cur) and r.baseline_ci == median_ci(base)
+
+
+def test_mann_whitney_with_a_single_sample_per_side():
+    """One sample each, no tie: exact, the two orders equally likely -> 0.5 or 1.0; one value tied: 1.0."""
+    assert mann_whitney_greater([2.0], [1.0]) == pytest.approx(0.5)
+    assert mann_whitney_greater([1.0], [2.0]) == 1.0
+    assert mann_whitney_greater([1.0], [1.0]) == 1.0
+    assert mann_whitney_greater([1.0], [1.0, 1.0]) == 1.0
+
+
+def test_an_empty_side_is_insufficient_without_a_numpy_warning():
+    """The median of no samples is nan, and asked of numpy it says "Mean of empty slice" in the user's
+    pytest output: compare_latency does not ask."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for base, cur in (([], _steps(0.01)), (_steps(0.01), []), ([], [])):
+            r = compare_latency(base, cur)
+            assert r.verdict == "insufficient-samples"
+            assert math.isnan(r.baseline_median) == (not base) and math.isnan(r.current_median) == (not cur)
+
+
+def test_samples_are_float64_whatever_came_in():
+    from pytest_neoxmii.samples import as_samples
+    assert as_samples([1, 2, 3], "x").dtype == np.float64
+    assert as_samples(np.array([0.1, 0.2], dtype=np.float32), "x").dtype == np.float64
+
+
+def test_median_ci_honours_its_confidence_and_names_itself_in_errors():
+    x = [float(v) for v in range(1, 21)]
+    ci = median_ci(x, 0.99)
+    assert (ci.low, ci.high, ci.rank) == (4.0, 17.0, 4) and median_ci_rank(20, 0.99) == 4
+    assert ci.coverage == pytest.approx(1 - 2 * 0.0012884140014648438)  # P(Binomial(20, 1/2) <= 3)
+    with pytest.raises(ValueError) as exc:
+        median_ci([1.0, math.nan])
+    assert str(exc.value) == "median_ci: latencies must be finite numbers"
+
+
+def test_summarize_reports_the_median_ci_from_six_samples_on():
     s = summarize([float(v) for v in range(20, 0, -1)])
     assert (s["median_ci_low"], s["median_ci_high"]) == (6.0, 15.0)
     assert s["median_ci_half_width_rel"] == pytest.approx(4.5 / 10.5)
     assert s["median_ci_coverage"] == pytest.approx(1 - 2 * 0.020694732666015625)
-    few = summarize([1.0, 2.0, 3.0, 4.0, 5.0])
+    six = summarize([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])             # the fewest with an interval: [min, max]
+    assert (six["median_ci_low"], six["median_ci_high"]) == (1.0, 6.0)
+    assert six["median_ci_coverage"] == pytest.approx(1 - 2 / 64)
+    # a zero median has an interval but no finite relative half-width: None, as JSON cannot hold inf
+    zero = summarize([0.0] * 6 + [1.0])
+    assert (zero["median_ci_low"], zero["median_ci_high"]) == (0.0, 1.0)
+    assert zero["median_ci_half_width_rel"] is None and zero["median_ci_coverage"] == pytest.approx(1 - 2 / 128)
+    few = summarize([1.0, 2.0, 3.0, 4.0, 5.0])                 # below 6 samples: no 95 % interval
     assert [few[k] for k in ("median_ci_low", "median_ci_high", "median_ci_half_width_rel",
                              "median_ci_coverage")] == [None] * 4
