@@ -48,7 +48,8 @@ def pytest_configure(config: pytest.Config) -> None:
         session.load_serving_configs()
         session.load_prompts()
         _check_cases(session)
-        planted_fault.planted()              # a malformed NEOXMII_PLANT_FAULT is refused before anything runs
+        # a malformed NEOXMII_PLANT_FAULT, or a layer the model lacks, is refused before anything runs
+        planted_fault.planted(model.spec.num_hidden_layers if model is not None else None)
     except (NeoxUsageError, planted_fault.FaultSpecError) as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SESSION_KEY] = session

@@ -210,7 +210,7 @@ class MiiServerBackend(WorkerDeployment):
 
     def generate(self, batch: PromptBatch, max_new_tokens: int, top_k: int = 5) -> Generation:
         texts = prompt_texts(self.tokenizer, batch)
-        self.query_texts(texts, max_new_tokens)     # the text MII returns is the decoding of what rank 0 recorded
+        self.query_texts(texts, max_new_tokens)     # the user's path; what is judged is what rank 0's engine recorded
         records, self._capture_at = capture.read_records(self._capture_path, self._capture_at)
         try:
             tokens, top = capture.match_rows(records, [list(r) for r in batch.rows], max_new_tokens)

@@ -31,24 +31,33 @@ def parse(text: str) -> tuple[int, float]:
     return layer, factor
 
 
-def planted() -> str | None:
-    """The fault this process and its workers plant, as the header shows it; None when none."""
+def _requested(layers: int | None) -> tuple[int, float] | None:
+    """(layer, factor) from the environment, None when unset; a layer the model lacks is refused."""
     text = os.environ.get(PLANT_FAULT_ENV, "").strip()
     if not text:
         return None
     layer, factor = parse(text)
-    return f"layer {layer}'s attention output weight x{factor:g} in every DeepSpeed engine"
+    if layers is not None and not 0 <= layer < layers:
+        raise FaultSpecError(f"{PLANT_FAULT_ENV}: layer {layer} does not exist ({layers} layers)")
+    return layer, factor
+
+
+def planted(layers: int | None = None) -> str | None:
+    """The fault this process and its workers plant, as the header shows it; None when none. Given the
+    model's layer count, checked against it here, before any worker starts."""
+    fault = _requested(layers)
+    if fault is None:
+        return None
+    return f"layer {fault[0]}'s attention output weight x{fault[1]:g} in every DeepSpeed engine"
 
 
 def plant(module) -> str | None:
     """Scale the weight named by the environment in `module` (an HF GPT-NeoX model, injected or not)."""
-    text = os.environ.get(PLANT_FAULT_ENV, "").strip()
-    if not text:
-        return None
-    layer_index, factor = parse(text)
     layers = module.gpt_neox.layers
-    if not 0 <= layer_index < len(layers):
-        raise FaultSpecError(f"{PLANT_FAULT_ENV}: layer {layer_index} does not exist ({len(layers)} layers)")
+    fault = _requested(len(layers))
+    if fault is None:
+        return None
+    layer_index, factor = fault
     attention = layers[layer_index].attention
     import torch
     with torch.no_grad():

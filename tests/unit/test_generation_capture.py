@@ -155,6 +155,9 @@ def test_the_header_names_a_planted_fault_and_a_bad_one_is_a_usage_error(pyteste
     monkeypatch.setenv(planted_fault.PLANT_FAULT_ENV, "attention-output-scale:3")
     assert_usage_error(pytester.runpytest(*synthetic_14m),
                        "NEOXMII_PLANT_FAULT='attention-output-scale:3': expected attention-output-scale:LAYER:FACTOR")
+    monkeypatch.setenv(planted_fault.PLANT_FAULT_ENV, "attention-output-scale:6:1.05")     # pythia-14m: 6 layers
+    assert_usage_error(pytester.runpytest(*synthetic_14m),
+                       "NEOXMII_PLANT_FAULT: layer 6 does not exist (6 layers)")
 
 
 # --- the MII server backend reads what rank 0 recorded ----------------------------------------------------
