@@ -20,10 +20,11 @@ transformers 5.x breaks the injected layers in other ways (tuple outputs, MII's 
 from __future__ import annotations
 
 import importlib.abc
-import importlib.metadata
 import os
 import sys
 from pathlib import Path
+
+from pytest_neoxmii.versions import version_of
 
 NEOX_MODULE = "transformers.models.gpt_neox.modeling_gpt_neox"
 DS_LAYER_MODULE = "deepspeed.model_implementations.transformers.ds_transformer"
@@ -32,10 +33,7 @@ DS_MINUS_INF = -10000.0   # the additive mask value DeepSpeed's own code uses (d
 
 
 def transformers_version() -> str | None:
-    try:
-        return importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return version_of("transformers")
 
 
 def check_kernel_injection() -> str | None:

@@ -12,11 +12,12 @@ Versions come from package metadata: nothing here imports torch or deepspeed.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from pytest_neoxmii.versions import version_of
 
 ENV = "TORCH_EXTENSIONS_DIR"
 
@@ -25,18 +26,12 @@ ENV = "TORCH_EXTENSIONS_DIR"
 OPS = {"cuda": ("transformer_inference",), "cpu": ("deepspeed_shm_comm",)}
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "none"
-
-
 def default_dir() -> Path:
     """~/.cache/torch_extensions/py<maj><min>-torch<version>-deepspeed<version> ($XDG_CACHE_HOME honoured, as
     torch does); torch's version carries its CUDA build where the wheel says it (2.11.0+cu130)."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{_version('torch')}-deepspeed{_version('deepspeed')}"
+    torch, deepspeed = (version_of(dist) or "none" for dist in ("torch", "deepspeed"))
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch}-deepspeed{deepspeed}"
     return root / tag.replace("/", "_")
 
 

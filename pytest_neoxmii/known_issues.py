@@ -4,12 +4,12 @@ and the day DeepSpeed fixes the defect the test XPASSes, which strict mode turns
 you to delete the entry. Nothing here ever makes a check pass."""
 from __future__ import annotations
 
-import importlib.metadata
 from dataclasses import dataclass
 
 from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.cases import CasePlan
 from pytest_neoxmii.registry import DTYPE_BYTES, ModelSpec
+from pytest_neoxmii.versions import version_of
 
 
 @dataclass(frozen=True)
@@ -131,10 +131,7 @@ DEPLOYMENT_ISSUES = (ROTARY_HALF_LAUNCH,)
 
 
 def deepspeed_version() -> str | None:
-    try:
-        return importlib.metadata.version("deepspeed")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return version_of("deepspeed")
 
 
 def match_deployment(backend: str, dtype: str, device: str, spec: ModelSpec,

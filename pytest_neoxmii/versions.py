@@ -8,15 +8,17 @@ PACKAGES = ("torch", "transformers", "deepspeed", "deepspeed-mii")
 NOT_INSTALLED = "not installed"
 
 
+def version_of(dist: str) -> str | None:
+    """The installed version of one distribution, None when it is not installed."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def installed_versions() -> dict[str, str | None]:
     """{package: version}, None for a package that is not installed (as the baselines store it)."""
-    found: dict[str, str | None] = {}
-    for dist in PACKAGES:
-        try:
-            found[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            found[dist] = None
-    return found
+    return {dist: version_of(dist) for dist in PACKAGES}
 
 
 def shown_versions() -> dict[str, str]:
