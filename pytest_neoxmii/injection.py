@@ -39,32 +39,6 @@ def require_injected(report: InjectionReport, transformers_version: str | None) 
         "model would run unoptimised HF code and parity would pass for the wrong reason")
 
 
-# DeepSpeed's inference workspace (activations and the KV cache of every injected layer) is one process-wide
-# buffer, cudaMalloc'ed outside torch's allocator and shared by every injected model in the process. It is
-# released when the last injected engine of this process closes, so teardown gives all its memory back.
-_live_engines = 0
-
-
-def engine_loaded() -> None:
-    global _live_engines
-    _live_engines += 1
-
-
-def engine_closed() -> None:
-    global _live_engines
-    _live_engines = max(_live_engines - 1, 0)
-    if _live_engines:
-        return
-    try:
-        from deepspeed.model_implementations.transformers.ds_transformer import DeepSpeedTransformerInference
-    except ImportError:
-        return
-    workspace = DeepSpeedTransformerInference.workspace
-    if workspace is not None:
-        workspace.release_workspace()
-        DeepSpeedTransformerInference.workspace = None
-
-
 def gpu_used_bytes(device: str) -> int | None:
     """Device-wide memory in use (torch's allocator does not see DeepSpeed's workspace)."""
     import torch

@@ -73,6 +73,9 @@ OPTIONS = (
     Option("neox_mii_config", "JSON (or YAML) mii_config of mii.deploy, merged over the plugin's defaults and "
            "deployed by the mii backend; shown in the header, the report and the baseline key", None,
            metavar="FILE"),
+    Option("neox_gpu_memory_cap", "the most GPU memory each worker process (ds, mii, zero) may use of each GPU, "
+           "e.g. 40GiB or 42.3GB (units GB, GiB, MB, MiB): proves a configuration for smaller cards on bigger "
+           "ones; an A100 40GB reports 42298834944 bytes", None, metavar="SIZE"),
     Option("neox_report", "write the JSON summary, summary.md and the HF-vs-DS latency plot to this directory", None,
            metavar="DIR"),
 )
@@ -147,6 +150,7 @@ class NeoxOptions:
     mii_config: Path | None = None
     latency_time_box: float | None = None   # None: the device's profile decides (latency.profile_for)
     latency_ci: float = 0.02
+    gpu_memory_cap: int | None = None       # bytes per worker and GPU (deploy/gpu_cap.py); None: no cap
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "NeoxOptions":
@@ -177,6 +181,7 @@ class NeoxOptions:
         if not 0 < v["neox_latency_ci"] < 1:
             raise NeoxUsageError(f"--neox-latency-ci is a fraction of the median such as 0.02, got "
                                  f"{v['neox_latency_ci']}")
+        cap = parse_size(v["neox_gpu_memory_cap"], "--neox-gpu-memory-cap") if v["neox_gpu_memory_cap"] else None
         if v["neox_cases"] not in ("default", "full"):
             raise NeoxUsageError(f"--neox-cases must be 'default' or 'full', got '{v['neox_cases']}'")
         # Relative paths are relative to where pytest was started (the invocation directory), not to the
@@ -191,9 +196,26 @@ class NeoxOptions:
             cache_dir=Path(v["neox_cache_dir"]).expanduser() if v["neox_cache_dir"] else default_cache_dir(),
             zero_nvme=Path(v["neox_zero_nvme"]) if v["neox_zero_nvme"] else None,
             latency_threshold=v["neox_latency_threshold"],
-            latency_time_box=box, latency_ci=v["neox_latency_ci"],
+            latency_time_box=box, latency_ci=v["neox_latency_ci"], gpu_memory_cap=cap,
             report_dir=here / v["neox_report"] if v["neox_report"] else None,
             prompts=here / v["neox_prompts"] if v["neox_prompts"] else None,
             ds_config=here / v["neox_ds_config"] if v["neox_ds_config"] else None,
             mii_config=here / v["neox_mii_config"] if v["neox_mii_config"] else None,
         )
+
+
+_UNITS = {"gb": 10**9, "gib": 2**30, "mb": 10**6, "mib": 2**20}
+
+
+def parse_size(text, flag: str) -> int:
+    """'40GiB', '42.3GB', '40960 MiB' -> bytes; anything else is a usage error naming the flag."""
+    import re
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if unit not in _UNITS:
+        raise NeoxUsageError(f"{flag} is a size with a unit such as 40GiB or 42.3GB (GB, GiB, MB, MiB), "
+                             f"got '{text}'")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise NeoxUsageError(f"{flag} must be above 0, got '{text}'")
+    return size

@@ -45,6 +45,12 @@ def pytest_configure(config: pytest.Config) -> None:
             if not os.environ.get(kernels.ENV):     # the default lasts as long as this session (pytester)
                 config.add_cleanup(lambda: os.environ.pop(kernels.ENV, None))
             session.kernels = kernels.prepare(session.device)   # before anything deploys or imports deepspeed
+        if opts.gpu_memory_cap is not None:
+            from pytest_neoxmii.deploy import gpu_cap       # every worker inherits it from the environment
+            previous = os.environ.get(gpu_cap.ENV)
+            os.environ[gpu_cap.ENV] = str(opts.gpu_memory_cap)
+            config.add_cleanup(lambda: os.environ.pop(gpu_cap.ENV, None) if previous is None
+                               else os.environ.__setitem__(gpu_cap.ENV, previous))
         session.load_serving_configs()
         session.load_prompts()
         _check_cases(session)
@@ -83,6 +89,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     lines += [f"neoxmii: {config.describe()}" for config in session.serving_configs.values()]
     if session.kernels is not None:
         lines.append(f"neoxmii: {session.kernels.describe()}")
+    if o.gpu_memory_cap is not None:
+        lines.append(f"neoxmii: GPU memory cap {o.gpu_memory_cap / 2**30:.2f} GiB per worker and GPU "
+                     "(--neox-gpu-memory-cap): what fits is judged against the cap, not the card")
     fault = planted_fault.planted()
     if fault:
         lines.append(f"neoxmii: PLANTED FAULT ({planted_fault.PLANT_FAULT_ENV}): {fault}; "

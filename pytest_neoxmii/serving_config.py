@@ -102,38 +102,77 @@ def _read(path: Path, where: str) -> dict:
     return data
 
 
-def _first_error(exc, where: str) -> NeoxUsageError:
-    err = exc.errors()[0]
-    key = ".".join(str(p) for p in err.get("loc", ())) or "?"
-    return NeoxUsageError(f"{where}: key '{key}': {err.get('msg', 'invalid')}")
-
-
 def _disagree(where: str, key: str, got, flag: str) -> NeoxUsageError:
     return NeoxUsageError(f"{where}: key '{key}' asks for {got} but the session runs {flag}: set it with "
                           f"{flag.split('=')[0]} instead (the HF reference and the noise floor follow it)")
 
 
-def _torch_dtype(dtype: str):
-    from pytest_neoxmii.dtypes import TORCH_DTYPES
-    return TORCH_DTYPES[dtype]
+def _torch_dtype(dtype: str) -> str:
+    from pytest_neoxmii.dtypes import TORCH_NAMES
+    return f"torch.{TORCH_NAMES[dtype]}"
+
+
+# The engines' own pydantic configs parse the user's keys, in a child process: the test process never imports
+# deepspeed or mii (they run in worker processes, backends/isolated.py).
+_PARSE_IN_CHILD = ("import json, sys; from pytest_neoxmii.serving_config import parse_with_engine; "
+                   "print(json.dumps(parse_with_engine(sys.argv[1], json.load(sys.stdin))))")
+
+
+def parse_with_engine(engine: str, values: dict) -> dict:
+    """Run in the child: the engine's config class over the values. {"unavailable": why} when the engine's
+    package is missing, {"error": [key, message]} for the first invalid key, else what was parsed."""
+    try:
+        import pydantic
+        if engine == "ds":
+            from deepspeed.inference.config import DeepSpeedInferenceConfig as Config
+        else:
+            from mii.legacy.config import ModelConfig as Config
+    except ImportError as exc:
+        return {"unavailable": f"{'deepspeed' if engine == 'ds' else 'deepspeed-mii'} is not importable ({exc})"}
+    if engine == "mii":    # a placeholder model and no hub look-up: only the user's keys are being checked
+        values = {**values, "model": "model-under-test", "task": "text-generation", "skip_model_check": True}
+    try:
+        parsed = Config(**values)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        return {"error": [".".join(str(p) for p in err.get("loc", ())) or "?", err.get("msg", "invalid")]}
+    tp = parsed.tensor_parallel.tp_size if engine == "ds" else parsed.tensor_parallel
+    return {"dtype": str(parsed.dtype), "tp": tp}
+
+
+def _parse_in_child(engine: str, values: dict, where: str) -> dict:
+    import subprocess
+    import sys
+    try:
+        out = subprocess.run([sys.executable, "-c", _PARSE_IN_CHILD, engine], input=json.dumps(values),
+                             capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"unavailable": f"the check did not run ({exc})"}
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"unavailable": f"the check failed ({last})"}
+    return json.loads(lines[-1])
+
+
+def _check(engine: str, values: dict, where: str, dtype: str, tp: int, tp_keys: tuple[str, ...]) -> str:
+    parsed = _parse_in_child(engine, values, where)
+    if "unavailable" in parsed:
+        return f"keys not checked: {parsed['unavailable']}"
+    if "error" in parsed:
+        key, message = parsed["error"]
+        raise NeoxUsageError(f"{where}: key '{key}': {message}")
+    if "dtype" in values and parsed["dtype"] != _torch_dtype(dtype):
+        raise _disagree(where, "dtype", values["dtype"], f"--neox-dtype={dtype}")
+    given = next((k for k in tp_keys if k in values), None)
+    if given is not None and parsed["tp"] != tp:
+        raise _disagree(where, given, parsed["tp"], f"--neox-tp={tp}")
+    return ("checked against deepspeed.inference.config.DeepSpeedInferenceConfig" if engine == "ds"
+            else "checked against mii.legacy.config.ModelConfig")
 
 
 def _check_ds(values: dict, where: str, dtype: str, tp: int) -> str:
-    try:
-        import pydantic
-        from deepspeed.inference.config import DeepSpeedInferenceConfig
-    except ImportError as exc:
-        return f"keys not checked: deepspeed is not importable ({exc})"
-    try:
-        parsed = DeepSpeedInferenceConfig(**values)
-    except pydantic.ValidationError as exc:
-        raise _first_error(exc, where) from None
-    if "dtype" in values and parsed.dtype != _torch_dtype(dtype):
-        raise _disagree(where, "dtype", values["dtype"], f"--neox-dtype={dtype}")
-    if ("tensor_parallel" in values or "mp_size" in values) and parsed.tensor_parallel.tp_size != tp:
-        key = "tensor_parallel" if "tensor_parallel" in values else "mp_size"
-        raise _disagree(where, key, parsed.tensor_parallel.tp_size, f"--neox-tp={tp}")
-    return "checked against deepspeed.inference.config.DeepSpeedInferenceConfig"
+    return _check("ds", values, where, dtype, tp, ("tensor_parallel", "mp_size"))
 
 
 def _check_mii(values: dict, where: str, dtype: str, tp: int) -> str:
@@ -141,22 +180,7 @@ def _check_mii(values: dict, where: str, dtype: str, tp: int) -> str:
     if owned is not None:
         raise NeoxUsageError(f"{where}: key '{owned}' is set by the plugin (the model under test and the "
                              "deployment's plumbing), not by the config file")
-    try:
-        import pydantic
-        from mii.legacy.config import ModelConfig
-    except ImportError as exc:
-        return f"keys not checked: deepspeed-mii is not importable ({exc})"
-    try:
-        # A placeholder model and no hub look-up: only the user's keys are being checked here.
-        parsed = ModelConfig(**{**values, "model": "model-under-test", "task": "text-generation",
-                                "skip_model_check": True})
-    except pydantic.ValidationError as exc:
-        raise _first_error(exc, where) from None
-    if "dtype" in values and parsed.dtype != _torch_dtype(dtype):
-        raise _disagree(where, "dtype", values["dtype"], f"--neox-dtype={dtype}")
-    if "tensor_parallel" in values and parsed.tensor_parallel != tp:
-        raise _disagree(where, "tensor_parallel", parsed.tensor_parallel, f"--neox-tp={tp}")
-    return "checked against mii.legacy.config.ModelConfig"
+    return _check("mii", values, where, dtype, tp, ("tensor_parallel",))
 
 
 def misfit(config: ServingConfig | None, plan, check: str) -> str | None:

@@ -177,16 +177,15 @@ class NeoxSession:
             if blocked is not None:
                 self.known_blocked[key] = blocked
                 pytest.xfail(blocked)
-        model = self.require_model()
         if not reference and name not in self.options.backends:
             pytest.skip(f"backend {name} not selected (--neox-backends={','.join(self.options.backends)})")
         try:
             refusal = self.dtype_choice.refusal(name, dtype) if self.device == "cpu" else None
             if refusal:
                 raise BackendUnavailable(refusal)
-            self._check_fits(name, dtype)
-            if engines.engine(name).injects_kernels and self.device.startswith("cuda"):
-                self._build_kernels()
+            if self.model is not None:
+                self._check_fits(name, dtype)   # from the shape: before minutes of building weights
+            model = self.require_model()
             with self.timed("model load"):
                 backend = load_backend(name, path=model.path, dtype=dtype, device=self.device,
                                        tp=self._tp_of(name),
@@ -199,6 +198,10 @@ class NeoxSession:
             pytest.skip(self.unavailable[key])
         except DeploymentError as exc:          # died while loading: a result, and not retried
             self._crash(key, f"{name} ({dtype}) failed to deploy: {exc}")
+        built = getattr(backend, "kernel_build_s", None)    # an isolated engine's worker built DeepSpeed's op
+        if built:
+            self.timings["model load"] -= built
+            self.timings["kernel build"] += built
         self.backends[key] = backend
         self.infos[key] = backend.info
         return backend
@@ -220,22 +223,15 @@ class NeoxSession:
             return
         if not engines.engine(name).weights_on_gpu:     # e.g. ZeRO-Inference: CPU/NVMe memory by design
             return
-        ok, reason = self.model.spec.fits(dtype, tp, [g.total_memory for g in hw.gpus])
+        cls = engines.engine(name).backend_for(tp)
+        # a worker may use no more of a GPU than the cap; the reference in this process is not capped
+        cap = self.options.gpu_memory_cap if (cls.isolated or cls.runs_in_worker) else None
+        memory = [g.total_memory if cap is None else min(g.total_memory, cap) for g in hw.gpus]
+        ok, reason = self.model.spec.fits(dtype, tp, memory)
+        if not ok and cap is not None:
+            reason += f" (GPU memory capped at {cap / 2**30:.2f} GiB per worker by --neox-gpu-memory-cap)"
         if not ok:
             raise BackendUnavailable(reason)
-
-    def _build_kernels(self) -> None:
-        """JIT-build (or load from the torch extensions cache) DeepSpeed's inference op up front, so the
-        session's time splits into kernel build, model load and checks."""
-        if ("kernels",) in self._cache:
-            return
-        self._cache[("kernels",)] = True
-        try:
-            from deepspeed.ops.op_builder import InferenceBuilder
-        except ImportError as exc:
-            raise BackendUnavailable(f"deepspeed is not importable: {exc}") from None
-        with self.timed("kernel build"):
-            InferenceBuilder().load()
 
     def _crash(self, key: str, message: str):
         """A deployment died: remember why (every later test needing it fails at once with it), release

@@ -4,8 +4,9 @@ Every engine implements backends.base.Backend and declares its traits there; par
 report only ever see that interface.
 
 Adding an engine: its own file with a Backend subclass (traits as class attributes, a `load(request)`
-classmethod; import optional packages inside it, so that a missing one is a skip for that engine alone), and
-one line here (or in a conftest.py, for an engine outside this package):
+classmethod; import optional packages inside it, so that a missing one is a skip for that engine alone; set
+`isolated = True` to have it loaded in a worker process of its own), and one line here (or in a conftest.py,
+for an engine outside this package):
 
     register("vllm", VllmBackend)                                   # one class at every tp
     register("ds", DeepSpeedBackend, tensor_parallel=DsLauncherBackend)   # tp >= 2 runs another class
@@ -18,6 +19,7 @@ from pytest_neoxmii.backends.base import Backend, BackendInfo, LoadRequest
 from pytest_neoxmii.backends.deepspeed_inference import DeepSpeedBackend
 from pytest_neoxmii.backends.ds_launcher import DsLauncherBackend
 from pytest_neoxmii.backends.hf import HFBackend
+from pytest_neoxmii.backends.isolated import IsolatedEngine
 from pytest_neoxmii.backends.mii_legacy import MiiBackend
 from pytest_neoxmii.backends.mii_server import MiiServerBackend
 from pytest_neoxmii.backends.zero_inference import ZeroInferenceBackend
@@ -96,9 +98,11 @@ def load_backend(name: str, *, path, dtype: str, device: str, tp: int, max_token
     cls = engine(name).backend_for(tp)
     request = LoadRequest(path=path, dtype=dtype, device=device, tp=tp, max_tokens=max_tokens,
                           max_batch=max_batch, spec=spec, zero_nvme=zero_nvme, engine_config=engine_config)
-    if not cls.runs_in_worker:
-        return cls.load(request)
-    return _deploy_once(name, cls, request)
+    if cls.isolated:
+        return _deploy_once(name, request, lambda r: IsolatedEngine(name, cls, r))
+    if cls.runs_in_worker:
+        return _deploy_once(name, request, cls.load)
+    return cls.load(request)
 
 
 # A deployment that failed to start (its log tail is in the error) is not started again for every test
@@ -106,7 +110,7 @@ def load_backend(name: str, *, path, dtype: str, device: str, tp: int, max_token
 _failed_deployments: dict[tuple, Exception] = {}
 
 
-def _deploy_once(name: str, cls: type[Backend], request: LoadRequest) -> Backend:
+def _deploy_once(name: str, request: LoadRequest, deploy) -> Backend:
     from pytest_neoxmii.deploy.processes import DeploymentError
     from pytest_neoxmii.injection import InjectionFailed
     r = request
@@ -116,7 +120,7 @@ def _deploy_once(name: str, cls: type[Backend], request: LoadRequest) -> Backend
         raise DeploymentError(f"{name} tp={r.tp} failed to deploy earlier in this session, not retried: "
                               f"{_failed_deployments[key]}")
     try:
-        return cls.load(request)
+        return deploy(request)
     except (DeploymentError, InjectionFailed) as exc:
         _failed_deployments[key] = exc
         raise

@@ -70,6 +70,20 @@ class Backend(abc.ABC):
     injects_kernels = False      # DeepSpeed kernel injection on CUDA (its inference op is built before load)
     weights_on_gpu = True        # False: weights stay in CPU/NVMe memory, so GPU memory never rules it out
     runs_in_worker = False       # the model is in other processes: no .model here, time with a wall clock
+    # Loaded in a worker process of its own (backends/isolated.py), never in the test process: the engine
+    # keeps process-wide state or can abort its process (every DeepSpeed engine).
+    isolated = False
+    requires: tuple[str, ...] = ()   # packages the engine imports: one missing is a skip, checked before a worker starts
+
+    @classmethod
+    def check_can_run(cls, request: LoadRequest) -> None:
+        """Raise BackendUnavailable when the engine cannot run for this request, from what the test process
+        knows cheaply (no import of the engine's packages): an isolated engine is then not even started."""
+
+    @classmethod
+    def missing(cls, package: str) -> str:
+        """The skip reason when a package of `requires` is not installed (an engine may add how to install it)."""
+        return f"the {package!r} package is not installed here"
 
     @classmethod
     def load(cls, request: LoadRequest) -> "Backend":

@@ -13,8 +13,7 @@ from pytest_neoxmii.backends.hf import load_hf_model
 from pytest_neoxmii.backends.torch_model import TorchModelBackend
 from pytest_neoxmii.dtypes import TORCH_DTYPES
 from pytest_neoxmii.errors import BackendUnavailable
-from pytest_neoxmii.injection import (count_injected, engine_closed, engine_loaded, gpu_used_bytes,
-                                      require_injected)
+from pytest_neoxmii.injection import count_injected, gpu_used_bytes, require_injected
 
 
 def check_kernel_dtype(dtype: str, device: str) -> None:
@@ -55,13 +54,18 @@ def init_distributed_env() -> None:
 
 
 class KernelInjectedBackend(TorchModelBackend):
-    """A DeepSpeed inference engine in the test process (ds, and the model inside an in-process MII
-    deployment): kernel injection verified where asked, the workspace sized, DeepSpeed's process-wide
-    workspace released with the last such engine."""
+    """A DeepSpeed inference engine (ds, and the model inside an MII NON_PERSISTENT deployment), loaded in its
+    own worker process (isolated): kernel injection verified where asked, the workspace sized by the first
+    forward. DeepSpeed's process-wide workspace and globals end with the worker."""
 
     needs_deepspeed = True
     injects_kernels = True
-    _injected = False
+    isolated = True
+    requires = ("deepspeed",)
+
+    @classmethod
+    def check_can_run(cls, request: LoadRequest) -> None:
+        check_kernels_can_run(request.dtype, request.device)
 
     @classmethod
     def load(cls, request: LoadRequest) -> "KernelInjectedBackend":
@@ -76,8 +80,6 @@ class KernelInjectedBackend(TorchModelBackend):
             return ("none (CPU: no kernel injection)" if not on_gpu
                     else f"none (replace_with_kernel_inject is off in the {config_name} config)")
         require_injected(report, compat.transformers_version())
-        engine_loaded()
-        self._injected = True
         self.size_workspace(max_batch)
         return report.describe()
 
@@ -85,9 +87,6 @@ class KernelInjectedBackend(TorchModelBackend):
         if getattr(self, "model", None) is None:
             return
         self._release()
-        if self._injected:
-            self._injected = False
-            engine_closed()
 
 
 class DeepSpeedBackend(KernelInjectedBackend):
@@ -111,7 +110,7 @@ class DeepSpeedBackend(KernelInjectedBackend):
         check_kernels_can_run(dtype, device)
         if tp > 1:
             raise BackendUnavailable(f"ds with tp={tp} runs under the DeepSpeed launcher (the tensor-parallel "
-                                     "backend), not in the test process")
+                                     "backend), not in one process")
         compat.install()
         init_distributed_env()
         import deepspeed

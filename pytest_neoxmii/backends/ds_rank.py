@@ -12,8 +12,7 @@ that every rank runs the same forward (the tensor-parallel all-reduces need all 
 goes over a gloo group: waiting ranks then block on the CPU instead of spinning an NCCL kernel on their
 GPU, and an idle session cannot trip NCCL's watchdog timeout.
 
-Requests: {"op": "generate"|"score"|"trace", "args": (...)} -> {"ok": True, "result": ...} or
-{"ok": False, "error": traceback, "unavailable": bool}; {"op": "shutdown"} ends every rank cleanly."""
+Requests and replies: backends/worker_loop.py (generate, score, trace; shutdown ends every rank cleanly)."""
 from __future__ import annotations
 
 import argparse
@@ -22,9 +21,8 @@ import importlib
 import json
 import os
 import sys
-import traceback
 
-OPS = ("generate", "score", "trace")
+from pytest_neoxmii.backends.worker_loop import serve
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,8 +57,10 @@ def load_ds_model(args, rank: int, local_rank: int, world: int):
         def close(self) -> None:
             self._release()
 
+    from pytest_neoxmii.deploy import gpu_cap
     inject = args.device == "cuda"
     device = f"cuda:{local_rank}" if inject else "cpu"
+    gpu_cap.apply(device)                       # --neox-gpu-memory-cap, inherited from the session
     before = gpu_used_bytes(device)
     # System memory first (load_with_sys_mem in MII's terms): init_inference then moves only this rank's
     # shard to its GPU, so a model larger than one GPU still loads.
@@ -87,6 +87,9 @@ def load_ds_model(args, rank: int, local_rank: int, world: int):
     if inject:
         rank_model.size_workspace(args.max_batch)   # first forward = largest batch: sizes DS's workspace
     held = gpu_used_bytes(device) - before if inject else None
+    over = gpu_cap.exceeded(device, f"rank {rank}")
+    if over:
+        raise RuntimeError(over)               # the rank ends; the session reports it with this line
     return rank_model, {"rank": rank, "device": device, "injected": report.injected, "layers": total,
                         "kernels": report.describe() if inject else "none (CPU: no kernel injection)",
                         "gpu_memory_bytes": held}
@@ -152,43 +155,6 @@ def dies_at_load(args, rank: int, local_rank: int, world: int):
 def plumbing_model(args, rank: int, local_rank: int, world: int):
     return PlumbingModel(world), {"rank": rank, "device": "cpu", "injected": 0, "layers": 0,
                                   "kernels": "none (plumbing model)", "gpu_memory_bytes": None}
-
-
-def serve(conn, model, rank: int, world: int, broadcast) -> int:
-    """The request loop of every rank; returns the process exit code."""
-    from pytest_neoxmii.deploy.channel import recv, send
-    from pytest_neoxmii.errors import BackendUnavailable
-    while True:
-        request = None
-        if rank == 0:
-            try:
-                request = recv(conn)
-            except (EOFError, OSError):
-                request = {"op": "shutdown", "reason": "the test session closed the connection"}
-        request = broadcast(request)
-        op = request.get("op")
-        if op == "shutdown":
-            if rank == 0:
-                try:
-                    send(conn, {"ok": True})
-                except OSError:
-                    pass
-            return 0
-        try:
-            if op not in OPS:
-                raise ValueError(f"unknown request {op!r}")
-            reply = {"ok": True, "result": getattr(model, op)(*request.get("args", ()))}
-        except BackendUnavailable as exc:
-            reply = {"ok": False, "unavailable": True, "error": str(exc)}
-        except Exception:
-            reply = {"ok": False, "unavailable": False, "error": traceback.format_exc()}
-        if rank == 0:
-            send(conn, reply)
-        if not reply["ok"] and not reply["unavailable"] and world > 1:
-            # The ranks may no longer agree on where they are in the collectives: end this rank, and the
-            # DeepSpeed launcher ends the others. (BackendUnavailable is raised before any collective.)
-            print(f"rank {rank}: request {op!r} failed, ending:\n{reply['error']}", file=sys.stderr, flush=True)
-            return 1
 
 
 def _factory(spec: str):

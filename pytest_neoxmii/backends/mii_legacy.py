@@ -1,4 +1,4 @@
-"""DeepSpeed-MII legacy deployment, in process (DeploymentType.NON_PERSISTENT), queried through
+"""DeepSpeed-MII legacy deployment, in its worker process (DeploymentType.NON_PERSISTENT), queried through
 `mii_query_handle` so the path MII users run is the one tested: text in, text out. Generated text is
 re-tokenized to ids (the synthetic tokenizer round-trips every id); per-step logprobs come from the
 model inside the deployment, scored teacher-forced on prompt + generated tokens."""
@@ -21,14 +21,23 @@ from pytest_neoxmii.outputs import Generation, PromptBatch
 _counter = itertools.count()
 
 
+INSTALL_MII = ("pip install 'pytest-neoxmii[mii]' (installs deepspeed-mii without its broken dependency list, "
+               "plus what it really needs)")
+
+
 def import_mii():
     try:
         import mii.legacy as mii_legacy
     except ImportError as exc:
-        raise BackendUnavailable(
-            f"deepspeed-mii is not importable ({exc}): pip install 'pytest-neoxmii[mii]' "
-            "(installs deepspeed-mii without its broken dependency list, plus what it really needs)") from None
+        raise BackendUnavailable(f"deepspeed-mii is not importable ({exc}): {INSTALL_MII}") from None
     return mii_legacy
+
+
+def missing_package(package: str) -> str:
+    """The skip reason of an MII engine (tp = 1 or the tp >= 2 server) whose package is not installed."""
+    if package == "mii":
+        return f"deepspeed-mii is not importable (not installed here): {INSTALL_MII}"
+    return f"the {package!r} package is not installed here"
 
 
 def prompt_texts(tokenizer, batch: PromptBatch) -> list[str]:
@@ -42,10 +51,12 @@ def prompt_texts(tokenizer, batch: PromptBatch) -> list[str]:
 
 
 class MiiBackend(KernelInjectedBackend):
-    description = "DeepSpeed-MII legacy in-process deployment (tp >= 2: LOCAL gRPC server deployment)"
+    description = "DeepSpeed-MII legacy NON_PERSISTENT deployment, in a worker (tp >= 2: LOCAL gRPC server deployment)"
     label = "DeepSpeed-MII"
     colour = "#2ca02c"
     output_is_text = True          # mii_query_handle returns generated_text
+    requires = ("deepspeed", "mii")
+    missing = staticmethod(missing_package)
 
     def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1, *,
                  engine_config: dict | None = None):

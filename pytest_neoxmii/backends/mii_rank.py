@@ -30,7 +30,15 @@ def _wrap_init_inference() -> None:
     original = deepspeed.init_inference
 
     def init_inference(model, *args, **kwargs):
+        import torch
+
+        from pytest_neoxmii.deploy import gpu_cap
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        gpu_cap.apply(device)                # --neox-gpu-memory-cap, inherited from the session
         engine = original(model, *args, **kwargs)
+        over = gpu_cap.exceeded(device, f"MII rank {os.environ.get('RANK', '0')}")
+        if over:
+            raise RuntimeError(over)         # the server ends; the session reports it with this line
         rank = int(os.environ.get("RANK", "0"))
         report = {"rank": rank, "pid": os.getpid()}
         module = getattr(engine, "module", engine)

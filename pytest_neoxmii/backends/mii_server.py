@@ -33,7 +33,7 @@ from pytest_neoxmii import compat
 from pytest_neoxmii.backends import generation_capture as capture
 from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.backends.deepspeed_inference import check_kernels_can_run
-from pytest_neoxmii.backends.mii_legacy import import_mii, prompt_texts
+from pytest_neoxmii.backends.mii_legacy import import_mii, missing_package, prompt_texts
 from pytest_neoxmii.backends.worker_deployment import WorkerDeployment
 from pytest_neoxmii.deploy import launcher, ports, processes
 from pytest_neoxmii.dtypes import TORCH_DTYPES
@@ -43,6 +43,10 @@ from pytest_neoxmii.outputs import Generation, PromptBatch
 
 NO_SCORES = ("mii with tp >= 2 is the MII gRPC server deployment: a query generates text, it cannot score a "
              "given text, so it is not judged teacher-forced (teacher-forced parity at tp >= 2 runs on ds)")
+
+
+NO_CUDA = ("the MII LOCAL deployment needs CUDA GPUs: MII asserts torch.cuda.device_count() >= tensor_parallel "
+           "and its servers run on cuda:<rank>")
 
 
 def _port_open(port: int) -> bool:
@@ -58,16 +62,25 @@ class MiiServerBackend(WorkerDeployment):
     injects_kernels = True
     can_score = False
     output_is_text = False         # the ids and logprobs are rank 0's engine's own, not re-tokenized text
+    # The MII client (mii_query_handle) imports mii: this proxy runs in a worker of its own, which starts
+    # and ends the servers, so the test process never imports it.
+    isolated = True
+    requires = ("deepspeed", "mii")
+    missing = staticmethod(missing_package)
     polite_timeout = 3.0                     # trap 8: the servers may not exit on their own
+
+    @classmethod
+    def check_can_run(cls, request) -> None:
+        if not request.device.startswith("cuda"):
+            raise BackendUnavailable(NO_CUDA)
+        check_kernels_can_run(request.dtype, request.device)
 
     def __init__(self, path: Path, dtype: str, device: str, tp: int, max_tokens: int, max_batch: int = 1, *,
                  gpus: list[int] | None = None, ready_timeout: float | None = None,
                  request_timeout: float | None = None, memory_probe="default",
                  engine_config: dict | None = None):
         if not device.startswith("cuda"):
-            raise BackendUnavailable("the MII LOCAL deployment needs CUDA GPUs: MII asserts "
-                                     "torch.cuda.device_count() >= tensor_parallel and its servers run on "
-                                     "cuda:<rank>")
+            raise BackendUnavailable(NO_CUDA)
         check_kernels_can_run(dtype, device)
         self._mii = import_mii()
         from transformers import AutoTokenizer

@@ -90,7 +90,7 @@ class TorchModelBackend(Backend):
 
     def _release(self) -> None:
         """Drop the model and give its GPU memory back. Storage is freed tensor by tensor, so a stray
-        reference somewhere in a library (DeepSpeed keeps module-level globals) cannot pin the weights."""
+        reference somewhere in a library cannot pin the weights."""
         import gc
         import itertools
         module = getattr(self.model, "module", self.model)
@@ -98,11 +98,6 @@ class TorchModelBackend(Backend):
             for t in itertools.chain(module.parameters(), module.buffers()):
                 t.data = torch.empty(0, dtype=t.dtype, device="cpu")
         self.model = None
-        try:
-            import deepspeed.module_inject.replace_module as replace_module
-            replace_module.container_g = None      # holds the first injected layer of the last model
-        except ImportError:
-            pass
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

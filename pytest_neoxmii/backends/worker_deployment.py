@@ -1,8 +1,13 @@
-"""What every engine whose model runs in worker processes shares (the DeepSpeed launcher's ranks, MII's gRPC
-servers): a tag and a run directory per deployment, the GPU-memory baseline taken before it starts, the
+"""What every engine whose model runs in worker processes shares (an isolated engine's worker, the DeepSpeed
+launcher's ranks, MII's gRPC servers): a tag and a run directory per deployment, the GPU-memory baseline taken before it starts, the
 watched start-up that leaves nothing behind when it fails or is interrupted, and the teardown that ends every
 process, checks that GPU memory came back and keeps the logs only when something went wrong
-(deploy/processes.py). A subclass reserves its ports, starts its processes and says how to ask them to exit."""
+(deploy/processes.py). A subclass reserves its ports, starts its processes and says how to ask them to exit.
+
+ChannelDeployment adds the session's side of the channel (deploy/channel.py) for workers that answer
+requests themselves (backends/worker_loop.py): rank 0 connects back and reports ready, each request is
+answered or the worker's death is turned into WorkerCrashed naming how it ended, the request in flight and
+its log's last lines."""
 from __future__ import annotations
 
 import abc
@@ -11,7 +16,9 @@ import time
 from typing import Callable
 
 from pytest_neoxmii.backends.base import Backend, BackendInfo, LoadRequest
-from pytest_neoxmii.deploy import gpumem, processes
+from pytest_neoxmii.deploy import channel, gpumem, processes
+from pytest_neoxmii.errors import BackendUnavailable
+from pytest_neoxmii.outputs import Generation, LayerTrace, PromptBatch, Scores
 
 
 class WorkerDeployment(Backend):
@@ -93,3 +100,107 @@ class WorkerDeployment(Backend):
             processes.unregister_live(self.tag)
             if not self._failed and not (self.teardown_report and self.teardown_report.leaked):
                 shutil.rmtree(self.run_dir, ignore_errors=True)    # logs are kept when something went wrong
+
+
+class ChannelDeployment(WorkerDeployment):
+    """A deployment whose rank 0 answers the session over an authenticated local channel. A subclass
+    starts the process tree (self._trees[0] is the one watched) and calls self._await_ready(tree, ...)."""
+
+    conn = None
+    _listener = None
+
+    @property
+    def _what(self) -> str:
+        """The deployment as its errors name it: "ds tp=1"."""
+        return f"{self.name} tp={self.tp}"
+
+    def _reserve(self) -> None:
+        self._listener = channel.Listener()
+
+    def _await_ready(self, tree: processes.ProcessTree, ready_timeout: float) -> dict:
+        """The ready message of rank 0; a tree that dies first is ServerDied within a second, with its log."""
+        deadline = time.monotonic() + ready_timeout
+
+        def check():
+            tree.check_alive()
+            tree.pids()                              # remember the tree while its parents still link it
+
+        try:
+            self.conn = self._listener.accept(ready_timeout, check=check)
+            return channel.receive(self.conn, max(deadline - time.monotonic(), 1.0), check=check)
+        except channel.ChannelTimeout:
+            raise processes.ReadinessTimeout(
+                f"{self._what}: rank 0 did not report ready within {ready_timeout:.0f} s, its processes still "
+                f"running; last lines of {tree.log_path}:\n{tree.log_tail()}") from None
+
+    # -- requests -------------------------------------------------------------------------------------
+    def _call(self, op: str, *args):
+        if self._closed:
+            raise processes.DeploymentError(f"{self._what} deployment is closed")
+        tree = self._trees[0]
+        try:
+            channel.send(self.conn, {"op": op, "args": args})
+            reply = channel.receive(self.conn, self.request_timeout, check=tree.check_alive)
+        except channel.ChannelTimeout:
+            raise processes.DeploymentError(
+                f"{self._what}: no answer to {op} within {self.request_timeout:.0f} s; last lines of "
+                f"{tree.log_path}:\n{tree.log_tail()}") from None
+        except (processes.ServerDied, EOFError, OSError):
+            raise self._crashed(tree, op, args) from None
+        if reply["ok"]:
+            return reply["result"]
+        if reply.get("unavailable"):
+            raise BackendUnavailable(reply["error"])
+        raise processes.DeploymentError(f"{self._what}: {op} failed on rank 0:\n{reply['error']}")
+
+    def _crashed(self, tree: processes.ProcessTree, op: str, args) -> processes.WorkerCrashed:
+        """The worker died during `op`: wait (at most 5 s) for its root to notice and exit, then name how
+        it ended, the request and the log's last lines."""
+        deadline = time.monotonic() + 5
+        while tree.popen.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # The whole log: the dying rank's own fatal-signal line can be above the tail (the others' tracebacks).
+        log = tree.log_path.read_text(errors="replace")
+        how = processes.describe_exit(tree.popen.poll(), log)
+        return processes.WorkerCrashed(
+            f"{self._what}: worker crashed ({how}) during {describe_request(op, args)}; "
+            f"last lines of {tree.log_path}:\n{processes.crash_excerpt(log, tree.log_tail())}")
+
+    def generate(self, batch: PromptBatch, max_new_tokens: int, top_k: int = 5) -> Generation:
+        return self._call("generate", batch, max_new_tokens, top_k)
+
+    def score(self, batch: PromptBatch) -> Scores:
+        return self._call("score", batch)
+
+    def trace(self, batch: PromptBatch) -> LayerTrace:
+        return self._call("trace", batch)
+
+    # -- teardown -------------------------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        """Ask every rank to leave its loop and exit; the tree's root then exits on its own."""
+        channel.send(self.conn, {"op": "shutdown"})
+        channel.receive(self.conn, 10)
+
+    def _polite(self):
+        return self._shutdown if self.conn is not None else None
+
+    def _release(self) -> None:
+        for closable in (self.conn, self._listener):
+            try:
+                if closable is not None:
+                    closable.close()
+            except OSError:
+                pass
+
+
+def describe_request(op: str, args) -> str:
+    """'generate(batch of 2 rows, lengths 2/1, 3 new tokens)': what a worker was doing when it died."""
+    parts = []
+    for a in args:
+        rows = getattr(a, "rows", None)
+        if rows is not None:
+            parts.append(f"batch of {len(rows)} row{'s' if len(rows) != 1 else ''}, "
+                         f"lengths {'/'.join(str(len(r)) for r in rows)}")
+        elif isinstance(a, int) and op == "generate" and len(parts) == 1:
+            parts.append(f"{a} new tokens")
+    return f"{op}({', '.join(parts)})"

@@ -27,9 +27,6 @@ def zero_config(hidden_size: int, dtype: str, nvme_path: Path | None) -> dict:
             "stage": 3,
             "offload_param": offload,
             "overlap_comm": True,
-            # True (DeepSpeed's default) swaps torch.nn.functional.linear process-wide for ZeRO's own
-            # autograd function, which then also runs inside the HF reference and every other backend.
-            "memory_efficient_linear": False,
             "reduce_bucket_size": hidden_size * hidden_size,
             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
             "stage3_param_persistence_threshold": 0,
@@ -46,6 +43,13 @@ class ZeroInferenceBackend(TorchModelBackend):
     colour = "#d62728"
     needs_deepspeed = True
     weights_on_gpu = False       # offloaded to CPU memory or NVMe by design
+    isolated = True              # ZeRO's engine state and its patches stay in its worker
+    requires = ("deepspeed",)
+
+    @classmethod
+    def check_can_run(cls, request: LoadRequest) -> None:
+        if request.zero_nvme is not None and not Path(request.zero_nvme).is_dir():
+            raise BackendUnavailable(f"--neox-zero-nvme={request.zero_nvme} is not a directory")
 
     @classmethod
     def load(cls, request: LoadRequest) -> "ZeroInferenceBackend":

@@ -34,6 +34,8 @@ LAYERS = (
     ("model", ("weights", "cases", "prompts", "serving_config")),
     ("engines", ("backends", "deploy", "injection", "known_issues", "kernels")),
     ("judges", ("parity", "golden", "latency", "samples", "stats", "storage")),
+    # worker: the process an isolated engine runs in (it times the engine with latency.py's timing)
+    ("workers", ("worker",)),
     # precision: the session's dtype, bounded by the engines' traits (which run on DeepSpeed's accelerator)
     ("session", ("precision", "session", "options")),
     ("checks", ("checks", "assertions")),

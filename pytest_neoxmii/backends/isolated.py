@@ -1,0 +1,101 @@
+"""An engine run in a worker process of its own: the session holds this proxy, with the engine's interface
+and traits, and the engine's class is loaded in `python -m pytest_neoxmii.worker` (pytest_neoxmii/worker.py)
+under the lifecycle every worker deployment has (backends/worker_deployment.py): the authenticated channel,
+a watched start-up, a crash turned into a result naming the signal, the request and the log, and a teardown
+that ends every process and checks that GPU memory came back.
+
+Every DeepSpeed engine is isolated (the `isolated` trait in backends/base.py), at tp = 1 as at tp >= 2, so
+the test process never imports deepspeed or mii: DeepSpeed's process-wide state dies with its worker, and a
+kernel abort ends a worker, not the session."""
+from __future__ import annotations
+
+import importlib.util
+import pickle
+import sys
+
+from pytest_neoxmii.backends.base import BackendInfo, LoadRequest
+from pytest_neoxmii.backends.worker_deployment import ChannelDeployment
+from pytest_neoxmii.deploy import processes
+from pytest_neoxmii.errors import BackendUnavailable
+
+WORKER = "pytest_neoxmii.worker"
+
+
+def _gpus(request: LoadRequest) -> list[int] | None:
+    """The GPUs the engine uses: cuda:N at tp = 1, the first tp GPUs at tp >= 2, none on the CPU."""
+    if not request.device.startswith("cuda"):
+        return []
+    if request.tp > 1:
+        return list(range(request.tp))
+    _, _, index = request.device.partition(":")
+    return [int(index or 0)]
+
+
+class IsolatedEngine(ChannelDeployment):
+    """`engine_cls` (a Backend that would otherwise load in this process) in its own worker process."""
+
+    polite_timeout = 60.0     # the worker closes its engine after the shutdown reply (a hosted server too)
+
+    def __init__(self, name: str, engine_cls, request: LoadRequest, *, ready_timeout: float | None = None,
+                 request_timeout: float | None = None, memory_probe="default"):
+        engine_cls.check_can_run(request)            # refusals known here cost no process
+        for package in engine_cls.requires:
+            if importlib.util.find_spec(package) is None:
+                raise BackendUnavailable(engine_cls.missing(package))
+        self.name, self.engine_cls, self.request = name, engine_cls, request
+        self.device = request.device
+        # The hosted engine's traits, per instance: the judges ask the object they hold.
+        self.output_is_text = engine_cls.output_is_text
+        self.can_score = engine_cls.can_score
+        self.kernel_build_s: float | None = None
+        super().__init__(tag_prefix=f"{name}-worker", dtype=request.dtype, tp=request.tp, gpus=_gpus(request),
+                         ready_timeout=ready_timeout, request_timeout=request_timeout,
+                         memory_probe=memory_probe, engine_config=request.engine_config)
+
+    def _start(self, ready_timeout: float) -> None:
+        request_file = self.run_dir / "request.pickle"
+        request_file.write_bytes(pickle.dumps(self.request, protocol=pickle.HIGHEST_PROTOCOL))
+        cls = self.engine_cls
+        cmd = [sys.executable, "-u", "-m", WORKER, "--address", self._listener.address,
+               "--engine", f"{cls.__module__}:{cls.__qualname__}", "--request", str(request_file)]
+        tree = processes.start(cmd, name=f"{self.name} worker", log_path=self.run_dir / "worker.log",
+                               tag=self.tag, env_extra=self._listener.env())
+        self._trees.append(tree)
+        ready = self._await_ready(tree, ready_timeout)
+        if ready["op"] == "failed":
+            raise self._load_failure(ready, tree)
+        self.hosted_info: BackendInfo = ready["info"]
+        self.worker_pid = ready["pid"]
+        self.kernel_build_s = ready.get("kernel_build_s")
+        self.load_s = ready.get("load_s")
+
+    def _load_failure(self, message: dict, tree: processes.ProcessTree) -> Exception:
+        from pytest_neoxmii.injection import InjectionFailed
+        kind, text = message["kind"], message["message"]
+        if kind == "unavailable":
+            return BackendUnavailable(text)
+        if kind == "injection":
+            return InjectionFailed(text)
+        if kind == "over-cap":
+            return processes.DeploymentError(f"{self._what}: {text}")
+        return processes.DeploymentError(f"{self._what}: the engine failed to load in its worker:\n{text}\n"
+                                         f"last lines of {tree.log_path}:\n{tree.log_tail()}")
+
+    def _describe(self) -> BackendInfo:
+        info = self.hosted_info
+        info.notes = list(info.notes) + [f"in worker process {self.worker_pid}",
+                                         f"deployed in {self.deploy_seconds:.1f} s"]
+        return info
+
+    def _teardown_name(self) -> str:
+        return f"{self.name} tp={self.tp} (worker process)"
+
+    # -- the hosted engine's other calls --------------------------------------------------------------
+    def query_texts(self, texts: list[str], max_new_tokens: int) -> list[str]:
+        return self._call("query_texts", texts, max_new_tokens)
+
+    def measure_latency(self, batch, new_tokens: int, rounds, warmup: int, *, spec=None, hardware=None,
+                        min_warmup_s: float = 0.0):
+        """latency.measure_backend run in the worker, on the engine itself: timed as the test process times
+        an engine it holds (CUDA events around each call), without the channel in the figures."""
+        return self._call("measure_latency", batch, new_tokens, rounds, warmup, spec, hardware, min_warmup_s)

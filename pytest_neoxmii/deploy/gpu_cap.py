@@ -1,0 +1,75 @@
+"""The per-worker GPU memory cap (--neox-gpu-memory-cap): what each worker process may use of each GPU, so
+that a configuration meant for smaller cards (gpt-neox-20b at tp=2 on two 40 GB A100s) is proven on bigger
+ones. The session puts the cap in the environment every worker inherits; each worker applies it to torch's
+allocator before it loads anything, and checks after the load what the whole process holds on its GPU
+(DeepSpeed's inference workspace and the CUDA context are cudaMalloc'ed outside torch's allocator, so the
+allocator's limit alone would not be the truth)."""
+from __future__ import annotations
+
+import os
+
+ENV = "NEOXMII_GPU_MEMORY_CAP"       # bytes
+
+
+def cap_bytes() -> int | None:
+    value = os.environ.get(ENV)
+    if not value:
+        return None
+    try:
+        cap = int(value)
+    except ValueError:
+        return None
+    return cap if cap > 0 else None
+
+
+def _index(device: str) -> int | None:
+    if not device.startswith("cuda"):
+        return None
+    _, _, index = device.partition(":")
+    return int(index.split(",")[0]) if index else 0
+
+
+def apply(device: str) -> None:
+    """Limit torch's allocator in this process to the cap on `device` (an allocation past it raises
+    torch.OutOfMemoryError, which the worker reports with the cap)."""
+    cap, index = cap_bytes(), _index(device)
+    if cap is None or index is None:
+        return
+    import torch
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), index)
+
+
+def process_used_bytes(index: int) -> tuple[int | None, str]:
+    """What this process holds on GPU `index`, and how it was read: nvidia-smi's per-process figure (the
+    CUDA context and every cudaMalloc included), else torch's reserved memory plus nothing it cannot see."""
+    from pytest_neoxmii.deploy import gpumem
+    try:
+        uuid = {int(i): u for i, u, _ in gpumem._smi("index,uuid,memory.used")}[index]
+        for gpu, pid, mib in gpumem._smi("gpu_uuid,pid,used_memory", kind="compute-apps"):
+            if gpu == uuid and pid.isdigit() and int(pid) == os.getpid():
+                return int(float(mib) * 2**20), "nvidia-smi, this process"
+    except Exception:            # no nvidia-smi, another PID namespace, "[N/A]": fall back to torch
+        pass
+    import torch
+    return int(torch.cuda.memory_reserved(index)), "torch's reserved memory (without the CUDA context)"
+
+
+def exceeded(device: str, what: str = "the worker") -> str | None:
+    """Why the process is over the cap on `device` after its load, or None (no cap, no GPU, or within it)."""
+    cap, index = cap_bytes(), _index(device)
+    if cap is None or index is None:
+        return None
+    used, how = process_used_bytes(index)
+    if used is None or used <= cap:
+        return None
+    return (f"{what} holds {used / 2**30:.2f} GiB of cuda:{index} after loading ({how}), over the "
+            f"--neox-gpu-memory-cap of {cap / 2**30:.2f} GiB")
+
+
+def describe_oom(device: str) -> str | None:
+    """The cap in words, for an out-of-memory error while it applies."""
+    cap, index = cap_bytes(), _index(device)
+    if cap is None or index is None:
+        return None
+    return f"ran out of the --neox-gpu-memory-cap of {cap / 2**30:.2f} GiB on cuda:{index}"

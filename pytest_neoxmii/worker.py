@@ -1,0 +1,133 @@
+"""The worker process of an isolated engine (backends/isolated.py): the engine's own class, loaded here and
+not in the test process, answering the session over the authenticated channel (deploy/channel.py).
+
+    python -m pytest_neoxmii.worker --address 127.0.0.1:PORT --engine MODULE:CLASS --request FILE
+
+DeepSpeed keeps process-wide state (the inference workspace sized by the first forward, `container_g`, ZeRO's
+patch of torch.nn.functional.linear) and its kernels can abort the process (docs/STACK.md, the pythia-2.8b
+abort). Here that state dies with the worker and an abort is the worker's death, which the session reports
+as a test result. The worker builds DeepSpeed's kernels first when the engine injects them (timed apart from
+the load), loads the engine from the session's LoadRequest, reports ready with what it runs, then answers
+generate / score / trace, query_texts for text-only engines, and measure_latency, which times the engine
+here exactly as the test process times an engine it holds (CUDA events around each call). Load failures
+are reported, not raised: an engine that cannot run here is a skip with its reason, a kernel injection that
+matched nothing is a failure, anything else is a deployment error with the traceback."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pickle
+import sys
+import time
+import traceback
+from pathlib import Path
+
+OPS = ("generate", "score", "trace", "query_texts", "measure_latency")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pytest_neoxmii.worker")
+    p.add_argument("--address", required=True, help="host:port the test session listens on")
+    p.add_argument("--engine", required=True, help="module:Class of the engine (a backends.base.Backend)")
+    p.add_argument("--request", required=True, type=Path, help="the pickled backends.base.LoadRequest")
+    return p.parse_args(argv)
+
+
+def engine_class(spec: str):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class Served:
+    """What the worker answers: the engine's own calls, and its latency timed in this process."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def generate(self, *args):
+        return self.backend.generate(*args)
+
+    def score(self, *args):
+        return self.backend.score(*args)
+
+    def trace(self, *args):
+        return self.backend.trace(*args)
+
+    def query_texts(self, *args):
+        return self.backend.query_texts(*args)
+
+    def measure_latency(self, batch, new_tokens, rounds, warmup, spec, hardware, min_warmup_s):
+        from pytest_neoxmii.latency import measure_backend
+        return measure_backend(self.backend, batch, new_tokens, rounds, warmup, spec=spec, hardware=hardware,
+                               min_warmup_s=min_warmup_s)
+
+
+def build_kernels(cls, request) -> float | None:
+    """DeepSpeed's inference op, JIT-built or loaded from TORCH_EXTENSIONS_DIR (set by the session, see
+    kernels.py), before the load: seconds it took, None where the engine injects no kernels here."""
+    if not (cls.injects_kernels and request.device.startswith("cuda")):
+        return None
+    from deepspeed.ops.op_builder import InferenceBuilder
+    t0 = time.monotonic()
+    InferenceBuilder().load()
+    return time.monotonic() - t0
+
+
+def load(cls, request) -> tuple[object | None, dict]:
+    """The engine, and the message for the session: ready with what runs, or failed with why."""
+    from pytest_neoxmii.errors import BackendUnavailable
+    from pytest_neoxmii.injection import InjectionFailed
+    try:
+        from pytest_neoxmii.deploy import gpu_cap
+        here = not cls.runs_in_worker     # a hosted deployment's own processes apply the cap themselves
+        if here:
+            gpu_cap.apply(request.device)
+        kernel_s = build_kernels(cls, request)
+        t0 = time.monotonic()
+        backend = cls.load(request)
+        load_s = time.monotonic() - t0
+        over = gpu_cap.exceeded(request.device) if here else None
+        if over:                          # the configuration does not fit the cards it claims to: a failure
+            backend.close()
+            return None, {"op": "failed", "kind": "over-cap", "message": over}
+    except BackendUnavailable as exc:
+        return None, {"op": "failed", "kind": "unavailable", "message": str(exc)}
+    except ImportError as exc:            # e.g. deepspeed-mii not installed: a skip for this engine alone
+        return None, {"op": "failed", "kind": "unavailable", "message": f"{type(exc).__name__}: {exc}"}
+    except InjectionFailed as exc:
+        return None, {"op": "failed", "kind": "injection", "message": str(exc)}
+    except Exception as exc:
+        from pytest_neoxmii.deploy import gpu_cap
+        capped = gpu_cap.describe_oom(request.device) if "OutOfMemoryError" in type(exc).__name__ else None
+        if capped:
+            return None, {"op": "failed", "kind": "over-cap",
+                          "message": f"{capped}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"}
+        return None, {"op": "failed", "kind": "error", "message": traceback.format_exc()}
+    return backend, {"op": "ready", "info": backend.info, "pid": os.getpid(), "kernel_build_s": kernel_s,
+                     "load_s": load_s}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pytest_neoxmii import compat
+    compat.install()                          # also armed by the child sitecustomize; idempotent
+    from pytest_neoxmii.backends.worker_loop import serve
+    from pytest_neoxmii.deploy.channel import connect, send
+    request = pickle.loads(args.request.read_bytes())
+    cls = engine_class(args.engine)
+    conn = connect(args.address)
+    backend, message = load(cls, request)
+    print(f"worker {os.getpid()}: {message['op']}: "
+          f"{message['info'].describe() if backend else message['message']}", flush=True)
+    send(conn, message)
+    if backend is None:
+        return 0 if message["kind"] != "error" else 1
+    try:
+        return serve(conn, Served(backend), rank=0, world=1, broadcast=lambda r: r, ops=OPS)
+    finally:
+        backend.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Stand-in engines for the isolated-engine tests (test_isolated.py). They are imported by name inside the
+worker process (`python -m pytest_neoxmii.worker --engine tests.unit.engines_for_workers:...`), so they live
+in a module of their own, importable from the repository root."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from pytest_neoxmii.backends.base import Backend, BackendInfo
+from pytest_neoxmii.errors import BackendUnavailable
+from pytest_neoxmii.injection import InjectionFailed
+from pytest_neoxmii.outputs import Generation, Scores
+
+
+class EchoModel:
+    """What latency.py times of an engine it holds: generate(input_ids=..., max_new_tokens=n, ...)."""
+
+    def generate(self, input_ids, max_new_tokens, **kwargs):
+        return torch.cat([input_ids, input_ids[:, -1:].repeat(1, max_new_tokens)], dim=1)
+
+
+class EchoEngine(Backend):
+    """Generates the last prompt token again and again; scores are the row's length everywhere. It records
+    its pid in its info, so a test can tell that it ran in another process."""
+
+    isolated = True
+
+    @classmethod
+    def load(cls, request):
+        return cls(request)
+
+    def __init__(self, request):
+        self.model, self.device = EchoModel(), request.device
+        self.closed_marker = request.path / f"closed-{os.getpid()}" if request.path.is_dir() else None
+        self.info = BackendInfo(backend="echo", dtype=request.dtype, device=request.device,
+                                kernels="none (stand-in)", notes=[f"pid {os.getpid()}",
+                                                                  f"deepspeed imported: {'deepspeed' in sys.modules}"])
+
+    def generate(self, batch, max_new_tokens, top_k=5):
+        return Generation(tokens=[[row[-1]] * max_new_tokens for row in batch.rows],
+                          top_logprobs=[[[(row[-1], 0.0)]] * max_new_tokens for row in batch.rows])
+
+    def score(self, batch):
+        ids, mask = batch.padded()
+        return Scores(logprobs=torch.full((*ids.shape, 3), float(len(batch.rows[0]))), mask=mask.bool())
+
+    def close(self):
+        if self.closed_marker is not None:          # the test sees that the worker closed its engine
+            self.closed_marker.write_text("closed")
+
+
+class AbortsInGenerate(EchoEngine):
+    def generate(self, batch, max_new_tokens, top_k=5):
+        print("stand-in engine: os.abort() in generate", file=sys.stderr, flush=True)
+        os.abort()
+
+
+class Unavailable(EchoEngine):
+    @classmethod
+    def load(cls, request):
+        raise BackendUnavailable("stand-in engine: cannot run here, on purpose")
+
+
+class InjectsNothing(EchoEngine):
+    @classmethod
+    def load(cls, request):
+        raise InjectionFailed("kernel injection was requested but DeepSpeed injected 0/6 layers (stand-in)")
+
+
+class FailsToLoad(EchoEngine):
+    @classmethod
+    def load(cls, request):
+        raise RuntimeError("stand-in engine: failed on purpose while loading")
+
+
+class RefusedBeforeStart(EchoEngine):
+    @classmethod
+    def check_can_run(cls, request):
+        raise BackendUnavailable("stand-in engine: refused before any process starts")
+
+
+class NeedsAMissingPackage(EchoEngine):
+    requires = ("a_package_that_is_not_installed_anywhere",)

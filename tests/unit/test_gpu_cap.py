@@ -1,0 +1,81 @@
+"""--neox-gpu-memory-cap: the size is parsed with its unit (a bad one is a one-line usage error), the header
+says the cap, what fits is judged against the cap for worker engines (not for the reference in the test
+process), and a worker applies it to torch's allocator and checks its whole process after the load."""
+from __future__ import annotations
+
+import pytest
+
+from pytest_neoxmii.deploy import gpu_cap
+from pytest_neoxmii.errors import NeoxUsageError
+from pytest_neoxmii.options import parse_size
+
+
+@pytest.mark.parametrize("text, size", [("40GiB", 40 * 2**30), ("42.3GB", 42_300_000_000), ("40960 MiB", 40 * 2**30),
+                                        ("500mb", 500_000_000)])
+def test_sizes_are_read_with_their_unit(text, size):
+    assert parse_size(text, "--neox-gpu-memory-cap") == size
+
+
+@pytest.mark.parametrize("text", ["40", "forty GB", "40TB", "0GB", "-4GB", ""])
+def test_a_size_without_a_known_unit_is_a_usage_error_naming_the_flag(text):
+    with pytest.raises(NeoxUsageError, match=r"^--neox-gpu-memory-cap (is a size with a unit such as 40GiB|must be "
+                                             r"above 0)"):
+        parse_size(text, "--neox-gpu-memory-cap")
+
+
+def test_a_bad_cap_on_the_command_line_is_one_line(pytester):
+    result = pytester.runpytest("--neox-gpu-memory-cap=40")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --neox-gpu-memory-cap is a size with a unit such as 40GiB*got '40'"])
+    assert "Traceback" not in result.stderr.str()
+
+
+# The session is reached directly: the `neox` fixture would build the weights (12b synthetic: minutes on CPU),
+# and what fits is decided from the shape alone.
+FITS_TESTS = """
+from pytest_neoxmii.plugin import get_session
+
+def test_ds(request):
+    get_session(request.config).backend("ds")
+
+def test_reference(request):
+    get_session(request.config).reference()
+"""
+
+
+def test_what_fits_is_judged_against_the_cap_for_workers_only(pytester, fake_gpus, tmp_path, monkeypatch):
+    """pythia-12b fp16 (about 24 GB of weights x 1.2 headroom) fits an 80 GB H100 but not a 20 GiB cap; the
+    fp32 reference in the test process (about 47 GB x 1.2) is judged against the card, so it goes on to load
+    (stubbed here: the stub records the call and skips)."""
+    fake_gpus("h100")
+    from pytest_neoxmii import session as session_module
+    loaded = []
+    monkeypatch.setattr(session_module, "load_backend", lambda name, **kw: loaded.append(name) or pytest.skip("stub"))
+    monkeypatch.setattr(session_module.NeoxSession, "require_model", lambda self: self.model)   # no weights built
+    monkeypatch.delenv(gpu_cap.ENV, raising=False)
+    pytester.makepyfile(test_fits=FITS_TESTS)
+    result = pytester.runpytest("--neox-model=pythia-12b", "--neox-weights=synthetic", "--neox-backends=ds",
+                                f"--neox-cache-dir={tmp_path / 'cache'}", "--neox-gpu-memory-cap=20GiB",
+                                "-p", "no:cacheprovider", "-rs")
+    text = result.stdout.str()
+    assert "neoxmii: GPU memory cap 20.00 GiB per worker and GPU (--neox-gpu-memory-cap)" in text
+    skipped = [ln for ln in result.outlines if ln.startswith("SKIPPED")]
+    assert any("test_fits.py:3" in ln and "(GPU memory capped at 20.00 GiB per worker by --neox-gpu-memory-cap)"
+               in ln for ln in skipped), text
+    assert loaded == ["hf"]                       # the reference was not held to the cap
+    assert gpu_cap.ENV not in __import__("os").environ      # the session's setting ended with it
+
+
+def test_a_worker_applies_the_cap_and_names_the_excess(monkeypatch):
+    monkeypatch.setenv(gpu_cap.ENV, str(40 * 2**30))
+    assert gpu_cap.cap_bytes() == 40 * 2**30
+    assert gpu_cap.exceeded("cpu") is None and gpu_cap.describe_oom("cpu") is None     # no GPU, no cap
+    monkeypatch.setattr(gpu_cap, "process_used_bytes", lambda index: (int(41.5 * 2**30), "nvidia-smi, this process"))
+    assert gpu_cap.exceeded("cuda:1", "rank 1") == (
+        "rank 1 holds 41.50 GiB of cuda:1 after loading (nvidia-smi, this process), over the "
+        "--neox-gpu-memory-cap of 40.00 GiB")
+    monkeypatch.setattr(gpu_cap, "process_used_bytes", lambda index: (39 * 2**30, "nvidia-smi, this process"))
+    assert gpu_cap.exceeded("cuda:0") is None
+    assert gpu_cap.describe_oom("cuda:0") == "ran out of the --neox-gpu-memory-cap of 40.00 GiB on cuda:0"
+    monkeypatch.setenv(gpu_cap.ENV, "lots")
+    assert gpu_cap.cap_bytes() is None

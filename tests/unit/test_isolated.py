@@ -1,0 +1,153 @@
+"""Isolated engines (backends/isolated.py, pytest_neoxmii/worker.py): an engine class loaded in a worker
+process of its own behind the same interface, its load failures turned into the session's outcomes (skip,
+injection failure, deployment error), its death mid-request a crash naming the signal, the request and its
+log, its latency timed inside the worker, and nothing left behind. Stand-in engines: engines_for_workers.py."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_neoxmii.backends.base import LoadRequest
+from pytest_neoxmii.backends.isolated import IsolatedEngine
+from pytest_neoxmii.deploy import processes
+from pytest_neoxmii.errors import BackendUnavailable
+from pytest_neoxmii.injection import InjectionFailed
+from pytest_neoxmii.outputs import PromptBatch
+from tests.unit import engines_for_workers as stand_ins
+
+BATCH = PromptBatch(rows=((5, 6), (9,)))
+
+
+def request_for(path: Path) -> LoadRequest:
+    return LoadRequest(path=path, dtype="fp32", device="cpu", max_tokens=64)
+
+
+def deploy(cls, tmp_path, **kw) -> IsolatedEngine:
+    return IsolatedEngine("echo", cls, request_for(tmp_path), memory_probe=None, ready_timeout=120, **kw)
+
+
+def test_an_isolated_engine_answers_from_its_own_process_and_is_torn_down(tmp_path):
+    engine = deploy(stand_ins.EchoEngine, tmp_path)
+    try:
+        pids = engine._trees[0].pids()
+        assert engine.generate(BATCH, 3).tokens == [[6, 6, 6], [9, 9, 9]]
+        assert engine.score(PromptBatch(rows=((1, 2, 3),))).logprobs.shape == (1, 3, 3)
+        notes = engine.info.notes
+        worker_pid = int(notes[0].split()[1])
+        assert worker_pid != os.getpid() and worker_pid in pids
+        assert f"in worker process {worker_pid}" in notes and notes[-1].startswith("deployed in ")
+        assert engine.runs_in_worker and engine.can_score and not engine.output_is_text
+    finally:
+        engine.close()
+    assert (tmp_path / f"closed-{worker_pid}").read_text() == "closed"     # the worker closed its engine
+    assert not [p for p in pids if processes.alive(p)]
+    assert processes.tagged(engine.tag) == set()
+    assert engine.teardown_report is not None and not engine.teardown_report.leaked
+    with pytest.raises(processes.DeploymentError, match="echo tp=1 deployment is closed"):
+        engine.generate(BATCH, 1)
+
+
+@pytest.mark.parametrize("cls, error, message", [
+    (stand_ins.Unavailable, BackendUnavailable, "stand-in engine: cannot run here, on purpose"),
+    (stand_ins.InjectsNothing, InjectionFailed, "DeepSpeed injected 0/6 layers"),
+    (stand_ins.FailsToLoad, processes.DeploymentError, "failed on purpose while loading"),
+])
+def test_a_load_failure_in_the_worker_is_the_sessions_outcome_for_it(tmp_path, cls, error, message):
+    t0 = time.monotonic()
+    with pytest.raises(error) as info:
+        deploy(cls, tmp_path)
+    assert message in str(info.value)
+    assert time.monotonic() - t0 < 60
+    assert not processes.live()                                     # nothing registered, nothing running
+    if error is processes.DeploymentError:                          # the traceback and the log come with it
+        assert "echo tp=1: the engine failed to load in its worker" in str(info.value)
+        assert "RuntimeError" in str(info.value) and "worker.log" in str(info.value)
+
+
+@pytest.mark.parametrize("cls, message", [
+    (stand_ins.RefusedBeforeStart, "stand-in engine: refused before any process starts"),
+    (stand_ins.NeedsAMissingPackage, "the 'a_package_that_is_not_installed_anywhere' package is not "
+                                     "installed here"),
+])
+def test_what_the_test_process_can_tell_is_refused_before_a_worker_starts(tmp_path, cls, message, monkeypatch):
+    started = []
+    monkeypatch.setattr(processes, "start", lambda *a, **k: started.append(a))
+    with pytest.raises(BackendUnavailable, match=message):
+        deploy(cls, tmp_path)
+    assert started == []
+
+
+def test_a_worker_aborting_mid_request_is_a_crash_naming_signal_request_and_log(tmp_path):
+    engine = deploy(stand_ins.AbortsInGenerate, tmp_path)
+    try:
+        pids = engine._trees[0].pids()
+        t0 = time.monotonic()
+        with pytest.raises(processes.WorkerCrashed) as info:
+            engine.generate(BATCH, 3)
+        assert time.monotonic() - t0 < 10
+        message = str(info.value)
+        assert message.startswith("echo tp=1: worker crashed (killed by SIGABRT) during "
+                                  "generate(batch of 2 rows, lengths 2/1, 3 new tokens); last lines of ")
+        assert "stand-in engine: os.abort() in generate" in message
+    finally:
+        engine.close()
+    assert not [p for p in pids if processes.alive(p)]
+
+
+def test_latency_is_timed_in_the_worker_and_reaches_pytest_benchmark(tmp_path):
+    from pytest_neoxmii.latency import StopRule, measure_backend
+
+    class Benchmark:                      # the two private names _into_benchmark uses
+        def __init__(self):
+            self.samples = []
+
+        def _make_stats(self, _):
+            bench = self
+
+            class Stats:
+                def update(self, value):
+                    bench.samples.append(value)
+            return Stats()
+
+    engine = deploy(stand_ins.EchoEngine, tmp_path)
+    try:
+        calls = []
+        engine.generate = lambda *a: calls.append(a)     # the channel's generate must not be what is timed
+        bench = Benchmark()
+        result = measure_backend(engine, BATCH, 4, StopRule(min_rounds=7, max_rounds=7), 1, benchmark=bench)
+    finally:
+        engine.close()
+    assert calls == []
+    assert result.rounds == 7 and len(result.e2e) == 7 and result.stop_reason == "fixed"
+    assert bench.samples == result.e2e
+    assert result.backend == "echo" and result.batch_size == 2 and result.new_tokens == 4
+
+
+ISOLATION_TESTS = """
+import sys
+
+def test_every_deepspeed_engine_answers(neox):
+    case = neox.case(next(p for p in neox.plans() if p.generate))
+    for name in ("ds", "mii", "zero"):
+        backend = neox.backend(name)
+        assert backend.runs_in_worker, name
+        assert neox.generation(backend, case).tokens
+
+def test_the_test_process_never_imported_deepspeed_or_mii():
+    imported = sorted(m for m in sys.modules if m.split(".")[0] in ("deepspeed", "mii"))
+    assert imported == []
+"""
+
+
+def test_the_test_process_never_imports_deepspeed_or_mii(pytester, synthetic_14m):
+    """The real engines on synthetic pythia-14m (CPU), each in its worker; the session's own process never
+    imports either package, so DeepSpeed's process-wide state and aborts stay in the workers."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("mii")
+    pytester.makepyfile(test_isolation=ISOLATION_TESTS)
+    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
+    result = pytester.runpytest_subprocess(*args, "--neox-backends=ds,mii,zero")
+    result.assert_outcomes(passed=2)
