@@ -19,6 +19,7 @@ def neox(request):
     loaded on first use and all released when the session ends (also after failures)."""
     session = get_session(request.config)
     session.require_model()
+    session.prelaunch()         # the engines' workers load while the first tests run
     yield session
     session.close()
 

@@ -127,6 +127,7 @@ def build_summary(session) -> dict:
                     for r in session.records],
         "timings_s": {**timings, "other (plugin and pytest)": max(wall - sum(timings.values()), 0.0),
                       "session": wall},
+        "prelaunched": list(session.prelaunched),
         "plot": plot_file(m.spec.name) if rows else None,
     })
 
@@ -189,6 +190,9 @@ def terminal_summary(terminalreporter, session) -> None:
     accounted = sum(t.values())
     tr.write_line("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
                   + f", other (plugin and pytest) {max(wall - accounted, 0):.1f} s, session {wall:.1f} s")
+    if session.prelaunched:
+        tr.write_line(f"workers launched when the session started, loading side by side: "
+                      f"{', '.join(session.prelaunched)} (model load above is the time tests waited for them)")
     if session.options.report_dir is not None:
         try:
             path, png, why = write_report(session, session.options.report_dir)

@@ -14,6 +14,7 @@ from pytest_neoxmii.backends import Backend, load_backend
 from pytest_neoxmii.deploy.processes import DeploymentError
 from pytest_neoxmii.cases import Case, CasePlan, materialize, plan_cases
 from pytest_neoxmii.errors import BackendUnavailable, NeoxUsageError
+from pytest_neoxmii.injection import InjectionFailed
 from pytest_neoxmii.options import NeoxOptions
 from pytest_neoxmii.outputs import Generation, Scores
 from pytest_neoxmii.weights import ResolvedModel
@@ -52,6 +53,9 @@ class NeoxSession:
         self.prompt_plans: list[CasePlan] = []      # users' own prompts (--neox-prompts), see load_prompts
         self.serving_configs: dict = {}             # engine -> serving_config.ServingConfig (--neox-*-config)
         self.kernels = None                         # kernels.KernelCache: where DeepSpeed's JIT ops are kept
+        self.pending: dict[str, Backend] = {}       # workers launched up front, loading (see prelaunch)
+        self.prelaunched: list[str] = []            # what prelaunch started, for the header and the report
+        self._deploy_failures: dict[str, Exception] = {}
         self.started = time.perf_counter()
 
     # -- what is tested -------------------------------------------------------------------------------
@@ -169,6 +173,8 @@ class NeoxSession:
             pytest.xfail(self.known_blocked[key])
         if key in self.crashed:
             pytest.fail(self.crashed[key], pytrace=False)
+        if key in self._deploy_failures:
+            raise self._deploy_failures[key]
         reference = engines.is_reference(name)
         if not reference and self.model is not None and name in self.options.backends:
             # Decided from the shape alone, before weights are built or anything deploys: a kernel abort
@@ -186,25 +192,74 @@ class NeoxSession:
             if self.model is not None:
                 self._check_fits(name, dtype)   # from the shape: before minutes of building weights
             model = self.require_model()
+            t0 = time.perf_counter()
             with self.timed("model load"):
-                backend = load_backend(name, path=model.path, dtype=dtype, device=self.device,
-                                       tp=self._tp_of(name),
-                                       max_tokens=self.max_tokens, spec=model.spec,
-                                       max_batch=self.max_batch,
-                                       zero_nvme=self.options.zero_nvme,
-                                       engine_config=self._engine_config(name))
+                if key in self.pending:          # launched by prelaunch: it has been loading meanwhile
+                    backend = self.pending.pop(key).wait_ready()
+                else:
+                    backend = self._load(name, dtype)
+            waited = time.perf_counter() - t0
         except BackendUnavailable as exc:
             self.unavailable[key] = f"{name} ({dtype}): {exc}"
             pytest.skip(self.unavailable[key])
         except DeploymentError as exc:          # died while loading: a result, and not retried
             self._crash(key, f"{name} ({dtype}) failed to deploy: {exc}")
-        built = getattr(backend, "kernel_build_s", None)    # an isolated engine's worker built DeepSpeed's op
-        if built:
-            self.timings["model load"] -= built
-            self.timings["kernel build"] += built
+        except InjectionFailed as exc:          # a failure of every test needing it, and not retried
+            self._deploy_failures[key] = exc
+            raise
+        # The worker built DeepSpeed's op before loading: that part of the wait was the kernel build (a
+        # prelaunched worker built it while the session waited for something else, or not at all).
+        built = min(getattr(backend, "kernel_build_s", None) or 0.0, waited)
+        self.timings["model load"] -= built
+        self.timings["kernel build"] += built
         self.backends[key] = backend
         self.infos[key] = backend.info
         return backend
+
+    def _load(self, name: str, dtype: str, wait: bool = True) -> Backend:
+        model = self.model
+        return load_backend(name, path=model.path, dtype=dtype, device=self.device, tp=self._tp_of(name),
+                            max_tokens=self.max_tokens, spec=model.spec, max_batch=self.max_batch,
+                            zero_nvme=self.options.zero_nvme, engine_config=self._engine_config(name), wait=wait)
+
+    def prelaunch(self) -> None:
+        """Launch the worker of every selected isolated engine now, side by side, so that DeepSpeed's kernels
+        build and the models load while the session does other work; backend() then waits for each. Only
+        where the reference and all of them fit one GPU at once (on the CPU: always); otherwise each deploys
+        when a test first needs it. Anything that would skip or xfail an engine leaves it to backend()."""
+        if self.model is None or self.model.path is None:
+            return
+        dtype = self.dtype
+        names = [n for n in self.options.backends if not engines.is_reference(n)
+                 and engines.engine(n).backend_for(self._tp_of(n)).isolated]
+        if not names or not self._fit_at_once(names, dtype):
+            return
+        for name in names:
+            key = f"{name}:{dtype}"
+            if key in self.backends or key in self.pending:
+                continue
+            if self.device == "cpu" and self.dtype_choice.refusal(name, dtype):
+                continue
+            if known_issues.match_deployment(name, dtype, self.device, self.model.spec) is not None:
+                continue
+            try:
+                self._check_fits(name, dtype)
+                self.pending[key] = self._load(name, dtype, wait=False)
+                self.prelaunched.append(name)
+            except (BackendUnavailable, DeploymentError, InjectionFailed):
+                continue            # backend() meets the same reason (failed deployments are not retried)
+
+    def _fit_at_once(self, names: list[str], dtype: str) -> bool:
+        """The fp32 reference, its peer and every engine whose weights sit on the GPU, on the smallest GPU
+        in use, with the registry's headroom (activations, workspace, CUDA contexts)."""
+        hw = self.hardware
+        if not hw.gpus:
+            return True
+        from pytest_neoxmii.registry import HEADROOM
+        spec = self.model.spec
+        need = spec.weight_bytes("fp32") + spec.weight_bytes(dtype) + sum(
+            spec.weight_bytes(dtype) / self._tp_of(n) for n in names if engines.engine(n).weights_on_gpu)
+        return need * HEADROOM <= min(g.total_memory for g in hw.gpus)
 
     def _engine_config(self, name: str) -> dict | None:
         config = self.serving_configs.get(name)
@@ -287,6 +342,8 @@ class NeoxSession:
         self.records.append(rec)
 
     def close(self) -> None:
+        self.backends.update(self.pending)      # launched but never needed: torn down all the same
+        self.pending.clear()
         for key in list(self.backends):
             backend = self.backends.pop(key)
             try:

@@ -37,7 +37,7 @@ class IsolatedEngine(ChannelDeployment):
     polite_timeout = 60.0     # the worker closes its engine after the shutdown reply (a hosted server too)
 
     def __init__(self, name: str, engine_cls, request: LoadRequest, *, ready_timeout: float | None = None,
-                 request_timeout: float | None = None, memory_probe="default"):
+                 request_timeout: float | None = None, memory_probe="default", wait: bool = True):
         engine_cls.check_can_run(request)            # refusals known here cost no process
         for package in engine_cls.requires:
             if importlib.util.find_spec(package) is None:
@@ -50,9 +50,9 @@ class IsolatedEngine(ChannelDeployment):
         self.kernel_build_s: float | None = None
         super().__init__(tag_prefix=f"{name}-worker", dtype=request.dtype, tp=request.tp, gpus=_gpus(request),
                          ready_timeout=ready_timeout, request_timeout=request_timeout,
-                         memory_probe=memory_probe, engine_config=request.engine_config)
+                         memory_probe=memory_probe, engine_config=request.engine_config, wait=wait)
 
-    def _start(self, ready_timeout: float) -> None:
+    def _launch(self) -> None:
         request_file = self.run_dir / "request.pickle"
         request_file.write_bytes(pickle.dumps(self.request, protocol=pickle.HIGHEST_PROTOCOL))
         cls = self.engine_cls
@@ -61,6 +61,9 @@ class IsolatedEngine(ChannelDeployment):
         tree = processes.start(cmd, name=f"{self.name} worker", log_path=self.run_dir / "worker.log",
                                tag=self.tag, env_extra=self._listener.env())
         self._trees.append(tree)
+
+    def _start(self, ready_timeout: float) -> None:
+        tree = self._trees[0]
         ready = self._await_ready(tree, ready_timeout)
         if ready["op"] == "failed":
             raise self._load_failure(ready, tree)

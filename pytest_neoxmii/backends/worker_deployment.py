@@ -30,7 +30,7 @@ class WorkerDeployment(Backend):
 
     def __init__(self, *, tag_prefix: str, dtype: str, tp: int, gpus: list[int] | None,
                  ready_timeout: float | None, request_timeout: float | None, memory_probe="default",
-                 engine_config: dict | None = None):
+                 engine_config: dict | None = None, wait: bool = True):
         self.dtype, self.tp = dtype, tp
         self.engine_config = engine_config           # the user's serving config, merged over the defaults
         self.gpus = list(gpus) if gpus is not None else list(range(tp))
@@ -46,15 +46,32 @@ class WorkerDeployment(Backend):
         self._reserve()
         self._closed = False
         processes.register_live(self.tag, self.close)
+        self._ready_timeout = ready_timeout or processes.env_float("NEOXMII_READY_TIMEOUT", 900)
+        self._ready = False
+        self._launched_at = time.monotonic()
+        self._guarded(self._launch)
+        if wait:
+            self.wait_ready()
+
+    def _guarded(self, step) -> None:
         try:
-            t0 = time.monotonic()
-            self._start(ready_timeout or processes.env_float("NEOXMII_READY_TIMEOUT", 900))
-            self.deploy_seconds = time.monotonic() - t0
-            self.info = self._describe()
+            step()
         except BaseException:                        # a failed start, or Ctrl-C during it: leave nothing
             self._failed = True
             self.close()
             raise
+
+    def wait_ready(self) -> "WorkerDeployment":
+        """Finish the start: wait until the processes answer (a deployment made with wait=False was only
+        launched, so that it loads while the session does other work). Returns the deployment."""
+        if not self._ready:
+            def finish():
+                self._start(self._ready_timeout)
+                self.deploy_seconds = time.monotonic() - self._launched_at
+                self.info = self._describe()
+            self._guarded(finish)
+            self._ready = True
+        return self
 
     @classmethod
     def load(cls, request: LoadRequest) -> "WorkerDeployment":
@@ -66,9 +83,12 @@ class WorkerDeployment(Backend):
     def _reserve(self) -> None:
         """Take what the processes will bind (ports, sockets) before any of them starts."""
 
+    def _launch(self) -> None:
+        """Start what can load on its own while the session goes on (wait=False returns after this)."""
+
     @abc.abstractmethod
     def _start(self, ready_timeout: float) -> None:
-        """Start the process trees (appended to self._trees) and return once they answer."""
+        """Start the process trees not launched yet (appended to self._trees) and return once they answer."""
 
     @abc.abstractmethod
     def _describe(self) -> BackendInfo:

@@ -574,20 +574,24 @@ def test_a_worker_dying_during_load_is_a_clear_error_with_its_log(tag):
     assert time.monotonic() - t0 < 60
 
 
+# For the whole session (the session launches its workers before the first test runs), undone at its end.
 CRASH_CONFTEST = textwrap.dedent("""
-    import pytest
     import pytest_neoxmii.session as session_module
 
-    @pytest.fixture(autouse=True)
-    def aborting_ds(monkeypatch):
-        real = session_module.load_backend
-        def load(name, **kw):
-            if name != "ds":
-                return real(name, **kw)
-            from pytest_neoxmii.backends.ds_launcher import DsLauncherBackend
-            return DsLauncherBackend("/no/model", "fp32", "cpu", 1, 64, 1, memory_probe=None, ready_timeout=120,
-                                     factory="pytest_neoxmii.backends.ds_rank:aborting_model")
-        monkeypatch.setattr(session_module, "load_backend", load)
+    real = session_module.load_backend
+
+    def load(name, **kw):
+        if name != "ds":
+            return real(name, **kw)
+        from pytest_neoxmii.backends.ds_launcher import DsLauncherBackend
+        return DsLauncherBackend("/no/model", "fp32", "cpu", 1, 64, 1, memory_probe=None, ready_timeout=120,
+                                 factory="pytest_neoxmii.backends.ds_rank:aborting_model")
+
+    def pytest_configure(config):
+        session_module.load_backend = load
+
+    def pytest_unconfigure(config):
+        session_module.load_backend = real
 """)
 
 CRASH_TESTS = """

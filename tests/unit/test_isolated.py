@@ -30,6 +30,7 @@ def deploy(cls, tmp_path, **kw) -> IsolatedEngine:
 
 
 def test_an_isolated_engine_answers_from_its_own_process_and_is_torn_down(tmp_path):
+    (tmp_path / "echo-markers").mkdir()
     engine = deploy(stand_ins.EchoEngine, tmp_path)
     try:
         pids = engine._trees[0].pids()
@@ -42,7 +43,7 @@ def test_an_isolated_engine_answers_from_its_own_process_and_is_torn_down(tmp_pa
         assert engine.runs_in_worker and engine.can_score and not engine.output_is_text
     finally:
         engine.close()
-    assert (tmp_path / f"closed-{worker_pid}").read_text() == "closed"     # the worker closed its engine
+    assert (tmp_path / "echo-markers" / f"closed-{worker_pid}").read_text() == "closed"     # the worker closed its engine
     assert not [p for p in pids if processes.alive(p)]
     assert processes.tagged(engine.tag) == set()
     assert engine.teardown_report is not None and not engine.teardown_report.leaked
@@ -151,3 +152,54 @@ def test_the_test_process_never_imports_deepspeed_or_mii(pytester, synthetic_14m
     args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
     result = pytester.runpytest_subprocess(*args, "--neox-backends=ds,mii,zero")
     result.assert_outcomes(passed=2)
+
+
+PRELAUNCH_CONFTEST = """
+from pytest_neoxmii import backends
+from tests.unit.engines_for_workers import EchoEngine
+
+backends.register("echo", EchoEngine)
+"""
+
+PRELAUNCH_TESTS = """
+def test_launched_before_any_test_asked(neox):
+    assert neox.prelaunched == ["echo"] and list(neox.pending) == [f"echo:{neox.dtype}"]
+    pending = neox.pending[f"echo:{neox.dtype}"]
+    assert pending._trees and not pending._ready          # its process runs; nothing has waited for it
+
+def test_backend_waits_for_the_launched_worker(neox):
+    pending = neox.pending[f"echo:{neox.dtype}"]
+    backend = neox.backend("echo")
+    assert backend is pending and backend._ready and not neox.pending
+    case = neox.case(next(p for p in neox.plans() if p.generate))
+    assert neox.generation(backend, case).tokens
+"""
+
+
+def test_prelaunch_starts_every_selected_worker_at_session_start(pytester, preloaded, synthetic_14m):
+    """The session launches the isolated engines' workers when it starts, and the first test needing one
+    waits for that worker instead of deploying another; the summary says so."""
+    pytester.makeconftest(PRELAUNCH_CONFTEST)
+    pytester.makepyfile(test_prelaunch=PRELAUNCH_TESTS)
+    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
+    result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["workers launched when the session started, loading side by side: echo *"])
+    assert not processes.live()
+
+
+def test_no_prelaunch_where_the_engines_would_not_fit_beside_the_reference(pytester, preloaded, synthetic_14m,
+                                                                          monkeypatch):
+    from pytest_neoxmii import hardware, session as session_module
+    from pytest_neoxmii.hardware import Gpu, Hardware
+    tiny = Hardware(gpus=(Gpu(0, "a tiny GPU", 60 * 2**20, (9, 0)),), cuda_version="12.8", driver_version="570.1")
+    monkeypatch.setattr(hardware, "detect", lambda: tiny)     # 14m: fp32 + fp16 + fp16 x 1.2 > 60 MiB
+    monkeypatch.setattr(session_module.NeoxSession, "device", property(lambda self: "cpu"))   # nothing runs on it
+    pytester.makeconftest(PRELAUNCH_CONFTEST)
+    pytester.makepyfile(test_no_prelaunch="""
+def test_nothing_launched(neox):
+    assert neox.prelaunched == [] and neox.pending == {}
+""")
+    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
+    result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32")
+    result.assert_outcomes(passed=1)

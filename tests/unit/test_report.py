@@ -76,7 +76,7 @@ def fake_session(tmp_path, *, source="synthetic", gpus=True):
         crashed={"ds:bf16": "ds tp=1: worker crashed (killed by SIGABRT) during generate(...); last lines:\n  x"},
         records=records, latency={(r.backend, r.dtype, r.bench): r for r in results},
         timings={"kernel build": 55.0, "model load": 10.0, "model calls": 20.0, "timed benchmark calls": 30.0},
-        started=time.perf_counter() - 130.0)
+        prelaunched=["ds", "mii"], started=time.perf_counter() - 130.0)
 
 
 class FakeTerminal:
@@ -126,6 +126,7 @@ def test_json_summary_schema(tmp_path):
     assert t["timed benchmark calls"] == 30.0 and t["session"] >= 130.0
     assert t["other (plugin and pytest)"] == pytest.approx(t["session"] - 115.0, abs=1.0)
     assert s["plot"] == "latency-pythia-160m.png"
+    assert s["prelaunched"] == ["ds", "mii"]
 
 
 def test_report_files_are_written_and_the_plot_is_a_real_image(tmp_path):
@@ -220,6 +221,7 @@ def test_terminal_summary(tmp_path):
     assert "latency improvement: ds generate-bs1-p64-n32 on NVIDIA-H100-80GB-HBM3" in text
     assert "latency regression: ds generate-bs4-p64-n32: regression" in text
     assert "golden changed: ds batch-b4-len32: changed (row 2: step 7 token 13 -> 77 ...)" in text
+    assert "workers launched when the session started, loading side by side: ds, mii (model load above" in text
     assert "golden near-tie (accepted): hf short-b1-len4" in text
     assert "timed benchmark calls 30.0 s" in text
     rep = tmp_path / "rep"
