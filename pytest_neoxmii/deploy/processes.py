@@ -476,11 +476,14 @@ def live() -> list[str]:
 
 
 def other_live_pids(tag: str) -> set[int]:
-    """The processes of this session's other live deployments (their GPU memory is not `tag`'s)."""
+    """The processes of this session's other live deployments (their GPU memory is not `tag`'s), with
+    their descendants: a worker hosting a deployment of its own (MII's servers under an isolated engine)
+    starts processes that carry that deployment's tag, not the worker's."""
     pids: set[int] = set()
     for other in list(_LIVE):
         if other != tag:
-            pids |= tagged(other)
+            for pid in tagged(other):
+                pids |= {pid} | descendants(pid)
     return pids
 
 

@@ -264,6 +264,47 @@ def test_gpu_memory_probe_leaves_out_the_session_and_other_deployments(tmp_path,
     assert probe() == {0: 4000.0, 1: 6500.0}
 
 
+HOSTING = """
+import os, subprocess, sys, time
+env = {**os.environ, "NEOXMII_DEPLOYMENT": "hosted-deployment-tag"}     # its own deployment's tag
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env, start_new_session=True)
+open(sys.argv[1] + ".tmp", "w").write(str(child.pid))
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(60)
+"""
+
+
+def test_a_hosted_deployments_processes_count_as_their_hosts(tmp_path):
+    """A worker that starts a deployment of its own (MII's servers under an isolated engine) tags those
+    processes with that deployment's tag: they are still the worker's, not a leak of the deployment being
+    torn down beside it (measured on 2 x H200: ds tp=2 read MII's 3.7 GB per GPU as its own leak)."""
+    host_tag, other_tag = processes.new_tag("host"), processes.new_tag("other")
+    pid_file = tmp_path / "child.pid"
+    tree = processes.start([sys.executable, "-c", HOSTING, str(pid_file)], name="host",
+                           log_path=tmp_path / "host.log", tag=host_tag)
+    processes.register_live(host_tag, lambda: None)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not pid_file.exists():
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        assert child not in processes.tagged(host_tag)                # another tag ...
+        assert {tree.pid, child} <= processes.other_live_pids(other_tag)   # ... but the host's all the same
+        assert child not in processes.other_live_pids(host_tag)
+    finally:
+        processes.unregister_live(host_tag)
+        processes.kill_tagged(host_tag, grace=1)
+        for pid in processes.descendants(tree.pid) | {tree.pid}:
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+        try:
+            os.kill(child, 9)
+        except (OSError, NameError, UnboundLocalError):
+            pass
+
+
 def test_reaper_ends_the_deployment_when_the_test_process_is_killed(tmp_path):
     """SIGKILL of the session (OOM killer, CI hard timeout) runs no handler: the reaper cleans up."""
     owner = textwrap.dedent(f"""
