@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pytest_neoxmii import backends as engines
+from pytest_neoxmii import reference_first
 from pytest_neoxmii.errors import NeoxUsageError
 
 DTYPES = ("fp16", "bf16", "fp32")
@@ -73,6 +74,9 @@ OPTIONS = (
     Option("neox_mii_config", "JSON (or YAML) mii_config of mii.deploy, merged over the plugin's defaults and "
            "deployed by the mii backend; shown in the header, the report and the baseline key", None,
            metavar="FILE"),
+    Option("neox_reference_first", "compute the HF reference's outputs of every case, then release the HF "
+           "models, before an engine deploys: auto (on a GPU, when the fp32 reference, its peer and the engine "
+           "would not fit GPU 0 together), always, or never", "auto", metavar="auto|always|never"),
     Option("neox_report", "write the JSON summary, summary.md and the HF-vs-DS latency plot to this directory", None,
            metavar="DIR"),
 )
@@ -147,6 +151,7 @@ class NeoxOptions:
     mii_config: Path | None = None
     latency_time_box: float | None = None   # None: the device's profile decides (latency.profile_for)
     latency_ci: float = 0.02
+    reference_first: str = "auto"            # reference_first.MODES
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "NeoxOptions":
@@ -179,6 +184,9 @@ class NeoxOptions:
                                  f"{v['neox_latency_ci']}")
         if v["neox_cases"] not in ("default", "full"):
             raise NeoxUsageError(f"--neox-cases must be 'default' or 'full', got '{v['neox_cases']}'")
+        if v["neox_reference_first"] not in reference_first.MODES:
+            raise NeoxUsageError("--neox-reference-first must be 'auto', 'always' or 'never', got "
+                                 f"'{v['neox_reference_first']}'")
         # Relative paths are relative to where pytest was started (the invocation directory), not to the
         # rootdir: with `--pyargs pytest_neoxmii.suite` the rootdir can be the installed package's folder.
         here = Path(config.invocation_params.dir)
@@ -191,7 +199,7 @@ class NeoxOptions:
             cache_dir=Path(v["neox_cache_dir"]).expanduser() if v["neox_cache_dir"] else default_cache_dir(),
             zero_nvme=Path(v["neox_zero_nvme"]) if v["neox_zero_nvme"] else None,
             latency_threshold=v["neox_latency_threshold"],
-            latency_time_box=box, latency_ci=v["neox_latency_ci"],
+            latency_time_box=box, latency_ci=v["neox_latency_ci"], reference_first=v["neox_reference_first"],
             report_dir=here / v["neox_report"] if v["neox_report"] else None,
             prompts=here / v["neox_prompts"] if v["neox_prompts"] else None,
             ds_config=here / v["neox_ds_config"] if v["neox_ds_config"] else None,

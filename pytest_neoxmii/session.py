@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pytest_neoxmii import hardware, known_issues, precision
+from pytest_neoxmii import hardware, known_issues, precision, reference_first
 from pytest_neoxmii import backends as engines
 from pytest_neoxmii.backends import Backend, load_backend
 from pytest_neoxmii.deploy.processes import DeploymentError
@@ -52,6 +52,7 @@ class NeoxSession:
         self.prompt_plans: list[CasePlan] = []      # users' own prompts (--neox-prompts), see load_prompts
         self.serving_configs: dict = {}             # engine -> serving_config.ServingConfig (--neox-*-config)
         self.kernels = None                         # kernels.KernelCache: where DeepSpeed's JIT ops are kept
+        self.reference_first: list[str] = []        # one line per release of the HF reference, for the report
         self.started = time.perf_counter()
 
     # -- what is tested -------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ class NeoxSession:
             if blocked is not None:
                 self.known_blocked[key] = blocked
                 pytest.xfail(blocked)
-        model = self.require_model()
+        self.require_model()
         if not reference and name not in self.options.backends:
             pytest.skip(f"backend {name} not selected (--neox-backends={','.join(self.options.backends)})")
         try:
@@ -185,15 +186,13 @@ class NeoxSession:
             if refusal:
                 raise BackendUnavailable(refusal)
             self._check_fits(name, dtype)
+            if not reference:
+                self._reference_first(name, dtype)
             if engines.engine(name).injects_kernels and self.device.startswith("cuda"):
                 self._build_kernels()
-            with self.timed("model load"):
-                backend = load_backend(name, path=model.path, dtype=dtype, device=self.device,
-                                       tp=self._tp_of(name),
-                                       max_tokens=self.max_tokens, spec=model.spec,
-                                       max_batch=self.max_batch,
-                                       zero_nvme=self.options.zero_nvme,
-                                       engine_config=self._engine_config(name))
+            backend = self._load(name, dtype)
+            if reference and self.options.reference_first != "never":
+                backend = reference_first.ReferenceHandle(backend, lambda: self._load(name, dtype))
         except BackendUnavailable as exc:
             self.unavailable[key] = f"{name} ({dtype}): {exc}"
             pytest.skip(self.unavailable[key])
@@ -202,6 +201,62 @@ class NeoxSession:
         self.backends[key] = backend
         self.infos[key] = backend.info
         return backend
+
+    def _load(self, name: str, dtype: str) -> Backend:
+        model = self.model
+        with self.timed("model load"):
+            return load_backend(name, path=model.path, dtype=dtype, device=self.device, tp=self._tp_of(name),
+                                max_tokens=self.max_tokens, spec=model.spec, max_batch=self.max_batch,
+                                zero_nvme=self.options.zero_nvme, engine_config=self._engine_config(name))
+
+    # -- reference first (reference_first.py) ---------------------------------------------------------
+    def _reference_first(self, name: str, dtype: str) -> None:
+        """Called just before the engine `name` deploys: with --neox-reference-first=always, or auto when the
+        HF models and the engine would not fit GPU 0 together, compute the reference's outputs of every case
+        and release the HF models."""
+        mode = self.options.reference_first
+        if mode == "never":
+            return
+        why = "--neox-reference-first=always"
+        if mode == "auto":
+            gpus = self.hardware.gpus
+            if not gpus or not engines.engine(name).weights_on_gpu:
+                return
+            need = reference_first.footprint(self.model.spec, engines.reference_name(), self.dtype, name, dtype,
+                                             self._tp_of(name), gpus[0].total_memory)
+            if need.fits:
+                return
+            why = f"needed {need.arithmetic}"
+        computed, stopped = self.precompute_reference()
+        released = [key.split(":", 1)[1] for key, backend in self.backends.items()
+                    if isinstance(backend, reference_first.ReferenceHandle) and backend.release()]
+        if computed or released or stopped:
+            line = (f"reference first: {computed} cases precomputed, "
+                    f"{engines.reference_name()} {' + '.join(released) or 'nothing'} released before {name} "
+                    f"({why})")
+            self.reference_first.append(line + (f"; precompute stopped: {stopped}" if stopped else ""))
+
+    def precompute_reference(self) -> tuple[int, str | None]:
+        """The outputs the checks ask of the fp32 reference and of its peer (generation of the generating
+        cases, teacher-forced scores of every case), computed now for every planned case (cached ones are
+        not computed again). Returns (cases with something newly computed, why it stopped early or None)."""
+        outcomes = (pytest.skip.Exception, pytest.fail.Exception, pytest.xfail.Exception)
+        computed = 0
+        for plan in self.plans():
+            try:
+                case = self.case(plan)
+            except outcomes:        # a bad case fails its own tests with the reason, later
+                continue
+            before = len(self._cache)
+            try:
+                for backend in (self.reference(), self.peer()):
+                    if plan.generate:
+                        self.generation(backend, case)
+                    self.scores(backend, case)
+            except outcomes as exc:  # the reference cannot run: its own tests say why
+                return computed, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            computed += len(self._cache) > before
+        return computed, None
 
     def _engine_config(self, name: str) -> dict | None:
         config = self.serving_configs.get(name)
