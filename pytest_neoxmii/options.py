@@ -68,15 +68,15 @@ OPTIONS = (
     Option("neox_prompts", "JSON Lines file of your own prompts, one object per line: 'prompt' (text) or "
            "'input_ids', optional 'max_new_tokens' and 'id'; each line adds a case to the greedy, "
            "teacher-forced and golden checks", None, metavar="FILE"),
+    Option("neox_reference_first", "compute the HF reference's outputs of every case, then release the HF "
+           "models, before an engine deploys: auto (on a GPU, when the fp32 reference, its peer and the engine "
+           "would not fit GPU 0 together), always, or never", "auto", metavar="auto|always|never"),
     Option("neox_ds_config", "JSON (or YAML) config of deepspeed.init_inference, merged over the plugin's "
            "defaults and deployed by the ds backend; shown in the header, the report and the baseline key",
            None, metavar="FILE"),
     Option("neox_mii_config", "JSON (or YAML) mii_config of mii.deploy, merged over the plugin's defaults and "
            "deployed by the mii backend; shown in the header, the report and the baseline key", None,
            metavar="FILE"),
-    Option("neox_reference_first", "compute the HF reference's outputs of every case, then release the HF "
-           "models, before an engine deploys: auto (on a GPU, when the fp32 reference, its peer and the engine "
-           "would not fit GPU 0 together), always, or never", "auto", metavar="auto|always|never"),
     Option("neox_report", "write the JSON summary, summary.md and the HF-vs-DS latency plot to this directory", None,
            metavar="DIR"),
 )
@@ -147,11 +147,11 @@ class NeoxOptions:
     latency_threshold: float
     report_dir: Path | None
     prompts: Path | None = None
+    reference_first: str = "auto"            # reference_first.MODES
     ds_config: Path | None = None
     mii_config: Path | None = None
     latency_time_box: float | None = None   # None: the device's profile decides (latency.profile_for)
     latency_ci: float = 0.02
-    reference_first: str = "auto"            # reference_first.MODES
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "NeoxOptions":
@@ -199,9 +199,10 @@ class NeoxOptions:
             cache_dir=Path(v["neox_cache_dir"]).expanduser() if v["neox_cache_dir"] else default_cache_dir(),
             zero_nvme=Path(v["neox_zero_nvme"]) if v["neox_zero_nvme"] else None,
             latency_threshold=v["neox_latency_threshold"],
-            latency_time_box=box, latency_ci=v["neox_latency_ci"], reference_first=v["neox_reference_first"],
+            latency_time_box=box, latency_ci=v["neox_latency_ci"],
             report_dir=here / v["neox_report"] if v["neox_report"] else None,
             prompts=here / v["neox_prompts"] if v["neox_prompts"] else None,
             ds_config=here / v["neox_ds_config"] if v["neox_ds_config"] else None,
             mii_config=here / v["neox_mii_config"] if v["neox_mii_config"] else None,
+            reference_first=v["neox_reference_first"],
         )

@@ -52,7 +52,7 @@ class NeoxSession:
         self.prompt_plans: list[CasePlan] = []      # users' own prompts (--neox-prompts), see load_prompts
         self.serving_configs: dict = {}             # engine -> serving_config.ServingConfig (--neox-*-config)
         self.kernels = None                         # kernels.KernelCache: where DeepSpeed's JIT ops are kept
-        self.reference_first: list[str] = []        # one line per release of the HF reference, for the report
+        self.reference_releases: list[str] = []    # one line per release of the HF reference, for the report
         self.started = time.perf_counter()
 
     # -- what is tested -------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ class NeoxSession:
             line = (f"reference first: {computed} cases precomputed, "
                     f"{engines.reference_name()} {' + '.join(released) or 'nothing'} released before {name} "
                     f"({why})")
-            self.reference_first.append(line + (f"; precompute stopped: {stopped}" if stopped else ""))
+            self.reference_releases.append(line + (f"; precompute stopped: {stopped}" if stopped else ""))
 
     def precompute_reference(self) -> tuple[int, str | None]:
         """The outputs the checks ask of the fp32 reference and of its peer (generation of the generating

@@ -35,7 +35,7 @@ LAYERS = (
     ("engines", ("backends", "deploy", "injection", "known_issues", "kernels")),
     ("judges", ("parity", "golden", "latency", "samples", "stats", "storage")),
     # precision: the session's dtype, bounded by the engines' traits (which run on DeepSpeed's accelerator)
-    ("session", ("precision", "session", "options")),
+    ("session", ("precision", "session", "options", "reference_first")),
     ("checks", ("checks", "assertions")),
     ("report", ("report_tables", "report", "markdown_summary", "plot")),
     ("hooks", ("plugin", "fixtures", "")),          # "": the package itself (its lazy assert_matches_reference)

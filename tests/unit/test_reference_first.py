@@ -99,7 +99,7 @@ def test_always_precomputes_every_case_then_closes_both_hf_models(monkeypatch, o
     assert session.log.index(("close", "hf", "fp16")) < session.log.index(("load", "big", "fp16"))
     assert not session.reference().loaded and not session.peer().loaded
     assert session.reference() is reference                # a fixture that kept it sees the release
-    assert session.reference_first == ["reference first: 3 cases precomputed, hf fp32 + fp16 released "
+    assert session.reference_releases == ["reference first: 3 cases precomputed, hf fp32 + fp16 released "
                                        "before big (--neox-reference-first=always)"]
 
 
@@ -145,7 +145,7 @@ def test_a_second_engine_releases_a_reloaded_model_without_computing_again(monke
     session.backend("big2")
     assert len(calls(session, "generate")) + len(calls(session, "score")) == before
     assert not session.peer().loaded
-    assert session.reference_first[-1] == ("reference first: 0 cases precomputed, hf fp16 released before big2 "
+    assert session.reference_releases[-1] == ("reference first: 0 cases precomputed, hf fp16 released before big2 "
                                            "(--neox-reference-first=always)")
 
 
@@ -155,7 +155,7 @@ def test_never_keeps_todays_behaviour(monkeypatch, on_cpu):
     session.backend("big")
     assert not isinstance(reference, ReferenceHandle) and type(reference) is StandInReference
     assert calls(session, "generate") == calls(session, "score") == calls(session, "close") == []
-    assert session.reference_first == []
+    assert session.reference_releases == []
 
 
 @pytest.mark.parametrize("model,gpu,released", [("pythia-2.8b", "t4", True), ("pythia-1.4b", "t4", False),
@@ -170,18 +170,18 @@ def test_auto_decides_from_the_sizes(monkeypatch, fake_gpus, model, gpu, release
     assert bool(calls(session, "close")) == released
     assert session.reference().loaded != released and session.peer().loaded != released
     if released:
-        [line] = session.reference_first
+        [line] = session.reference_releases
         assert line == ("reference first: 3 cases precomputed, hf fp32 + fp16 released before big (needed "
                         "hf fp32 11.1 GB + hf fp16 5.6 GB + big fp16 5.6 GB, x 1.2 = 26.6 GB > 15.8 GB of GPU 0)")
     else:
-        assert session.reference_first == [] and calls(session, "generate") == []
+        assert session.reference_releases == [] and calls(session, "generate") == []
 
 
 def test_auto_never_releases_on_the_cpu(monkeypatch, on_cpu):
     session = make_session(monkeypatch, model="gpt-neox-20b", mode="auto")
     session.reference()
     session.backend("big")
-    assert calls(session, "close") == [] and session.reference_first == []
+    assert calls(session, "close") == [] and session.reference_releases == []
 
 
 def test_footprint_counts_an_fp32_peer_once_and_the_engine_share_per_gpu():

@@ -74,7 +74,7 @@ def fake_session(tmp_path, *, source="synthetic", gpus=True):
         unavailable={"mii:fp16": "deepspeed-mii is not importable"},
         known_blocked={"zero:fp16": "known issue [made-up]: a condition"},
         crashed={"ds:bf16": "ds tp=1: worker crashed (killed by SIGABRT) during generate(...); last lines:\n  x"},
-        reference_first=[REFERENCE_FIRST],
+        reference_releases=[REFERENCE_FIRST],
         records=records, latency={(r.backend, r.dtype, r.bench): r for r in results},
         timings={"kernel build": 55.0, "model load": 10.0, "model calls": 20.0, "timed benchmark calls": 30.0},
         started=time.perf_counter() - 130.0)
