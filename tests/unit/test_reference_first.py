@@ -195,3 +195,20 @@ def test_footprint_counts_an_fp32_peer_once_and_the_engine_share_per_gpu():
 def test_a_bad_mode_is_a_one_line_usage_error(pytester, assert_usage_error):
     assert_usage_error(pytester.runpytest("--neox-reference-first=sometimes"),
                        "--neox-reference-first must be 'auto', 'always' or 'never', got 'sometimes'")
+
+
+def test_a_peer_that_cannot_load_stops_the_precompute_not_the_engine(monkeypatch, on_cpu):
+    from pytest_neoxmii.errors import BackendUnavailable
+    session = make_session(monkeypatch)
+    load = session._load
+
+    def refuse_the_peer(name, dtype):
+        if dtype == "fp16" and engines.is_reference(name):
+            raise BackendUnavailable("no fp16 here")
+        return load(name, dtype)
+    monkeypatch.setattr(session, "_load", refuse_the_peer)
+    assert session.backend("big").info.backend == "big"
+    assert session.unavailable == {"hf:fp16": "hf (fp16): no fp16 here"}
+    assert session.reference_releases == ["reference first: 0 cases precomputed, hf fp32 released before big "
+                                          "(--neox-reference-first=always); precompute stopped: hf (fp16): "
+                                          "no fp16 here"]
