@@ -30,7 +30,8 @@ def render(summary: dict) -> str:
                   f"plugin's defaults: `{json.dumps(config['values'], sort_keys=True)}`", ""]
     for key, reason in (summary.get("unavailable") or {}).items():
         lines.append(f"- skipped {key}: {reason}")
-    if summary.get("unavailable"):
+    lines += [f"- {line}" for line in summary.get("reference_first") or []]
+    if summary.get("unavailable") or summary.get("reference_first"):
         lines.append("")
     table = verdict_rows(summary.get("verdicts") or {})
     lines += ["### Verdicts per backend", ""]

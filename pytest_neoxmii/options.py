@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pytest_neoxmii import backends as engines
+from pytest_neoxmii import reference_first
 from pytest_neoxmii.errors import NeoxUsageError
 
 DTYPES = ("fp16", "bf16", "fp32")
@@ -67,6 +68,9 @@ OPTIONS = (
     Option("neox_prompts", "JSON Lines file of your own prompts, one object per line: 'prompt' (text) or "
            "'input_ids', optional 'max_new_tokens' and 'id'; each line adds a case to the greedy, "
            "teacher-forced and golden checks", None, metavar="FILE"),
+    Option("neox_reference_first", "compute the HF reference's outputs of every case, then release the HF "
+           "models, before an engine deploys: auto (on a GPU, when the fp32 reference, its peer and the engine "
+           "would not fit GPU 0 together), always, or never", "auto", metavar="auto|always|never"),
     Option("neox_ds_config", "JSON (or YAML) config of deepspeed.init_inference, merged over the plugin's "
            "defaults and deployed by the ds backend; shown in the header, the report and the baseline key",
            None, metavar="FILE"),
@@ -146,6 +150,7 @@ class NeoxOptions:
     latency_threshold: float
     report_dir: Path | None
     prompts: Path | None = None
+    reference_first: str = "auto"            # reference_first.MODES
     ds_config: Path | None = None
     mii_config: Path | None = None
     latency_time_box: float | None = None   # None: the device's profile decides (latency.profile_for)
@@ -184,6 +189,9 @@ class NeoxOptions:
         cap = parse_size(v["neox_gpu_memory_cap"], "--neox-gpu-memory-cap") if v["neox_gpu_memory_cap"] else None
         if v["neox_cases"] not in ("default", "full"):
             raise NeoxUsageError(f"--neox-cases must be 'default' or 'full', got '{v['neox_cases']}'")
+        if v["neox_reference_first"] not in reference_first.MODES:
+            raise NeoxUsageError("--neox-reference-first must be 'auto', 'always' or 'never', got "
+                                 f"'{v['neox_reference_first']}'")
         # Relative paths are relative to where pytest was started (the invocation directory), not to the
         # rootdir: with `--pyargs pytest_neoxmii.suite` the rootdir can be the installed package's folder.
         here = Path(config.invocation_params.dir)
@@ -201,6 +209,7 @@ class NeoxOptions:
             prompts=here / v["neox_prompts"] if v["neox_prompts"] else None,
             ds_config=here / v["neox_ds_config"] if v["neox_ds_config"] else None,
             mii_config=here / v["neox_mii_config"] if v["neox_mii_config"] else None,
+            reference_first=v["neox_reference_first"],
         )
 
 

@@ -109,6 +109,7 @@ def build_summary(session) -> dict:
         "unavailable": dict(session.unavailable),
         "known_issue_not_deployed": dict(session.known_blocked),
         "crashed": dict(session.crashed),
+        "reference_first": list(getattr(session, "reference_releases", [])),
         "latency": rows,
         "verdicts": verdicts(session),
         "configs": {engine: c.as_json() for engine, c in getattr(session, "serving_configs", {}).items()},
@@ -174,6 +175,8 @@ def terminal_summary(terminalreporter, session) -> None:
         tr.write_line(f"xfail {key:<9} not deployed: {reason}")
     for key, reason in session.crashed.items():
         tr.write_line(f"CRASH {key:<9} {reason.splitlines()[0]}", red=True)
+    for line in getattr(session, "reference_releases", []):
+        tr.write_line(line)
     groups = defaultdict(lambda: [0, 0, 0])
     for rec in session.records:
         family = rec.case.split("-b")[0] if "-b" in rec.case else rec.case

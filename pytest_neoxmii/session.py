@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pytest_neoxmii import hardware, known_issues, precision
+from pytest_neoxmii import hardware, known_issues, precision, reference_first
 from pytest_neoxmii import backends as engines
 from pytest_neoxmii.backends import Backend, load_backend
 from pytest_neoxmii.deploy.processes import DeploymentError
@@ -56,6 +56,7 @@ class NeoxSession:
         self.pending: dict[str, Backend] = {}       # workers launched up front, loading (see prelaunch)
         self.prelaunched: list[str] = []            # what prelaunch started, for the header and the report
         self._deploy_failures: dict[str, Exception] = {}
+        self.reference_releases: list[str] = []    # one line per release of the HF reference, for the report
         self.started = time.perf_counter()
 
     # -- what is tested -------------------------------------------------------------------------------
@@ -191,14 +192,18 @@ class NeoxSession:
                 raise BackendUnavailable(refusal)
             if self.model is not None:
                 self._check_fits(name, dtype)   # from the shape: before minutes of building weights
-            model = self.require_model()
+            self.require_model()
+            if not reference:
+                self._reference_first(name, dtype)
             t0 = time.perf_counter()
-            with self.timed("model load"):
-                if key in self.pending:          # launched by prelaunch: it has been loading meanwhile
+            if key in self.pending:              # launched by prelaunch: it has been loading meanwhile
+                with self.timed("model load"):
                     backend = self.pending.pop(key).wait_ready()
-                else:
-                    backend = self._load(name, dtype)
+            else:
+                backend = self._load(name, dtype)
             waited = time.perf_counter() - t0
+            if reference and self.options.reference_first != "never":
+                backend = reference_first.ReferenceHandle(backend, lambda: self._load(name, dtype))
         except BackendUnavailable as exc:
             self.unavailable[key] = f"{name} ({dtype}): {exc}"
             pytest.skip(self.unavailable[key])
@@ -218,17 +223,19 @@ class NeoxSession:
 
     def _load(self, name: str, dtype: str, wait: bool = True) -> Backend:
         model = self.model
-        return load_backend(name, path=model.path, dtype=dtype, device=self.device, tp=self._tp_of(name),
-                            max_tokens=self.max_tokens, spec=model.spec, max_batch=self.max_batch,
-                            zero_nvme=self.options.zero_nvme, engine_config=self._engine_config(name), wait=wait)
+        with self.timed("model load"):
+            return load_backend(name, path=model.path, dtype=dtype, device=self.device, tp=self._tp_of(name),
+                                max_tokens=self.max_tokens, spec=model.spec, max_batch=self.max_batch,
+                                zero_nvme=self.options.zero_nvme, engine_config=self._engine_config(name),
+                                wait=wait)
 
     def prelaunch(self) -> None:
         """Launch the worker of every selected isolated engine now, side by side, so that DeepSpeed's kernels
         build and the models load while the session does other work; backend() then waits for each. Only
         where the reference and all of them fit one GPU at once (on the CPU: always); otherwise each deploys
         when a test first needs it. Anything that would skip or xfail an engine leaves it to backend()."""
-        if self.model is None or self.model.path is None:
-            return
+        if self.model is None or self.model.path is None or self.options.reference_first == "always":
+            return                  # (always: the reference's outputs come first, before any engine loads)
         dtype = self.dtype
         names = [n for n in self.options.backends if not engines.is_reference(n)
                  and engines.engine(n).backend_for(self._tp_of(n)).isolated]
@@ -260,6 +267,55 @@ class NeoxSession:
         need = spec.weight_bytes("fp32") + spec.weight_bytes(dtype) + sum(
             spec.weight_bytes(dtype) / self._tp_of(n) for n in names if engines.engine(n).weights_on_gpu)
         return need * HEADROOM <= min(g.total_memory for g in hw.gpus)
+
+    # -- reference first (reference_first.py) ---------------------------------------------------------
+    def _reference_first(self, name: str, dtype: str) -> None:
+        """Called just before the engine `name` deploys: with --neox-reference-first=always, or auto when the
+        HF models and the engine would not fit GPU 0 together, compute the reference's outputs of every case
+        and release the HF models."""
+        mode = self.options.reference_first
+        if mode == "never":
+            return
+        why = "--neox-reference-first=always"
+        if mode == "auto":
+            gpus = self.hardware.gpus
+            if not gpus or not engines.engine(name).weights_on_gpu:
+                return
+            need = reference_first.footprint(self.model.spec, engines.reference_name(), self.dtype, name, dtype,
+                                             self._tp_of(name), gpus[0].total_memory)
+            if need.fits:
+                return
+            why = f"needed {need.arithmetic}"
+        computed, stopped = self.precompute_reference()
+        released = [key.split(":", 1)[1] for key, backend in self.backends.items()
+                    if isinstance(backend, reference_first.ReferenceHandle) and backend.release()]
+        if computed or released or stopped:
+            line = (f"reference first: {computed} cases precomputed, "
+                    f"{engines.reference_name()} {' + '.join(released) or 'nothing'} released before {name} "
+                    f"({why})")
+            self.reference_releases.append(line + (f"; precompute stopped: {stopped}" if stopped else ""))
+
+    def precompute_reference(self) -> tuple[int, str | None]:
+        """The outputs the checks ask of the fp32 reference and of its peer (generation of the generating
+        cases, teacher-forced scores of every case), computed now for every planned case (cached ones are
+        not computed again). Returns (cases with something newly computed, why it stopped early or None)."""
+        outcomes = (pytest.skip.Exception, pytest.fail.Exception, pytest.xfail.Exception)
+        computed = 0
+        for plan in self.plans():
+            try:
+                case = self.case(plan)
+            except outcomes:        # a bad case fails its own tests with the reason, later
+                continue
+            before = len(self._cache)
+            try:
+                for backend in (self.reference(), self.peer()):
+                    if plan.generate:
+                        self.generation(backend, case)
+                    self.scores(backend, case)
+            except outcomes as exc:  # the reference cannot run: its own tests say why
+                return computed, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            computed += len(self._cache) > before
+        return computed, None
 
     def _engine_config(self, name: str) -> dict | None:
         config = self.serving_configs.get(name)

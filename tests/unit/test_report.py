@@ -74,9 +74,14 @@ def fake_session(tmp_path, *, source="synthetic", gpus=True):
         unavailable={"mii:fp16": "deepspeed-mii is not importable"},
         known_blocked={"zero:fp16": "known issue [made-up]: a condition"},
         crashed={"ds:bf16": "ds tp=1: worker crashed (killed by SIGABRT) during generate(...); last lines:\n  x"},
+        reference_releases=[REFERENCE_FIRST],
         records=records, latency={(r.backend, r.dtype, r.bench): r for r in results},
         timings={"kernel build": 55.0, "model load": 10.0, "model calls": 20.0, "timed benchmark calls": 30.0},
         prelaunched=["ds", "mii"], started=time.perf_counter() - 130.0)
+
+
+REFERENCE_FIRST = ("reference first: 7 cases precomputed, hf fp32 + fp16 released before ds (needed hf fp32 "
+                   "11.1 GB + hf fp16 5.6 GB + ds fp16 5.6 GB, x 1.2 = 26.6 GB > 15.8 GB of GPU 0)")
 
 
 class FakeTerminal:
@@ -101,6 +106,7 @@ def test_json_summary_schema(tmp_path):
     assert set(s["versions"]) == {"torch", "transformers", "deepspeed", "deepspeed-mii"}
     assert s["known_issue_not_deployed"] == {"zero:fp16": "known issue [made-up]: a condition"}
     assert "killed by SIGABRT" in s["crashed"]["ds:bf16"]
+    assert s["reference_first"] == [REFERENCE_FIRST]
     assert [(r["backend"], r["batch_size"]) for r in s["latency"]] == [("hf", 1), ("hf", 4), ("ds", 1), ("ds", 4),
                                                                      ("zero", 1)]
     ds1 = s["latency"][2]
@@ -161,6 +167,7 @@ def test_markdown_summary_has_the_verdict_and_latency_tables(tmp_path, monkeypat
     ds1 = lines[latency_header + 4].split(" | ")     # hf bs1, hf bs4, ds bs1
     assert ds1[0] == "| ds" and ds1[2] == "1" and "0.692" in ds1 and ds1[-1] == "improvement |"
     assert "- latency regression: ds generate-bs4-p64-n32: regression" in lines
+    assert f"- {REFERENCE_FIRST}" in lines
 
 
 def test_markdown_summary_is_appended_to_the_github_step_summary(tmp_path, monkeypatch):
@@ -204,6 +211,7 @@ def test_terminal_summary(tmp_path):
     assert "skip mii:fp16   deepspeed-mii is not importable" in tr.lines
     assert "xfail zero:fp16 not deployed: known issue [made-up]: a condition" in tr.lines
     assert "CRASH ds:bf16   ds tp=1: worker crashed (killed by SIGABRT) during generate(...); last lines:" in tr.lines
+    assert REFERENCE_FIRST in tr.lines
     header = next(ln for ln in tr.lines if ln.startswith("backend  dtype  batch"))
     for col in ("TTFT ms", "TPOT ms", "e2e p50 ms", "p90 ms", "p99 ms", "tokens/s", "peak MiB", "x/HF",
                 "floor ms", "floor %", "gate"):

@@ -1,0 +1,106 @@
+"""Reference first (issue 9): the HF reference's outputs are computed for every case before a large engine
+deploys, and the HF models are then released, so that the fp32 reference, its low-precision peer and the engine
+never need the GPU at once.
+
+What stays behind is a ReferenceHandle: the session hands it out for `neox.reference()` / `neox.peer()` from
+the first load on, so a fixture that kept it sees the release too. It keeps the BackendInfo (the session's
+cache keys and the report read it) and loads the model again only when something the cache cannot answer is
+asked (an uncached generate/score/trace, `.model` for latency timing); then it stays loaded until the next
+release."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from pytest_neoxmii.backends.base import Backend
+from pytest_neoxmii.registry import HEADROOM, ModelSpec
+
+MODES = ("auto", "always", "never")
+
+# The margin of auto's arithmetic: registry.HEADROOM (x1.2), the same rule of thumb `_check_fits` applies to
+# one engine's weights, here applied to the sum of the three models, since each brings its own activations,
+# KV cache and (for DeepSpeed) inference workspace. Weights dominate for every Pythia size; a stated rule of
+# thumb, not a measurement.
+MARGIN = HEADROOM
+
+# Backend's traits (class attributes such as is_reference, output_is_text, runs_in_worker): a handle answers
+# them from the class it stands for, without loading anything.
+_TRAITS = tuple(name for name, value in vars(Backend).items()
+                if not name.startswith("_") and not callable(value)
+                and not isinstance(value, (classmethod, staticmethod, property)))
+
+
+class ReferenceHandle(Backend):
+    """A reference backend that can be released and reloaded, under the same BackendInfo."""
+
+    def __init__(self, backend: Backend, loader: Callable[[], Backend]):
+        self.info = backend.info
+        for trait in _TRAITS:
+            setattr(self, trait, getattr(type(backend), trait))
+        self._backend: Backend | None = backend
+        self._loader = loader
+        self.reloads = 0         # how often a released model was loaded again (the unit tests read it)
+
+    @property
+    def loaded(self) -> bool:
+        return self._backend is not None
+
+    def _model(self) -> Backend:
+        if self._backend is None:
+            self._backend = self._loader()
+            self.reloads += 1
+        return self._backend
+
+    def generate(self, batch, max_new_tokens: int, top_k: int = 5):
+        return self._model().generate(batch, max_new_tokens, top_k)
+
+    def score(self, batch):
+        return self._model().score(batch)
+
+    def trace(self, batch):
+        return self._model().trace(batch)
+
+    def release(self) -> bool:
+        """Close the model, keep the handle. Returns whether a model was loaded."""
+        backend, self._backend = self._backend, None
+        if backend is None:
+            return False
+        backend.close()
+        return True
+
+    def close(self) -> None:
+        self.release()
+
+    def __getattr__(self, name: str):
+        # Only attributes the handle itself lacks get here: .model, .device, ... of the loaded backend.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._model(), name)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Whether the fp32 reference, its peer and the engine about to deploy fit GPU 0 together, and the
+    arithmetic in one line."""
+    fits: bool
+    arithmetic: str
+
+
+def _gb(n_bytes: float) -> str:
+    gb = n_bytes / 1e9
+    return f"{gb:.1f} GB" if gb >= 1 else f"{gb:.3g} GB"
+
+
+def footprint(spec: ModelSpec, reference: str, peer_dtype: str, engine: str, engine_dtype: str, tp: int,
+              gpu_bytes: int) -> Footprint:
+    """The HF models sit on GPU 0 whole; the engine's share there is its weights / tp."""
+    parts = [(f"{reference} fp32", spec.weight_bytes("fp32"))]
+    if peer_dtype != "fp32":                       # an fp32 session's peer is the reference itself
+        parts.append((f"{reference} {peer_dtype}", spec.weight_bytes(peer_dtype)))
+    parts.append((f"{engine} {engine_dtype}" + (f" / tp={tp}" if tp > 1 else ""),
+                  spec.weight_bytes(engine_dtype) / tp))
+    needed = sum(b for _, b in parts) * MARGIN
+    fits = needed <= gpu_bytes
+    arithmetic = (" + ".join(f"{label} {_gb(b)}" for label, b in parts)
+                  + f", x {MARGIN} = {_gb(needed)} {'<=' if fits else '>'} {_gb(gpu_bytes)} of GPU 0")
+    return Footprint(fits, arithmetic)

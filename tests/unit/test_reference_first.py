@@ -1,0 +1,214 @@
+"""Reference first (reference_first.py, NeoxSession._reference_first): before an engine deploys, the HF
+reference's outputs of every case are computed and the HF models released; afterwards neox.reference() and
+neox.peer() are handles that answer cached lookups without loading and reload once for anything else.
+
+A real NeoxSession runs with stand-in backends: session._load is replaced by a factory that counts loads and
+closes, the cases are fixed token rows (no tokenizer), and the GPUs are faked (conftest.fake_gpus)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pytest_neoxmii import backends as engines
+from pytest_neoxmii.backends.base import Backend, BackendInfo
+from pytest_neoxmii.cases import Case, CasePlan
+from pytest_neoxmii.options import NeoxOptions
+from pytest_neoxmii.outputs import Generation, PromptBatch, Scores
+from pytest_neoxmii.reference_first import ReferenceHandle, footprint
+from pytest_neoxmii.registry import lookup
+from pytest_neoxmii.session import NeoxSession
+
+PLANS = [CasePlan(id="short-b1-len3", family="short", lengths=(3,), generate=True, max_new_tokens=2),
+         CasePlan(id="batch-b2-len3", family="batch", lengths=(3, 3), generate=True, max_new_tokens=2),
+         CasePlan(id="long-b1-len3", family="long", lengths=(3,), generate=False, max_new_tokens=2)]
+
+
+class StandIn(Backend):
+    """A loaded model with fixed outputs that logs every call (load, generate, score, close) to `log`."""
+
+    def __init__(self, name: str, dtype: str, log: list):
+        self.info = BackendInfo(backend=name, dtype=dtype, device="cpu")
+        self.model = f"{name}-{dtype}-model"
+        self.log = log
+        log.append(("load", name, dtype))
+
+    def generate(self, batch, max_new_tokens, top_k=5):
+        self.log.append(("generate", self.info.backend, self.info.dtype))
+        return Generation(tokens=[[1] * max_new_tokens] * batch.batch_size)
+
+    def score(self, batch):
+        self.log.append(("score", self.info.backend, self.info.dtype))
+        return Scores(logprobs=None, mask=None)
+
+    def close(self):
+        self.log.append(("close", self.info.backend, self.info.dtype))
+
+
+class StandInReference(StandIn):
+    is_reference = True
+
+
+class GpuEngine(StandIn):
+    """An engine whose weights sit on the GPU, that injects no kernels (nothing is built)."""
+
+
+def make_session(monkeypatch, model: str = "pythia-14m", mode: str = "always", dtype: str = "fp16"):
+    monkeypatch.setitem(engines.ENGINES, "big", engines.Engine("big", GpuEngine))
+    options = NeoxOptions(model=model, revision="main", weights="synthetic", dtype=dtype, tp=1,
+                          backends=("hf", "big"), baseline_dir=Path("baselines"), update_baselines=False,
+                          max_new_tokens=2, seed=0, top_k=2, parity_multiple=10.0, cases="default",
+                          cache_dir=Path("unused"), zero_nvme=None, latency_threshold=0.1, report_dir=None,
+                          reference_first=mode)
+    session = NeoxSession(options, SimpleNamespace(spec=lookup(model), path=Path("unused")))
+    session.log = []
+    monkeypatch.setattr(session, "_load", lambda name, dtype: (StandInReference if engines.is_reference(name)
+                                                               else GpuEngine)(name, dtype, session.log))
+    monkeypatch.setattr(session, "plans", lambda: PLANS)
+    for plan in PLANS:
+        rows = tuple(tuple(range(5, 5 + n)) for n in plan.lengths)
+        session._cache[("case", plan.id)] = Case(plan, PromptBatch(rows=rows, pad_token_id=0))
+    return session
+
+
+def calls(session, kind: str) -> list[tuple]:
+    return [entry for entry in session.log if entry[0] == kind]
+
+
+@pytest.fixture
+def on_cpu(fake_gpus):
+    fake_gpus()
+
+
+def test_always_precomputes_every_case_then_closes_both_hf_models(monkeypatch, on_cpu):
+    session = make_session(monkeypatch)
+    reference = session.reference()                       # a test used the reference before the engine
+    assert isinstance(reference, ReferenceHandle) and reference.loaded
+    session.backend("big")
+    # fp32 reference and fp16 peer: generation of the 2 generating cases, scores of all 3
+    assert sorted(calls(session, "generate")) == sorted([("generate", "hf", d) for d in ("fp32", "fp16")] * 2)
+    assert sorted(calls(session, "score")) == sorted([("score", "hf", d) for d in ("fp32", "fp16")] * 3)
+    for dtype in ("fp32", "fp16"):
+        for plan in PLANS:
+            assert (("gen", "hf", dtype, plan.id) in session._cache) == plan.generate
+            assert ("score", "hf", dtype, plan.id) in session._cache
+    assert calls(session, "close") == [("close", "hf", "fp32"), ("close", "hf", "fp16")]
+    # the HF models were closed before the engine loaded
+    assert session.log.index(("close", "hf", "fp16")) < session.log.index(("load", "big", "fp16"))
+    assert not session.reference().loaded and not session.peer().loaded
+    assert session.reference() is reference                # a fixture that kept it sees the release
+    assert session.reference_releases == ["reference first: 3 cases precomputed, hf fp32 + fp16 released "
+                                       "before big (--neox-reference-first=always)"]
+
+
+def test_cached_lookups_after_the_release_do_not_reload(monkeypatch, on_cpu):
+    session = make_session(monkeypatch)
+    session.backend("big")
+    loads = len(calls(session, "load"))
+    for plan in PLANS:
+        case = session.case(plan)
+        for backend in (session.reference(), session.peer()):
+            if plan.generate:
+                assert session.generation(backend, case).tokens == [[1, 1]] * len(plan.lengths)
+            session.scores(backend, case)
+    reference = session.reference()
+    assert reference.info.backend == "hf" and reference.info.dtype == "fp32"    # the BackendInfo is kept
+    assert reference.is_reference and not reference.runs_in_worker            # traits answered unloaded
+    assert len(calls(session, "load")) == loads and not reference.loaded and reference.reloads == 0
+
+
+def test_an_uncached_call_reloads_exactly_once_and_stays_loaded(monkeypatch, on_cpu):
+    session = make_session(monkeypatch)
+    session.backend("big")
+    reference = session.reference()
+    case = session.case(PLANS[0])
+    reference.generate(case.batch, 4)                     # uncached (test_reference's determinism check)
+    reference.generate(case.batch, 4)
+    assert reference.model == "hf-fp32-model"            # .model for latency timing: the loaded one
+    assert calls(session, "load").count(("load", "hf", "fp32")) == 2       # first load + one reload
+    assert reference.reloads == 1 and reference.loaded
+    assert not session.peer().loaded                      # only what was asked for came back
+    closed = len(calls(session, "close"))
+    session.close()                                       # the reloaded model is closed, the released one not again
+    assert calls(session, "close")[closed:] == [("close", "hf", "fp32"), ("close", "big", "fp16")]
+
+
+def test_a_second_engine_releases_a_reloaded_model_without_computing_again(monkeypatch, on_cpu):
+    monkeypatch.setitem(engines.ENGINES, "big2", engines.Engine("big2", GpuEngine))
+    session = make_session(monkeypatch)
+    session.options = dataclasses.replace(session.options, backends=("hf", "big", "big2"))
+    session.backend("big")
+    session.peer().model                                  # the HF latency test reloads the peer
+    before = len(calls(session, "generate")) + len(calls(session, "score"))
+    session.backend("big2")
+    assert len(calls(session, "generate")) + len(calls(session, "score")) == before
+    assert not session.peer().loaded
+    assert session.reference_releases[-1] == ("reference first: 0 cases precomputed, hf fp16 released before big2 "
+                                           "(--neox-reference-first=always)")
+
+
+def test_never_keeps_todays_behaviour(monkeypatch, on_cpu):
+    session = make_session(monkeypatch, mode="never")
+    reference = session.reference()
+    session.backend("big")
+    assert not isinstance(reference, ReferenceHandle) and type(reference) is StandInReference
+    assert calls(session, "generate") == calls(session, "score") == calls(session, "close") == []
+    assert session.reference_releases == []
+
+
+@pytest.mark.parametrize("model,gpu,released", [("pythia-2.8b", "t4", True), ("pythia-1.4b", "t4", False),
+                                                ("pythia-2.8b", "h100", False)])
+def test_auto_decides_from_the_sizes(monkeypatch, fake_gpus, model, gpu, released):
+    """On a T4 (15.8 GB): 2.8b needs (11.1 + 5.6 + 5.6) x 1.2 = 26.6 GB, 1.4b 13.6 GB; an H100 holds 2.8b."""
+    fake_gpus(gpu)
+    session = make_session(monkeypatch, model=model, mode="auto")
+    session.reference()
+    session.peer()
+    session.backend("big")
+    assert bool(calls(session, "close")) == released
+    assert session.reference().loaded != released and session.peer().loaded != released
+    if released:
+        [line] = session.reference_releases
+        assert line == ("reference first: 3 cases precomputed, hf fp32 + fp16 released before big (needed "
+                        "hf fp32 11.1 GB + hf fp16 5.6 GB + big fp16 5.6 GB, x 1.2 = 26.6 GB > 15.8 GB of GPU 0)")
+    else:
+        assert session.reference_releases == [] and calls(session, "generate") == []
+
+
+def test_auto_never_releases_on_the_cpu(monkeypatch, on_cpu):
+    session = make_session(monkeypatch, model="gpt-neox-20b", mode="auto")
+    session.reference()
+    session.backend("big")
+    assert calls(session, "close") == [] and session.reference_releases == []
+
+
+def test_footprint_counts_an_fp32_peer_once_and_the_engine_share_per_gpu():
+    spec = lookup("pythia-1b")
+    fp32 = footprint(spec, "hf", "fp32", "ds", "fp32", 2, 85_045_870_592)
+    weights = spec.weight_bytes("fp32") / 1e9
+    assert fp32.fits and fp32.arithmetic == (f"hf fp32 {weights:.1f} GB + ds fp32 / tp=2 {weights / 2:.1f} GB, "
+                                             f"x 1.2 = {weights * 1.5 * 1.2:.1f} GB <= 85.0 GB of GPU 0")
+
+
+def test_a_bad_mode_is_a_one_line_usage_error(pytester, assert_usage_error):
+    assert_usage_error(pytester.runpytest("--neox-reference-first=sometimes"),
+                       "--neox-reference-first must be 'auto', 'always' or 'never', got 'sometimes'")
+
+
+def test_a_peer_that_cannot_load_stops_the_precompute_not_the_engine(monkeypatch, on_cpu):
+    from pytest_neoxmii.errors import BackendUnavailable
+    session = make_session(monkeypatch)
+    load = session._load
+
+    def refuse_the_peer(name, dtype):
+        if dtype == "fp16" and engines.is_reference(name):
+            raise BackendUnavailable("no fp16 here")
+        return load(name, dtype)
+    monkeypatch.setattr(session, "_load", refuse_the_peer)
+    assert session.backend("big").info.backend == "big"
+    assert session.unavailable == {"hf:fp16": "hf (fp16): no fp16 here"}
+    assert session.reference_releases == ["reference first: 0 cases precomputed, hf fp32 released before big "
+                                          "(--neox-reference-first=always); precompute stopped: hf (fp16): "
+                                          "no fp16 here"]
