@@ -57,6 +57,9 @@ class NeoxSession:
         self.prelaunched: list[str] = []            # what prelaunch started, for the header and the report
         self._deploy_failures: dict[str, Exception] = {}
         self.reference_releases: list[str] = []    # one line per release of the HF reference, for the report
+        # Set when the HF models were released so that an engine fits beside them: reloading them for
+        # something uncached (per-layer traces) would not fit either (measured: gpt-neox-20b, 2 x H200).
+        self.reference_released_for_memory: str | None = None
         self.started = time.perf_counter()
 
     # -- what is tested -------------------------------------------------------------------------------
@@ -294,6 +297,8 @@ class NeoxSession:
                     f"{engines.reference_name()} {' + '.join(released) or 'nothing'} released before {name} "
                     f"({why})")
             self.reference_releases.append(line + (f"; precompute stopped: {stopped}" if stopped else ""))
+            if mode == "auto" and released:
+                self.reference_released_for_memory = line
 
     def precompute_reference(self) -> tuple[int, str | None]:
         """The outputs the checks ask of the fp32 reference and of its peer (generation of the generating

@@ -100,6 +100,10 @@ def check_teacher_forced(neox: NeoxSession, backend_name: str, case: Case, reque
 
 def localize(neox: NeoxSession, backend, case: Case) -> str:
     """Per-layer hooks on both models: the first layer whose output departs beyond the floor."""
+    if neox.reference_released_for_memory:
+        return ("localisation skipped: the HF reference was released so that the engine fits beside it "
+                f"({neox.reference_released_for_memory}), and its per-layer traces are not cached; localise this "
+                "case on a GPU that holds both, with --neox-reference-first=never")
     try:
         with neox.timed("model calls"):
             ref = neox.reference().trace(case.batch)

@@ -177,6 +177,24 @@ def test_auto_decides_from_the_sizes(monkeypatch, fake_gpus, model, gpu, release
         assert session.reference_releases == [] and calls(session, "generate") == []
 
 
+def test_after_a_release_for_memory_localisation_does_not_reload_the_reference(monkeypatch, fake_gpus):
+    """Per-layer traces are not precomputed: reloading the fp32 reference for them beside the engine ran
+    gpt-neox-20b's rank 0 out of memory on an H200 (82 GB reference + 41 GB peer + the engine's 33 GB)."""
+    from pytest_neoxmii.checks.parity import localize
+    fake_gpus("t4")
+    session = make_session(monkeypatch, model="pythia-2.8b", mode="auto")
+    session.backend("big")
+    case = session.case(session.plans()[0])
+    message = localize(session, session.backend("big"), case)
+    assert message.startswith("localisation skipped: the HF reference was released so that the engine fits "
+                              "beside it (reference first: 3 cases precomputed, hf fp32 + fp16 released before big")
+    assert message.endswith("localise this case on a GPU that holds both, with --neox-reference-first=never")
+    assert not session.reference().loaded and session.reference().reloads == 0
+    always = make_session(monkeypatch, model="pythia-2.8b", mode="always")
+    always.backend("big")
+    assert always.reference_released_for_memory is None       # released by request, not for lack of memory
+
+
 def test_auto_never_releases_on_the_cpu(monkeypatch, on_cpu):
     session = make_session(monkeypatch, model="gpt-neox-20b", mode="auto")
     session.reference()
