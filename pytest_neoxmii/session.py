@@ -60,6 +60,7 @@ class NeoxSession:
         # Set when the HF models were released so that an engine fits beside them: reloading them for
         # something uncached (per-layer traces) would not fit either (measured: gpt-neox-20b, 2 x H200).
         self.reference_released_for_memory: str | None = None
+        self._phases: list[str] = []                # the timed() blocks open now, innermost last
         self.started = time.perf_counter()
 
     # -- what is tested -------------------------------------------------------------------------------
@@ -158,11 +159,19 @@ class NeoxSession:
     # -- backends -------------------------------------------------------------------------------------
     @contextmanager
     def timed(self, phase: str):
+        """Add the block's wall time to `phase`. Nested blocks (a released reference reloaded inside a model
+        call) count once: in the inner phase, taken out of the enclosing one."""
         t0 = time.perf_counter()
+        self._phases.append(phase)
         try:
             yield
         finally:
-            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            self._phases.pop()
+            self.timings[phase] = self.timings.get(phase, 0.0) + elapsed
+            if self._phases:
+                outer = self._phases[-1]
+                self.timings[outer] = self.timings.get(outer, 0.0) - elapsed
 
     def backend(self, name: str, dtype: str | None = None) -> Backend:
         """The loaded backend (loaded on first use, kept for the session). Skips the calling test with the
