@@ -91,14 +91,15 @@ def _gb(n_bytes: float) -> str:
     return f"{gb:.1f} GB" if gb >= 1 else f"{gb:.3g} GB"
 
 
-def footprint(spec: ModelSpec, reference: str, peer_dtype: str, engine: str, engine_dtype: str, tp: int,
+def footprint(spec: ModelSpec, reference: str, peer_dtype: str, deployed: list[tuple[str, str, int]],
               gpu_bytes: int) -> Footprint:
-    """The HF models sit on GPU 0 whole; the engine's share there is its weights / tp."""
+    """The HF models sit on GPU 0 whole; each engine in `deployed` (name, dtype, tp: the one about to deploy
+    and those already on the GPU) has its weights / tp there."""
     parts = [(f"{reference} fp32", spec.weight_bytes("fp32"))]
     if peer_dtype != "fp32":                       # an fp32 session's peer is the reference itself
         parts.append((f"{reference} {peer_dtype}", spec.weight_bytes(peer_dtype)))
-    parts.append((f"{engine} {engine_dtype}" + (f" / tp={tp}" if tp > 1 else ""),
-                  spec.weight_bytes(engine_dtype) / tp))
+    parts += [(f"{name} {dtype}" + (f" / tp={tp}" if tp > 1 else ""), spec.weight_bytes(dtype) / tp)
+              for name, dtype, tp in deployed]
     needed = sum(b for _, b in parts) * MARGIN
     fits = needed <= gpu_bytes
     arithmetic = (" + ".join(f"{label} {_gb(b)}" for label, b in parts)

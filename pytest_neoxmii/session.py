@@ -293,8 +293,13 @@ class NeoxSession:
             gpus = self.hardware.gpus
             if not gpus or not engines.engine(name).weights_on_gpu:
                 return
-            need = reference_first.footprint(self.model.spec, engines.reference_name(), self.dtype, name, dtype,
-                                             self._tp_of(name), gpus[0].total_memory)
+            # the engines already on the GPU (or loading there) count too: they stay for the session
+            on_gpu = [key.split(":", 1) for key in [*self.backends, *self.pending]
+                      if not engines.is_reference(key.split(":", 1)[0])]
+            deployed = [(n, d, self._tp_of(n)) for n, d in [[name, dtype], *on_gpu]
+                        if engines.engine(n).weights_on_gpu]
+            need = reference_first.footprint(self.model.spec, engines.reference_name(), self.dtype, deployed,
+                                             gpus[0].total_memory)
             if need.fits:
                 return
             why = f"needed {need.arithmetic}"

@@ -176,7 +176,19 @@ def test_backend_waits_for_the_launched_worker(neox):
 """
 
 
-def test_prelaunch_starts_every_selected_worker_at_session_start(pytester, preloaded, synthetic_14m):
+@pytest.fixture
+def engines_restored():
+    """The in-process runs' conftest registers `echo` in the plugin's registry: taken out again afterwards,
+    so that later tests see the built-in engines only."""
+    from pytest_neoxmii.backends import ENGINES
+    saved = dict(ENGINES)
+    yield
+    ENGINES.clear()
+    ENGINES.update(saved)
+
+
+def test_prelaunch_starts_every_selected_worker_at_session_start(pytester, preloaded, synthetic_14m,
+                                                                 engines_restored):
     """The session launches the isolated engines' workers when it starts, and the first test needing one
     waits for that worker instead of deploying another; the summary says so."""
     pytester.makeconftest(PRELAUNCH_CONFTEST)
@@ -189,7 +201,7 @@ def test_prelaunch_starts_every_selected_worker_at_session_start(pytester, prelo
 
 
 def test_no_prelaunch_where_the_engines_would_not_fit_beside_the_reference(pytester, preloaded, synthetic_14m,
-                                                                          monkeypatch):
+                                                                          monkeypatch, engines_restored):
     from pytest_neoxmii import hardware, session as session_module
     from pytest_neoxmii.hardware import Gpu, Hardware
     tiny = Hardware(gpus=(Gpu(0, "a tiny GPU", 60 * 2**20, (9, 0)),), cuda_version="12.8", driver_version="570.1")

@@ -204,7 +204,7 @@ def test_auto_never_releases_on_the_cpu(monkeypatch, on_cpu):
 
 def test_footprint_counts_an_fp32_peer_once_and_the_engine_share_per_gpu():
     spec = lookup("pythia-1b")
-    fp32 = footprint(spec, "hf", "fp32", "ds", "fp32", 2, 85_045_870_592)
+    fp32 = footprint(spec, "hf", "fp32", [("ds", "fp32", 2)], 85_045_870_592)
     weights = spec.weight_bytes("fp32") / 1e9
     assert fp32.fits and fp32.arithmetic == (f"hf fp32 {weights:.1f} GB + ds fp32 / tp=2 {weights / 2:.1f} GB, "
                                              f"x 1.2 = {weights * 1.5 * 1.2:.1f} GB <= 85.0 GB of GPU 0")
@@ -246,3 +246,21 @@ def test_a_reload_inside_a_model_call_is_counted_once(monkeypatch):
             pass
     assert session.timings["model load"] - before["model load"] == 3.0
     assert session.timings["model calls"] - before["model calls"] == 7.0
+
+
+def test_auto_counts_the_engines_already_on_the_gpu(monkeypatch, fake_gpus):
+    """T4 (15.8 GB), pythia-1.4b: hf fp32 5.7 + fp16 2.8 + one engine 2.8 GB fits (x 1.2 = 13.6 GB); with the
+    first engine still deployed beside the second it does not (x 1.2 = 17.0 GB)."""
+    fake_gpus("t4")
+    monkeypatch.setitem(engines.ENGINES, "big2", engines.Engine("big2", GpuEngine))
+    session = make_session(monkeypatch, model="pythia-1.4b", mode="auto")
+    session.options = dataclasses.replace(session.options, backends=("hf", "big", "big2"))
+    session.reference()
+    session.backend("big")
+    assert calls(session, "close") == [] and session.reference_releases == []
+    session.backend("big2")
+    assert calls(session, "close") == [("close", "hf", "fp32"), ("close", "hf", "fp16")]
+    [line] = session.reference_releases
+    assert line.startswith("reference first: 3 cases precomputed, hf fp32 + fp16 released before big2 (needed "
+                           "hf fp32 5.7 GB + hf fp16 2.8 GB + big2 fp16 2.8 GB + big fp16 2.8 GB, x 1.2 = ")
+    assert line.endswith(" > 15.8 GB of GPU 0)")
