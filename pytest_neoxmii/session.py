@@ -413,6 +413,12 @@ class NeoxSession:
                 self._crash(self._key_of(backend), str(exc))
         return self._cache[key]
 
+    def memo(self, key: tuple, compute):
+        """compute() once per session for `key`, then the same result (judging work several checks share)."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
     def record(self, rec: Record) -> None:
         self.records.append(rec)
 

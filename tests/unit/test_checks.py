@@ -290,3 +290,19 @@ def test_check_greedy_compares_a_text_backend_with_the_reference_as_text_shows_i
     assert "1 special token(s) of the reference dropped: mii returns text" in capsys.readouterr().out
     with pytest.raises(parity.ParityFailure):
         checks.check_greedy(session, "ds", padded_case())
+
+
+def test_the_noise_floor_is_computed_once_per_case_and_dtype(monkeypatch):
+    """Every engine's teacher-forced check and the reference's own test ask for the same floor: it is computed
+    once per case and dtype (the 2016-token case's metrics take about 9 s on a 2-core CPU)."""
+    from pytest_neoxmii import parity as parity_module
+    session, case = tf_session(0.02, backend_dtype="bf16", session_dtype="fp16")
+    session.backends["hf:fp16"] = StandInBackend("hf", "fp16", scores=scores(case, 0.0))
+    real, computed = parity_module.teacher_forced_metrics, []
+    monkeypatch.setattr(parity_module, "teacher_forced_metrics",
+                        lambda r, c, b: computed.append(c) or real(r, c, b))
+    first = checks.noise_floor(session, case, "bf16")
+    assert checks.noise_floor(session, case, "bf16") is first and len(computed) == 1
+    assert checks.noise_floor(session, case).kl_max == 0 and len(computed) == 2      # fp16: another floor
+    checks.check_teacher_forced(session, "ds", case)
+    assert len(computed) == 3                                    # the candidate's metrics, not the floor again
