@@ -268,6 +268,18 @@ class NeoxSession:
             except (BackendUnavailable, DeploymentError, InjectionFailed):
                 continue            # backend() meets the same reason (failed deployments are not retried)
 
+    def settle(self) -> None:
+        """Wait for every prelaunched worker still loading, so that no timing shares the machine with a load.
+        What a deployment comes to (skip, xfail, crash) is recorded for the tests that need it, not raised."""
+        for key in list(self.pending):
+            name, dtype = key.split(":", 1)
+            try:
+                self.backend(name, dtype)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:          # pytest's outcomes are BaseExceptions; backend() kept the reason
+                continue
+
     def _fit_at_once(self, names: list[str], dtype: str) -> bool:
         """The fp32 reference, its peer and every engine whose weights sit on the GPU, on the smallest GPU
         in use, with the registry's headroom (activations, workspace, CUDA contexts)."""

@@ -31,6 +31,7 @@ def measure(neox, name: str, batch_size: int, benchmark=None, profile: LatencyPr
         -> LatencyResult:
     """Measure one backend at one batch size in this session (kept in neox.latency for the report)."""
     backend = _backend_for(neox, name)
+    neox.settle()                  # timing runs alone: no prelaunched worker still loading beside it
     profile = profile or profile_for(backend.info.device, neox.options)
     tok = neox.tokenizer
     batch = latency_batch(text_tokens(tok), batch_size, profile.prompt_len,
