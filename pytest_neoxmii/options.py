@@ -3,6 +3,7 @@ NeoxOptions is the validated result the rest of the plugin reads."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,7 +219,6 @@ _UNITS = {"gb": 10**9, "gib": 2**30, "mb": 10**6, "mib": 2**20}
 
 def parse_size(text, flag: str) -> int:
     """'40GiB', '42.3GB', '40960 MiB' -> bytes; anything else is a usage error naming the flag."""
-    import re
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*", str(text))
     unit = match.group(2).lower() if match else None
     if unit not in _UNITS:

@@ -47,10 +47,9 @@ def pytest_configure(config: pytest.Config) -> None:
             session.kernels = kernels.prepare(session.device)   # before anything deploys or imports deepspeed
         if opts.gpu_memory_cap is not None:
             from pytest_neoxmii.deploy import gpu_cap       # every worker inherits it from the environment
-            previous = os.environ.get(gpu_cap.ENV)
-            os.environ[gpu_cap.ENV] = str(opts.gpu_memory_cap)
-            config.add_cleanup(lambda: os.environ.pop(gpu_cap.ENV, None) if previous is None
-                               else os.environ.__setitem__(gpu_cap.ENV, previous))
+            environment = pytest.MonkeyPatch()              # undone when the session ends (pytester runs)
+            environment.setenv(gpu_cap.ENV, str(opts.gpu_memory_cap))
+            config.add_cleanup(environment.undo)
         session.load_serving_configs()
         session.load_prompts()
         _check_cases(session)

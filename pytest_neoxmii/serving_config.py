@@ -140,7 +140,7 @@ def parse_with_engine(engine: str, values: dict) -> dict:
     return {"dtype": str(parsed.dtype), "tp": tp}
 
 
-def _parse_in_child(engine: str, values: dict, where: str) -> dict:
+def _parse_in_child(engine: str, values: dict) -> dict:
     import subprocess
     import sys
     try:
@@ -156,7 +156,7 @@ def _parse_in_child(engine: str, values: dict, where: str) -> dict:
 
 
 def _check(engine: str, values: dict, where: str, dtype: str, tp: int, tp_keys: tuple[str, ...]) -> str:
-    parsed = _parse_in_child(engine, values, where)
+    parsed = _parse_in_child(engine, values)
     if "unavailable" in parsed:
         return f"keys not checked: {parsed['unavailable']}"
     if "error" in parsed:

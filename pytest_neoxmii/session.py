@@ -282,15 +282,13 @@ class NeoxSession:
 
     def _fit_at_once(self, names: list[str], dtype: str) -> bool:
         """The fp32 reference, its peer and every engine whose weights sit on the GPU, on the smallest GPU
-        in use, with the registry's headroom (activations, workspace, CUDA contexts)."""
+        in use: reference first's arithmetic (reference_first.footprint)."""
         hw = self.hardware
         if not hw.gpus:
             return True
-        from pytest_neoxmii.registry import HEADROOM
-        spec = self.model.spec
-        need = spec.weight_bytes("fp32") + spec.weight_bytes(dtype) + sum(
-            spec.weight_bytes(dtype) / self._tp_of(n) for n in names if engines.engine(n).weights_on_gpu)
-        return need * HEADROOM <= min(g.total_memory for g in hw.gpus)
+        deployed = [(n, dtype, self._tp_of(n)) for n in names if engines.engine(n).weights_on_gpu]
+        return reference_first.footprint(self.model.spec, engines.reference_name(), dtype, deployed,
+                                         min(g.total_memory for g in hw.gpus)).fits
 
     # -- reference first (reference_first.py) ---------------------------------------------------------
     def _reference_first(self, name: str, dtype: str) -> None:

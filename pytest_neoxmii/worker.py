@@ -76,10 +76,10 @@ def build_kernels(cls, request) -> float | None:
 
 def load(cls, request) -> tuple[object | None, dict]:
     """The engine, and the message for the session: ready with what runs, or failed with why."""
+    from pytest_neoxmii.deploy import gpu_cap
     from pytest_neoxmii.errors import BackendUnavailable
     from pytest_neoxmii.injection import InjectionFailed
     try:
-        from pytest_neoxmii.deploy import gpu_cap
         here = not cls.runs_in_worker     # a hosted deployment's own processes apply the cap themselves
         if here:
             gpu_cap.apply(request.device)
@@ -98,7 +98,6 @@ def load(cls, request) -> tuple[object | None, dict]:
     except InjectionFailed as exc:
         return None, {"op": "failed", "kind": "injection", "message": str(exc)}
     except Exception as exc:
-        from pytest_neoxmii.deploy import gpu_cap
         capped = gpu_cap.describe_oom(request.device) if "OutOfMemoryError" in type(exc).__name__ else None
         if capped:
             return None, {"op": "failed", "kind": "over-cap",
