@@ -235,9 +235,11 @@ def phase_parity() -> dict:
 
 
 def phase_cycles() -> dict:
-    from pytest_neoxmii.backends.ds_launcher import DsLauncherBackend
-    from pytest_neoxmii.backends.mii_server import MiiServerBackend
+    # Deployed as the plugin deploys them (backends.load_backend): mii tp=2 is its gRPC servers hosted in a
+    # worker process, ds tp=2 its ranks under the DeepSpeed launcher; this process never imports either.
+    from pytest_neoxmii.backends import load_backend
     from pytest_neoxmii.outputs import PromptBatch
+    from pytest_neoxmii.registry import lookup
     path, _ = build(SMALL_MODEL)
     torch_used()                          # CUDA contexts of this process exist before the starting level
     start = snapshot()
@@ -250,8 +252,8 @@ def phase_cycles() -> dict:
         cycle = {"cycle": i, "backend": kind, "before": snapshot()}
         t0, backend = time.time(), None
         try:
-            cls = MiiServerBackend if kind == "mii" else DsLauncherBackend
-            backend = cls(path, DTYPE, DEVICE, 2, 256, 1)
+            backend = load_backend(kind, path=path, dtype=DTYPE, device=DEVICE, tp=2, max_tokens=256,
+                                   spec=lookup(SMALL_MODEL), max_batch=1)
             cycle["deploy_s"] = round(time.time() - t0, 1)
             t1 = time.time()
             gen = backend.generate(PromptBatch(rows=(tuple(range(10, 42)),), pad_token_id=1), 8)
