@@ -72,6 +72,9 @@ OPTIONS = (
     Option("neox_reference_first", "compute the HF reference's outputs of every case, then release the HF "
            "models, before an engine deploys: auto (on a GPU, when the fp32 reference, its peer and the engine "
            "would not fit GPU 0 together), always, or never", "auto", metavar="auto|always|never"),
+    Option("neox_work_ahead", "each engine's worker computes the outputs the selected tests will ask for right "
+           "after its load, side by side with the other engines: auto (on a GPU), always, or never", "auto",
+           metavar="auto|always|never"),
     Option("neox_ds_config", "JSON (or YAML) config of deepspeed.init_inference, merged over the plugin's "
            "defaults and deployed by the ds backend; shown in the header, the report and the baseline key",
            None, metavar="FILE"),
@@ -152,6 +155,7 @@ class NeoxOptions:
     report_dir: Path | None
     prompts: Path | None = None
     reference_first: str = "auto"            # reference_first.MODES
+    work_ahead: str = "auto"                 # auto (on a GPU), always, never: NeoxSession._ahead_calls
     ds_config: Path | None = None
     mii_config: Path | None = None
     latency_time_box: float | None = None   # None: the device's profile decides (latency.profile_for)
@@ -193,6 +197,9 @@ class NeoxOptions:
         if v["neox_reference_first"] not in reference_first.MODES:
             raise NeoxUsageError("--neox-reference-first must be 'auto', 'always' or 'never', got "
                                  f"'{v['neox_reference_first']}'")
+        if v["neox_work_ahead"] not in ("auto", "always", "never"):
+            raise NeoxUsageError("--neox-work-ahead must be 'auto', 'always' or 'never', got "
+                                 f"'{v['neox_work_ahead']}'")
         # Relative paths are relative to where pytest was started (the invocation directory), not to the
         # rootdir: with `--pyargs pytest_neoxmii.suite` the rootdir can be the installed package's folder.
         here = Path(config.invocation_params.dir)
@@ -210,7 +217,7 @@ class NeoxOptions:
             prompts=here / v["neox_prompts"] if v["neox_prompts"] else None,
             ds_config=here / v["neox_ds_config"] if v["neox_ds_config"] else None,
             mii_config=here / v["neox_mii_config"] if v["neox_mii_config"] else None,
-            reference_first=v["neox_reference_first"],
+            reference_first=v["neox_reference_first"], work_ahead=v["neox_work_ahead"],
         )
 
 

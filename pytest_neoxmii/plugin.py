@@ -139,6 +139,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The selected tests (after -k, -m and deselection) say what each engine will be asked for: its worker
+    computes that right after its load (NeoxSession.want_outputs, worker.py)."""
+    neox = session.config.stash.get(SESSION_KEY, None)
+    if neox is not None:
+        neox.want_outputs(session.items)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     session = get_session(metafunc.config)
     try:

@@ -129,6 +129,7 @@ def build_summary(session) -> dict:
         "timings_s": {**timings, "other (plugin and pytest)": max(wall - sum(timings.values()), 0.0),
                       "session": wall},
         "prelaunched": list(session.prelaunched),
+        "worked_ahead": dict(session.ahead_reports),
         "plot": plot_file(m.spec.name) if rows else None,
     })
 
@@ -196,6 +197,11 @@ def terminal_summary(terminalreporter, session) -> None:
     if session.prelaunched:
         tr.write_line(f"workers launched when the session started, loading side by side: "
                       f"{', '.join(session.prelaunched)} (model load above is the time tests waited for them)")
+    if session.ahead_reports:
+        tr.write_line("worked ahead, side by side: " + ", ".join(
+            f"{key.split(':')[0]} {r['computed']}/{r['calls']} calls in {r['seconds']:.1f} s"
+            + (f" ({r['unclaimed']} never asked for)" if r["unclaimed"] else "")
+            for key, r in session.ahead_reports.items()))
     if session.options.report_dir is not None:
         try:
             path, png, why = write_report(session, session.options.report_dir)

@@ -10,7 +10,7 @@ import pytest
 
 from pytest_neoxmii import hardware, known_issues, precision, reference_first
 from pytest_neoxmii import backends as engines
-from pytest_neoxmii.backends import Backend, load_backend
+from pytest_neoxmii.backends import Backend, IsolatedEngine, load_backend
 from pytest_neoxmii.deploy.processes import DeploymentError
 from pytest_neoxmii.cases import Case, CasePlan, materialize, plan_cases
 from pytest_neoxmii.errors import BackendUnavailable, NeoxUsageError
@@ -55,6 +55,10 @@ class NeoxSession:
         self.kernels = None                         # kernels.KernelCache: where DeepSpeed's JIT ops are kept
         self.pending: dict[str, Backend] = {}       # workers launched up front, loading (see prelaunch)
         self.prelaunched: list[str] = []            # what prelaunch started, for the header and the report
+        # What the selected tests will ask each engine for, in test order (want_outputs): a prelaunched
+        # worker computes it right after its load, side by side with the other engines (worker.py).
+        self.wanted: dict[str, list[tuple[str, CasePlan]]] = {}
+        self.ahead_reports: dict[str, dict] = {}    # engine -> what its worker computed ahead, for the report
         self._deploy_failures: dict[str, Exception] = {}
         self.reference_releases: list[str] = []    # one line per release of the HF reference, for the report
         # Set when the HF models were released so that an engine fits beside them: reloading them for
@@ -233,13 +237,52 @@ class NeoxSession:
         self.infos[key] = backend.info
         return backend
 
-    def _load(self, name: str, dtype: str, wait: bool = True) -> Backend:
+    def _load(self, name: str, dtype: str, wait: bool = True, ahead: list[tuple[str, tuple]] = ()) -> Backend:
         model = self.model
         with self.timed("model load"):
             return load_backend(name, path=model.path, dtype=dtype, device=self.device, tp=self._tp_of(name),
                                 max_tokens=self.max_tokens, spec=model.spec, max_batch=self.max_batch,
                                 zero_nvme=self.options.zero_nvme, engine_config=self._engine_config(name),
-                                wait=wait)
+                                wait=wait, ahead=ahead)
+
+    # -- working ahead (worker.py) --------------------------------------------------------------------
+    def want_outputs(self, items) -> None:
+        """From the collected tests (after -k/-m selection): which engine outputs they will ask for, in
+        their order. An engine test is parametrized by the engine (neox_backend_name, or neox_each_backend
+        for the tests that include the reference) and by its case: neox_generation_plan for greedy
+        outputs, neox_case_plan for teacher-forced scores. A test already marked to skip asks nothing."""
+        wanted: dict[str, dict[tuple[str, str], tuple[str, CasePlan]]] = {}
+        for item in items:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            name = params.get("neox_backend_name") or params.get("neox_each_backend")
+            if not name or engines.is_reference(name) or item.get_closest_marker("skip") is not None:
+                continue
+            for param, op in (("neox_generation_plan", "generate"), ("neox_case_plan", "score")):
+                plan = params.get(param)
+                if isinstance(plan, CasePlan):
+                    wanted.setdefault(name, {}).setdefault((op, plan.id), (op, plan))
+        self.wanted = {name: list(calls.values()) for name, calls in wanted.items()}
+
+    def _ahead_calls(self, name: str) -> list[tuple[str, tuple]]:
+        """The wanted calls of `name` exactly as generation() and scores() will make them (the worker matches
+        them by op and arguments); scores only from an engine that can score a given text."""
+        mode = self.options.work_ahead
+        # auto: on GPUs only. On the CPU every engine computes on the same cores, so working side by side
+        # only adds contention (2-core EPYC: model calls 101.9 s alone, 261.5 s ahead).
+        if mode == "never" or (mode == "auto" and self.device == "cpu"):
+            return []
+        cls = engines.engine(name).backend_for(self._tp_of(name))
+        calls = []
+        for op, plan in self.wanted.get(name, ()):
+            try:
+                case = self.case(plan)
+            except pytest.fail.Exception:      # a case that cannot be built: its own test says why
+                continue
+            if op == "generate":
+                calls.append(("generate", (case.batch, plan.max_new_tokens, self.options.top_k)))
+            elif cls.can_score:
+                calls.append(("score", (case.batch,)))
+        return calls
 
     def prelaunch(self) -> None:
         """Launch the worker of every selected isolated engine now, side by side, so that DeepSpeed's kernels
@@ -263,14 +306,15 @@ class NeoxSession:
                 continue
             try:
                 self._check_fits(name, dtype)
-                self.pending[key] = self._load(name, dtype, wait=False)
+                self.pending[key] = self._load(name, dtype, wait=False, ahead=self._ahead_calls(name))
                 self.prelaunched.append(name)
             except (BackendUnavailable, DeploymentError, InjectionFailed):
                 continue            # backend() meets the same reason (failed deployments are not retried)
 
     def settle(self) -> None:
-        """Wait for every prelaunched worker still loading, so that no timing shares the machine with a load.
-        What a deployment comes to (skip, xfail, crash) is recorded for the tests that need it, not raised."""
+        """Wait for every prelaunched worker still loading or still computing ahead, so that no timing shares
+        the machine with other work. What a deployment comes to (skip, xfail, crash) is recorded for the
+        tests that need it, not raised."""
         for key in list(self.pending):
             name, dtype = key.split(":", 1)
             try:
@@ -279,6 +323,16 @@ class NeoxSession:
                 raise
             except BaseException:          # pytest's outcomes are BaseExceptions; backend() kept the reason
                 continue
+        for key, backend in list(self.backends.items()):
+            if isinstance(backend, IsolatedEngine) and backend.ahead and key not in self.ahead_reports:
+                try:
+                    with self.timed("model calls"):
+                        self.ahead_reports[key] = backend.wait_ahead()
+                except DeploymentError as exc:
+                    try:
+                        self._crash(key, str(exc))
+                    except BaseException:      # pytest.fail: the crash is kept for the tests that need it
+                        pass
 
     def _fit_at_once(self, names: list[str], dtype: str) -> bool:
         """The fp32 reference, its peer and every engine whose weights sit on the GPU, on the smallest GPU
@@ -433,6 +487,13 @@ class NeoxSession:
         self.records.append(rec)
 
     def close(self) -> None:
+        for key, backend in self.backends.items():   # the workers' account of their work ahead, if done
+            if isinstance(backend, IsolatedEngine) and backend.ahead_finished and backend.ahead \
+                    and key not in self.ahead_reports:
+                try:
+                    self.ahead_reports[key] = backend.wait_ahead()
+                except Exception:
+                    pass
         self.backends.update(self.pending)      # launched but never needed: torn down all the same
         self.pending.clear()
         for key in list(self.backends):

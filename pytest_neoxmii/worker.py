@@ -11,7 +11,13 @@ the load), loads the engine from the session's LoadRequest, reports ready with w
 generate / score / trace, query_texts for text-only engines, and measure_latency, which times the engine
 here exactly as the test process times an engine it holds (CUDA events around each call). Load failures
 are reported, not raised: an engine that cannot run here is a skip with its reason, a kernel injection that
-matched nothing is a failure, anything else is a deployment error with the traceback."""
+matched nothing is a failure, anything else is a deployment error with the traceback.
+
+Working ahead (--ahead FILE): the calls the session knows its selected tests will make of this engine (the
+parity and golden cases) run right after the ready report, and their results are kept, so that several
+engines compute side by side, with each other and with the reference in the test process. Each result is
+handed over once, when the session asks. Requests wait until that work is done: the session's `ahead_done`
+request is how it knows that no engine is still computing before it times anything."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +29,7 @@ import time
 import traceback
 from pathlib import Path
 
-OPS = ("generate", "score", "trace", "query_texts", "measure_latency")
+OPS = ("generate", "score", "trace", "query_texts", "measure_latency", "ahead_done")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--address", required=True, help="host:port the test session listens on")
     p.add_argument("--engine", required=True, help="module:Class of the engine (a backends.base.Backend)")
     p.add_argument("--request", required=True, type=Path, help="the pickled backends.base.LoadRequest")
+    p.add_argument("--ahead", type=Path, help="pickled [(op, args), ...] to run right after the load")
     return p.parse_args(argv)
 
 
@@ -44,12 +51,38 @@ class Served:
 
     def __init__(self, backend):
         self.backend = backend
+        self._ahead: dict[str, object] = {}       # call_key -> result, until the session asks for it
+        self._ahead_report = {"calls": 0, "computed": 0, "seconds": 0.0}
+
+    def run_ahead(self, calls) -> None:
+        """Run the session's calls now and keep the results. A call that fails is left for the session's
+        own request, which then fails with the error; a crash ends the worker as during any request, and
+        the log's last line names the call."""
+        from pytest_neoxmii.backends.worker_deployment import describe_request
+        t0 = time.monotonic()
+        for op, args in calls:
+            print(f"worker {os.getpid()}: working ahead: {describe_request(op, args)}", flush=True)
+            try:
+                self._ahead[call_key(op, args)] = getattr(self.backend, op)(*args)
+            except Exception as exc:
+                print(f"worker {os.getpid()}: {op} ahead failed ({type(exc).__name__}), left for the "
+                      f"session's own request", flush=True)
+        self._ahead_report = {"calls": len(calls), "computed": len(self._ahead),
+                              "seconds": round(time.monotonic() - t0, 3)}
+
+    def ahead_done(self) -> dict:
+        """What was computed ahead, and how many of those results the session has not asked for (yet)."""
+        return {**self._ahead_report, "unclaimed": len(self._ahead)}
+
+    def _answer(self, op: str, args):
+        kept = self._ahead.pop(call_key(op, args), _MISSING)
+        return getattr(self.backend, op)(*args) if kept is _MISSING else kept
 
     def generate(self, *args):
-        return self.backend.generate(*args)
+        return self._answer("generate", args)
 
     def score(self, *args):
-        return self.backend.score(*args)
+        return self._answer("score", args)
 
     def trace(self, *args):
         return self.backend.trace(*args)
@@ -61,6 +94,14 @@ class Served:
         from pytest_neoxmii.latency import measure_backend
         return measure_backend(self.backend, batch, new_tokens, rounds, warmup, spec=spec, hardware=hardware,
                                min_warmup_s=min_warmup_s)
+
+
+_MISSING = object()
+
+
+def call_key(op: str, args) -> str:
+    """A call's identity: its op and arguments (a PromptBatch and ints, whose repr is their content)."""
+    return repr((op, tuple(args)))
 
 
 def build_kernels(cls, request) -> float | None:
@@ -122,8 +163,11 @@ def main(argv=None) -> int:
     send(conn, message)
     if backend is None:
         return 0 if message["kind"] != "error" else 1
+    served = Served(backend)
     try:
-        return serve(conn, Served(backend), rank=0, world=1, broadcast=lambda r: r, ops=OPS)
+        if args.ahead is not None:
+            served.run_ahead(pickle.loads(args.ahead.read_bytes()))
+        return serve(conn, served, rank=0, world=1, broadcast=lambda r: r, ops=OPS)
     finally:
         backend.close()
 

@@ -37,7 +37,8 @@ class IsolatedEngine(ChannelDeployment):
     polite_timeout = 60.0     # the worker closes its engine after the shutdown reply (a hosted server too)
 
     def __init__(self, name: str, engine_cls, request: LoadRequest, *, ready_timeout: float | None = None,
-                 request_timeout: float | None = None, memory_probe="default", wait: bool = True):
+                 request_timeout: float | None = None, memory_probe="default", wait: bool = True,
+                 ahead: list[tuple[str, tuple]] = ()):
         engine_cls.check_can_run(request)            # refusals known here cost no process
         for package in engine_cls.requires:
             if importlib.util.find_spec(package) is None:
@@ -48,6 +49,11 @@ class IsolatedEngine(ChannelDeployment):
         self.output_is_text = engine_cls.output_is_text
         self.can_score = engine_cls.can_score
         self.kernel_build_s: float | None = None
+        # Calls the worker runs right after its load (pytest_neoxmii/worker.py, "working ahead"); until
+        # ahead_done has answered, the worker may still be computing them.
+        self.ahead = list(ahead)
+        self.ahead_report: dict | None = None         # the worker's account: calls, kept, seconds
+        self._ahead_finished = False                  # known once any request has been answered
         super().__init__(tag_prefix=f"{name}-worker", dtype=request.dtype, tp=request.tp, gpus=_gpus(request),
                          ready_timeout=ready_timeout, request_timeout=request_timeout,
                          memory_probe=memory_probe, engine_config=request.engine_config, wait=wait)
@@ -58,6 +64,10 @@ class IsolatedEngine(ChannelDeployment):
         cls = self.engine_cls
         cmd = [sys.executable, "-u", "-m", WORKER, "--address", self._listener.address,
                "--engine", f"{cls.__module__}:{cls.__qualname__}", "--request", str(request_file)]
+        if self.ahead:
+            ahead_file = self.run_dir / "ahead.pickle"
+            ahead_file.write_bytes(pickle.dumps(self.ahead, protocol=pickle.HIGHEST_PROTOCOL))
+            cmd += ["--ahead", str(ahead_file)]
         tree = processes.start(cmd, name=f"{self.name} worker", log_path=self.run_dir / "worker.log",
                                tag=self.tag, env_extra=self._listener.env())
         self._trees.append(tree)
@@ -92,6 +102,30 @@ class IsolatedEngine(ChannelDeployment):
 
     def _teardown_name(self) -> str:
         return f"{self.name} tp={self.tp} (worker process)"
+
+    # -- working ahead --------------------------------------------------------------------------------
+    def wait_ahead(self) -> dict | None:
+        """Wait until the worker has run every call given as `ahead` (None when there were none): after
+        this, the engine computes nothing until asked."""
+        if self.ahead and self.ahead_report is None:
+            self.ahead_report = self._call("ahead_done")
+        return self.ahead_report
+
+    @property
+    def ahead_finished(self) -> bool:
+        return self._ahead_finished
+
+    def _call(self, op: str, *args):
+        result = super()._call(op, *args)
+        self._ahead_finished = True                   # the worker answers only after its work ahead
+        return result
+
+    def _crashed(self, tree, op: str, args):
+        crash = super()._crashed(tree, op, args)
+        if self.ahead and not self._ahead_finished:     # the session's request was queued behind them
+            crash.args = (f"{crash.args[0]} (the worker was still running the session's calls ahead: the "
+                          f"log's 'working ahead' line names the one it died in)",)
+        return crash
 
     # -- the hosted engine's other calls --------------------------------------------------------------
     def query_texts(self, texts: list[str], max_new_tokens: int) -> list[str]:

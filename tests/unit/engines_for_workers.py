@@ -84,3 +84,20 @@ class RefusedBeforeStart(EchoEngine):
 
 class NeedsAMissingPackage(EchoEngine):
     requires = ("a_package_that_is_not_installed_anywhere",)
+
+
+class NumbersItsCalls(EchoEngine):
+    """Every generated token is the number of generate calls so far: a test can tell which call's result it
+    was handed (one computed ahead, or one computed when asked). The first call fails when the prompt's
+    first token is 13, on purpose."""
+
+    def __init__(self, request):
+        super().__init__(request)
+        self.calls = 0
+
+    def generate(self, batch, max_new_tokens, top_k=5):
+        self.calls += 1
+        if batch.rows[0][0] == 13 and self.calls == 1:
+            raise RuntimeError("stand-in engine: the first call fails on purpose")
+        return Generation(tokens=[[self.calls] * max_new_tokens for _ in batch.rows],
+                          top_logprobs=[[[(self.calls, 0.0)]] * max_new_tokens for _ in batch.rows])

@@ -127,6 +127,49 @@ def test_latency_is_timed_in_the_worker_and_reaches_pytest_benchmark(tmp_path):
     assert result.backend == "echo" and result.batch_size == 2 and result.new_tokens == 4
 
 
+def test_calls_given_ahead_are_computed_after_the_load_and_handed_over_once(tmp_path):
+    other = PromptBatch(rows=((7, 8, 9),))
+    ahead = [("generate", (BATCH, 3, 5)), ("generate", (other, 2, 5)), ("score", (other,))]
+    engine = deploy(stand_ins.NumbersItsCalls, tmp_path, ahead=ahead)
+    try:
+        report = engine.wait_ahead()
+        assert report["calls"] == 3 and report["computed"] == 3 and report["seconds"] >= 0
+        assert report["unclaimed"] == 3
+        assert engine.ahead_finished
+        assert engine.generate(other, 2).tokens == [[2, 2]]            # the second call, made ahead
+        assert engine.generate(BATCH, 3).tokens == [[1] * 3, [1] * 3]   # the first
+        assert engine.generate(BATCH, 3).tokens == [[3] * 3, [3] * 3]   # handed over once: computed now
+        assert engine.generate(BATCH, 3, 4).tokens == [[4] * 3, [4] * 3]  # other arguments, another call
+        assert engine.score(other).logprobs.shape == (1, 3, 3)
+        engine.ahead_report = None
+        assert engine.wait_ahead()["unclaimed"] == 0                      # every result was handed over
+    finally:
+        engine.close()
+
+
+def test_a_call_that_fails_ahead_is_left_for_the_sessions_own_request(tmp_path):
+    fails_first = PromptBatch(rows=((13, 1),))
+    engine = deploy(stand_ins.NumbersItsCalls, tmp_path, ahead=[("generate", (fails_first, 2, 5))])
+    try:
+        assert engine.wait_ahead()["computed"] == 0
+        assert engine.generate(fails_first, 2).tokens == [[2, 2]]     # asked again: the second call
+    finally:
+        engine.close()
+
+
+def test_a_crash_while_working_ahead_says_so_and_names_the_call_in_its_log(tmp_path):
+    engine = deploy(stand_ins.AbortsInGenerate, tmp_path, ahead=[("generate", (BATCH, 3, 5))])
+    try:
+        with pytest.raises(processes.WorkerCrashed) as info:
+            engine.score(BATCH)
+        message = str(info.value)
+        assert "worker crashed (killed by SIGABRT) during score(batch of 2 rows, lengths 2/1)" in message
+        assert "still running the session's calls ahead" in message
+        assert "working ahead: generate(batch of 2 rows, lengths 2/1, 3 new tokens)" in message
+    finally:
+        engine.close()
+
+
 ISOLATION_TESTS = """
 import sys
 
@@ -217,3 +260,57 @@ def test_nothing_launched(neox):
     args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
     result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32")
     result.assert_outcomes(passed=1)
+
+
+AHEAD_TESTS = """
+def test_greedy(neox, neox_backend_name, neox_generation_case):
+    assert neox.generation(neox.backend(neox_backend_name), neox_generation_case).tokens
+
+def test_scored(neox, neox_backend_name, neox_case):
+    assert neox.scores(neox.backend(neox_backend_name), neox_case).logprobs.numel()
+
+def test_what_was_worked_ahead(neox, request):
+    selected = request.config.getoption("-k")
+    plans = neox.plans()
+    generated = [("generate", p.id) for p in plans if p.generate]
+    scored = [] if "greedy" in selected else [("score", p.id) for p in plans]
+    assert [(op, plan.id) for op, plan in neox.wanted["echo"]] == generated + scored
+    neox.settle()
+    report = neox.ahead_reports[f"echo:{neox.dtype}"]
+    assert report["calls"] == report["computed"] == len(generated + scored)
+    assert report["unclaimed"] == 0          # every result computed ahead was handed to a test
+"""
+
+
+@pytest.mark.parametrize("selection", ["", "greedy or worked"])
+def test_the_selected_tests_outputs_are_computed_ahead_in_the_worker(pytester, preloaded, synthetic_14m,
+                                                                     engines_restored, selection):
+    """The session reads what the selected tests (after -k) will ask each engine for, the prelaunched
+    worker computes exactly that after its load, and every result is handed over; the summary says so."""
+    pytester.makeconftest(PRELAUNCH_CONFTEST)
+    pytester.makepyfile(test_ahead=AHEAD_TESTS)
+    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
+    result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32", "-k", selection,
+                                "--neox-work-ahead=always")         # auto: on GPUs only
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-3000:]
+    result.stdout.fnmatch_lines(["worked ahead, side by side: echo *[0-9]/*[0-9] calls in * s"])
+    assert not processes.live()
+
+
+def test_no_work_ahead_on_the_cpu_by_default(pytester, preloaded, synthetic_14m, engines_restored):
+    pytester.makeconftest(PRELAUNCH_CONFTEST)
+    pytester.makepyfile(test_not_ahead="""
+def test_greedy(neox, neox_backend_name, neox_generation_case):
+    assert neox.generation(neox.backend(neox_backend_name), neox_generation_case).tokens
+
+def test_nothing_ahead(neox):
+    assert neox.wanted["echo"]                     # known, but not sent: the engines would share the cores
+    assert neox.backend("echo").ahead == [] and neox.ahead_reports == {}
+"""
+)
+    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
+    result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0 and outcomes["passed"] >= 2
+    assert "worked ahead" not in result.stdout.str()

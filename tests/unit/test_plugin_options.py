@@ -62,6 +62,7 @@ CASES = [
     Case("neox_latency_ci", "latency_ci", "0.05", "0.01", 0.05, 0.01),
     Case("neox_gpu_memory_cap", "gpu_memory_cap", "40GiB", "42.3GB", 40 * 2**30, 42_300_000_000),
     Case("neox_reference_first", "reference_first", "always", "never", "always", "never"),
+    Case("neox_work_ahead", "work_ahead", "never", "always", "never", "always"),
     Case("neox_report", "report_dir", "report-ini", "report-flag",
          lambda root: root / "report-ini", lambda root: root / "report-flag"),
     # files read only when a model is given (test_prompts.py, test_serving_config.py read them)
@@ -160,6 +161,7 @@ def test_defaults(pytester, monkeypatch, tmp_path):
         "cases": "default", "cache_dir": tmp_path / "xdg" / "pytest-neoxmii", "zero_nvme": None,
         "latency_threshold": 0.10, "report_dir": None, "prompts": None, "ds_config": None, "mii_config": None,
         "latency_time_box": None, "latency_ci": 0.02, "gpu_memory_cap": None, "reference_first": "auto",
+        "work_ahead": "auto",
     }
     assert get_session(pytester.parseconfigure()).model is None
 
@@ -231,6 +233,7 @@ def test_unknown_backend(pytester, assert_usage_error):
     ("--neox-backends= , ", "unknown backend '' in --neox-backends: choose from hf, ds, mii, zero"),
     ("--neox-max-new-tokens=1.5", "--neox-max-new-tokens must be an integer, got '1.5'"),
     ("--neox-reference-first=Always", "--neox-reference-first must be 'auto', 'always' or 'never', got 'Always'"),
+    ("--neox-work-ahead=yes", "--neox-work-ahead must be 'auto', 'always' or 'never', got 'yes'"),
 ], ids=lambda v: v if v.startswith("--") else "")
 def test_every_option_bound_is_a_one_line_error(pytester, assert_usage_error, arg, error):
     assert_usage_error(pytester.runpytest(arg), error)
