@@ -200,7 +200,8 @@ def terminal_summary(terminalreporter, session) -> None:
     if session.ahead_reports:
         tr.write_line("worked ahead, side by side: " + ", ".join(
             f"{key.split(':')[0]} {r['computed']}/{r['calls']} calls in {r['seconds']:.1f} s"
-            + (f" ({r['unclaimed']} never asked for)" if r["unclaimed"] else "")
+            + (f" ({r['unclaimed']} never asked for: tests that did not run, or did not get that far)"
+               if r["unclaimed"] else "")
             for key, r in session.ahead_reports.items()))
     if session.options.report_dir is not None:
         try:

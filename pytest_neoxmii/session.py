@@ -487,11 +487,10 @@ class NeoxSession:
         self.records.append(rec)
 
     def close(self) -> None:
-        for key, backend in self.backends.items():   # the workers' account of their work ahead, if done
-            if isinstance(backend, IsolatedEngine) and backend.ahead_finished and backend.ahead \
-                    and key not in self.ahead_reports:
+        for key, backend in self.backends.items():   # the workers' last account of their work ahead
+            if isinstance(backend, IsolatedEngine) and backend.ahead_finished and backend.ahead:
                 try:
-                    self.ahead_reports[key] = backend.wait_ahead()
+                    self.ahead_reports[key] = backend.wait_ahead(again=True)
                 except Exception:
                     pass
         self.backends.update(self.pending)      # launched but never needed: torn down all the same

@@ -7,6 +7,7 @@
 # Steps:
 #   bench                   scripts/bench_suite.sh, pythia-160m cold then warm (issue 10's breakdown)
 #   family:MODEL[,MODEL..]  scripts/gpu_family.sh: parity and reference checks of each size, all backends
+#                           (FAMILY_BACKENDS=hf,ds,mii to leave one out)
 #   planted                 pythia-1b tp=2, ds and mii, with one layer's attention output scaled x1.05
 #                           (NEOXMII_PLANT_FAULT): the greedy and teacher-forced judges must fail
 #   neox20b                 gpt-neox-20b fp16 tp=2, ds, each worker capped at 40 GiB per GPU: deploy, parity on
@@ -41,7 +42,7 @@ for step in "$@"; do
     bench)
       timeout -k 10 $((budget - 20)) bash scripts/bench_suite.sh "$OUT/bench" 2>&1 | tail -40 ;;
     family:*)
-      OUT=$OUT/family FAMILY_LIMIT_S=$((budget - 30)) NEOX_BACKENDS=hf,ds,mii,zero \
+      OUT=$OUT/family FAMILY_LIMIT_S=$((budget - 30)) NEOX_BACKENDS=${FAMILY_BACKENDS:-hf,ds,mii,zero} \
         timeout -k 10 $((budget - 10)) bash scripts/gpu_family.sh $(echo "${step#family:}" | tr ',' ' ') 2>&1 | tail -30 ;;
     planted)
       NEOXMII_PLANT_FAULT=attention-output-scale:8:1.05 suite planted $((budget - 10)) \

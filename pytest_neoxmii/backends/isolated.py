@@ -104,10 +104,11 @@ class IsolatedEngine(ChannelDeployment):
         return f"{self.name} tp={self.tp} (worker process)"
 
     # -- working ahead --------------------------------------------------------------------------------
-    def wait_ahead(self) -> dict | None:
+    def wait_ahead(self, again: bool = False) -> dict | None:
         """Wait until the worker has run every call given as `ahead` (None when there were none): after
-        this, the engine computes nothing until asked."""
-        if self.ahead and self.ahead_report is None:
+        this, the engine computes nothing until asked. The worker's account (calls, computed, seconds,
+        unclaimed: results no test has asked for yet) is asked once, or again with again=True."""
+        if self.ahead and (self.ahead_report is None or again):
             self.ahead_report = self._call("ahead_done")
         return self.ahead_report
 

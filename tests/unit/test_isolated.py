@@ -141,8 +141,7 @@ def test_calls_given_ahead_are_computed_after_the_load_and_handed_over_once(tmp_
         assert engine.generate(BATCH, 3).tokens == [[3] * 3, [3] * 3]   # handed over once: computed now
         assert engine.generate(BATCH, 3, 4).tokens == [[4] * 3, [4] * 3]  # other arguments, another call
         assert engine.score(other).logprobs.shape == (1, 3, 3)
-        engine.ahead_report = None
-        assert engine.wait_ahead()["unclaimed"] == 0                      # every result was handed over
+        assert engine.wait_ahead(again=True)["unclaimed"] == 0           # every result was handed over
     finally:
         engine.close()
 
