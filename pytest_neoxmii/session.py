@@ -59,7 +59,9 @@ class NeoxSession:
         # worker computes it right after its load, side by side with the other engines (worker.py).
         self.wanted: dict[str, list[tuple[str, CasePlan]]] = {}
         self.ahead_reports: dict[str, dict] = {}    # engine -> what its worker computed ahead, for the report
-        self._deploy_failures: dict[str, Exception] = {}
+        # Engines whose kernel injection matched nothing: every test needing one fails with that error (a
+        # deployment that died is in `crashed`). Neither is deployed again.
+        self.injection_failures: dict[str, Exception] = {}
         self.reference_releases: list[str] = []    # one line per release of the HF reference, for the report
         # Set when the HF models were released so that an engine fits beside them: reloading them for
         # something uncached (per-layer traces) would not fit either (measured: gpt-neox-20b, 2 x H200).
@@ -190,24 +192,20 @@ class NeoxSession:
             pytest.xfail(self.known_blocked[key])
         if key in self.crashed:
             pytest.fail(self.crashed[key], pytrace=False)
-        if key in self._deploy_failures:
-            raise self._deploy_failures[key]
+        if key in self.injection_failures:
+            raise self.injection_failures[key]
         reference = engines.is_reference(name)
-        if not reference and self.model is not None and name in self.options.backends:
-            # Decided from the shape alone, before weights are built or anything deploys: a kernel abort
-            # would take the whole session down.
-            blocked = known_issues.match_deployment(name, dtype, self.device, self.model.spec)
-            if blocked is not None:
-                self.known_blocked[key] = blocked
-                pytest.xfail(blocked)
         if not reference and name not in self.options.backends:
             pytest.skip(f"backend {name} not selected (--neox-backends={','.join(self.options.backends)})")
+        known = self._cannot_deploy(name, dtype)
+        if known is not None:
+            outcome, reason = known
+            if outcome == "xfail":
+                self.known_blocked[key] = reason
+                pytest.xfail(reason)
+            self.unavailable[key] = reason
+            pytest.skip(reason)
         try:
-            refusal = self.dtype_choice.refusal(name, dtype) if self.device == "cpu" else None
-            if refusal:
-                raise BackendUnavailable(refusal)
-            if self.model is not None:
-                self._check_fits(name, dtype)   # from the shape: before minutes of building weights
             self.require_model()
             if not reference:
                 self._reference_first(name, dtype)
@@ -226,7 +224,7 @@ class NeoxSession:
         except DeploymentError as exc:          # died while loading: a result, and not retried
             self._crash(key, f"{name} ({dtype}) failed to deploy: {exc}")
         except InjectionFailed as exc:          # a failure of every test needing it, and not retried
-            self._deploy_failures[key] = exc
+            self.injection_failures[key] = exc
             raise
         # The worker built DeepSpeed's op before loading: that part of the wait was the kernel build (a
         # prelaunched worker built it while the session waited for something else, or not at all).
@@ -236,6 +234,25 @@ class NeoxSession:
         self.backends[key] = backend
         self.infos[key] = backend.info
         return backend
+
+    def _cannot_deploy(self, name: str, dtype: str) -> tuple[str, str] | None:
+        """What is known before anything deploys, from the shape and the machine alone (backend() and
+        prelaunch() both ask): ("xfail", reason) for a strict known issue, which would otherwise abort the
+        whole session in a kernel; ("skip", reason) for an engine that cannot run here (a dtype the CPU
+        lacks, weights that do not fit), said before minutes of building weights; None when it may deploy."""
+        if self.model is not None and not engines.is_reference(name):
+            blocked = known_issues.match_deployment(name, dtype, self.device, self.model.spec)
+            if blocked is not None:
+                return "xfail", blocked
+        try:
+            refusal = self.dtype_choice.refusal(name, dtype) if self.device == "cpu" else None
+            if refusal:
+                raise BackendUnavailable(refusal)
+            if self.model is not None:
+                self._check_fits(name, dtype)
+        except BackendUnavailable as exc:
+            return "skip", f"{name} ({dtype}): {exc}"
+        return None
 
     def _load(self, name: str, dtype: str, wait: bool = True, ahead: list[tuple[str, tuple]] = ()) -> Backend:
         model = self.model
@@ -300,16 +317,17 @@ class NeoxSession:
             key = f"{name}:{dtype}"
             if key in self.backends or key in self.pending:
                 continue
-            if self.device == "cpu" and self.dtype_choice.refusal(name, dtype):
-                continue
-            if known_issues.match_deployment(name, dtype, self.device, self.model.spec) is not None:
-                continue
+            if self._cannot_deploy(name, dtype) is not None:
+                continue            # backend() says why, at the first test that needs it
             try:
-                self._check_fits(name, dtype)
                 self.pending[key] = self._load(name, dtype, wait=False, ahead=self._ahead_calls(name))
                 self.prelaunched.append(name)
-            except (BackendUnavailable, DeploymentError, InjectionFailed):
-                continue            # backend() meets the same reason (failed deployments are not retried)
+            except BackendUnavailable:
+                continue            # refused before a process started: backend() skips with the reason
+            except DeploymentError as exc:      # kept, as backend() keeps it: not retried by every test
+                self.crashed[key] = f"{name} ({dtype}) failed to deploy: {exc}"
+            except InjectionFailed as exc:
+                self.injection_failures[key] = exc
 
     def settle(self) -> None:
         """Wait for every prelaunched worker still loading or still computing ahead, so that no timing shares

@@ -102,31 +102,8 @@ def load_backend(name: str, *, path, dtype: str, device: str, tp: int, max_token
     request = LoadRequest(path=path, dtype=dtype, device=device, tp=tp, max_tokens=max_tokens,
                           max_batch=max_batch, spec=spec, zero_nvme=zero_nvme, engine_config=engine_config)
     if cls.isolated:
-        return _deploy_once(name, request, lambda r: IsolatedEngine(name, cls, r, wait=wait, ahead=ahead))
-    if cls.runs_in_worker:
-        return _deploy_once(name, request, cls.load)
+        return IsolatedEngine(name, cls, request, wait=wait, ahead=ahead)
     return cls.load(request)
-
-
-# A deployment that failed to start (its log tail is in the error) is not started again for every test
-# that asks: each attempt can take minutes. Keyed by what was deployed.
-_failed_deployments: dict[tuple, Exception] = {}
-
-
-def _deploy_once(name: str, request: LoadRequest, deploy) -> Backend:
-    from pytest_neoxmii.deploy.processes import DeploymentError
-    from pytest_neoxmii.injection import InjectionFailed
-    r = request
-    key = (name, str(r.path), r.dtype, r.tp, r.max_tokens, r.max_batch,
-           repr(sorted((r.engine_config or {}).items())))
-    if key in _failed_deployments:
-        raise DeploymentError(f"{name} tp={r.tp} failed to deploy earlier in this session, not retried: "
-                              f"{_failed_deployments[key]}")
-    try:
-        return deploy(request)
-    except (DeploymentError, InjectionFailed) as exc:
-        _failed_deployments[key] = exc
-        raise
 
 
 def descriptions() -> dict[str, str]:

@@ -313,3 +313,44 @@ def test_nothing_ahead(neox):
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0 and outcomes["passed"] >= 2
     assert "worked ahead" not in result.stdout.str()
+
+
+LAUNCH_FAILS_CONFTEST = """
+from pytest_neoxmii import backends
+from pytest_neoxmii.deploy import processes
+from tests.unit.engines_for_workers import EchoEngine
+
+backends.register("echo", EchoEngine)
+STARTS = []
+
+def no_process(*args, **kwargs):
+    STARTS.append(args)
+    raise processes.DeploymentError("no process can start here today")
+
+processes.start = no_process
+"""
+
+
+def test_a_prelaunch_that_fails_to_start_is_a_failure_of_each_test_and_never_retried(pytester, preloaded,
+                                                                                     synthetic_14m,
+                                                                                     engines_restored,
+                                                                                     monkeypatch):
+    from pytest_neoxmii.deploy import processes as real_processes
+    monkeypatch.setattr(real_processes, "start", real_processes.start)    # restored after the in-process run
+    pytester.makeconftest(LAUNCH_FAILS_CONFTEST)
+    pytester.makepyfile(test_launch_fails="""
+import conftest
+
+def test_first(neox):
+    neox.backend("echo")
+
+def test_second(neox):
+    neox.backend("echo")
+
+def test_started_once():
+    assert len(conftest.STARTS) == 1
+""")
+    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
+    result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(["*echo (fp32) failed to deploy: no process can start here today*"])
