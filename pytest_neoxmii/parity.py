@@ -422,8 +422,7 @@ def teacher_forced_metrics(reference: Scores, candidate: Scores, batch: PromptBa
     """KL(reference || candidate), top-1 agreement, max |logprob diff| and perplexities over real positions.
 
     Computed in float64, a few hundred positions at a time (a [batch, len, 50k] float64 tensor would not be
-    small). KL renormalises
-    both sides with a float64 log-softmax, so a log-softmax done in low precision does not turn into a
+    small). KL renormalises both sides with a float64 log-softmax, so a log-softmax done in low precision does not turn into a
     negative KL; max_abs_diff uses the logprobs as given. Perplexity targets are the batch's own next tokens:
     position t predicts token t+1, so the last real position of each row and padding are excluded."""
     if reference.logprobs.shape != candidate.logprobs.shape:
@@ -444,26 +443,34 @@ def teacher_forced_metrics(reference: Scores, candidate: Scores, batch: PromptBa
     nll_r, nll_c = [], []
     for b in range(batch.batch_size):
         idx = bmask[b].nonzero().squeeze(1)              # padded indices of real tokens
+        if idx.numel() == 0:
+            continue
         pos = _position_in_row(bmask[b])
         plen = int(idx.numel())
         # A few hundred positions at a time: every step below is per position, and float64 copies of a
         # 2016 x 50k row (800 MB each) cost more in allocation and memory traffic than in arithmetic.
         for chunk in idx.split(_POSITIONS_PER_CHUNK):
-            lr, lc = reference.logprobs[b, chunk], candidate.logprobs[b, chunk]
-            finite = torch.isfinite(lr).all(-1) & torch.isfinite(lc).all(-1)
-            if not bool(finite.any()):
-                continue
-            if not bool(finite.all()):
-                lr, lc = lr[finite], lc[finite]
-            lr, lc, kept = lr.to(torch.float64), lc.to(torch.float64), chunk[finite]
+            first, last = int(chunk[0]), int(chunk[-1])
+            if last - first + 1 == chunk.numel():        # left padding: real positions are one run (a view)
+                lr, lc = reference.logprobs[b, first:last + 1], candidate.logprobs[b, first:last + 1]
+            else:
+                lr, lc = reference.logprobs[b, chunk], candidate.logprobs[b, chunk]
+            kept = chunk
+            if nonfinite is not None:                    # else every real position is finite on both sides
+                finite = torch.isfinite(lr).all(-1) & torch.isfinite(lc).all(-1)
+                if not bool(finite.any()):
+                    continue
+                if not bool(finite.all()):
+                    lr, lc, kept = lr[finite], lc[finite], chunk[finite]
+            lr, lc = lr.to(torch.float64), lc.to(torch.float64)
             nr, nc = torch.log_softmax(lr, -1), torch.log_softmax(lc, -1)
             kls.append(nr.exp().mul_(nr - nc).sum(-1).clamp_min(0.0))
             ar, ac = lr.argmax(-1), lc.argmax(-1)
             agree.append(ar == ac)
             r_top.append(ar)
             c_top.append(ac)
-            max_abs = max(max_abs, float((lr - lc).abs().max()))
-            where.extend((b, int(pos[t]), plen) for t in kept.tolist())
+            max_abs = max(max_abs, float((lr - lc).abs_().max()))
+            where.extend((b, p, plen) for p in pos[kept].tolist())
             # next-token targets: t -> ids[t+1], only where t+1 is a real token too
             nxt = kept + 1
             has_target = torch.zeros_like(kept, dtype=torch.bool)
