@@ -23,11 +23,9 @@ MODES = ("auto", "always", "never")
 # thumb, not a measurement.
 MARGIN = HEADROOM
 
-# Backend's traits (class attributes such as is_reference, output_is_text, runs_in_worker): a handle answers
-# them from the class it stands for, without loading anything.
-_TRAITS = tuple(name for name, value in vars(Backend).items()
-                if not name.startswith("_") and not callable(value)
-                and not isinstance(value, (classmethod, staticmethod, property)))
+# Every trait of Backend (is_reference, output_is_text, runs_in_worker, ...): a handle answers them from the
+# class it stands for, without loading anything.
+_TRAITS = Backend.ENGINE_TRAITS + Backend.PLACEMENT_TRAITS
 
 
 class ReferenceHandle(Backend):
@@ -35,8 +33,7 @@ class ReferenceHandle(Backend):
 
     def __init__(self, backend: Backend, loader: Callable[[], Backend]):
         self.info = backend.info
-        for trait in _TRAITS:
-            setattr(self, trait, getattr(type(backend), trait))
+        self.take_traits(type(backend), _TRAITS)   # all of them: the handle runs where its model runs
         self._backend: Backend | None = backend
         self._loader = loader
         self.reloads = 0         # how often a released model was loaded again (the unit tests read it)

@@ -75,6 +75,18 @@ class Backend(abc.ABC):
     isolated = False
     requires: tuple[str, ...] = ()   # packages the engine imports: one missing is a skip, checked before a worker starts
 
+    # What an engine computes and how it is judged and shown, as opposed to where it runs (runs_in_worker,
+    # isolated, requires): what stands in for an engine in the test process (a worker's proxy) answers these
+    # from the engine's class (take_traits).
+    ENGINE_TRAITS = ("description", "label", "colour", "is_reference", "can_score", "output_is_text",
+                     "needs_deepspeed", "injects_kernels", "weights_on_gpu")
+    PLACEMENT_TRAITS = ("runs_in_worker", "isolated", "requires")
+
+    def take_traits(self, engine_cls: type, names: tuple[str, ...] = ENGINE_TRAITS) -> None:
+        """Answer the traits `names` as the engine class `engine_cls` does (per instance)."""
+        for name in names:
+            setattr(self, name, getattr(engine_cls, name))
+
     @classmethod
     def check_can_run(cls, request: LoadRequest) -> None:
         """Raise BackendUnavailable when the engine cannot run for this request, from what the test process

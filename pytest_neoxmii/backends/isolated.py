@@ -45,9 +45,9 @@ class IsolatedEngine(ChannelDeployment):
                 raise BackendUnavailable(engine_cls.missing(package))
         self.name, self.engine_cls, self.request = name, engine_cls, request
         self.device = request.device
-        # The hosted engine's traits, per instance: the judges ask the object they hold.
-        self.output_is_text = engine_cls.output_is_text
-        self.can_score = engine_cls.can_score
+        # The hosted engine's traits, per instance: the judges ask the object they hold. Where it runs is
+        # this proxy's own (runs_in_worker: the model is in the worker).
+        self.take_traits(engine_cls)
         self.kernel_build_s: float | None = None
         # Calls the worker runs right after its load (pytest_neoxmii/worker.py, "working ahead"); until
         # ahead_done has answered, the worker may still be computing them.

@@ -157,3 +157,23 @@ def test_a_worker_deployment_is_timed_through_its_own_generate_with_a_wall_clock
     assert backend.calls == [1, 16] * 4                   # prefill then full, warm-up round included
     assert len(result.e2e) == 3 and result.peak_gpu_memory_bytes is None
     assert "worker channel" in result.notes[0]
+
+
+def test_every_trait_of_an_engine_is_either_what_it_computes_or_where_it_runs():
+    """Stand-ins (a worker's proxy, a released reference's handle) answer traits from the engine's class by
+    these two lists: a trait added to Backend and to neither would be answered wrongly by them."""
+    from pytest_neoxmii.backends.base import Backend
+    traits = {name for name, value in vars(Backend).items()
+              if not name.startswith("_") and not callable(value) and name.islower()
+              and not isinstance(value, (classmethod, staticmethod, property))}
+    assert traits == set(Backend.ENGINE_TRAITS) | set(Backend.PLACEMENT_TRAITS)
+    assert not set(Backend.ENGINE_TRAITS) & set(Backend.PLACEMENT_TRAITS)
+
+
+def test_a_workers_proxy_answers_what_its_engine_computes_and_says_it_runs_in_a_worker():
+    from pytest_neoxmii.backends.isolated import IsolatedEngine
+    from pytest_neoxmii.backends.zero_inference import ZeroInferenceBackend
+    proxy = IsolatedEngine.__new__(IsolatedEngine)      # traits only: nothing is launched
+    proxy.take_traits(ZeroInferenceBackend)
+    assert proxy.weights_on_gpu is False and proxy.description == ZeroInferenceBackend.description
+    assert proxy.runs_in_worker is True              # where it runs stays the proxy's own
