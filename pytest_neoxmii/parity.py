@@ -450,11 +450,10 @@ def teacher_forced_metrics(reference: Scores, candidate: Scores, batch: PromptBa
         # A few hundred positions at a time: every step below is per position, and float64 copies of a
         # 2016 x 50k row (800 MB each) cost more in allocation and memory traffic than in arithmetic.
         for chunk in idx.split(_POSITIONS_PER_CHUNK):
+            # Left padding (_check_scores holds both masks to the batch's): a row's real positions are one
+            # run, so a chunk is a slice, a view rather than a gathered copy.
             first, last = int(chunk[0]), int(chunk[-1])
-            if last - first + 1 == chunk.numel():        # left padding: real positions are one run (a view)
-                lr, lc = reference.logprobs[b, first:last + 1], candidate.logprobs[b, first:last + 1]
-            else:
-                lr, lc = reference.logprobs[b, chunk], candidate.logprobs[b, chunk]
+            lr, lc = reference.logprobs[b, first:last + 1], candidate.logprobs[b, first:last + 1]
             kept = chunk
             if nonfinite is not None:                    # else every real position is finite on both sides
                 finite = torch.isfinite(lr).all(-1) & torch.isfinite(lc).all(-1)

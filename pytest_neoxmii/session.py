@@ -295,10 +295,8 @@ class NeoxSession:
                 case = self.case(plan)
             except pytest.fail.Exception:      # a case that cannot be built: its own test says why
                 continue
-            if op == "generate":
-                calls.append(("generate", (case.batch, plan.max_new_tokens, self.options.top_k)))
-            elif cls.can_score:
-                calls.append(("score", (case.batch,)))
+            if op == "generate" or cls.can_score:
+                calls.append((op, self._call_args(op, case)))
         return calls
 
     def prelaunch(self) -> None:
@@ -325,7 +323,7 @@ class NeoxSession:
             except BackendUnavailable:
                 continue            # refused before a process started: backend() skips with the reason
             except DeploymentError as exc:      # kept, as backend() keeps it: not retried by every test
-                self.crashed[key] = f"{name} ({dtype}) failed to deploy: {exc}"
+                self._record_crash(key, f"{name} ({dtype}) failed to deploy: {exc}")
             except InjectionFailed as exc:
                 self.injection_failures[key] = exc
 
@@ -346,11 +344,8 @@ class NeoxSession:
                 try:
                     with self.timed("model calls"):
                         self.ahead_reports[key] = backend.wait_ahead()
-                except DeploymentError as exc:
-                    try:
-                        self._crash(key, str(exc))
-                    except BaseException:      # pytest.fail: the crash is kept for the tests that need it
-                        pass
+                except DeploymentError as exc:     # kept for the tests that need it
+                    self._record_crash(key, str(exc))
 
     def _fit_at_once(self, names: list[str], dtype: str) -> bool:
         """The fp32 reference, its peer and every engine whose weights sit on the GPU, on the smallest GPU
@@ -448,6 +443,11 @@ class NeoxSession:
     def _crash(self, key: str, message: str):
         """A deployment died: remember why (every later test needing it fails at once with it), release
         what is left of it, and fail the calling test."""
+        self._record_crash(key, message)
+        pytest.fail(self.crashed[key], pytrace=False)
+
+    def _record_crash(self, key: str, message: str) -> None:
+        """_crash without failing the caller (prelaunch and settle, which no test's outcome hangs on)."""
         self.crashed[key] = message
         backend = self.backends.pop(key, None)
         if backend is not None:
@@ -455,7 +455,6 @@ class NeoxSession:
                 backend.close()
             except Exception as exc:    # the reason stays the crash; the teardown problem is added to it
                 self.crashed[key] = f"{message}\n(teardown after the crash failed: {exc})"
-        pytest.fail(self.crashed[key], pytrace=False)
 
     def _key_of(self, backend: Backend) -> str:
         return next((k for k, b in self.backends.items() if b is backend),
@@ -475,8 +474,7 @@ class NeoxSession:
         if key not in self._cache:
             try:
                 with self.timed("model calls"):
-                    self._cache[key] = backend.generate(case.batch, case.plan.max_new_tokens,
-                                                        self.options.top_k)
+                    self._cache[key] = backend.generate(*self._call_args("generate", case))
             except BackendUnavailable as exc:
                 pytest.skip(f"{backend.info.backend}: {exc}")
             except DeploymentError as exc:
@@ -488,12 +486,19 @@ class NeoxSession:
         if key not in self._cache:
             try:
                 with self.timed("model calls"):
-                    self._cache[key] = backend.score(case.batch)
+                    self._cache[key] = backend.score(*self._call_args("score", case))
             except BackendUnavailable as exc:     # e.g. MII's gRPC server returns text only
                 pytest.skip(f"{backend.info.backend}: {exc}")
             except DeploymentError as exc:
                 self._crash(self._key_of(backend), str(exc))
         return self._cache[key]
+
+    def _call_args(self, op: str, case: Case) -> tuple:
+        """The arguments of an engine's generate or score for `case`: one place, because a worker working
+        ahead matches the session's later request by op and arguments."""
+        if op == "generate":
+            return case.batch, case.plan.max_new_tokens, self.options.top_k
+        return (case.batch,)
 
     def memo(self, key: tuple, compute):
         """compute() once per session for `key`, then the same result (judging work several checks share)."""

@@ -52,7 +52,7 @@ class IsolatedEngine(ChannelDeployment):
         # Calls the worker runs right after its load (pytest_neoxmii/worker.py, "working ahead"); until
         # ahead_done has answered, the worker may still be computing them.
         self.ahead = list(ahead)
-        self.ahead_report: dict | None = None         # the worker's account: calls, kept, seconds
+        self.ahead_report: dict | None = None         # the worker's account (worker.py, ahead_done)
         self._ahead_finished = False                  # known once any request has been answered
         super().__init__(tag_prefix=f"{name}-worker", dtype=request.dtype, tp=request.tp, gpus=_gpus(request),
                          ready_timeout=ready_timeout, request_timeout=request_timeout,

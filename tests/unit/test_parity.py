@@ -256,6 +256,21 @@ def test_nan_in_candidate_fails_and_names_the_position(batch, logits, reference,
     assert "row 1, position 2" in verdict.message()
 
 
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_metrics_do_not_depend_on_how_positions_are_chunked(batch, logits, reference, monkeypatch, nonfinite):
+    """The metrics work a few hundred positions at a time: chunks of 1, 2 and 3 positions (edges inside every
+    row, left padding, a NaN in a chunk) give what one chunk of everything gives, to the bit."""
+    candidate = scores_from_logits(batch, logits + 0.05 * noise(batch, seed=2))
+    if nonfinite:
+        candidate.logprobs[2, 3, 5] = float("nan")      # row 2 (left-padded by 1): its position 2
+    whole = teacher_forced_metrics(reference, candidate, batch)
+    for size in (1, 2, 3):
+        monkeypatch.setattr(parity, "_POSITIONS_PER_CHUNK", size)
+        assert teacher_forced_metrics(reference, candidate, batch) == whole, size
+    assert whole.n_positions == 12 - nonfinite and whole.kl_mean > 0
+    assert (whole.nonfinite is not None) == nonfinite
+
+
 def test_inf_in_reference_also_fails(batch, logits, reference, floor_pair):
     broken = Scores(reference.logprobs.clone(), reference.mask)
     broken.logprobs[0, 0, 3] = float("inf")
