@@ -1,7 +1,7 @@
 """Where DeepSpeed's JIT-built ops are kept between runs, and whether this run finds them built.
 
 DeepSpeed compiles its ops on first use through torch.utils.cpp_extension (41-61 s for transformer_inference
-on a GPU, about 40 s for ZeRO's deepspeed_shm_comm on the CPU: docs/STACK.md traps 6 and 9) into
+on a GPU: docs/STACK.md trap 6) into
 TORCH_EXTENSIONS_DIR. torch's own default (~/.cache/torch_extensions/py<ver>_<accelerator>) is shared by every
 torch and DeepSpeed version, and torch rebuilds only when the sources change, so an upgraded torch can load an
 op built against the old one. Unless TORCH_EXTENSIONS_DIR is set (then it is honoured as it is), the plugin
@@ -21,9 +21,10 @@ from pytest_neoxmii.versions import version_of
 
 ENV = "TORCH_EXTENSIONS_DIR"
 
-# The ops the backends JIT-build, by device: kernel injection on a GPU (ds, mii), the shared-memory
-# collective of ZeRO's gloo world on the CPU.
-OPS = {"cuda": ("transformer_inference",), "cpu": ("deepspeed_shm_comm",)}
+# The ops the backends JIT-build, by device: kernel injection on a GPU (ds, mii). On the CPU none: every
+# engine runs in a one-process world there, whose shared-memory allreduce is not built (docs/STACK.md trap 9,
+# backends/deepspeed_inference.skip_shared_memory_allreduce).
+OPS = {"cuda": ("transformer_inference",), "cpu": ()}
 
 
 def default_dir() -> Path:
@@ -46,7 +47,7 @@ class KernelCache:
         where = f"{self.directory} ({ENV}{'' if self.from_env else ', default of the plugin'})"
         parts = [f"{op} {'cached' if path else 'not built yet: built on first use'}"
                  for op, path in self.found.items()]
-        return f"kernels: DeepSpeed JIT ops in {where}: " + ", ".join(parts)
+        return f"kernels: DeepSpeed JIT ops in {where}: " + (", ".join(parts) or f"none needed on the {self.device}")
 
     def as_json(self) -> dict:
         return {"directory": str(self.directory), "from_env": self.from_env, "device": self.device,

@@ -45,6 +45,7 @@ class NeoxSession:
         self.known_blocked: dict[str, str] = {}     # backends not deployed: a known abort (xfail reason)
         self.crashed: dict[str, str] = {}           # deployments that died: every test needing one fails
         self.timings: dict[str, float] = {"kernel build": 0.0, "model load": 0.0, "model calls": 0.0}
+        # (then "timed benchmark calls" once a latency test runs, and "model teardown" when the session ends)
         self.records: list[Record] = []
         self.latency: dict[tuple, object] = {}      # (backend, dtype, bench) -> latency.LatencyResult
         self._cache: dict[tuple, object] = {}
@@ -518,12 +519,18 @@ class NeoxSession:
                     pass
         self.backends.update(self.pending)      # launched but never needed: torn down all the same
         self.pending.clear()
-        for key in list(self.backends):
-            backend = self.backends.pop(key)
-            try:
-                backend.close()
-            except Exception as exc:   # teardown goes on: the next backend must still be released
-                self.unavailable[key] = f"close failed: {exc}"
+        with self.timed("model teardown"):
+            for backend in self.backends.values():  # every worker winds down at once, then each is waited for
+                try:
+                    backend.ask_to_exit()
+                except Exception:                   # close() below stops it in any case
+                    pass
+            for key in list(self.backends):
+                backend = self.backends.pop(key)
+                try:
+                    backend.close()
+                except Exception as exc:   # teardown goes on: the next backend must still be released
+                    self.unavailable[key] = f"close failed: {exc}"
         self._cache.clear()
 
     def close_backend(self, name: str, dtype: str | None = None) -> None:

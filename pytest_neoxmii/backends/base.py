@@ -118,6 +118,10 @@ class Backend(abc.ABC):
     def close(self) -> None:
         """Release everything the backend holds. Safe to call twice."""
 
+    def ask_to_exit(self) -> None:
+        """Start winding down without waiting, before close(): a session ending asks every backend first, so
+        that worker processes exit side by side. Nothing to do for a model held in this process."""
+
     def __enter__(self) -> "Backend":
         return self
 

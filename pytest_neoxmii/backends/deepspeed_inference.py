@@ -39,7 +39,7 @@ def check_kernels_can_run(dtype: str, device: str) -> None:
     check_kernel_dtype(dtype, device)
 
 
-def init_distributed_env() -> None:
+def init_distributed_env(device: str) -> None:
     """A single-process torch.distributed world (DeepSpeed wants one even for tp=1 / ZeRO on one GPU,
     else it looks for mpi4py)."""
     import os
@@ -51,6 +51,20 @@ def init_distributed_env() -> None:
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"),
                        ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)
+    if not device.startswith("cuda") and os.environ["WORLD_SIZE"] == "1":
+        skip_shared_memory_allreduce()
+
+
+SHM_OP = "deepspeed_shm_comm"
+
+
+def skip_shared_memory_allreduce() -> None:
+    """DeepSpeed's CPU accelerator JIT-builds its shared-memory allreduce (deepspeed_shm_comm) whenever it
+    sets up torch.distributed, a world of one process included: 23-62 s of compiling on a 2-core machine
+    (docs/STACK.md trap 9), once per TORCH_EXTENSIONS_DIR. One rank has nothing to reduce with; marked
+    incompatible, the op is not built and DeepSpeed's collectives go to gloo, which on one rank copies."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__[SHM_OP] = False     # DeepSpeed keeps this dict for the process
 
 
 class KernelInjectedBackend(TorchModelBackend):
@@ -112,7 +126,7 @@ class DeepSpeedBackend(KernelInjectedBackend):
             raise BackendUnavailable(f"ds with tp={tp} runs under the DeepSpeed launcher (the tensor-parallel "
                                      "backend), not in one process")
         compat.install()
-        init_distributed_env()
+        init_distributed_env(device)
         import deepspeed
 
         self.device = device

@@ -66,7 +66,7 @@ class MiiBackend(KernelInjectedBackend):
         check_kernels_can_run(dtype, device)
         mii = import_mii()
         compat.install()
-        init_distributed_env()
+        init_distributed_env(device)
         from transformers import AutoTokenizer
 
         self.device = device

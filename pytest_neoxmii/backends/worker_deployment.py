@@ -196,9 +196,23 @@ class ChannelDeployment(WorkerDeployment):
         return self._call("trace", batch)
 
     # -- teardown -------------------------------------------------------------------------------------
+    _asked_to_exit = False       # ask_to_exit() sent the shutdown request already
+
+    def ask_to_exit(self) -> None:
+        """Send the shutdown request now, without waiting for its answer: a session closing several
+        deployments asks each first, so that they wind down side by side; close() then waits for each."""
+        if self._closed or self.conn is None or self._asked_to_exit:
+            return
+        try:
+            channel.send(self.conn, {"op": "shutdown"})
+            self._asked_to_exit = True
+        except OSError:              # close() ends the processes in any case
+            pass
+
     def _shutdown(self) -> None:
         """Ask every rank to leave its loop and exit; the tree's root then exits on its own."""
-        channel.send(self.conn, {"op": "shutdown"})
+        if not self._asked_to_exit:
+            channel.send(self.conn, {"op": "shutdown"})
         channel.receive(self.conn, 10)
 
     def _polite(self):

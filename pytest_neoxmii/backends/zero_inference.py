@@ -59,7 +59,7 @@ class ZeroInferenceBackend(TorchModelBackend):
         if nvme_path is not None and not Path(nvme_path).is_dir():
             raise BackendUnavailable(f"--neox-zero-nvme={nvme_path} is not a directory")
         on_gpu = device.startswith("cuda")
-        init_distributed_env()
+        init_distributed_env(device)
         import deepspeed
         from transformers import AutoModelForCausalLM
 

@@ -45,12 +45,15 @@ def test_ds_teardown_gives_gpu_memory_back(neox):
     neox.settle()
     gc.collect()
     before = gpu_used_bytes(neox.device)          # device-wide: DeepSpeed's workspace bypasses torch
-    backend = load_backend("ds", path=neox.model.path, dtype=neox.dtype, device=neox.device, tp=1,
-                           max_tokens=neox.max_tokens, spec=neox.model.spec,
-                           max_batch=neox.max_batch)
-    backend.score(neox.case(neox.plans()[1]).batch)   # run it once, so its workspace is in use
+    with neox.timed("model load"):
+        backend = load_backend("ds", path=neox.model.path, dtype=neox.dtype, device=neox.device, tp=1,
+                               max_tokens=neox.max_tokens, spec=neox.model.spec,
+                               max_batch=neox.max_batch)
+    with neox.timed("model calls"):
+        backend.score(neox.case(neox.plans()[1]).batch)   # run it once, so its workspace is in use
     loaded = gpu_used_bytes(neox.device)
-    backend.close()
+    with neox.timed("model teardown"):
+        backend.close()
     gc.collect()
     after = gpu_used_bytes(neox.device)
     print(f"DS deployment: {before / 2**20:.1f} MiB before, {loaded / 2**20:.1f} MiB loaded, "

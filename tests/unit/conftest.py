@@ -7,11 +7,18 @@ the model is built once; in-process runs fake the GPUs by replacing `pytest_neox
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 
-from pytest_neoxmii import hardware, precision
+from pytest_neoxmii import hardware, kernels, precision
 from pytest_neoxmii.hardware import Gpu, Hardware
+
+# pytester points HOME at each test's own folder, so the plugin's default TORCH_EXTENSIONS_DIR (under
+# ~/.cache) would be a new, empty folder in every test, and a DeepSpeed op a run needs would be compiled in
+# each again (deepspeed_shm_comm: 23-62 s on two cores). One folder for the whole run: the one a user's run
+# on this machine uses.
+os.environ.setdefault(kernels.ENV, str(kernels.default_dir()))
 
 # Realistic devices, as torch.cuda.get_device_properties reports them (bytes), by a short key.
 GPUS = {

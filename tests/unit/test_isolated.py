@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_neoxmii import hardware
 from pytest_neoxmii.backends.base import LoadRequest
 from pytest_neoxmii.backends.isolated import IsolatedEngine
 from pytest_neoxmii.deploy import processes
@@ -49,6 +50,26 @@ def test_an_isolated_engine_answers_from_its_own_process_and_is_torn_down(tmp_pa
     assert engine.teardown_report is not None and not engine.teardown_report.leaked
     with pytest.raises(processes.DeploymentError, match="echo tp=1 deployment is closed"):
         engine.generate(BATCH, 1)
+
+
+def test_deployments_asked_to_exit_first_wind_down_side_by_side(tmp_path):
+    """The session asks every worker to exit before it closes any: each exits on its own, and close() then
+    only collects it (nothing left to stop or signal)."""
+    (tmp_path / "echo-markers").mkdir()
+    engines = [deploy(stand_ins.EchoEngine, tmp_path) for _ in range(2)]
+    try:
+        for engine in engines:
+            engine.ask_to_exit()
+        deadline = time.monotonic() + 60
+        while any(e._trees[0].popen.poll() is None for e in engines) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [e._trees[0].popen.poll() for e in engines] == [0, 0]     # exited by themselves
+    finally:
+        for engine in engines:
+            engine.close()
+    for engine in engines:
+        report = engine.teardown_report
+        assert report.polite == "none" and not report.leaked and not report.survivors, report.describe()
 
 
 @pytest.mark.parametrize("cls, error, message", [
@@ -185,15 +206,23 @@ def test_the_test_process_never_imported_deepspeed_or_mii():
 """
 
 
-def test_the_test_process_never_imports_deepspeed_or_mii(pytester, synthetic_14m):
+def test_the_test_process_never_imports_deepspeed_or_mii(pytester, synthetic_14m, monkeypatch, tmp_path):
     """The real engines on synthetic pythia-14m (CPU), each in its worker; the session's own process never
-    imports either package, so DeepSpeed's process-wide state and aborts stay in the workers."""
+    imports either package, so DeepSpeed's process-wide state and aborts stay in the workers. Their
+    one-process worlds compile nothing: an empty TORCH_EXTENSIONS_DIR stays empty (DeepSpeed would build its
+    shared-memory allreduce there, 23-62 s on two cores)."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("mii")
+    on_cpu = not hardware.detect().gpus     # (on a GPU, ds and mii build their injected kernels)
+    extensions = tmp_path / "torch_extensions"
+    if on_cpu:
+        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     pytester.makepyfile(test_isolation=ISOLATION_TESTS)
     args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
     result = pytester.runpytest_subprocess(*args, "--neox-backends=ds,mii,zero")
     result.assert_outcomes(passed=2)
+    built = sorted(p.name for p in extensions.iterdir()) if extensions.exists() else []
+    assert built == [], f"DeepSpeed compiled {built} for one-process engines on the CPU"
 
 
 PRELAUNCH_CONFTEST = """

@@ -39,14 +39,19 @@ def test_a_users_directory_is_honoured_and_built_ops_are_found(tmp_path):
     assert cache.found == {"transformer_inference": so}
     assert cache.as_json() == {"directory": str(tmp_path), "from_env": True, "device": "cuda",
                                "cached": {"transformer_inference": True}}
-    # on the CPU the op that matters is ZeRO's shared-memory collective; a build folder without the
-    # library (an interrupted build) is not a cache hit
-    (tmp_path / "deepspeed_shm_comm").mkdir()
-    (tmp_path / "deepspeed_shm_comm" / "build.ninja").write_text("")
-    assert kernels.prepare("cpu", env).found == {"deepspeed_shm_comm": None}
-    # torch's versioned rebuild after a source change counts too
-    so_v1 = _lib(tmp_path, "deepspeed_shm_comm_v1", "deepspeed_shm_comm_v1.so")
-    assert kernels.prepare("cpu", env).found == {"deepspeed_shm_comm": so_v1}
+    # a build folder without the library (an interrupted build) is not a cache hit; torch's versioned
+    # rebuild after a source change is
+    (tmp_path / "fused_op").mkdir()
+    (tmp_path / "fused_op" / "build.ninja").write_text("")
+    assert kernels.built_library(tmp_path, "fused_op") is None
+    so_v1 = _lib(tmp_path, "fused_op_v1", "fused_op_v1.so")
+    assert kernels.built_library(tmp_path, "fused_op") == so_v1
+
+
+def test_the_cpu_needs_no_op_and_says_so(tmp_path):
+    cache = kernels.prepare("cpu", {"TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert cache.found == {}
+    assert cache.describe().endswith("(TORCH_EXTENSIONS_DIR): none needed on the cpu")
 
 
 def test_the_default_lasts_one_session(pytester, synthetic_14m, fake_gpus, monkeypatch):
