@@ -32,7 +32,7 @@ def measure(neox, name: str, batch_size: int, benchmark=None, profile: LatencyPr
     """Measure one backend at one batch size in this session (kept in neox.latency for the report)."""
     backend = _backend_for(neox, name)
     neox.settle()                  # timing runs alone: no prelaunched worker still loading beside it
-    profile = profile or profile_for(backend.info.device, neox.options)
+    profile = profile or profile_for(backend.info.device, neox.options, name)
     tok = neox.tokenizer
     batch = latency_batch(text_tokens(tok), batch_size, profile.prompt_len,
                           tok.pad_token_id if tok.pad_token_id is not None else 0)
@@ -98,7 +98,7 @@ def check_latency(neox, backend_name: str, batch_size: int, benchmark=None, requ
         pytest.skip(f"batch {batch_size} is larger than the case set's largest batch ({neox.max_batch}), which "
                     "sizes DeepSpeed's workspace")
     backend = _backend_for(neox, backend_name)
-    profile = profile or profile_for(backend.info.device, opts)
+    profile = profile or profile_for(backend.info.device, opts, backend_name)
     policy = BaselinePolicy.of(neox, backend_name, backend.info, request)
     cls = policy.gpu_class
     bench = bench_name(batch_size, profile.prompt_len, profile.new_tokens)

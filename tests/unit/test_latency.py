@@ -303,7 +303,12 @@ def test_profiles():
     assert latency.profile_for("cuda:0") == latency.GPU_PROFILE
     assert latency.GPU_PROFILE.prompt_len == 64 and latency.GPU_PROFILE.new_tokens == 32
     gpu = latency.GPU_PROFILE.stop_rule()
-    assert (gpu.time_box_s, gpu.target_ci) == (10.0, 0.02) and gpu.max_rounds >= 50
+    assert (gpu.time_box_s, gpu.target_ci) == (5.0, 0.02) and gpu.max_rounds >= 50
+    # an engine streaming its weights is timed on fewer new tokens on a GPU; the others on the reference shape
+    assert latency.profile_for("cuda:0", engine="zero").new_tokens == latency.STREAMING_NEW_TOKENS < 32
+    assert latency.profile_for("cuda:0", engine="zero").stop_rule() == gpu
+    assert latency.profile_for("cuda:0", engine="ds") == latency.profile_for("cuda:0", engine="hf") == latency.GPU_PROFILE
+    assert latency.profile_for("cpu", engine="zero") == latency.CPU_PROFILE
     cpu = latency.profile_for("cpu").stop_rule()
     assert cpu.min_rounds == gpu.min_rounds == MIN_SAMPLES         # the gate compares CPU runs too
     fixed = latency.LatencyProfile(prompt_len=16, new_tokens=3, rounds=8).stop_rule()
@@ -312,6 +317,33 @@ def test_profiles():
     assert latency.profile_for("cuda:0", opts).stop_rule() == latency.StopRule(MIN_SAMPLES, gpu.max_rounds, 30.0, 0.05)
     unset = types.SimpleNamespace(latency_time_box=None, latency_ci=0.02)
     assert latency.profile_for("cpu", unset) == latency.CPU_PROFILE
+
+
+class _TimedStandIn:
+    """An engine in a worker as measure_backend sees it: generate(batch, n) costs 0.1 s + 0.01 s a token."""
+    runs_in_worker = True
+
+    def __init__(self, clock):
+        self.clock, self.calls = clock, 0
+        self.info = types.SimpleNamespace(backend="ds", dtype="fp16", device="cpu", tensor_parallel=1)
+
+    def generate(self, batch, n):
+        self.calls += 1
+        self.clock.now += 0.1 + 0.01 * n
+
+
+@pytest.mark.parametrize("min_warmup_s, warmup, expected", [(0.0, 1, 1), (1.0, 1, 4), (0.1, 2, 2)])
+def test_the_first_warmup_round_sizes_the_warmup_and_counts(min_warmup_s, warmup, expected):
+    """Rounds of 0.29 s (prefill 0.11 s + 8 tokens 0.18 s): 1 s of warm-up takes 4 rounds, the sizing round
+    one of them; the result says how many ran, and only measured rounds are samples."""
+    from pytest_neoxmii.outputs import PromptBatch
+    clock = FakeClock()
+    engine = _TimedStandIn(clock)
+    result = latency.measure_backend(engine, PromptBatch(rows=((1, 2),)), 8, 6, warmup,
+                                     timer=Timer(clock=clock), min_warmup_s=min_warmup_s)
+    assert result.warmup == expected
+    assert len(result.e2e) == 6 and engine.calls == 2 * (expected + 6)
+    assert result.e2e == pytest.approx([0.18] * 6)
 
 
 def test_warmup_lasts_long_enough():
