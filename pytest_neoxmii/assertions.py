@@ -89,8 +89,9 @@ def assert_matches_reference(neox, backend, prompts, *, max_new_tokens: int | No
         if can_score:
             with neox.timed("model calls"):
                 ref_scores = reference.score(batch)
-                floor = parity.teacher_forced_metrics(ref_scores, peer.score(batch), batch)
-                measured = parity.teacher_forced_metrics(ref_scores, backend.score(batch), batch)
+                floor = parity.teacher_forced_metrics(ref_scores, peer.score(batch), batch, device=neox.device)
+                measured = parity.teacher_forced_metrics(ref_scores, backend.score(batch), batch,
+                                                         device=neox.device)
             verdict = parity.judge(floor, measured, multiple)
             rows.append([label, len(ids), "teacher-forced", "within the floor" if verdict.passed
                          else ", ".join(verdict.failures), None, measured.kl_max, floor.kl_max,

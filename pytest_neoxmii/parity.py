@@ -418,13 +418,28 @@ def _check_scores(scores: Scores, batch: PromptBatch, what: str) -> None:
 _POSITIONS_PER_CHUNK = 256
 
 
-def teacher_forced_metrics(reference: Scores, candidate: Scores, batch: PromptBatch) -> TFMetrics:
+def teacher_forced_metrics(reference: Scores, candidate: Scores, batch: PromptBatch,
+                           device: str | None = None) -> TFMetrics:
     """KL(reference || candidate), top-1 agreement, max |logprob diff| and perplexities over real positions.
 
     Computed in float64, a few hundred positions at a time (a [batch, len, 50k] float64 tensor would not be
     small). KL renormalises both sides with a float64 log-softmax, so a log-softmax done in low precision does not turn into a
     negative KL; max_abs_diff uses the logprobs as given. Perplexity targets are the batch's own next tokens:
-    position t predicts token t+1, so the last real position of each row and padding are excluded."""
+    position t predicts token t+1, so the last real position of each row and padding are excluded.
+
+    With a CUDA `device`, each chunk is computed there while the scores stay in CPU memory (a chunk is 51 MB
+    a side): seconds of CPU arithmetic per long case become a copy. A GPU too full for a chunk falls back to
+    the CPU, with the same numbers up to the last bits of float64 rounding."""
+    if device is not None and device.startswith("cuda"):
+        try:
+            return _teacher_forced_metrics(reference, candidate, batch, torch.device(device))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+    return _teacher_forced_metrics(reference, candidate, batch, None)
+
+
+def _teacher_forced_metrics(reference: Scores, candidate: Scores, batch: PromptBatch,
+                            on: "torch.device | None") -> TFMetrics:
     if reference.logprobs.shape != candidate.logprobs.shape:
         raise ValueError(f"shape mismatch: reference logprobs {tuple(reference.logprobs.shape)} vs candidate "
                          f"{tuple(candidate.logprobs.shape)} (same batch, same vocabulary size required)")
@@ -454,20 +469,22 @@ def teacher_forced_metrics(reference: Scores, candidate: Scores, batch: PromptBa
             # run, so a chunk is a slice, a view rather than a gathered copy.
             first, last = int(chunk[0]), int(chunk[-1])
             lr, lc = reference.logprobs[b, first:last + 1], candidate.logprobs[b, first:last + 1]
+            if on is not None:
+                lr, lc = lr.to(on), lc.to(on)
             kept = chunk
             if nonfinite is not None:                    # else every real position is finite on both sides
                 finite = torch.isfinite(lr).all(-1) & torch.isfinite(lc).all(-1)
                 if not bool(finite.any()):
                     continue
                 if not bool(finite.all()):
-                    lr, lc, kept = lr[finite], lc[finite], chunk[finite]
+                    lr, lc, kept = lr[finite], lc[finite], chunk[finite.cpu()]
             lr, lc = lr.to(torch.float64), lc.to(torch.float64)
             nr, nc = torch.log_softmax(lr, -1), torch.log_softmax(lc, -1)
-            kls.append(nr.exp().mul_(nr - nc).sum(-1).clamp_min(0.0))
+            kls.append(nr.exp().mul_(nr - nc).sum(-1).clamp_min(0.0).cpu())
             ar, ac = lr.argmax(-1), lc.argmax(-1)
-            agree.append(ar == ac)
-            r_top.append(ar)
-            c_top.append(ac)
+            agree.append((ar == ac).cpu())
+            r_top.append(ar.cpu())
+            c_top.append(ac.cpu())
             max_abs = max(max_abs, float((lr - lc).abs_().max()))
             where.extend((b, p, plen) for p in pos[kept].tolist())
             # next-token targets: t -> ids[t+1], only where t+1 is a real token too
@@ -476,9 +493,10 @@ def teacher_forced_metrics(reference: Scores, candidate: Scores, batch: PromptBa
             inside = nxt < batch.max_len
             has_target[inside] = bmask[b, nxt[inside]]
             if bool(has_target.any()):
-                tgt = ids[b, nxt[has_target]]
-                nll_r.append(-lr[has_target].gather(-1, tgt[:, None]).squeeze(-1))
-                nll_c.append(-lc[has_target].gather(-1, tgt[:, None]).squeeze(-1))
+                tgt = ids[b, nxt[has_target]].to(lr.device)
+                rows = has_target.to(lr.device)
+                nll_r.append(-lr[rows].gather(-1, tgt[:, None]).squeeze(-1).cpu())
+                nll_c.append(-lc[rows].gather(-1, tgt[:, None]).squeeze(-1).cpu())
 
     if not kls:   # everything non-finite: explicit worst case, never NaN
         return TFMetrics(math.inf, math.inf, 0.0, math.inf, None, None, 0, 0, worst_positions=[],

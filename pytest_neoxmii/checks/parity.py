@@ -76,7 +76,7 @@ def noise_floor(neox: NeoxSession, case: Case, dtype: str | None = None) -> pari
 
     def compute() -> parity.TFMetrics:
         return parity.teacher_forced_metrics(neox.scores(neox.reference(), case), neox.scores(peer, case),
-                                             case.batch)
+                                             case.batch, device=neox.device)
     return neox.memo(("noise floor", case.id, peer.info.dtype), compute)
 
 
@@ -87,7 +87,7 @@ def check_teacher_forced(neox: NeoxSession, backend_name: str, case: Case, reque
     known = mark_known_issue(request, "teacher-forced", backend, case)
     floor = noise_floor(neox, case, backend.info.dtype)   # the floor at the precision the backend ran
     measured = parity.teacher_forced_metrics(neox.scores(neox.reference(), case), neox.scores(backend, case),
-                                             case.batch)
+                                             case.batch, device=neox.device)
     verdict = parity.judge(floor, measured, neox.options.parity_multiple)
     metrics = {"kl_mean": measured.kl_mean, "kl_max": measured.kl_max, "top1_agreement": measured.top1_agreement,
                "max_abs_diff": measured.max_abs_diff, "floor_kl_max": floor.kl_max,

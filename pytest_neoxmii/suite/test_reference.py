@@ -83,7 +83,7 @@ def test_fixed_text_perplexity_is_finite(neox):
     plan = next(p for p in neox.plans() if p.family == "fixed-text")
     case = neox.case(plan)
     m = parity.teacher_forced_metrics(neox.scores(neox.reference(), case), neox.scores(neox.peer(), case),
-                                      case.batch)
+                                      case.batch, device=neox.device)
     print(f"fixed-text perplexity ({neox.model.describe()}): fp32 {m.perplexity_reference:.2f}, "
           f"{neox.dtype} {m.perplexity_candidate:.2f} over {m.n_targets} targets")
     assert m.n_targets > 0 and m.nonfinite is None, m.nonfinite

@@ -300,7 +300,7 @@ def test_the_noise_floor_is_computed_once_per_case_and_dtype(monkeypatch):
     session.backends["hf:fp16"] = StandInBackend("hf", "fp16", scores=scores(case, 0.0))
     real, computed = parity_module.teacher_forced_metrics, []
     monkeypatch.setattr(parity_module, "teacher_forced_metrics",
-                        lambda r, c, b: computed.append(c) or real(r, c, b))
+                        lambda r, c, b, **kw: computed.append(c) or real(r, c, b, **kw))
     first = checks.noise_floor(session, case, "bf16")
     assert checks.noise_floor(session, case, "bf16") is first and len(computed) == 1
     assert checks.noise_floor(session, case).kl_max == 0 and len(computed) == 2      # fp16: another floor

@@ -271,6 +271,40 @@ def test_metrics_do_not_depend_on_how_positions_are_chunked(batch, logits, refer
     assert (whole.nonfinite is not None) == nonfinite
 
 
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_metrics_on_a_gpu_are_the_cpu_metrics(batch, logits, reference, nonfinite):
+    """Chunks computed on the session's GPU: the same positions, agreement and worst positions, and the
+    same numbers up to float64 rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU, found none")
+    candidate = scores_from_logits(batch, logits + 0.05 * noise(batch, seed=2))
+    if nonfinite:
+        candidate.logprobs[2, 3, 5] = float("nan")
+    cpu = teacher_forced_metrics(reference, candidate, batch)
+    gpu = teacher_forced_metrics(reference, candidate, batch, device="cuda:0")
+    assert (gpu.n_positions, gpu.n_targets, gpu.top1_agreement, gpu.nonfinite) == \
+        (cpu.n_positions, cpu.n_targets, cpu.top1_agreement, cpu.nonfinite)
+    assert [(w.row, w.position) for w in gpu.worst_positions] == [(w.row, w.position) for w in cpu.worst_positions]
+    for name in ("kl_mean", "kl_max", "max_abs_diff", "perplexity_reference", "perplexity_candidate"):
+        assert getattr(gpu, name) == pytest.approx(getattr(cpu, name), rel=1e-9, abs=1e-15), name
+
+
+def test_a_gpu_without_room_for_a_chunk_computes_on_the_cpu(batch, logits, reference, monkeypatch):
+    candidate = scores_from_logits(batch, logits + 0.05 * noise(batch, seed=2))
+    expected = teacher_forced_metrics(reference, candidate, batch)
+    inner = parity._teacher_forced_metrics
+    tried = []
+
+    def full_gpu(ref, cand, b, on):
+        tried.append(on)
+        if on is not None:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 98.00 MiB")
+        return inner(ref, cand, b, on)
+    monkeypatch.setattr(parity, "_teacher_forced_metrics", full_gpu)
+    assert teacher_forced_metrics(reference, candidate, batch, device="cuda:0") == expected
+    assert tried == [torch.device("cuda:0"), None]
+
+
 def test_inf_in_reference_also_fails(batch, logits, reference, floor_pair):
     broken = Scores(reference.logprobs.clone(), reference.mask)
     broken.logprobs[0, 0, 3] = float("inf")
