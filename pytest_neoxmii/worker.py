@@ -144,8 +144,10 @@ def load(cls, request) -> tuple[object | None, dict]:
             return None, {"op": "failed", "kind": "over-cap",
                           "message": f"{capped}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"}
         return None, {"op": "failed", "kind": "error", "message": traceback.format_exc()}
+    # ready_at: CLOCK_MONOTONIC, one clock for every process of the machine, so that the session can say
+    # when the worker was ready, not when a test first asked for it
     return backend, {"op": "ready", "info": backend.info, "pid": os.getpid(), "kernel_build_s": kernel_s,
-                     "load_s": load_s}
+                     "load_s": load_s, "ready_at": time.monotonic()}
 
 
 def main(argv=None) -> int:

@@ -81,6 +81,7 @@ class IsolatedEngine(ChannelDeployment):
         self.worker_pid = ready["pid"]
         self.kernel_build_s = ready.get("kernel_build_s")
         self.load_s = ready.get("load_s")
+        self.ready_at = ready.get("ready_at")
 
     def _load_failure(self, message: dict, tree: processes.ProcessTree) -> Exception:
         from pytest_neoxmii.injection import InjectionFailed

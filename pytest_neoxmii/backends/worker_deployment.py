@@ -27,6 +27,7 @@ class WorkerDeployment(Backend):
     runs_in_worker = True
     polite_timeout = 15.0        # default seconds the processes get to exit on their own after polite()
     _closed = True               # nothing to tear down until processes exist
+    ready_at: float | None = None   # time.monotonic() at which the processes reported ready, where they say
 
     def __init__(self, *, tag_prefix: str, dtype: str, tp: int, gpus: list[int] | None,
                  ready_timeout: float | None, request_timeout: float | None, memory_probe="default",
@@ -50,6 +51,7 @@ class WorkerDeployment(Backend):
         self._ready = False
         self._launched_at = time.monotonic()
         self._guarded(self._launch)
+        self._guarded(self._after_launch)
         if wait:
             self.wait_ready()
 
@@ -67,7 +69,12 @@ class WorkerDeployment(Backend):
         if not self._ready:
             def finish():
                 self._start(self._ready_timeout)
-                self.deploy_seconds = time.monotonic() - self._launched_at
+                now = time.monotonic()
+                # When the processes were ready (a worker says so), not when the session came to ask: a
+                # deployment launched ahead has often been ready for a while.
+                ready_at = self.ready_at if self.ready_at is not None and self._launched_at <= self.ready_at <= now \
+                    else now
+                self.deploy_seconds = ready_at - self._launched_at
                 self.info = self._describe()
             self._guarded(finish)
             self._ready = True
@@ -85,6 +92,9 @@ class WorkerDeployment(Backend):
 
     def _launch(self) -> None:
         """Start what can load on its own while the session goes on (wait=False returns after this)."""
+
+    def _after_launch(self) -> None:
+        """What the session side starts right after the launch (a channel's accept)."""
 
     @abc.abstractmethod
     def _start(self, ready_timeout: float) -> None:
@@ -137,6 +147,11 @@ class ChannelDeployment(WorkerDeployment):
     def _reserve(self) -> None:
         self._listener = channel.Listener()
 
+    def _after_launch(self) -> None:
+        # rank 0 connects as soon as it starts: take the connection then, so that it goes on loading
+        # (and working ahead) while the session does something else
+        self._listener.accept_in_background(self._ready_timeout)
+
     def _await_ready(self, tree: processes.ProcessTree, ready_timeout: float) -> dict:
         """The ready message of rank 0; a tree that dies first is ServerDied within a second, with its log."""
         deadline = time.monotonic() + ready_timeout
@@ -146,7 +161,7 @@ class ChannelDeployment(WorkerDeployment):
             tree.pids()                              # remember the tree while its parents still link it
 
         try:
-            self.conn = self._listener.accept(ready_timeout, check=check)
+            self.conn = self._listener.accepted(ready_timeout, check=check)
             return channel.receive(self.conn, max(deadline - time.monotonic(), 1.0), check=check)
         except channel.ChannelTimeout:
             raise processes.ReadinessTimeout(

@@ -52,6 +52,27 @@ def test_an_isolated_engine_answers_from_its_own_process_and_is_torn_down(tmp_pa
         engine.generate(BATCH, 1)
 
 
+def test_a_launched_worker_says_when_it_was_ready_not_when_it_was_first_asked(tmp_path):
+    """A worker launched ahead (prelaunch) is often ready long before a test needs it: 'deployed in' is the
+    worker's own ready time (one monotonic clock for the machine), not the time the session came to ask."""
+    (tmp_path / "echo-markers").mkdir()
+    engine = deploy(stand_ins.EchoEngine, tmp_path, wait=False)
+    try:
+        log = engine._trees[0].log_path
+        deadline = time.monotonic() + 120
+        while ": ready:" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        asked_at = time.monotonic()
+        engine.wait_ready()
+        assert engine._launched_at < engine.ready_at < asked_at
+        assert engine.deploy_seconds == pytest.approx(engine.ready_at - engine._launched_at)
+        assert engine.deploy_seconds < asked_at - engine._launched_at - 0.9
+        assert f"deployed in {engine.deploy_seconds:.1f} s" in engine.info.notes
+    finally:
+        engine.close()
+
+
 def test_deployments_asked_to_exit_first_wind_down_side_by_side(tmp_path):
     """The session asks every worker to exit before it closes any: each exits on its own, and close() then
     only collects it (nothing left to stop or signal)."""
