@@ -23,6 +23,8 @@ MARKERS = (
     "multi_gpu(n=2): needs at least n CUDA GPUs; skips with what was found otherwise",
     "neox_latency(threshold=0.10): this test's latency regression threshold (fraction of the median), "
     "instead of --neox-latency-threshold",
+    "neox_alone: the test needs the machine to itself (timing, device-wide memory readings): it runs after "
+    "the session's other tests, while the engines' workers finish loading and working ahead beside those",
 )
 
 
@@ -128,6 +130,10 @@ def _marker_skip_reason(item: pytest.Item, hw) -> str | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A neox_alone test waits for every worker to finish loading and working ahead (NeoxSession.settle):
+    # run first, it would leave the test process idle meanwhile, instead of judging what is ready.
+    items[:] = [*(it for it in items if not it.get_closest_marker("neox_alone")),
+                *(it for it in items if it.get_closest_marker("neox_alone"))]
     gpu_markers = ("gpu", "a100_40g", "multi_gpu")
     marked = [it for it in items if any(it.get_closest_marker(m) for m in gpu_markers)]
     if not marked:

@@ -35,6 +35,7 @@ def test_zero_inference_keeps_weights_off_the_gpu(neox):
 
 
 @pytest.mark.gpu
+@pytest.mark.neox_alone          # device-wide memory readings: nothing else may load meanwhile
 def test_ds_teardown_gives_gpu_memory_back(neox):
     """A second, private DS deployment: load, close, and the allocator is back where it started."""
     from pytest_neoxmii.backends import load_backend

@@ -8,6 +8,7 @@ import pytest
 from pytest_neoxmii.checks import check_latency
 from pytest_neoxmii.latency import BATCH_SIZES
 
+pytestmark = pytest.mark.neox_alone     # timed alone, after the session's other tests (see plugin.py)
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES, ids=[f"bs{b}" for b in BATCH_SIZES])
 def test_latency(neox, neox_each_backend, batch_size, benchmark, request):

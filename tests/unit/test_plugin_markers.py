@@ -169,3 +169,35 @@ def test_real_detection_on_a_machine_without_cuda(pytester, outcomes):
     else:
         assert hardware.detect().gpus == ()
         assert got["test_gpu"] == ("skipped", "needs a CUDA GPU, found none")
+
+
+
+ALONE = """
+import pytest
+
+@pytest.mark.neox_alone
+def test_timed():
+    pass
+
+def test_parity():
+    pass
+
+@pytest.mark.neox_alone
+class TestMemory:
+    def test_teardown(self):
+        pass
+
+def test_reference():
+    pass
+"""
+
+
+def test_tests_that_need_the_machine_alone_run_after_the_others(pytester, fake_gpus):
+    """neox_alone (registered: --strict-markers accepts it) moves a test behind every unmarked one, in
+    collection order otherwise, so that the test process judges what is ready while workers still work."""
+    fake_gpus()
+    pytester.makepyfile(test_alone=ALONE)
+    result = pytester.runpytest("--strict-markers", "-v")
+    result.assert_outcomes(passed=4)
+    assert [ln.split("::", 1)[1].split()[0] for ln in result.outlines if " PASSED" in ln] == \
+        ["test_parity", "test_reference", "test_timed", "TestMemory::test_teardown"]
