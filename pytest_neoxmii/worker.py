@@ -15,9 +15,10 @@ matched nothing is a failure, anything else is a deployment error with the trace
 
 Working ahead (--ahead FILE): the calls the session knows its selected tests will make of this engine (the
 parity and golden cases) run right after the ready report, and their results are kept, so that several
-engines compute side by side, with each other and with the reference in the test process. Each result is
-handed over once, when the session asks. Requests wait until that work is done: the session's `ahead_done`
-request is how it knows that no engine is still computing before it times anything."""
+engines compute side by side, with each other and with the reference in the test process. They run in a
+thread beside the request loop; each result is handed over once, as soon as it is computed and asked for.
+Any other request waits until that work is done: the session's `ahead_done` request is how it knows that no
+engine is still computing before it times anything."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,7 @@ import importlib
 import os
 import pickle
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -47,12 +49,28 @@ def engine_class(spec: str):
 
 
 class Served:
-    """What the worker answers: the engine's own calls, and its latency timed in this process."""
+    """What the worker answers: the engine's own calls, and its latency timed in this process.
+
+    Working ahead runs in a thread beside the request loop, and each result is handed over as soon as it is
+    computed: a test needing the first call's result does not wait for the last. The engine is only ever
+    called by one thread at a time: a request for anything else than a result being worked ahead waits
+    until the work ahead is done."""
 
     def __init__(self, backend):
         self.backend = backend
         self._ahead: dict[str, object] = {}       # call_key -> result, until the session asks for it
+        self._pending: set[str] = set()            # call_keys still to be computed ahead
+        self._busy = False                         # the thread working ahead has not finished
+        self._cond = threading.Condition()
         self._ahead_report = {"calls": 0, "computed": 0, "seconds": 0.0}
+
+    def start_ahead(self, calls) -> threading.Thread:
+        with self._cond:
+            self._pending = {call_key(op, args) for op, args in calls}
+            self._busy = True
+        thread = threading.Thread(target=self.run_ahead, args=(calls,), name="working-ahead", daemon=True)
+        thread.start()
+        return thread
 
     def run_ahead(self, calls) -> None:
         """Run the session's calls now and keep the results. A call that fails is left for the session's
@@ -60,23 +78,50 @@ class Served:
         the log's last line names the call."""
         from pytest_neoxmii.backends.worker_deployment import describe_request
         t0 = time.monotonic()
-        for op, args in calls:
-            print(f"worker {os.getpid()}: working ahead: {describe_request(op, args)}", flush=True)
-            try:
-                self._ahead[call_key(op, args)] = getattr(self.backend, op)(*args)
-            except Exception as exc:
-                print(f"worker {os.getpid()}: {op} ahead failed ({type(exc).__name__}), left for the "
-                      f"session's own request", flush=True)
-        self._ahead_report = {"calls": len(calls), "computed": len(self._ahead),
-                              "seconds": round(time.monotonic() - t0, 3)}
+        computed = 0
+        try:
+            for op, args in calls:
+                key = call_key(op, args)
+                print(f"worker {os.getpid()}: working ahead: {describe_request(op, args)}", flush=True)
+                try:
+                    result = getattr(self.backend, op)(*args)
+                except Exception as exc:
+                    print(f"worker {os.getpid()}: {op} ahead failed ({type(exc).__name__}), left for the "
+                          f"session's own request", flush=True)
+                    result = _MISSING
+                with self._cond:
+                    if result is not _MISSING:
+                        self._ahead[key] = result
+                        computed += 1
+                    self._pending.discard(key)
+                    self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._ahead_report = {"calls": len(calls), "computed": computed,
+                                      "seconds": round(time.monotonic() - t0, 3)}
+                self._pending.clear()
+                self._busy = False
+                self._cond.notify_all()
+
+    def _idle(self) -> None:
+        """Wait until nothing is computed ahead any more: the engine is then this thread's alone."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._busy)
 
     def ahead_done(self) -> dict:
         """What was computed ahead, and how many of those results the session has not asked for (yet)."""
+        self._idle()
         return {**self._ahead_report, "unclaimed": len(self._ahead)}
 
     def _answer(self, op: str, args):
-        kept = self._ahead.pop(call_key(op, args), _MISSING)
-        return getattr(self.backend, op)(*args) if kept is _MISSING else kept
+        key = call_key(op, args)
+        with self._cond:
+            self._cond.wait_for(lambda: key not in self._pending)     # being worked ahead: its result
+            kept = self._ahead.pop(key, _MISSING)
+        if kept is not _MISSING:
+            return kept
+        self._idle()
+        return getattr(self.backend, op)(*args)
 
     def generate(self, *args):
         return self._answer("generate", args)
@@ -85,13 +130,16 @@ class Served:
         return self._answer("score", args)
 
     def trace(self, *args):
+        self._idle()
         return self.backend.trace(*args)
 
     def query_texts(self, *args):
+        self._idle()
         return self.backend.query_texts(*args)
 
     def measure_latency(self, batch, new_tokens, rounds, warmup, spec, hardware, min_warmup_s):
         from pytest_neoxmii.latency import measure_backend
+        self._idle()
         return measure_backend(self.backend, batch, new_tokens, rounds, warmup, spec=spec, hardware=hardware,
                                min_warmup_s=min_warmup_s)
 
@@ -168,9 +216,10 @@ def main(argv=None) -> int:
     served = Served(backend)
     try:
         if args.ahead is not None:
-            served.run_ahead(pickle.loads(args.ahead.read_bytes()))
+            served.start_ahead(pickle.loads(args.ahead.read_bytes()))
         return serve(conn, served, rank=0, world=1, broadcast=lambda r: r, ops=OPS)
     finally:
+        served._idle()                        # never close the engine under the thread working ahead
         backend.close()
 
 

@@ -101,3 +101,16 @@ class NumbersItsCalls(EchoEngine):
             raise RuntimeError("stand-in engine: the first call fails on purpose")
         return Generation(tokens=[[self.calls] * max_new_tokens for _ in batch.rows],
                           top_logprobs=[[[(self.calls, 0.0)]] * max_new_tokens for _ in batch.rows])
+
+
+class SecondCallWaits(NumbersItsCalls):
+    """The second generate call waits until the test creates echo-markers/go: a test can ask for the first
+    call's result while the second is still being worked ahead."""
+
+    def generate(self, batch, max_new_tokens, top_k=5):
+        if self.calls == 1:
+            import time
+            go = self.closed_marker.parent / "go"
+            while not go.exists():
+                time.sleep(0.05)
+        return super().generate(batch, max_new_tokens, top_k)

@@ -188,6 +188,25 @@ def test_calls_given_ahead_are_computed_after_the_load_and_handed_over_once(tmp_
         engine.close()
 
 
+def test_a_result_worked_ahead_is_handed_over_while_later_calls_are_still_computed(tmp_path):
+    """The first call's result comes back while the second call is still running ahead (it waits for the
+    test's go): a test does not wait for the whole work ahead, only for what it asks."""
+    (tmp_path / "echo-markers").mkdir()
+    other = PromptBatch(rows=((7, 8, 9),))
+    engine = deploy(stand_ins.SecondCallWaits, tmp_path, ahead=[("generate", (BATCH, 3, 5)),
+                                                                 ("generate", (other, 2, 5))],
+                    request_timeout=60)
+    try:
+        assert engine.generate(BATCH, 3).tokens == [[1] * 3, [1] * 3]       # the first call, made ahead
+        assert "working ahead: generate(batch of 1 row" in engine._trees[0].log_path.read_text()
+        (tmp_path / "echo-markers" / "go").write_text("")
+        assert engine.generate(other, 2).tokens == [[2, 2]]                 # the second, made ahead too
+        report = engine.wait_ahead()
+        assert (report["calls"], report["computed"], report["unclaimed"]) == (2, 2, 0)
+    finally:
+        engine.close()
+
+
 def test_a_call_that_fails_ahead_is_left_for_the_sessions_own_request(tmp_path):
     fails_first = PromptBatch(rows=((13, 1),))
     engine = deploy(stand_ins.NumbersItsCalls, tmp_path, ahead=[("generate", (fails_first, 2, 5))])
