@@ -114,3 +114,8 @@ class SecondCallWaits(NumbersItsCalls):
             while not go.exists():
                 time.sleep(0.05)
         return super().generate(batch, max_new_tokens, top_k)
+
+
+class StreamsItsWeights(EchoEngine):
+    """Keeps its weights off the GPU by design, as ZeRO-Inference does."""
+    weights_on_gpu = False
