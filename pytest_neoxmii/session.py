@@ -483,6 +483,9 @@ class NeoxSession:
                 pytest.skip(f"{backend.info.backend}: {exc}")
             except DeploymentError as exc:
                 self._crash(self._key_of(backend), str(exc))
+            except Exception as exc:
+                self._fail_if_out_of_memory(backend, "generate", case, exc)
+                raise
         return self._cache[key]
 
     def scores(self, backend: Backend, case: Case) -> Scores:
@@ -495,7 +498,21 @@ class NeoxSession:
                 pytest.skip(f"{backend.info.backend}: {exc}")
             except DeploymentError as exc:
                 self._crash(self._key_of(backend), str(exc))
+            except Exception as exc:
+                self._fail_if_out_of_memory(backend, "score", case, exc)
+                raise
         return self._cache[key]
+
+    def _fail_if_out_of_memory(self, backend: Backend, op: str, case: Case, exc: Exception) -> None:
+        """A model in this process out of GPU memory (torch.OutOfMemoryError, matched by name: nothing here
+        imports torch) fails its test in one line naming the model, the call and what CUDA said, instead of
+        a traceback through the session."""
+        if type(exc).__name__ != "OutOfMemoryError":
+            return
+        from pytest_neoxmii.backends.worker_deployment import describe_request
+        said = str(exc).split(". Including", 1)[0].splitlines()[0] if str(exc) else type(exc).__name__
+        pytest.fail(f"{backend.info.backend} ({backend.info.dtype}) ran out of GPU memory in "
+                    f"{describe_request(op, self._call_args(op, case))} of case {case.id}: {said}", pytrace=False)
 
     def _call_args(self, op: str, case: Case) -> tuple:
         """The arguments of an engine's generate or score for `case`: one place, because a worker working

@@ -264,3 +264,28 @@ def test_auto_counts_the_engines_already_on_the_gpu(monkeypatch, fake_gpus):
     assert line.startswith("reference first: 3 cases precomputed, hf fp32 + fp16 released before big2 (needed "
                            "hf fp32 5.7 GB + hf fp16 2.8 GB + big2 fp16 2.8 GB + big fp16 2.8 GB, x 1.2 = ")
     assert line.endswith(" > 15.8 GB of GPU 0)")
+
+
+class OutOfMemoryError(RuntimeError):
+    """What torch raises (torch.OutOfMemoryError), by name."""
+
+
+def test_a_model_out_of_gpu_memory_fails_its_test_in_one_line(monkeypatch, on_cpu):
+    """Measured on pythia-12b (one H200): the reference ran out of memory inside the session; the test then
+    showed a traceback through session.py. Now one line: the model, the call and the case, what CUDA said."""
+    session = make_session(monkeypatch, mode="never")
+    case = session.case(PLANS[0])
+
+    def full(self, batch):
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 66.00 MiB. GPU 0 has a total capacity of "
+                               "139.80 GiB of which 52.38 MiB is free. Including non-PyTorch memory, this "
+                               "process has 67.03 GiB memory in use.")
+    monkeypatch.setattr(StandInReference, "score", full)
+    with pytest.raises(pytest.fail.Exception) as info:
+        session.scores(session.reference(), case)
+    assert str(info.value) == ("hf (fp32) ran out of GPU memory in score(batch of 1 row, lengths 3) of case "
+                               "short-b1-len3: CUDA out of memory. Tried to allocate 66.00 MiB. GPU 0 has a total "
+                               "capacity of 139.80 GiB of which 52.38 MiB is free")
+    monkeypatch.setattr(StandInReference, "score", lambda self, batch: 1 / 0)
+    with pytest.raises(ZeroDivisionError):                 # anything else is not this rule's business
+        session.scores(session.reference(), case)
