@@ -532,9 +532,9 @@ class NeoxSession:
 
     def close(self) -> None:
         for key, backend in self.backends.items():   # the workers' last account of their work ahead
-            if isinstance(backend, IsolatedEngine) and backend.ahead_finished and backend.ahead:
+            if isinstance(backend, IsolatedEngine) and backend.ahead:
                 try:
-                    self.ahead_reports[key] = backend.wait_ahead(again=True)
+                    self.ahead_reports[key] = backend.ahead_so_far()     # never waits for it
                 except Exception:
                     pass
         self.backends.update(self.pending)      # launched but never needed: torn down all the same

@@ -62,12 +62,15 @@ class Served:
         self._pending: set[str] = set()            # call_keys still to be computed ahead
         self._busy = False                         # the thread working ahead has not finished
         self._cond = threading.Condition()
-        self._ahead_report = {"calls": 0, "computed": 0, "seconds": 0.0}
+        self._ahead_report = {"calls": 0, "computed": 0, "seconds": 0.0, "finished": True}
+        self._ahead_started = time.monotonic()
 
     def start_ahead(self, calls) -> threading.Thread:
         with self._cond:
             self._pending = {call_key(op, args) for op, args in calls}
             self._busy = True
+            self._ahead_report = {"calls": len(calls), "computed": 0, "seconds": 0.0, "finished": False}
+            self._ahead_started = time.monotonic()
         thread = threading.Thread(target=self.run_ahead, args=(calls,), name="working-ahead", daemon=True)
         thread.start()
         return thread
@@ -77,8 +80,6 @@ class Served:
         own request, which then fails with the error; a crash ends the worker as during any request, and
         the log's last line names the call."""
         from pytest_neoxmii.backends.worker_deployment import describe_request
-        t0 = time.monotonic()
-        computed = 0
         try:
             for op, args in calls:
                 key = call_key(op, args)
@@ -92,26 +93,35 @@ class Served:
                 with self._cond:
                     if result is not _MISSING:
                         self._ahead[key] = result
-                        computed += 1
+                        self._ahead_report["computed"] += 1
                     self._pending.discard(key)
                     self._cond.notify_all()
         finally:
             with self._cond:
-                self._ahead_report = {"calls": len(calls), "computed": computed,
-                                      "seconds": round(time.monotonic() - t0, 3)}
+                report = self._ahead_report
+                report.update(seconds=round(time.monotonic() - self._ahead_started, 3), finished=True)
                 self._pending.clear()
                 self._busy = False
                 self._cond.notify_all()
+            # the line a crash's excerpt is read against: after it, a crash is not in the work ahead
+            print(f"worker {os.getpid()}: worked ahead: {report['computed']}/{report['calls']} calls in "
+                  f"{report['seconds']:.1f} s", flush=True)
 
     def _idle(self) -> None:
         """Wait until nothing is computed ahead any more: the engine is then this thread's alone."""
         with self._cond:
             self._cond.wait_for(lambda: not self._busy)
 
-    def ahead_done(self) -> dict:
-        """What was computed ahead, and how many of those results the session has not asked for (yet)."""
-        self._idle()
-        return {**self._ahead_report, "unclaimed": len(self._ahead)}
+    def ahead_done(self, wait: bool = True) -> dict:
+        """What was computed ahead, and how many of those results the session has not asked for (yet).
+        wait=False answers at once, with how far it got ("finished" False while it still works)."""
+        if wait:
+            self._idle()
+        with self._cond:
+            report = {**self._ahead_report, "unclaimed": len(self._ahead)}
+            if not report["finished"]:
+                report["seconds"] = round(time.monotonic() - self._ahead_started, 3)
+            return report
 
     def _answer(self, op: str, args):
         key = call_key(op, args)

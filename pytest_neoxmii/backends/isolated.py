@@ -53,7 +53,6 @@ class IsolatedEngine(ChannelDeployment):
         # ahead_done has answered, the worker may still be computing them.
         self.ahead = list(ahead)
         self.ahead_report: dict | None = None         # the worker's account (worker.py, ahead_done)
-        self._ahead_finished = False                  # known once any request has been answered
         super().__init__(tag_prefix=f"{name}-worker", dtype=request.dtype, tp=request.tp, gpus=_gpus(request),
                          ready_timeout=ready_timeout, request_timeout=request_timeout,
                          memory_probe=memory_probe, engine_config=request.engine_config, wait=wait)
@@ -110,23 +109,26 @@ class IsolatedEngine(ChannelDeployment):
         this, the engine computes nothing until asked. The worker's account (calls, computed, seconds,
         unclaimed: results no test has asked for yet) is asked once, or again with again=True."""
         if self.ahead and (self.ahead_report is None or again):
-            self.ahead_report = self._call("ahead_done")
+            self.ahead_report = self._call("ahead_done", True)
+        return self.ahead_report
+
+    def ahead_so_far(self) -> dict | None:
+        """The worker's account now, without waiting: "finished" False while it still works ahead (a
+        session interrupted, or ended with tests that never asked, must not wait for that work)."""
+        if self.ahead:
+            self.ahead_report = self._call("ahead_done", False)
         return self.ahead_report
 
     @property
     def ahead_finished(self) -> bool:
-        return self._ahead_finished
-
-    def _call(self, op: str, *args):
-        result = super()._call(op, *args)
-        self._ahead_finished = True                   # the worker answers only after its work ahead
-        return result
+        return bool(self.ahead_report and self.ahead_report.get("finished", True))
 
     def _crashed(self, tree, op: str, args):
         crash = super()._crashed(tree, op, args)
-        if self.ahead and not self._ahead_finished:     # the session's request was queued behind them
+        log = tree.log_path.read_text(errors="replace") if tree.log_path.exists() else ""
+        if "working ahead:" in log and "worked ahead:" not in log:    # it died in a call made ahead
             crash.args = (f"{crash.args[0]} (the worker was still running the session's calls ahead: the "
-                          f"log's 'working ahead' line names the one it died in)",)
+                          f"log's last 'working ahead' line names the one it died in)",)
         return crash
 
     # -- the hosted engine's other calls --------------------------------------------------------------

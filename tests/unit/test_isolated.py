@@ -199,10 +199,16 @@ def test_a_result_worked_ahead_is_handed_over_while_later_calls_are_still_comput
     try:
         assert engine.generate(BATCH, 3).tokens == [[1] * 3, [1] * 3]       # the first call, made ahead
         assert "working ahead: generate(batch of 1 row" in engine._trees[0].log_path.read_text()
+        # how far it got, at once (what a session ending asks: it never waits for the rest)
+        so_far = engine.ahead_so_far()
+        assert (so_far["calls"], so_far["computed"], so_far["finished"]) == (2, 1, False)
+        assert not engine.ahead_finished
         (tmp_path / "echo-markers" / "go").write_text("")
         assert engine.generate(other, 2).tokens == [[2, 2]]                 # the second, made ahead too
-        report = engine.wait_ahead()
-        assert (report["calls"], report["computed"], report["unclaimed"]) == (2, 2, 0)
+        report = engine.wait_ahead(again=True)
+        assert (report["calls"], report["computed"], report["unclaimed"], report["finished"]) == (2, 2, 0, True)
+        assert engine.ahead_finished
+        assert "worked ahead: 2/2 calls in" in engine._trees[0].log_path.read_text()
     finally:
         engine.close()
 

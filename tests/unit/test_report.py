@@ -79,7 +79,9 @@ def fake_session(tmp_path, *, source="synthetic", gpus=True):
         timings={"kernel build": 55.0, "model load": 10.0, "model calls": 20.0, "timed benchmark calls": 30.0},
         prelaunched=["ds", "mii"], started=time.perf_counter() - 130.0,
         ahead_reports={"ds:fp16": {"calls": 13, "computed": 13, "seconds": 2.2, "unclaimed": 0},
-                       "mii:fp16": {"calls": 13, "computed": 12, "seconds": 3.6, "unclaimed": 2}})
+                       "mii:fp16": {"calls": 13, "computed": 12, "seconds": 3.6, "unclaimed": 2},
+                       "zero:fp16": {"calls": 13, "computed": 4, "seconds": 9.5, "unclaimed": 1,
+                                     "finished": False}})
 
 
 REFERENCE_FIRST = ("reference first: 7 cases precomputed, hf fp32 + fp16 released before ds (needed hf fp32 "
@@ -234,7 +236,8 @@ def test_terminal_summary(tmp_path):
     assert "golden changed: ds batch-b4-len32: changed (row 2: step 7 token 13 -> 77 ...)" in text
     assert "workers launched when the session started, loading side by side: ds, mii (model load above" in text
     assert ("worked ahead, side by side: ds 13/13 calls in 2.2 s, mii 12/13 calls in 3.6 s (2 never asked for: "
-            "tests that did not run, or did not get that far)") in text
+            "tests that did not run, or did not get that far), zero 4/13 calls in 9.5 s (1 never asked for: tests "
+            "that did not run, or did not get that far) (still working ahead when the session ended)") in text
     assert "golden near-tie (accepted): hf short-b1-len4" in text
     assert "timed benchmark calls 30.0 s" in text
     rep = tmp_path / "rep"
