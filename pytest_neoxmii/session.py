@@ -356,7 +356,7 @@ class NeoxSession:
             return True
         # Every engine counts at its weights, ZeRO's too: it streams them in layer by layer, but torch's
         # allocator in its worker keeps what it fetched (measured: 23.6 GiB held after working ahead on
-        # pythia-12b, fp16 weights 23.7 GB, one H200), and three engines beside the reference ran out of
+        # pythia-12b with synthetic weights, fp16 23.7 GB, one H200), and three engines beside the reference ran out of
         # memory there.
         deployed = [(n, dtype, self._tp_of(n)) for n in names]
         return reference_first.footprint(self.model.spec, engines.reference_name(), dtype, deployed,
@@ -376,7 +376,7 @@ class NeoxSession:
             if not gpus:
                 return
             # the engines already on the GPU (or loading there) count too: they stay for the session
-            on_gpu = [key.split(":", 1) for key in dict.fromkeys([*self.backends, *self.pending])
+            on_gpu = [key.split(":", 1) for key in [*self.backends, *self.pending]
                       if not engines.is_reference(key.split(":", 1)[0]) and key != f"{name}:{dtype}"]
             deployed = [(n, d, self._tp_of(n)) for n, d in [[name, dtype], *on_gpu]]
             need = reference_first.footprint(self.model.spec, engines.reference_name(), self.dtype, deployed,
@@ -474,32 +474,26 @@ class NeoxSession:
 
     # -- cached model calls ---------------------------------------------------------------------------
     def generation(self, backend: Backend, case: Case) -> Generation:
-        key = ("gen", backend.info.backend, backend.info.dtype, case.id)
+        return self._model_call("generate", backend, case)
+
+    def scores(self, backend: Backend, case: Case) -> Scores:
+        return self._model_call("score", backend, case)
+
+    def _model_call(self, op: str, backend: Backend, case: Case):
+        """backend.generate or backend.score on `case`, once per session (cached by backend, dtype and case).
+        A refusal skips the test (e.g. MII's gRPC server returns text only), a dead deployment fails it and
+        every later test needing it, a model out of GPU memory fails it in one line."""
+        key = (op, backend.info.backend, backend.info.dtype, case.id)
         if key not in self._cache:
             try:
                 with self.timed("model calls"):
-                    self._cache[key] = backend.generate(*self._call_args("generate", case))
+                    self._cache[key] = getattr(backend, op)(*self._call_args(op, case))
             except BackendUnavailable as exc:
                 pytest.skip(f"{backend.info.backend}: {exc}")
             except DeploymentError as exc:
                 self._crash(self._key_of(backend), str(exc))
             except Exception as exc:
-                self._fail_if_out_of_memory(backend, "generate", case, exc)
-                raise
-        return self._cache[key]
-
-    def scores(self, backend: Backend, case: Case) -> Scores:
-        key = ("score", backend.info.backend, backend.info.dtype, case.id)
-        if key not in self._cache:
-            try:
-                with self.timed("model calls"):
-                    self._cache[key] = backend.score(*self._call_args("score", case))
-            except BackendUnavailable as exc:     # e.g. MII's gRPC server returns text only
-                pytest.skip(f"{backend.info.backend}: {exc}")
-            except DeploymentError as exc:
-                self._crash(self._key_of(backend), str(exc))
-            except Exception as exc:
-                self._fail_if_out_of_memory(backend, "score", case, exc)
+                self._fail_if_out_of_memory(backend, op, case, exc)
                 raise
         return self._cache[key]
 

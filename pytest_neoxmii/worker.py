@@ -107,7 +107,7 @@ class Served:
             print(f"worker {os.getpid()}: worked ahead: {report['computed']}/{report['calls']} calls in "
                   f"{report['seconds']:.1f} s", flush=True)
 
-    def _idle(self) -> None:
+    def wait_idle(self) -> None:
         """Wait until nothing is computed ahead any more: the engine is then this thread's alone."""
         with self._cond:
             self._cond.wait_for(lambda: not self._busy)
@@ -116,7 +116,7 @@ class Served:
         """What was computed ahead, and how many of those results the session has not asked for (yet).
         wait=False answers at once, with how far it got ("finished" False while it still works)."""
         if wait:
-            self._idle()
+            self.wait_idle()
         with self._cond:
             report = {**self._ahead_report, "unclaimed": len(self._ahead)}
             if not report["finished"]:
@@ -130,7 +130,7 @@ class Served:
             kept = self._ahead.pop(key, _MISSING)
         if kept is not _MISSING:
             return kept
-        self._idle()
+        self.wait_idle()
         return getattr(self.backend, op)(*args)
 
     def generate(self, *args):
@@ -140,16 +140,16 @@ class Served:
         return self._answer("score", args)
 
     def trace(self, *args):
-        self._idle()
+        self.wait_idle()
         return self.backend.trace(*args)
 
     def query_texts(self, *args):
-        self._idle()
+        self.wait_idle()
         return self.backend.query_texts(*args)
 
     def measure_latency(self, batch, new_tokens, rounds, warmup, spec, hardware, min_warmup_s):
         from pytest_neoxmii.latency import measure_backend
-        self._idle()
+        self.wait_idle()
         return measure_backend(self.backend, batch, new_tokens, rounds, warmup, spec=spec, hardware=hardware,
                                min_warmup_s=min_warmup_s)
 
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
             served.start_ahead(pickle.loads(args.ahead.read_bytes()))
         return serve(conn, served, rank=0, world=1, broadcast=lambda r: r, ops=OPS)
     finally:
-        served._idle()                        # never close the engine under the thread working ahead
+        served.wait_idle()                        # never close the engine under the thread working ahead
         backend.close()
 
 

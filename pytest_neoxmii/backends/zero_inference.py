@@ -86,30 +86,24 @@ class ZeroInferenceBackend(TorchModelBackend):
 
     # ZeRO fetches each layer's parameters to the GPU and partitions them back after it ran; torch's
     # allocator keeps the freed blocks for this process (measured: 23.6 GiB held after working ahead on
-    # pythia-12b, the whole fp16 model, one H200, while two engines and the reference shared the GPU). Each
-    # request gives them back, so that "weights off the GPU" holds between requests (a timed round calls the
-    # model directly, and keeps the cache).
+    # pythia-12b with synthetic weights, the whole fp16 model, one H200, while two engines and the reference
+    # shared the GPU). Each request gives them back, so that "weights off the GPU" holds between requests (a
+    # timed round calls the model directly, and keeps the cache).
     def generate(self, batch, max_new_tokens: int, top_k: int = 5):
-        try:
-            return super().generate(batch, max_new_tokens, top_k)
-        finally:
-            self._give_back_cache()
+        return self._giving_back_cache(super().generate, batch, max_new_tokens, top_k)
 
     def score(self, batch):
-        try:
-            return super().score(batch)
-        finally:
-            self._give_back_cache()
+        return self._giving_back_cache(super().score, batch)
 
     def trace(self, batch):
-        try:
-            return super().trace(batch)
-        finally:
-            self._give_back_cache()
+        return self._giving_back_cache(super().trace, batch)
 
-    def _give_back_cache(self) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+    def _giving_back_cache(self, call, *args):
+        try:
+            return call(*args)
+        finally:
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
 
     def close(self) -> None:
         engine = getattr(self, "_engine", None)

@@ -92,7 +92,7 @@ def test_always_precomputes_every_case_then_closes_both_hf_models(monkeypatch, o
     assert sorted(calls(session, "score")) == sorted([("score", "hf", d) for d in ("fp32", "fp16")] * 3)
     for dtype in ("fp32", "fp16"):
         for plan in PLANS:
-            assert (("gen", "hf", dtype, plan.id) in session._cache) == plan.generate
+            assert (("generate", "hf", dtype, plan.id) in session._cache) == plan.generate
             assert ("score", "hf", dtype, plan.id) in session._cache
     assert calls(session, "close") == [("close", "hf", "fp32"), ("close", "hf", "fp16")]
     # the HF models were closed before the engine loaded
