@@ -96,10 +96,16 @@ def test_baseline_flow(pytester, flow):
     assert golden["perplexity"] > 1
     hf = json.loads(hf_file.read_text())          # hf: fp32 latency (the peer) and fp32 golden (the reference)
     assert BENCH in hf["gpu_classes"]["cpu"]["latency"] and "golden" in hf["gpu_classes"]["cpu"]
-    recorded = {p: p.read_bytes() for p in (hf_file, ds_file)}
+    as_recorded = {p: p.read_bytes() for p in (hf_file, ds_file)}
 
-    # 2. check: the gate and the golden checks run and pass (a wide threshold: CPU timings of two sessions on
-    # a shared machine differ by more than 10%; the gate's own behaviour is test_stats.py's business)
+    # 2. check: the gate and the golden checks run and pass. The machine's speed is not this test's subject,
+    # and two CPU sessions beside other work differ by anything (seen under -n 2: hf recorded at 68.8 ms,
+    # checked at 747.9 ms, +987 %: a false regression even at a 900 % threshold). Baselines spread from 1 us to
+    # 1000 s put any current median inside their 95 % interval, so every clause of the gate runs and the
+    # verdict is "unchanged" whatever the machine does (the gate's own behaviour is test_stats.py's business).
+    for path in (hf_file, ds_file):
+        _edit(path, lambda d: d["gpu_classes"]["cpu"]["latency"][BENCH].update(samples=[1e-6] * 3 + [1e3] * 3))
+    recorded = {p: p.read_bytes() for p in (hf_file, ds_file)}
     result, text = flow("--neox-latency-threshold=9", "--junitxml=junit.xml", "--benchmark-json=bench.json",
                         select="latency or short-b1-len4 or ppl")
     assert result.ret == 0, text
@@ -121,6 +127,8 @@ def test_baseline_flow(pytester, flow):
     assert {p: p.read_bytes() for p in (hf_file, ds_file)} == recorded     # checking never writes
 
     # 3. the gate fails on a regression and reports an improvement: baselines 1000x faster (ds) / slower (hf)
+    for path, content in as_recorded.items():
+        path.write_bytes(content)
     _edit(ds_file, lambda d: d["gpu_classes"]["cpu"]["latency"][BENCH].update(
         samples=[s / 1000 for s in d["gpu_classes"]["cpu"]["latency"][BENCH]["samples"]]))
     _edit(hf_file, lambda d: d["gpu_classes"]["cpu"]["latency"][BENCH].update(
