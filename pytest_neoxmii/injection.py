@@ -39,6 +39,22 @@ def require_injected(report: InjectionReport, transformers_version: str | None) 
         "model would run unoptimised HF code and parity would pass for the wrong reason")
 
 
+def held_since(device: str, before: int | None) -> tuple[int | None, str]:
+    """GPU memory this process took since `before` (a gpu_used_bytes reading), and how it was measured:
+    its own figure from nvidia-smi (CUDA context included) where the driver attributes memory to
+    processes, else the device-wide difference, which counts whatever else loaded meanwhile."""
+    if not device.startswith("cuda"):
+        return None, ""
+    import torch
+    from pytest_neoxmii.deploy.gpumem import process_used_bytes
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()        # as gpu_used_bytes: the allocator's idle cache is not the model's
+    own = process_used_bytes()
+    if own is not None:
+        return own, "GPU memory of the process (nvidia-smi)"
+    return gpu_used_bytes(device) - before, "GPU memory device-wide, other loads meanwhile included"
+
+
 def gpu_used_bytes(device: str) -> int | None:
     """Device-wide memory in use (torch's allocator does not see DeepSpeed's workspace)."""
     import torch

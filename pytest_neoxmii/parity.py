@@ -104,7 +104,12 @@ def _describe_nonfinite_tensor(values: torch.Tensor, mask: torch.Tensor, what: s
     """values [B, L, ...]; mask [B, L] bool. Names rows/positions (row coordinates) holding NaN or Inf."""
     if values.dim() < 2 or values.shape[:2] != mask.shape:
         raise ValueError(f"{what}: mask shape {tuple(mask.shape)} does not match values {tuple(values.shape)}")
-    if bool(torch.isfinite(values).all()):     # the usual case, one pass: nothing to locate
+    # The usual case: nothing to locate. A sum is finite exactly when every value is, barring an overflow
+    # of huge finite values, which falls through to the exact scan below; it reads the tensor once without
+    # a boolean copy of it (a 2016-token case's scores are 400 MB: 0.5 s a side on 2 cores otherwise).
+    if values.dtype in (torch.float32, torch.float64) and bool(torch.isfinite(values.sum())):
+        return None
+    if bool(torch.isfinite(values).all()):     # (a half-precision sum overflows: one exact pass instead)
         return None
     mask = mask.bool()
     bad = ~torch.isfinite(values)

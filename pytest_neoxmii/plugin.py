@@ -25,6 +25,8 @@ MARKERS = (
     "instead of --neox-latency-threshold",
     "neox_alone: the test needs the machine to itself (timing, device-wide memory readings): it runs after "
     "the session's other tests, while the engines' workers finish loading and working ahead beside those",
+    "neox_last: the test closes a deployment the session shares (teardown checks): it runs after every other "
+    "test, the neox_alone ones included",
 )
 
 
@@ -132,8 +134,10 @@ def _marker_skip_reason(item: pytest.Item, hw) -> str | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # A neox_alone test waits for every worker to finish loading and working ahead (NeoxSession.settle):
     # run first, it would leave the test process idle meanwhile, instead of judging what is ready.
-    items[:] = [*(it for it in items if not it.get_closest_marker("neox_alone")),
-                *(it for it in items if it.get_closest_marker("neox_alone"))]
+    # A neox_last test closes a deployment that the tests before it share: nothing may need it afterwards.
+    def rank(item: pytest.Item) -> int:
+        return 2 if item.get_closest_marker("neox_last") else 1 if item.get_closest_marker("neox_alone") else 0
+    items.sort(key=rank)        # stable: collection order within each rank
     gpu_markers = ("gpu", "a100_40g", "multi_gpu")
     marked = [it for it in items if any(it.get_closest_marker(m) for m in gpu_markers)]
     if not marked:

@@ -18,9 +18,9 @@ from pytest_neoxmii.registry import HEADROOM, ModelSpec
 MODES = ("auto", "always", "never")
 
 # The margin of auto's arithmetic: registry.HEADROOM (x1.2), the same rule of thumb `_check_fits` applies to
-# one engine's weights, here applied to the sum of the three models, since each brings its own activations,
-# KV cache and (for DeepSpeed) inference workspace. Weights dominate for every Pythia size; a stated rule of
-# thumb, not a measurement.
+# one engine, here applied to the sum of the models and of the DeepSpeed workspaces (counted on their own:
+# at 2048 tokens and batch 4 they are as large as pythia-2.8b's weights), since each model also brings its
+# activations and CUDA context. A stated rule of thumb, not a measurement.
 MARGIN = HEADROOM
 
 # Every trait of Backend (is_reference, output_is_text, runs_in_worker, ...): a handle answers them from the
@@ -88,15 +88,18 @@ def _gb(n_bytes: float) -> str:
     return f"{gb:.1f} GB" if gb >= 1 else f"{gb:.3g} GB"
 
 
-def footprint(spec: ModelSpec, reference: str, peer_dtype: str, deployed: list[tuple[str, str, int]],
+def footprint(spec: ModelSpec, reference: str, peer_dtype: str, deployed: list[tuple],
               gpu_bytes: int) -> Footprint:
-    """The HF models sit on GPU 0 whole; each engine in `deployed` (name, dtype, tp: the one about to deploy
-    and those already on the GPU) has its weights / tp there."""
+    """The HF models sit on GPU 0 whole; each engine in `deployed` (name, dtype, tp[, workspace bytes per
+    GPU]: the one about to deploy and those already on the GPU) has its weights / tp there, and its
+    DeepSpeed inference workspace where it injects kernels (ModelSpec.ds_workspace_bytes)."""
     parts = [(f"{reference} fp32", spec.weight_bytes("fp32"))]
     if peer_dtype != "fp32":                       # an fp32 session's peer is the reference itself
         parts.append((f"{reference} {peer_dtype}", spec.weight_bytes(peer_dtype)))
-    parts += [(f"{name} {dtype}" + (f" / tp={tp}" if tp > 1 else ""), spec.weight_bytes(dtype) / tp)
-              for name, dtype, tp in deployed]
+    for name, dtype, tp, *workspace in deployed:
+        parts.append((f"{name} {dtype}" + (f" / tp={tp}" if tp > 1 else ""), spec.weight_bytes(dtype) / tp))
+        if workspace and workspace[0]:
+            parts.append((f"{name} workspace", workspace[0]))
     needed = sum(b for _, b in parts) * MARGIN
     fits = needed <= gpu_bytes
     arithmetic = (" + ".join(f"{label} {_gb(b)}" for label, b in parts)

@@ -12,8 +12,10 @@ from pytest_neoxmii.errors import NeoxUsageError
 
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
-# Per-GPU memory is weights / tp times this factor: the remaining 20% covers activations, the KV cache
-# and DeepSpeed's inference workspace. It is a stated rule of thumb, not a measurement.
+# Per-GPU memory is (weights / tp + DeepSpeed's inference workspace) times this factor: the remaining 20%
+# covers what neither counts (the CUDA context, communicators, the allocator's slack). A stated rule of
+# thumb; the workspace is counted on its own (ModelSpec.ds_workspace_bytes), since it is no small part:
+# 8.3 GB a GPU for gpt-neox-20b at tp=2, where a 1.2 x weights rule fell 20 GB short (docs/MULTI_GPU.md).
 HEADROOM = 1.2
 
 _GB = 1e9  # decimal gigabytes, as GPU vendors and nvidia-smi's marketing sizes use
@@ -111,8 +113,25 @@ class ModelSpec:
             "hidden_act": self.hidden_act,
         }
 
-    def fits(self, dtype: str, tp: int, gpu_memory_bytes: list[int]) -> tuple[bool, str]:
-        """Whether the weights, sharded over `tp` GPUs, fit the smallest of the first `tp` GPUs with headroom.
+    def ds_workspace_bytes(self, dtype: str, tp: int, max_tokens: int, batch: int) -> int:
+        """The inference workspace DeepSpeed's injected kernels allocate on each GPU at the first forward,
+        for `batch` sequences of up to `max_tokens` tokens, where the GPU has room for all of them
+        (InferenceContext::GenWorkSpace, deepspeed 0.19.8): activations, attention scores and every layer's
+        KV cache, with heads padded to 32, 64 or 128 for flash attention. Checked against the workspace a
+        deployment really takes (deepspeed_inference.measure_workspace, a GPU test)."""
+        dtype = _check_dtype(dtype)
+        head = self.head_size
+        padded = head if head > 128 else 32 if head <= 32 else 64 if head <= 64 else 128
+        width = self.num_attention_heads * padded
+        activations = 10 * width * batch
+        scores = batch * (self.num_attention_heads // tp) * max_tokens
+        kv_cache = self.num_hidden_layers * batch * (width // tp) * 2
+        return (activations + scores + kv_cache) * max_tokens * DTYPE_BYTES[dtype]
+
+    def fits(self, dtype: str, tp: int, gpu_memory_bytes: list[int],
+             workspace_bytes: int = 0) -> tuple[bool, str]:
+        """Whether the weights, sharded over `tp` GPUs, plus `workspace_bytes` per GPU (DeepSpeed's inference
+        workspace, for engines that inject kernels) fit the smallest of the first `tp` GPUs with headroom.
 
         Returns (fits, reason) where reason is the arithmetic in one line, usable as a skip reason."""
         dtype = _check_dtype(dtype)
@@ -126,7 +145,7 @@ class ModelSpec:
             return False, f"{self.name} {dtype} with tp={tp} needs {tp} GPUs, found {found} {plural}"
 
         weights = self.weight_bytes(dtype)
-        per_gpu = weights / tp * HEADROOM
+        per_gpu = (weights / tp + workspace_bytes) * HEADROOM
         # Tensor parallelism shards evenly, so the smallest card in use is the one that limits.
         used = gpu_memory_bytes[:tp]
         smallest = min(used)
@@ -141,7 +160,9 @@ class ModelSpec:
             gpus += f", the smallest with {_fmt_gb(smallest)} GB"
         reason = (
             f"{self.name} {dtype} needs {_fmt_params(self.parameter_count())} params x {DTYPE_BYTES[dtype]} B"
-            f" = {_fmt_gb(weights)} GB of weights, / tp={tp} x {HEADROOM} headroom"
+            f" = {_fmt_gb(weights)} GB of weights, / tp={tp}"
+            + (f" + {_fmt_gb(workspace_bytes)} GB DeepSpeed workspace," if workspace_bytes else "")
+            + f" x {HEADROOM} headroom"
             f" = {_fmt_gb(per_gpu)} GB per GPU; found {gpus}"
         )
         return per_gpu <= smallest, reason

@@ -358,7 +358,7 @@ class NeoxSession:
         # allocator in its worker keeps what it fetched (measured: 23.6 GiB held after working ahead on
         # pythia-12b with synthetic weights, fp16 23.7 GB, one H200), and three engines beside the reference ran out of
         # memory there.
-        deployed = [(n, dtype, self._tp_of(n)) for n in names]
+        deployed = [(n, dtype, self._tp_of(n), self.workspace_bytes(n, dtype, self._tp_of(n))) for n in names]
         return reference_first.footprint(self.model.spec, engines.reference_name(), dtype, deployed,
                                          min(g.total_memory for g in hw.gpus)).fits
 
@@ -378,7 +378,8 @@ class NeoxSession:
             # the engines already on the GPU (or loading there) count too: they stay for the session
             on_gpu = [key.split(":", 1) for key in [*self.backends, *self.pending]
                       if not engines.is_reference(key.split(":", 1)[0]) and key != f"{name}:{dtype}"]
-            deployed = [(n, d, self._tp_of(n)) for n, d in [[name, dtype], *on_gpu]]
+            deployed = [(n, d, self._tp_of(n), self.workspace_bytes(n, d, self._tp_of(n)))
+                        for n, d in [[name, dtype], *on_gpu]]
             need = reference_first.footprint(self.model.spec, engines.reference_name(), self.dtype, deployed,
                                              gpus[0].total_memory)
             if need.fits:
@@ -425,6 +426,18 @@ class NeoxSession:
         """--neox-tp applies to the tensor-parallel engines; the others always run at tp = 1."""
         return self.options.tp if engines.engine(name).tensor_parallel_capable else 1
 
+    def workspace_bytes(self, name: str, dtype: str | None = None, tp: int | None = None) -> int:
+        """DeepSpeed's inference workspace per GPU for the engine `name` on this session's cases (0 for an
+        engine that injects no kernels here), as the registry computes it."""
+        dtype = dtype or self.dtype
+        tp = self._tp_of(name) if tp is None else tp
+        config = self._engine_config(name) or {}
+        if (not self.device.startswith("cuda") or not engines.engine(name).injects_kernels
+                or not config.get("replace_with_kernel_inject", True)):
+            return 0
+        return self.model.spec.ds_workspace_bytes(dtype, tp, int(config.get("max_tokens", self.max_tokens)),
+                                                  self.max_batch)
+
     def _check_fits(self, name: str, dtype: str) -> None:
         hw = self.hardware
         tp = self._tp_of(name)
@@ -438,7 +451,7 @@ class NeoxSession:
         # a worker may use no more of a GPU than the cap; the reference in this process is not capped
         cap = self.options.gpu_memory_cap if (cls.isolated or cls.runs_in_worker) else None
         memory = [g.total_memory if cap is None else min(g.total_memory, cap) for g in hw.gpus]
-        ok, reason = self.model.spec.fits(dtype, tp, memory)
+        ok, reason = self.model.spec.fits(dtype, tp, memory, self.workspace_bytes(name, dtype, tp))
         if not ok and cap is not None:
             reason += f" (GPU memory capped at {cap / 2**30:.2f} GiB per worker by --neox-gpu-memory-cap)"
         if not ok:
@@ -524,13 +537,17 @@ class NeoxSession:
     def record(self, rec: Record) -> None:
         self.records.append(rec)
 
+    def _take_ahead_account(self, key: str, backend: Backend) -> None:
+        """The worker's last account of its work ahead, for the summary; never waits for it."""
+        if isinstance(backend, IsolatedEngine) and backend.ahead:
+            try:
+                self.ahead_reports[key] = backend.ahead_so_far()
+            except Exception:
+                pass
+
     def close(self) -> None:
-        for key, backend in self.backends.items():   # the workers' last account of their work ahead
-            if isinstance(backend, IsolatedEngine) and backend.ahead:
-                try:
-                    self.ahead_reports[key] = backend.ahead_so_far()     # never waits for it
-                except Exception:
-                    pass
+        for key, backend in self.backends.items():
+            self._take_ahead_account(key, backend)
         self.backends.update(self.pending)      # launched but never needed: torn down all the same
         self.pending.clear()
         with self.timed("model teardown"):
@@ -548,10 +565,13 @@ class NeoxSession:
         self._cache.clear()
 
     def close_backend(self, name: str, dtype: str | None = None) -> None:
+        """Tear down one deployment now (a teardown test); a later test that needs it deploys it again."""
         key = f"{name}:{dtype or self.dtype}"
         backend = self.backends.pop(key, None)
         if backend is not None:
-            backend.close()
+            self._take_ahead_account(key, backend)
+            with self.timed("model teardown"):
+                backend.close()
 
 
 SESSION_KEY = pytest.StashKey[NeoxSession]()

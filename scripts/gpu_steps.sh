@@ -48,7 +48,7 @@ for step in "$@"; do
       NEOXMII_PLANT_FAULT=attention-output-scale:8:1.05 suite planted $((budget - 10)) \
         pytest_neoxmii/suite/test_multi_gpu.py --neox-model=pythia-1b --neox-tp=2 --neox-backends=ds,mii ;;
     neox20b)
-      suite neox20b $((budget - 10)) tests/acceptance/ -k "parity or latency or multi_gpu" \
+      suite neox20b $((budget - 10)) tests/acceptance/ -k "parity or latency or multi_gpu or workspace" \
         --neox-model=gpt-neox-20b --neox-tp=2 --neox-backends=ds --neox-gpu-memory-cap=40GiB ;;
     *) echo "unknown step $step" ;;
   esac

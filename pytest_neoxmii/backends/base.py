@@ -23,6 +23,7 @@ class BackendInfo:
     notes: list[str] = field(default_factory=list)
     gpu_memory_bytes: int | None = None   # device-wide GPU memory the load added (communicators included)
     gpu_tensor_bytes: int | None = None   # of which torch tensors (weights resident on the GPU)
+    workspace_bytes: int | None = None    # DeepSpeed's inference workspace, per GPU (measured, see injection)
 
     def describe(self) -> str:
         parts = [f"{self.backend}: {self.dtype} on {self.device}", f"tp={self.tensor_parallel}",
@@ -31,6 +32,8 @@ class BackendInfo:
             parts.append(f"GPU memory {self.gpu_memory_bytes / 2**20:.0f} MiB")
         if self.gpu_tensor_bytes is not None:
             parts.append(f"GPU tensors {self.gpu_tensor_bytes / 2**20:.0f} MiB")
+        if self.workspace_bytes is not None:
+            parts.append(f"DeepSpeed workspace {self.workspace_bytes / 2**20:.0f} MiB per GPU")
         parts.extend(self.notes)
         return ", ".join(parts)
 

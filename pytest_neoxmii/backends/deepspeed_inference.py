@@ -13,7 +13,7 @@ from pytest_neoxmii.backends.hf import load_hf_model
 from pytest_neoxmii.backends.torch_model import TorchModelBackend
 from pytest_neoxmii.dtypes import TORCH_DTYPES
 from pytest_neoxmii.errors import BackendUnavailable
-from pytest_neoxmii.injection import count_injected, gpu_used_bytes, require_injected
+from pytest_neoxmii.injection import count_injected, gpu_used_bytes, held_since, require_injected
 
 
 def check_kernel_dtype(dtype: str, device: str) -> None:
@@ -67,6 +67,27 @@ def skip_shared_memory_allreduce() -> None:
     deepspeed.ops.__compatible_ops__[SHM_OP] = False     # DeepSpeed keeps this dict for the process
 
 
+def measure_workspace(device: str) -> int | None:
+    """The bytes of DeepSpeed's inference workspace on this process's GPU, once the first forward sized it:
+    released and taken again (DeepSpeed's own release_workspace / retake_workspace, which its hybrid engine
+    calls between training and generation), and what the driver got back in between is its size, since
+    cudaFree returns memory at once. The registry's fit arithmetic counts it (ModelSpec.ds_workspace_bytes);
+    this is the figure that arithmetic is checked against. None without injected kernels."""
+    if not device.startswith("cuda"):
+        return None
+    from deepspeed.model_implementations.transformers.ds_transformer import DeepSpeedTransformerInference
+    workspace = DeepSpeedTransformerInference.workspace
+    if workspace is None:
+        return None
+    held = gpu_used_bytes(device)
+    workspace.release_workspace()
+    freed = held - gpu_used_bytes(device)
+    if not workspace.retake_workspace():
+        raise RuntimeError(f"DeepSpeed could not take back its {freed / 2**20:.0f} MiB inference workspace "
+                           "after it was measured")
+    return freed
+
+
 class KernelInjectedBackend(TorchModelBackend):
     """A DeepSpeed inference engine (ds, and the model inside an MII NON_PERSISTENT deployment), loaded in its
     own worker process (isolated): kernel injection verified where asked, the workspace sized by the first
@@ -95,6 +116,7 @@ class KernelInjectedBackend(TorchModelBackend):
                     else f"none (replace_with_kernel_inject is off in the {config_name} config)")
         require_injected(report, compat.transformers_version())
         self.size_workspace(max_batch)
+        self.workspace_bytes = measure_workspace(self.device)
         return report.describe()
 
     def close(self) -> None:
@@ -135,9 +157,11 @@ class DeepSpeedBackend(KernelInjectedBackend):
         self.model = deepspeed.init_inference(model, config=config)
         kernels = self._verify_kernels(self.model.module, inject=inject, on_gpu=on_gpu, max_batch=max_batch,
                                        config_name="ds")
-        held = gpu_used_bytes(device) - before if on_gpu else None
+        held, measured = held_since(device, before)
         self.info = BackendInfo(
             backend="ds", dtype=dtype, device=device, tensor_parallel=tp, kernels=kernels,
-            gpu_memory_bytes=held, notes=[f"max_tokens={config['max_tokens']}",
-                                          f"workspace sized for batch {max_batch}"]
+            gpu_memory_bytes=held, gpu_tensor_bytes=torch.cuda.memory_allocated(device) if on_gpu else None,
+            workspace_bytes=getattr(self, "workspace_bytes", None),
+            notes=[f"max_tokens={config['max_tokens']}", f"workspace sized for batch {max_batch}"]
+            + ([measured] if measured else [])
             + (["user config merged over the defaults"] if engine_config else []))

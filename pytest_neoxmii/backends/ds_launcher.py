@@ -69,6 +69,8 @@ class DsLauncherBackend(ChannelDeployment):
             kernels=kernels.pop() if len(kernels) == 1 else "; ".join(f"rank {i['rank']}: {i['kernels']}"
                                                                       for i in infos),
             gpu_memory_bytes=sum(held) if held else None,
+            gpu_tensor_bytes=sum(i.get("gpu_tensor_bytes") or 0 for i in infos) or None,
+            workspace_bytes=max((i.get("workspace_bytes") or 0 for i in infos), default=0) or None,
             notes=[f"DeepSpeed launcher, {self.tp} ranks",
                    f"max_tokens={(self.engine_config or {}).get('max_tokens', self.max_tokens)}",
                    f"workspace sized for batch {self.max_batch}", f"deployed in {self.deploy_seconds:.1f} s"])

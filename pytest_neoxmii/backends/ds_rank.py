@@ -47,11 +47,13 @@ def load_ds_model(args, rank: int, local_rank: int, world: int):
     from pytest_neoxmii import compat
     compat.install()
     import deepspeed
+    import torch
 
+    from pytest_neoxmii.backends.deepspeed_inference import measure_workspace
     from pytest_neoxmii.backends.hf import load_hf_model
     from pytest_neoxmii.backends.torch_model import TorchModelBackend
     from pytest_neoxmii.dtypes import TORCH_DTYPES
-    from pytest_neoxmii.injection import count_injected, gpu_used_bytes, require_injected
+    from pytest_neoxmii.injection import count_injected, gpu_used_bytes, held_since, require_injected
 
     class RankModel(TorchModelBackend):
         def close(self) -> None:
@@ -84,15 +86,18 @@ def load_ds_model(args, rank: int, local_rank: int, world: int):
         require_injected(report, compat.transformers_version())
     rank_model = RankModel()
     rank_model.model, rank_model.device = engine, device
+    workspace = None
     if inject:
         rank_model.size_workspace(args.max_batch)   # first forward = largest batch: sizes DS's workspace
-    held = gpu_used_bytes(device) - before if inject else None
+        workspace = measure_workspace(device)
+    held = held_since(device, before)[0] if inject else None
     over = gpu_cap.exceeded(device, f"rank {rank}")
     if over:
         raise RuntimeError(over)               # the rank ends; the session reports it with this line
     return rank_model, {"rank": rank, "device": device, "injected": report.injected, "layers": total,
                         "kernels": report.describe() if inject else "none (CPU: no kernel injection)",
-                        "gpu_memory_bytes": held}
+                        "gpu_memory_bytes": held, "workspace_bytes": workspace,
+                        "gpu_tensor_bytes": torch.cuda.memory_allocated(device) if inject else None}
 
 
 class PlumbingModel:

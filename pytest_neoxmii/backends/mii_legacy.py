@@ -15,7 +15,7 @@ from pytest_neoxmii.backends.deepspeed_inference import (KernelInjectedBackend, 
                                                          init_distributed_env)
 from pytest_neoxmii.dtypes import TORCH_DTYPES
 from pytest_neoxmii.errors import BackendUnavailable
-from pytest_neoxmii.injection import gpu_used_bytes
+from pytest_neoxmii.injection import gpu_used_bytes, held_since
 from pytest_neoxmii.outputs import Generation, PromptBatch
 
 _counter = itertools.count()
@@ -95,10 +95,12 @@ class MiiBackend(KernelInjectedBackend):
         self.model = self.pipeline.model               # the DeepSpeed engine MII built
         kernels = self._verify_kernels(getattr(self.model, "module", self.model), inject=inject, on_gpu=on_gpu,
                                        max_batch=max_batch, config_name="mii")
-        held = gpu_used_bytes(device) - before if on_gpu else None
+        held, measured = held_since(device, before)
         self.info = BackendInfo(
             backend="mii", dtype=dtype, device=device, tensor_parallel=1, kernels=kernels,
-            gpu_memory_bytes=held, notes=["MII legacy NON_PERSISTENT, queried through mii_query_handle"])
+            gpu_memory_bytes=held, gpu_tensor_bytes=torch.cuda.memory_allocated(device) if on_gpu else None,
+            workspace_bytes=getattr(self, "workspace_bytes", None),
+            notes=["MII legacy NON_PERSISTENT, queried through mii_query_handle"] + ([measured] if measured else []))
 
     def query_texts(self, texts: list[str], max_new_tokens: int) -> list[str]:
         result = self.handle.query({"query": texts}, do_sample=False, max_new_tokens=max_new_tokens,

@@ -11,7 +11,7 @@ from pytest_neoxmii.backends.deepspeed_inference import init_distributed_env
 from pytest_neoxmii.backends.torch_model import TorchModelBackend
 from pytest_neoxmii.dtypes import TORCH_DTYPES
 from pytest_neoxmii.errors import BackendUnavailable
-from pytest_neoxmii.injection import gpu_used_bytes
+from pytest_neoxmii.injection import gpu_used_bytes, held_since
 
 
 def zero_config(hidden_size: int, dtype: str, nvme_path: Path | None) -> dict:
@@ -74,12 +74,12 @@ class ZeroInferenceBackend(TorchModelBackend):
         engine.module.eval()
         self.model = engine.module
         self._engine = engine
-        held = gpu_used_bytes(device) - before if on_gpu else None
+        held, measured = held_since(device, before)
         tensors = torch.cuda.memory_allocated(device) - tensors_before if on_gpu else None
         where = f"NVMe at {nvme_path}" if nvme_path else "CPU memory"
         self.info = BackendInfo(backend="zero", dtype=dtype, device=device, kernels="none (ZeRO stage 3)",
                                 gpu_memory_bytes=held, gpu_tensor_bytes=tensors,
-                                notes=[f"parameters offloaded to {where}"])
+                                notes=[f"parameters offloaded to {where}"] + ([measured] if measured else []))
 
     def _layers(self):
         return self.model.gpt_neox.layers

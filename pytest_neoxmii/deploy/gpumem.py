@@ -43,6 +43,22 @@ def nvidia_smi_used(exclude_pids: Iterable[int] = ()) -> dict[int, float]:
     return used
 
 
+def process_used_bytes(pid: int | None = None) -> int | None:
+    """What one process (this one by default) holds on the GPUs, CUDA context included, as nvidia-smi
+    attributes it: unlike a device-wide difference, it leaves out what other processes load meanwhile
+    (the session's workers load side by side). None where nvidia-smi cannot say (not installed, another
+    PID namespace, "[N/A]")."""
+    pid = os.getpid() if pid is None else pid
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        apps = _smi("gpu_uuid,pid,used_memory", kind="compute-apps")
+    except (subprocess.SubprocessError, OSError):
+        return None
+    mib = [float(used) for _uuid, p, used in apps if p == str(pid) and used.replace(".", "", 1).isdigit()]
+    return int(sum(mib) * 2**20) if mib else None
+
+
 def torch_used() -> dict[int, float]:
     import torch
     result = {}

@@ -291,8 +291,9 @@ class TeardownReport:
                               for i in sorted(self.memory_after_mib))
             memory = f"; GPU memory vs before the deployment: {delta}"
         if not self.leaked:
-            return (f"{self.name}: torn down in {self.seconds:.1f} s, {len(self.pids)} process(es) ended "
-                    f"(polite stop: {self.polite}){memory}")
+            # pids: what was still running after the polite stop, and was signalled
+            stopped = f"{len(self.pids)} process(es) signalled and ended" if self.pids else "none left to signal"
+            return f"{self.name}: torn down in {self.seconds:.1f} s, polite stop: {self.polite}; {stopped}{memory}"
         parts = []
         if self.survivors:
             parts.append(f"{len(self.survivors)} process(es) still alive after SIGKILL: pids "

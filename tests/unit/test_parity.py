@@ -1075,3 +1075,16 @@ def test_layer_errors_of_zero_layers_and_low_precision_inputs():
     report = localize_divergence(LayerTrace([ones]), nan, mask, floor=[0.0])
     assert report.layers[0].rel_err == math.inf and report.layers[0].max_abs == math.inf
     assert report.first_departing_layer == 0
+
+
+def test_huge_finite_scores_are_finite_and_one_inf_is_found():
+    """The scan's fast path sums the scores: finite values whose sum overflows must still read as finite
+    (the exact scan decides), and one -inf among 2 x 3 x 4 values must still be found and placed."""
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    huge = torch.full((2, 3, 4), 3e38)
+    assert not bool(torch.isfinite(huge.sum()))
+    assert find_nonfinite(Scores(huge, mask)) is None
+    one_inf = torch.zeros(2, 3, 4)
+    one_inf[1, 2, 3] = float("-inf")
+    where = find_nonfinite(Scores(one_inf, mask))
+    assert where is not None and "1 Inf" in where and "row 1" in where, where

@@ -189,15 +189,25 @@ class TestMemory:
 
 def test_reference():
     pass
+
+@pytest.mark.neox_last
+def test_closes_a_deployment():
+    pass
+
+@pytest.mark.neox_alone
+def test_timed_again():
+    pass
 """
 
 
 def test_tests_that_need_the_machine_alone_run_after_the_others(pytester, fake_gpus):
     """neox_alone (registered: --strict-markers accepts it) moves a test behind every unmarked one, in
-    collection order otherwise, so that the test process judges what is ready while workers still work."""
+    collection order otherwise, so that the test process judges what is ready while workers still work;
+    neox_last (a teardown test closing a shared deployment) goes behind those too."""
     fake_gpus()
     pytester.makepyfile(test_alone=ALONE)
     result = pytester.runpytest("--strict-markers", "-v")
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=6)
     assert [ln.split("::", 1)[1].split()[0] for ln in result.outlines if " PASSED" in ln] == \
-        ["test_parity", "test_reference", "test_timed", "TestMemory::test_teardown"]
+        ["test_parity", "test_reference", "test_timed", "TestMemory::test_teardown", "test_timed_again",
+         "test_closes_a_deployment"]

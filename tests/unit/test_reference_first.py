@@ -266,6 +266,39 @@ def test_auto_counts_the_engines_already_on_the_gpu(monkeypatch, fake_gpus):
     assert line.endswith(" > 15.8 GB of GPU 0)")
 
 
+class KernelEngine(GpuEngine):
+    """An engine that injects DeepSpeed's kernels: its inference workspace counts beside its weights."""
+    injects_kernels = True
+
+
+def test_auto_counts_deepspeeds_workspace_of_an_engine_that_injects_kernels(monkeypatch, fake_gpus):
+    """T4 (15.8 GB), pythia-1.4b, cases of up to 2048 tokens at batch 4: the weights alone fit (13.6 GB,
+    as above), but an injecting engine's workspace adds 2.5 GB (ModelSpec.ds_workspace_bytes) and then
+    they do not; an engine without kernels at the same size still deploys beside the reference."""
+    fake_gpus("t4")
+    monkeypatch.setitem(engines.ENGINES, "bigk", engines.Engine("bigk", KernelEngine))
+    monkeypatch.setattr(NeoxSession, "max_tokens", property(lambda self: 2048))
+    monkeypatch.setattr(NeoxSession, "max_batch", property(lambda self: 4))
+    session = make_session(monkeypatch, model="pythia-1.4b", mode="auto")
+    session.options = dataclasses.replace(session.options, backends=("hf", "big", "bigk"))
+    assert session.workspace_bytes("big") == 0
+    assert session.workspace_bytes("bigk") == lookup("pythia-1.4b").ds_workspace_bytes("fp16", 1, 2048, 4)
+    session.reference()
+    session.backend("big")
+    assert session.reference_releases == []
+    session.close_backend("big")
+    session.backend("bigk")
+    [line] = session.reference_releases
+    assert line.startswith("reference first: 3 cases precomputed, hf fp32 + fp16 released before bigk (needed "
+                           "hf fp32 5.7 GB + hf fp16 2.8 GB + bigk fp16 2.8 GB + bigk workspace 2.5 GB, x 1.2 = ")
+
+
+def test_no_workspace_is_counted_on_the_cpu(monkeypatch, on_cpu):
+    monkeypatch.setitem(engines.ENGINES, "bigk", engines.Engine("bigk", KernelEngine))
+    session = make_session(monkeypatch, model="pythia-1.4b", mode="auto")
+    assert session.workspace_bytes("bigk") == 0
+
+
 class OutOfMemoryError(RuntimeError):
     """What torch raises (torch.OutOfMemoryError), by name."""
 

@@ -275,3 +275,47 @@ def test_spec_from_hf_config_rejects_unbiased_attention():
     config = transformers.GPTNeoXConfig(**{**MODELS["pythia-70m"].hf_config_dict(), "attention_bias": False})
     with pytest.raises(NeoxUsageError, match="attention_bias"):
         spec_from_hf_config(config, "no-bias")
+
+
+# --- DeepSpeed's inference workspace (counted by the fit arithmetic) --------------------------------
+
+
+def test_ds_workspace_of_20b_at_tp2_is_deepspeeds_formula_by_hand():
+    """InferenceContext::GenWorkSpace (deepspeed 0.19.8), by hand for gpt-neox-20b, tp=2, 2048 tokens,
+    batch 4, fp16: heads of 96 padded to 128, so a width of 64 x 128 = 8192; activations 10 x 8192 x 4,
+    attention scores 4 x (64 / 2) x 2048, KV cache 44 layers x 4 x 8192 / 2 x 2; per token of 2048, x 2 B."""
+    per_token = 10 * 8192 * 4 + 4 * 32 * 2048 + 44 * 4 * 4096 * 2
+    assert MODELS[NEOX_20B].ds_workspace_bytes("fp16", 2, 2048, 4) == per_token * 2048 * 2 == 8_321_499_136
+
+
+@pytest.mark.parametrize("size, head, padded", [("pythia-70m", 64, 64), ("pythia-2.8b", 80, 128),
+                                                ("pythia-14m", 32, 32)])
+def test_ds_workspace_pads_heads_as_flash_attention_does(size, head, padded):
+    spec = MODELS[size]
+    assert spec.head_size == head
+    width = spec.num_attention_heads * padded
+    per_token = 10 * width + spec.num_attention_heads * 16 + spec.num_hidden_layers * width * 2
+    assert spec.ds_workspace_bytes("bf16", 1, 16, 1) == per_token * 16 * 2
+
+
+def test_ds_workspace_grows_with_batch_and_tokens_and_shrinks_with_tp():
+    spec = MODELS["pythia-1b"]
+    base = spec.ds_workspace_bytes("fp16", 1, 1024, 2)
+    assert spec.ds_workspace_bytes("fp16", 1, 1024, 4) == 2 * base
+    assert spec.ds_workspace_bytes("fp16", 1, 2048, 2) > 2 * base       # the scores grow with tokens squared
+    assert spec.ds_workspace_bytes("fp16", 2, 1024, 2) < base
+    assert spec.ds_workspace_bytes("fp32", 1, 1024, 2) == 2 * base
+
+
+def test_fits_counts_the_workspace_per_gpu():
+    """gpt-neox-20b on one 60 GB GPU: the weights alone fit (49.3 GB with headroom); with DeepSpeed's
+    15.3 GB workspace for 2048 tokens at batch 4 they do not, and the reason shows the sum."""
+    spec = MODELS[NEOX_20B]
+    assert spec.fits("fp16", 1, [60 * GB])[0] is True
+    workspace = spec.ds_workspace_bytes("fp16", 1, 2048, 4)
+    ok, reason = spec.fits("fp16", 1, [60 * GB], workspace)
+    assert ok is False
+    assert reason == ("gpt-neox-20b fp16 needs 20.55e9 params x 2 B = 41.1 GB of weights, / tp=1 + 15.3 GB "
+                      "DeepSpeed workspace, x 1.2 headroom = 67.7 GB per GPU; found 1 GPU with 60.0 GB")
+    # the seed's configuration still fits: tp=2 on two 40 GiB GPUs
+    assert spec.fits("fp16", 2, [40 * 2**30] * 2, spec.ds_workspace_bytes("fp16", 2, 2048, 4))[0] is True
