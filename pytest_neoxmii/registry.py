@@ -18,6 +18,12 @@ DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 # 8.3 GB a GPU for gpt-neox-20b at tp=2, where a 1.2 x weights rule fell 20 GB short (docs/MULTI_GPU.md).
 HEADROOM = 1.2
 
+# What one engine process holds on its GPU besides tensors and DeepSpeed's workspace: the CUDA context, cuBLAS
+# and the kernels' modules. Measured: 808 MiB for the ds worker of pythia-160m on one H200 (1976 MiB by process
+# from nvidia-smi, 376 MiB of tensors, 792 MiB of workspace; torch 2.11, CUDA 13.0, synthetic weights). Added per
+# GPU outside the headroom, since it does not grow with the model.
+WORKER_RUNTIME_BYTES = 808 * 2**20
+
 _GB = 1e9  # decimal gigabytes, as GPU vendors and nvidia-smi's marketing sizes use
 
 
@@ -129,9 +135,11 @@ class ModelSpec:
         return (activations + scores + kv_cache) * max_tokens * DTYPE_BYTES[dtype]
 
     def fits(self, dtype: str, tp: int, gpu_memory_bytes: list[int],
-             workspace_bytes: int = 0) -> tuple[bool, str]:
+             workspace_bytes: int = 0, runtime_bytes: int = 0) -> tuple[bool, str]:
         """Whether the weights, sharded over `tp` GPUs, plus `workspace_bytes` per GPU (DeepSpeed's inference
-        workspace, for engines that inject kernels) fit the smallest of the first `tp` GPUs with headroom.
+        workspace, for engines that inject kernels) fit the smallest of the first `tp` GPUs with headroom,
+        plus `runtime_bytes` per GPU (an engine process's own, WORKER_RUNTIME_BYTES; 0 for a model that
+        shares the test process's CUDA context).
 
         Returns (fits, reason) where reason is the arithmetic in one line, usable as a skip reason."""
         dtype = _check_dtype(dtype)
@@ -145,7 +153,7 @@ class ModelSpec:
             return False, f"{self.name} {dtype} with tp={tp} needs {tp} GPUs, found {found} {plural}"
 
         weights = self.weight_bytes(dtype)
-        per_gpu = (weights / tp + workspace_bytes) * HEADROOM
+        per_gpu = (weights / tp + workspace_bytes) * HEADROOM + runtime_bytes
         # Tensor parallelism shards evenly, so the smallest card in use is the one that limits.
         used = gpu_memory_bytes[:tp]
         smallest = min(used)
@@ -163,7 +171,8 @@ class ModelSpec:
             f" = {_fmt_gb(weights)} GB of weights, / tp={tp}"
             + (f" + {_fmt_gb(workspace_bytes)} GB DeepSpeed workspace," if workspace_bytes else "")
             + f" x {HEADROOM} headroom"
-            f" = {_fmt_gb(per_gpu)} GB per GPU; found {gpus}"
+            + (f" + {_fmt_gb(runtime_bytes)} GB CUDA runtime of the worker" if runtime_bytes else "")
+            + f" = {_fmt_gb(per_gpu)} GB per GPU; found {gpus}"
         )
         return per_gpu <= smallest, reason
 

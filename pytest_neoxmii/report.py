@@ -196,7 +196,9 @@ def terminal_summary(terminalreporter, session) -> None:
                   + f", other (plugin and pytest) {max(wall - accounted, 0):.1f} s, session {wall:.1f} s")
     if session.prelaunched:
         tr.write_line(f"workers launched when the session started, loading side by side: "
-                      f"{', '.join(session.prelaunched)} (model load above is the time tests waited for them)")
+                      f"{', '.join(session.prelaunched)} (model load above is the time tests waited for them)"
+                      + (f"; meanwhile the reference's outputs of {session.reference_ahead} cases were computed"
+                         if session.reference_ahead else ""))
     if session.ahead_reports:
         tr.write_line("worked ahead, side by side: " + ", ".join(
             f"{key.split(':')[0]} {r['computed']}/{r['calls']} calls in {r['seconds']:.1f} s"

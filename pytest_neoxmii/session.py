@@ -18,6 +18,7 @@ from pytest_neoxmii.injection import InjectionFailed
 from pytest_neoxmii.options import NeoxOptions
 from pytest_neoxmii.outputs import Generation, Scores
 from pytest_neoxmii.weights import ResolvedModel
+from pytest_neoxmii.registry import WORKER_RUNTIME_BYTES
 
 
 @dataclass
@@ -56,6 +57,7 @@ class NeoxSession:
         self.kernels = None                         # kernels.KernelCache: where DeepSpeed's JIT ops are kept
         self.pending: dict[str, Backend] = {}       # workers launched up front, loading (see prelaunch)
         self.prelaunched: list[str] = []            # what prelaunch started, for the header and the report
+        self.reference_ahead = 0                    # cases whose reference outputs prelaunch computed meanwhile
         # What the selected tests will ask each engine for, in test order (want_outputs): a prelaunched
         # worker computes it right after its load, side by side with the other engines (worker.py).
         self.wanted: dict[str, list[tuple[str, CasePlan]]] = {}
@@ -281,13 +283,16 @@ class NeoxSession:
                     wanted.setdefault(name, {}).setdefault((op, plan.id), (op, plan))
         self.wanted = {name: list(calls.values()) for name, calls in wanted.items()}
 
-    def _ahead_calls(self, name: str) -> list[tuple[str, tuple]]:
-        """The wanted calls of `name` exactly as generation() and scores() will make them (the worker matches
-        them by op and arguments); scores only from an engine that can score a given text."""
+    def _works_ahead(self) -> bool:
         mode = self.options.work_ahead
         # auto: on GPUs only. On the CPU every engine computes on the same cores, so working side by side
         # only adds contention (2-core EPYC: model calls 101.9 s alone, 261.5 s ahead).
-        if mode == "never" or (mode == "auto" and self.device == "cpu"):
+        return mode == "always" or (mode == "auto" and self.device != "cpu")
+
+    def _ahead_calls(self, name: str) -> list[tuple[str, tuple]]:
+        """The wanted calls of `name` exactly as generation() and scores() will make them (the worker matches
+        them by op and arguments); scores only from an engine that can score a given text."""
+        if not self._works_ahead():
             return []
         cls = engines.engine(name).backend_for(self._tp_of(name))
         calls = []
@@ -327,6 +332,15 @@ class NeoxSession:
                 self._record_crash(key, f"{name} ({dtype}) failed to deploy: {exc}")
             except InjectionFailed as exc:
                 self.injection_failures[key] = exc
+        if self.prelaunched and self._works_ahead():
+            # The test process works ahead too: while the workers load (15-25 s warm on one H200, pythia-160m
+            # synthetic), it computes the reference's side of every comparison the selected tests will ask
+            # for, instead of waiting for the first worker with nothing to do.
+            plans = {plan.id: plan for calls in self.wanted.values() for _op, plan in calls}
+            try:
+                self.reference_ahead, _ = self.precompute_reference(list(plans.values()))
+            except Exception:           # the reference's own tests fail with it, each with its reason
+                pass
 
     def settle(self) -> None:
         """Wait for every prelaunched worker still loading or still computing ahead, so that no timing shares
@@ -396,13 +410,14 @@ class NeoxSession:
             if mode == "auto" and released:
                 self.reference_released_for_memory = line
 
-    def precompute_reference(self) -> tuple[int, str | None]:
+    def precompute_reference(self, plans: list[CasePlan] | None = None) -> tuple[int, str | None]:
         """The outputs the checks ask of the fp32 reference and of its peer (generation of the generating
-        cases, teacher-forced scores of every case), computed now for every planned case (cached ones are
-        not computed again). Returns (cases with something newly computed, why it stopped early or None)."""
+        cases, teacher-forced scores of every case), computed now for every planned case, or for `plans`
+        (cached ones are not computed again). Returns (cases with something newly computed, why it stopped
+        early or None)."""
         outcomes = (pytest.skip.Exception, pytest.fail.Exception, pytest.xfail.Exception)
         computed = 0
-        for plan in self.plans():
+        for plan in self.plans() if plans is None else plans:
             try:
                 case = self.case(plan)
             except outcomes:        # a bad case fails its own tests with the reason, later
@@ -438,6 +453,14 @@ class NeoxSession:
         return self.model.spec.ds_workspace_bytes(dtype, tp, int(config.get("max_tokens", self.max_tokens)),
                                                   self.max_batch)
 
+    def worker_runtime_bytes(self, name: str, tp: int | None = None) -> int:
+        """An engine process's own CUDA runtime per GPU (registry.WORKER_RUNTIME_BYTES), where the engine runs
+        in worker processes on a GPU; 0 for a model in the test process."""
+        tp = self._tp_of(name) if tp is None else tp
+        cls = engines.engine(name).backend_for(tp)
+        in_worker = cls.isolated or cls.runs_in_worker
+        return WORKER_RUNTIME_BYTES if in_worker and self.device.startswith("cuda") else 0
+
     def _check_fits(self, name: str, dtype: str) -> None:
         hw = self.hardware
         tp = self._tp_of(name)
@@ -451,7 +474,8 @@ class NeoxSession:
         # a worker may use no more of a GPU than the cap; the reference in this process is not capped
         cap = self.options.gpu_memory_cap if (cls.isolated or cls.runs_in_worker) else None
         memory = [g.total_memory if cap is None else min(g.total_memory, cap) for g in hw.gpus]
-        ok, reason = self.model.spec.fits(dtype, tp, memory, self.workspace_bytes(name, dtype, tp))
+        ok, reason = self.model.spec.fits(dtype, tp, memory, self.workspace_bytes(name, dtype, tp),
+                                          self.worker_runtime_bytes(name, tp))
         if not ok and cap is not None:
             reason += f" (GPU memory capped at {cap / 2**30:.2f} GiB per worker by --neox-gpu-memory-cap)"
         if not ok:

@@ -376,6 +376,8 @@ def test_what_was_worked_ahead(neox, request):
     report = neox.ahead_reports[f"echo:{neox.dtype}"]
     assert report["calls"] == report["computed"] == len(generated + scored)
     assert report["unclaimed"] == 0          # every result computed ahead was handed to a test
+    # the test process worked ahead too: the reference's side of every wanted case, while echo loaded
+    assert neox.reference_ahead == len({plan.id for _op, plan in neox.wanted["echo"]})
 """
 
 
@@ -392,6 +394,8 @@ def test_the_selected_tests_outputs_are_computed_ahead_in_the_worker(pytester, p
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-3000:]
     result.stdout.fnmatch_lines(["worked ahead, side by side: echo *[0-9]/*[0-9] calls in * s"])
+    result.stdout.fnmatch_lines(["workers launched when the session started*; meanwhile the reference's "
+                                 "outputs of [1-9]* cases were computed"])
     assert not processes.live()
 
 
@@ -403,7 +407,7 @@ def test_greedy(neox, neox_backend_name, neox_generation_case):
 
 def test_nothing_ahead(neox):
     assert neox.wanted["echo"]                     # known, but not sent: the engines would share the cores
-    assert neox.backend("echo").ahead == [] and neox.ahead_reports == {}
+    assert neox.backend("echo").ahead == [] and neox.ahead_reports == {} and neox.reference_ahead == 0
 """
 )
     args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import math
+
 import pytest
 
 from pytest_neoxmii.errors import NeoxUsageError
@@ -319,3 +321,19 @@ def test_fits_counts_the_workspace_per_gpu():
                       "DeepSpeed workspace, x 1.2 headroom = 67.7 GB per GPU; found 1 GPU with 60.0 GB")
     # the seed's configuration still fits: tp=2 on two 40 GiB GPUs
     assert spec.fits("fp16", 2, [40 * 2**30] * 2, spec.ds_workspace_bytes("fp16", 2, 2048, 4))[0] is True
+
+
+def test_a_worker_runtime_is_added_per_gpu_outside_the_headroom():
+    """gpt-neox-20b at tp=2 (measured on 2 x H200, synthetic weights: 70.4 GB held by the two ranks'
+    processes, 2 x 7936 MiB of it DeepSpeed's workspace): weights and workspace x 1.2 alone promise 69.3 GB;
+    each rank's own CUDA runtime (WORKER_RUNTIME_BYTES) is counted on top, once per GPU."""
+    from pytest_neoxmii.registry import WORKER_RUNTIME_BYTES
+    spec = MODELS[NEOX_20B]
+    workspace = spec.ds_workspace_bytes("fp16", 2, 2048, 4)
+    ok, reason = spec.fits("fp16", 2, [40 * 2**30] * 2, workspace, WORKER_RUNTIME_BYTES)
+    assert ok
+    assert reason.endswith("/ tp=2 + 8.3 GB DeepSpeed workspace, x 1.2 headroom + 0.847 GB CUDA runtime of the "
+                           "worker = 35.5 GB per GPU; found 2 GPUs with 42.9 GB each")
+    per_gpu = (spec.weight_bytes("fp16") / 2 + workspace) * 1.2 + WORKER_RUNTIME_BYTES
+    assert spec.fits("fp16", 2, [math.ceil(per_gpu)] * 2, workspace, WORKER_RUNTIME_BYTES)[0] is True
+    assert spec.fits("fp16", 2, [math.floor(per_gpu)] * 2, workspace, WORKER_RUNTIME_BYTES)[0] is False
