@@ -21,11 +21,18 @@ class KnownIssue:
     padded_only: bool              # only cases whose rows have unequal lengths
     condition: str
     upstream: str
+    # What running the defect did to the deployment afterwards, where measured: the session then runs it
+    # after every other call of that engine, and deploys the engine again for the tests that follow it
+    breaks_engine: str = ""
 
     def applies(self, check: str, info: BackendInfo, plan: CasePlan) -> bool:
-        if check != self.check or info.backend not in self.backends:
+        return self.may_apply(check, info.backend, plan, injected=info.kernels.startswith("injected"))
+
+    def may_apply(self, check: str, backend: str, plan: CasePlan, injected: bool) -> bool:
+        """applies(), from what is known before deployment: `injected`, whether its kernels will be."""
+        if check != self.check or backend not in self.backends:
             return False
-        if self.needs_kernels and not info.kernels.startswith("injected"):
+        if self.needs_kernels and not injected:
             return False
         if self.padded_only and len(set(plan.lengths)) < 2:
             return False
@@ -48,12 +55,26 @@ KNOWN_ISSUES = (
                    "the most padded row decodes NaN logprobs (measured on H100, pythia-160m shape)"),
         upstream="https://github.com/deepspeedai/DeepSpeed/issues/1466, "
                  "https://github.com/deepspeedai/DeepSpeed/issues/3960",
+        breaks_engine=("after it, the 2016-token greedy decode on the same deployment ended the worker with "
+                       "'CUDA error: an illegal memory access' (pythia-12b, synthetic weights, one H200; without "
+                       "the padded batch the same cases passed)"),
     ),
 )
+
+# check name -> the op whose output it judges (the session's cache and the workers' calls say op)
+CHECK_OF_OP = {"generate": "greedy", "score": "teacher-forced"}
 
 
 def match(check: str, info: BackendInfo, plan: CasePlan) -> KnownIssue | None:
     return next((k for k in KNOWN_ISSUES if k.applies(check, info, plan)), None)
+
+
+def breaks_engine(op: str, backend: str, plan: CasePlan, injected: bool) -> KnownIssue | None:
+    """The known issue whose defect the call (op "generate" or "score" of `backend` on `plan`) runs, where
+    that defect was measured to break the deployment for later calls; None otherwise."""
+    check = CHECK_OF_OP.get(op)
+    return next((k for k in KNOWN_ISSUES
+                 if k.breaks_engine and k.may_apply(check, backend, plan, injected)), None)
 
 
 # -- defects that abort the process: checked before deployment ---------------------------------------------

@@ -129,6 +129,8 @@ def build_summary(session) -> dict:
         "timings_s": {**timings, "other (plugin and pytest)": max(wall - sum(timings.values()), 0.0),
                       "session": wall},
         "prelaunched": list(session.prelaunched),
+        "reference_computed_while_workers_loaded": session.reference_ahead,
+        "redeployed": list(session.redeployed),
         "worked_ahead": dict(session.ahead_reports),
         "plot": plot_file(m.spec.name) if rows else None,
     })
@@ -199,6 +201,8 @@ def terminal_summary(terminalreporter, session) -> None:
                       f"{', '.join(session.prelaunched)} (model load above is the time tests waited for them)"
                       + (f"; meanwhile the reference's outputs of {session.reference_ahead} cases were computed"
                          if session.reference_ahead else ""))
+    for line in session.redeployed:
+        tr.write_line(line)
     if session.ahead_reports:
         tr.write_line("worked ahead, side by side: " + ", ".join(
             f"{key.split(':')[0]} {r['computed']}/{r['calls']} calls in {r['seconds']:.1f} s"

@@ -58,6 +58,9 @@ class NeoxSession:
         self.pending: dict[str, Backend] = {}       # workers launched up front, loading (see prelaunch)
         self.prelaunched: list[str] = []            # what prelaunch started, for the header and the report
         self.reference_ahead = 0                    # cases whose reference outputs prelaunch computed meanwhile
+        self.broken: dict[str, known_issues.KnownIssue] = {}   # deployments a known defect's call broke
+        self.redeployed: list[str] = []             # what was deployed again for that, for the summary
+        self.replacements: dict[str, Backend] = {}  # their replacements, loading meanwhile
         # What the selected tests will ask each engine for, in test order (want_outputs): a prelaunched
         # worker computes it right after its load, side by side with the other engines (worker.py).
         self.wanted: dict[str, list[tuple[str, CasePlan]]] = {}
@@ -295,15 +298,18 @@ class NeoxSession:
         if not self._works_ahead():
             return []
         cls = engines.engine(name).backend_for(self._tp_of(name))
-        calls = []
+        injected = self.workspace_bytes(name) > 0       # its kernels will be injected here
+        calls, breaking = [], []
         for op, plan in self.wanted.get(name, ()):
             try:
                 case = self.case(plan)
             except pytest.fail.Exception:      # a case that cannot be built: its own test says why
                 continue
             if op == "generate" or cls.can_score:
-                calls.append((op, self._call_args(op, case)))
-        return calls
+                # a known defect that breaks the engine runs after every other call (see settle)
+                late = known_issues.breaks_engine(op, name, plan, injected) is not None
+                (breaking if late else calls).append((op, self._call_args(op, case)))
+        return calls + breaking
 
     def prelaunch(self) -> None:
         """Launch the worker of every selected isolated engine now, side by side, so that DeepSpeed's kernels
@@ -345,7 +351,11 @@ class NeoxSession:
     def settle(self) -> None:
         """Wait for every prelaunched worker still loading or still computing ahead, so that no timing shares
         the machine with other work. What a deployment comes to (skip, xfail, crash) is recorded for the
-        tests that need it, not raised."""
+        tests that need it, not raised. A deployment that ran a known defect measured to break it is closed
+        here (the tests that judged its outputs ran before: neox_alone and neox_last tests settle first), and
+        deploys again when next asked for."""
+        for key in list(self.broken):
+            self._retire_broken(key)
         for key in list(self.pending):
             name, dtype = key.split(":", 1)
             try:
@@ -522,9 +532,14 @@ class NeoxSession:
         every later test needing it, a model out of GPU memory fails it in one line."""
         key = (op, backend.info.backend, backend.info.dtype, case.id)
         if key not in self._cache:
+            backend = self._unbroken(backend, op, case)
             try:
                 with self.timed("model calls"):
                     self._cache[key] = getattr(backend, op)(*self._call_args(op, case))
+                issue = known_issues.breaks_engine(op, backend.info.backend, case.plan,
+                                                   backend.info.kernels.startswith("injected"))
+                if issue is not None and isinstance(backend, IsolatedEngine):
+                    self._mark_broken(self._key_of(backend), issue)
             except BackendUnavailable as exc:
                 pytest.skip(f"{backend.info.backend}: {exc}")
             except DeploymentError as exc:
@@ -533,6 +548,40 @@ class NeoxSession:
                 self._fail_if_out_of_memory(backend, op, case, exc)
                 raise
         return self._cache[key]
+
+    def _unbroken(self, backend: Backend, op: str, case: Case) -> Backend:
+        """The backend to compute (op, case) on: a deployment that ran a defect measured to break it only
+        hands over what its worker computed ahead, before the defect (_ahead_calls runs it last); anything
+        else goes to the engine deployed again."""
+        key = self._key_of(backend)
+        if key not in self.broken or (op, self._call_args(op, case)) in getattr(backend, "ahead", ()):
+            return backend
+        name, dtype = self._retire_broken(key)
+        return self.backend(name, dtype)
+
+    def _mark_broken(self, key: str, issue: known_issues.KnownIssue) -> None:
+        """A known defect broke this deployment: its replacement starts loading now, beside it, where both
+        fit the GPU with the reference (it still hands over what it computed before the defect ran)."""
+        self.broken[key] = issue
+        name, dtype = key.split(":", 1)
+        on_gpu = [k.split(":", 1)[0] for k in self.backends if not engines.is_reference(k.split(":", 1)[0])]
+        if key in self.replacements or not self._fit_at_once([*on_gpu, name], dtype):
+            return
+        try:
+            self.replacements[key] = self._load(name, dtype, wait=False)
+        except (BackendUnavailable, DeploymentError, InjectionFailed):
+            pass                    # deployed again when next asked for, which says why it cannot
+
+    def _retire_broken(self, key: str) -> tuple[str, str]:
+        """Close a deployment a known defect broke; the next backend() call takes its replacement (or
+        deploys the engine again)."""
+        issue = self.broken.pop(key)
+        name, dtype = key.split(":", 1)
+        self.close_backend(name, dtype)
+        if key in self.replacements:
+            self.pending[key] = self.replacements.pop(key)
+        self.redeployed.append(f"{name} deployed again after known issue [{issue.key}] ran: {issue.breaks_engine}")
+        return name, dtype
 
     def _fail_if_out_of_memory(self, backend: Backend, op: str, case: Case, exc: Exception) -> None:
         """A model in this process out of GPU memory (torch.OutOfMemoryError, matched by name: nothing here
@@ -574,6 +623,8 @@ class NeoxSession:
             self._take_ahead_account(key, backend)
         self.backends.update(self.pending)      # launched but never needed: torn down all the same
         self.pending.clear()
+        self.backends.update({f"{k} (replacement)": b for k, b in self.replacements.items()})
+        self.replacements.clear()
         with self.timed("model teardown"):
             for backend in self.backends.values():  # every worker winds down at once, then each is waited for
                 try:

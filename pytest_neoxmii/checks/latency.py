@@ -30,8 +30,8 @@ def _backend_for(neox, name: str):
 def measure(neox, name: str, batch_size: int, benchmark=None, profile: LatencyProfile | None = None) \
         -> LatencyResult:
     """Measure one backend at one batch size in this session (kept in neox.latency for the report)."""
-    backend = _backend_for(neox, name)
     neox.settle()                  # timing runs alone: no prelaunched worker still loading beside it
+    backend = _backend_for(neox, name)        # (after settle: it may have deployed a broken engine again)
     profile = profile or profile_for(backend.info.device, neox.options, name)
     tok = neox.tokenizer
     batch = latency_batch(text_tokens(tok), batch_size, profile.prompt_len,

@@ -59,8 +59,8 @@ def test_teardown_ends_every_process_and_gives_gpu_memory_back(neox, neox_backen
     other worker idle (settle), from each process's own figure where nvidia-smi attributes memory to
     processes; elsewhere from the deployment's teardown report (device-wide, within its 100 MiB)."""
     from pytest_neoxmii.deploy import gpumem, processes
-    backend = neox.backend(neox_backend_name)       # skips with the reason if it cannot run here
     neox.settle()                                   # no other worker still loading or working ahead
+    backend = neox.backend(neox_backend_name)       # skips with the reason if it cannot run here
     on_gpu = neox.device != "cpu"
     held = [gpumem.process_used_bytes(pid) for pid in processes.tagged(backend.tag)] if on_gpu else []
     before = gpumem.nvidia_smi_used() if on_gpu and any(h is not None for h in held) else None
