@@ -17,8 +17,8 @@ from pytest_neoxmii.errors import BackendUnavailable, NeoxUsageError
 from pytest_neoxmii.injection import InjectionFailed
 from pytest_neoxmii.options import NeoxOptions
 from pytest_neoxmii.outputs import Generation, Scores
-from pytest_neoxmii.weights import ResolvedModel
 from pytest_neoxmii.registry import WORKER_RUNTIME_BYTES
+from pytest_neoxmii.weights import ResolvedModel
 
 
 @dataclass

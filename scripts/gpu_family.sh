@@ -3,12 +3,13 @@
 # (parity and reference checks, default cases), each under a time limit so one size cannot eat the call.
 # Usage: FAMILY_LIMIT_S=240 NEOX_BACKENDS=hf,ds,mii bash scripts/gpu_family.sh pythia-70m pythia-160m ...
 #        BUILD_ONLY=gpt-neox-20b bash scripts/gpu_family.sh     (time the synthetic weight build alone)
-# Everything lands in $OUT/family.tgz (logs, JSON summaries, weight provenance) and $OUT/family.txt (figures).
+# Everything lands under $OUT/family/ as it is written (logs, JSON summaries, weight provenance; a session cut
+# short by its limit or the call's keeps what it wrote) and in $OUT/family.txt (figures).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/out}; W=/tmp/family; mkdir -p "$OUT" "$W"
+OUT=${OUT:-/tmp/out}; W=$OUT/family; mkdir -p "$OUT" "$W"
 CACHE=${NEOX_CACHE:-/tmp/neox-cache}
 LIMIT=${FAMILY_LIMIT_S:-300}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc;
@@ -38,7 +39,7 @@ for model in "$@"; do
   timeout -k 10 "$LIMIT" python3 -m pytest pytest_neoxmii/suite/test_parity.py pytest_neoxmii/suite/test_reference.py \
     -p pytest_neoxmii.plugin --neox-model="$model" --neox-weights=synthetic --neox-cache-dir="$CACHE" \
     --neox-backends="${NEOX_BACKENDS:-hf,ds,mii}" --neox-report="$W/report-$model" \
-    -q -rsxX -p no:cacheprovider ${NEOX_EXTRA:-} > "$W/$model.log" 2>&1
+    -v -rsxX -p no:cacheprovider ${NEOX_EXTRA:-} > "$W/$model.log" 2>&1
   rc=$?
   tail -n 25 "$W/$model.log" | grep -v "^\[20"
   line=$(grep -E "^(=+ )?[0-9]+ (passed|failed|xfailed|skipped|error)" "$W/$model.log" | tail -1)
@@ -49,4 +50,3 @@ for model in "$@"; do
   [ -n "${KEEP:-}" ] || rm -rf "$CACHE/synthetic/$model-"*
 done
 cat "$W/machine.txt" "$W/build.txt" "$W/family.txt" > "$OUT/family.txt" 2>/dev/null
-tar -czf "$OUT/family.tgz" -C "$W" .
