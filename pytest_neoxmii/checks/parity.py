@@ -10,6 +10,11 @@ from pytest_neoxmii.cases import Case
 from pytest_neoxmii.session import NeoxSession, Record
 
 
+# The session's time breakdown: the judges' own arithmetic (full-vocabulary KL over every position: seconds
+# a 2016-token case on two CPU cores), apart from the model calls and from the plugin's overhead.
+JUDGING = "judging (teacher-forced metrics)"
+
+
 def _record_properties(request, metrics: dict) -> None:
     if request is not None:
         for k, v in metrics.items():
@@ -75,8 +80,9 @@ def noise_floor(neox: NeoxSession, case: Case, dtype: str | None = None) -> pari
     peer = neox.backend(engines.reference_name(), dtype) if dtype else neox.peer()
 
     def compute() -> parity.TFMetrics:
-        return parity.teacher_forced_metrics(neox.scores(neox.reference(), case), neox.scores(peer, case),
-                                             case.batch, device=neox.device)
+        reference, scores = neox.scores(neox.reference(), case), neox.scores(peer, case)
+        with neox.timed(JUDGING):
+            return parity.teacher_forced_metrics(reference, scores, case.batch, device=neox.device)
     return neox.memo(("noise floor", case.id, peer.info.dtype), compute)
 
 
@@ -86,8 +92,9 @@ def check_teacher_forced(neox: NeoxSession, backend_name: str, case: Case, reque
     backend = neox.backend(backend_name)
     known = mark_known_issue(request, "teacher-forced", backend, case)
     floor = noise_floor(neox, case, backend.info.dtype)   # the floor at the precision the backend ran
-    measured = parity.teacher_forced_metrics(neox.scores(neox.reference(), case), neox.scores(backend, case),
-                                             case.batch, device=neox.device)
+    reference, scores = neox.scores(neox.reference(), case), neox.scores(backend, case)
+    with neox.timed(JUDGING):
+        measured = parity.teacher_forced_metrics(reference, scores, case.batch, device=neox.device)
     verdict = parity.judge(floor, measured, neox.options.parity_multiple)
     metrics = {"kl_mean": measured.kl_mean, "kl_max": measured.kl_max, "top1_agreement": measured.top1_agreement,
                "max_abs_diff": measured.max_abs_diff, "floor_kl_max": floor.kl_max,
