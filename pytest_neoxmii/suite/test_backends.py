@@ -31,8 +31,12 @@ def test_deepspeed_workspace_is_what_the_registry_counts(neox, name):
     again). Off by more than the driver's 2 MiB pages, and "fits" would promise what the GPU cannot hold."""
     backend = neox.backend(name)
     measured = backend.info.workspace_bytes
-    if measured is None:
-        pytest.skip(f"{name} did not measure its workspace ({backend.info.describe()})")
+    if not backend.info.kernels.startswith("injected"):
+        pytest.skip(f"{name} runs without injected kernels here, so without DeepSpeed's workspace "
+                    f"({backend.info.describe()})")
+    if measured is None and name == "mii" and backend.info.tensor_parallel > 1:
+        pytest.skip("MII's gRPC server ranks do not report their workspace (tp >= 2)")
+    assert measured is not None, f"{name} injected its kernels but measured no workspace: {backend.info.describe()}"
     expected = neox.workspace_bytes(name)
     print(f"{name}: DeepSpeed workspace measured {measured / 2**20:.1f} MiB per GPU, registry "
           f"{expected / 2**20:.1f} MiB (max_tokens {neox.max_tokens}, batch {neox.max_batch})")
