@@ -134,6 +134,11 @@ class ModelSpec:
         kv_cache = self.num_hidden_layers * batch * (width // tp) * 2
         return (activations + scores + kv_cache) * max_tokens * DTYPE_BYTES[dtype]
 
+    def per_gpu_bytes(self, dtype: str, tp: int, workspace_bytes: int = 0, runtime_bytes: int = 0) -> float:
+        """What one GPU of a deployment needs, in the fit arithmetic: (weights / tp + workspace) x HEADROOM
+        + runtime (see fits)."""
+        return (self.weight_bytes(dtype) / tp + workspace_bytes) * HEADROOM + runtime_bytes
+
     def fits(self, dtype: str, tp: int, gpu_memory_bytes: list[int],
              workspace_bytes: int = 0, runtime_bytes: int = 0) -> tuple[bool, str]:
         """Whether the weights, sharded over `tp` GPUs, plus `workspace_bytes` per GPU (DeepSpeed's inference
@@ -153,7 +158,7 @@ class ModelSpec:
             return False, f"{self.name} {dtype} with tp={tp} needs {tp} GPUs, found {found} {plural}"
 
         weights = self.weight_bytes(dtype)
-        per_gpu = (weights / tp + workspace_bytes) * HEADROOM + runtime_bytes
+        per_gpu = self.per_gpu_bytes(dtype, tp, workspace_bytes, runtime_bytes)
         # Tensor parallelism shards evenly, so the smallest card in use is the one that limits.
         used = gpu_memory_bytes[:tp]
         smallest = min(used)

@@ -97,6 +97,7 @@ class KernelInjectedBackend(TorchModelBackend):
     injects_kernels = True
     isolated = True
     requires = ("deepspeed",)
+    workspace_bytes: int | None = None      # DeepSpeed's workspace, measured by _verify_kernels where injected
 
     @classmethod
     def check_can_run(cls, request: LoadRequest) -> None:
@@ -161,7 +162,7 @@ class DeepSpeedBackend(KernelInjectedBackend):
         self.info = BackendInfo(
             backend="ds", dtype=dtype, device=device, tensor_parallel=tp, kernels=kernels,
             gpu_memory_bytes=held, gpu_tensor_bytes=torch.cuda.memory_allocated(device) if on_gpu else None,
-            workspace_bytes=getattr(self, "workspace_bytes", None),
+            workspace_bytes=self.workspace_bytes,
             notes=[f"max_tokens={config['max_tokens']}", f"workspace sized for batch {max_batch}"]
             + ([measured] if measured else [])
             + (["user config merged over the defaults"] if engine_config else []))

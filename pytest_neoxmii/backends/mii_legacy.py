@@ -99,7 +99,7 @@ class MiiBackend(KernelInjectedBackend):
         self.info = BackendInfo(
             backend="mii", dtype=dtype, device=device, tensor_parallel=1, kernels=kernels,
             gpu_memory_bytes=held, gpu_tensor_bytes=torch.cuda.memory_allocated(device) if on_gpu else None,
-            workspace_bytes=getattr(self, "workspace_bytes", None),
+            workspace_bytes=self.workspace_bytes,
             notes=["MII legacy NON_PERSISTENT, queried through mii_query_handle"] + ([measured] if measured else []))
 
     def query_texts(self, texts: list[str], max_new_tokens: int) -> list[str]:

@@ -92,7 +92,7 @@ def test_gpt_neox_20b_deploys_where_the_registry_says_it_fits(neox, record_prope
     assert held is not None, f"no GPU memory measured for {backend.info.describe()}"
     assert held >= weights, (f"the deployment holds {held / 1e9:.1f} GB on its GPUs, less than the "
                              f"{weights / 1e9:.1f} GB of weights: they are not all on the GPUs")
-    promised = (weights + workspace * tp) * HEADROOM + runtime * tp
+    promised = spec.per_gpu_bytes(dtype, tp, workspace, runtime) * tp
     assert held <= promised, (f"the deployment holds {held / 1e9:.1f} GB on its GPUs, more than the "
                               f"({weights / 1e9:.1f} GB of weights + {tp} x {workspace / 1e9:.1f} GB of DeepSpeed "
                               f"workspace) x {HEADROOM} headroom + {tp} x {runtime / 1e9:.2f} GB of CUDA runtime "
