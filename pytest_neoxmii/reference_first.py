@@ -10,7 +10,7 @@ release."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from pytest_neoxmii.backends.base import Backend
 from pytest_neoxmii.registry import HEADROOM, ModelSpec
@@ -18,10 +18,22 @@ from pytest_neoxmii.registry import HEADROOM, ModelSpec
 MODES = ("auto", "always", "never")
 
 # The margin of auto's arithmetic: registry.HEADROOM (x1.2), the same rule of thumb `_check_fits` applies to
-# one engine, here applied to the sum of the models and of the DeepSpeed workspaces (counted on their own:
-# at 2048 tokens and batch 4 they are as large as pythia-2.8b's weights), since each model also brings its
-# activations and CUDA context. A stated rule of thumb, not a measurement.
+# one engine, here applied to every model and DeepSpeed workspace (counted on their own: at 2048 tokens and
+# batch 4 they are as large as pythia-2.8b's weights), for their activations. A stated rule of thumb, not a
+# measurement. Each engine's worker runtime is added after the margin, as in ModelSpec.per_gpu_bytes: one
+# memory model for `_check_fits`, reference first and prelaunch.
 MARGIN = HEADROOM
+
+
+class EngineOnGpu(NamedTuple):
+    """An engine's share of GPU 0 in the footprint: its weights / tp, its DeepSpeed workspace per GPU
+    (ModelSpec.ds_workspace_bytes; 0 without injected kernels) and its worker's CUDA runtime per GPU
+    (registry.WORKER_RUNTIME_BYTES; 0 in the test process)."""
+    name: str
+    dtype: str
+    tp: int = 1
+    workspace_bytes: int = 0
+    runtime_bytes: int = 0
 
 # Every trait of Backend (is_reference, output_is_text, runs_in_worker, ...): a handle answers them from the
 # class it stands for, without loading anything.
@@ -88,20 +100,28 @@ def _gb(n_bytes: float) -> str:
     return f"{gb:.1f} GB" if gb >= 1 else f"{gb:.3g} GB"
 
 
-def footprint(spec: ModelSpec, reference: str, peer_dtype: str, deployed: list[tuple],
+def footprint(spec: ModelSpec, reference: str, peer_dtype: str, deployed: list[EngineOnGpu],
               gpu_bytes: int) -> Footprint:
-    """The HF models sit on GPU 0 whole; each engine in `deployed` (name, dtype, tp[, workspace bytes per
-    GPU]: the one about to deploy and those already on the GPU) has its weights / tp there, and its
-    DeepSpeed inference workspace where it injects kernels (ModelSpec.ds_workspace_bytes)."""
+    """The HF models sit on GPU 0 whole; each engine in `deployed` (the one about to deploy and those
+    already on the GPU) needs there what `ModelSpec.per_gpu_bytes` says of one GPU of it."""
     parts = [(f"{reference} fp32", spec.weight_bytes("fp32"))]
     if peer_dtype != "fp32":                       # an fp32 session's peer is the reference itself
         parts.append((f"{reference} {peer_dtype}", spec.weight_bytes(peer_dtype)))
-    for name, dtype, tp, *workspace in deployed:
-        parts.append((f"{name} {dtype}" + (f" / tp={tp}" if tp > 1 else ""), spec.weight_bytes(dtype) / tp))
-        if workspace and workspace[0]:
-            parts.append((f"{name} workspace", workspace[0]))
-    needed = sum(b for _, b in parts) * MARGIN
+    runtimes = []
+    for engine in deployed:
+        parts.append((f"{engine.name} {engine.dtype}" + (f" / tp={engine.tp}" if engine.tp > 1 else ""),
+                      spec.weight_bytes(engine.dtype) / engine.tp))
+        if engine.workspace_bytes:
+            parts.append((f"{engine.name} workspace", engine.workspace_bytes))
+        if engine.runtime_bytes:
+            runtimes.append((f"{engine.name} runtime", engine.runtime_bytes))
+    held = sum(b for _, b in parts) * MARGIN
+    hf_bytes = sum(spec.weight_bytes(dtype) for dtype in {"fp32", peer_dtype}) * MARGIN
+    needed = hf_bytes + sum(spec.per_gpu_bytes(e.dtype, e.tp, e.workspace_bytes, e.runtime_bytes)
+                            for e in deployed)
     fits = needed <= gpu_bytes
-    arithmetic = (" + ".join(f"{label} {_gb(b)}" for label, b in parts)
-                  + f", x {MARGIN} = {_gb(needed)} {'<=' if fits else '>'} {_gb(gpu_bytes)} of GPU 0")
+    arithmetic = (" + ".join(f"{label} {_gb(b)}" for label, b in parts) + f", x {MARGIN}"
+                  + (f" = {_gb(held)}, + " + " + ".join(f"{label} {_gb(b)}" for label, b in runtimes)
+                     if runtimes else "")
+                  + f" = {_gb(needed)} {'<=' if fits else '>'} {_gb(gpu_bytes)} of GPU 0")
     return Footprint(fits, arithmetic)

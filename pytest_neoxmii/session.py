@@ -382,9 +382,16 @@ class NeoxSession:
         # allocator in its worker keeps what it fetched (measured: 23.6 GiB held after working ahead on
         # pythia-12b with synthetic weights, fp16 23.7 GB, one H200), and three engines beside the reference ran out of
         # memory there.
-        deployed = [(n, dtype, self._tp_of(n), self.workspace_bytes(n, dtype, self._tp_of(n))) for n in names]
+        deployed = [self._on_gpu(n, dtype) for n in names]
         return reference_first.footprint(self.model.spec, engines.reference_name(), dtype, deployed,
                                          min(g.total_memory for g in hw.gpus)).fits
+
+    def _on_gpu(self, name: str, dtype: str) -> reference_first.EngineOnGpu:
+        """The engine's share of one GPU, for reference first's arithmetic (the same memory model as
+        _check_fits: weights / tp, workspace, worker runtime)."""
+        tp = self._tp_of(name)
+        return reference_first.EngineOnGpu(name, dtype, tp, self.workspace_bytes(name, dtype, tp),
+                                           self.worker_runtime_bytes(name, tp))
 
     # -- reference first (reference_first.py) ---------------------------------------------------------
     def _reference_first(self, name: str, dtype: str) -> None:
@@ -402,8 +409,7 @@ class NeoxSession:
             # the engines already on the GPU (or loading there) count too: they stay for the session
             on_gpu = [key.split(":", 1) for key in [*self.backends, *self.pending]
                       if not engines.is_reference(key.split(":", 1)[0]) and key != f"{name}:{dtype}"]
-            deployed = [(n, d, self._tp_of(n), self.workspace_bytes(n, d, self._tp_of(n)))
-                        for n, d in [[name, dtype], *on_gpu]]
+            deployed = [self._on_gpu(n, d) for n, d in [[name, dtype], *on_gpu]]
             need = reference_first.footprint(self.model.spec, engines.reference_name(), self.dtype, deployed,
                                              gpus[0].total_memory)
             if need.fits:

@@ -7,6 +7,7 @@ closes, the cases are fixed token rows (no tokenizer), and the GPUs are faked (c
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +18,7 @@ from pytest_neoxmii.backends.base import Backend, BackendInfo
 from pytest_neoxmii.cases import Case, CasePlan
 from pytest_neoxmii.options import NeoxOptions
 from pytest_neoxmii.outputs import Generation, PromptBatch, Scores
-from pytest_neoxmii.reference_first import ReferenceHandle, footprint
+from pytest_neoxmii.reference_first import EngineOnGpu, ReferenceHandle, footprint
 from pytest_neoxmii.registry import lookup
 from pytest_neoxmii.session import NeoxSession
 
@@ -204,10 +205,30 @@ def test_auto_never_releases_on_the_cpu(monkeypatch, on_cpu):
 
 def test_footprint_counts_an_fp32_peer_once_and_the_engine_share_per_gpu():
     spec = lookup("pythia-1b")
-    fp32 = footprint(spec, "hf", "fp32", [("ds", "fp32", 2)], 85_045_870_592)
+    fp32 = footprint(spec, "hf", "fp32", [EngineOnGpu("ds", "fp32", 2)], 85_045_870_592)
     weights = spec.weight_bytes("fp32") / 1e9
     assert fp32.fits and fp32.arithmetic == (f"hf fp32 {weights:.1f} GB + ds fp32 / tp=2 {weights / 2:.1f} GB, "
                                              f"x 1.2 = {weights * 1.5 * 1.2:.1f} GB <= 85.0 GB of GPU 0")
+
+
+def test_footprint_counts_each_engine_as_the_registry_does_with_its_worker_runtime():
+    """One memory model: an engine's share of GPU 0 is ModelSpec.per_gpu_bytes, the figure _check_fits uses
+    ((weights / tp + workspace) x 1.2 + the worker's CUDA runtime), so reference first and prelaunch cannot
+    put beside the reference an engine the registry would not deploy there."""
+    from pytest_neoxmii.registry import WORKER_RUNTIME_BYTES
+    spec = lookup("pythia-1b")
+    workspace = spec.ds_workspace_bytes("fp16", 1, 2048, 4)
+    engine = EngineOnGpu("ds", "fp16", 1, workspace, WORKER_RUNTIME_BYTES)
+    need = ((spec.weight_bytes("fp32") + spec.weight_bytes("fp16")) * 1.2
+            + spec.per_gpu_bytes("fp16", 1, workspace, WORKER_RUNTIME_BYTES))
+    assert footprint(spec, "hf", "fp16", [engine], math.ceil(need)).fits
+    short = footprint(spec, "hf", "fp16", [engine], math.floor(need))
+    assert not short.fits
+    assert short.arithmetic.endswith(f", + ds runtime {WORKER_RUNTIME_BYTES / 1e9:.3g} GB = {need / 1e9:.1f} GB "
+                                     f"> {math.floor(need) / 1e9:.1f} GB of GPU 0")
+    # the runtime is added after the margin, not multiplied by it
+    without = footprint(spec, "hf", "fp16", [engine._replace(runtime_bytes=0)], math.floor(need))
+    assert without.fits is (need - WORKER_RUNTIME_BYTES <= math.floor(need))
 
 
 def test_a_bad_mode_is_a_one_line_usage_error(pytester, assert_usage_error):
