@@ -55,9 +55,9 @@ KNOWN_ISSUES = (
                    "the most padded row decodes NaN logprobs (measured on H100, pythia-160m shape)"),
         upstream="https://github.com/deepspeedai/DeepSpeed/issues/1466, "
                  "https://github.com/deepspeedai/DeepSpeed/issues/3960",
-        breaks_engine=("after it, the 2016-token greedy decode on the same deployment ended the worker with "
-                       "'CUDA error: an illegal memory access' (pythia-12b, synthetic weights, one H200; without "
-                       "the padded batch the same cases passed)"),
+        breaks_engine=("on pythia-12b (synthetic weights, one H200) CUDA reported 'an illegal memory access' "
+                       "in this call or in the next one on the same deployment, and every later call failed "
+                       "with it; without the padded batch the same cases passed"),
     ),
 )
 

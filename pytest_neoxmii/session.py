@@ -539,16 +539,26 @@ class NeoxSession:
         key = (op, backend.info.backend, backend.info.dtype, case.id)
         if key not in self._cache:
             backend = self._unbroken(backend, op, case)
+            issue = known_issues.breaks_engine(op, backend.info.backend, case.plan,
+                                               backend.info.kernels.startswith("injected"))
+            breaks = issue is not None and isinstance(backend, IsolatedEngine)
             try:
                 with self.timed("model calls"):
                     self._cache[key] = getattr(backend, op)(*self._call_args(op, case))
-                issue = known_issues.breaks_engine(op, backend.info.backend, case.plan,
-                                                   backend.info.kernels.startswith("injected"))
-                if issue is not None and isinstance(backend, IsolatedEngine):
+                if breaks:
                     self._mark_broken(self._key_of(backend), issue)
             except BackendUnavailable as exc:
                 pytest.skip(f"{backend.info.backend}: {exc}")
             except DeploymentError as exc:
+                if breaks:
+                    # The known defect broke the deployment in this very call (CUDA reports an illegal
+                    # memory access at a later sync, so which call hit it is not always told apart): this
+                    # test fails with it, as its known issue expects, and the engine deploys again for the
+                    # others instead of failing them all as crashed.
+                    self._mark_broken(self._key_of(backend), issue)
+                    pytest.fail(f"{backend.info.backend}: known issue [{issue.key}] broke the deployment in "
+                                f"this call ({issue.breaks_engine}); the engine deploys again for later "
+                                f"calls. The deployment said:\n{exc}", pytrace=False)
                 self._crash(self._key_of(backend), str(exc))
             except Exception as exc:
                 self._fail_if_out_of_memory(backend, op, case, exc)

@@ -3,6 +3,7 @@ worker process (`python -m pytest_neoxmii.worker --engine tests.unit.engines_for
 in a module of their own, importable from the repository root."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -50,6 +51,29 @@ class EchoEngine(Backend):
     def close(self):
         if self.closed_marker is not None:          # the test sees that the worker closed its engine
             self.closed_marker.write_text("closed")
+
+
+class PoisonedByPadding(EchoEngine):
+    """Like a CUDA context after an illegal memory access: decoding a left-padded batch fails, and so does
+    every call after it in this process (the error is sticky); a fresh process works again."""
+
+    poisoned = False
+
+    def __init__(self, request):
+        super().__init__(request)
+        self.info = dataclasses.replace(self.info, backend="poison")   # what known issues match on
+
+    def generate(self, batch, max_new_tokens, top_k=5):
+        if len({len(row) for row in batch.rows}) > 1:
+            PoisonedByPadding.poisoned = True
+        if PoisonedByPadding.poisoned:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (stand-in)")
+        return super().generate(batch, max_new_tokens, top_k)
+
+    def score(self, batch):
+        if PoisonedByPadding.poisoned:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (stand-in)")
+        return super().score(batch)
 
 
 class AbortsInGenerate(EchoEngine):
