@@ -48,8 +48,10 @@ for step in "$@"; do
       NEOXMII_PLANT_FAULT=attention-output-scale:8:1.05 suite planted $((budget - 10)) \
         pytest_neoxmii/suite/test_multi_gpu.py --neox-model=pythia-1b --neox-tp=2 --neox-backends=ds,mii ;;
     neox20b)
-      suite neox20b $((budget - 10)) tests/acceptance/ -k "parity or latency or multi_gpu or workspace" \
-        --neox-model=gpt-neox-20b --neox-tp=2 --neox-backends=ds --neox-gpu-memory-cap=40GiB ;;
+      # NEOX20B_SELECT / NEOX20B_EXTRA narrow it, e.g. to the registry's fit test alone:
+      #   NEOX20B_SELECT="registry_says_it_fits or workspace" NEOX20B_EXTRA=--neox-reference-first=never
+      suite neox20b $((budget - 10)) tests/acceptance/ -k "${NEOX20B_SELECT:-parity or latency or multi_gpu or workspace}" \
+        --neox-model=gpt-neox-20b --neox-tp=2 --neox-backends=ds --neox-gpu-memory-cap=40GiB ${NEOX20B_EXTRA:-} ;;
     *) echo "unknown step $step" ;;
   esac
 done
