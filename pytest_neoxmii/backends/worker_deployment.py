@@ -40,6 +40,7 @@ class WorkerDeployment(Backend):
         self.run_dir = processes.run_dir(self.tag)
         self._probe = (gpumem.default_probe(lambda: processes.other_live_pids(self.tag))
                        if memory_probe == "default" else memory_probe)
+        self._probe_attributes = memory_probe == "default"     # nvidia-smi's per-process figures apply
         self._baseline = self._probe() if self._probe else None
         self._trees: list[processes.ProcessTree] = []
         self.teardown_report: processes.TeardownReport | None = None
@@ -112,6 +113,26 @@ class WorkerDeployment(Backend):
     def _teardown_name(self) -> str:
         """The deployment as teardown reports and leak warnings name it."""
 
+    def _memory_baseline(self) -> tuple[dict[int, float] | None, str]:
+        """What GPU memory must come back to after the close. Where nvidia-smi attributes memory to the
+        deployment's processes: what the GPUs hold just before the close, less what those processes hold.
+        Measured across the close, it is blind to what changed on the GPU since the launch and belongs to no
+        process (seen: +123 MiB against the launch-time figure, on one H200 once the session's other workers
+        and the reference had loaded, pythia-410m synthetic; no process of the deployment was left, and the
+        report cost a 30 s wait). Otherwise (another PID namespace, a custom probe): the launch-time figure."""
+        if self._probe is None or not self._probe_attributes or not self._trees:
+            return self._baseline, "before the deployment"
+        try:
+            pids = set().union(*(tree.pids() for tree in self._trees)) | processes.tagged(self.tag)
+            held = gpumem.held_by(pids)
+            if not held:
+                return self._baseline, "before the deployment"
+            now = self._probe()
+        except Exception:               # the launch-time figure still judges the close
+            return self._baseline, "before the deployment"
+        return ({i: mib - held.get(i, 0.0) for i, mib in now.items()},
+                "before the close, less what its processes held")
+
     def _release(self) -> None:
         """Give back what _reserve took and anything else held in this process; runs after teardown."""
 
@@ -121,10 +142,11 @@ class WorkerDeployment(Backend):
             return
         self._closed = True
         try:
+            baseline, baseline_is = self._memory_baseline()
             self.teardown_report = processes.teardown_with_settings(
                 self._trees, name=self._teardown_name(), tag=self.tag, polite=self._polite(),
                 polite_timeout_default=self.polite_timeout, memory_probe=self._probe,
-                memory_baseline=self._baseline)
+                memory_baseline=baseline, memory_baseline_is=baseline_is)
         finally:
             self._release()
             processes.unregister_live(self.tag)

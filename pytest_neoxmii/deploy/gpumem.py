@@ -59,6 +59,24 @@ def process_used_bytes(pid: int | None = None) -> int | None:
     return int(sum(mib) * 2**20) if mib else None
 
 
+def held_by(pids: Iterable[int]) -> dict[int, float]:
+    """{gpu index: MiB} that nvidia-smi attributes to `pids`; empty where it attributes nothing to them (they
+    hold nothing, or live in another PID namespace) or cannot say."""
+    wanted = {str(p) for p in pids}
+    if not wanted or not shutil.which("nvidia-smi"):
+        return {}
+    try:
+        index_of = {uuid: int(i) for i, uuid, _ in _smi("index,uuid,memory.used")}
+        apps = _smi("gpu_uuid,pid,used_memory", kind="compute-apps")
+    except (subprocess.SubprocessError, OSError, ValueError):
+        return {}
+    held: dict[int, float] = {}
+    for uuid, pid, mib in apps:
+        if pid in wanted and uuid in index_of and mib.replace(".", "", 1).isdigit():
+            held[index_of[uuid]] = held.get(index_of[uuid], 0.0) + float(mib)
+    return held
+
+
 def torch_used() -> dict[int, float]:
     import torch
     result = {}

@@ -277,6 +277,7 @@ class TeardownReport:
     memory_after_mib: dict[int, float] | None = None
     memory_not_returned_mib: dict[int, float] = field(default_factory=dict)
     memory_error: str | None = None
+    memory_baseline_is: str = "before the deployment"
 
     @property
     def leaked(self) -> bool:
@@ -289,7 +290,7 @@ class TeardownReport:
         elif self.memory_after_mib is not None:
             delta = ", ".join(f"GPU {i} {self.memory_after_mib[i] - self.memory_baseline_mib.get(i, 0.0):+.0f} MiB"
                               for i in sorted(self.memory_after_mib))
-            memory = f"; GPU memory vs before the deployment: {delta}"
+            memory = f"; GPU memory vs {self.memory_baseline_is}: {delta}"
         if not self.leaked:
             # pids: what was still running after the polite stop, and was signalled
             stopped = f"{len(self.pids)} process(es) signalled and ended" if self.pids else "none left to signal"
@@ -308,7 +309,8 @@ class TeardownReport:
         return {"name": self.name, "pids": self.pids, "survivors": self.survivors, "polite": self.polite,
                 "seconds": round(self.seconds, 3), "leaked": self.leaked, "tolerance_mib": self.tolerance_mib,
                 "memory_baseline_mib": self.memory_baseline_mib, "memory_after_mib": self.memory_after_mib,
-                "memory_not_returned_mib": self.memory_not_returned_mib, "memory_error": self.memory_error}
+                "memory_not_returned_mib": self.memory_not_returned_mib, "memory_error": self.memory_error,
+                "memory_baseline_is": self.memory_baseline_is}
 
 
 _LEAKS: list[TeardownReport] = []
@@ -358,9 +360,10 @@ def _wait_gone(pids: set[int], trees: list[ProcessTree], timeout: float) -> None
 
 def teardown_with_settings(trees: list[ProcessTree], *, polite_timeout_default: float, **kwargs) -> TeardownReport:
     """teardown() with the limits users set through the environment (NEOXMII_POLITE_TIMEOUT,
-    NEOXMII_LEAK_TOLERANCE_MIB): what every deployment's close() calls."""
+    NEOXMII_LEAK_TOLERANCE_MIB, NEOXMII_MEMORY_TIMEOUT): what every deployment's close() calls."""
     return teardown(trees, polite_timeout=env_float("NEOXMII_POLITE_TIMEOUT", polite_timeout_default),
-                    tolerance_mib=env_float("NEOXMII_LEAK_TOLERANCE_MIB", 100), **kwargs)
+                    tolerance_mib=env_float("NEOXMII_LEAK_TOLERANCE_MIB", 100),
+                    memory_timeout=env_float("NEOXMII_MEMORY_TIMEOUT", 30), **kwargs)
 
 
 def teardown(trees: list[ProcessTree], *, name: str, tag: str | None = None,
@@ -368,7 +371,7 @@ def teardown(trees: list[ProcessTree], *, name: str, tag: str | None = None,
              term_timeout: float = 10.0, kill_timeout: float = 5.0,
              memory_probe: Callable[[], dict[int, float]] | None = None,
              memory_baseline: dict[int, float] | None = None, memory_timeout: float = 30.0,
-             tolerance_mib: float = 100.0) -> TeardownReport:
+             tolerance_mib: float = 100.0, memory_baseline_is: str = "before the deployment") -> TeardownReport:
     """Polite stop, SIGTERM to every process of the deployment, SIGKILL to survivors, then wait for GPU
     memory to come back. Ctrl-C and SIGTERM are held back meanwhile (and delivered after), so a second
     Ctrl-C cannot leave the deployment half torn down."""
@@ -407,7 +410,7 @@ def teardown(trees: list[ProcessTree], *, name: str, tag: str | None = None,
         if tag is not None:
             _stop_reaper(tag)
         report = TeardownReport(name=name, pids=found, survivors=survivors, polite=polite_result,
-                                seconds=0.0, tolerance_mib=tolerance_mib)
+                                seconds=0.0, tolerance_mib=tolerance_mib, memory_baseline_is=memory_baseline_is)
         if memory_probe is not None and memory_baseline is not None:
             _wait_memory(report, memory_probe, memory_baseline, memory_timeout)
         report.seconds = time.monotonic() - t0

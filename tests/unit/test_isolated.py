@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -587,3 +588,54 @@ def test_a_known_defect_that_breaks_the_engine_in_its_own_call_is_not_a_crash_of
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0 and outcomes["passed"] >= 4, \
         result.stdout.str()[-3000:]
     assert not processes.live()
+
+
+STATEFUL_SMI = """#!/bin/sh
+# GPU 0 as nvidia-smi would show it around a worker whose pid the test wrote to $PIDFILE: 1000 MiB before
+# it starts; while it lives, 6123 MiB of which it holds 5000 (123 MiB appeared meanwhile, nobody's); once it
+# is gone, 1123 MiB (or 6123 with LEAK=1: its memory never came back).
+pid=$(cat "$PIDFILE" 2>/dev/null)
+if [ -z "$pid" ]; then used=1000; app=""
+elif kill -0 "$pid" 2>/dev/null; then used=6123; app="GPU-aaa, $pid, 5000"
+elif [ -n "$LEAK" ]; then used=6123; app=""
+else used=1123; app=""; fi
+case "$1" in
+  --query-gpu=*) echo "0, GPU-aaa, $used" ;;
+  --query-compute-apps=*) [ -n "$app" ] && echo "$app" ;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_teardown_judges_gpu_memory_across_the_close(tmp_path, monkeypatch, leak):
+    """Memory that appeared after the launch and belongs to no process (+123 MiB here, as once on one H200,
+    pythia-410m synthetic) is not the deployment's leak: the check takes what the GPU held just before the
+    close, less what nvidia-smi attributes to the deployment's processes. Memory the processes held and that
+    does not come back is still a leak."""
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text(STATEFUL_SMI)
+    smi.chmod(0o755)
+    pidfile = tmp_path / "worker.pid"
+    monkeypatch.setenv("PATH", f"{smi.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PIDFILE", str(pidfile))
+    monkeypatch.setenv("NEOXMII_MEMORY_TIMEOUT", "1")
+    if leak:
+        monkeypatch.setenv("LEAK", "1")
+    engine = IsolatedEngine("echo", stand_ins.EchoEngine, request_for(tmp_path), memory_probe="default",
+                            ready_timeout=120)
+    pidfile.write_text(str(engine._trees[0].popen.pid))
+    assert engine.generate(BATCH, 1).tokens == [[6], [9]]
+    with warnings.catch_warnings(record=True):      # the leak variant warns
+        engine.close()
+    report = engine.teardown_report
+    assert report.memory_baseline_is == "before the close, less what its processes held"
+    assert report.memory_baseline_mib == {0: 1123.0}
+    if leak:
+        assert report.leaked and report.memory_not_returned_mib == {0: 5000.0}
+        assert "GPU memory not returned: GPU 0 5000 MiB" in report.describe()
+        processes._LEAKS.remove(report)
+    else:
+        assert not report.leaked, report.describe()
+        assert "GPU 0 +0 MiB" in report.describe()
