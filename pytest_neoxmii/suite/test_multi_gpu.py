@@ -36,10 +36,10 @@ def tp_name(request, neox):
 
 
 @pytest.mark.multi_gpu(2)
-def test_tp_kernels_injected_on_every_rank(neox, tp_name, record_property):
+def test_tp_kernels_injected_on_every_rank(neox, tp_name, request):
     backend = neox.backend(tp_name)
     layers = neox.model.spec.num_hidden_layers
-    record_property("info", backend.info.describe())
+    request.node.user_properties.append(("info", backend.info.describe()))
     assert backend.info.tensor_parallel == neox.options.tp, backend.info.describe()
     assert backend.info.kernels == f"injected {layers}/{layers} layers", backend.info.describe()
 
@@ -59,7 +59,7 @@ def test_tp_teacher_forced_parity(neox, tp_name, neox_case, request):
 
 
 @pytest.mark.a100_40g
-def test_gpt_neox_20b_deploys_where_the_registry_says_it_fits(neox, record_property):
+def test_gpt_neox_20b_deploys_where_the_registry_says_it_fits(neox, request):
     """The configuration the DeepSpeed-MII GPT-NeoX notes lead with: gpt-neox-20b in fp16 with
     tensor_parallel 2 and load_with_sys_mem on two 40 GB GPUs (or one 80 GB GPU at tp=1). The registry's
     arithmetic decides; the deployment must load, inject every layer and answer."""
@@ -72,7 +72,7 @@ def test_gpt_neox_20b_deploys_where_the_registry_says_it_fits(neox, record_prope
     workspace = neox.workspace_bytes(name)          # DeepSpeed's, per GPU: the registry counts it
     runtime = neox.worker_runtime_bytes(name)       # each rank's own CUDA context and libraries, per GPU
     fits, reason = spec.fits(dtype, tp, [g.total_memory for g in neox.hardware.gpus], workspace, runtime)
-    record_property("fit", reason)
+    request.node.user_properties.append(("fit", reason))
     if not fits:
         pytest.skip(reason)
     backend = neox.backend(name)
@@ -84,8 +84,8 @@ def test_gpt_neox_20b_deploys_where_the_registry_says_it_fits(neox, record_prope
     assert [len(row) for row in generation.tokens] == [plan.max_new_tokens] * len(plan.lengths)
     weights = spec.weight_bytes(dtype)
     held = backend.info.gpu_memory_bytes           # summed over the deployment's GPUs
-    record_property("gpu_memory_bytes", held)
-    record_property("weights_per_gpu_bytes", weights / tp)
+    request.node.user_properties.append(("gpu_memory_bytes", held))
+    request.node.user_properties.append(("weights_per_gpu_bytes", weights / tp))
     print(f"{backend.info.describe()}; weights per GPU {weights / tp / 1e9:.1f} GB; {reason}")
     # The weights are on the GPUs (not left in system memory), and within the headroom the registry's
     # arithmetic assumed when it said they fit: more would make "fits" a promise the deployment breaks.
@@ -101,7 +101,7 @@ def test_gpt_neox_20b_deploys_where_the_registry_says_it_fits(neox, record_prope
 
 
 @pytest.mark.multi_gpu(2)
-def test_tp_teardown_leaves_nothing_behind(neox, tp_name, record_property):
+def test_tp_teardown_leaves_nothing_behind(neox, tp_name, request):
     """Closes the session's deployment (a later test that needs it deploys it again): MII's terminate or
     the workers' shutdown, then every process of the tree ended, then GPU memory back within the
     tolerance (100 MiB) of where it was before the deployment."""
@@ -110,7 +110,7 @@ def test_tp_teardown_leaves_nothing_behind(neox, tp_name, record_property):
     neox.close_backend(tp_name)
     report = backend.teardown_report
     for k, v in report.as_dict().items():
-        record_property(f"teardown_{k}", v)
+        request.node.user_properties.append((f"teardown_{k}", v))
     print(report.describe())
     assert not report.leaked, report.describe()
     assert processes.tagged(backend.tag) == set()
