@@ -416,6 +416,23 @@ def latency_batch(tokens: Sequence[int], batch_size: int, prompt_len: int, pad_t
     return PromptBatch(rows=tuple(rows), pad_token_id=pad_token_id)
 
 
+def _pipeline_batching(backend, prompts: int) -> list[str]:
+    """How MII's pipeline takes a query of several prompts. MII legacy builds a transformers pipeline,
+    whose batch_size is 1 unless the deployment's pipeline_kwargs set one, so the prompts of a query are
+    generated one after another. This explains mii's bs4 figure: about 4 x its bs1 (one H200, pythia-160m
+    synthetic: 590.6 ms against 132.7 ms), where ds batches the rows."""
+    pipeline = getattr(backend, "pipeline", None)
+    if pipeline is None:                     # a server's pipeline lives in its processes
+        return ["MII's pipeline generates a query's prompts one after another unless the deployment's "
+                "pipeline_kwargs set batch_size (transformers' default: 1)"]
+    per_call = getattr(pipeline, "_batch_size", None) or 1
+    if per_call >= prompts:
+        return []
+    return [f"MII's pipeline generates the {prompts} prompts of a query "
+            + ("one after another (its batch_size is 1, transformers' default)" if per_call == 1
+               else f"{per_call} at a time (its batch_size)")]
+
+
 def model_calls(backend, batch, new_tokens: int) -> tuple[Callable[[], object], Callable[[], object], list[str]]:
     """(prefill call, full call, notes) for a backend: what a user of that backend runs, nothing more.
 
@@ -429,6 +446,8 @@ def model_calls(backend, batch, new_tokens: int) -> tuple[Callable[[], object], 
         if any(backend.tokenizer(t, add_special_tokens=False)["input_ids"] != list(r)
                for t, r in zip(texts, batch.rows)):
             notes.append("prompt text does not re-tokenize to the same ids: prompt lengths are approximate")
+        if batch.batch_size > 1:
+            notes.extend(_pipeline_batching(backend, batch.batch_size))
         return (lambda: backend.query_texts(texts, 1)), (lambda: backend.query_texts(texts, new_tokens)), notes
     if getattr(backend, "runs_in_worker", False):     # no .model in this process
         return ((lambda: backend.generate(batch, 1)), (lambda: backend.generate(batch, new_tokens)),

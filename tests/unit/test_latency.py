@@ -276,6 +276,34 @@ def test_mii_is_timed_through_its_query_handle():
     assert "mii_query_handle" in notes[0]
 
 
+def test_mii_batch_figures_say_how_its_pipeline_takes_the_prompts():
+    """MII legacy's transformers pipeline generates a query's prompts one after another unless its batch
+    size is set (bench C, one H200: mii bs4 590.6 ms, 4.4 x its bs1, where ds batches the rows): the
+    figure's notes say so, and say nothing where the pipeline batches them all."""
+    class Tok:
+        def decode(self, ids):
+            return " ".join(f"w{i}" for i in ids)
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [int(w[1:]) for w in text.split()]}
+
+    def notes_for(rows, pipeline="absent"):
+        backend = types.SimpleNamespace(output_is_text=True, tokenizer=Tok(), query_texts=lambda texts, n: None)
+        if pipeline != "absent":
+            backend.pipeline = pipeline
+        return latency.model_calls(backend, PromptBatch(rows=rows), 8)[2]
+
+    four = ((1, 2), (3, 4), (5, 6), (7, 8))
+    assert notes_for(four, types.SimpleNamespace(_batch_size=None))[-1] == (
+        "MII's pipeline generates the 4 prompts of a query one after another (its batch_size is 1, "
+        "transformers' default)")
+    assert notes_for(four, types.SimpleNamespace(_batch_size=2))[-1] == (
+        "MII's pipeline generates the 4 prompts of a query 2 at a time (its batch_size)")
+    assert not any("pipeline" in n for n in notes_for(four, types.SimpleNamespace(_batch_size=4)))
+    assert not any("pipeline" in n for n in notes_for(((1, 2),), types.SimpleNamespace(_batch_size=None)))
+    assert "unless the deployment's pipeline_kwargs set batch_size" in notes_for(four)[-1]   # a server's
+
+
 def test_latency_batch_rows_are_prompt_len_slices_of_the_text():
     tokens = list(range(1000))
     batch = latency.latency_batch(tokens, 4, 64)
