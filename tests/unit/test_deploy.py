@@ -113,11 +113,14 @@ def test_mii_ports_follow_mii_derivation():
 
 
 PICKER = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     from pathlib import Path
     from pytest_neoxmii.deploy import ports
     r = ports.reserve(40)
-    Path(sys.argv[1]).write_text(" ".join(map(str, r.ports)))
+    # Written whole, then renamed: write_text creates the file before it writes, and the test polls for it
+    # (a reader in between read an empty file: the likely cause of one failure under -n 2).
+    Path(sys.argv[1] + ".tmp").write_text(" ".join(map(str, r.ports)))
+    os.replace(sys.argv[1] + ".tmp", sys.argv[1])
     while not Path(sys.argv[2]).exists():
         time.sleep(0.02)
 """)
@@ -133,19 +136,25 @@ def test_two_concurrent_pickers_do_not_collide(tmp_path, monkeypatch):
     if len(free) < 90:
         pytest.skip(f"only {len(free)} of ports {lo}-{lo + 99} are free here")
     done = tmp_path / "done"
+    # Each picker's stderr goes to a file, so that a failure says what each picker did.
+    logs = [tmp_path / f"picker{i}.log" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-c", PICKER, str(tmp_path / f"picked{i}"), str(done)],
-                              env={**os.environ}) for i in range(2)]
+                              env={**os.environ}, stderr=logs[i].open("w")) for i in range(2)]
+    started = time.monotonic()
     try:
-        deadline = time.monotonic() + 20
+        deadline = started + 20
         while not all((tmp_path / f"picked{i}").exists() for i in range(2)) and time.monotonic() < deadline:
             time.sleep(0.02)
-        picked = [set(map(int, (tmp_path / f"picked{i}").read_text().split())) for i in range(2)]
+        missing = [i for i in range(2) if not (tmp_path / f"picked{i}").exists()]
+        assert not missing, (f"picker(s) {missing} wrote nothing in {time.monotonic() - started:.1f} s; exit codes "
+                             f"{[p.poll() for p in procs]}; stderr: {[logs[i].read_text()[-2000:] for i in missing]}")
+        picked = [[int(p) for p in (tmp_path / f"picked{i}").read_text().split()] for i in range(2)]
     finally:
         done.touch()
         for p in procs:
             p.wait(timeout=20)
-    assert len(picked[0]) == len(picked[1]) == 40
-    assert not picked[0] & picked[1]
+    assert [len(p) for p in picked] == [40, 40] and all(len(set(p)) == 40 for p in picked), picked
+    assert not set(picked[0]) & set(picked[1]), (sorted(set(picked[0]) & set(picked[1])), picked)
 
 
 # -- process trees ---------------------------------------------------------------------------------------
