@@ -23,24 +23,42 @@ def _smi(query: str, kind: str = "gpu") -> list[list[str]]:
     return [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
 
 
+def _attributed(pids: Iterable[int], index_of: dict[str, int]) -> dict[int, float]:
+    """{gpu index: MiB} that nvidia-smi's compute-apps list gives to `pids` ("[N/A]" under some drivers, or
+    another PID namespace: nothing); index_of maps each GPU's uuid to its index."""
+    wanted = {str(p) for p in pids}
+    if not wanted:
+        return {}
+    try:
+        apps = _smi("gpu_uuid,pid,used_memory", kind="compute-apps")
+    except (subprocess.SubprocessError, OSError):
+        return {}
+    held: dict[int, float] = {}
+    for uuid, pid, mib in apps:
+        if pid in wanted and uuid in index_of and mib.replace(".", "", 1).isdigit():
+            held[index_of[uuid]] = held.get(index_of[uuid], 0.0) + float(mib)
+    return held
+
+
 def nvidia_smi_used(exclude_pids: Iterable[int] = ()) -> dict[int, float]:
     """{gpu index: MiB used}, less what exclude_pids hold where nvidia-smi attributes it."""
     rows = _smi("index,uuid,memory.used")
     used = {int(i): float(mib) for i, _uuid, mib in rows}
-    exclude = set(exclude_pids)
-    if exclude:
-        index_of = {uuid: int(i) for i, uuid, _ in rows}
-        try:
-            apps = _smi("gpu_uuid,pid,used_memory", kind="compute-apps")
-        except (subprocess.SubprocessError, OSError):
-            apps = []
-        for uuid, pid, mib in apps:
-            if pid.isdigit() and int(pid) in exclude and uuid in index_of:
-                try:
-                    used[index_of[uuid]] -= float(mib)
-                except ValueError:      # "[N/A]" under some drivers
-                    pass
+    for index, mib in _attributed(exclude_pids, {uuid: int(i) for i, uuid, _ in rows}).items():
+        used[index] -= mib
     return used
+
+
+def held_by(pids: Iterable[int]) -> dict[int, float]:
+    """{gpu index: MiB} that nvidia-smi attributes to `pids`; empty where it attributes nothing to them (they
+    hold nothing, or live in another PID namespace) or cannot say."""
+    if not shutil.which("nvidia-smi"):
+        return {}
+    try:
+        index_of = {uuid: int(i) for i, uuid, _ in _smi("index,uuid,memory.used")}
+    except (subprocess.SubprocessError, OSError, ValueError):
+        return {}
+    return _attributed(pids, index_of)
 
 
 def process_used_bytes(pid: int | None = None) -> int | None:
@@ -48,33 +66,8 @@ def process_used_bytes(pid: int | None = None) -> int | None:
     attributes it: unlike a device-wide difference, it leaves out what other processes load meanwhile
     (the session's workers load side by side). None where nvidia-smi cannot say (not installed, another
     PID namespace, "[N/A]")."""
-    pid = os.getpid() if pid is None else pid
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        apps = _smi("gpu_uuid,pid,used_memory", kind="compute-apps")
-    except (subprocess.SubprocessError, OSError):
-        return None
-    mib = [float(used) for _uuid, p, used in apps if p == str(pid) and used.replace(".", "", 1).isdigit()]
-    return int(sum(mib) * 2**20) if mib else None
-
-
-def held_by(pids: Iterable[int]) -> dict[int, float]:
-    """{gpu index: MiB} that nvidia-smi attributes to `pids`; empty where it attributes nothing to them (they
-    hold nothing, or live in another PID namespace) or cannot say."""
-    wanted = {str(p) for p in pids}
-    if not wanted or not shutil.which("nvidia-smi"):
-        return {}
-    try:
-        index_of = {uuid: int(i) for i, uuid, _ in _smi("index,uuid,memory.used")}
-        apps = _smi("gpu_uuid,pid,used_memory", kind="compute-apps")
-    except (subprocess.SubprocessError, OSError, ValueError):
-        return {}
-    held: dict[int, float] = {}
-    for uuid, pid, mib in apps:
-        if pid in wanted and uuid in index_of and mib.replace(".", "", 1).isdigit():
-            held[index_of[uuid]] = held.get(index_of[uuid], 0.0) + float(mib)
-    return held
+    held = held_by({os.getpid() if pid is None else pid})
+    return int(sum(held.values()) * 2**20) if held else None
 
 
 def torch_used() -> dict[int, float]:

@@ -257,17 +257,20 @@ def test_model_calls_generate_exactly_one_then_n_tokens_without_logits():
     assert tuple(second["input_ids"].shape) == (2, 3) and notes == []
 
 
+class _WordTokenizer:
+    """Ids <-> "w<id>" words: a tokenizer whose text round-trips every id."""
+
+    def decode(self, ids):
+        return " ".join(f"w{i}" for i in ids)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [int(w[1:]) for w in text.split()]}
+
+
 def test_mii_is_timed_through_its_query_handle():
     queries = []
 
-    class Tok:
-        def decode(self, ids):
-            return " ".join(f"w{i}" for i in ids)
-
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [int(w[1:]) for w in text.split()]}
-
-    backend = types.SimpleNamespace(output_is_text=True, tokenizer=Tok(),
+    backend = types.SimpleNamespace(output_is_text=True, tokenizer=_WordTokenizer(),
                                     query_texts=lambda texts, n: queries.append((texts, n)))
     prefill, full, notes = latency.model_calls(backend, PromptBatch(rows=((7, 8),)), 16)
     prefill()
@@ -280,15 +283,8 @@ def test_mii_batch_figures_say_how_its_pipeline_takes_the_prompts():
     """MII legacy's transformers pipeline generates a query's prompts one after another unless its batch
     size is set (bench C, one H200: mii bs4 590.6 ms, 4.4 x its bs1, where ds batches the rows): the
     figure's notes say so, and say nothing where the pipeline batches them all."""
-    class Tok:
-        def decode(self, ids):
-            return " ".join(f"w{i}" for i in ids)
-
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [int(w[1:]) for w in text.split()]}
-
     def notes_for(rows, pipeline="absent"):
-        backend = types.SimpleNamespace(output_is_text=True, tokenizer=Tok(), query_texts=lambda texts, n: None)
+        backend = types.SimpleNamespace(output_is_text=True, tokenizer=_WordTokenizer(), query_texts=lambda texts, n: None)
         if pipeline != "absent":
             backend.pipeline = pipeline
         return latency.model_calls(backend, PromptBatch(rows=rows), 8)[2]
