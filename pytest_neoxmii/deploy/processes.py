@@ -114,10 +114,19 @@ def run_dir(tag: str) -> Path:
 
 
 def env_float(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
+    """A number of seconds or MiB from the environment; a value that is not a non-negative number is said in
+    one line (a warning) and the default used, rather than silently ignored."""
+    raw = os.environ.get(name)
+    if raw is None:
         return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:                  # also NaN
+        warnings.warn(f"{name}={raw!r} is not a non-negative number: using {default:g}", stacklevel=2)
+        return default
+    return value
 
 
 def deployment_env(tag: str | None, extra: dict[str, str] | None = None,

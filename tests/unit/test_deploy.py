@@ -717,3 +717,14 @@ def test_crash_excerpt_keeps_the_dying_ranks_last_words_above_the_tail():
     excerpt = processes.crash_excerpt(log, tail)
     assert "aborting model: os.abort() in generate" in excerpt and excerpt.endswith(tail)
     assert processes.crash_excerpt("plain exit\n", "plain exit") == "plain exit"
+
+
+@pytest.mark.parametrize("raw", ["abc", "-5", "nan"])
+def test_a_bad_number_in_the_environment_is_said_in_one_line_and_the_default_used(monkeypatch, raw):
+    monkeypatch.setenv("NEOXMII_MEMORY_TIMEOUT", raw)
+    with pytest.warns(UserWarning) as seen:
+        assert processes.env_float("NEOXMII_MEMORY_TIMEOUT", 30) == 30
+    assert [str(w.message) for w in seen] == [f"NEOXMII_MEMORY_TIMEOUT={raw!r} is not a non-negative number: "
+                                              "using 30"]
+    monkeypatch.setenv("NEOXMII_MEMORY_TIMEOUT", "2.5")
+    assert processes.env_float("NEOXMII_MEMORY_TIMEOUT", 30) == 2.5
