@@ -115,3 +115,15 @@ def _driver_version() -> str | None:
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except Exception:
         return None
+
+
+def host_memory_available(meminfo: str = "/proc/meminfo") -> int | None:
+    """Bytes of host memory available to new processes (Linux's MemAvailable), None where unknown."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

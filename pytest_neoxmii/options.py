@@ -73,7 +73,8 @@ OPTIONS = (
            "models, before an engine deploys: auto (on a GPU, when the fp32 reference, its peer and the engine "
            "would not fit GPU 0 together), always, or never", "auto", metavar="auto|always|never"),
     Option("neox_work_ahead", "each engine's worker computes the outputs the selected tests will ask for right "
-           "after its load, side by side with the other engines: auto (on a GPU), always, or never", "auto",
+           "after its load, side by side with the other engines (an engine whose calls are slow while the GPU idles, "
+           "ZeRO-Inference, shares them among two workers where memory allows): auto (on a GPU), always, or never", "auto",
            metavar="auto|always|never"),
     Option("neox_ds_config", "JSON (or YAML) config of deepspeed.init_inference, merged over the plugin's "
            "defaults and deployed by the ds backend; shown in the header, the report and the baseline key",
@@ -155,7 +156,7 @@ class NeoxOptions:
     report_dir: Path | None
     prompts: Path | None = None
     reference_first: str = "auto"            # reference_first.MODES
-    work_ahead: str = "auto"                 # auto (on a GPU), always, never: NeoxSession._ahead_calls
+    work_ahead: str = "auto"                 # auto (on a GPU), always, never: NeoxSession._ahead_shares
     ds_config: Path | None = None
     mii_config: Path | None = None
     latency_time_box: float | None = None   # None: the device's profile decides (latency.profile_for)

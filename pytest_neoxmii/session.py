@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pytest_neoxmii import hardware, known_issues, precision, reference_first
+from pytest_neoxmii import ahead_share, hardware, known_issues, precision, reference_first
 from pytest_neoxmii import backends as engines
-from pytest_neoxmii.backends import Backend, IsolatedEngine, load_backend
+from pytest_neoxmii.backends import Backend, IsolatedEngine, LoadRequest, load_backend
 from pytest_neoxmii.deploy.processes import DeploymentError
 from pytest_neoxmii.cases import Case, CasePlan, materialize, plan_cases
 from pytest_neoxmii.errors import BackendUnavailable, NeoxUsageError
@@ -49,6 +49,7 @@ class NeoxSession:
         # (then "timed benchmark calls" once a latency test runs, and "model teardown" when the session ends)
         self.records: list[Record] = []
         self.latency: dict[tuple, object] = {}      # (backend, dtype, bench) -> latency.LatencyResult
+        self.last_timed_at: float | None = None     # perf_counter when the last latency timing ended
         self._cache: dict[tuple, object] = {}
         self._tokenizer = None
         self._dtype_choice: precision.DtypeChoice | None = None   # kept after close(): the report shows it
@@ -65,6 +66,9 @@ class NeoxSession:
         # worker computes it right after its load, side by side with the other engines (worker.py).
         self.wanted: dict[str, list[tuple[str, CasePlan]]] = {}
         self.ahead_reports: dict[str, dict] = {}    # engine -> what its worker computed ahead, for the report
+        # More workers of the same deployment, each given a share of its calls ahead (ahead_share.py); closed
+        # once their share is done (settle).
+        self.helpers: dict[str, list[Backend]] = {}
         # Engines whose kernel injection matched nothing: every test needing one fails with that error (a
         # deployment that died is in `crashed`). Neither is deployed again.
         self.injection_failures: dict[str, Exception] = {}
@@ -292,11 +296,13 @@ class NeoxSession:
         # only adds contention (2-core EPYC: model calls 101.9 s alone, 261.5 s ahead).
         return mode == "always" or (mode == "auto" and self.device != "cpu")
 
-    def _ahead_calls(self, name: str) -> list[tuple[str, tuple]]:
+    def _ahead_shares(self, name: str, dtype: str, beside: list[str]) -> list[list[tuple[str, tuple]]]:
         """The wanted calls of `name` exactly as generation() and scores() will make them (the worker matches
-        them by op and arguments); scores only from an engine that can score a given text."""
+        them by op and arguments; scores only from an engine that can score a given text), one list per
+        worker: the engine's own deployment first, then the helpers it may have beside the engines `beside`
+        (ahead_share.py). A call a known defect breaks the engine with runs last, on its own deployment."""
         if not self._works_ahead():
-            return []
+            return [[]]
         cls = engines.engine(name).backend_for(self._tp_of(name))
         injected = self.workspace_bytes(name) > 0       # its kernels will be injected here
         calls, breaking = [], []
@@ -309,7 +315,27 @@ class NeoxSession:
                 # a known defect that breaks the engine runs after every other call (see settle)
                 late = known_issues.breaks_engine(op, name, plan, injected) is not None
                 (breaking if late else calls).append((op, self._call_args(op, case)))
-        return calls + breaking
+        shares = ahead_share.split_calls(calls, self._ahead_workers(name, dtype, len(calls), beside))
+        shares[0] += breaking
+        return shares
+
+    def _ahead_workers(self, name: str, dtype: str, calls: int, beside: list[str]) -> int:
+        """Workers for `name`'s calls ahead: what its engine asks for (Backend.ahead_workers), no more than
+        there are calls, and only as many as the host's memory and the GPU (with the reference and the
+        engines `beside`) take."""
+        tp = self._tp_of(name)
+        cls = engines.engine(name).backend_for(tp)
+        model = self.model
+        request = LoadRequest(path=model.path, dtype=dtype, device=self.device, tp=tp, max_tokens=self.max_tokens,
+                              max_batch=self.max_batch, spec=model.spec, zero_nvme=self.options.zero_nvme,
+                              engine_config=self._engine_config(name))
+        workers = min(cls.ahead_workers(request) if cls.isolated else 1, max(calls, 1))
+        available = hardware.host_memory_available()
+        while workers > 1 and not (
+                ahead_share.host_memory_allows(workers, model.spec.weight_bytes(dtype), available)
+                and self._fit_at_once([*beside, *[name] * (workers - 1)], dtype)):
+            workers -= 1
+        return workers
 
     def prelaunch(self) -> None:
         """Launch the worker of every selected isolated engine now, side by side, so that DeepSpeed's kernels
@@ -330,8 +356,11 @@ class NeoxSession:
             if self._cannot_deploy(name, dtype) is not None:
                 continue            # backend() says why, at the first test that needs it
             try:
-                self.pending[key] = self._load(name, dtype, wait=False, ahead=self._ahead_calls(name))
+                own, *shares = self._ahead_shares(name, dtype, names)
+                self.pending[key] = self._load(name, dtype, wait=False, ahead=own)
                 self.prelaunched.append(name)
+                for share in shares:
+                    self._launch_helper(key, share)
             except BackendUnavailable:
                 continue            # refused before a process started: backend() skips with the reason
             except DeploymentError as exc:      # kept, as backend() keeps it: not retried by every test
@@ -347,6 +376,51 @@ class NeoxSession:
                 self.reference_ahead, _ = self.precompute_reference(list(plans.values()))
             except Exception:           # the reference's own tests fail with it, each with its reason
                 pass
+
+    def _launch_helper(self, key: str, share: list[tuple[str, tuple]]) -> None:
+        """Another worker of the deployment `key`, computing `share` of its calls ahead. One that cannot
+        start leaves its share to the engine's own deployment, which computes each call when a test asks."""
+        name, dtype = key.split(":", 1)
+        try:
+            self.helpers.setdefault(key, []).append(self._load(name, dtype, wait=False, ahead=share))
+        except (BackendUnavailable, DeploymentError, InjectionFailed):
+            pass
+
+    def _sharer_of(self, key: str, backend: Backend, op: str, case: Case) -> Backend:
+        """The helper of `key` that was given this call ahead (waited for until it is ready), else `backend`."""
+        call = (op, self._call_args(op, case))
+        for helper in self.helpers.get(key, ()):
+            if call in helper.ahead:
+                with self.timed("model load"):
+                    return helper.wait_ready()
+        return backend
+
+    def _retire_helpers(self) -> None:
+        """Wait until every helper has computed its share, take its account, and close it: the engine's own
+        deployment answers whatever is asked later, and nothing else shares the machine with a timing. A
+        helper that died is a crash of its engine (the same deployment); one that does not close cleanly is
+        said as every deployment's teardown is."""
+        for key, helpers in list(self.helpers.items()):
+            for i, helper in enumerate(helpers, 1):
+                try:
+                    with self.timed("model calls"):
+                        self.ahead_reports[ahead_share.helper_key(key, i)] = helper.wait_ready().wait_ahead()
+                except DeploymentError as exc:     # (a crash already said is not said again)
+                    if key not in self.crashed:
+                        self._record_crash(key, f"{key.split(':')[0]} ({key.split(':')[1]}): a worker sharing "
+                                                f"its calls ahead died: {exc}")
+            with self.timed("model teardown"):
+                for helper in helpers:
+                    try:
+                        helper.ask_to_exit()
+                    except Exception:
+                        pass
+                for i, helper in enumerate(helpers, 1):
+                    try:
+                        helper.close()
+                    except Exception as exc:
+                        self.unavailable[ahead_share.helper_key(key, i)] = f"close failed: {exc}"
+            del self.helpers[key]
 
     def settle(self) -> None:
         """Wait for every prelaunched worker still loading or still computing ahead, so that no timing shares
@@ -371,6 +445,7 @@ class NeoxSession:
                         self.ahead_reports[key] = backend.wait_ahead()
                 except DeploymentError as exc:     # kept for the tests that need it
                     self._record_crash(key, str(exc))
+        self._retire_helpers()
 
     def _fit_at_once(self, names: list[str], dtype: str) -> bool:
         """The fp32 reference, its peer and every engine, on the smallest GPU in use: reference first's
@@ -542,9 +617,11 @@ class NeoxSession:
             issue = known_issues.breaks_engine(op, backend.info.backend, case.plan,
                                                backend.info.kernels.startswith("injected"))
             breaks = issue is not None and isinstance(backend, IsolatedEngine)
+            deployment = self._key_of(backend)
             try:
+                computes = self._sharer_of(deployment, backend, op, case)
                 with self.timed("model calls"):
-                    self._cache[key] = getattr(backend, op)(*self._call_args(op, case))
+                    self._cache[key] = getattr(computes, op)(*self._call_args(op, case))
                 if breaks:
                     self._mark_broken(self._key_of(backend), issue)
             except BackendUnavailable as exc:
@@ -559,7 +636,7 @@ class NeoxSession:
                     pytest.fail(f"{backend.info.backend}: known issue [{issue.key}] broke the deployment in "
                                 f"this call ({issue.breaks_engine}); the engine deploys again for later "
                                 f"calls. The deployment said:\n{exc}", pytrace=False)
-                self._crash(self._key_of(backend), str(exc))
+                self._crash(deployment, str(exc))
             except Exception as exc:
                 self._fail_if_out_of_memory(backend, op, case, exc)
                 raise
@@ -567,7 +644,7 @@ class NeoxSession:
 
     def _unbroken(self, backend: Backend, op: str, case: Case) -> Backend:
         """The backend to compute (op, case) on: a deployment that ran a defect measured to break it only
-        hands over what its worker computed ahead, before the defect (_ahead_calls runs it last); anything
+        hands over what its worker computed ahead, before the defect (_ahead_shares puts it last); anything
         else goes to the engine deployed again."""
         key = self._key_of(backend)
         if key not in self.broken or (op, self._call_args(op, case)) in getattr(backend, "ahead", ()):
@@ -637,6 +714,12 @@ class NeoxSession:
     def close(self) -> None:
         for key, backend in self.backends.items():
             self._take_ahead_account(key, backend)
+        for key, helpers in self.helpers.items():   # (settle retires them; a session cut short may not)
+            for i, helper in enumerate(helpers, 1):
+                self.backends[ahead_share.helper_key(key, i)] = helper
+                if helper._ready:
+                    self._take_ahead_account(ahead_share.helper_key(key, i), helper)
+        self.helpers.clear()
         self.backends.update(self.pending)      # launched but never needed: torn down all the same
         self.pending.clear()
         self.backends.update({f"{k} (replacement)": b for k, b in self.replacements.items()})

@@ -10,6 +10,8 @@
 #                           (FAMILY_BACKENDS=hf,ds,mii to leave one out)
 #   planted                 pythia-1b tp=2, ds and mii, with one layer's attention output scaled x1.05
 #                           (NEOXMII_PLANT_FAULT): the greedy and teacher-forced judges must fail
+#   noise                   scripts/latency_noise.py: hf's latency on pythia-160m under one change at a time (GC
+#                           off, pinned to a core, a pytest-sized heap), then the suite's hf latency tests alone
 #   neox20b                 gpt-neox-20b fp16 tp=2, ds, each worker capped at 40 GiB per GPU: deploy, parity on
 #                           the default cases, latency
 # Every model is synthetic (seed 0): the results say nothing of real checkpoints' numbers.
@@ -47,6 +49,13 @@ for step in "$@"; do
     planted)
       NEOXMII_PLANT_FAULT=attention-output-scale:8:1.05 suite planted $((budget - 10)) \
         pytest_neoxmii/suite/test_multi_gpu.py --neox-model=pythia-1b --neox-tp=2 --neox-backends=ds,mii ;;
+    noise)
+      mkdir -p "$OUT/noise"
+      model=$(python3 -c "from pathlib import Path; from pytest_neoxmii import weights; from pytest_neoxmii.registry import lookup; print(weights.build_synthetic(lookup('pythia-160m'), 0, Path('$CACHE')))")
+      timeout -k 10 $((budget / 2)) python3 scripts/latency_noise.py "$model" "$OUT/noise" ${NOISE_ROUNDS:-10} ${NOISE_BLOCKS:-3} \
+        2>&1 | grep -v "^\[20" | tee "$OUT/noise/noise.txt"
+      suite noise-suite $((budget / 2 - 10)) tests/acceptance -k "test_latency and hf" --neox-model=pythia-160m \
+        --neox-backends=ds ${NOISE_EXTRA:-} ;;
     neox20b)
       # NEOX20B_SELECT / NEOX20B_EXTRA narrow it, e.g. to the registry's fit test alone:
       #   NEOX20B_SELECT="registry_says_it_fits or workspace" NEOX20B_EXTRA=--neox-reference-first=never

@@ -96,6 +96,12 @@ class Backend(abc.ABC):
         knows cheaply (no import of the engine's packages): an isolated engine is then not even started."""
 
     @classmethod
+    def ahead_workers(cls, request: LoadRequest) -> int:
+        """How many workers of this deployment may share the session's calls worked ahead (ahead_share.py):
+        more than one for an isolated engine whose calls are slow while the GPU idles."""
+        return 1
+
+    @classmethod
     def missing(cls, package: str) -> str:
         """The skip reason when a package of `requires` is not installed (an engine may add how to install it)."""
         return f"the {package!r} package is not installed here"

@@ -52,6 +52,13 @@ class ZeroInferenceBackend(TorchModelBackend):
             raise BackendUnavailable(f"--neox-zero-nvme={request.zero_nvme} is not a directory")
 
     @classmethod
+    def ahead_workers(cls, request: LoadRequest) -> int:
+        # Each forward fetches every layer's parameters from CPU memory, bound by launches and PCIe with the
+        # GPU mostly idle: two workers share the session's parity calls. Not with NVMe: both would swap into
+        # the same folder under the same rank's file names.
+        return 1 if request.zero_nvme is not None else 2
+
+    @classmethod
     def load(cls, request: LoadRequest) -> "ZeroInferenceBackend":
         return cls(request.path, request.dtype, request.device, request.spec.hidden_size, request.zero_nvme)
 

@@ -143,3 +143,15 @@ class SecondCallWaits(NumbersItsCalls):
 class StreamsItsWeights(EchoEngine):
     """Keeps its weights off the GPU by design, as ZeRO-Inference does."""
     weights_on_gpu = False
+
+
+class SharesItsWork(EchoEngine):
+    """An engine that asks for two workers to share its calls worked ahead (as ZeRO-Inference does)."""
+
+    @classmethod
+    def ahead_workers(cls, request):
+        return 2
+
+    def __init__(self, request):
+        super().__init__(request)
+        self.info = dataclasses.replace(self.info, backend="share")

@@ -639,3 +639,57 @@ def test_teardown_judges_gpu_memory_across_the_close(tmp_path, monkeypatch, leak
     else:
         assert not report.leaked, report.describe()
         assert "GPU 0 +0 MiB" in report.describe()
+
+
+SHARED_TESTS = """
+def test_greedy(neox, neox_backend_name, neox_generation_case):
+    case = neox_generation_case
+    generation = neox.generation(neox.backend(neox_backend_name), case)
+    assert generation.tokens == [[row[-1]] * case.plan.max_new_tokens for row in case.batch.rows]
+
+def test_zz_shared(neox):
+    key = f"share:{neox.dtype}"
+    helpers = neox.helpers.get(key, [])
+    assert len(helpers) == HELPERS
+    pids = [pid for helper in helpers for pid in helper._trees[0].pids()]
+    neox.settle()
+    assert neox.helpers == {} and not [pid for pid in pids if processes.alive(pid)]
+    reports = {k: r for k, r in neox.ahead_reports.items() if k.startswith("share")}
+    assert set(reports) == {key, *[f"share helper 1:{neox.dtype}"] * HELPERS}
+    # every call wanted was computed ahead by one of the workers, and every result was handed to a test
+    assert sum(r["calls"] for r in reports.values()) == len(neox.wanted["share"]) == 5
+    assert all(r["computed"] == r["calls"] > 0 and r["unclaimed"] == 0 for r in reports.values()), reports
+"""
+
+
+@pytest.mark.parametrize("host_memory, helpers", [(None, 1), (1, 0)], ids=["plenty", "tight"])
+def test_a_slow_engines_calls_ahead_are_shared_among_two_workers_where_memory_allows(
+        pytester, preloaded, synthetic_14m, engines_restored, monkeypatch, host_memory, helpers):
+    """An engine that asks for two workers (ZeRO-Inference: its calls fetch every layer from CPU memory while
+    the GPU idles) gets a second worker of the same deployment, which computes its share of the calls ahead;
+    each result reaches the test that asks for it, and the helper is closed before anything is timed. Where
+    the host's memory cannot hold a second copy of the weights, one worker does it all."""
+    from pytest_neoxmii import hardware
+    if host_memory is not None:
+        monkeypatch.setattr(hardware, "host_memory_available", lambda: host_memory)
+    pytester.makeconftest(PRELAUNCH_CONFTEST + "from tests.unit.engines_for_workers import SharesItsWork\n"
+                          "backends.register('share', SharesItsWork)\n")
+    pytester.makepyfile(test_shared=f"from pytest_neoxmii.deploy import processes\nHELPERS = {helpers}\n"
+                        + SHARED_TESTS)
+    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
+    result = pytester.runpytest(*args, "--neox-backends=share", "--neox-dtype=fp32", "-k", "not long",
+                                "--neox-work-ahead=always")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0 and outcomes["passed"] == 6, \
+        result.stdout.str()[-3000:]
+    result.stdout.fnmatch_lines(["worked ahead, side by side: share [0-9]/[0-9] calls in * s"
+                                 + (", share helper 1 [0-9]/[0-9] calls in * s" if helpers else "")])
+    assert not processes.live()
+
+
+def test_zero_inference_shares_its_calls_except_on_nvme(tmp_path):
+    from pytest_neoxmii.backends.zero_inference import ZeroInferenceBackend
+    assert ZeroInferenceBackend.ahead_workers(LoadRequest(path=tmp_path, dtype="fp16", device="cuda:0")) == 2
+    assert ZeroInferenceBackend.ahead_workers(LoadRequest(path=tmp_path, dtype="fp16", device="cuda:0",
+                                                          zero_nvme=tmp_path)) == 1
+    assert stand_ins.EchoEngine.ahead_workers(request_for(tmp_path)) == 1

@@ -3,8 +3,10 @@ its percentage, the bandwidth table, the round bookkeeping under pytest-benchmar
 called on a backend, and the per-test threshold marker. (The regression gate itself: test_stats.py.)"""
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import types
+from unittest import mock
 
 import pytest
 
@@ -156,6 +158,34 @@ def test_rounds_without_benchmark_drop_warmups():
     assert timed.prefill == pytest.approx([0.01, 0.02, 0.03]) and timed.e2e == pytest.approx([0.11, 0.12, 0.13])
     assert timed.warmup == 1 and timed.stop_reason == "fixed"
     assert timed.seconds == pytest.approx(0.5 + 5.0 + 0.06 + 0.36)      # warm-up included
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_rounds_run_with_the_garbage_collector_paused_and_leave_it_as_it_was(enabled_before):
+    """No collection inside a timed round (in the test process it would walk the session's whole heap), one
+    right before the rounds, and the collector as the caller had it afterwards, even when a call raises."""
+    import gc
+    clock = FakeClock()
+    seen = []
+
+    def call():
+        seen.append(gc.isenabled())
+        clock.now += 0.01
+    collections = gc.get_stats()[2]["collections"]
+    (gc.enable if enabled_before else gc.disable)()
+    try:
+        run_rounds(call, call, Timer(clock=clock), rounds=6, warmup=2)
+        assert seen == [False] * 16
+        assert gc.isenabled() is enabled_before
+        assert gc.get_stats()[2]["collections"] > collections      # the full collection before the rounds
+
+        def failing():
+            raise RuntimeError("the model failed")
+        with pytest.raises(RuntimeError):
+            run_rounds(failing, call, Timer(clock=clock), rounds=6, warmup=0)
+        assert gc.isenabled() is enabled_before
+    finally:
+        gc.enable()
 
 
 def test_rounds_under_pytest_benchmark(benchmark):
@@ -376,3 +406,40 @@ def test_warmup_lasts_long_enough():
     assert latency.warmup_rounds(3, 3.0, 2.0) == 3                # slow rounds: the minimum count
     assert latency.warmup_rounds(3, 3.0, 1e-4) == latency.MAX_WARMUP_ROUNDS
     assert latency.warmup_rounds(3, -1.0, 0.2) == 3               # the sizing round already lasted long enough
+
+
+def test_a_timing_right_after_another_skips_the_clock_warm_up_but_keeps_its_rounds():
+    """The minimum warm-up time is for the GPU's clocks: the first timing of a session has it; one that starts
+    within GPU_STILL_HOT_S of the previous one's end keeps only its warm-up rounds, and says so."""
+    import time as _time
+    from contextlib import nullcontext
+
+    from pytest_neoxmii.checks import latency as check
+
+    class Sleeper:            # an engine in a worker: 10 ms a call, whatever the tokens
+        runs_in_worker = True
+        info = types.SimpleNamespace(backend="ds", dtype="fp16", device="cuda:0", tensor_parallel=1)
+
+        def generate(self, batch, n):
+            _time.sleep(0.01)
+
+    class Tok:
+        pad_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(range(len(text.split())))}
+    engine = Sleeper()
+    neox = types.SimpleNamespace(
+        settle=lambda: None, backend=lambda name: engine, peer=lambda: engine, tokenizer=Tok(), options=None,
+        model=types.SimpleNamespace(spec=None), hardware=None, latency={}, last_timed_at=None,
+        timed=lambda phase: nullcontext())
+    profile = dataclasses.replace(latency.GPU_PROFILE, prompt_len=4, new_tokens=2, min_warmup_s=0.3,
+                                  rounds=6, warmup=1)
+    with mock.patch.object(check, "text_tokens", lambda tok: list(range(64))):
+        first = check.measure(neox, "ds", 1, profile=profile)
+        second = check.measure(neox, "ds", 4, profile=profile)
+        neox.last_timed_at -= check.GPU_STILL_HOT_S
+        third = check.measure(neox, "ds", 1, profile=profile)
+    assert first.warmup >= 10 and third.warmup >= 10         # 0.3 s of 20 ms rounds
+    assert second.warmup == 1
+    assert any("no minimum time" in n for n in second.notes) and not any("warm-up" in n for n in first.notes)

@@ -1,0 +1,105 @@
+"""Where the HF latency noise comes from (an open finding of issue 10): times the same greedy generation as the
+suite's hf latency test (pythia-160m shape, synthetic weights, fp16, 64-token prompt, 32 new tokens, batch 1)
+under conditions that differ in one thing each, interleaved in blocks so that a drift of the machine shows as
+a drift, not as a condition's effect:
+
+  plain      as the suite times it today (Python's cyclic GC on, the thread free to move between cores)
+  gc-off     gc.disable() around the timed rounds (pytest-benchmark's --benchmark-disable-gc does this)
+  pinned     the process pinned to one core (os.sched_setaffinity) for the rounds
+  heap       plain, with a pytest-sized heap of live Python objects (a session's items, caches and reports)
+  heap-gc-off  the same heap, GC off
+
+Prints each condition's median, 95 % CI half-width of the median (samples.median_ci) and rounds, the round
+series (to see steps), and the SM clock nvidia-smi logged beside it.
+
+  python3 scripts/latency_noise.py MODEL_DIR OUT_DIR [ROUNDS_PER_BLOCK] [BLOCKS]
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pytest_neoxmii.backends.hf import load_hf_model
+from pytest_neoxmii.samples import median_ci
+
+
+def main() -> None:
+    model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+    per_block = int(sys.argv[3]) if len(sys.argv) > 3 else 10
+    blocks = int(sys.argv[4]) if len(sys.argv) > 4 else 3
+    out.mkdir(parents=True, exist_ok=True)
+    clocks = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,utilization.gpu",
+                               "--format=csv,noheader", "-lms", "100"], stdout=open(out / "clocks.csv", "w"))
+    model = load_hf_model(model_dir, "fp16", "cuda:0")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50000, (1, 64), generator=gen).cuda()
+    mask = torch.ones_like(ids)
+
+    def one_round() -> float:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32,
+                           do_sample=False, num_beams=1, pad_token_id=0)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    heap: list = []
+    all_cpus = os.sched_getaffinity(0)
+
+    def condition(name: str):
+        heap.clear()
+        if name.startswith("heap"):
+            # about what a pytest session of the suite holds: items, reports, cached outputs as Python objects
+            heap.extend({"k": i, "v": [i, str(i)]} for i in range(1_500_000))
+        if name == "pinned":
+            os.sched_setaffinity(0, {min(all_cpus)})
+        else:
+            os.sched_setaffinity(0, all_cpus)
+        if name.endswith("gc-off"):
+            gc.collect()
+            gc.disable()
+        else:
+            gc.enable()
+
+    for _ in range(5):       # warm-up, and the clocks up
+        one_round()
+    names = ["plain", "gc-off", "pinned", "heap", "heap-gc-off"]
+    series: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    t0 = time.time()
+    for _block in range(blocks):
+        for name in names:
+            condition(name)
+            one_round()      # one unmeasured round after the change
+            for _ in range(per_block):
+                series[name].append((time.time() - t0, one_round()))
+    gc.enable()
+    os.sched_setaffinity(0, all_cpus)
+    clocks.terminate()
+    summary = {}
+    for name, rows in series.items():
+        xs = [x for _, x in rows]
+        ci = median_ci(xs)
+        summary[name] = {"median_ms": statistics.median(xs) * 1e3, "min_ms": min(xs) * 1e3, "max_ms": max(xs) * 1e3,
+                         "ci_half_width_pct": None if ci is None else ci.half_width_rel * 100, "rounds": len(xs),
+                         "series_ms": [round(x * 1e3, 1) for _, x in rows],
+                         "at_s": [round(t, 2) for t, _ in rows]}
+        print(f"{name:12} median {summary[name]['median_ms']:7.1f} ms  +-{summary[name]['ci_half_width_pct'] or 0:5.1f}%  "
+              f"min {summary[name]['min_ms']:7.1f}  max {summary[name]['max_ms']:7.1f}  n={len(xs)}")
+        print("   ", " ".join(f"{v:.0f}" for v in summary[name]["series_ms"]))
+    (out / "noise.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "cpus": len(all_cpus),
+                                                "torch": torch.__version__, "conditions": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
