@@ -3,14 +3,16 @@ suite's hf latency test (pythia-160m shape, synthetic weights, fp16, 64-token pr
 under conditions that differ in one thing each, interleaved in blocks so that a drift of the machine shows as
 a drift, not as a condition's effect:
 
-  plain      as the suite times it today (Python's cyclic GC on, the thread free to move between cores)
+  plain      as the suite timed it before a43e30b (Python's cyclic GC on, the thread free to move between cores)
   gc-off     gc.disable() around the timed rounds (pytest-benchmark's --benchmark-disable-gc does this)
   pinned     the process pinned to one core (os.sched_setaffinity) for the rounds
   heap       plain, with a pytest-sized heap of live Python objects (a session's items, caches and reports)
   heap-gc-off  the same heap, GC off
 
 Prints each condition's median, 95 % CI half-width of the median (samples.median_ci) and rounds, the round
-series (to see steps), and the SM clock nvidia-smi logged beside it.
+series (to see steps) with what the machine did in each round (the CPU time the hypervisor stole from this
+VM, from /proc/stat; the process's own CPU time; its involuntary context switches), and logs the SM clock with
+nvidia-smi beside it.
 
   python3 scripts/latency_noise.py MODEL_DIR OUT_DIR [ROUNDS_PER_BLOCK] [BLOCKS]
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +46,23 @@ def main() -> None:
     ids = torch.randint(0, 50000, (1, 64), generator=gen).cuda()
     mask = torch.ones_like(ids)
 
+    extra: dict[str, list] = {"steal_ms": [], "nivcsw": [], "cpu_ms": []}
+
+    def steal_ms() -> float:
+        # /proc/stat "cpu" line: user nice system idle iowait irq softirq steal ... (clock ticks, all CPUs)
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) * 1000 / os.sysconf("SC_CLK_TCK")
+
     def one_round() -> float:
+        s0, r0, c0 = steal_ms(), resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw, time.process_time()
+        elapsed = _one_round()
+        extra["steal_ms"].append(steal_ms() - s0)
+        extra["nivcsw"].append(resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - r0)
+        extra["cpu_ms"].append((time.process_time() - c0) * 1e3)
+        return elapsed
+
+    def _one_round() -> float:
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -77,12 +96,15 @@ def main() -> None:
     names = ["plain", "gc-off", "pinned", "heap", "heap-gc-off"]
     series: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     t0 = time.time()
+    machine: dict[str, list] = {n: [] for n in names}
     for _block in range(blocks):
         for name in names:
             condition(name)
             one_round()      # one unmeasured round after the change
             for _ in range(per_block):
                 series[name].append((time.time() - t0, one_round()))
+                machine[name].append((round(extra["steal_ms"][-1], 1), extra["nivcsw"][-1],
+                                      round(extra["cpu_ms"][-1], 1)))
     gc.enable()
     os.sched_setaffinity(0, all_cpus)
     clocks.terminate()
@@ -97,6 +119,10 @@ def main() -> None:
         print(f"{name:12} median {summary[name]['median_ms']:7.1f} ms  +-{summary[name]['ci_half_width_pct'] or 0:5.1f}%  "
               f"min {summary[name]['min_ms']:7.1f}  max {summary[name]['max_ms']:7.1f}  n={len(xs)}")
         print("   ", " ".join(f"{v:.0f}" for v in summary[name]["series_ms"]))
+        summary[name]["steal_ms_nivcsw_cpu_ms"] = machine[name]
+        print("    steal ms", " ".join(f"{m[0]:.0f}" for m in machine[name]))
+        print("    cpu ms  ", " ".join(f"{m[2]:.0f}" for m in machine[name]))
+        print("    nivcsw  ", " ".join(f"{m[1]}" for m in machine[name]))
     (out / "noise.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "cpus": len(all_cpus),
                                                 "torch": torch.__version__, "conditions": summary}, indent=1))
 
