@@ -54,7 +54,7 @@ for step in "$@"; do
       model=$(python3 -c "from pathlib import Path; from pytest_neoxmii import weights; from pytest_neoxmii.registry import lookup; print(weights.build_synthetic(lookup('pythia-160m'), 0, Path('$CACHE')))")
       timeout -k 10 $((budget / 2)) python3 scripts/latency_noise.py "$model" "$OUT/noise" ${NOISE_ROUNDS:-10} ${NOISE_BLOCKS:-3} \
         2>&1 | grep -v "^\[20" | tee "$OUT/noise/noise.txt"
-      suite noise-suite $((budget / 2 - 10)) tests/acceptance -k "test_latency and hf" --neox-model=pythia-160m \
+      [ "${NOISE_SUITE:-1}" = 1 ] && suite noise-suite $((budget / 2 - 10)) tests/acceptance -k "test_latency and hf" --neox-model=pythia-160m \
         --neox-backends=ds ${NOISE_EXTRA:-} ;;
     neox20b)
       # NEOX20B_SELECT / NEOX20B_EXTRA narrow it, e.g. to the registry's fit test alone:

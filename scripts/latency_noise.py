@@ -105,6 +105,9 @@ def main() -> None:
                 series[name].append((time.time() - t0, one_round()))
                 machine[name].append((round(extra["steal_ms"][-1], 1), extra["nivcsw"][-1],
                                       round(extra["cpu_ms"][-1], 1)))
+        print(f"block {_block + 1}/{blocks} done at {time.time() - t0:.1f} s: "   # what a cut-short run keeps
+              + ", ".join(f"{n} {statistics.median(x for _, x in series[n][-per_block:]) * 1e3:.0f} ms "
+                          f"(steal {sum(m[0] for m in machine[n][-per_block:]):.0f} ms)" for n in names), flush=True)
     gc.enable()
     os.sched_setaffinity(0, all_cpus)
     clocks.terminate()
