@@ -262,10 +262,11 @@ def run_rounds(prefill_call: Callable[[], object], full_call: Callable[[], objec
 @contextmanager
 def gc_paused():
     """Python's cyclic garbage collector off for the block (as timeit does), after one collection, and back
-    as it was after. A greedy generate allocates Python objects at every step, so a collection falls inside
-    timed rounds, and in the test process it walks the whole session's heap: on one H200 (pythia-160m
-    synthetic, hf fp16, 30 rounds each, scripts/latency_noise.py) the median's 95 % interval was +-10.2 %
-    with the GC on beside a pytest-sized heap and +-1.4 % with it off."""
+    as it was after: a greedy generate allocates Python objects at every step, so a collection would fall
+    inside timed rounds, and in the test process it walks the whole session's heap. It is not what makes the
+    hf figures noisy: on one H200 (pythia-160m synthetic, hf fp16, scripts/latency_noise.py) a pytest-sized
+    heap gave +-10.2 % with the GC on and +-1.4 % off in one run, and +-4.2 % and +-5.0 % in the next; the
+    drift there was the CPU's own speed (docs/SPEED.md, the fifth round)."""
     was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
