@@ -296,3 +296,26 @@ def test_the_shipped_suite_records_properties_without_the_record_property_fixtur
     for path in sorted(Path(inspect.getfile(suite)).parent.glob("test_*.py")):
         taking = re.findall(r"def (test_\w+)\([^)]*\brecord_property\b", path.read_text())
         assert not taking, f"{path.name}: {taking} take the record_property fixture"
+
+
+def test_every_model_call_of_the_shipped_suite_counts_in_the_session_time_line():
+    """The time line's "other (plugin and pytest)" is the overhead issue 10 bounds: a model call a suite test
+    makes itself (uncached, bypassing the session's cached calls) must sit inside `neox.timed(...)`, or its
+    time is counted as the plugin's."""
+    import ast
+
+    import pytest_neoxmii.suite as suite
+    outside = []
+    for path in sorted(Path(suite.__file__).parent.glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        timed = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.With) and any(
+                    isinstance(item.context_expr, ast.Call) and getattr(item.context_expr.func, "attr", "") == "timed"
+                    for item in node.items):
+                timed.update(id(inner) for inner in ast.walk(node))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("generate", "score", "trace", "query_texts") and id(node) not in timed):
+                outside.append(f"{path.name}:{node.lineno}")
+    assert outside == [], f"model calls outside neox.timed(...): {outside}"
