@@ -84,3 +84,17 @@ def test_mutation_workflow_runs_the_script_weekly_and_on_demand_and_keeps_the_re
     assert "scripts/mutation.sh --min-score" in runs and ".[mii,test,mutation]" in runs
     uploaded = steps_using(job, "actions/upload-artifact")[0]
     assert uploaded.get("if") == "always()" and uploaded["with"]["path"] == "mutation-results/"
+
+
+def test_each_xdist_worker_gets_its_share_of_the_cores():
+    """CI runs the unit suite under -n 2 on 2 cores: each xdist worker (and each engine worker it starts)
+    uses one OpenMP thread, so that no two torch processes ask for the same core (tests/unit/conftest.py)."""
+    import torch
+
+    from tests.unit.conftest import cores_per_xdist_worker
+    assert cores_per_xdist_worker(2, "2") == 1 and cores_per_xdist_worker(16, "2") == 8
+    assert cores_per_xdist_worker(2, "4") == 1 and cores_per_xdist_worker(None, "2") == 1
+    assert cores_per_xdist_worker(16, None) is None and cores_per_xdist_worker(16, "") is None
+    if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+        assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
+        assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"]
