@@ -14,6 +14,7 @@ from pytest_neoxmii.backends import Backend, IsolatedEngine, LoadRequest, load_b
 from pytest_neoxmii.deploy.processes import DeploymentError
 from pytest_neoxmii.cases import Case, CasePlan, materialize, plan_cases
 from pytest_neoxmii.errors import BackendUnavailable, NeoxUsageError
+from pytest_neoxmii.extra_workers import ExtraWorkers
 from pytest_neoxmii.injection import InjectionFailed
 from pytest_neoxmii.options import NeoxOptions
 from pytest_neoxmii.outputs import Generation, Scores
@@ -59,16 +60,12 @@ class NeoxSession:
         self.pending: dict[str, Backend] = {}       # workers launched up front, loading (see prelaunch)
         self.prelaunched: list[str] = []            # what prelaunch started, for the header and the report
         self.reference_ahead = 0                    # cases whose reference outputs prelaunch computed meanwhile
-        self.broken: dict[str, known_issues.KnownIssue] = {}   # deployments a known defect's call broke
-        self.redeployed: list[str] = []             # what was deployed again for that, for the summary
-        self.replacements: dict[str, Backend] = {}  # their replacements, loading meanwhile
         # What the selected tests will ask each engine for, in test order (want_outputs): a prelaunched
         # worker computes it right after its load, side by side with the other engines (worker.py).
         self.wanted: dict[str, list[tuple[str, CasePlan]]] = {}
         self.ahead_reports: dict[str, dict] = {}    # engine -> what its worker computed ahead, for the report
-        # More workers of the same deployment, each given a share of its calls ahead (ahead_share.py); closed
-        # once their share is done (settle).
-        self.helpers: dict[str, list[Backend]] = {}
+        # Replacements of deployments a known defect broke, and helpers sharing an engine's calls ahead.
+        self.extra = ExtraWorkers(self)
         # Engines whose kernel injection matched nothing: every test needing one fails with that error (a
         # deployment that died is in `crashed`). Neither is deployed again.
         self.injection_failures: dict[str, Exception] = {}
@@ -360,7 +357,7 @@ class NeoxSession:
                 self.pending[key] = self._load(name, dtype, wait=False, ahead=own)
                 self.prelaunched.append(name)
                 for share in shares:
-                    self._launch_helper(key, share)
+                    self.extra.launch_helper(key, share)
             except BackendUnavailable:
                 continue            # refused before a process started: backend() skips with the reason
             except DeploymentError as exc:      # kept, as backend() keeps it: not retried by every test
@@ -377,59 +374,13 @@ class NeoxSession:
             except Exception:           # the reference's own tests fail with it, each with its reason
                 pass
 
-    def _launch_helper(self, key: str, share: list[tuple[str, tuple]]) -> None:
-        """Another worker of the deployment `key`, computing `share` of its calls ahead. One that cannot
-        start leaves its share to the engine's own deployment, which computes each call when a test asks."""
-        name, dtype = key.split(":", 1)
-        try:
-            self.helpers.setdefault(key, []).append(self._load(name, dtype, wait=False, ahead=share))
-        except (BackendUnavailable, DeploymentError, InjectionFailed):
-            pass
-
-    def _sharer_of(self, key: str, backend: Backend, op: str, case: Case) -> Backend:
-        """The helper of `key` that was given this call ahead (waited for until it is ready), else `backend`."""
-        call = (op, self._call_args(op, case))
-        for helper in self.helpers.get(key, ()):
-            if call in helper.ahead:
-                with self.timed("model load"):
-                    return helper.wait_ready()
-        return backend
-
-    def _retire_helpers(self) -> None:
-        """Wait until every helper has computed its share, take its account, and close it: the engine's own
-        deployment answers whatever is asked later, and nothing else shares the machine with a timing. A
-        helper that died is a crash of its engine (the same deployment); one that does not close cleanly is
-        said as every deployment's teardown is."""
-        for key, helpers in list(self.helpers.items()):
-            for i, helper in enumerate(helpers, 1):
-                try:
-                    with self.timed("model calls"):
-                        self.ahead_reports[ahead_share.helper_key(key, i)] = helper.wait_ready().wait_ahead()
-                except DeploymentError as exc:     # (a crash already said is not said again)
-                    if key not in self.crashed:
-                        self._record_crash(key, f"{key.split(':')[0]} ({key.split(':')[1]}): a worker sharing "
-                                                f"its calls ahead died: {exc}")
-            with self.timed("model teardown"):
-                for helper in helpers:
-                    try:
-                        helper.ask_to_exit()
-                    except Exception:
-                        pass
-                for i, helper in enumerate(helpers, 1):
-                    try:
-                        helper.close()
-                    except Exception as exc:
-                        self.unavailable[ahead_share.helper_key(key, i)] = f"close failed: {exc}"
-            del self.helpers[key]
-
     def settle(self) -> None:
         """Wait for every prelaunched worker still loading or still computing ahead, so that no timing shares
         the machine with other work. What a deployment comes to (skip, xfail, crash) is recorded for the
         tests that need it, not raised. A deployment that ran a known defect measured to break it is closed
         here (the tests that judged its outputs ran before: neox_alone and neox_last tests settle first), and
         deploys again when next asked for."""
-        for key in list(self.broken):
-            self._retire_broken(key)
+        self.extra.retire_all_broken()
         for key in list(self.pending):
             name, dtype = key.split(":", 1)
             try:
@@ -445,7 +396,7 @@ class NeoxSession:
                         self.ahead_reports[key] = backend.wait_ahead()
                 except DeploymentError as exc:     # kept for the tests that need it
                     self._record_crash(key, str(exc))
-        self._retire_helpers()
+        self.extra.retire_helpers()
 
     def _fit_at_once(self, names: list[str], dtype: str) -> bool:
         """The fp32 reference, its peer and every engine, on the smallest GPU in use: reference first's
@@ -613,17 +564,18 @@ class NeoxSession:
         every later test needing it, a model out of GPU memory fails it in one line."""
         key = (op, backend.info.backend, backend.info.dtype, case.id)
         if key not in self._cache:
-            backend = self._unbroken(backend, op, case)
+            call = (op, self._call_args(op, case))
+            backend = self.extra.unbroken(self._key_of(backend), backend, call)
             issue = known_issues.breaks_engine(op, backend.info.backend, case.plan,
                                                backend.info.kernels.startswith("injected"))
             breaks = issue is not None and isinstance(backend, IsolatedEngine)
             deployment = self._key_of(backend)
             try:
-                computes = self._sharer_of(deployment, backend, op, case)
+                computes = self.extra.sharer_of(deployment, backend, call)
                 with self.timed("model calls"):
-                    self._cache[key] = getattr(computes, op)(*self._call_args(op, case))
+                    self._cache[key] = getattr(computes, op)(*call[1])
                 if breaks:
-                    self._mark_broken(self._key_of(backend), issue)
+                    self.extra.mark_broken(deployment, issue)
             except BackendUnavailable as exc:
                 pytest.skip(f"{backend.info.backend}: {exc}")
             except DeploymentError as exc:
@@ -632,7 +584,7 @@ class NeoxSession:
                     # memory access at a later sync, so which call hit it is not always told apart): this
                     # test fails with it, as its known issue expects, and the engine deploys again for the
                     # others instead of failing them all as crashed.
-                    self._mark_broken(self._key_of(backend), issue)
+                    self.extra.mark_broken(deployment, issue)
                     pytest.fail(f"{backend.info.backend}: known issue [{issue.key}] broke the deployment in "
                                 f"this call ({issue.breaks_engine}); the engine deploys again for later "
                                 f"calls. The deployment said:\n{exc}", pytrace=False)
@@ -641,40 +593,6 @@ class NeoxSession:
                 self._fail_if_out_of_memory(backend, op, case, exc)
                 raise
         return self._cache[key]
-
-    def _unbroken(self, backend: Backend, op: str, case: Case) -> Backend:
-        """The backend to compute (op, case) on: a deployment that ran a defect measured to break it only
-        hands over what its worker computed ahead, before the defect (_ahead_shares puts it last); anything
-        else goes to the engine deployed again."""
-        key = self._key_of(backend)
-        if key not in self.broken or (op, self._call_args(op, case)) in getattr(backend, "ahead", ()):
-            return backend
-        name, dtype = self._retire_broken(key)
-        return self.backend(name, dtype)
-
-    def _mark_broken(self, key: str, issue: known_issues.KnownIssue) -> None:
-        """A known defect broke this deployment: its replacement starts loading now, beside it, where both
-        fit the GPU with the reference (it still hands over what it computed before the defect ran)."""
-        self.broken[key] = issue
-        name, dtype = key.split(":", 1)
-        on_gpu = [k.split(":", 1)[0] for k in self.backends if not engines.is_reference(k.split(":", 1)[0])]
-        if key in self.replacements or not self._fit_at_once([*on_gpu, name], dtype):
-            return
-        try:
-            self.replacements[key] = self._load(name, dtype, wait=False)
-        except (BackendUnavailable, DeploymentError, InjectionFailed):
-            pass                    # deployed again when next asked for, which says why it cannot
-
-    def _retire_broken(self, key: str) -> tuple[str, str]:
-        """Close a deployment a known defect broke; the next backend() call takes its replacement (or
-        deploys the engine again)."""
-        issue = self.broken.pop(key)
-        name, dtype = key.split(":", 1)
-        self.close_backend(name, dtype)
-        if key in self.replacements:
-            self.pending[key] = self.replacements.pop(key)
-        self.redeployed.append(f"{name} deployed again after known issue [{issue.key}] ran: {issue.breaks_engine}")
-        return name, dtype
 
     def _fail_if_out_of_memory(self, backend: Backend, op: str, case: Case, exc: Exception) -> None:
         """A model in this process out of GPU memory (torch.OutOfMemoryError, matched by name: nothing here
@@ -714,16 +632,9 @@ class NeoxSession:
     def close(self) -> None:
         for key, backend in self.backends.items():
             self._take_ahead_account(key, backend)
-        for key, helpers in self.helpers.items():   # (settle retires them; a session cut short may not)
-            for i, helper in enumerate(helpers, 1):
-                self.backends[ahead_share.helper_key(key, i)] = helper
-                if helper._ready:
-                    self._take_ahead_account(ahead_share.helper_key(key, i), helper)
-        self.helpers.clear()
         self.backends.update(self.pending)      # launched but never needed: torn down all the same
         self.pending.clear()
-        self.backends.update({f"{k} (replacement)": b for k, b in self.replacements.items()})
-        self.replacements.clear()
+        self.backends.update(self.extra.still_up())   # (settle retires them; a session cut short may not)
         with self.timed("model teardown"):
             for backend in self.backends.values():  # every worker winds down at once, then each is waited for
                 try:
@@ -737,6 +648,11 @@ class NeoxSession:
                 except Exception as exc:   # teardown goes on: the next backend must still be released
                     self.unavailable[key] = f"close failed: {exc}"
         self._cache.clear()
+
+    @property
+    def redeployed(self) -> list[str]:
+        """One line per deployment a known defect broke and that was deployed again (the summary's)."""
+        return self.extra.redeployed
 
     def close_backend(self, name: str, dtype: str | None = None) -> None:
         """Tear down one deployment now (a teardown test); a later test that needs it deploys it again."""

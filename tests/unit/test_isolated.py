@@ -486,21 +486,21 @@ def test_after_it_only_what_was_computed_ahead_comes_from_the_broken_deployment(
     padded, others = _plans(neox)
     echo = neox.backend("echo")
     neox.generation(echo, neox.case(padded))
-    assert list(neox.broken) == [f"echo:{neox.dtype}"] and not neox.redeployed
+    assert list(neox.extra.broken) == [f"echo:{neox.dtype}"] and not neox.redeployed
     neox.generation(echo, neox.case(others[0]))
     if neox.options.work_ahead == "always":      # computed before the defect ran: handed over, not redeployed
-        assert neox.backend("echo") is echo and neox.broken
+        assert neox.backend("echo") is echo and neox.extra.broken
     else:                                        # computed after it: on the engine deployed again
         assert neox.backend("echo") is not echo and echo.teardown_report is not None
         assert neox.redeployed == ["echo deployed again after known issue [echo-padded-breaks] ran: "
                                    "later calls would read garbage"]
 
 def test_settle_deploys_it_again_before_the_tests_that_follow(neox):
-    replacement = neox.replacements.get(f"echo:{neox.dtype}")
+    replacement = neox.extra.replacements.get(f"echo:{neox.dtype}")
     if neox.options.work_ahead == "always":      # the broken one still serves: its replacement loads meanwhile
         assert replacement is not None
     neox.settle()
-    assert not neox.broken and not neox.replacements and len(neox.redeployed) == 1
+    assert not neox.extra.broken and not neox.extra.replacements and len(neox.redeployed) == 1
     fresh = neox.backend("echo")
     assert fresh.teardown_report is None          # a live, fresh deployment
     assert replacement is None or fresh is replacement
@@ -553,7 +553,7 @@ def test_the_breaking_call_fails_itself_and_crashes_nothing(neox):
     with pytest.raises(pytest.fail.Exception, match=r"(?s)known issue \\[poison-padded-breaks\\] broke the "
                        r"deployment in this call.*illegal memory access was encountered \\(stand-in\\)"):
         neox.generation(poison, neox.case(padded))
-    assert not neox.crashed and list(neox.broken) == [f"poison:{neox.dtype}"]
+    assert not neox.crashed and list(neox.extra.broken) == [f"poison:{neox.dtype}"]
 
 def test_the_other_cases_still_get_answers(neox):
     padded, others = _plans(neox)
@@ -563,7 +563,7 @@ def test_the_other_cases_still_get_answers(neox):
 
 def test_settle_leaves_a_fresh_deployment(neox):
     neox.settle()
-    assert not neox.broken and not neox.crashed
+    assert not neox.extra.broken and not neox.crashed
     assert neox.redeployed == ["poison deployed again after known issue [poison-padded-breaks] ran: "
                                "an illegal memory access"]
     assert neox.backend("poison").teardown_report is None
@@ -649,11 +649,11 @@ def test_greedy(neox, neox_backend_name, neox_generation_case):
 
 def test_zz_shared(neox):
     key = f"share:{neox.dtype}"
-    helpers = neox.helpers.get(key, [])
+    helpers = neox.extra.helpers.get(key, [])
     assert len(helpers) == HELPERS
     pids = [pid for helper in helpers for pid in helper._trees[0].pids()]
     neox.settle()
-    assert neox.helpers == {} and not [pid for pid in pids if processes.alive(pid)]
+    assert neox.extra.helpers == {} and not [pid for pid in pids if processes.alive(pid)]
     reports = {k: r for k, r in neox.ahead_reports.items() if k.startswith("share")}
     assert set(reports) == {key, *[f"share helper 1:{neox.dtype}"] * HELPERS}
     # every call wanted was computed ahead by one of the workers, and every result was handed to a test

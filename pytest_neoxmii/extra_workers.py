@@ -1,0 +1,135 @@
+"""The workers the session starts for an engine beside the engine's own deployment, and ends for it:
+
+* **a replacement**, when a known defect measured to break the deployment ran in a call the tests ask for
+  on purpose (`KnownIssue.breaks_engine`): it loads beside the broken deployment, which still hands over
+  what it computed before the defect (the defect's call is worked ahead last), and takes its place when the
+  session settles or asks the engine for anything else;
+* **helpers**, more workers of the same deployment that share its calls worked ahead (ahead_share.py); each
+  answers the calls of its share and is closed once the share is done, before anything is timed.
+
+The session (session.py) owns what is deployed, the cache of results and the time line; this class holds the
+extra workers' state and asks the session to load, close and record. Nothing here knows an engine."""
+from __future__ import annotations
+
+from pytest_neoxmii import ahead_share
+from pytest_neoxmii import backends as engines
+from pytest_neoxmii.backends import Backend
+from pytest_neoxmii.deploy.processes import DeploymentError
+from pytest_neoxmii.errors import BackendUnavailable
+from pytest_neoxmii.injection import InjectionFailed
+from pytest_neoxmii.known_issues import KnownIssue
+
+Call = ahead_share.Call
+
+
+class ExtraWorkers:
+    """One per session. `session` is the NeoxSession (session.py, which imports this module)."""
+
+    def __init__(self, session):
+        self.session = session
+        self.broken: dict[str, KnownIssue] = {}        # deployments a known defect's call broke
+        self.replacements: dict[str, Backend] = {}     # their replacements, loading meanwhile
+        self.redeployed: list[str] = []                # what was deployed again, for the summary
+        self.helpers: dict[str, list[Backend]] = {}    # engine key -> workers sharing its calls ahead
+
+    # -- a known defect broke the deployment --------------------------------------------------------------
+    def mark_broken(self, key: str, issue: KnownIssue) -> None:
+        """A known defect broke the deployment `key`: its replacement starts loading now, beside it, where
+        both fit the GPU with the reference (the broken one still hands over what it computed before)."""
+        s = self.session
+        self.broken[key] = issue
+        name, dtype = key.split(":", 1)
+        on_gpu = [k.split(":", 1)[0] for k in s.backends if not engines.is_reference(k.split(":", 1)[0])]
+        on_gpu += [k.split(":", 1)[0] for k, helpers in self.helpers.items() for _ in helpers]   # not closed yet
+        if key in self.replacements or not s._fit_at_once([*on_gpu, name], dtype):
+            return
+        try:
+            self.replacements[key] = s._load(name, dtype, wait=False)
+        except (BackendUnavailable, DeploymentError, InjectionFailed):
+            pass                    # deployed again when next asked for, which says why it cannot
+
+    def unbroken(self, key: str, backend: Backend, call: Call) -> Backend:
+        """The deployment to compute `call` on: a broken one only hands over what its worker computed ahead,
+        before the defect; anything else goes to the engine deployed again."""
+        if key not in self.broken or call in getattr(backend, "ahead", ()):
+            return backend
+        name, dtype = self.retire_broken(key)
+        return self.session.backend(name, dtype)
+
+    def retire_broken(self, key: str) -> tuple[str, str]:
+        """Close a deployment a known defect broke; the session's next backend() call takes its replacement
+        (or deploys the engine again)."""
+        s = self.session
+        issue = self.broken.pop(key)
+        name, dtype = key.split(":", 1)
+        s.close_backend(name, dtype)
+        if key in self.replacements:
+            s.pending[key] = self.replacements.pop(key)
+        self.redeployed.append(f"{name} deployed again after known issue [{issue.key}] ran: {issue.breaks_engine}")
+        return name, dtype
+
+    def retire_all_broken(self) -> None:
+        for key in list(self.broken):
+            self.retire_broken(key)
+
+    # -- helpers sharing the calls ahead ------------------------------------------------------------------
+    def launch_helper(self, key: str, share: list[Call]) -> None:
+        """Another worker of the deployment `key`, computing `share` of its calls ahead. One that cannot start
+        leaves its share to the engine's own deployment, which computes each call when a test asks."""
+        name, dtype = key.split(":", 1)
+        try:
+            self.helpers.setdefault(key, []).append(self.session._load(name, dtype, wait=False, ahead=share))
+        except (BackendUnavailable, DeploymentError, InjectionFailed):
+            pass
+
+    def sharer_of(self, key: str, backend: Backend, call: Call) -> Backend:
+        """The helper of `key` that was given `call` ahead (waited for until it is ready), else `backend`."""
+        for helper in self.helpers.get(key, ()):
+            if call in helper.ahead:
+                with self.session.timed("model load"):
+                    return helper.wait_ready()
+        return backend
+
+    def retire_helpers(self) -> None:
+        """Wait until every helper has computed its share, take its account, and close it: the engine's own
+        deployment answers whatever is asked later, and nothing else shares the machine with a timing. A
+        helper that died is a crash of its engine (the same deployment); one that does not close cleanly is
+        said as every deployment's teardown is."""
+        s = self.session
+        for key, helpers in list(self.helpers.items()):
+            for i, helper in enumerate(helpers, 1):
+                try:
+                    with s.timed("model calls"):
+                        s.ahead_reports[ahead_share.helper_key(key, i)] = helper.wait_ready().wait_ahead()
+                except DeploymentError as exc:     # (a crash already said is not said again)
+                    if key not in s.crashed:
+                        name, dtype = key.split(":", 1)
+                        s._record_crash(key, f"{name} ({dtype}): a worker sharing its calls ahead died: {exc}")
+            with s.timed("model teardown"):
+                for helper in helpers:
+                    try:
+                        helper.ask_to_exit()
+                    except Exception:
+                        pass
+                for i, helper in enumerate(helpers, 1):
+                    try:
+                        helper.close()
+                    except Exception as exc:
+                        s.unavailable[ahead_share.helper_key(key, i)] = f"close failed: {exc}"
+            del self.helpers[key]
+
+    # -- the session's end --------------------------------------------------------------------------------
+    def still_up(self) -> dict[str, Backend]:
+        """Every extra worker not closed yet (a session cut short), by the name its teardown is reported under,
+        with its account of the work ahead taken first; the session tears them down with the rest."""
+        up: dict[str, Backend] = {}
+        for key, helpers in self.helpers.items():
+            for i, helper in enumerate(helpers, 1):
+                name = ahead_share.helper_key(key, i)
+                if helper._ready:
+                    self.session._take_ahead_account(name, helper)
+                up[name] = helper
+        up.update({f"{k} (replacement)": b for k, b in self.replacements.items()})
+        self.helpers.clear()
+        self.replacements.clear()
+        return up
