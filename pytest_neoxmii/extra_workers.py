@@ -105,17 +105,7 @@ class ExtraWorkers:
                     if key not in s.crashed:
                         name, dtype = key.split(":", 1)
                         s._record_crash(key, f"{name} ({dtype}): a worker sharing its calls ahead died: {exc}")
-            with s.timed("model teardown"):
-                for helper in helpers:
-                    try:
-                        helper.ask_to_exit()
-                    except Exception:
-                        pass
-                for i, helper in enumerate(helpers, 1):
-                    try:
-                        helper.close()
-                    except Exception as exc:
-                        s.unavailable[ahead_share.helper_key(key, i)] = f"close failed: {exc}"
+            s.close_all({ahead_share.helper_key(key, i): helper for i, helper in enumerate(helpers, 1)})
             del self.helpers[key]
 
     # -- the session's end --------------------------------------------------------------------------------

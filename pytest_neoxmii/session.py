@@ -261,13 +261,16 @@ class NeoxSession:
             return "skip", f"{name} ({dtype}): {exc}"
         return None
 
-    def _load(self, name: str, dtype: str, wait: bool = True, ahead: list[tuple[str, tuple]] = ()) -> Backend:
+    def _request(self, name: str, dtype: str) -> LoadRequest:
+        """What the engine `name` is loaded with in this session (and what it is asked about beforehand)."""
         model = self.model
+        return LoadRequest(path=model.path, dtype=dtype, device=self.device, tp=self._tp_of(name),
+                           max_tokens=self.max_tokens, max_batch=self.max_batch, spec=model.spec,
+                           zero_nvme=self.options.zero_nvme, engine_config=self._engine_config(name))
+
+    def _load(self, name: str, dtype: str, wait: bool = True, ahead: list[tuple[str, tuple]] = ()) -> Backend:
         with self.timed("model load"):
-            return load_backend(name, path=model.path, dtype=dtype, device=self.device, tp=self._tp_of(name),
-                                max_tokens=self.max_tokens, spec=model.spec, max_batch=self.max_batch,
-                                zero_nvme=self.options.zero_nvme, engine_config=self._engine_config(name),
-                                wait=wait, ahead=ahead)
+            return load_backend(name, self._request(name, dtype), wait=wait, ahead=ahead)
 
     # -- working ahead (worker.py) --------------------------------------------------------------------
     def want_outputs(self, items) -> None:
@@ -320,16 +323,11 @@ class NeoxSession:
         """Workers for `name`'s calls ahead: what its engine asks for (Backend.ahead_workers), no more than
         there are calls, and only as many as the host's memory and the GPU (with the reference and the
         engines `beside`) take."""
-        tp = self._tp_of(name)
-        cls = engines.engine(name).backend_for(tp)
-        model = self.model
-        request = LoadRequest(path=model.path, dtype=dtype, device=self.device, tp=tp, max_tokens=self.max_tokens,
-                              max_batch=self.max_batch, spec=model.spec, zero_nvme=self.options.zero_nvme,
-                              engine_config=self._engine_config(name))
-        workers = min(cls.ahead_workers(request) if cls.isolated else 1, max(calls, 1))
+        cls = engines.engine(name).backend_for(self._tp_of(name))
+        workers = min(cls.ahead_workers(self._request(name, dtype)) if cls.isolated else 1, max(calls, 1))
         available = hardware.host_memory_available()
         while workers > 1 and not (
-                ahead_share.host_memory_allows(workers, model.spec.weight_bytes(dtype), available)
+                ahead_share.host_memory_allows(workers, self.model.spec.weight_bytes(dtype), available)
                 and self._fit_at_once([*beside, *[name] * (workers - 1)], dtype)):
             workers -= 1
         return workers
@@ -635,19 +633,25 @@ class NeoxSession:
         self.backends.update(self.pending)      # launched but never needed: torn down all the same
         self.pending.clear()
         self.backends.update(self.extra.still_up())   # (settle retires them; a session cut short may not)
+        self.close_all(self.backends)
+        self._cache.clear()
+
+    def close_all(self, deployments: dict[str, Backend]) -> None:
+        """Tear down these deployments (by the name their teardown is reported under), taking each out of
+        `deployments` as it closes: every worker winds down at once, then each is waited for; a close that
+        fails is said and the others still close."""
         with self.timed("model teardown"):
-            for backend in self.backends.values():  # every worker winds down at once, then each is waited for
+            for backend in deployments.values():
                 try:
                     backend.ask_to_exit()
                 except Exception:                   # close() below stops it in any case
                     pass
-            for key in list(self.backends):
-                backend = self.backends.pop(key)
+            for key in list(deployments):
+                backend = deployments.pop(key)
                 try:
                     backend.close()
                 except Exception as exc:   # teardown goes on: the next backend must still be released
                     self.unavailable[key] = f"close failed: {exc}"
-        self._cache.clear()
 
     @property
     def redeployed(self) -> list[str]:

@@ -28,16 +28,23 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
-from pytest_neoxmii.backends.hf import load_hf_model
-from pytest_neoxmii.samples import median_ci
+
+USAGE = "usage: python3 scripts/latency_noise.py MODEL_DIR OUT_DIR [ROUNDS_PER_BLOCK] [BLOCKS]"
 
 
 def main() -> None:
-    model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
-    per_block = int(sys.argv[3]) if len(sys.argv) > 3 else 10
-    blocks = int(sys.argv[4]) if len(sys.argv) > 4 else 3
+    args = sys.argv[1:]
+    if not 2 <= len(args) <= 4 or not all(a.isdigit() and int(a) > 0 for a in args[2:]) \
+            or not (Path(args[0]) / "config.json").is_file():
+        sys.exit(f"{USAGE} (MODEL_DIR: a model directory with config.json; counts: positive integers)")
+    model_dir, out = Path(args[0]), Path(args[1])
+    per_block = int(args[2]) if len(args) > 2 else 10
+    blocks = int(args[3]) if len(args) > 3 else 3
+    import torch                      # after the arguments are checked: a usage error costs no import
+
+    from pytest_neoxmii.backends.hf import load_hf_model
+    from pytest_neoxmii.samples import median_ci
     out.mkdir(parents=True, exist_ok=True)
     clocks = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,utilization.gpu",
                                "--format=csv,noheader", "-lms", "100"], stdout=open(out / "clocks.csv", "w"))

@@ -89,18 +89,17 @@ def display_order(names_seen) -> list[str]:
     return [n for n in ENGINES if n in seen] + sorted(seen - set(ENGINES))
 
 
-def load_backend(name: str, *, path, dtype: str, device: str, tp: int, max_tokens: int, spec,
-                 max_batch: int = 1, zero_nvme=None, engine_config: dict | None = None,
-                 wait: bool = True, ahead: list[tuple[str, tuple]] = ()) -> Backend:
-    """Load the engine `name` at tensor-parallel degree `tp` (its tp >= 2 class where it has one).
+def load_backend(name: str, request: LoadRequest, *, wait: bool = True,
+                 ahead: list[tuple[str, tuple]] = ()) -> Backend:
+    """Load the engine `name` for `request`, at its tensor-parallel degree (its tp >= 2 class where it has
+    one).
 
-    engine_config: the user's serving config of ds (init_inference's config) or mii (mii_config), merged over
-    the backend's defaults (serving_config.merged) and deployed as it is. wait=False: an isolated engine's
-    worker is only launched (it loads meanwhile); its wait_ready() finishes the deployment. ahead: calls an
-    isolated engine's worker runs right after its load (worker.py, "working ahead"); ignored by the others."""
-    cls = engine(name).backend_for(tp)
-    request = LoadRequest(path=path, dtype=dtype, device=device, tp=tp, max_tokens=max_tokens,
-                          max_batch=max_batch, spec=spec, zero_nvme=zero_nvme, engine_config=engine_config)
+    request.engine_config: the user's serving config of ds (init_inference's config) or mii (mii_config),
+    merged over the backend's defaults (serving_config.merged) and deployed as it is. wait=False: an isolated
+    engine's worker is only launched (it loads meanwhile); its wait_ready() finishes the deployment. ahead:
+    calls an isolated engine's worker runs right after its load (worker.py, "working ahead"); ignored by the
+    others."""
+    cls = engine(name).backend_for(request.tp)
     if cls.isolated:
         return IsolatedEngine(name, cls, request, wait=wait, ahead=ahead)
     return cls.load(request)

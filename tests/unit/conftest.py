@@ -23,7 +23,7 @@ os.environ.setdefault(kernels.ENV, str(kernels.default_dir()))
 
 def cores_per_xdist_worker(cpus: int | None, workers: str | None) -> int | None:
     """The share of the cores each pytest-xdist worker gets (None outside xdist)."""
-    if not workers:
+    if not workers or not workers.isdigit():
         return None
     return max(1, (cpus or 1) // max(int(workers), 1))
 
@@ -40,8 +40,11 @@ def pytest_configure(config):
         return
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, str(share))
+    threads = os.environ["OMP_NUM_THREADS"]
+    if not (threads.isdigit() and int(threads) > 0):    # the user's own value, and not a count: torch decides
+        return
     import torch
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    torch.set_num_threads(int(threads))
 
 # Realistic devices, as torch.cuda.get_device_properties reports them (bytes), by a short key.
 GPUS = {

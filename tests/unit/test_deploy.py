@@ -649,9 +649,9 @@ CRASH_CONFTEST = textwrap.dedent("""
 
     real = session_module.load_backend
 
-    def load(name, **kw):
+    def load(name, request, **kw):
         if name != "ds":
-            return real(name, **kw)
+            return real(name, request, **kw)
         from pytest_neoxmii.backends.ds_launcher import DsLauncherBackend
         return DsLauncherBackend("/no/model", "fp32", "cpu", 1, 64, 1, memory_probe=None, ready_timeout=120,
                                  factory="pytest_neoxmii.backends.ds_rank:aborting_model")

@@ -50,7 +50,7 @@ def test_what_fits_is_judged_against_the_cap_for_workers_only(pytester, fake_gpu
     fake_gpus("h100")
     from pytest_neoxmii import session as session_module
     loaded = []
-    monkeypatch.setattr(session_module, "load_backend", lambda name, **kw: loaded.append(name) or pytest.skip("stub"))
+    monkeypatch.setattr(session_module, "load_backend", lambda name, request, **kw: loaded.append(name) or pytest.skip("stub"))
     monkeypatch.setattr(session_module.NeoxSession, "require_model", lambda self: self.model)   # no weights built
     monkeypatch.delenv(gpu_cap.ENV, raising=False)
     pytester.makepyfile(test_fits=FITS_TESTS)

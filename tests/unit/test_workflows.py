@@ -95,6 +95,7 @@ def test_each_xdist_worker_gets_its_share_of_the_cores():
     assert cores_per_xdist_worker(2, "2") == 1 and cores_per_xdist_worker(16, "2") == 8
     assert cores_per_xdist_worker(2, "4") == 1 and cores_per_xdist_worker(None, "2") == 1
     assert cores_per_xdist_worker(16, None) is None and cores_per_xdist_worker(16, "") is None
-    if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    assert cores_per_xdist_worker(16, "two") is None
+    if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and os.environ["OMP_NUM_THREADS"].isdigit():
         assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
         assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"]
