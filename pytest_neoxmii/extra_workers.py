@@ -31,15 +31,30 @@ class ExtraWorkers:
         self.replacements: dict[str, Backend] = {}     # their replacements, loading meanwhile
         self.redeployed: list[str] = []                # what was deployed again, for the summary
         self.helpers: dict[str, list[Backend]] = {}    # engine key -> workers sharing its calls ahead
+        self.ahead_breaks: dict[str, KnownIssue] = {}  # deployments whose work ahead ends with a breaking call
 
     # -- a known defect broke the deployment --------------------------------------------------------------
     def mark_broken(self, key: str, issue: KnownIssue) -> None:
-        """A known defect broke the deployment `key`: its replacement starts loading now, beside it, where
-        both fit the GPU with the reference (the broken one still hands over what it computed before)."""
-        s = self.session
+        """A known defect broke the deployment `key`: its replacement starts loading now, unless it already
+        does (launch_replacement); the broken one still hands over what it computed before."""
         self.broken[key] = issue
+        self.ahead_breaks.pop(key, None)
+        self.launch_replacement(key)
+
+    def will_break_ahead(self, key: str, issue: KnownIssue, replace_now: bool) -> None:
+        """The deployment `key` works ahead a call that `issue` breaks it with, last (prelaunch): it is broken
+        once that work is done, asked for or not (ran_breaking_ahead). replace_now: its replacement loads
+        from now on, where the breaking call would otherwise run late (after a kernel build)."""
+        self.ahead_breaks[key] = issue
+        if replace_now:
+            self.launch_replacement(key)
+
+    def launch_replacement(self, key: str) -> None:
+        """Load the replacement of the deployment `key` now, beside it, where both fit the GPU with the
+        reference and every other worker."""
+        s = self.session
         name, dtype = key.split(":", 1)
-        on_gpu = [k.split(":", 1)[0] for k in s.backends if not engines.is_reference(k.split(":", 1)[0])]
+        on_gpu = [k.split(":", 1)[0] for k in [*s.backends, *s.pending] if not engines.is_reference(k.split(":", 1)[0])]
         on_gpu += [k.split(":", 1)[0] for k, helpers in self.helpers.items() for _ in helpers]   # not closed yet
         if key in self.replacements or not s._fit_at_once([*on_gpu, name], dtype):
             return
@@ -47,6 +62,14 @@ class ExtraWorkers:
             self.replacements[key] = s._load(name, dtype, wait=False)
         except (BackendUnavailable, DeploymentError, InjectionFailed):
             pass                    # deployed again when next asked for, which says why it cannot
+
+    def ran_breaking_ahead(self) -> list[str]:
+        """Deployments whose work ahead, now finished, ended with a breaking call no test has asked for yet:
+        marked broken (settle retires them)."""
+        keys = [key for key in self.ahead_breaks if key in self.session.backends]
+        for key in keys:
+            self.broken[key] = self.ahead_breaks.pop(key)
+        return keys
 
     def unbroken(self, key: str, backend: Backend, call: Call) -> Backend:
         """The deployment to compute `call` on: a broken one only hands over what its worker computed ahead,

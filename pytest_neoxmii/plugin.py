@@ -131,13 +131,38 @@ def _marker_skip_reason(item: pytest.Item, hw) -> str | None:
     return None
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # A neox_alone test waits for every worker to finish loading and working ahead (NeoxSession.settle):
-    # run first, it would leave the test process idle meanwhile, instead of judging what is ready.
-    # A neox_last test closes a deployment that the tests before it share: nothing may need it afterwards.
-    def rank(item: pytest.Item) -> int:
+def run_order(items: list, ready: dict[str, int]) -> list:
+    """The order the session runs the selected tests in (stable: collection order otherwise).
+
+    A neox_alone test waits for every worker to finish loading and working ahead (NeoxSession.settle):
+    run first, it would leave the test process idle meanwhile, instead of judging what is ready. A
+    neox_last test closes a deployment that the tests before it share: nothing may need it afterwards.
+    Working ahead (`ready`: NeoxSession.expected_ready_order), the other tests of an engine whose results
+    come first run first: the reference's own while every worker loads, an engine that still waits for
+    its kernel build last (on a warm start, the engine that streams its weights), so that a test waiting
+    for one engine no longer holds up the judging of another's finished results. A test of no engine may
+    look at what the tests before it did: it stays after every engine test collected before it."""
+    def rank(item) -> int:
         return 2 if item.get_closest_marker("neox_last") else 1 if item.get_closest_marker("neox_alone") else 0
-    items.sort(key=rank)        # stable: collection order within each rank
+    keys, latest = [], 0
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        engine = params.get("neox_backend_name") or params.get("neox_each_backend")
+        if not ready or (engine is not None and engines.is_reference(engine)):
+            place = 0
+        elif engine in ready:
+            place = ready[engine]
+            latest = max(latest, place)
+        else:
+            place = latest
+        keys.append((rank(item), place if rank(item) == 0 else 0))
+    order = sorted(range(len(items)), key=keys.__getitem__)
+    return [items[i] for i in order]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    neox = config.stash.get(SESSION_KEY, None)
+    items[:] = run_order(items, neox.expected_ready_order() if neox is not None else {})
     gpu_markers = ("gpu", "a100_40g", "multi_gpu")
     marked = [it for it in items if any(it.get_closest_marker(m) for m in gpu_markers)]
     if not marked:
@@ -155,6 +180,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     neox = session.config.stash.get(SESSION_KEY, None)
     if neox is not None:
         neox.want_outputs(session.items)
+        if not session.config.option.collectonly:
+            neox.start_kernel_build(session.items)  # a cold GPU session: the compiler starts right away
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -106,6 +106,7 @@ def build_summary(session) -> dict:
         "versions": shown_versions(),
         "backends": {k: info.describe() for k, info in session.infos.items()},
         "kernels": session.kernels.as_json() if getattr(session, "kernels", None) else None,
+        "kernel_build": session.kernel_build.describe() if getattr(session, "kernel_build", None) else None,
         "unavailable": dict(session.unavailable),
         "known_issue_not_deployed": dict(session.known_blocked),
         "crashed": dict(session.crashed),
@@ -201,6 +202,8 @@ def terminal_summary(terminalreporter, session) -> None:
                       f"{', '.join(session.prelaunched)} (model load above is the time tests waited for them)"
                       + (f"; meanwhile the reference's outputs of {session.reference_ahead} cases were computed"
                          if session.reference_ahead else ""))
+    if getattr(session, "kernel_build", None) is not None:
+        tr.write_line(session.kernel_build.describe())
     for line in session.redeployed:
         tr.write_line(line)
     if session.ahead_reports:

@@ -57,6 +57,7 @@ class NeoxSession:
         self.prompt_plans: list[CasePlan] = []      # users' own prompts (--neox-prompts), see load_prompts
         self.serving_configs: dict = {}             # engine -> serving_config.ServingConfig (--neox-*-config)
         self.kernels = None                         # kernels.KernelCache: where DeepSpeed's JIT ops are kept
+        self.kernel_build = None                    # kernels.BackgroundBuild of a cold session (start_kernel_build)
         self.pending: dict[str, Backend] = {}       # workers launched up front, loading (see prelaunch)
         self.prelaunched: list[str] = []            # what prelaunch started, for the header and the report
         self.reference_ahead = 0                    # cases whose reference outputs prelaunch computed meanwhile
@@ -290,22 +291,61 @@ class NeoxSession:
                     wanted.setdefault(name, {}).setdefault((op, plan.id), (op, plan))
         self.wanted = {name: list(calls.values()) for name, calls in wanted.items()}
 
+    def start_kernel_build(self, items) -> None:
+        """On a GPU whose kernel cache lacks an op that a selected engine injects: build it from now on, in a
+        process of its own, while the model is built and the workers start (kernels.BackgroundBuild). Only
+        where prelaunch will deploy such an engine (a selected test uses the session), and only once."""
+        cache = self.kernels
+        if cache is None or cache.device != "cuda" or self.kernel_build is not None or self.model is None:
+            return
+        missing = [op for op, path in cache.found.items() if path is None]
+        if not missing or not any("neox" in getattr(item, "fixturenames", ()) for item in items):
+            return
+        dtype = self.dtype
+        if any(not engines.is_reference(n) and self.workspace_bytes(n, dtype) > 0
+               and self._cannot_deploy(n, dtype) is None for n in self.options.backends):
+            from pytest_neoxmii.kernels import BackgroundBuild
+            self.kernel_build = BackgroundBuild(missing)
+
+    def expected_ready_order(self) -> dict[str, int]:
+        """Where workers work ahead: each selected engine's place in the order its results are expected to be
+        ready (1 first; the reference and tests of no engine are 0, ready first). Last come the engines whose
+        kernels are not built yet (a cold start: 39-50 s of compiling on one H200 before they load), and,
+        among the others, an engine that streams its weights in (ZeRO: its calls took 13 s on two workers,
+        ds's 1.8 s; pythia-160m synthetic, one H200). Empty where nothing works ahead (order unchanged)."""
+        if self.model is None or not self._works_ahead():
+            return {}
+
+        def expected(name: str) -> tuple[bool, bool]:
+            return self._waits_for_kernel_build(name), not engines.engine(name).weights_on_gpu
+
+        names = sorted((n for n in self.options.backends if not engines.is_reference(n) and n in engines.ENGINES),
+                       key=expected)
+        return {name: place for place, name in enumerate(names, 1)}
+
+    def _waits_for_kernel_build(self, name: str) -> bool:
+        """The engine injects kernels here that the kernel cache lacks: it loads only once they are built."""
+        cold = self.kernels is not None and any(path is None for path in self.kernels.found.values())
+        return cold and self.workspace_bytes(name) > 0
+
     def _works_ahead(self) -> bool:
         mode = self.options.work_ahead
         # auto: on GPUs only. On the CPU every engine computes on the same cores, so working side by side
         # only adds contention (2-core EPYC: model calls 101.9 s alone, 261.5 s ahead).
         return mode == "always" or (mode == "auto" and self.device != "cpu")
 
-    def _ahead_shares(self, name: str, dtype: str, beside: list[str]) -> list[list[tuple[str, tuple]]]:
+    def _ahead_shares(self, name: str, dtype: str, beside: list[str]) \
+            -> tuple[list[list[tuple[str, tuple]]], known_issues.KnownIssue | None]:
         """The wanted calls of `name` exactly as generation() and scores() will make them (the worker matches
         them by op and arguments; scores only from an engine that can score a given text), one list per
         worker: the engine's own deployment first, then the helpers it may have beside the engines `beside`
-        (ahead_share.py). A call a known defect breaks the engine with runs last, on its own deployment."""
+        (ahead_share.py). A call a known defect breaks the engine with runs last, on its own deployment;
+        that defect's known issue is returned with the shares (None when no call breaks the engine)."""
         if not self._works_ahead():
-            return [[]]
+            return [[]], None
         cls = engines.engine(name).backend_for(self._tp_of(name))
         injected = self.workspace_bytes(name) > 0       # its kernels will be injected here
-        calls, breaking = [], []
+        calls, breaking, issue = [], [], None
         for op, plan in self.wanted.get(name, ()):
             try:
                 case = self.case(plan)
@@ -313,11 +353,12 @@ class NeoxSession:
                 continue
             if op == "generate" or cls.can_score:
                 # a known defect that breaks the engine runs after every other call (see settle)
-                late = known_issues.breaks_engine(op, name, plan, injected) is not None
-                (breaking if late else calls).append((op, self._call_args(op, case)))
+                breaks = known_issues.breaks_engine(op, name, plan, injected)
+                (breaking if breaks is not None else calls).append((op, self._call_args(op, case)))
+                issue = issue or breaks
         shares = ahead_share.split_calls(calls, self._ahead_workers(name, dtype, len(calls), beside))
         shares[0] += breaking
-        return shares
+        return shares, issue
 
     def _ahead_workers(self, name: str, dtype: str, calls: int, beside: list[str]) -> int:
         """Workers for `name`'s calls ahead: what its engine asks for (Backend.ahead_workers), no more than
@@ -344,6 +385,7 @@ class NeoxSession:
                  and engines.engine(n).backend_for(self._tp_of(n)).isolated]
         if not names or not self._fit_at_once(names, dtype):
             return
+        breaking: dict[str, known_issues.KnownIssue] = {}   # deployments that will run a breaking call ahead
         for name in names:
             key = f"{name}:{dtype}"
             if key in self.backends or key in self.pending:
@@ -351,17 +393,26 @@ class NeoxSession:
             if self._cannot_deploy(name, dtype) is not None:
                 continue            # backend() says why, at the first test that needs it
             try:
-                own, *shares = self._ahead_shares(name, dtype, names)
+                (own, *shares), breaks = self._ahead_shares(name, dtype, names)
                 self.pending[key] = self._load(name, dtype, wait=False, ahead=own)
                 self.prelaunched.append(name)
                 for share in shares:
                     self.extra.launch_helper(key, share)
+                if breaks is not None:
+                    breaking[key] = breaks
             except BackendUnavailable:
                 continue            # refused before a process started: backend() skips with the reason
             except DeploymentError as exc:      # kept, as backend() keeps it: not retried by every test
                 self._record_crash(key, f"{name} ({dtype}) failed to deploy: {exc}")
             except InjectionFailed as exc:
                 self.injection_failures[key] = exc
+        for key, issue in breaking.items():
+            # Where the engine still waits for its kernel build, the breaking call would run after it: its
+            # replacement then loads now, beside the others (after the helpers, so that its fit counts
+            # them), and is ready with them (one H200, cold: the first timing waited 4 s for it otherwise).
+            # Warm, it loads once the call has run, off the critical path: one more process starting with
+            # the others delayed them all (ZeRO's calls ended 5 s later).
+            self.extra.will_break_ahead(key, issue, replace_now=self._waits_for_kernel_build(key.split(":")[0]))
         if self.prelaunched and self._works_ahead():
             # The test process works ahead too: while the workers load (15-25 s warm on one H200, pythia-160m
             # synthetic), it computes the reference's side of every comparison the selected tests will ask
@@ -378,6 +429,9 @@ class NeoxSession:
         tests that need it, not raised. A deployment that ran a known defect measured to break it is closed
         here (the tests that judged its outputs ran before: neox_alone and neox_last tests settle first), and
         deploys again when next asked for."""
+        if self.kernel_build is not None:
+            with self.timed("kernel build"):      # (long over by now: the workers needed it)
+                self.kernel_build.wait()
         self.extra.retire_all_broken()
         for key in list(self.pending):
             name, dtype = key.split(":", 1)
@@ -394,6 +448,16 @@ class NeoxSession:
                         self.ahead_reports[key] = backend.wait_ahead()
                 except DeploymentError as exc:     # kept for the tests that need it
                     self._record_crash(key, str(exc))
+        # A deployment that ran a breaking call ahead is broken whether or not a test asked for the result
+        # (the test may have been deselected after all, or stopped early): never timed, replaced.
+        for key in self.extra.ran_breaking_ahead():
+            self.extra.retire_broken(key)
+            try:
+                self.backend(*key.split(":", 1))
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:              # backend() kept the reason for the tests that need it
+                pass
         self.extra.retire_helpers()
 
     def _fit_at_once(self, names: list[str], dtype: str) -> bool:
@@ -628,6 +692,8 @@ class NeoxSession:
                 pass
 
     def close(self) -> None:
+        if self.kernel_build is not None:
+            self.kernel_build.close(self.kernels.directory)
         for key, backend in self.backends.items():
             self._take_ahead_account(key, backend)
         self.backends.update(self.pending)      # launched but never needed: torn down all the same

@@ -97,8 +97,19 @@ class IsolatedEngine(ChannelDeployment):
     def _describe(self) -> BackendInfo:
         info = self.hosted_info
         info.notes = list(info.notes) + [f"in worker process {self.worker_pid}",
-                                         f"deployed in {self.deploy_seconds:.1f} s"]
+                                         f"deployed in {self.deploy_seconds:.1f} s{self._deploy_parts()}"]
         return info
+
+    def _deploy_parts(self) -> str:
+        """' (start and imports 6.1 s, kernels 0.6 s, load 3.2 s)': where a worker's deployment time went, as
+        the worker measured its kernels and its load (the rest is the process's start and imports)."""
+        if self.load_s is None:
+            return ""
+        kernels = self.kernel_build_s or 0.0
+        start = max(self.deploy_seconds - kernels - self.load_s, 0.0)
+        return (f" (start and imports {start:.1f} s, "
+                + (f"kernels {kernels:.1f} s, " if self.kernel_build_s is not None else "")
+                + f"load {self.load_s:.1f} s)")
 
     def _teardown_name(self) -> str:
         return f"{self.name} tp={self.tp} (worker process)"

@@ -416,6 +416,77 @@ def test_worker_protocol_round_trip_in_process():
     listener.close()
 
 
+def _channel_pair():
+    listener = channel.Listener()
+    listener.accept_in_background(10)
+    worker_side = channel.connect(listener.address, listener.authkey)
+    return listener, worker_side, listener.accepted(10)
+
+
+def test_a_workers_large_tensors_come_through_a_file_the_session_reads_and_deletes(monkeypatch):
+    torch = pytest.importorskip("torch")
+    listener, worker_side, session_side = _channel_pair()
+    spill_dir = listener.env()[channel.SPILL_ENV]
+    monkeypatch.setenv(channel.SPILL_ENV, spill_dir)          # as in the worker's environment
+    big = torch.randn(3, 1000, 1000)                           # 12 MB: over SPILL_MIN_BYTES
+    half = torch.randn(4000, 3000).to(torch.bfloat16)[:, ::2]  # 12 MB of bf16 (numpy has none), strided
+    small = torch.arange(10)
+    # A message that carried the tensors would block the sender until the session reads it: this one,
+    # which names two files, is sent at once.
+    sender = threading.Thread(target=channel.send, args=(worker_side, {"result": (big, half, small)}))
+    sender.start()
+    sender.join(10)
+    assert not sender.is_alive(), "the large tensors went through the socket, not through files"
+    assert len(os.listdir(spill_dir)) == 2, "the two large tensors were not written to the spill directory"
+    got = channel.recv(session_side)["result"]
+    assert torch.equal(got[0], big) and got[1].dtype == torch.bfloat16 and torch.equal(got[1], half)
+    assert torch.equal(got[2], small)
+    assert os.listdir(spill_dir) == [], "the session left the files it read"
+    channel.send(worker_side, big)                             # a file the session never reads ...
+    assert len(os.listdir(spill_dir)) == 1
+    listener.close()
+    assert not os.path.exists(spill_dir), "... goes with the listener"
+    worker_side.close()
+    session_side.close()
+
+
+def test_a_tensor_that_cannot_be_spilled_goes_through_the_socket(monkeypatch, tmp_path):
+    torch = pytest.importorskip("torch")
+    listener, worker_side, session_side = _channel_pair()
+    monkeypatch.setenv(channel.SPILL_ENV, str(tmp_path / "gone"))     # no such directory: no room
+    big = torch.randn(3, 1000, 1000)
+    sender = threading.Thread(target=channel.send, args=(worker_side, big))   # more than a socket buffer
+    sender.start()
+    assert torch.equal(channel.receive(session_side, 20), big)
+    sender.join(10)
+    listener.close()
+    worker_side.close()
+    session_side.close()
+
+
+def test_the_session_reads_no_tensor_file_outside_its_own_spill_directories(tmp_path):
+    import io
+    import pickle
+    listener, worker_side, session_side = _channel_pair()
+    listener.env()
+    elsewhere = tmp_path / "secret.tensor"
+    elsewhere.write_bytes(b"\0" * 16)
+
+    class Forger(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("neoxmii-spilled-tensor", str(elsewhere), "float32", (4,)) if obj == "x" else None
+
+    buffer = io.BytesIO()
+    Forger(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump({"result": "x"})
+    worker_side.send_bytes(buffer.getvalue())
+    with pytest.raises(pickle.UnpicklingError, match="outside the session's spill directories"):
+        channel.recv(session_side)
+    assert elsewhere.exists(), "a file outside the spill directory was deleted"
+    listener.close()
+    worker_side.close()
+    session_side.close()
+
+
 def test_ds_launcher_backend_end_to_end_with_a_stand_in_model(tag):
     """The real DeepSpeed launcher, two ranks on gloo, the stand-in model: rank 0 gets the request over the
     channel and both ranks run it (the all-reduce answers 2); tensors come back as data (Connection.send

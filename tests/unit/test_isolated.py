@@ -69,7 +69,9 @@ def test_a_launched_worker_says_when_it_was_ready_not_when_it_was_first_asked(tm
         assert engine._launched_at < engine.ready_at < asked_at
         assert engine.deploy_seconds == pytest.approx(engine.ready_at - engine._launched_at)
         assert engine.deploy_seconds < asked_at - engine._launched_at - 0.9
-        assert f"deployed in {engine.deploy_seconds:.1f} s" in engine.info.notes
+        start = engine.deploy_seconds - engine.load_s            # (the stand-in builds no kernels)
+        assert (f"deployed in {engine.deploy_seconds:.1f} s (start and imports {start:.1f} s, load "
+                f"{engine.load_s:.1f} s)") in engine.info.notes
     finally:
         engine.close()
 
@@ -481,6 +483,7 @@ def test_the_breaking_call_is_worked_ahead_last(neox):
     echo = neox.backend("echo")
     if neox.options.work_ahead == "always":
         assert [args[0] for op, args in echo.ahead if op == "generate"][-1] == neox.case(padded).batch
+        assert f"echo:{neox.dtype}" in neox.extra.ahead_breaks and not neox.extra.broken
 
 def test_after_it_only_what_was_computed_ahead_comes_from_the_broken_deployment(neox):
     padded, others = _plans(neox)
@@ -524,6 +527,41 @@ def test_a_known_defect_that_breaks_the_engine_runs_last_and_the_engine_deploys_
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0 and outcomes["passed"] > 3, \
         result.stdout.str()[-3000:]
     result.stdout.fnmatch_lines(["echo deployed again after known issue [[]echo-padded-breaks[]] ran: *"])
+    assert not processes.live()
+
+
+UNCLAIMED_BREAK_TESTS = """
+def test_declares_the_greedy_outputs_wanted(neox_backend_name, neox_generation_plan):
+    pass
+
+def test_a_breaking_call_worked_ahead_but_never_asked_for_still_retires_the_deployment(neox):
+    echo = neox.backend("echo")
+    replacement = neox.extra.replacements.get(f"echo:{neox.dtype}")
+    cold = neox._waits_for_kernel_build("echo")
+    # waiting for its kernels (cold), its replacement has loaded since the session started; else not yet
+    assert (replacement is not None) == cold
+    neox.settle()                                  # no test asked for the padded batch's result
+    assert echo.teardown_report is not None, "the deployment that ran the breaking call is still up"
+    fresh = neox.backend("echo")
+    assert fresh is not echo and fresh.teardown_report is None and len(neox.redeployed) == 1
+    assert replacement is None or fresh is replacement
+"""
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["kernels-cached", "kernels-building"])
+def test_a_deployment_that_ran_a_breaking_call_ahead_is_never_timed(pytester, preloaded, synthetic_14m,
+                                                                     engines_restored, monkeypatch, cold):
+    from pytest_neoxmii import known_issues
+    from pytest_neoxmii.session import NeoxSession
+    monkeypatch.setattr(known_issues, "KNOWN_ISSUES", known_issues.KNOWN_ISSUES)   # restored afterwards
+    monkeypatch.setattr(NeoxSession, "_waits_for_kernel_build", lambda self, name: cold and name == "echo")
+    pytester.makeconftest(BREAKS_CONFTEST)
+    pytester.makepyfile(test_unclaimed=UNCLAIMED_BREAK_TESTS)
+    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
+    result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32", "--neox-work-ahead=always")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0 and outcomes["passed"] > 1, \
+        result.stdout.str()[-3000:]
     assert not processes.live()
 
 

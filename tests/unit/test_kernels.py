@@ -2,6 +2,7 @@
 and whether this run finds them built, before anything deploys."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import sys
 
@@ -64,3 +65,86 @@ def test_the_default_lasts_one_session(pytester, synthetic_14m, fake_gpus, monke
     result = pytester.runpytest(*synthetic_14m, "--neox-dtype=fp32")
     assert result.ret == 0, result.outlines
     assert "TORCH_EXTENSIONS_DIR" not in os.environ
+
+
+# -- the background build of a cold session -------------------------------------------------------------
+
+class SleepingBuild(kernels.BackgroundBuild):
+    """A 'build' that runs until it is stopped, as a compiler cut short by the session's end would."""
+    command = [sys.executable, "-c", "import time, sys; print('building', sys.argv[1:], flush=True); "
+                                     "time.sleep(120)"]
+
+
+class QuickBuild(kernels.BackgroundBuild):
+    command = [sys.executable, "-c", "import sys; print('built', sys.argv[1:])"]
+
+
+def test_a_build_cut_short_by_the_sessions_end_is_stopped_and_leaves_no_lock(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEOXMII_RUN_DIR", str(tmp_path / "runs"))
+    build = SleepingBuild(["transformer_inference"])
+    lock = _lib(tmp_path, "transformer_inference", "lock")       # torch's baton, held by the build
+    assert build.running
+    build.close(tmp_path)
+    assert build.tree.popen.poll() is not None, "the build outlived the session"
+    assert not lock.exists(), "a lock left behind makes every later build wait for it forever"
+    assert build.describe() == ("kernels: transformer_inference built in the background from the end of "
+                                "collection: stopped when the session ended")
+
+
+def test_a_finished_build_is_said_with_its_time_and_leaves_other_builds_locks(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEOXMII_RUN_DIR", str(tmp_path / "runs"))
+    build = QuickBuild(["transformer_inference"])
+    build.wait()
+    lock = _lib(tmp_path, "transformer_inference", "lock")       # another session's build, going on
+    build.close(tmp_path)
+    assert lock.exists()
+    assert not build.log_path.parent.exists(), "the log of a build that succeeded is kept"
+    assert build.describe().startswith("kernels: transformer_inference built in the background from the end "
+                                       "of collection: done in ")
+
+
+def _session_for_build(monkeypatch, fake_gpus, gpus, found, backends=("hf", "ds")):
+    from pathlib import Path
+    from types import SimpleNamespace
+    from pytest_neoxmii.options import NeoxOptions
+    from pytest_neoxmii.registry import lookup
+    from pytest_neoxmii.session import NeoxSession
+    fake_gpus(*gpus)
+    options = NeoxOptions(model="pythia-160m", revision="main", weights="synthetic", dtype="fp16", tp=1,
+                          backends=backends, baseline_dir=Path("baselines"), update_baselines=False,
+                          max_new_tokens=2, seed=0, top_k=2, parity_multiple=10.0, cases="default",
+                          cache_dir=Path("unused"), zero_nvme=None, latency_threshold=0.1, report_dir=None)
+    session = NeoxSession(options, SimpleNamespace(spec=lookup("pythia-160m"), path=None))
+    device = "cuda" if gpus else "cpu"
+    session.kernels = kernels.KernelCache(Path("unused"), False, device, found)
+    started = []
+    monkeypatch.setattr(kernels, "BackgroundBuild", lambda ops: started.append(ops) or SimpleNamespace(ops=ops))
+    return session, started
+
+
+@pytest.mark.parametrize("gpus, found, backends, uses_neox, builds", [
+    (("h100",), {"transformer_inference": None}, ("hf", "ds"), True, True),
+    (("h100",), {"transformer_inference": "/cache/x.so"}, ("hf", "ds"), True, False),    # built already
+    (("h100",), {"transformer_inference": None}, ("hf", "zero"), True, False),   # nothing injects kernels
+    (("h100",), {"transformer_inference": None}, ("hf", "ds"), False, False),    # no selected test deploys
+    ((), {}, ("hf", "ds"), True, False),                                         # the CPU builds no op
+], ids=["cold", "cached", "no-injecting-engine", "no-test-uses-the-session", "cpu"])
+def test_a_cold_gpu_session_starts_the_kernel_build_at_collection(monkeypatch, fake_gpus, gpus, found, backends,
+                                                                   uses_neox, builds):
+    from types import SimpleNamespace
+    session, started = _session_for_build(monkeypatch, fake_gpus, gpus, found, backends)
+    item = SimpleNamespace(fixturenames=["neox", "request"] if uses_neox else ["tmp_path"])
+    session.start_kernel_build([item])
+    session.start_kernel_build([item])                 # (once per session)
+    assert started == ([["transformer_inference"]] if builds else [])
+
+
+@pytest.mark.parametrize("found, expected", [
+    ({"transformer_inference": None}, {"zero": 1, "ds": 2, "mii": 3}),           # cold: the compiler comes first
+    ({"transformer_inference": "/cache/x.so"}, {"ds": 1, "mii": 2, "zero": 3}),  # warm: streaming is slowest
+], ids=["cold", "warm"])
+def test_working_ahead_the_engines_expected_ready_first_come_first(monkeypatch, fake_gpus, found, expected):
+    session, _ = _session_for_build(monkeypatch, fake_gpus, ("h100",), found, ("hf", "ds", "mii", "zero"))
+    assert session.expected_ready_order() == expected
+    session.options = dataclasses.replace(session.options, work_ahead="never")
+    assert session.expected_ready_order() == {}                  # nothing works ahead: the order stays

@@ -1088,3 +1088,17 @@ def test_huge_finite_scores_are_finite_and_one_inf_is_found():
     one_inf[1, 2, 3] = float("-inf")
     where = find_nonfinite(Scores(one_inf, mask))
     assert where is not None and "1 Inf" in where and "row 1" in where, where
+
+
+def test_the_largest_logprob_difference_is_exact_though_taken_in_float32_first():
+    # One side deep in the tail, the other near 0: float32 subtraction rounds such differences (only values
+    # within a factor 2 of each other subtract exactly). The metric must be the float64 difference of the
+    # values given, not its float32 rounding.
+    from pytest_neoxmii.parity import _max_abs_diff
+    g = torch.Generator().manual_seed(3)
+    lr = (-1000 - torch.rand(64, 1000, generator=g, dtype=torch.float64) * 3000).float()
+    lc = (-torch.rand(64, 1000, generator=g, dtype=torch.float64) * 1e-3).float()
+    exact = float((lr.double() - lc.double()).abs().max())
+    assert float((lr - lc).abs().max()) != exact, "the data no longer exercises float32 rounding"
+    assert _max_abs_diff(lr, lc) == exact
+    assert _max_abs_diff(lr.double(), lc.double()) == exact

@@ -211,3 +211,23 @@ def test_tests_that_need_the_machine_alone_run_after_the_others(pytester, fake_g
     assert [ln.split("::", 1)[1].split()[0] for ln in result.outlines if " PASSED" in ln] == \
         ["test_parity", "test_reference", "test_timed", "TestMemory::test_teardown", "test_timed_again",
          "test_closes_a_deployment"]
+
+
+def test_working_ahead_the_tests_of_engines_ready_first_run_first():
+    from types import SimpleNamespace
+    from pytest_neoxmii.plugin import run_order
+
+    def item(name, engine=None, marker=None):
+        params = {"neox_backend_name": engine} if engine else {}
+        return SimpleNamespace(name=name, callspec=SimpleNamespace(params=params),
+                               get_closest_marker=lambda m: m if m == marker else None)
+
+    items = [item("latency-ds", "ds", "neox_alone"), item("kernels-ds", "ds"), item("parity-zero", "zero"),
+             item("golden-hf", "hf"), item("parity-ds", "ds"), item("looks-back"), item("teardown", "ds", "neox_last"),
+             item("parity-mii", "mii")]
+    names = [i.name for i in run_order(items, {"zero": 1, "ds": 2, "mii": 3})]
+    assert names == ["golden-hf", "parity-zero", "kernels-ds", "parity-ds", "looks-back", "parity-mii",
+                     "latency-ds", "teardown"]
+    # nothing works ahead: only the timed and closing tests move
+    assert [i.name for i in run_order(items, {})] == ["kernels-ds", "parity-zero", "golden-hf", "parity-ds",
+                                                      "looks-back", "parity-mii", "latency-ds", "teardown"]
