@@ -96,14 +96,17 @@ class ExtraWorkers:
             self.retire_broken(key)
 
     # -- helpers sharing the calls ahead ------------------------------------------------------------------
-    def launch_helper(self, key: str, share: list[Call]) -> None:
-        """Another worker of the deployment `key`, computing `share` of its calls ahead. One that cannot start
-        leaves its share to the engine's own deployment, which computes each call when a test asks."""
+    def launch_helper(self, key: str, share: list[Call] | None) -> Backend | None:
+        """Another worker of the deployment `key`, computing `share` of its calls ahead (None: given later,
+        IsolatedEngine.give_ahead); None when it cannot start: the engine's own deployment then computes
+        those calls, each when a test asks."""
         name, dtype = key.split(":", 1)
         try:
-            self.helpers.setdefault(key, []).append(self.session._load(name, dtype, wait=False, ahead=share))
+            helper = self.session._load(name, dtype, wait=False, ahead=share)
         except (BackendUnavailable, DeploymentError, InjectionFailed):
-            pass
+            return None
+        self.helpers.setdefault(key, []).append(helper)
+        return helper
 
     def sharer_of(self, key: str, backend: Backend, call: Call) -> Backend:
         """The helper of `key` that was given `call` ahead (waited for until it is ready), else `backend`."""

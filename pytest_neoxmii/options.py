@@ -156,7 +156,7 @@ class NeoxOptions:
     report_dir: Path | None
     prompts: Path | None = None
     reference_first: str = "auto"            # reference_first.MODES
-    work_ahead: str = "auto"                 # auto (on a GPU), always, never: NeoxSession._ahead_shares
+    work_ahead: str = "auto"                 # auto (on a GPU), always, never: NeoxSession._ahead_calls
     ds_config: Path | None = None
     mii_config: Path | None = None
     latency_time_box: float | None = None   # None: the device's profile decides (latency.profile_for)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,9 @@ def run_order(items: list, ready: dict[str, int]) -> list:
     keys, latest = [], 0
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        engine = params.get("neox_backend_name") or params.get("neox_each_backend")
+        # the engine fixtures' parameter, else any parameter naming an engine (the suite's `name`)
+        engine = params.get("neox_backend_name") or params.get("neox_each_backend") or next(
+            (v for v in params.values() if isinstance(v, str) and (v in ready or engines.is_reference(v))), None)
         if not ready or (engine is not None and engines.is_reference(engine)):
             place = 0
         elif engine in ready:
@@ -214,6 +217,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    """Each test's time outside the session's timed phases, for the report's overhead line (overhead.py)."""
+    neox = item.config.stash.get(SESSION_KEY, None)
+    if neox is None:
+        return (yield)
+    began, accounted = time.perf_counter(), sum(neox.timings.values())
+    try:
+        return (yield)
+    finally:
+        neox.overhead.test_ran(item.nodeid, began, time.perf_counter(), sum(neox.timings.values()) - accounted)
 
 
 @pytest.hookimpl(wrapper=True)

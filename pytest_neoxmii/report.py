@@ -129,6 +129,7 @@ def build_summary(session) -> dict:
                     for r in session.records],
         "timings_s": {**timings, "other (plugin and pytest)": max(wall - sum(timings.values()), 0.0),
                       "session": wall},
+        "other_s": session.overhead.as_dict() if getattr(session, "overhead", None) else None,
         "prelaunched": list(session.prelaunched),
         "reference_computed_while_workers_loaded": session.reference_ahead,
         "redeployed": list(session.redeployed),
@@ -197,6 +198,8 @@ def terminal_summary(terminalreporter, session) -> None:
     accounted = sum(t.values())
     tr.write_line("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
                   + f", other (plugin and pytest) {max(wall - accounted, 0):.1f} s, session {wall:.1f} s")
+    if getattr(session, "overhead", None) is not None:
+        tr.write_line(session.overhead.describe())
     if session.prelaunched:
         tr.write_line(f"workers launched when the session started, loading side by side: "
                       f"{', '.join(session.prelaunched)} (model load above is the time tests waited for them)"

@@ -17,6 +17,7 @@ from pytest_neoxmii.errors import BackendUnavailable, NeoxUsageError
 from pytest_neoxmii.extra_workers import ExtraWorkers
 from pytest_neoxmii.injection import InjectionFailed
 from pytest_neoxmii.options import NeoxOptions
+from pytest_neoxmii.overhead import OverheadLog
 from pytest_neoxmii.outputs import Generation, Scores
 from pytest_neoxmii.registry import WORKER_RUNTIME_BYTES
 from pytest_neoxmii.weights import ResolvedModel
@@ -76,6 +77,7 @@ class NeoxSession:
         self.reference_released_for_memory: str | None = None
         self._phases: list[str] = []                # the timed() blocks open now, innermost last
         self.started = time.perf_counter()
+        self.overhead = OverheadLog(self.started)   # where "other" goes (plugin.pytest_runtest_protocol)
 
     # -- what is tested -------------------------------------------------------------------------------
     @property
@@ -334,31 +336,40 @@ class NeoxSession:
         # only adds contention (2-core EPYC: model calls 101.9 s alone, 261.5 s ahead).
         return mode == "always" or (mode == "auto" and self.device != "cpu")
 
-    def _ahead_shares(self, name: str, dtype: str, beside: list[str]) \
-            -> tuple[list[list[tuple[str, tuple]]], known_issues.KnownIssue | None]:
-        """The wanted calls of `name` exactly as generation() and scores() will make them (the worker matches
-        them by op and arguments; scores only from an engine that can score a given text), one list per
-        worker: the engine's own deployment first, then the helpers it may have beside the engines `beside`
-        (ahead_share.py). A call a known defect breaks the engine with runs last, on its own deployment;
-        that defect's known issue is returned with the shares (None when no call breaks the engine)."""
+    def _ahead_calls(self, name: str) -> tuple[list[tuple[str, CasePlan]], list[tuple[str, CasePlan]],
+                                                known_issues.KnownIssue | None]:
+        """The wanted calls of `name` by plan (no case is built: no tokenizer needed): those it can answer
+        (scores only from an engine that can score a given text), then those a known defect breaks the
+        engine with, which run after every other (see settle), and that defect's known issue."""
         if not self._works_ahead():
-            return [[]], None
+            return [], [], None
         cls = engines.engine(name).backend_for(self._tp_of(name))
         injected = self.workspace_bytes(name) > 0       # its kernels will be injected here
         calls, breaking, issue = [], [], None
         for op, plan in self.wanted.get(name, ()):
-            try:
-                case = self.case(plan)
-            except pytest.fail.Exception:      # a case that cannot be built: its own test says why
-                continue
             if op == "generate" or cls.can_score:
-                # a known defect that breaks the engine runs after every other call (see settle)
                 breaks = known_issues.breaks_engine(op, name, plan, injected)
-                (breaking if breaks is not None else calls).append((op, self._call_args(op, case)))
+                (breaking if breaks is not None else calls).append((op, plan))
                 issue = issue or breaks
-        shares = ahead_share.split_calls(calls, self._ahead_workers(name, dtype, len(calls), beside))
-        shares[0] += breaking
-        return shares, issue
+        return calls, breaking, issue
+
+    def _ahead_shares(self, name: str, workers: int) -> list[list[tuple[str, tuple]]]:
+        """The wanted calls of `name` exactly as generation() and scores() will make them (the worker matches
+        them by op and arguments), dealt to `workers` workers (ahead_share.py): the engine's own deployment
+        first, with the breaking calls last."""
+        calls, breaking, _ = self._ahead_calls(name)
+
+        def made(planned):
+            out = []
+            for op, plan in planned:
+                try:
+                    out.append((op, self._call_args(op, self.case(plan))))
+                except pytest.fail.Exception:      # a case that cannot be built: its own test says why
+                    continue
+            return out
+        shares = ahead_share.split_calls(made(calls), workers)
+        shares[0] += made(breaking)
+        return shares
 
     def _ahead_workers(self, name: str, dtype: str, calls: int, beside: list[str]) -> int:
         """Workers for `name`'s calls ahead: what its engine asks for (Backend.ahead_workers), no more than
@@ -385,6 +396,9 @@ class NeoxSession:
                  and engines.engine(n).backend_for(self._tp_of(n)).isolated]
         if not names or not self._fit_at_once(names, dtype):
             return
+        # The workers start first, their calls ahead given once the cases are built (the tokenizer imports
+        # transformers: 2.6 s on a 2-core CPU), which then happens while they start and import.
+        launched: dict[str, list] = {}                      # key -> its deployment and its helpers
         breaking: dict[str, known_issues.KnownIssue] = {}   # deployments that will run a breaking call ahead
         for name in names:
             key = f"{name}:{dtype}"
@@ -392,20 +406,32 @@ class NeoxSession:
                 continue
             if self._cannot_deploy(name, dtype) is not None:
                 continue            # backend() says why, at the first test that needs it
+            calls, breaks, issue = self._ahead_calls(name)
+            later = bool(calls or breaks)
             try:
-                (own, *shares), breaks = self._ahead_shares(name, dtype, names)
-                self.pending[key] = self._load(name, dtype, wait=False, ahead=own)
+                self.pending[key] = self._load(name, dtype, wait=False, ahead=None if later else ())
                 self.prelaunched.append(name)
-                for share in shares:
-                    self.extra.launch_helper(key, share)
-                if breaks is not None:
-                    breaking[key] = breaks
+                if later:
+                    launched[key] = [self.pending[key]]
+                    for _ in range(self._ahead_workers(name, dtype, len(calls), names) - 1):
+                        helper = self.extra.launch_helper(key, None)
+                        if helper is not None:
+                            launched[key].append(helper)
+                if issue is not None:
+                    breaking[key] = issue
             except BackendUnavailable:
                 continue            # refused before a process started: backend() skips with the reason
             except DeploymentError as exc:      # kept, as backend() keeps it: not retried by every test
                 self._record_crash(key, f"{name} ({dtype}) failed to deploy: {exc}")
             except InjectionFailed as exc:
                 self.injection_failures[key] = exc
+        for key, workers in launched.items():
+            shares = [[] for _ in workers]
+            try:
+                shares = self._ahead_shares(key.split(":", 1)[0], len(workers))
+            finally:                # every worker waits for its list: an empty one where the cases failed
+                for worker, share in zip(workers, shares):
+                    worker.give_ahead(share)
         for key, issue in breaking.items():
             # Where the engine still waits for its kernel build, the breaking call would run after it: its
             # replacement then loads now, beside the others (after the helpers, so that its fit counts

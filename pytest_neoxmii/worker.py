@@ -162,6 +162,22 @@ def call_key(op: str, args) -> str:
     return repr((op, tuple(args)))
 
 
+AHEAD_WAIT_S = 300.0
+
+
+def read_ahead(path: Path, timeout: float = AHEAD_WAIT_S) -> list:
+    """The calls to work ahead. The session may write them only after launching this worker (it launches
+    the workers first, then builds the cases, which imports transformers' tokenizer: seconds): wait for the
+    file, which appears whole. A session that never writes it (it stopped) leaves none after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            print(f"worker {os.getpid()}: no calls to work ahead arrived in {timeout:.0f} s ({path})", flush=True)
+            return []
+        time.sleep(0.05)
+    return pickle.loads(path.read_bytes())
+
+
 def build_kernels(cls, request) -> float | None:
     """DeepSpeed's inference op, JIT-built or loaded from TORCH_EXTENSIONS_DIR (set by the session, see
     kernels.py), before the load: seconds it took, None where the engine injects no kernels here."""
@@ -226,7 +242,7 @@ def main(argv=None) -> int:
     served = Served(backend)
     try:
         if args.ahead is not None:
-            served.start_ahead(pickle.loads(args.ahead.read_bytes()))
+            served.start_ahead(read_ahead(args.ahead))
         return serve(conn, served, rank=0, world=1, broadcast=lambda r: r, ops=OPS)
     finally:
         served.wait_idle()                        # never close the engine under the thread working ahead

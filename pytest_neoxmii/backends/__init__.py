@@ -90,15 +90,15 @@ def display_order(names_seen) -> list[str]:
 
 
 def load_backend(name: str, request: LoadRequest, *, wait: bool = True,
-                 ahead: list[tuple[str, tuple]] = ()) -> Backend:
+                 ahead: list[tuple[str, tuple]] | None = ()) -> Backend:
     """Load the engine `name` for `request`, at its tensor-parallel degree (its tp >= 2 class where it has
     one).
 
     request.engine_config: the user's serving config of ds (init_inference's config) or mii (mii_config),
     merged over the backend's defaults (serving_config.merged) and deployed as it is. wait=False: an isolated
     engine's worker is only launched (it loads meanwhile); its wait_ready() finishes the deployment. ahead:
-    calls an isolated engine's worker runs right after its load (worker.py, "working ahead"); ignored by the
-    others."""
+    calls an isolated engine's worker runs right after its load (worker.py, "working ahead"), None to give
+    them later (IsolatedEngine.give_ahead); ignored by the others."""
     cls = engine(name).backend_for(request.tp)
     if cls.isolated:
         return IsolatedEngine(name, cls, request, wait=wait, ahead=ahead)

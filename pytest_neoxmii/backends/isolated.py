@@ -10,6 +10,7 @@ kernel abort ends a worker, not the session."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import pickle
 import sys
 
@@ -18,6 +19,7 @@ from pytest_neoxmii.backends.worker_deployment import ChannelDeployment
 from pytest_neoxmii.deploy import processes
 from pytest_neoxmii.errors import BackendUnavailable
 
+AHEAD_FILE = "ahead.pickle"      # the calls a worker works ahead (worker.py --ahead)
 WORKER = "pytest_neoxmii.worker"
 
 
@@ -38,7 +40,7 @@ class IsolatedEngine(ChannelDeployment):
 
     def __init__(self, name: str, engine_cls, request: LoadRequest, *, ready_timeout: float | None = None,
                  request_timeout: float | None = None, memory_probe="default", wait: bool = True,
-                 ahead: list[tuple[str, tuple]] = ()):
+                 ahead: list[tuple[str, tuple]] | None = ()):
         engine_cls.check_can_run(request)            # refusals known here cost no process
         for package in engine_cls.requires:
             if importlib.util.find_spec(package) is None:
@@ -50,8 +52,10 @@ class IsolatedEngine(ChannelDeployment):
         self.take_traits(engine_cls)
         self.kernel_build_s: float | None = None
         # Calls the worker runs right after its load (pytest_neoxmii/worker.py, "working ahead"); until
-        # ahead_done has answered, the worker may still be computing them.
-        self.ahead = list(ahead)
+        # ahead_done has answered, the worker may still be computing them. None: they are given later
+        # (give_ahead), while the worker starts; it waits for them once loaded.
+        self.ahead_later = ahead is None
+        self.ahead = [] if ahead is None else list(ahead)
         self.ahead_report: dict | None = None         # the worker's account (worker.py, ahead_done)
         super().__init__(tag_prefix=f"{name}-worker", dtype=request.dtype, tp=request.tp, gpus=_gpus(request),
                          ready_timeout=ready_timeout, request_timeout=request_timeout,
@@ -63,10 +67,10 @@ class IsolatedEngine(ChannelDeployment):
         cls = self.engine_cls
         cmd = [sys.executable, "-u", "-m", WORKER, "--address", self._listener.address,
                "--engine", f"{cls.__module__}:{cls.__qualname__}", "--request", str(request_file)]
-        if self.ahead:
-            ahead_file = self.run_dir / "ahead.pickle"
-            ahead_file.write_bytes(pickle.dumps(self.ahead, protocol=pickle.HIGHEST_PROTOCOL))
-            cmd += ["--ahead", str(ahead_file)]
+        if self.ahead or self.ahead_later:
+            if not self.ahead_later:
+                self._write_ahead(self.ahead)
+            cmd += ["--ahead", str(self.run_dir / AHEAD_FILE)]
         tree = processes.start(cmd, name=f"{self.name} worker", log_path=self.run_dir / "worker.log",
                                tag=self.tag, env_extra=self._listener.env())
         self._trees.append(tree)
@@ -115,6 +119,20 @@ class IsolatedEngine(ChannelDeployment):
         return f"{self.name} tp={self.tp} (worker process)"
 
     # -- working ahead --------------------------------------------------------------------------------
+    def give_ahead(self, calls: list[tuple[str, tuple]]) -> None:
+        """The calls to work ahead of a worker launched with ahead=None (once; an empty list: none). The
+        worker reads them once loaded; the file appears whole (renamed into place) or not at all."""
+        if not self.ahead_later:
+            raise RuntimeError(f"{self._what}: its calls ahead were given at launch")
+        self.ahead_later = False
+        self.ahead = list(calls)
+        self._write_ahead(self.ahead)
+
+    def _write_ahead(self, calls) -> None:
+        tmp = self.run_dir / (AHEAD_FILE + ".tmp")
+        tmp.write_bytes(pickle.dumps(calls, protocol=pickle.HIGHEST_PROTOCOL))
+        os.replace(tmp, self.run_dir / AHEAD_FILE)
+
     def wait_ahead(self, again: bool = False) -> dict | None:
         """Wait until the worker has run every call given as `ahead` (None when there were none): after
         this, the engine computes nothing until asked. The worker's account (calls, computed, seconds,

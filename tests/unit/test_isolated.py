@@ -4,7 +4,10 @@ injection failure, deployment error), its death mid-request a crash naming the s
 log, its latency timed inside the worker, and nothing left behind. Stand-in engines: engines_for_workers.py."""
 from __future__ import annotations
 
+import dataclasses
+
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -725,9 +728,35 @@ def test_a_slow_engines_calls_ahead_are_shared_among_two_workers_where_memory_al
     assert not processes.live()
 
 
-def test_zero_inference_shares_its_calls_except_on_nvme(tmp_path):
-    from pytest_neoxmii.backends.zero_inference import ZeroInferenceBackend
-    assert ZeroInferenceBackend.ahead_workers(LoadRequest(path=tmp_path, dtype="fp16", device="cuda:0")) == 2
-    assert ZeroInferenceBackend.ahead_workers(LoadRequest(path=tmp_path, dtype="fp16", device="cuda:0",
-                                                          zero_nvme=tmp_path)) == 1
+def test_zero_inference_shares_its_calls_except_on_nvme(tmp_path, monkeypatch):
+    from pytest_neoxmii.backends.zero_inference import AHEAD_WORKERS_ENV, ZeroInferenceBackend
+    request = LoadRequest(path=tmp_path, dtype="fp16", device="cuda:0")
+    monkeypatch.delenv(AHEAD_WORKERS_ENV, raising=False)
+    assert ZeroInferenceBackend.ahead_workers(request) == 3
+    assert ZeroInferenceBackend.ahead_workers(dataclasses.replace(request, zero_nvme=tmp_path)) == 1
+    monkeypatch.setenv(AHEAD_WORKERS_ENV, "5")
+    assert ZeroInferenceBackend.ahead_workers(request) == 5
+    monkeypatch.setenv(AHEAD_WORKERS_ENV, "many")
+    with pytest.warns(UserWarning, match="NEOXMII_ZERO_AHEAD_WORKERS='many' is not a non-negative number: using 3"):
+        assert ZeroInferenceBackend.ahead_workers(request) == 3
     assert stand_ins.EchoEngine.ahead_workers(request_for(tmp_path)) == 1
+
+
+def test_a_worker_waits_for_calls_given_after_its_launch(tmp_path):
+    """The session launches the workers first and writes their calls ahead once the cases are built: the
+    worker waits for the file (written whole, renamed into place), and works ahead nothing if it never comes."""
+    import pickle
+    from pytest_neoxmii.worker import read_ahead
+    path = tmp_path / "ahead.pickle"
+    calls = [("score", ("batch",))]
+
+    def later():
+        time.sleep(0.3)
+        tmp = tmp_path / "ahead.pickle.tmp"
+        tmp.write_bytes(pickle.dumps(calls))
+        os.replace(tmp, path)
+    writer = threading.Thread(target=later)
+    writer.start()
+    assert read_ahead(path, timeout=30) == calls
+    writer.join()
+    assert read_ahead(tmp_path / "never.pickle", timeout=0.2) == []

@@ -37,7 +37,8 @@ LAYERS = (
     # worker: the process an isolated engine runs in (it times the engine with latency.py's timing)
     ("workers", ("worker",)),
     # precision: the session's dtype, bounded by the engines' traits (which run on DeepSpeed's accelerator)
-    ("session", ("precision", "session", "options", "reference_first", "ahead_share", "extra_workers")),
+    ("session", ("precision", "session", "options", "reference_first", "ahead_share", "extra_workers",
+                 "overhead")),
     ("checks", ("checks", "assertions")),
     ("report", ("report_tables", "report", "markdown_summary", "plot")),
     ("hooks", ("plugin", "fixtures", "")),          # "": the package itself (its lazy assert_matches_reference)

@@ -217,12 +217,12 @@ def test_working_ahead_the_tests_of_engines_ready_first_run_first():
     from types import SimpleNamespace
     from pytest_neoxmii.plugin import run_order
 
-    def item(name, engine=None, marker=None):
-        params = {"neox_backend_name": engine} if engine else {}
+    def item(name, engine=None, marker=None, param="neox_backend_name"):
+        params = {param: engine} if engine else {}
         return SimpleNamespace(name=name, callspec=SimpleNamespace(params=params),
                                get_closest_marker=lambda m: m if m == marker else None)
 
-    items = [item("latency-ds", "ds", "neox_alone"), item("kernels-ds", "ds"), item("parity-zero", "zero"),
+    items = [item("latency-ds", "ds", "neox_alone"), item("kernels-ds", "ds", param="name"), item("parity-zero", "zero"),
              item("golden-hf", "hf"), item("parity-ds", "ds"), item("looks-back"), item("teardown", "ds", "neox_last"),
              item("parity-mii", "mii")]
     names = [i.name for i in run_order(items, {"zero": 1, "ds": 2, "mii": 3})]

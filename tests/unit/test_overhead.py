@@ -1,0 +1,21 @@
+"""Where the session's "other" time goes (overhead.py): before the first test, in tests, after the last."""
+from pytest_neoxmii.overhead import OverheadLog
+
+
+def test_other_time_is_split_before_in_and_after_the_tests():
+    log = OverheadLog(started=100.0)
+    log.test_ran("suite/test_a.py::test_one", began=103.0, ended=110.0, accounted=6.5)    # 0.5 s other
+    log.test_ran("suite/test_a.py::test_two", began=110.0, ended=112.0, accounted=0.0)    # 2.0 s other
+    log.test_ran("suite/test_b.py::test_three", began=112.0, ended=113.0, accounted=1.2)  # timed > wall: 0
+    d = log.as_dict(now=115.5)
+    assert d["before the first test"] == 3.0 and d["after the last test"] == 2.5
+    assert d["in tests"] == 2.5
+    assert d["largest in tests"][:2] == [["suite/test_a.py::test_two", 2.0], ["suite/test_a.py::test_one", 0.5]]
+    assert log.describe(now=115.5) == ("other, where: 3.0 s before the first test (start-up, collection), 2.5 s in "
+                                       "tests (most: test_two 2.0 s, test_one 0.5 s, test_three 0.0 s), 2.5 s "
+                                       "after the last one")
+
+
+def test_a_session_without_tests_says_nothing_ran_after_them():
+    d = OverheadLog(started=10.0).as_dict(now=12.0)
+    assert d == {"before the first test": 2.0, "in tests": 0.0, "after the last test": 0.0, "largest in tests": []}
