@@ -17,7 +17,7 @@ RUNS=${*:-cold-new warm-base warm-new warm-base warm-new}
 BASE=${BASE:?set BASE to a tree of the other version}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd); BASE=$(cd "$BASE" && pwd); NEW=$PWD
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  source scripts/device-install.sh || exit 1
 fi
 export TORCH_CUDA_ARCH_LIST=${NEOX_CUDA_ARCH:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

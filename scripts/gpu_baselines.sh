@@ -17,7 +17,7 @@ BASELINES=${BASELINES:-$OUT/baselines}
 BACKENDS=${BACKENDS:-ds,mii}
 plugin=()
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  source scripts/device-install.sh || exit 1
   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
   plugin=(-p pytest_neoxmii.plugin)     # the checkout is on PYTHONPATH, not installed: no entry point
 fi

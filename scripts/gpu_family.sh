@@ -6,7 +6,7 @@
 # Everything lands under $OUT/family/ as it is written (logs, JSON summaries, weight provenance; a session cut
 # short by its limit or the call's keeps what it wrote) and in $OUT/family.txt (figures).
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+source scripts/device-install.sh || exit 1
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; W=$OUT/family; mkdir -p "$OUT" "$W"

@@ -2,7 +2,7 @@
 # Runs on the lent GPU machine (no registry there): installs the carried wheels, then the acceptance suite.
 # Usage: bash scripts/gpu_validate.sh MODEL [MODEL...]   (logs and reports go to $OUT)
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+source scripts/device-install.sh || exit 1
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

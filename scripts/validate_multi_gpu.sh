@@ -8,7 +8,7 @@
 set -u
 export VALIDATE_START=$(date +%s)
 if [ ! -d /tmp/site/deepspeed ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  source scripts/device-install.sh || exit 1
 fi
 # The image may preset TORCH_CUDA_ARCH_LIST=9.0a, which DeepSpeed 0.19.8's op builder cannot parse: force 9.0.
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH TORCH_CUDA_ARCH_LIST=9.0
