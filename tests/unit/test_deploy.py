@@ -138,8 +138,9 @@ def test_two_concurrent_pickers_do_not_collide(tmp_path, monkeypatch):
     done = tmp_path / "done"
     # Each picker's stderr goes to a file, so that a failure says what each picker did.
     logs = [tmp_path / f"picker{i}.log" for i in range(2)]
+    handles = [log.open("w") for log in logs]
     procs = [subprocess.Popen([sys.executable, "-c", PICKER, str(tmp_path / f"picked{i}"), str(done)],
-                              env={**os.environ}, stderr=logs[i].open("w")) for i in range(2)]
+                              env={**os.environ}, stderr=handles[i]) for i in range(2)]
     started = time.monotonic()
     try:
         deadline = started + 20
@@ -153,6 +154,8 @@ def test_two_concurrent_pickers_do_not_collide(tmp_path, monkeypatch):
         done.touch()
         for p in procs:
             p.wait(timeout=20)
+        for handle in handles:
+            handle.close()
     assert [len(p) for p in picked] == [40, 40] and all(len(set(p)) == 40 for p in picked), picked
     assert not set(picked[0]) & set(picked[1]), (sorted(set(picked[0]) & set(picked[1])), picked)
 
@@ -321,12 +324,8 @@ def test_a_hosted_deployments_processes_count_as_their_hosts(tmp_path):
         assert child not in processes.other_live_pids(host_tag)
     finally:
         processes.unregister_live(host_tag)
-        processes.kill_tagged(host_tag, grace=1)
-        for pid in processes.descendants(tree.pid) | {tree.pid}:
-            try:
-                os.kill(pid, 9)
-            except OSError:
-                pass
+        # the host and its child (a descendant, whatever its tag), waited for; the tag's reaper stopped
+        processes.teardown([tree], name="host", tag=host_tag, term_timeout=2.0, kill_timeout=2.0)
         try:
             os.kill(child, 9)
         except (OSError, NameError, UnboundLocalError):
@@ -358,6 +357,8 @@ def test_reaper_ends_the_deployment_when_the_test_process_is_killed(tmp_path):
         assert processes.tagged(t) == set()
     finally:
         proc.kill()
+        proc.wait()
+        proc.stdout.close()
         processes.kill_tagged(t, grace=1)
 
 
