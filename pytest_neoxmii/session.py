@@ -353,11 +353,10 @@ class NeoxSession:
                 issue = issue or breaks
         return calls, breaking, issue
 
-    def _ahead_shares(self, name: str, workers: int) -> list[list[tuple[str, tuple]]]:
-        """The wanted calls of `name` exactly as generation() and scores() will make them (the worker matches
-        them by op and arguments), dealt to `workers` workers (ahead_share.py): the engine's own deployment
-        first, with the breaking calls last."""
-        calls, breaking, _ = self._ahead_calls(name)
+    def _ahead_shares(self, calls, breaking, workers: int) -> list[list[tuple[str, tuple]]]:
+        """The planned calls (_ahead_calls) exactly as generation() and scores() will make them (the worker
+        matches them by op and arguments), dealt to `workers` workers (ahead_share.py): the engine's own
+        deployment first, with the breaking calls last."""
 
         def made(planned):
             out = []
@@ -398,7 +397,7 @@ class NeoxSession:
             return
         # The workers start first, their calls ahead given once the cases are built (the tokenizer imports
         # transformers: 2.6 s on a 2-core CPU), which then happens while they start and import.
-        launched: dict[str, list] = {}                      # key -> its deployment and its helpers
+        launched: dict[str, tuple] = {}                     # key -> (calls, breaking calls, its workers)
         breaking: dict[str, known_issues.KnownIssue] = {}   # deployments that will run a breaking call ahead
         for name in names:
             key = f"{name}:{dtype}"
@@ -412,11 +411,12 @@ class NeoxSession:
                 self.pending[key] = self._load(name, dtype, wait=False, ahead=None if later else ())
                 self.prelaunched.append(name)
                 if later:
-                    launched[key] = [self.pending[key]]
+                    workers = [self.pending[key]]
+                    launched[key] = (calls, breaks, workers)
                     for _ in range(self._ahead_workers(name, dtype, len(calls), names) - 1):
                         helper = self.extra.launch_helper(key, None)
                         if helper is not None:
-                            launched[key].append(helper)
+                            workers.append(helper)
                 if issue is not None:
                     breaking[key] = issue
             except BackendUnavailable:
@@ -425,10 +425,10 @@ class NeoxSession:
                 self._record_crash(key, f"{name} ({dtype}) failed to deploy: {exc}")
             except InjectionFailed as exc:
                 self.injection_failures[key] = exc
-        for key, workers in launched.items():
+        for calls, breaks, workers in launched.values():
             shares = [[] for _ in workers]
             try:
-                shares = self._ahead_shares(key.split(":", 1)[0], len(workers))
+                shares = self._ahead_shares(calls, breaks, len(workers))
             finally:                # every worker waits for its list: an empty one where the cases failed
                 for worker, share in zip(workers, shares):
                     worker.give_ahead(share)
