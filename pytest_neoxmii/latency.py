@@ -80,6 +80,16 @@ def decode_samples(prefill: Sequence[float], e2e: Sequence[float], new_tokens: i
     return [(e - p) / (new_tokens - 1) for p, e in zip(prefill, e2e)]
 
 
+def estimated_e2e(prefill: Sequence[float], e2e: Sequence[float], measured_tokens: int, tokens: int) -> float:
+    """The median end-to-end time of a generation of `tokens` new tokens, from rounds that generated
+    `measured_tokens` (more): each round's prefill plus tokens - 1 of its decode steps (decode_samples)."""
+    if not 1 <= tokens <= measured_tokens or measured_tokens < 2:
+        raise ValueError(f"estimate {tokens} new tokens from rounds of {measured_tokens}: needs "
+                         "1 <= tokens <= measured tokens, and at least 2 measured")
+    steps = decode_samples(prefill, e2e, measured_tokens)
+    return float(statistics.median(p + (tokens - 1) * s for p, s in zip(prefill, steps)))
+
+
 def _pct(fraction: float | None) -> float | None:
     return None if fraction is None else 100.0 * fraction
 

@@ -1,7 +1,8 @@
 """Where the plugin's and pytest's own time goes (the session's "other": wall time outside every timed
 phase): before the first test (start-up, configure, collection), inside the tests (the part of each test's
 run that is no model load, model call, judging or timing), and after the last test until the summary is
-built. The report lists the largest, so that an overhead can be found without a profiler."""
+built. The report lists the largest, so that an overhead can be found without a profiler. The JSON summary
+also keeps each test's start and end (the session's time line), which shows what a session waited on."""
 from __future__ import annotations
 
 import time
@@ -15,6 +16,7 @@ class OverheadLog:
         self.first_test_at: float | None = None
         self.last_test_end: float | None = None
         self.in_tests: list[tuple[str, float]] = []     # (nodeid, seconds outside any timed phase)
+        self.spans: list[tuple[str, float, float, float]] = []   # (nodeid, began, ended, seconds in timed phases)
 
     def test_ran(self, nodeid: str, began: float, ended: float, accounted: float) -> None:
         """One test's run (setup, call, teardown) from `began` to `ended`, `accounted` seconds of it in the
@@ -23,6 +25,13 @@ class OverheadLog:
             self.first_test_at = began
         self.last_test_end = ended
         self.in_tests.append((nodeid, max(ended - began - accounted, 0.0)))
+        self.spans.append((nodeid, began, ended, accounted))
+
+    def timeline(self) -> list[list]:
+        """[nodeid, start, end, seconds in timed phases] of each test in the order run, from the session's
+        start."""
+        return [[nodeid, round(began - self.started, 3), round(ended - self.started, 3), round(accounted, 3)]
+                for nodeid, began, ended, accounted in self.spans]
 
     def as_dict(self, now: float | None = None) -> dict:
         now = time.perf_counter() if now is None else now

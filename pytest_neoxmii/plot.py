@@ -64,12 +64,43 @@ def _rows(summary: dict) -> list[dict]:
     return [r for r in summary.get("latency", []) if r.get("e2e_p50_s") is not None]
 
 
+def _shape(row: dict) -> tuple:
+    return row.get("prompt_tokens"), row.get("new_tokens")
+
+
+def plotted_rows(summary: dict) -> list[dict]:
+    """One row per backend and batch size. A session times most engines on one shape, and an engine that
+    streams its weights on fewer new tokens (latency.STREAMING_NEW_TOKENS); hf may then have a row on that
+    shape too, for the ratio. The session's main shape (its first hf row's, else its most common) is drawn
+    wherever a backend has it: a bar of another shape would stand beside bars it cannot be compared with."""
+    from collections import Counter
+
+    from pytest_neoxmii import backends as engines
+    rows = _rows(summary)
+    if not rows:
+        return []
+    main = next((_shape(r) for r in rows if engines.is_reference(r["backend"])),
+                Counter(_shape(r) for r in rows).most_common(1)[0][0])
+    chosen: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["backend"], r["batch_size"])
+        if key not in chosen or (_shape(chosen[key]) != main and _shape(r) == main):
+            chosen[key] = r
+    return list(chosen.values())
+
+
+def off_shape_note(row: dict, main: tuple) -> str:
+    """What a bar timed on another shape than the plot's says under its label."""
+    return "" if _shape(row) == main else f"\n({row.get('new_tokens')} tok)"
+
+
 def _draw_model(ax_e2e, ax_tpot, summary: dict) -> None:
     import numpy as np
 
     from pytest_neoxmii import backends as engines
 
-    rows = _rows(summary)
+    rows = plotted_rows(summary)
+    main = _shape(next((r for r in rows if engines.is_reference(r["backend"])), rows[0]))
     batches = sorted({r["batch_size"] for r in rows})
     backends = engines.display_order(r["backend"] for r in rows)
     width = 0.8 / max(len(backends), 1)
@@ -97,6 +128,7 @@ def _draw_model(ax_e2e, ax_tpot, summary: dict) -> None:
                 if metric == "e2e":
                     ratio = r.get("ratio_to_hf")
                     text = "HF" if engines.is_reference(b) else ("" if ratio is None else f"x{ratio:.2f}")
+                    text += off_shape_note(r, main)
                 else:
                     pct = r.get("floor_pct")
                     text = "" if pct is None else f"floor\n{pct:.0f}%" if pct >= 10 else f"floor\n{pct:.2g}%"
@@ -125,10 +157,11 @@ def _draw_model(ax_e2e, ax_tpot, summary: dict) -> None:
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         ax.tick_params(labelsize=8)
-    r0 = rows[0]
-    rounds = r0.get("rounds")
-    ax_e2e.set_title(f"{r0['prompt_tokens']}-token prompt, {r0['new_tokens']} new tokens (greedy), "
-                     f"{rounds} rounds; label: ratio to HF", fontsize=8)
+    rounds = sorted({r.get("rounds") for r in rows if r.get("rounds")})
+    spread = "" if not rounds else f"{rounds[0]} rounds" if len(rounds) == 1 else f"{rounds[0]}-{rounds[-1]} rounds"
+    others = any(_shape(r) != main for r in rows)
+    ax_e2e.set_title(f"{main[0]}-token prompt, {main[1]} new tokens (greedy){' unless said' if others else ''}"
+                     f"{', ' + spread if spread else ''}; label: ratio to HF on the same shape", fontsize=8)
     ax_tpot.set_title("(end-to-end - TTFT) / (new tokens - 1); label: floor as % of it", fontsize=8)
 
 
@@ -206,6 +239,7 @@ class SweepPoint:
     e2e_p50_ms: float
     ratio_to_hf: float | None
     parity: str                  # parity_verdict of this backend in this model's report ("reference" for hf)
+    shape_note: str = ""         # off_shape_note: timed on fewer new tokens than the report's other engines
 
 
 def sweep_points(summaries: list[dict]) -> list[SweepPoint]:
@@ -219,11 +253,14 @@ def sweep_points(summaries: list[dict]) -> list[SweepPoint]:
             latest[name] = s
     points = []
     for s in sorted(latest.values(), key=lambda s: s["model"].get("parameters") or 0):
-        for r in _rows(s):
+        rows = plotted_rows(s)
+        main = _shape(next((r for r in rows if engines.is_reference(r["backend"])), rows[0])) if rows else None
+        for r in rows:
             b = r["backend"]
             points.append(SweepPoint(s["model"]["name"], int(s["model"].get("parameters") or 0), b,
                                      r["batch_size"], r["e2e_p50_s"] * 1e3, r.get("ratio_to_hf"),
-                                     "reference" if engines.is_reference(b) else parity_verdict(s, b)))
+                                     "reference" if engines.is_reference(b) else parity_verdict(s, b),
+                                     off_shape_note(r, main).strip().replace("\n", " ")))
     return points
 
 
@@ -271,7 +308,8 @@ def plot_sweep(summaries: list[dict], path: Path) -> Path:
                 ax.plot([p.parameters], [p.e2e_p50_ms], marker=marker, markersize=9 if marker == "X" else 7,
                         markerfacecolor=face, markeredgecolor=edge, linestyle="none")
                 if not engines.is_reference(b):
-                    label = ("" if p.ratio_to_hf is None else f"x{p.ratio_to_hf:.2f} ") + p.parity
+                    label = (("" if p.ratio_to_hf is None else f"x{p.ratio_to_hf:.2f} ") + p.parity
+                             + (f" {p.shape_note}" if p.shape_note else ""))
                     ax.annotate(label, (p.parameters, p.e2e_p50_ms), xytext=(5, -3 if b == first_judged else 6),
                                 textcoords="offset points", fontsize=7, color=color)
         ax.set_xscale("log")

@@ -130,6 +130,7 @@ def build_summary(session) -> dict:
         "timings_s": {**timings, "other (plugin and pytest)": max(wall - sum(timings.values()), 0.0),
                       "session": wall},
         "other_s": session.overhead.as_dict() if getattr(session, "overhead", None) else None,
+        "timeline_s": session.overhead.timeline() if getattr(session, "overhead", None) else [],
         "prelaunched": list(session.prelaunched),
         "reference_computed_while_workers_loaded": session.reference_ahead,
         "redeployed": list(session.redeployed),

@@ -443,3 +443,60 @@ def test_a_timing_right_after_another_skips_the_clock_warm_up_but_keeps_its_roun
     assert first.warmup >= 10 and third.warmup >= 10         # 0.3 s of 20 ms rounds
     assert second.warmup == 1
     assert any("no minimum time" in n for n in second.notes) and not any("warm-up" in n for n in first.notes)
+
+
+def test_a_shorter_generation_is_estimated_round_by_round_from_a_longer_one():
+    """Rounds of prefill p and 32 new tokens e: 8 tokens take p + 7 decode steps of that round."""
+    prefill = [0.010, 0.012, 0.011, 0.030]
+    e2e = [0.010 + 31 * 0.005, 0.012 + 31 * 0.006, 0.011 + 31 * 0.004, 0.030 + 31 * 0.020]
+    per_round = sorted([0.010 + 7 * 0.005, 0.012 + 7 * 0.006, 0.011 + 7 * 0.004, 0.030 + 7 * 0.020])
+    assert latency.estimated_e2e(prefill, e2e, 32, 8) == pytest.approx((per_round[1] + per_round[2]) / 2)
+    assert latency.estimated_e2e(prefill, e2e, 32, 32) == pytest.approx(statistics.median(e2e))
+    assert latency.estimated_e2e(prefill, e2e, 32, 1) == pytest.approx(statistics.median(prefill))
+    for bad in ((32, 33), (32, 0), (1, 1)):
+        with pytest.raises(ValueError, match="estimate"):
+            latency.estimated_e2e(prefill, e2e, *bad)
+
+
+def _side_by_side_session(hf_result):
+    from contextlib import nullcontext
+    timed = []
+
+    class Engine:
+        runs_in_worker = True
+        info = types.SimpleNamespace(backend="hf", dtype="fp16", device="cuda:0", tensor_parallel=1)
+
+        def generate(self, batch, n):
+            timed.append(n)
+    engine = Engine()
+    neox = types.SimpleNamespace(
+        settle=lambda: None, backend=lambda name: engine, peer=lambda: engine, options=None,
+        tokenizer=types.SimpleNamespace(pad_token_id=0), model=types.SimpleNamespace(spec=None), hardware=None,
+        latency={} if hf_result is None else {("hf", "fp16", hf_result.bench): hf_result}, last_timed_at=None,
+        timed=lambda phase: nullcontext())
+    return neox, timed
+
+
+def _timed_result(backend, new_tokens, e2e, prefill, bs=1):
+    return LatencyResult(backend=backend, dtype="fp16", device="cuda:0", batch_size=bs, prompt_len=64,
+                         new_tokens=new_tokens, rounds=len(e2e), warmup=1, e2e=list(e2e), prefill=list(prefill))
+
+
+def test_a_streaming_engines_ratio_uses_hfs_rounds_on_the_longer_shape_without_timing_hf_again():
+    from pytest_neoxmii.checks import latency as check
+    hf = _timed_result("hf", 32, [0.010 + 31 * 0.005] * 6, [0.010] * 6)
+    zero = _timed_result("zero", 8, [0.500] * 6, [0.060] * 6)
+    neox, timed = _side_by_side_session(hf)
+    e2e, note = check.hf_side_by_side(neox, zero, latency.GPU_PROFILE)
+    assert timed == []                                   # no hf timing on the 8-token shape
+    assert e2e == pytest.approx(0.010 + 7 * 0.005)
+    assert "estimated from its 32-token rounds" in note and "45.00 ms" in note
+    # another batch size has no hf rounds to estimate from: hf is timed on the shape itself
+    zero4 = _timed_result("zero", 8, [0.500] * 6, [0.060] * 6, bs=4)
+    profile = dataclasses.replace(latency.GPU_PROFILE, prompt_len=4, new_tokens=8, rounds=6, min_warmup_s=0.0)
+    with mock.patch.object(check, "text_tokens", lambda tok: list(range(64))):
+        e2e, note = check.hf_side_by_side(neox, zero4, profile)
+    assert note is None and timed and set(timed) == {1, 8}
+    # the same shape: hf's own median, as measured
+    ds = _timed_result("ds", 32, [0.100] * 6, [0.005] * 6)
+    assert check.hf_side_by_side(neox, ds, latency.GPU_PROFILE) == (pytest.approx(hf.e2e_s), None)

@@ -14,6 +14,9 @@ def test_other_time_is_split_before_in_and_after_the_tests():
     assert log.describe(now=115.5) == ("other, where: 3.0 s before the first test (start-up, collection), 2.5 s in "
                                        "tests (most: test_two 2.0 s, test_one 0.5 s, test_three 0.0 s), 2.5 s "
                                        "after the last one")
+    assert log.timeline() == [["suite/test_a.py::test_one", 3.0, 10.0, 6.5],
+                              ["suite/test_a.py::test_two", 10.0, 12.0, 0.0],
+                              ["suite/test_b.py::test_three", 12.0, 13.0, 1.2]]
 
 
 def test_a_session_without_tests_says_nothing_ran_after_them():

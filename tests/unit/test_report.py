@@ -324,3 +324,19 @@ def test_plot_cli_refuses_an_unreadable_report(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         plot_main([str(bad), "-o", str(tmp_path / "x.png")])
     assert exc.value.code == 2 and f"{bad}: not a readable JSON summary" in capsys.readouterr().err
+
+
+def test_the_plot_draws_each_backends_row_on_the_sessions_main_shape():
+    """A streaming engine is timed on 8 new tokens and hf may have a row on that shape too (for the ratio):
+    hf's bar is its 32-token row, not the one measured later on 8 tokens; ZeRO's 8-token bar says so."""
+    from pytest_neoxmii.plot import off_shape_note, plotted_rows, sweep_points
+    row = lambda b, bs, n, ms: {"backend": b, "batch_size": bs, "prompt_tokens": 64, "new_tokens": n,
+                                "e2e_p50_s": ms / 1e3, "rounds": 6}
+    rows = [row("hf", 1, 32, 188.5), row("ds", 1, 32, 117.9), row("zero", 1, 8, 520.1), row("hf", 1, 8, 47.7)]
+    summary = {"latency": rows, "model": {"name": "pythia-160m", "parameters": 162_322_944}}
+    chosen = {(r["backend"], r["batch_size"]): r["e2e_p50_s"] * 1e3 for r in plotted_rows(summary)}
+    assert chosen == {("hf", 1): 188.5, ("ds", 1): 117.9, ("zero", 1): 520.1}
+    assert off_shape_note(rows[2], (64, 32)) == "\n(8 tok)" and off_shape_note(rows[1], (64, 32)) == ""
+    points = {p.backend: p for p in sweep_points([summary])}
+    assert points["hf"].e2e_p50_ms == 188.5 and points["zero"].shape_note == "(8 tok)"
+    assert points["ds"].shape_note == ""
