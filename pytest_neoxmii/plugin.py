@@ -226,6 +226,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem):
     if neox is None:
         return (yield)
     began, accounted = time.perf_counter(), sum(neox.timings.values())
+    neox.extra.replace_once_broken()     # a deployment broken ahead gets its replacement loading meanwhile
     try:
         return (yield)
     finally:

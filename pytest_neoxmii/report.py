@@ -133,6 +133,7 @@ def build_summary(session) -> dict:
         "timeline_s": session.overhead.timeline() if getattr(session, "overhead", None) else [],
         "prelaunched": list(session.prelaunched),
         "reference_computed_while_workers_loaded": session.reference_ahead,
+        "reference_computed_s": round(getattr(session, "reference_ahead_s", 0.0), 3),
         "redeployed": list(session.redeployed),
         "worked_ahead": dict(session.ahead_reports),
         "plot": plot_file(m.spec.name) if rows else None,
@@ -205,6 +206,7 @@ def terminal_summary(terminalreporter, session) -> None:
         tr.write_line(f"workers launched when the session started, loading side by side: "
                       f"{', '.join(session.prelaunched)} (model load above is the time tests waited for them)"
                       + (f"; meanwhile the reference's outputs of {session.reference_ahead} cases were computed"
+                         f" ({getattr(session, 'reference_ahead_s', 0.0):.1f} s, its load included)"
                          if session.reference_ahead else ""))
     if getattr(session, "kernel_build", None) is not None:
         tr.write_line(session.kernel_build.describe())

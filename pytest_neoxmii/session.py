@@ -62,6 +62,7 @@ class NeoxSession:
         self.pending: dict[str, Backend] = {}       # workers launched up front, loading (see prelaunch)
         self.prelaunched: list[str] = []            # what prelaunch started, for the header and the report
         self.reference_ahead = 0                    # cases whose reference outputs prelaunch computed meanwhile
+        self.reference_ahead_s = 0.0                # and how long that took (the reference's load included)
         # What the selected tests will ask each engine for, in test order (want_outputs): a prelaunched
         # worker computes it right after its load, side by side with the other engines (worker.py).
         self.wanted: dict[str, list[tuple[str, CasePlan]]] = {}
@@ -444,10 +445,12 @@ class NeoxSession:
             # synthetic), it computes the reference's side of every comparison the selected tests will ask
             # for, instead of waiting for the first worker with nothing to do.
             plans = {plan.id: plan for calls in self.wanted.values() for _op, plan in calls}
+            began = time.perf_counter()
             try:
                 self.reference_ahead, _ = self.precompute_reference(list(plans.values()))
             except Exception:           # the reference's own tests fail with it, each with its reason
                 pass
+            self.reference_ahead_s = time.perf_counter() - began
 
     def settle(self) -> None:
         """Wait for every prelaunched worker still loading or still computing ahead, so that no timing shares
@@ -541,9 +544,9 @@ class NeoxSession:
                 self.reference_released_for_memory = line
 
     def precompute_reference(self, plans: list[CasePlan] | None = None) -> tuple[int, str | None]:
-        """The outputs the checks ask of the fp32 reference and of its peer (generation of the generating
-        cases, teacher-forced scores of every case), computed now for every planned case, or for `plans`
-        (cached ones are not computed again). Returns (cases with something newly computed, why it stopped
+        """The outputs the checks ask of the fp32 reference (generations of the generating cases, teacher-forced
+        scores of every case) and of its peer (teacher-forced scores), computed now for every planned case, or
+        for `plans` (cached ones are not computed again). Returns (cases with something newly computed, why it stopped
         early or None)."""
         outcomes = (pytest.skip.Exception, pytest.fail.Exception, pytest.xfail.Exception)
         computed = 0
@@ -553,10 +556,13 @@ class NeoxSession:
             except outcomes:        # a bad case fails its own tests with the reason, later
                 continue
             before = len(self._cache)
+            self.extra.replace_once_broken()
             try:
+                # The peer's generations are not computed: no check compares them (greedy parity and hf's
+                # golden outputs read the fp32 reference's; the peer's scores are the noise floor's).
+                if plan.generate:
+                    self.generation(self.reference(), case)
                 for backend in (self.reference(), self.peer()):
-                    if plan.generate:
-                        self.generation(backend, case)
                     self.scores(backend, case)
             except outcomes as exc:  # the reference cannot run: its own tests say why
                 return computed, str(exc).splitlines()[0] if str(exc) else type(exc).__name__

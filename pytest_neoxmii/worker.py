@@ -65,17 +65,20 @@ class Served:
         self._ahead_report = {"calls": 0, "computed": 0, "seconds": 0.0, "finished": True}
         self._ahead_started = time.monotonic()
 
-    def start_ahead(self, calls) -> threading.Thread:
+    def start_ahead(self, calls, done_marker: Path | None = None) -> threading.Thread:
+        """Work `calls` ahead in a thread; once it is done, `done_marker` is created (the session reads it
+        without asking this worker anything: IsolatedEngine.finished_ahead)."""
         with self._cond:
             self._pending = {call_key(op, args) for op, args in calls}
             self._busy = True
             self._ahead_report = {"calls": len(calls), "computed": 0, "seconds": 0.0, "finished": False}
             self._ahead_started = time.monotonic()
-        thread = threading.Thread(target=self.run_ahead, args=(calls,), name="working-ahead", daemon=True)
+        thread = threading.Thread(target=self.run_ahead, args=(calls, done_marker), name="working-ahead",
+                                  daemon=True)
         thread.start()
         return thread
 
-    def run_ahead(self, calls) -> None:
+    def run_ahead(self, calls, done_marker: Path | None = None) -> None:
         """Run the session's calls now and keep the results. A call that fails is left for the session's
         own request, which then fails with the error; a crash ends the worker as during any request, and
         the log's last line names the call."""
@@ -106,6 +109,11 @@ class Served:
             # the line a crash's excerpt is read against: after it, a crash is not in the work ahead
             print(f"worker {os.getpid()}: worked ahead: {report['computed']}/{report['calls']} calls in "
                   f"{report['seconds']:.1f} s", flush=True)
+            if done_marker is not None:
+                try:
+                    done_marker.touch()
+                except OSError:             # only an early signal: ahead_done still answers
+                    pass
 
     def wait_idle(self) -> None:
         """Wait until nothing is computed ahead any more: the engine is then this thread's alone."""
@@ -163,6 +171,7 @@ def call_key(op: str, args) -> str:
 
 
 AHEAD_WAIT_S = 300.0
+AHEAD_DONE_FILE = "ahead.done"   # created beside the calls' file once they have all run
 
 
 def read_ahead(path: Path, timeout: float = AHEAD_WAIT_S) -> list:
@@ -242,7 +251,7 @@ def main(argv=None) -> int:
     served = Served(backend)
     try:
         if args.ahead is not None:
-            served.start_ahead(read_ahead(args.ahead))
+            served.start_ahead(read_ahead(args.ahead), done_marker=args.ahead.with_name(AHEAD_DONE_FILE))
         return serve(conn, served, rank=0, world=1, broadcast=lambda r: r, ops=OPS)
     finally:
         served.wait_idle()                        # never close the engine under the thread working ahead

@@ -18,6 +18,7 @@ from pytest_neoxmii.backends.base import BackendInfo, LoadRequest
 from pytest_neoxmii.backends.worker_deployment import ChannelDeployment
 from pytest_neoxmii.deploy import processes
 from pytest_neoxmii.errors import BackendUnavailable
+from pytest_neoxmii.worker import AHEAD_DONE_FILE
 
 AHEAD_FILE = "ahead.pickle"      # the calls a worker works ahead (worker.py --ahead)
 WORKER = "pytest_neoxmii.worker"
@@ -140,6 +141,11 @@ class IsolatedEngine(ChannelDeployment):
         if self.ahead and (self.ahead_report is None or again):
             self.ahead_report = self._call("ahead_done", True)
         return self.ahead_report
+
+    def finished_ahead(self) -> bool:
+        """The worker has run every call given ahead (its marker file), known without asking it anything:
+        a worker still loading does not answer yet."""
+        return bool(self.ahead) and (self.run_dir / AHEAD_DONE_FILE).exists()
 
     def ahead_so_far(self) -> dict | None:
         """The worker's account now, without waiting: "finished" False while it still works ahead (a

@@ -401,7 +401,7 @@ def test_the_selected_tests_outputs_are_computed_ahead_in_the_worker(pytester, p
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-3000:]
     result.stdout.fnmatch_lines(["worked ahead, side by side: echo *[0-9]/*[0-9] calls in * s"])
     result.stdout.fnmatch_lines(["workers launched when the session started*; meanwhile the reference's "
-                                 "outputs of [1-9]* cases were computed"])
+                                 "outputs of [1-9]* cases were computed (* s, its load included)"])
     assert not processes.live()
 
 
@@ -539,10 +539,12 @@ def test_declares_the_greedy_outputs_wanted(neox_backend_name, neox_generation_p
 
 def test_a_breaking_call_worked_ahead_but_never_asked_for_still_retires_the_deployment(neox):
     echo = neox.backend("echo")
+    if neox._waits_for_kernel_build("echo"):       # cold: its replacement has loaded since the session started
+        assert neox.extra.replacements.get(f"echo:{neox.dtype}") is not None
+    echo.wait_ahead()                              # the breaking call has run: the replacement loads from now on
+    neox.extra.replace_once_broken()               # (as before every test)
     replacement = neox.extra.replacements.get(f"echo:{neox.dtype}")
-    cold = neox._waits_for_kernel_build("echo")
-    # waiting for its kernels (cold), its replacement has loaded since the session started; else not yet
-    assert (replacement is not None) == cold
+    assert replacement is not None and echo.finished_ahead()
     neox.settle()                                  # no test asked for the padded batch's result
     assert echo.teardown_report is not None, "the deployment that ran the breaking call is still up"
     fresh = neox.backend("echo")
@@ -760,3 +762,55 @@ def test_a_worker_waits_for_calls_given_after_its_launch(tmp_path):
     assert read_ahead(path, timeout=30) == calls
     writer.join()
     assert read_ahead(tmp_path / "never.pickle", timeout=0.2) == []
+
+
+def test_a_replacement_launches_once_the_breaking_work_ahead_is_done_and_only_once():
+    """ExtraWorkers.replace_once_broken: the deployment whose work ahead ends with a breaking call gets its
+    replacement when its worker says the work is done (its marker file), not before, and one only."""
+    import types
+
+    from pytest_neoxmii.extra_workers import ExtraWorkers
+    done = {"flag": False}
+    deployment = types.SimpleNamespace(finished_ahead=lambda: done["flag"])
+    launched = []
+    session = types.SimpleNamespace(pending={"ds:fp16": deployment}, backends={}, _fit_at_once=lambda n, d: True,
+                                    _load=lambda name, dtype, wait: launched.append((name, dtype)) or object())
+    extra = ExtraWorkers(session)
+    extra.will_break_ahead("ds:fp16", issue=object(), replace_now=False)
+    extra.replace_once_broken()
+    assert launched == []                         # still working ahead: nothing launched
+    done["flag"] = True
+    extra.replace_once_broken()
+    extra.replace_once_broken()
+    assert launched == [("ds", "fp16")] and "ds:fp16" in extra.replacements
+
+
+def test_a_worker_marks_its_work_ahead_done_after_the_last_call(tmp_path):
+    from pytest_neoxmii.worker import Served
+    marker = tmp_path / "ahead.done"
+
+    class Engine:
+        def generate(self, n):
+            assert not marker.exists(), "marked done before its calls ran"
+            return n
+    served = Served(Engine())
+    served.start_ahead([("generate", (1,)), ("generate", (2,))], done_marker=marker).join(10)
+    assert marker.exists() and served.ahead_done()["computed"] == 2
+
+
+def test_the_reference_worked_ahead_is_what_the_checks_compare_and_not_the_peers_generations():
+    """While the workers load, the test process computes the fp32 reference's generations and scores and the
+    peer's scores (the noise floor); the peer's generations are compared by no check, and are left out."""
+    import types
+
+    from pytest_neoxmii.session import NeoxSession
+    calls = []
+    plans = [types.SimpleNamespace(id="short", generate=True), types.SimpleNamespace(id="text", generate=False)]
+    fake = types.SimpleNamespace(
+        plans=lambda: plans, case=lambda plan: plan, reference=lambda: "fp32", peer=lambda: "fp16", _cache={},
+        generation=lambda backend, case: calls.append(("generate", backend, case.id)),
+        scores=lambda backend, case: calls.append(("score", backend, case.id)),
+        extra=types.SimpleNamespace(replace_once_broken=lambda: None))
+    NeoxSession.precompute_reference(fake)
+    assert calls == [("generate", "fp32", "short"), ("score", "fp32", "short"), ("score", "fp16", "short"),
+                     ("score", "fp32", "text"), ("score", "fp16", "text")]

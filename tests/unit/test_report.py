@@ -77,7 +77,7 @@ def fake_session(tmp_path, *, source="synthetic", gpus=True):
         reference_releases=[REFERENCE_FIRST],
         records=records, latency={(r.backend, r.dtype, r.bench): r for r in results},
         timings={"kernel build": 55.0, "model load": 10.0, "model calls": 20.0, "timed benchmark calls": 30.0},
-        prelaunched=["ds", "mii"], started=time.perf_counter() - 130.0, reference_ahead=7,
+        prelaunched=["ds", "mii"], started=time.perf_counter() - 130.0, reference_ahead=7, reference_ahead_s=12.34,
         redeployed=["ds deployed again after known issue [ds-left-padded-decode] ran: a later decode crashed"],
         ahead_reports={"ds:fp16": {"calls": 13, "computed": 13, "seconds": 2.2, "unclaimed": 0},
                        "mii:fp16": {"calls": 13, "computed": 12, "seconds": 3.6, "unclaimed": 2},
@@ -138,7 +138,7 @@ def test_json_summary_schema(tmp_path):
     assert t["other (plugin and pytest)"] == pytest.approx(t["session"] - 115.0, abs=1.0)
     assert s["plot"] == "latency-pythia-160m.png"
     assert s["prelaunched"] == ["ds", "mii"]
-    assert s["reference_computed_while_workers_loaded"] == 7
+    assert s["reference_computed_while_workers_loaded"] == 7 and s["reference_computed_s"] == 12.34
     assert s["redeployed"] == ["ds deployed again after known issue [ds-left-padded-decode] ran: a later decode "
                                "crashed"]
     assert s["worked_ahead"]["mii:fp16"] == {"calls": 13, "computed": 12, "seconds": 3.6, "unclaimed": 2}
@@ -239,7 +239,7 @@ def test_terminal_summary(tmp_path):
     assert "latency regression: ds generate-bs4-p64-n32: regression" in text
     assert "golden changed: ds batch-b4-len32: changed (row 2: step 7 token 13 -> 77 ...)" in text
     assert "workers launched when the session started, loading side by side: ds, mii (model load above" in text
-    assert "; meanwhile the reference's outputs of 7 cases were computed" in text
+    assert "; meanwhile the reference's outputs of 7 cases were computed (12.3 s, its load included)" in text
     assert "ds deployed again after known issue [ds-left-padded-decode] ran: a later decode crashed" in text
     assert ("worked ahead, side by side: ds 13/13 calls in 2.2 s, mii 12/13 calls in 3.6 s (2 never asked for: "
             "tests that did not run, or did not get that far), zero 4/13 calls in 9.5 s (1 never asked for: tests "
