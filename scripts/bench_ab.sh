@@ -8,7 +8,7 @@
 # BASE: a tree of the other version (e.g. `git archive <rev> | tar -x -C base`). Each RUN is one pytest
 # session of the acceptance suite, pythia-160m synthetic (seed 0), default cases, all backends:
 #   cold-new | cold-base   empty kernel and weight caches;  warm-new | warm-base   both caches hot;
-#   a "+zero3" suffix runs it with NEOXMII_ZERO_AHEAD_WORKERS=3; "+profile" under cProfile (OUT/RUN.prof).
+#   a "+zeroN" suffix runs it with NEOXMII_ZERO_AHEAD_WORKERS=N; "+profile" under cProfile (OUT/RUN.prof).
 # Default: cold-new warm-base warm-new warm-base warm-new. Writes OUT/RUN.log, OUT/RUN/ (report) and
 # OUT/RUN.wall; prints one line per run (session, phases, tests) as it ends.
 set -u
@@ -26,7 +26,7 @@ export TORCH_EXTENSIONS_DIR=$WORK/torch_extensions
 for run in $RUNS; do
   name=${run%%+*}; tree=$NEW; [ "${name#*-}" = base ] && tree=$BASE
   prof=(); zero=()
-  case "$run" in *+zero3*) zero=(NEOXMII_ZERO_AHEAD_WORKERS=3) ;; esac
+  case "$run" in *+zero[0-9]*) n=${run##*+zero}; zero=(NEOXMII_ZERO_AHEAD_WORKERS=${n%%+*}) ;; esac
   case "$run" in *+profile*) prof=(-m cProfile -o "$OUT/$run.prof") ;; esac
   if [ "${name%%-*}" = cold ]; then rm -rf "$TORCH_EXTENSIONS_DIR" "$WORK/cache"; fi
   start=$(date +%s%N)

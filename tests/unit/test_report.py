@@ -327,7 +327,7 @@ def test_plot_cli_refuses_an_unreadable_report(tmp_path, capsys):
 
 
 def test_the_plot_draws_each_backends_row_on_the_sessions_main_shape():
-    """A streaming engine is timed on 8 new tokens and hf may have a row on that shape too (for the ratio):
+    """A streaming engine is timed on fewer new tokens and hf may have a row on that shape too (for the ratio):
     hf's bar is its 32-token row, not the one measured later on 8 tokens; ZeRO's 8-token bar says so."""
     from pytest_neoxmii.plot import off_shape_note, plotted_rows, sweep_points
     row = lambda b, bs, n, ms: {"backend": b, "batch_size": bs, "prompt_tokens": 64, "new_tokens": n,
