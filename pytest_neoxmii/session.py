@@ -126,7 +126,8 @@ class NeoxSession:
         for engine, path in (("ds", self.options.ds_config), ("mii", self.options.mii_config)):
             if path is not None:
                 self.serving_configs[engine] = serving_config.load(engine, path, dtype=self.dtype,
-                                                                   tp=self.options.tp)
+                                                                   tp=self.options.tp,
+                                                                   cache_dir=self.options.cache_dir)
 
     def load_prompts(self) -> None:
         """Turn --neox-prompts into cases, once, at configure time (bad lines are usage errors). Text prompts
@@ -447,7 +448,7 @@ class NeoxSession:
             plans = {plan.id: plan for calls in self.wanted.values() for _op, plan in calls}
             began = time.perf_counter()
             try:
-                self.reference_ahead, _ = self.precompute_reference(list(plans.values()))
+                self.reference_ahead, _ = self.precompute_reference(list(plans.values()), peer_generations=False)
             except Exception:           # the reference's own tests fail with it, each with its reason
                 pass
             self.reference_ahead_s = time.perf_counter() - began
@@ -543,10 +544,14 @@ class NeoxSession:
             if mode == "auto" and released:
                 self.reference_released_for_memory = line
 
-    def precompute_reference(self, plans: list[CasePlan] | None = None) -> tuple[int, str | None]:
-        """The outputs the checks ask of the fp32 reference (generations of the generating cases, teacher-forced
-        scores of every case) and of its peer (teacher-forced scores), computed now for every planned case, or
-        for `plans` (cached ones are not computed again). Returns (cases with something newly computed, why it stopped
+    def precompute_reference(self, plans: list[CasePlan] | None = None,
+                             peer_generations: bool = True) -> tuple[int, str | None]:
+        """The outputs of the fp32 reference and of its peer (generations of the generating cases, teacher-
+        forced scores of every case), computed now for every planned case, or for `plans` (cached ones are not
+        computed again). peer_generations=False leaves out the peer's generations, which no check compares
+        (greedy parity and hf's golden outputs read the fp32 reference's; the peer's scores are the noise
+        floor's): working ahead, where they would only delay the first test. Before the HF models are
+        released (reference first) everything is computed, so that nothing reloads them. Returns (cases with something newly computed, why it stopped
         early or None)."""
         outcomes = (pytest.skip.Exception, pytest.fail.Exception, pytest.xfail.Exception)
         computed = 0
@@ -558,11 +563,9 @@ class NeoxSession:
             before = len(self._cache)
             self.extra.replace_once_broken()
             try:
-                # The peer's generations are not computed: no check compares them (greedy parity and hf's
-                # golden outputs read the fp32 reference's; the peer's scores are the noise floor's).
-                if plan.generate:
-                    self.generation(self.reference(), case)
                 for backend in (self.reference(), self.peer()):
+                    if plan.generate and (peer_generations or backend is self.reference()):
+                        self.generation(backend, case)
                     self.scores(backend, case)
             except outcomes as exc:  # the reference cannot run: its own tests say why
                 return computed, str(exc).splitlines()[0] if str(exc) else type(exc).__name__

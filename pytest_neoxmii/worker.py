@@ -40,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine", required=True, help="module:Class of the engine (a backends.base.Backend)")
     p.add_argument("--request", required=True, type=Path, help="the pickled backends.base.LoadRequest")
     p.add_argument("--ahead", type=Path, help="pickled [(op, args), ...] to run right after the load")
+    p.add_argument("--ahead-done", type=Path, help="a file to create once every call ahead has run")
     return p.parse_args(argv)
 
 
@@ -171,7 +172,6 @@ def call_key(op: str, args) -> str:
 
 
 AHEAD_WAIT_S = 300.0
-AHEAD_DONE_FILE = "ahead.done"   # created beside the calls' file once they have all run
 
 
 def read_ahead(path: Path, timeout: float = AHEAD_WAIT_S) -> list:
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     served = Served(backend)
     try:
         if args.ahead is not None:
-            served.start_ahead(read_ahead(args.ahead), done_marker=args.ahead.with_name(AHEAD_DONE_FILE))
+            served.start_ahead(read_ahead(args.ahead), done_marker=args.ahead_done)
         return serve(conn, served, rank=0, world=1, broadcast=lambda r: r, ops=OPS)
     finally:
         served.wait_idle()                        # never close the engine under the thread working ahead

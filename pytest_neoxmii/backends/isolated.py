@@ -18,9 +18,9 @@ from pytest_neoxmii.backends.base import BackendInfo, LoadRequest
 from pytest_neoxmii.backends.worker_deployment import ChannelDeployment
 from pytest_neoxmii.deploy import processes
 from pytest_neoxmii.errors import BackendUnavailable
-from pytest_neoxmii.worker import AHEAD_DONE_FILE
 
 AHEAD_FILE = "ahead.pickle"      # the calls a worker works ahead (worker.py --ahead)
+AHEAD_DONE_FILE = "ahead.done"   # created by the worker once they have all run (worker.py --ahead-done)
 WORKER = "pytest_neoxmii.worker"
 
 
@@ -71,7 +71,7 @@ class IsolatedEngine(ChannelDeployment):
         if self.ahead or self.ahead_later:
             if not self.ahead_later:
                 self._write_ahead(self.ahead)
-            cmd += ["--ahead", str(self.run_dir / AHEAD_FILE)]
+            cmd += ["--ahead", str(self.run_dir / AHEAD_FILE), "--ahead-done", str(self.run_dir / AHEAD_DONE_FILE)]
         tree = processes.start(cmd, name=f"{self.name} worker", log_path=self.run_dir / "worker.log",
                                tag=self.tag, env_extra=self._listener.env())
         self._trees.append(tree)

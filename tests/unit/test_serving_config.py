@@ -131,3 +131,72 @@ def test_a_config_too_small_for_a_case_runs_it_and_says_so(pytester, synthetic_1
     assert [w.split(":")[0] for w in summary["config_warnings"]] == ["greedy ds short-b1-len16"]
     md = pytester.path.joinpath("rep", "summary.md").read_text()
     assert "2/2 passed, 1 outside the serving config" in md and "max_tokens 24 < prompt 16" in md
+
+
+def test_the_engines_answer_is_kept_by_keys_and_versions_never_when_it_could_not_run(tmp_path, monkeypatch):
+    """One child process per distinct config: the same keys again (any file, this process or a later session
+    through the cache directory) ask no child; other keys, other versions or an unreadable cache file do;
+    'could not check' is never kept."""
+    from importlib import metadata
+    asked = []
+
+    def child(engine, values):
+        asked.append((engine, dict(values)))
+        return {"unavailable": "no deepspeed"} if values.get("max_tokens") == 1 else {"dtype": "torch.float16", "tp": 1}
+    monkeypatch.setattr(serving_config, "_parse_in_child", child)
+    monkeypatch.setattr(serving_config.ParseCache, "_memory", {})
+    cache = tmp_path / "cache"
+    a, b = cfg(tmp_path, '{"max_tokens": 64}', "a.json"), cfg(tmp_path, "max_tokens: 64\n", "b.yaml")
+    for path in (a, b, a):
+        assert serving_config.load("ds", path, dtype="fp16", tp=1, cache_dir=cache).checked.startswith("checked")
+    assert asked == [("ds", {"max_tokens": 64})]
+    serving_config.load("mii", a, dtype="fp16", tp=1, cache_dir=cache)          # another engine: asked
+    assert len(asked) == 2
+    [kept] = (cache / "serving-config-checks").glob(f"{serving_config.ParseCache.key('ds', {'max_tokens': 64})}.json")
+    monkeypatch.setattr(serving_config.ParseCache, "_memory", {})              # a later session: from disk
+    serving_config.load("ds", a, dtype="fp16", tp=1, cache_dir=cache)
+    assert len(asked) == 2
+    kept.write_text('{"dtype": ')                                               # unreadable: asked again, rewritten
+    monkeypatch.setattr(serving_config.ParseCache, "_memory", {})
+    serving_config.load("ds", a, dtype="fp16", tp=1, cache_dir=cache)
+    assert len(asked) == 3 and json.loads(kept.read_text()) == {"dtype": "torch.float16", "tp": 1}
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda d: "9.9.9" if d == "deepspeed" else real(d))
+    serving_config.load("ds", a, dtype="fp16", tp=1, cache_dir=cache)          # another DeepSpeed: asked
+    assert len(asked) == 4
+    one = cfg(tmp_path, '{"max_tokens": 1}', "one.json")
+    for _ in range(2):
+        assert "keys not checked: no deepspeed" in serving_config.load("ds", one, dtype="fp16", tp=1,
+                                                                        cache_dir=cache).checked
+    assert len(asked) == 6 and not list((cache / "serving-config-checks").glob("*.tmp"))
+
+
+def test_one_child_answers_every_check_of_the_process_and_ends_with_it():
+    checker = serving_config._Checker
+    checker.close()
+    assert checker.ask("ds", {"max_tokens": 64}) == {"dtype": "torch.float16", "tp": 1}
+    proc = checker._proc
+    assert checker.ask("ds", {"max_tokns": 64})["error"][0] == "max_tokns"
+    assert checker._proc is proc and proc.poll() is None              # the same child, still up
+    checker.close()
+    assert proc.poll() is not None                                    # closing its stdin ends it
+
+
+@pytest.mark.parametrize("loop, expected", [
+    # what the engines' imports print comes in the same write as the answer: read past it
+    ("import sys, json\nfor line in sys.stdin:\n    sys.stdout.write('import noise\\n' + ANSWER + "
+     "json.dumps({'dtype': 'x', 'tp': 1}) + '\\n'); sys.stdout.flush()\n", {"dtype": "x", "tp": 1}),
+    ("import sys\nsys.stdin.readline()\nsys.stderr.write('ImportError: no deepspeed here\\n')\nsys.exit(1)\n",
+     {"unavailable": "the check failed (ImportError: no deepspeed here)"}),
+    ("import time\ntime.sleep(30)\n", {"unavailable": "the check did not answer in 1 s"}),
+], ids=["noise-before-the-answer", "child-died", "no-answer"])
+def test_the_checker_reads_its_answer_and_says_when_there_is_none(monkeypatch, loop, expected):
+    checker = serving_config._Checker
+    checker.close()
+    monkeypatch.setattr(serving_config, "_CHECKER_LOOP", f"ANSWER = {serving_config.ANSWER!r}\n{loop}")
+    monkeypatch.setattr(serving_config, "CHECK_TIMEOUT_S", 1.0)
+    try:
+        assert checker.ask("ds", {}) == expected
+    finally:
+        checker.close()
+    assert checker._proc is None
