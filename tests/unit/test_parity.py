@@ -1102,3 +1102,47 @@ def test_the_largest_logprob_difference_is_exact_though_taken_in_float32_first()
     assert float((lr - lc).abs().max()) != exact, "the data no longer exercises float32 rounding"
     assert _max_abs_diff(lr, lc) == exact
     assert _max_abs_diff(lr.double(), lc.double()) == exact
+
+
+def test_the_reference_side_is_computed_once_for_every_comparison_of_a_case_with_the_same_numbers():
+    """The floor and each engine are judged against the same reference scores, one test after another: its
+    float64 log-softmax is taken once per chunk and reused, and every metric is the same bit for bit as
+    computed afresh (the cache cleared before each call)."""
+    from unittest import mock
+
+    from pytest_neoxmii import parity as p
+    torch.manual_seed(0)
+    batch = PromptBatch(rows=(tuple(i % 64 for i in range(300)),))
+    reference = Scores(torch.log_softmax(torch.randn(1, 300, 64), -1), torch.ones(1, 300, dtype=torch.bool))
+    candidates = [Scores(torch.log_softmax(reference.logprobs + 0.01 * torch.randn(1, 300, 64), -1),
+                         reference.mask) for _ in range(3)]
+    fresh = []
+    for c in candidates:
+        p.forget_reference_side()
+        fresh.append(p.teacher_forced_metrics(reference, c, batch))
+    p.forget_reference_side()
+    real, calls = torch.log_softmax, []
+    with mock.patch.object(p.torch, "log_softmax", lambda *a, **k: calls.append(1) or real(*a, **k)):
+        kept = [p.teacher_forced_metrics(reference, c, batch) for c in candidates]
+    # the arithmetic the judge always did, chunk by chunk: exp(nr) * (nr - nc), summed over the vocabulary
+    lr, lc = reference.logprobs[0], candidates[0].logprobs[0]
+    kl = torch.cat([(lambda nr, nc: nr.exp() * (nr - nc))(torch.log_softmax(lr[i:i + 256], -1, dtype=torch.float64),
+                                                          torch.log_softmax(lc[i:i + 256], -1, dtype=torch.float64))
+                    .sum(-1).clamp_min(0.0) for i in range(0, 300, 256)])
+    assert (float(kl.mean()), float(kl.max())) == (kept[0].kl_mean, kept[0].kl_max)
+    chunks = -(-300 // p._POSITIONS_PER_CHUNK)
+    assert len(calls) == 3 * chunks + chunks          # each candidate's side, the reference's once
+    for a, b in zip(fresh, kept):
+        assert (a.kl_mean, a.kl_max, a.top1_agreement, a.max_abs_diff, a.perplexity_candidate) == \
+               (b.kl_mean, b.kl_max, b.top1_agreement, b.max_abs_diff, b.perplexity_candidate)
+        assert [w.kl for w in a.worst_positions] == [w.kl for w in b.worst_positions]
+    reference.logprobs[0, 0, 0] += 1.0                 # changed in place: not the same reference any more
+    calls.clear()
+    with mock.patch.object(p.torch, "log_softmax", lambda *a, **k: calls.append(1) or real(*a, **k)):
+        p.teacher_forced_metrics(reference, candidates[0], batch)
+    assert len(calls) == 2 * chunks
+    with torch.inference_mode():                       # scores made in inference mode have no version counter
+        inference = Scores(reference.logprobs.clone(), reference.mask)
+    assert p.teacher_forced_metrics(inference, candidates[0], batch).kl_max == \
+        p.teacher_forced_metrics(reference, candidates[0], batch).kl_max
+    p.forget_reference_side()
