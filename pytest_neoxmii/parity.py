@@ -423,42 +423,6 @@ def _check_scores(scores: Scores, batch: PromptBatch, what: str) -> None:
 _POSITIONS_PER_CHUNK = 256
 
 
-class _ReferenceSide:
-    """The reference's float64 log-softmax and its exp, chunk by chunk, for the last reference judged on the
-    CPU. A case's reference is judged against its low-precision peer (the noise floor) and then against every
-    engine, one test after another, and these two of the five float64 passes per position are the same each
-    time; kept, they give the same numbers bit for bit. One reference at a time: a 2016-token case holds
-    2 x 811 MB here. (On a GPU the chunks are computed there, and nothing is kept.)"""
-
-    def __init__(self) -> None:
-        self._of = None             # (weak reference to the reference's logprobs, its version)
-        self._chunks: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, logprobs: torch.Tensor, b: int, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
-        import weakref
-        # (an inference-mode tensor has no version counter; nothing here writes into scores in place)
-        version = None if logprobs.is_inference() else logprobs._version
-        owner = None if self._of is None else self._of[0]()
-        if owner is not logprobs or self._of[1] != version:
-            self._of, self._chunks = (weakref.ref(logprobs), version), {}
-        key = (b, first, last)
-        if key not in self._chunks:
-            nr = torch.log_softmax(logprobs[b, first:last + 1], -1, dtype=torch.float64)
-            self._chunks[key] = nr, nr.exp()
-        return self._chunks[key]
-
-    def forget(self) -> None:
-        self._of, self._chunks = None, {}
-
-
-_REFERENCE_SIDE = _ReferenceSide()
-
-
-def forget_reference_side() -> None:
-    """Let go of the kept reference side (the session's end)."""
-    _REFERENCE_SIDE.forget()
-
-
 def teacher_forced_metrics(reference: Scores, candidate: Scores, batch: PromptBatch,
                            device: str | None = None) -> TFMetrics:
     """KL(reference || candidate), top-1 agreement, max |logprob diff| and perplexities over real positions.
@@ -540,15 +504,10 @@ def _teacher_forced_metrics(reference: Scores, candidate: Scores, batch: PromptB
             r_top.append(ar.cpu())
             c_top.append(ac.cpu())
             max_abs = max(max_abs, _max_abs_diff(lr, lc))
+            nr = torch.log_softmax(lr, -1, dtype=torch.float64)
             diff = torch.log_softmax(lc, -1, dtype=torch.float64)
-            if on is None and nonfinite is None:       # every position kept: the reference side as last time
-                nr, pr = _REFERENCE_SIDE.get(reference.logprobs, b, first, last)
-                torch.sub(nr, diff, out=diff)                # nr - nc, in the candidate's buffer
-                kls.append(pr.mul(diff).sum(-1).clamp_min(0.0).cpu())
-            else:
-                nr = torch.log_softmax(lr, -1, dtype=torch.float64)
-                torch.sub(nr, diff, out=diff)
-                kls.append(nr.exp_().mul_(diff).sum(-1).clamp_min(0.0).cpu())
+            torch.sub(nr, diff, out=diff)                    # nr - nc, in the candidate's buffer
+            kls.append(nr.exp_().mul_(diff).sum(-1).clamp_min(0.0).cpu())
             del nr, diff
             where.extend((b, p, plen) for p in pos[kept].tolist())
             # next-token targets: t -> ids[t+1], only where t+1 is a real token too

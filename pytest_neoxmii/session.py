@@ -736,8 +736,6 @@ class NeoxSession:
         self.backends.update(self.extra.still_up())   # (settle retires them; a session cut short may not)
         self.close_all(self.backends)
         self._cache.clear()
-        from pytest_neoxmii import parity
-        parity.forget_reference_side()            # the judges' float64 copy of the last reference, if any
 
     def close_all(self, deployments: dict[str, Backend]) -> None:
         """Tear down these deployments (by the name their teardown is reported under), taking each out of
