@@ -68,19 +68,24 @@ def _shape(row: dict) -> tuple:
     return row.get("prompt_tokens"), row.get("new_tokens")
 
 
-def plotted_rows(summary: dict) -> list[dict]:
-    """One row per backend and batch size. A session times most engines on one shape, and an engine that
-    streams its weights on fewer new tokens (latency.STREAMING_NEW_TOKENS); hf may then have a row on that
-    shape too, for the ratio. The session's main shape (its first hf row's, else its most common) is drawn
-    wherever a backend has it: a bar of another shape would stand beside bars it cannot be compared with."""
+def main_shape(rows: list[dict]) -> tuple | None:
+    """The shape most of a session's latency rows share: hf's first row's, else the most common one."""
     from collections import Counter
 
     from pytest_neoxmii import backends as engines
-    rows = _rows(summary)
     if not rows:
-        return []
-    main = next((_shape(r) for r in rows if engines.is_reference(r["backend"])),
+        return None
+    return next((_shape(r) for r in rows if engines.is_reference(r["backend"])),
                 Counter(_shape(r) for r in rows).most_common(1)[0][0])
+
+
+def plotted_rows(summary: dict) -> list[dict]:
+    """One row per backend and batch size. A session times most engines on one shape, and an engine that
+    streams its weights on fewer new tokens (latency.STREAMING_NEW_TOKENS); hf may then have a row on that
+    shape too, for the ratio. The session's main shape (main_shape) is drawn wherever a backend has it: a bar
+    of another shape would stand beside bars it cannot be compared with."""
+    rows = _rows(summary)
+    main = main_shape(rows)
     chosen: dict[tuple, dict] = {}
     for r in rows:
         key = (r["backend"], r["batch_size"])
@@ -100,7 +105,7 @@ def _draw_model(ax_e2e, ax_tpot, summary: dict) -> None:
     from pytest_neoxmii import backends as engines
 
     rows = plotted_rows(summary)
-    main = _shape(next((r for r in rows if engines.is_reference(r["backend"])), rows[0]))
+    main = main_shape(rows)
     batches = sorted({r["batch_size"] for r in rows})
     backends = engines.display_order(r["backend"] for r in rows)
     width = 0.8 / max(len(backends), 1)
@@ -254,7 +259,7 @@ def sweep_points(summaries: list[dict]) -> list[SweepPoint]:
     points = []
     for s in sorted(latest.values(), key=lambda s: s["model"].get("parameters") or 0):
         rows = plotted_rows(s)
-        main = _shape(next((r for r in rows if engines.is_reference(r["backend"])), rows[0])) if rows else None
+        main = main_shape(rows)
         for r in rows:
             b = r["backend"]
             points.append(SweepPoint(s["model"]["name"], int(s["model"].get("parameters") or 0), b,

@@ -192,14 +192,10 @@ class ParseCache:
 
 
 def _write_whole(path: Path, text: str) -> None:
-    import os
-    import tempfile
+    from pytest_neoxmii.files import write_whole
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        write_whole(path, text)
     except OSError:                     # a read-only cache only costs the next session the check
         pass
 

@@ -19,7 +19,6 @@ import json
 import numbers
 import os
 import re
-import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -27,6 +26,7 @@ from typing import Any, Callable, Optional
 from filelock import FileLock, Timeout
 
 from ..errors import BaselineError
+from ..files import write_whole
 from ..samples import summarize
 from .schema import (
     BaselineKey,
@@ -120,25 +120,10 @@ def _fsync_dir(directory: Path) -> None:
 
 def _atomic_write_json(path: Path, doc: dict) -> None:
     """Write doc to path so that the file is always either the old or the new complete content."""
-    # Same directory as the target: os.replace is only atomic within one filesystem. A dot-name keeps it
-    # out of the way; pid + random suffix keeps concurrent writers (even without the lock) apart.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # 0o666 minus the umask, like any new file (mkstemp would make it 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            json.dump(doc, f, indent=2, sort_keys=True, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Whatever went wrong (disk full, KeyboardInterrupt), leave the target untouched and no debris.
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    def dump(f) -> None:
+        json.dump(doc, f, indent=2, sort_keys=True, allow_nan=False)
+        f.write("\n")
+    write_whole(path, dump)
     _fsync_dir(path.parent)
 
 

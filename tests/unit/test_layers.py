@@ -30,7 +30,7 @@ JUDGES = (
 # its own layer or below; a new module must be placed here.
 LAYERS = (
     ("foundations", ("errors", "outputs", "dtypes", "versions", "hardware", "table", "fixed_text", "registry",
-                     "compat", "interrupt", "_child")),
+                     "compat", "interrupt", "_child", "files")),
     ("model", ("weights", "cases", "prompts", "serving_config")),
     ("engines", ("backends", "deploy", "injection", "known_issues", "kernels")),
     ("judges", ("parity", "golden", "latency", "samples", "stats", "storage")),

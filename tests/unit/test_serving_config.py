@@ -172,6 +172,7 @@ def test_the_engines_answer_is_kept_by_keys_and_versions_never_when_it_could_not
 
 
 def test_one_child_answers_every_check_of_the_process_and_ends_with_it():
+    pytest.importorskip("deepspeed")
     checker = serving_config._Checker
     checker.close()
     assert checker.ask("ds", {"max_tokens": 64}) == {"dtype": "torch.float16", "tp": 1}
