@@ -51,6 +51,11 @@ class KernelCache:
     device: str                     # "cuda" or "cpu"
     found: dict                     # op name -> path of its built library, or None
 
+    @property
+    def missing(self) -> list[str]:
+        """The ops the cache lacks: built on first use (or by BackgroundBuild)."""
+        return [op for op, path in self.found.items() if path is None]
+
     def describe(self) -> str:
         where = f"{self.directory} ({ENV}{'' if self.from_env else ', default of the plugin'})"
         parts = [f"{op} {'cached' if path else 'not built yet: built on first use'}"

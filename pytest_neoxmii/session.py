@@ -302,7 +302,7 @@ class NeoxSession:
         cache = self.kernels
         if cache is None or cache.device != "cuda" or self.kernel_build is not None or self.model is None:
             return
-        missing = [op for op, path in cache.found.items() if path is None]
+        missing = cache.missing
         if not missing or not any("neox" in getattr(item, "fixturenames", ()) for item in items):
             return
         dtype = self.dtype
@@ -329,7 +329,7 @@ class NeoxSession:
 
     def _waits_for_kernel_build(self, name: str) -> bool:
         """The engine injects kernels here that the kernel cache lacks: it loads only once they are built."""
-        cold = self.kernels is not None and any(path is None for path in self.kernels.found.values())
+        cold = self.kernels is not None and bool(self.kernels.missing)
         return cold and self.workspace_bytes(name) > 0
 
     def _works_ahead(self) -> bool:
