@@ -66,8 +66,9 @@ class ExtraWorkers:
     def replace_once_broken(self) -> None:
         """Launch the replacement of each deployment whose work ahead, breaking call included, is done, while
         the session still does other work; the broken one stays up to hand over its results. Called between
-        the reference's cases and before each test. On one H200 warm, the replacement launched at settle held
-        the first timing 4 s; launched with the others at the start, it delayed ZeRO's calls by 5 s."""
+        the reference's cases and before each test. On one H200 warm (pythia-160m, synthetic weights), the
+        replacement launched at settle held the first timing 4 s; launched with the others at the start, it
+        delayed ZeRO's calls by 5 s."""
         s = self.session
         for key in self.ahead_breaks:
             backend = s.pending.get(key) or s.backends.get(key)

@@ -157,15 +157,16 @@ class LatencyProfile:
 # the 20 fixed rounds the suite once ran (the Mann-Whitney gate sees a 10-15 % shift from a dozen rounds).
 # CPU: the plumbing and the gate run, kept short (CI is CPU-only; a CPU figure says nothing of a GPU's): a
 # 16-token prompt and 2 new tokens (one decode step for TPOT), the fewest rounds the gate compares, more only
-# while they fit 1 s. On 4 new tokens the CPU timing took 19-20 s of the 2-core CI machine's 145 s session.
+# while they fit 1 s. On 4 new tokens the CPU timing took 19-20 s of the 2-core CI machine's 145 s session
+# (pythia-160m, synthetic weights).
 GPU_PROFILE = LatencyProfile(prompt_len=64, new_tokens=32, warmup=1, min_warmup_s=1.0, time_box_s=5.0)
 CPU_PROFILE = LatencyProfile(prompt_len=16, new_tokens=2, warmup=1, time_box_s=1.0)
 BATCH_SIZES = (1, 4)
 # An engine that streams its weights from CPU memory at every forward (ZeRO-Inference: rounds of 2.3-3.6 s
 # for 32 tokens of pythia-160m, synthetic weights, on an H200) is timed on 4 new tokens on a GPU: the
 # gate's 6 rounds then take seconds, not half a minute, and its time per output token stays the same measure
-# (3 decode steps a round). On 8 tokens its two tests took 12.4 s of a warm session's 72 s on one H200, each
-# bound by the 6 rounds the gate needs. Its ratio to hf is taken against hf's rounds on the longer shape
+# (3 decode steps a round). On 8 tokens its two tests took 12.4 s of a warm session's 72 s on one H200
+# (pythia-160m, synthetic weights), each bound by the 6 rounds the gate needs. Its ratio to hf is taken against hf's rounds on the longer shape
 # (checks/latency.py, hf_side_by_side).
 STREAMING_NEW_TOKENS = 4
 
