@@ -166,8 +166,8 @@ BATCH_SIZES = (1, 4)
 # for 32 tokens of pythia-160m, synthetic weights, on an H200) is timed on 4 new tokens on a GPU: the
 # gate's 6 rounds then take seconds, not half a minute, and its time per output token stays the same measure
 # (3 decode steps a round). On 8 tokens its two tests took 12.4 s of a warm session's 72 s on one H200
-# (pythia-160m, synthetic weights), each bound by the 6 rounds the gate needs. Its ratio to hf is taken against hf's rounds on the longer shape
-# (checks/latency.py, hf_side_by_side).
+# (pythia-160m, synthetic weights), each bound by the 6 rounds the gate needs. Its ratio to hf is taken
+# against hf's rounds on the longer shape (checks/latency.py, hf_side_by_side).
 STREAMING_NEW_TOKENS = 4
 
 
