@@ -151,9 +151,12 @@ def _outcomes(reprec) -> dict[str, tuple[str, str | None]]:
 @pytest.fixture
 def deepspeed_cpu_offers(monkeypatch):
     """Stands in for what DeepSpeed's CPU accelerator offers, so that in-process runs do not depend on the
-    CPU make: deepspeed_cpu_offers("fp32", "bf16") is a CPU without fp16 (an AMD EPYC, say)."""
-    def offer(*dtypes: str) -> None:
+    CPU make: deepspeed_cpu_offers("fp32", "bf16") is a CPU without fp16 (an AMD EPYC, say), computing bf16
+    natively; deepspeed_cpu_offers("fp32", "bf16", native=("fp32",)) one that only emulates it (AVX2 alone)."""
+    def offer(*dtypes: str, native: tuple[str, ...] | None = None) -> None:
         monkeypatch.setattr(precision, "deepspeed_cpu_dtypes", lambda: tuple(dtypes))
+        # the CPU computes what DeepSpeed offers, unless told otherwise (an AVX2-only CPU emulates bf16)
+        monkeypatch.setattr(precision, "native_cpu_dtypes", lambda: tuple(dtypes) if native is None else native)
     return offer
 
 

@@ -37,7 +37,7 @@ def test_hf_alone_on_cpu_keeps_fp16_without_asking_deepspeed():
     (("fp32",), "fp32"),                     # neither
 ])
 def test_cpu_default_is_the_first_of_fp16_bf16_fp32_that_deepspeed_offers(offered, expected):
-    choice = choose(None, on_cuda=False, backends=("hf", "ds"), probe=lambda: offered)
+    choice = choose(None, on_cuda=False, backends=("hf", "ds"), probe=lambda: offered, native=lambda: offered)
     assert choice.dtype == expected
     if expected == "fp16":
         assert choice.reason == "" and choice.describe() == "fp16"
@@ -45,6 +45,23 @@ def test_cpu_default_is_the_first_of_fp16_bf16_fp32_that_deepspeed_offers(offere
         assert choice.describe() == (f"{expected} (DeepSpeed's CPU accelerator here offers "
                                      f"{', '.join(offered)}, not fp16)")
     assert all(choice.refusal(b, expected) is None for b in ALL)
+
+
+def test_bf16_that_this_cpu_only_emulates_is_not_the_default_fp32_is_and_the_header_says_why():
+    """An AMD EPYC with AVX2 alone: DeepSpeed offers bf16, oneDNN computes it by emulation (a matmul 90x slower
+    than fp32 there, the acceptance suite 548 s instead of about 130 s)."""
+    choice = choose(None, on_cuda=False, backends=("hf", "ds"), probe=lambda: ("fp32", "bf16"),
+                    native=lambda: ("fp32",))
+    assert (choice.dtype, choice.native) == ("fp32", ("fp32",))
+    assert choice.describe() == ("fp32 (DeepSpeed's CPU accelerator here offers fp32, bf16, not fp16; this CPU "
+                                 "computes bf16 only by emulation, far slower than fp32)")
+    assert all(choice.refusal(b, "fp32") is None for b in ALL)
+
+
+def test_a_dtype_asked_for_is_kept_even_where_the_cpu_only_emulates_it():
+    choice = choose("bf16", on_cuda=False, backends=("hf", "ds"), probe=lambda: ("fp32", "bf16"),
+                    native=_never_asked)
+    assert (choice.dtype, choice.reason) == ("bf16", "") and choice.refusal("ds", "bf16") is None
 
 
 def test_an_explicit_dtype_the_cpu_lacks_is_kept_and_refused_for_deepspeed_backends_only():
@@ -68,6 +85,8 @@ def test_the_real_cpu_accelerator_is_asked_in_a_child_process():
     pytest.importorskip("deepspeed")
     offered = precision.deepspeed_cpu_dtypes()
     assert offered is not None and {"fp32", "bf16"} <= set(offered) <= {"fp16", "bf16", "fp32"}
+    native = precision.native_cpu_dtypes()
+    assert native is not None and "fp32" in native and set(native) <= {"fp16", "bf16", "fp32"}
 
 
 # -- in a session: the header, the peer, the backends, the skip line ---------------------------------------
@@ -123,3 +142,18 @@ def test_explicit_fp16_on_a_cpu_without_it_skips_deepspeed_backends_with_one_lin
     skipped = sorted(ln for ln in result.outlines if ln.startswith("SKIPPED"))
     assert skipped == sorted(f"SKIPPED [1] test_skip.py:3: {b} (fp16): {reason}" for b in ("ds", "mii", "zero"))
     assert "Traceback" not in result.stdout.str()
+
+
+def test_a_cpu_that_only_emulates_bf16_runs_the_session_in_fp32_and_says_why(pytester, fake_gpus, synthetic_14m,
+                                                                             deepspeed_cpu_offers, preloaded):
+    fake_gpus()
+    deepspeed_cpu_offers("fp32", "bf16", native=("fp32",))
+    pytester.makepyfile(test_session='''
+def test_every_backend_and_the_peer_run_fp32(neox):
+    assert neox.dtype == "fp32"
+    assert (neox.backend("ds").info.dtype, neox.peer().info.dtype) == ("fp32", "fp32")
+''')
+    result = pytester.runpytest(*synthetic_14m)
+    result.assert_outcomes(passed=1)
+    assert ("dtype: fp32 (DeepSpeed's CPU accelerator here offers fp32, bf16, not fp16; this CPU computes bf16 "
+            "only by emulation, far slower than fp32)") in result.outlines
