@@ -65,10 +65,13 @@ class Backend(abc.ABC):
     colour = "#9467bd"           # the plots' colour
     is_reference = False         # the HF reference: the ground truth every other engine is judged against
     can_score = True             # teacher-forced scores: False makes those cases skip with score()'s reason
-    # The generated tokens reach the session as text (MII's query API): special tokens such as the pad token
-    # are dropped in decoding, so the greedy judge puts the reference through the same channel first. Such an
-    # engine also has .tokenizer and query_texts(texts, max_new_tokens), the call its users wait for.
+    # Its users query text (MII's query API): such an engine has .tokenizer and query_texts(texts,
+    # max_new_tokens), the call its users wait for and the one its latency is timed through.
     output_is_text = False
+    # Its judged generations are its text re-tokenized: special tokens such as the pad token are dropped in
+    # decoding, so the greedy judge puts the reference through the same channel first. MII's engines are not:
+    # what they generated is recorded where they run (generation_capture.py), since decoding is lossy.
+    generations_from_text = False
     needs_deepspeed = False      # runs on DeepSpeed's accelerator: on a CPU, DeepSpeed's dtypes bound it
     injects_kernels = False      # DeepSpeed kernel injection on CUDA (its inference op is built before load)
     weights_on_gpu = True        # False: weights stay in CPU/NVMe memory, so GPU memory never rules it out
@@ -82,7 +85,7 @@ class Backend(abc.ABC):
     # isolated, requires): what stands in for an engine in the test process (a worker's proxy) answers these
     # from the engine's class (take_traits).
     ENGINE_TRAITS = ("description", "label", "colour", "is_reference", "can_score", "output_is_text",
-                     "needs_deepspeed", "injects_kernels", "weights_on_gpu")
+                     "generations_from_text", "needs_deepspeed", "injects_kernels", "weights_on_gpu")
     PLACEMENT_TRAITS = ("runs_in_worker", "isolated", "requires")
 
     def take_traits(self, engine_cls: type, names: tuple[str, ...] = ENGINE_TRAITS) -> None:

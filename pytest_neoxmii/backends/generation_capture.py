@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 CAPTURE_FILE = "generations-rank0.jsonl"
+# Present beside it while the session's generate() queries: rank 0 records only then, so a timed query (the
+# latency tests time the user's text query) pays for no per-step logits.
+CAPTURE_ON_FILE = "capture-on"
 CAPTURE_TOP_K = 20      # recorded per step; a session's --neox-top-k takes its first k
 
 
@@ -32,13 +35,17 @@ def top_logprobs_per_step(step_logits, top_k: int) -> list[list[list[tuple[int, 
     return top
 
 
-def capture_generate(module, sink: Callable[[dict], None], top_k: int) -> None:
+def capture_generate(module, sink: Callable[[dict], None], top_k: int,
+                     enabled: Callable[[], bool] | None = None) -> None:
     """Wrap `module.generate` (an HF causal LM, the one a DeepSpeed engine's `.module` is) so that every call
     also asks for the raw logits and hands `sink` one record per prompt row; the caller still gets the
-    sequences tensor. Left padding (a batched pipeline) is taken off the recorded prompt."""
+    sequences tensor. Left padding (a batched pipeline) is taken off the recorded prompt. While `enabled()`
+    says False, calls pass through untouched (a timed query pays for no logits)."""
     original = module.generate
 
     def generate(*args, **kwargs):
+        if enabled is not None and not enabled():
+            return original(*args, **kwargs)
         kwargs.update(output_logits=True, return_dict_in_generate=True)
         out = original(*args, **kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)

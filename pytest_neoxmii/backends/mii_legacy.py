@@ -1,7 +1,12 @@
 """DeepSpeed-MII legacy deployment, in its worker process (DeploymentType.NON_PERSISTENT), queried through
-`mii_query_handle` so the path MII users run is the one tested: text in, text out. Generated text is
-re-tokenized to ids (the synthetic tokenizer round-trips every id); per-step logprobs come from the
-model inside the deployment, scored teacher-forced on prompt + generated tokens."""
+`mii_query_handle` so the path MII users run is the one tested: text in, text out. What is judged is what
+the engine generated, ids and the top-k logprobs of each step, recorded where the pipeline calls the model's
+generate (backends/generation_capture.py), as on the tp >= 2 server's rank 0.
+
+Not the text re-tokenized: the pipeline decodes with clean_up_tokenization_spaces=True, which joins " ." to
+the word before it, so the ids read back from the text need not be the ids generated (seen on a 2-core AVX2
+AMD EPYC, bf16, pythia-160m synthetic weights: "w50131 ." came back as "w50131.", which the tokenizer reads
+as one unknown token, a false greedy failure at step 5 of the padded case's first row)."""
 from __future__ import annotations
 
 import itertools
@@ -10,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pytest_neoxmii import compat
+from pytest_neoxmii.backends import generation_capture as capture
 from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.backends.deepspeed_inference import (KernelInjectedBackend, check_kernels_can_run,
                                                          init_distributed_env)
@@ -93,6 +99,10 @@ class MiiBackend(KernelInjectedBackend):
         if not on_gpu:
             self.pipeline.device = torch.device("cpu")  # MII overwrites it with cuda:0 (docs/STACK.md trap 7)
         self.model = self.pipeline.model               # the DeepSpeed engine MII built
+        # Recorded only while generate() queries: a timed query (latency.py) asks for no logits.
+        self._records: list[dict] | None = None
+        capture.capture_generate(getattr(self.model, "module", self.model), self._record, capture.CAPTURE_TOP_K,
+                                 enabled=lambda: self._records is not None)
         kernels = self._verify_kernels(getattr(self.model, "module", self.model), inject=inject, on_gpu=on_gpu,
                                        max_batch=max_batch, config_name="mii")
         held, measured = held_since(device, before)
@@ -108,22 +118,25 @@ class MiiBackend(KernelInjectedBackend):
                                    pad_token_id=self.tokenizer.pad_token_id)
         return [r[0]["generated_text"] if isinstance(r, list) else r["generated_text"] for r in result]
 
+    def _record(self, record: dict) -> None:
+        self._records.append(record)
+
     def generate(self, batch: PromptBatch, max_new_tokens: int, top_k: int = 5) -> Generation:
         texts = prompt_texts(self.tokenizer, batch)
-        outputs = self.query_texts(texts, max_new_tokens)
-        tokens = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in outputs]
-        # Logprobs of each step from the deployment's own model, teacher-forced on prompt + output, one row
-        # at a time: MII's pipeline generated each row alone, so no padding enters this side either.
-        top = []
-        for row, new in zip(batch.rows, tokens):
-            full = PromptBatch(rows=(tuple(row) + tuple(new),), pad_token_id=batch.pad_token_id)
-            logprobs = self.score(full).logprobs[0]
-            steps = []
-            for s in range(len(new)):
-                values, indices = logprobs[len(row) - 1 + s].topk(top_k)   # the position predicting new[s]
-                steps.append(list(zip(indices.tolist(), values.tolist())))
-            top.append(steps)
-        return Generation(tokens=tokens, top_logprobs=top)
+        self._records = []
+        try:
+            self.query_texts(texts, max_new_tokens)     # the user's path; what is judged is what was recorded
+            records = self._records
+        finally:
+            self._records = None
+        try:
+            tokens, top = capture.match_rows(records, [list(r) for r in batch.rows], max_new_tokens)
+        except capture.CaptureMismatch as exc:
+            raise RuntimeError(f"MII deployment {self.name}: {exc}") from None
+        if top_k > capture.CAPTURE_TOP_K:
+            raise BackendUnavailable(f"the engine's steps are recorded with their top-{capture.CAPTURE_TOP_K} "
+                                     f"logprobs, top-{top_k} was asked")
+        return Generation(tokens=tokens, top_logprobs=[[step[:top_k] for step in row] for row in top])
 
     def close(self) -> None:
         if getattr(self, "_mii", None) is None:

@@ -49,8 +49,9 @@ def _wrap_init_inference() -> None:
             # MII's API returns text only: rank 0 also records the ids and top-k logprobs its engine
             # generated, which the session reads after each query (backends/generation_capture.py).
             from pytest_neoxmii.backends import generation_capture as capture
+            switch = os.path.join(directory, capture.CAPTURE_ON_FILE)
             capture.capture_generate(module, capture.file_sink(os.path.join(directory, capture.CAPTURE_FILE)),
-                                     capture.CAPTURE_TOP_K)
+                                     capture.CAPTURE_TOP_K, enabled=lambda: os.path.exists(switch))
         try:
             import torch
 

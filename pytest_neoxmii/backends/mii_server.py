@@ -61,7 +61,8 @@ class MiiServerBackend(WorkerDeployment):
     needs_deepspeed = True
     injects_kernels = True
     can_score = False
-    output_is_text = False         # the ids and logprobs are rank 0's engine's own, not re-tokenized text
+    output_is_text = True          # its users query text, and its latency is timed so; what is judged is
+                                   # rank 0's engine's own ids and logprobs, not the text re-tokenized
     # The MII client (mii_query_handle) imports mii: this proxy runs in a worker of its own, which starts
     # and ends the servers, so the test process never imports it.
     isolated = True
@@ -223,7 +224,12 @@ class MiiServerBackend(WorkerDeployment):
 
     def generate(self, batch: PromptBatch, max_new_tokens: int, top_k: int = 5) -> Generation:
         texts = prompt_texts(self.tokenizer, batch)
-        self.query_texts(texts, max_new_tokens)     # the user's path; what is judged is what rank 0's engine recorded
+        switch = self.run_dir / capture.CAPTURE_ON_FILE
+        switch.touch()
+        try:
+            self.query_texts(texts, max_new_tokens)     # the user's path; what is judged is what rank 0 recorded
+        finally:
+            switch.unlink(missing_ok=True)
         records, self._capture_at = capture.read_records(self._capture_path, self._capture_at)
         try:
             tokens, top = capture.match_rows(records, [list(r) for r in batch.rows], max_new_tokens)

@@ -54,7 +54,7 @@ def check_greedy(neox: NeoxSession, backend_name: str, case: Case, request=None)
     known = mark_known_issue(request, "greedy", backend, case)
     candidate = neox.generation(backend, case)
     channel = ""
-    if getattr(backend, "output_is_text", False):     # stand-ins and third-party engines may lack the trait
+    if getattr(backend, "generations_from_text", False):   # stand-ins and third-party engines may lack it
         reference, dropped = parity.through_text(reference, set(neox.tokenizer.all_special_ids))
         if dropped:
             channel = (f"({dropped} special token(s) of the reference dropped: {backend_name} returns text, "

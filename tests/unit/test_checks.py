@@ -276,7 +276,7 @@ def test_known_issue_is_a_strict_xfail_in_a_real_test_run(pytester):
 
 
 class TextStandIn(StandInBackend):
-    output_is_text = True        # like MII: generated text, re-tokenized by the session
+    generations_from_text = True     # generated text, re-tokenized by the session
 
 
 def test_check_greedy_compares_a_text_backend_with_the_reference_as_text_shows_it(capsys):

@@ -177,10 +177,13 @@ def _server(tmp_path, rank0_writes):
     from pytest_neoxmii.backends.mii_server import MiiServerBackend
     backend = MiiServerBackend.__new__(MiiServerBackend)
     backend.name, backend.tokenizer = "neoxmii-test", _WordTokenizer()
+    backend.run_dir = tmp_path
     backend._capture_path, backend._capture_at = tmp_path / capture.CAPTURE_FILE, 0
     sink = capture.file_sink(backend._capture_path)
 
     def query_texts(texts, max_new_tokens):
+        if not (tmp_path / capture.CAPTURE_ON_FILE).exists():      # rank 0 records only when asked
+            return ["(text)"] * len(texts)
         for record in rank0_writes(texts, max_new_tokens):
             sink(record)
         return ["(text)"] * len(texts)
@@ -200,6 +203,7 @@ def test_mii_server_generation_is_rank0s_record_cut_to_the_sessions_top_k(tmp_pa
     assert gen.top_logprobs[1] == [[(8, -0.1), (0, -2.0)], [(8, -0.1), (0, -2.0)]]
     again = backend.generate(PromptBatch(rows=((9,),)), 1, top_k=1)     # only the new query's records
     assert again.tokens == [[10]] and again.top_logprobs == [[[(10, -0.1)]]]
+    assert not (tmp_path / capture.CAPTURE_ON_FILE).exists()             # recording is off between queries
 
 
 def test_mii_server_without_rank0s_record_is_a_deployment_error_naming_it(tmp_path):
@@ -208,3 +212,70 @@ def test_mii_server_without_rank0s_record_is_a_deployment_error_naming_it(tmp_pa
     with pytest.raises(DeploymentError, match="MII deployment neoxmii-test: no record of what the engine "
                                               "generated for row 0"):
         backend.generate(PromptBatch(rows=((4, 5),)), 2, top_k=2)
+
+
+def _in_process_mii(model, lossy_text: str):
+    """An in-process MiiBackend (tp = 1) without MII: its query runs the model's generate for each prompt, one
+    after another, as MII's pipeline does, and answers with text that does not re-tokenize to what was
+    generated (the pipeline's clean-up of tokenization spaces can do that)."""
+    import types
+    from pytest_neoxmii.backends.mii_legacy import MiiBackend
+    backend = MiiBackend.__new__(MiiBackend)
+    backend.name, backend.tokenizer = "neoxmii-test", _WordTokenizer()
+    backend.model = types.SimpleNamespace(module=model)
+    backend._records = None
+    capture.capture_generate(model, backend._record, capture.CAPTURE_TOP_K,
+                             enabled=lambda: backend._records is not None)
+    calls = []
+
+    def query_texts(texts, max_new_tokens):
+        for text in texts:
+            ids = torch.tensor([[int(w) for w in text.split()]])
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                     max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=0)
+            calls.append(type(out).__name__)
+        return [lossy_text] * len(texts)
+    backend.query_texts = query_texts
+    return backend, calls
+
+
+def test_in_process_mii_is_judged_on_what_its_engine_generated_not_on_its_text_read_back(tiny_model):
+    import copy
+    model = copy.deepcopy(tiny_model)
+    backend, calls = _in_process_mii(model, lossy_text="1")       # the text reads back as one unknown token
+    batch = PromptBatch(rows=((5, 6, 7, 8), (9, 10)), pad_token_id=0)
+    gen = backend.generate(batch, 4, top_k=3)
+    expected = _reference(tiny_model, PromptBatch(rows=((5, 6, 7, 8),), pad_token_id=0), 4, 3)
+    assert gen.tokens[0] == expected.tokens[0] and len(gen.tokens[1]) == 4
+    assert [[t for t, _ in step] for step in gen.top_logprobs[0]] == \
+        [[t for t, _ in step] for step in expected.top_logprobs[0]]
+    assert calls == ["Tensor", "Tensor"]           # the pipeline still got plain sequences
+    assert backend._records is None                # and the capture is off again
+
+
+def test_a_timed_mii_query_records_nothing_and_asks_for_no_logits(tiny_model):
+    """latency.py times query_texts: it must pay for no per-step logits; generate() asks for them."""
+    import copy
+    model = copy.deepcopy(tiny_model)
+    seen, original = [], model.generate
+
+    def spy(*args, **kwargs):              # what the model itself is asked, under the capture's wrapper
+        seen.append(sorted(k for k in kwargs if k.startswith(("output_", "return_dict"))))
+        return original(*args, **kwargs)
+    model.generate = spy
+    backend, _ = _in_process_mii(model, lossy_text="1")
+    backend.query_texts(["5 6 7"], 2)
+    assert seen == [[]] and backend._records is None
+    backend.generate(PromptBatch(rows=((5, 6, 7),), pad_token_id=0), 2, top_k=2)
+    assert seen[1] == ["output_logits", "return_dict_in_generate"]
+
+
+def test_a_query_whose_prompt_the_engine_never_saw_is_an_error_naming_the_row(tiny_model):
+    import copy
+    backend, _ = _in_process_mii(copy.deepcopy(tiny_model), lossy_text="1")
+    backend.query_texts = lambda texts, n: ["x"] * len(texts)        # answered without calling the model
+    with pytest.raises(RuntimeError, match="MII deployment neoxmii-test: no record of what the engine generated "
+                                           "for row 0"):
+        backend.generate(PromptBatch(rows=((5, 6),), pad_token_id=0), 2)
