@@ -3,6 +3,7 @@ CUDA (verified), tensor parallel across GPUs. On a CPU-only machine it runs with
 plumbing is still exercised, and the report says so."""
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import torch
@@ -67,25 +68,42 @@ def skip_shared_memory_allreduce() -> None:
     deepspeed.ops.__compatible_ops__[SHM_OP] = False     # DeepSpeed keeps this dict for the process
 
 
-def measure_workspace(device: str) -> int | None:
+WORKSPACE_READINGS = 3      # release-and-retake cycles; each gives two readings (freed, then taken again)
+
+
+def measure_workspace(device: str, readings: int = WORKSPACE_READINGS) -> int | None:
     """The bytes of DeepSpeed's inference workspace on this process's GPU, once the first forward sized it:
     released and taken again (DeepSpeed's own release_workspace / retake_workspace, which its hybrid engine
-    calls between training and generation), and what the driver got back in between is its size, since
-    cudaFree returns memory at once. The registry's fit arithmetic counts it (ModelSpec.ds_workspace_bytes);
-    this is the figure that arithmetic is checked against. None without injected kernels."""
+    calls between training and generation), and what the driver got back, then gave out again, is its size,
+    since cudaFree returns memory at once. The driver's figure is the whole GPU's, and the other engines'
+    processes load beside this one: on one H200 (pythia-160m, synthetic weights) a single release read 772 MiB
+    for a 792 MiB workspace in two sessions of two, another process having taken one of torch's 20 MiB
+    segments meanwhile. So the median of several readings, each window one call long, is the figure. The
+    registry's fit arithmetic counts the workspace (ModelSpec.ds_workspace_bytes); this is the figure that
+    arithmetic is checked against. None without injected kernels."""
     if not device.startswith("cuda"):
         return None
     from deepspeed.model_implementations.transformers.ds_transformer import DeepSpeedTransformerInference
     workspace = DeepSpeedTransformerInference.workspace
     if workspace is None:
         return None
-    held = gpu_used_bytes(device)
-    workspace.release_workspace()
-    freed = held - gpu_used_bytes(device)
-    if not workspace.retake_workspace():
-        raise RuntimeError(f"DeepSpeed could not take back its {freed / 2**20:.0f} MiB inference workspace "
-                           "after it was measured")
-    return freed
+    return _workspace_size(workspace, lambda: gpu_used_bytes(device), readings)
+
+
+def _workspace_size(workspace, used_bytes, readings: int) -> int:
+    """The median of what each release frees and each retake takes (see measure_workspace)."""
+    sizes = []
+    for _ in range(readings):
+        held = used_bytes()
+        workspace.release_workspace()
+        released = used_bytes()
+        if not workspace.retake_workspace():
+            raise RuntimeError(f"DeepSpeed could not take back its {(held - released) / 2**20:.0f} MiB "
+                               "inference workspace after it was measured")
+        sizes += [held - released, used_bytes() - released]
+    # in the worker's log: a reading off by another process's allocation is seen there
+    print(f"DeepSpeed workspace readings (MiB): {', '.join(f'{b / 2**20:.1f}' for b in sizes)}", flush=True)
+    return int(statistics.median(sizes))
 
 
 class KernelInjectedBackend(TorchModelBackend):

@@ -800,3 +800,42 @@ def test_a_bad_number_in_the_environment_is_said_in_one_line_and_the_default_use
                                               "using 30"]
     monkeypatch.setenv("NEOXMII_MEMORY_TIMEOUT", "2.5")
     assert processes.env_float("NEOXMII_MEMORY_TIMEOUT", 30) == 2.5
+
+
+class _Workspace:
+    """DeepSpeed's workspace on a GPU that other processes share: `others` holds what they take from the
+    driver at each reading (bytes), so one reading can be off by another process's allocation."""
+
+    def __init__(self, size: int, others: list[int]):
+        self.size, self.held, self.others, self.taken = size, True, list(others), 0
+
+    def used(self) -> int:
+        self.taken += self.others.pop(0) if self.others else 0
+        return 10 * 2**30 + self.taken + (self.size if self.held else 0)
+
+    def release_workspace(self):
+        self.held = False
+
+    def retake_workspace(self):
+        self.held = True
+        return True
+
+
+def test_the_workspace_is_the_median_reading_so_another_process_allocating_meanwhile_does_not_move_it():
+    from pytest_neoxmii.backends.deepspeed_inference import _workspace_size
+    mib = 2**20
+    quiet = _Workspace(792 * mib, [])
+    assert _workspace_size(quiet, quiet.used, 3) == 792 * mib
+    # another process takes a 20 MiB segment while the first release is read (what one H200 showed)
+    busy = _Workspace(792 * mib, [0, 20 * mib])
+    assert _workspace_size(busy, busy.used, 1) == 782 * mib        # one cycle alone: off by half of it
+    busy = _Workspace(792 * mib, [0, 20 * mib])
+    assert _workspace_size(busy, busy.used, 3) == 792 * mib
+
+
+def test_a_workspace_deepspeed_cannot_take_back_is_an_error_with_its_size():
+    from pytest_neoxmii.backends.deepspeed_inference import _workspace_size
+    lost = _Workspace(100 * 2**20, [])
+    lost.retake_workspace = lambda: False
+    with pytest.raises(RuntimeError, match="DeepSpeed could not take back its 100 MiB inference workspace"):
+        _workspace_size(lost, lost.used, 3)
