@@ -1,6 +1,6 @@
 """DeepSpeed-MII legacy LOCAL deployment for --neox-tp >= 2: a load balancer and one gRPC server per GPU,
 the servers started through the DeepSpeed launcher, queried through `mii.legacy.mii_query_handle` like MII
-users do (text in, text out, re-tokenized to ids).
+users do (text in, text out).
 
 What MII's own `mii.legacy.deploy(..., LOCAL)` does is kept: its config (MIIConfig), its derived replica
 ports, the score file mii_query_handle reads, its launcher arguments and server entry point. What is
