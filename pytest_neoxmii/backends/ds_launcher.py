@@ -53,8 +53,10 @@ class DsLauncherBackend(ChannelDeployment):
             cmd += ["--factory", self.factory]
         if self.engine_config:
             cmd += ["--engine-config", json.dumps(self.engine_config)]
+        env = self._listener.env()
         tree = processes.start(cmd, name=f"DeepSpeed launcher (ds tp={self.tp})",
-                               log_path=self.run_dir / "launcher.log", tag=self.tag, env_extra=self._listener.env())
+                               log_path=self.run_dir / "launcher.log", tag=self.tag, env_extra=env,
+                               leftovers=(self._listener.spill_dir,))
         self._trees.append(tree)
         self.rank_infos = self._await_ready(tree, ready_timeout)["infos"]
 

@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -238,7 +239,11 @@ class ProcessTree:
 
 
 def start(cmd: list[str], *, name: str, log_path: Path, tag: str | None,
-          env_extra: dict[str, str] | None = None, cwd: str | os.PathLike | None = None) -> ProcessTree:
+          env_extra: dict[str, str] | None = None, cwd: str | os.PathLike | None = None,
+          leftovers: tuple[str, ...] = ()) -> ProcessTree:
+    """Start `cmd` (see ProcessTree). `leftovers`: directories the tag's reaper removes after ending the
+    processes, should the test process die without tearing down (a worker's spill directory in /dev/shm,
+    which no reboot-less cleanup would otherwise free)."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
@@ -250,7 +255,7 @@ def start(cmd: list[str], *, name: str, log_path: Path, tag: str | None,
     tree.pids()
     _install_sigterm_guard()
     if tag is not None:
-        _start_reaper(tag)
+        _start_reaper(tag, leftovers)
     return tree
 
 
@@ -528,12 +533,13 @@ def _install_sigterm_guard() -> None:
 _REAPERS: dict[str, subprocess.Popen] = {}
 
 
-def _start_reaper(tag: str) -> None:
+def _start_reaper(tag: str, leftovers: tuple[str, ...] = ()) -> None:
     if tag in _REAPERS:
         return
     env = deployment_env(None)
     _REAPERS[tag] = subprocess.Popen(
-        [sys.executable, "-m", "pytest_neoxmii.deploy.processes", "reap", tag, str(os.getpid())],
+        [sys.executable, "-m", "pytest_neoxmii.deploy.processes", "reap", tag, str(os.getpid()),
+         *map(str, leftovers)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
         start_new_session=True)
 
@@ -560,12 +566,15 @@ def kill_tagged(tag: str, grace: float = 5.0) -> list[int]:
     return living(pids | tagged(tag))
 
 
-def _reap_main(tag: str, parent: int) -> None:
-    """Wait for the test process to go away; if it did so without tearing down, end the deployment."""
+def _reap_main(tag: str, parent: int, leftovers: list[str]) -> None:
+    """Wait for the test process to go away; if it did so without tearing down, end the deployment and
+    remove what it left (a clean teardown stops this process first)."""
     while os.getppid() == parent and alive(parent):
         time.sleep(0.5)
     kill_tagged(tag)
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
 
 
-if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "reap":
-    _reap_main(sys.argv[2], int(sys.argv[3]))
+if __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] == "reap":
+    _reap_main(sys.argv[2], int(sys.argv[3]), sys.argv[4:])

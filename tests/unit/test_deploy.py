@@ -333,13 +333,18 @@ def test_a_hosted_deployments_processes_count_as_their_hosts(tmp_path):
 
 
 def test_reaper_ends_the_deployment_when_the_test_process_is_killed(tmp_path):
-    """SIGKILL of the session (OOM killer, CI hard timeout) runs no handler: the reaper cleans up."""
+    """SIGKILL of the session (OOM killer, CI hard timeout) runs no handler: the reaper cleans up, the
+    worker's spill directory included (in /dev/shm it would hold its memory until a reboot)."""
+    spill = tmp_path / "neoxmii-spill-x"
+    spill.mkdir()
+    (spill / "left.tensor").write_bytes(b"\0" * 1024)
     owner = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
         from pytest_neoxmii.deploy import processes
         tree = processes.start([sys.executable, "-c", "import time; time.sleep(600)"], name="x",
-                               log_path=Path({str(tmp_path)!r}) / "x.log", tag=sys.argv[1])
+                               log_path=Path({str(tmp_path)!r}) / "x.log", tag=sys.argv[1],
+                               leftovers=({str(spill)!r},))
         print(tree.pid, flush=True)
         time.sleep(600)
     """)
@@ -355,6 +360,9 @@ def test_reaper_ends_the_deployment_when_the_test_process_is_killed(tmp_path):
             time.sleep(0.1)
         assert not processes.alive(server), "the reaper did not end the orphaned deployment"
         assert processes.tagged(t) == set()
+        while spill.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not spill.exists(), "the reaper left the worker's spill directory"
     finally:
         proc.kill()
         proc.wait()
