@@ -56,10 +56,10 @@ class ExtraWorkers:
         name, dtype = key.split(":", 1)
         on_gpu = [k.split(":", 1)[0] for k in [*s.backends, *s.pending] if not engines.is_reference(k.split(":", 1)[0])]
         on_gpu += [k.split(":", 1)[0] for k, helpers in self.helpers.items() for _ in helpers]   # not closed yet
-        if key in self.replacements or not s._fit_at_once([*on_gpu, name], dtype):
+        if key in self.replacements or not s.fit_at_once([*on_gpu, name], dtype):
             return
         try:
-            self.replacements[key] = s._load(name, dtype, wait=False)
+            self.replacements[key] = s.load(name, dtype, wait=False)
         except (BackendUnavailable, DeploymentError, InjectionFailed):
             pass                    # deployed again when next asked for, which says why it cannot
 
@@ -114,7 +114,7 @@ class ExtraWorkers:
         those calls, each when a test asks."""
         name, dtype = key.split(":", 1)
         try:
-            helper = self.session._load(name, dtype, wait=False, ahead=share)
+            helper = self.session.load(name, dtype, wait=False, ahead=share)
         except (BackendUnavailable, DeploymentError, InjectionFailed):
             return None
         self.helpers.setdefault(key, []).append(helper)
@@ -142,7 +142,7 @@ class ExtraWorkers:
                 except DeploymentError as exc:     # (a crash already said is not said again)
                     if key not in s.crashed:
                         name, dtype = key.split(":", 1)
-                        s._record_crash(key, f"{name} ({dtype}): a worker sharing its calls ahead died: {exc}")
+                        s.record_crash(key, f"{name} ({dtype}): a worker sharing its calls ahead died: {exc}")
             s.close_all({ahead_share.helper_key(key, i): helper for i, helper in enumerate(helpers, 1)})
             del self.helpers[key]
 
@@ -154,8 +154,8 @@ class ExtraWorkers:
         for key, helpers in self.helpers.items():
             for i, helper in enumerate(helpers, 1):
                 name = ahead_share.helper_key(key, i)
-                if helper._ready:
-                    self.session._take_ahead_account(name, helper)
+                if helper.is_ready:
+                    self.session.take_ahead_account(name, helper)
                 up[name] = helper
         up.update({f"{k} (replacement)": b for k, b in self.replacements.items()})
         self.helpers.clear()

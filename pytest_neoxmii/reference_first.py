@@ -115,10 +115,10 @@ def footprint(spec: ModelSpec, reference: str, peer_dtype: str, deployed: list[E
             parts.append((f"{engine.name} workspace", engine.workspace_bytes))
         if engine.runtime_bytes:
             runtimes.append((f"{engine.name} runtime", engine.runtime_bytes))
+    # One sum, the one the line shows: (weights + workspaces) x margin + runtimes, which is the HF models'
+    # weights x margin plus each engine's ModelSpec.per_gpu_bytes (a unit test holds the two together).
     held = sum(b for _, b in parts) * MARGIN
-    hf_bytes = sum(spec.weight_bytes(dtype) for dtype in {"fp32", peer_dtype}) * MARGIN
-    needed = hf_bytes + sum(spec.per_gpu_bytes(e.dtype, e.tp, e.workspace_bytes, e.runtime_bytes)
-                            for e in deployed)
+    needed = held + sum(b for _, b in runtimes)
     fits = needed <= gpu_bytes
     arithmetic = (" + ".join(f"{label} {_gb(b)}" for label, b in parts) + f", x {MARGIN}"
                   + (f" = {_gb(held)}, + " + " + ".join(f"{label} {_gb(b)}" for label, b in runtimes)

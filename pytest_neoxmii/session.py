@@ -226,10 +226,10 @@ class NeoxSession:
                 with self.timed("model load"):
                     backend = self.pending.pop(key).wait_ready()
             else:
-                backend = self._load(name, dtype)
+                backend = self.load(name, dtype)
             waited = time.perf_counter() - t0
             if reference and self.options.reference_first != "never":
-                backend = reference_first.ReferenceHandle(backend, lambda: self._load(name, dtype))
+                backend = reference_first.ReferenceHandle(backend, lambda: self.load(name, dtype))
         except BackendUnavailable as exc:
             self.unavailable[key] = f"{name} ({dtype}): {exc}"
             pytest.skip(self.unavailable[key])
@@ -273,7 +273,10 @@ class NeoxSession:
                            max_tokens=self.max_tokens, max_batch=self.max_batch, spec=model.spec,
                            zero_nvme=self.options.zero_nvme, engine_config=self._engine_config(name))
 
-    def _load(self, name: str, dtype: str, wait: bool = True, ahead: list[tuple[str, tuple]] = ()) -> Backend:
+    def load(self, name: str, dtype: str, wait: bool = True, ahead: list[tuple[str, tuple]] = ()) -> Backend:
+        """A new deployment of `name` (wait=False: launched, loading while the session goes on), timed as
+        model load; not kept here: backend() keeps the session's own, ExtraWorkers its helpers and
+        replacements."""
         with self.timed("model load"):
             return load_backend(name, self._request(name, dtype), wait=wait, ahead=ahead)
 
@@ -381,7 +384,7 @@ class NeoxSession:
         available = hardware.host_memory_available()
         while workers > 1 and not (
                 ahead_share.host_memory_allows(workers, self.model.spec.weight_bytes(dtype), available)
-                and self._fit_at_once([*beside, *[name] * (workers - 1)], dtype)):
+                and self.fit_at_once([*beside, *[name] * (workers - 1)], dtype)):
             workers -= 1
         return workers
 
@@ -395,7 +398,7 @@ class NeoxSession:
         dtype = self.dtype
         names = [n for n in self.options.backends if not engines.is_reference(n)
                  and engines.engine(n).backend_for(self._tp_of(n)).isolated]
-        if not names or not self._fit_at_once(names, dtype):
+        if not names or not self.fit_at_once(names, dtype):
             return
         # The workers start first, their calls ahead given once the cases are built (the tokenizer imports
         # transformers: 2.6 s on a 2-core CPU), which then happens while they start and import.
@@ -410,7 +413,7 @@ class NeoxSession:
             calls, breaks, issue = self._ahead_calls(name)
             later = bool(calls or breaks)
             try:
-                self.pending[key] = self._load(name, dtype, wait=False, ahead=None if later else ())
+                self.pending[key] = self.load(name, dtype, wait=False, ahead=None if later else ())
                 self.prelaunched.append(name)
                 if later:
                     workers = [self.pending[key]]
@@ -424,7 +427,7 @@ class NeoxSession:
             except BackendUnavailable:
                 continue            # refused before a process started: backend() skips with the reason
             except DeploymentError as exc:      # kept, as backend() keeps it: not retried by every test
-                self._record_crash(key, f"{name} ({dtype}) failed to deploy: {exc}")
+                self.record_crash(key, f"{name} ({dtype}) failed to deploy: {exc}")
             except InjectionFailed as exc:
                 self.injection_failures[key] = exc
         for calls, breaks, workers in launched.values():
@@ -477,7 +480,7 @@ class NeoxSession:
                     with self.timed("model calls"):
                         self.ahead_reports[key] = backend.wait_ahead()
                 except DeploymentError as exc:     # kept for the tests that need it
-                    self._record_crash(key, str(exc))
+                    self.record_crash(key, str(exc))
         # A deployment that ran a breaking call ahead is broken whether or not a test asked for the result
         # (the test may have been deselected after all, or stopped early): never timed, replaced.
         for key in self.extra.ran_breaking_ahead():
@@ -490,7 +493,7 @@ class NeoxSession:
                 pass
         self.extra.retire_helpers()
 
-    def _fit_at_once(self, names: list[str], dtype: str) -> bool:
+    def fit_at_once(self, names: list[str], dtype: str) -> bool:
         """The fp32 reference, its peer and every engine, on the smallest GPU in use: reference first's
         arithmetic (reference_first.footprint)."""
         hw = self.hardware
@@ -623,10 +626,10 @@ class NeoxSession:
     def _crash(self, key: str, message: str):
         """A deployment died: remember why (every later test needing it fails at once with it), release
         what is left of it, and fail the calling test."""
-        self._record_crash(key, message)
+        self.record_crash(key, message)
         pytest.fail(self.crashed[key], pytrace=False)
 
-    def _record_crash(self, key: str, message: str) -> None:
+    def record_crash(self, key: str, message: str) -> None:
         """_crash without failing the caller (prelaunch and settle, which no test's outcome hangs on)."""
         self.crashed[key] = message
         backend = self.backends.pop(key, None)
@@ -718,7 +721,7 @@ class NeoxSession:
     def record(self, rec: Record) -> None:
         self.records.append(rec)
 
-    def _take_ahead_account(self, key: str, backend: Backend) -> None:
+    def take_ahead_account(self, key: str, backend: Backend) -> None:
         """The worker's last account of its work ahead, for the summary; never waits for it."""
         if isinstance(backend, IsolatedEngine) and backend.ahead:
             try:
@@ -730,7 +733,7 @@ class NeoxSession:
         if self.kernel_build is not None:
             self.kernel_build.close(self.kernels.directory)
         for key, backend in self.backends.items():
-            self._take_ahead_account(key, backend)
+            self.take_ahead_account(key, backend)
         self.backends.update(self.pending)      # launched but never needed: torn down all the same
         self.pending.clear()
         self.backends.update(self.extra.still_up())   # (settle retires them; a session cut short may not)
@@ -764,7 +767,7 @@ class NeoxSession:
         key = f"{name}:{dtype or self.dtype}"
         backend = self.backends.pop(key, None)
         if backend is not None:
-            self._take_ahead_account(key, backend)
+            self.take_ahead_account(key, backend)
             with self.timed("model teardown"):
                 backend.close()
 

@@ -64,6 +64,11 @@ class WorkerDeployment(Backend):
             self.close()
             raise
 
+    @property
+    def is_ready(self) -> bool:
+        """The start was finished (wait_ready ran); never waits."""
+        return self._ready
+
     def wait_ready(self) -> "WorkerDeployment":
         """Finish the start: wait until the processes answer (a deployment made with wait=False was only
         launched, so that it loads while the session does other work). Returns the deployment."""

@@ -773,8 +773,8 @@ def test_a_replacement_launches_once_the_breaking_work_ahead_is_done_and_only_on
     done = {"flag": False}
     deployment = types.SimpleNamespace(finished_ahead=lambda: done["flag"])
     launched = []
-    session = types.SimpleNamespace(pending={"ds:fp16": deployment}, backends={}, _fit_at_once=lambda n, d: True,
-                                    _load=lambda name, dtype, wait: launched.append((name, dtype)) or object())
+    session = types.SimpleNamespace(pending={"ds:fp16": deployment}, backends={}, fit_at_once=lambda n, d: True,
+                                    load=lambda name, dtype, wait: launched.append((name, dtype)) or object())
     extra = ExtraWorkers(session)
     extra.will_break_ahead("ds:fp16", issue=object(), replace_now=False)
     extra.replace_once_broken()

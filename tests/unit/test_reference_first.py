@@ -2,7 +2,7 @@
 reference's outputs of every case are computed and the HF models released; afterwards neox.reference() and
 neox.peer() are handles that answer cached lookups without loading and reload once for anything else.
 
-A real NeoxSession runs with stand-in backends: session._load is replaced by a factory that counts loads and
+A real NeoxSession runs with stand-in backends: session.load is replaced by a factory that counts loads and
 closes, the cases are fixed token rows (no tokenizer), and the GPUs are faked (conftest.fake_gpus)."""
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def make_session(monkeypatch, model: str = "pythia-14m", mode: str = "always", d
                           reference_first=mode)
     session = NeoxSession(options, SimpleNamespace(spec=lookup(model), path=Path("unused")))
     session.log = []
-    monkeypatch.setattr(session, "_load", lambda name, dtype: (StandInReference if engines.is_reference(name)
+    monkeypatch.setattr(session, "load", lambda name, dtype: (StandInReference if engines.is_reference(name)
                                                                else GpuEngine)(name, dtype, session.log))
     monkeypatch.setattr(session, "plans", lambda: PLANS)
     for plan in PLANS:
@@ -239,13 +239,13 @@ def test_a_bad_mode_is_a_one_line_usage_error(pytester, assert_usage_error):
 def test_a_peer_that_cannot_load_stops_the_precompute_not_the_engine(monkeypatch, on_cpu):
     from pytest_neoxmii.errors import BackendUnavailable
     session = make_session(monkeypatch)
-    load = session._load
+    load = session.load
 
     def refuse_the_peer(name, dtype):
         if dtype == "fp16" and engines.is_reference(name):
             raise BackendUnavailable("no fp16 here")
         return load(name, dtype)
-    monkeypatch.setattr(session, "_load", refuse_the_peer)
+    monkeypatch.setattr(session, "load", refuse_the_peer)
     assert session.backend("big").info.backend == "big"
     assert session.unavailable == {"hf:fp16": "hf (fp16): no fp16 here"}
     assert session.reference_releases == ["reference first: 0 cases precomputed, hf fp32 released before big "
