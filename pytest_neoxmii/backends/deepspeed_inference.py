@@ -81,17 +81,36 @@ def measure_workspace(device: str, readings: int = WORKSPACE_READINGS) -> int | 
     segments meanwhile. So the median of several readings, each window one call long, is the figure. The
     registry's fit arithmetic counts the workspace (ModelSpec.ds_workspace_bytes); this is the figure that
     arithmetic is checked against. None without injected kernels."""
+    sizes = workspace_readings(device, readings)
+    return None if sizes is None else int(statistics.median(sizes))
+
+
+def workspace_readings(device: str, readings: int = WORKSPACE_READINGS) -> list[int] | None:
+    """Every reading measure_workspace takes the median of; None without injected kernels."""
     if not device.startswith("cuda"):
         return None
     from deepspeed.model_implementations.transformers.ds_transformer import DeepSpeedTransformerInference
     workspace = DeepSpeedTransformerInference.workspace
     if workspace is None:
         return None
-    return _workspace_size(workspace, lambda: gpu_used_bytes(device), readings)
+    return _workspace_readings(workspace, lambda: gpu_used_bytes(device), readings)
+
+
+def spread_note(readings: list[int] | None) -> list[str]:
+    """A note for the report where the readings disagree by more than a driver page or two: the sign that
+    another process allocated or freed on the GPU while the workspace was measured."""
+    if not readings or max(readings) - min(readings) <= 4 * 2**20:
+        return []
+    return [f"DeepSpeed workspace readings {min(readings) / 2**20:.0f}-{max(readings) / 2**20:.0f} MiB "
+            f"(the GPU's other processes moved the driver's figure meanwhile; the median is taken)"]
 
 
 def _workspace_size(workspace, used_bytes, readings: int) -> int:
     """The median of what each release frees and each retake takes (see measure_workspace)."""
+    return int(statistics.median(_workspace_readings(workspace, used_bytes, readings)))
+
+
+def _workspace_readings(workspace, used_bytes, readings: int) -> list[int]:
     sizes = []
     for _ in range(readings):
         held = used_bytes()
@@ -101,9 +120,7 @@ def _workspace_size(workspace, used_bytes, readings: int) -> int:
             raise RuntimeError(f"DeepSpeed could not take back its {(held - released) / 2**20:.0f} MiB "
                                "inference workspace after it was measured")
         sizes += [held - released, used_bytes() - released]
-    # in the worker's log: a reading off by another process's allocation is seen there
-    print(f"DeepSpeed workspace readings (MiB): {', '.join(f'{b / 2**20:.1f}' for b in sizes)}", flush=True)
-    return int(statistics.median(sizes))
+    return sizes
 
 
 class KernelInjectedBackend(TorchModelBackend):
@@ -116,6 +133,7 @@ class KernelInjectedBackend(TorchModelBackend):
     isolated = True
     requires = ("deepspeed",)
     workspace_bytes: int | None = None      # DeepSpeed's workspace, measured by _verify_kernels where injected
+    workspace_readings: list[int] | None = None    # what its median was taken of
 
     @classmethod
     def check_can_run(cls, request: LoadRequest) -> None:
@@ -135,7 +153,9 @@ class KernelInjectedBackend(TorchModelBackend):
                     else f"none (replace_with_kernel_inject is off in the {config_name} config)")
         require_injected(report, compat.transformers_version())
         self.size_workspace(max_batch)
-        self.workspace_bytes = measure_workspace(self.device)
+        self.workspace_readings = workspace_readings(self.device)
+        if self.workspace_readings is not None:
+            self.workspace_bytes = int(statistics.median(self.workspace_readings))
         return report.describe()
 
     def close(self) -> None:
@@ -182,5 +202,5 @@ class DeepSpeedBackend(KernelInjectedBackend):
             gpu_memory_bytes=held, gpu_tensor_bytes=torch.cuda.memory_allocated(device) if on_gpu else None,
             workspace_bytes=self.workspace_bytes,
             notes=[f"max_tokens={config['max_tokens']}", f"workspace sized for batch {max_batch}"]
-            + ([measured] if measured else [])
+            + ([measured] if measured else []) + spread_note(self.workspace_readings)
             + (["user config merged over the defaults"] if engine_config else []))

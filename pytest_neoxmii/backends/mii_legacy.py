@@ -18,7 +18,7 @@ from pytest_neoxmii import compat
 from pytest_neoxmii.backends import generation_capture as capture
 from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.backends.deepspeed_inference import (KernelInjectedBackend, check_kernels_can_run,
-                                                         init_distributed_env)
+                                                         init_distributed_env, spread_note)
 from pytest_neoxmii.dtypes import TORCH_DTYPES
 from pytest_neoxmii.errors import BackendUnavailable
 from pytest_neoxmii.injection import gpu_used_bytes, held_since
@@ -110,7 +110,8 @@ class MiiBackend(KernelInjectedBackend):
             backend="mii", dtype=dtype, device=device, tensor_parallel=1, kernels=kernels,
             gpu_memory_bytes=held, gpu_tensor_bytes=torch.cuda.memory_allocated(device) if on_gpu else None,
             workspace_bytes=self.workspace_bytes,
-            notes=["MII legacy NON_PERSISTENT, queried through mii_query_handle"] + ([measured] if measured else []))
+            notes=["MII legacy NON_PERSISTENT, queried through mii_query_handle"] + ([measured] if measured else [])
+            + spread_note(self.workspace_readings))
 
     def query_texts(self, texts: list[str], max_new_tokens: int) -> list[str]:
         result = self.handle.query({"query": texts}, do_sample=False, max_new_tokens=max_new_tokens,

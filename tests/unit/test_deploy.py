@@ -847,3 +847,13 @@ def test_a_workspace_deepspeed_cannot_take_back_is_an_error_with_its_size():
     lost.retake_workspace = lambda: False
     with pytest.raises(RuntimeError, match="DeepSpeed could not take back its 100 MiB inference workspace"):
         _workspace_size(lost, lost.used, 3)
+
+
+def test_readings_that_disagree_are_said_in_the_deployments_notes():
+    from pytest_neoxmii.backends.deepspeed_inference import spread_note
+    mib = 2**20
+    assert spread_note(None) == [] and spread_note([792 * mib] * 6) == []
+    assert spread_note([790 * mib, 792 * mib]) == []                       # within the driver's pages
+    assert spread_note([772 * mib] + [792 * mib] * 5) == [
+        "DeepSpeed workspace readings 772-792 MiB (the GPU's other processes moved the driver's figure "
+        "meanwhile; the median is taken)"]
