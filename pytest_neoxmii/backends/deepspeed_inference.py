@@ -81,8 +81,12 @@ def measure_workspace(device: str, readings: int = WORKSPACE_READINGS) -> int | 
     segments meanwhile. So the median of several readings, each window one call long, is the figure. The
     registry's fit arithmetic counts the workspace (ModelSpec.ds_workspace_bytes); this is the figure that
     arithmetic is checked against. None without injected kernels."""
-    sizes = workspace_readings(device, readings)
-    return None if sizes is None else int(statistics.median(sizes))
+    return workspace_size(workspace_readings(device, readings))
+
+
+def workspace_size(readings: list[int] | None) -> int | None:
+    """The workspace's size from its readings: their median (see measure_workspace)."""
+    return None if readings is None else int(statistics.median(readings))
 
 
 def workspace_readings(device: str, readings: int = WORKSPACE_READINGS) -> list[int] | None:
@@ -105,12 +109,8 @@ def spread_note(readings: list[int] | None) -> list[str]:
             f"(the GPU's other processes moved the driver's figure meanwhile; the median is taken)"]
 
 
-def _workspace_size(workspace, used_bytes, readings: int) -> int:
-    """The median of what each release frees and each retake takes (see measure_workspace)."""
-    return int(statistics.median(_workspace_readings(workspace, used_bytes, readings)))
-
-
 def _workspace_readings(workspace, used_bytes, readings: int) -> list[int]:
+    """What each release frees and each retake takes, `readings` cycles of both."""
     sizes = []
     for _ in range(readings):
         held = used_bytes()
@@ -154,8 +154,7 @@ class KernelInjectedBackend(TorchModelBackend):
         require_injected(report, compat.transformers_version())
         self.size_workspace(max_batch)
         self.workspace_readings = workspace_readings(self.device)
-        if self.workspace_readings is not None:
-            self.workspace_bytes = int(statistics.median(self.workspace_readings))
+        self.workspace_bytes = workspace_size(self.workspace_readings)
         return report.describe()
 
     def close(self) -> None:

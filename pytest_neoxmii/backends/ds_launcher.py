@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.backends.worker_deployment import ChannelDeployment
-from pytest_neoxmii.deploy import launcher, ports, processes
+from pytest_neoxmii.deploy import launcher, ports
 
 WORKER = "pytest_neoxmii.backends.ds_rank"
 
@@ -53,11 +53,8 @@ class DsLauncherBackend(ChannelDeployment):
             cmd += ["--factory", self.factory]
         if self.engine_config:
             cmd += ["--engine-config", json.dumps(self.engine_config)]
-        env = self._listener.env()
-        tree = processes.start(cmd, name=f"DeepSpeed launcher (ds tp={self.tp})",
-                               log_path=self.run_dir / "launcher.log", tag=self.tag, env_extra=env,
-                               leftovers=(self._listener.spill_dir,))
-        self._trees.append(tree)
+        tree = self._start_tree(cmd, name=f"DeepSpeed launcher (ds tp={self.tp})",
+                                log_path=self.run_dir / "launcher.log")
         self.rank_infos = self._await_ready(tree, ready_timeout)["infos"]
 
     def _describe(self) -> BackendInfo:

@@ -100,3 +100,16 @@ def match_rows(records: list[dict], rows: list[list[int]], max_new_tokens: int) 
         tokens.append([int(t) for t in found["tokens"]])
         top.append([[(int(t), float(lp)) for t, lp in step] for step in found["top"]])
     return tokens, top
+
+
+def generation(records: list[dict], batch, max_new_tokens: int, top_k: int):
+    """The Generation judged for a query of `batch`: each row's recorded ids and the first top_k of each
+    step's recorded logprobs. CaptureMismatch where the records do not describe the batch (the caller says
+    which deployment); BackendUnavailable where more than CAPTURE_TOP_K logprobs a step are asked."""
+    from pytest_neoxmii.errors import BackendUnavailable
+    from pytest_neoxmii.outputs import Generation
+    tokens, top = match_rows(records, [list(r) for r in batch.rows], max_new_tokens)
+    if top_k > CAPTURE_TOP_K:
+        raise BackendUnavailable(f"the engine's steps are recorded with their top-{CAPTURE_TOP_K} logprobs "
+                                 f"(MII returns text only), top-{top_k} was asked")
+    return Generation(tokens=tokens, top_logprobs=[[step[:top_k] for step in row] for row in top])

@@ -72,10 +72,7 @@ class IsolatedEngine(ChannelDeployment):
             if not self.ahead_later:
                 self._write_ahead(self.ahead)
             cmd += ["--ahead", str(self.run_dir / AHEAD_FILE), "--ahead-done", str(self.run_dir / AHEAD_DONE_FILE)]
-        env = self._listener.env()
-        tree = processes.start(cmd, name=f"{self.name} worker", log_path=self.run_dir / "worker.log",
-                               tag=self.tag, env_extra=env, leftovers=(self._listener.spill_dir,))
-        self._trees.append(tree)
+        self._start_tree(cmd, name=f"{self.name} worker", log_path=self.run_dir / "worker.log")
 
     def _start(self, ready_timeout: float) -> None:
         tree = self._trees[0]

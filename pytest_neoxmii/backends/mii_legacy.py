@@ -101,9 +101,10 @@ class MiiBackend(KernelInjectedBackend):
         self.model = self.pipeline.model               # the DeepSpeed engine MII built
         # Recorded only while generate() queries: a timed query (latency.py) asks for no logits.
         self._records: list[dict] | None = None
-        capture.capture_generate(getattr(self.model, "module", self.model), self._record, capture.CAPTURE_TOP_K,
+        module = getattr(self.model, "module", self.model)
+        capture.capture_generate(module, self._record, capture.CAPTURE_TOP_K,
                                  enabled=lambda: self._records is not None)
-        kernels = self._verify_kernels(getattr(self.model, "module", self.model), inject=inject, on_gpu=on_gpu,
+        kernels = self._verify_kernels(module, inject=inject, on_gpu=on_gpu,
                                        max_batch=max_batch, config_name="mii")
         held, measured = held_since(device, before)
         self.info = BackendInfo(
@@ -131,13 +132,9 @@ class MiiBackend(KernelInjectedBackend):
         finally:
             self._records = None
         try:
-            tokens, top = capture.match_rows(records, [list(r) for r in batch.rows], max_new_tokens)
+            return capture.generation(records, batch, max_new_tokens, top_k)
         except capture.CaptureMismatch as exc:
             raise RuntimeError(f"MII deployment {self.name}: {exc}") from None
-        if top_k > capture.CAPTURE_TOP_K:
-            raise BackendUnavailable(f"the engine's steps are recorded with their top-{capture.CAPTURE_TOP_K} "
-                                     f"logprobs, top-{top_k} was asked")
-        return Generation(tokens=tokens, top_logprobs=[[step[:top_k] for step in row] for row in top])
 
     def close(self) -> None:
         if getattr(self, "_mii", None) is None:

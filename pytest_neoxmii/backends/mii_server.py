@@ -232,13 +232,9 @@ class MiiServerBackend(WorkerDeployment):
             switch.unlink(missing_ok=True)
         records, self._capture_at = capture.read_records(self._capture_path, self._capture_at)
         try:
-            tokens, top = capture.match_rows(records, [list(r) for r in batch.rows], max_new_tokens)
+            return capture.generation(records, batch, max_new_tokens, top_k)
         except capture.CaptureMismatch as exc:
             raise processes.DeploymentError(f"MII deployment {self.name}: {exc}") from None
-        if top_k > capture.CAPTURE_TOP_K:
-            raise BackendUnavailable(f"rank 0 records the top-{capture.CAPTURE_TOP_K} logprobs of each step, "
-                                     f"top-{top_k} was asked")
-        return Generation(tokens=tokens, top_logprobs=[[step[:top_k] for step in row] for row in top])
 
     def score(self, batch: PromptBatch):
         raise BackendUnavailable(NO_SCORES)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import shutil
 import time
+from pathlib import Path
 from typing import Callable
 
 from pytest_neoxmii.backends.base import Backend, BackendInfo, LoadRequest
@@ -173,6 +174,15 @@ class ChannelDeployment(WorkerDeployment):
 
     def _reserve(self) -> None:
         self._listener = channel.Listener()
+
+    def _start_tree(self, cmd: list[str], *, name: str, log_path: Path) -> processes.ProcessTree:
+        """Start rank 0's process tree with what it needs to connect back, its spill directory left to the
+        tag's reaper should the session die without tearing down; it becomes a tree of the deployment."""
+        env = self._listener.env()
+        tree = processes.start(cmd, name=name, log_path=log_path, tag=self.tag, env_extra=env,
+                               leftovers=(self._listener.spill_dir,))
+        self._trees.append(tree)
+        return tree
 
     def _after_launch(self) -> None:
         # rank 0 connects as soon as it starts: take the connection then, so that it goes on loading

@@ -830,7 +830,10 @@ class _Workspace:
 
 
 def test_the_workspace_is_the_median_reading_so_another_process_allocating_meanwhile_does_not_move_it():
-    from pytest_neoxmii.backends.deepspeed_inference import _workspace_size
+    from pytest_neoxmii.backends.deepspeed_inference import _workspace_readings, workspace_size
+
+    def _workspace_size(workspace, used, readings):
+        return workspace_size(_workspace_readings(workspace, used, readings))
     mib = 2**20
     quiet = _Workspace(792 * mib, [])
     assert _workspace_size(quiet, quiet.used, 3) == 792 * mib
@@ -842,11 +845,11 @@ def test_the_workspace_is_the_median_reading_so_another_process_allocating_meanw
 
 
 def test_a_workspace_deepspeed_cannot_take_back_is_an_error_with_its_size():
-    from pytest_neoxmii.backends.deepspeed_inference import _workspace_size
+    from pytest_neoxmii.backends.deepspeed_inference import _workspace_readings
     lost = _Workspace(100 * 2**20, [])
     lost.retake_workspace = lambda: False
     with pytest.raises(RuntimeError, match="DeepSpeed could not take back its 100 MiB inference workspace"):
-        _workspace_size(lost, lost.used, 3)
+        _workspace_readings(lost, lost.used, 3)
 
 
 def test_readings_that_disagree_are_said_in_the_deployments_notes():

@@ -279,3 +279,13 @@ def test_a_query_whose_prompt_the_engine_never_saw_is_an_error_naming_the_row(ti
     with pytest.raises(RuntimeError, match="MII deployment neoxmii-test: no record of what the engine generated "
                                            "for row 0"):
         backend.generate(PromptBatch(rows=((5, 6),), pad_token_id=0), 2)
+
+
+def test_more_logprobs_a_step_than_recorded_is_a_skip_reason_naming_both():
+    from pytest_neoxmii.errors import BackendUnavailable
+    record = {"prompt": [4, 5], "tokens": [6], "top": [[[6, -0.1]]]}
+    gen = capture.generation([record], PromptBatch(rows=((4, 5),)), 1, top_k=1)
+    assert gen.tokens == [[6]] and gen.top_logprobs == [[[(6, -0.1)]]]
+    with pytest.raises(BackendUnavailable, match=f"recorded with their top-{capture.CAPTURE_TOP_K} logprobs "
+                                                 r"\(MII returns text only\), top-21 was asked"):
+        capture.generation([record], PromptBatch(rows=((4, 5),)), 1, top_k=capture.CAPTURE_TOP_K + 1)
