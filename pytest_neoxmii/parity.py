@@ -470,6 +470,10 @@ def _teacher_forced_metrics(reference: Scores, candidate: Scores, batch: PromptB
     nonfinite = "; ".join(d for d in (find_nonfinite(reference, "reference scores"),
                                       find_nonfinite(candidate, "candidate scores")) if d) or None
 
+    # The same scores on both sides (an fp32 session's noise floor: its HF peer is the reference itself): the
+    # float64 log-softmaxes are skipped, whose difference would be exactly zero (a quarter of the judging of a
+    # CPU session). Everything else is computed as for any pair, so the metrics are the same to the bit.
+    itself = candidate.logprobs is reference.logprobs
     kls, agree, where, r_top, c_top = [], [], [], [], []
     max_abs = 0.0
     nll_r, nll_c = [], []
@@ -487,7 +491,8 @@ def _teacher_forced_metrics(reference: Scores, candidate: Scores, batch: PromptB
             first, last = int(chunk[0]), int(chunk[-1])
             lr, lc = reference.logprobs[b, first:last + 1], candidate.logprobs[b, first:last + 1]
             if on is not None:
-                lr, lc = lr.to(on), lc.to(on)
+                lr = lr.to(on)
+                lc = lr if itself else lc.to(on)
             kept = chunk
             if nonfinite is not None:                    # else every real position is finite on both sides
                 finite = torch.isfinite(lr).all(-1) & torch.isfinite(lc).all(-1)
@@ -499,16 +504,20 @@ def _teacher_forced_metrics(reference: Scores, candidate: Scores, batch: PromptB
             # side (on 2 CPU cores a float64 pass over a 2016-token case costs 0.2-0.4 s). What needs no
             # float64 reads the logprobs as given: argmax (a float64 copy holds the same values) and the
             # largest difference (max_abs_diff, exact below).
-            ar, ac = lr.argmax(-1), lc.argmax(-1)
+            ar = lr.argmax(-1)
+            ac = ar if itself else lc.argmax(-1)
             agree.append((ar == ac).cpu())
             r_top.append(ar.cpu())
             c_top.append(ac.cpu())
-            max_abs = max(max_abs, _max_abs_diff(lr, lc))
-            nr = torch.log_softmax(lr, -1, dtype=torch.float64)
-            diff = torch.log_softmax(lc, -1, dtype=torch.float64)
-            torch.sub(nr, diff, out=diff)                    # nr - nc, in the candidate's buffer
-            kls.append(nr.exp_().mul_(diff).sum(-1).clamp_min(0.0).cpu())
-            del nr, diff
+            if itself:                                       # nr - nc is exactly 0: so are KL and max |diff|
+                kls.append(torch.zeros(len(kept), dtype=torch.float64))
+            else:
+                max_abs = max(max_abs, _max_abs_diff(lr, lc))
+                nr = torch.log_softmax(lr, -1, dtype=torch.float64)
+                diff = torch.log_softmax(lc, -1, dtype=torch.float64)
+                torch.sub(nr, diff, out=diff)                # nr - nc, in the candidate's buffer
+                kls.append(nr.exp_().mul_(diff).sum(-1).clamp_min(0.0).cpu())
+                del nr, diff
             where.extend((b, p, plen) for p in pos[kept].tolist())
             # next-token targets: t -> ids[t+1], only where t+1 is a real token too
             nxt = kept + 1

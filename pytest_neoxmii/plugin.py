@@ -12,6 +12,7 @@ import pytest
 from pytest_neoxmii import backends as engines
 from pytest_neoxmii import options as options_mod
 from pytest_neoxmii.backends import planted_fault
+from pytest_neoxmii.deploy import cpu_heap
 from pytest_neoxmii.errors import NeoxUsageError
 from pytest_neoxmii.fixtures import (neox, neox_case, neox_ds, neox_generation_case,  # noqa: F401
                                      neox_mii, neox_reference, neox_zero)                      # (fixtures)
@@ -93,6 +94,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     lines += [f"neoxmii: {config.describe()}" for config in session.serving_configs.values()]
     if session.kernels is not None:
         lines.append(f"neoxmii: {session.kernels.describe()}")
+    heap = cpu_heap.describe(session.device)
+    if heap:
+        lines.append(f"neoxmii: {heap}")
     if o.gpu_memory_cap is not None:
         lines.append(f"neoxmii: GPU memory cap {o.gpu_memory_cap / 2**30:.2f} GiB per worker and GPU "
                      "(--neox-gpu-memory-cap): what fits is judged against the cap, not the card")

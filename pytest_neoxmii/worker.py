@@ -200,13 +200,14 @@ def build_kernels(cls, request) -> float | None:
 
 def load(cls, request) -> tuple[object | None, dict]:
     """The engine, and the message for the session: ready with what runs, or failed with why."""
-    from pytest_neoxmii.deploy import gpu_cap
+    from pytest_neoxmii.deploy import cpu_heap, gpu_cap
     from pytest_neoxmii.errors import BackendUnavailable
     from pytest_neoxmii.injection import InjectionFailed
     try:
         here = not cls.runs_in_worker     # a hosted deployment's own processes apply the cap themselves
         if here:
             gpu_cap.apply(request.device)
+        cpu_heap.keep_freed_memory(request.device)
         kernel_s = build_kernels(cls, request)
         t0 = time.monotonic()
         backend = cls.load(request)

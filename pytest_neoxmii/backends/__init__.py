@@ -23,6 +23,7 @@ from pytest_neoxmii.backends.isolated import IsolatedEngine
 from pytest_neoxmii.backends.mii_legacy import MiiBackend
 from pytest_neoxmii.backends.mii_server import MiiServerBackend
 from pytest_neoxmii.backends.zero_inference import ZeroInferenceBackend
+from pytest_neoxmii.deploy import cpu_heap
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ def load_backend(name: str, request: LoadRequest, *, wait: bool = True,
     cls = engine(name).backend_for(request.tp)
     if cls.isolated:
         return IsolatedEngine(name, cls, request, wait=wait, ahead=ahead)
+    cpu_heap.keep_freed_memory(request.device)      # as each worker does (worker.load)
     return cls.load(request)
 
 

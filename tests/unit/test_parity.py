@@ -108,6 +108,29 @@ def test_identical_outputs_give_zero_metrics_and_pass(batch, reference, floor_pa
     assert "PASSED" in verdict.message()
 
 
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_the_reference_against_itself_skips_the_arithmetic_and_gives_the_metrics_of_an_equal_copy(
+        batch, logits, nonfinite, monkeypatch):
+    """An fp32 session's noise floor is the reference against itself (its peer is the reference): the float64
+    log-softmaxes are skipped there, and the metrics are those of any two equal scores, to the bit."""
+    scores = scores_from_logits(batch, logits)
+    if nonfinite:
+        scores.logprobs[0, -2, 7] = float("nan")
+    copy = Scores(scores.logprobs.clone(), scores.mask.clone())
+    from pytest_neoxmii import parity as parity_module
+    softmaxes = []
+    real = torch.log_softmax
+    monkeypatch.setattr(parity_module.torch, "log_softmax", lambda *a, **k: softmaxes.append(1) or real(*a, **k))
+    of_copy = teacher_forced_metrics(scores, copy, batch)
+    assert softmaxes, "the pair of equal copies is computed in full"
+    softmaxes.clear()
+    of_itself = teacher_forced_metrics(scores, scores, batch)
+    assert softmaxes == []
+    assert of_itself == of_copy
+    assert (of_itself.nonfinite is not None) == nonfinite
+    assert of_itself.kl_max == 0.0 and of_itself.top1_agreement == 1.0 and of_itself.n_targets > 0
+
+
 def test_zero_floor_does_not_demand_bit_exactness(batch, logits, reference):
     zero = teacher_forced_metrics(reference, reference, batch)
     tiny = scores_from_logits(batch, logits + 1e-5 * noise(batch, seed=3))
