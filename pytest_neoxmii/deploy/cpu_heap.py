@@ -71,7 +71,11 @@ def keep_freed_memory(device: str, environ=None) -> bool:
 
 def describe(device: str) -> str | None:
     """The header's line, or None where nothing changes."""
-    if not keeps_freed_memory(device):
+    return describe_for(device, os.environ)
+
+
+def describe_for(device: str, environ) -> str | None:
+    if not keeps_freed_memory(device, environ):
         return None
     return ("CPU memory: freed blocks kept for reuse in the processes that run models (glibc mallopt: "
             "no mmap, no trim), not returned to the kernel page by page at every call")

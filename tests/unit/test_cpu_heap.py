@@ -1,5 +1,5 @@
 """deploy/cpu_heap.py: a process running models on the CPU keeps freed memory for its next call, instead of
-asking the kernel for fresh pages at every large tensor. Measured in child processes, by their page faults:
+asking the kernel for fresh pages at every large tensor. Measured in a child process, by its page faults:
 the test process's own allocator is left as it is."""
 from __future__ import annotations
 
@@ -15,39 +15,43 @@ from pytest_neoxmii.deploy import cpu_heap
 glibc_only = pytest.mark.skipif(cpu_heap._mallopt() is None, reason="needs glibc's mallopt (Linux with glibc); "
                                 f"this is {sys.platform} without it")
 
-# Ten rounds of what a CPU session's judge does at every chunk of a long case: a float64 log-softmax over a
-# 50k vocabulary and a few float32 temporaries, made and freed.
+# What a CPU session's judge does at every chunk of a long case: a float64 log-softmax over a 50k vocabulary
+# and a few float32 temporaries, made and freed. Five rounds with glibc's default, then five with `device`'s
+# setting, each after eight rounds that let the heap grow to what the rounds need: page faults of each five.
 _ROUNDS = textwrap.dedent("""
     import resource, sys, torch
     from pytest_neoxmii.deploy import cpu_heap
-    kept = cpu_heap.keep_freed_memory(sys.argv[1])
-    x = torch.randn(256, 50304)
+    x = torch.randn(160, 50304)
     def chunk():
         torch.log_softmax(x, -1, dtype=torch.float64).exp_().sum()
         (x * 2).argmax(-1)
-    for _ in range(10):                               # the heap grows to the size the rounds need
-        chunk()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
-        chunk()
-    print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    def faults():
+        for _ in range(8):
+            chunk()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            chunk()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    default = faults()
+    kept = cpu_heap.keep_freed_memory(sys.argv[1])
+    print(kept, default, faults())
 """)
 
 
-def _rounds(device: str, **env) -> tuple[bool, int]:
+def _rounds(device: str) -> tuple[bool, int, int]:
+    """(whether the process keeps freed memory, faults with glibc's default, faults after)."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     out = subprocess.run([sys.executable, "-c", _ROUNDS, device], capture_output=True, text=True, timeout=120,
-                         env={**environment, **env}, check=True).stdout.split()
-    return out[0] == "True", int(out[1])
+                         env=environment, check=True).stdout.split()
+    return out[0] == "True", int(out[1]), int(out[2])
 
 
 @glibc_only
 def test_a_cpu_process_reuses_freed_memory_where_the_default_asks_the_kernel_for_fresh_pages_each_time():
-    kept, faults_kept = _rounds("cpu")
-    default, faults_default = _rounds("cuda:0")        # a CUDA session's process keeps glibc's default
-    assert kept and not default
-    # 10 x (103 MB float64 + 51 MB float32) is about 380,000 pages of 4 KiB: the default faults them in again.
-    assert faults_default > 200_000, f"default allocator: only {faults_default} page faults in 10 chunks"
+    kept, faults_default, faults_kept = _rounds("cpu")
+    assert kept
+    # 5 x (64 MB float64 + 32 MB float32) is about 120,000 pages of 4 KiB: the default faults them in again.
+    assert faults_default > 60_000, f"default allocator: only {faults_default} page faults in 5 chunks"
     # Kept: none once the heap has grown to what the rounds need (in the first rounds, freed blocks a little
     # too small for posix_memalign's slack make it grow to a few times the working set, then it stays).
     assert faults_kept < faults_default / 20, (f"{faults_kept} page faults with freed memory kept, "
@@ -58,39 +62,38 @@ def test_a_cpu_process_reuses_freed_memory_where_the_default_asks_the_kernel_for
 @pytest.mark.parametrize("variable,value", [("MALLOC_MMAP_MAX_", "65536"),
                                             ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1048576")])
 def test_a_user_who_tunes_glibc_malloc_keeps_their_own_settings(variable, value):
-    kept, faults = _rounds("cpu", **{variable: value})
-    assert not kept
+    assert not cpu_heap.keep_freed_memory("cpu", {variable: value})     # nothing asked of mallopt: no effect here
     assert not cpu_heap.keeps_freed_memory("cpu", {variable: value})
+    assert cpu_heap.describe_for("cpu", {variable: value}) is None
     assert cpu_heap.keeps_freed_memory("cpu", {"GLIBC_TUNABLES": "glibc.pthread.rseq=0"})
 
 
 def test_only_cpu_processes_and_the_header_says_so_only_there():
     assert not cpu_heap.keeps_freed_memory("cuda:0", {})
     assert cpu_heap.describe("cuda:0") is None
-    if cpu_heap._mallopt() is not None and not cpu_heap._user_tunes_malloc(os.environ):
-        assert "freed blocks kept for reuse" in cpu_heap.describe("cpu")
+    if cpu_heap._mallopt() is not None:
+        assert "freed blocks kept for reuse" in cpu_heap.describe_for("cpu", {})
 
 
-@glibc_only
-def test_a_worker_on_the_cpu_keeps_freed_memory_before_it_loads_its_engine(tmp_path):
-    """worker.load: the engine's load already runs with freed memory kept (the CPU worker's own calls)."""
-    script = textwrap.dedent("""
-        import sys
-        from pytest_neoxmii import worker
-        from pytest_neoxmii.backends.base import LoadRequest
-        from pytest_neoxmii.deploy import cpu_heap
-        from pytest_neoxmii.errors import BackendUnavailable
-        class Probe:
-            runs_in_worker = False
-            injects_kernels = False
-            @classmethod
-            def load(cls, request):
-                raise BackendUnavailable(f"kept during the load: {cpu_heap._kept}")
-        backend, message = worker.load(Probe, LoadRequest(path=sys.argv[1], dtype="fp32", device=sys.argv[2]))
-        print(message["message"])
-    """)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    said = {device: subprocess.run([sys.executable, "-c", script, str(tmp_path), device], capture_output=True,
-                                   text=True, timeout=120, env=env).stdout for device in ("cpu", "cuda:0")}
-    assert "kept during the load: True" in said["cpu"], said
-    assert "kept during the load: False" in said["cuda:0"], said
+@pytest.mark.parametrize("device,asked", [("cpu", [(-4, 0), (-1, -1)]), ("cuda:0", [])])
+def test_a_worker_sets_the_allocator_before_it_loads_its_engine_and_only_on_the_cpu(device, asked, monkeypatch):
+    """worker.load: a CPU worker's engine already loads with freed memory kept (mallopt: no mmap, no trim);
+    a GPU worker leaves glibc as it is. mallopt is a recorder here: this process's allocator is not touched."""
+    from pytest_neoxmii import worker
+    from pytest_neoxmii.backends.base import LoadRequest
+    from pytest_neoxmii.errors import BackendUnavailable
+    calls = []
+    monkeypatch.setattr(cpu_heap, "_kept", False)
+    monkeypatch.setattr(cpu_heap, "_mallopt", lambda: lambda param, value: calls.append((param, value)) or 1)
+    for variable in [v for v in os.environ if v.startswith("MALLOC_") or v == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(variable)
+
+    class Probe:
+        runs_in_worker = False
+        injects_kernels = False
+
+        @classmethod
+        def load(cls, request):
+            raise BackendUnavailable(f"kept during the load: {cpu_heap._kept}, mallopt asked {calls}")
+    _, message = worker.load(Probe, LoadRequest(path="unused", dtype="fp32", device=device))
+    assert message["message"] == f"kept during the load: {bool(asked)}, mallopt asked {asked}"
