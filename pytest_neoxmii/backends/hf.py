@@ -16,7 +16,7 @@ def load_hf_model(path: Path, dtype: str, device: str):
 
 
 class HFBackend(TorchModelBackend):
-    description = "Hugging Face transformers reference (eager)"
+    description = "Hugging Face transformers reference (PyTorch modules, no injected kernels)"
     label = "HF transformers"
     colour = "#7f7f7f"
     is_reference = True
@@ -30,7 +30,9 @@ class HFBackend(TorchModelBackend):
         before = gpu_used_bytes(device)
         self.model = load_hf_model(path, dtype, device)
         held = gpu_used_bytes(device) - before if before is not None else None
-        self.info = BackendInfo(backend=name, dtype=dtype, device=device, kernels="none (HF eager)",
+        # The attention transformers chose (sdpa where torch has it), not the word "eager" for all of it.
+        attention = getattr(self.model.config, "_attn_implementation", None) or "default"
+        self.info = BackendInfo(backend=name, dtype=dtype, device=device, kernels=f"none (HF, {attention} attention)",
                                 gpu_memory_bytes=held)
 
     def close(self) -> None:

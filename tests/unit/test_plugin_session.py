@@ -271,9 +271,9 @@ def test_end_to_end_synthetic_14m(pytester, synthetic_14m):
         "*= neoxmii summary =*",
         f"model: synthetic weights (seed 0, generator v{V}) in the pythia-14m shape; GPUs: no CUDA GPU found",
         f"dtype: {dtype}*",
-        "ran  hf:fp32    hf: fp32 on cpu, tp=1, kernels none (HF eager)",
+        "ran  hf:fp32    hf: fp32 on cpu, tp=1, kernels none (HF, sdpa attention)",
         # (in an fp32 session the peer is the reference itself)
-        *([f"ran  hf:{dtype}    hf: {dtype} on cpu, tp=1, kernels none (HF eager)"] if dtype != "fp32" else []),
+        *([f"ran  hf:{dtype}    hf: {dtype} on cpu, tp=1, kernels none (HF, sdpa attention)"] if dtype != "fp32" else []),
         f"ran  ds:{dtype}    ds: {dtype} on cpu, tp=1, kernels none (CPU: no kernel injection)*",
     ], consecutive=False)
     text = result.stdout.str()
