@@ -3,12 +3,12 @@
 glibc's malloc gives every block over its mmap threshold (32 MB at most) to the kernel on free and asks for
 fresh pages on the next malloc, which the kernel zeroes page by page on first touch. A CPU session's large
 blocks come and go at every call: a 2016-token case's logits (400 MB), each layer's attention scores
-(195 MB), each float64 chunk of the judge. In the acceptance suite on the 2-core CI machine that was 12.5 M
-page faults and 66 s of kernel time of the test process's 216 CPU-s. Keeping freed blocks in the heap (no
-mmap for large blocks, no trimming) is what PyTorch's CPU performance guide gets from jemalloc or tcmalloc;
-glibc's mallopt does it for the allocator already loaded. The cost: a process keeps its peak (the
-acceptance suite's test process 4.7 GB against 3.8 GB). Not in CUDA sessions: their large blocks are on the
-GPU, and returning host memory matters there (ZeRO keeps its weights in it).
+(195 MB), each float64 chunk of the judge. In the acceptance suite on a 2-core AMD EPYC with AVX2 only
+(pythia-160m, fp32) that was 12.5 M page faults and 66 s of kernel time of the test process's 216 CPU-s.
+Keeping freed blocks in the heap (no mmap for large blocks, no trimming) is what PyTorch's CPU performance
+guide gets from jemalloc or tcmalloc; glibc's mallopt does it for the allocator already loaded. The cost: a
+process keeps its peak (the acceptance suite's test process 4.7 GB against 3.8 GB). Not in CUDA sessions:
+their large blocks are on the GPU, and returning host memory matters there (ZeRO keeps its weights in it).
 
 A user who tunes glibc's malloc in the environment keeps their own settings."""
 from __future__ import annotations
