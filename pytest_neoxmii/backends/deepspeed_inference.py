@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from pytest_neoxmii import compat
+from pytest_neoxmii.backends import planted_fault
+from pytest_neoxmii.backends.planted_fault import planted_note
 from pytest_neoxmii.backends.base import BackendInfo, LoadRequest
 from pytest_neoxmii.backends.hf import load_hf_model
 from pytest_neoxmii.backends.torch_model import TorchModelBackend
@@ -193,6 +195,7 @@ class DeepSpeedBackend(KernelInjectedBackend):
         before = gpu_used_bytes(device)
         model = load_hf_model(path, dtype, device if on_gpu else "cpu")
         self.model = deepspeed.init_inference(model, config=config)
+        planted = planted_fault.plant(self.model.module)   # a validation run's planted defect; nothing when unset
         kernels = self._verify_kernels(self.model.module, inject=inject, on_gpu=on_gpu, max_batch=max_batch,
                                        config_name="ds")
         held, measured = held_since(device, before)
@@ -202,4 +205,4 @@ class DeepSpeedBackend(KernelInjectedBackend):
             workspace_bytes=self.workspace_bytes,
             notes=[f"max_tokens={config['max_tokens']}", f"workspace sized for batch {max_batch}"]
             + ([measured] if measured else []) + spread_note(self.workspace_readings)
-            + (["user config merged over the defaults"] if engine_config else []))
+            + (["user config merged over the defaults"] if engine_config else []) + planted_note(planted))

@@ -16,6 +16,8 @@ import torch
 
 from pytest_neoxmii import compat
 from pytest_neoxmii.backends import generation_capture as capture
+from pytest_neoxmii.backends import planted_fault
+from pytest_neoxmii.backends.planted_fault import planted_note
 from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.backends.deepspeed_inference import (KernelInjectedBackend, check_kernels_can_run,
                                                          init_distributed_env, spread_note)
@@ -102,6 +104,7 @@ class MiiBackend(KernelInjectedBackend):
         # Recorded only while generate() queries: a timed query (latency.py) asks for no logits.
         self._records: list[dict] | None = None
         module = getattr(self.model, "module", self.model)
+        planted = planted_fault.plant(module)          # a validation run's planted defect; nothing when unset
         capture.capture_generate(module, self._record, capture.CAPTURE_TOP_K,
                                  enabled=lambda: self._records is not None)
         kernels = self._verify_kernels(module, inject=inject, on_gpu=on_gpu,
@@ -112,7 +115,7 @@ class MiiBackend(KernelInjectedBackend):
             gpu_memory_bytes=held, gpu_tensor_bytes=torch.cuda.memory_allocated(device) if on_gpu else None,
             workspace_bytes=self.workspace_bytes,
             notes=["MII legacy NON_PERSISTENT, queried through mii_query_handle"] + ([measured] if measured else [])
-            + spread_note(self.workspace_readings))
+            + spread_note(self.workspace_readings) + planted_note(planted))
 
     def query_texts(self, texts: list[str], max_new_tokens: int) -> list[str]:
         result = self.handle.query({"query": texts}, do_sample=False, max_new_tokens=max_new_tokens,

@@ -3,7 +3,8 @@ one layer's attention output weight in the DeepSpeed engine must still fail at t
 
     NEOXMII_PLANT_FAULT=attention-output-scale:LAYER:FACTOR     e.g. attention-output-scale:8:1.05
 
-Read where a DeepSpeed engine is built (the ds ranks, the MII ranks): after injection the layer's output
+Read where every DeepSpeed engine is built: ds and MII (in one process at tp = 1, in their ranks at tp >= 2)
+and ZeRO-Inference (in the HF model, before ZeRO partitions it). After injection the layer's output
 projection is DeepSpeed's `attention.attn_ow` (this rank's shard at tp >= 2), before injection HF's
 `attention.dense.weight`. The session's header names a planted fault, so no result of such a run can be
 taken for a real one. Unset, nothing happens."""
@@ -66,3 +67,8 @@ def plant(module) -> str | None:
             return f"attn_ow of layer {layer_index} x{factor:g}"
         attention.dense.weight.mul_(factor)
         return f"attention.dense.weight of layer {layer_index} x{factor:g}"
+
+
+def planted_note(planted: str | None) -> list[str]:
+    """The deployment's notes line for what was planted in it (none when nothing was)."""
+    return [f"PLANTED FAULT: {planted}"] if planted else []

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from pytest_neoxmii.backends import planted_fault
+from pytest_neoxmii.backends.planted_fault import planted_note
 from pytest_neoxmii.backends.base import BackendInfo, LoadRequest
 from pytest_neoxmii.backends.deepspeed_inference import init_distributed_env
 from pytest_neoxmii.backends.torch_model import TorchModelBackend
@@ -85,6 +87,8 @@ class ZeroInferenceBackend(TorchModelBackend):
         # Loaded whole into CPU memory, then partitioned and offloaded by deepspeed.initialize
         # (transformers' HfDeepSpeedConfig route would partition while loading but needs accelerate).
         model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=TORCH_DTYPES[dtype]).eval()
+        # A validation run's planted defect, in the whole weight before ZeRO partitions it; nothing when unset.
+        planted = planted_fault.plant(model)
         engine = deepspeed.initialize(model=model, config_params=config)[0]
         engine.module.eval()
         self.model = engine.module
@@ -94,7 +98,8 @@ class ZeroInferenceBackend(TorchModelBackend):
         where = f"NVMe at {nvme_path}" if nvme_path else "CPU memory"
         self.info = BackendInfo(backend="zero", dtype=dtype, device=device, kernels="none (ZeRO stage 3)",
                                 gpu_memory_bytes=held, gpu_tensor_bytes=tensors,
-                                notes=[f"parameters offloaded to {where}"] + ([measured] if measured else []))
+                                notes=[f"parameters offloaded to {where}"] + ([measured] if measured else [])
+                                + planted_note(planted))
 
     def _layers(self):
         return self.model.gpt_neox.layers

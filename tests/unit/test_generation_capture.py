@@ -2,6 +2,8 @@
 planted fault that proves the judges catch a defect on the real stack."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -289,3 +291,28 @@ def test_more_logprobs_a_step_than_recorded_is_a_skip_reason_naming_both():
     with pytest.raises(BackendUnavailable, match=f"recorded with their top-{capture.CAPTURE_TOP_K} logprobs "
                                                  r"\(MII returns text only\), top-21 was asked"):
         capture.generation([record], PromptBatch(rows=((4, 5),)), 1, top_k=capture.CAPTURE_TOP_K + 1)
+
+
+def test_a_planted_fault_is_in_every_engine_at_tp_1_and_each_one_fails_parity_at_that_layer(
+        pytester, monkeypatch, synthetic_14m, tmp_path):
+    """The header says the fault is planted "in every DeepSpeed engine": at tp = 1 too, where ds and MII run in
+    one process and ZeRO partitions the weight. The real engines on synthetic pythia-14m (CPU, fp32): each
+    one's teacher-forced parity fails, its localisation names the planted layer, and its notes say what was
+    planted. (The same tests pass without the fault: the acceptance suite, CI's main job.)"""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("mii")
+    monkeypatch.setenv(planted_fault.PLANT_FAULT_ENV, "attention-output-scale:2:1.05")
+    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
+    result = pytester.runpytest_subprocess(
+        *args, "--neox-backends=ds,mii,zero", "--neox-dtype=fp32", "--pyargs", "pytest_neoxmii.suite.test_parity",
+        "-k", "teacher_forced_parity and short-b1-len16", "--neox-report", str(tmp_path / "report"))
+    text = "\n".join(result.outlines)
+    result.assert_outcomes(failed=3)
+    # Each engine's localisation: layers 0 and 1 identical to the reference (0 error), layer 2 departs.
+    assert text.count("divergence starts at gpt_neox.layers.2 (hidden_states[3])") == 3, text
+    summary = json.loads((tmp_path / "report" / "neoxmii-summary.json").read_text())
+    failed = {r["backend"] for r in summary["records"] if r["check"] == "teacher-forced" and not r["passed"]}
+    assert failed == {"ds", "mii", "zero"}, summary["records"]
+    for engine in ("ds", "mii", "zero"):
+        assert "PLANTED FAULT: attention.dense.weight of layer 2 x1.05" in summary["backends"][f"{engine}:fp32"], \
+            summary["backends"]
