@@ -10,7 +10,6 @@ import torch
 
 from pytest_neoxmii import compat
 from pytest_neoxmii.backends import planted_fault
-from pytest_neoxmii.backends.planted_fault import planted_note
 from pytest_neoxmii.backends.base import BackendInfo, LoadRequest
 from pytest_neoxmii.backends.hf import load_hf_model
 from pytest_neoxmii.backends.torch_model import TorchModelBackend
@@ -205,4 +204,4 @@ class DeepSpeedBackend(KernelInjectedBackend):
             workspace_bytes=self.workspace_bytes,
             notes=[f"max_tokens={config['max_tokens']}", f"workspace sized for batch {max_batch}"]
             + ([measured] if measured else []) + spread_note(self.workspace_readings)
-            + (["user config merged over the defaults"] if engine_config else []) + planted_note(planted))
+            + (["user config merged over the defaults"] if engine_config else []) + planted_fault.note(planted))

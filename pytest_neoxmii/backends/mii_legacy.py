@@ -17,7 +17,6 @@ import torch
 from pytest_neoxmii import compat
 from pytest_neoxmii.backends import generation_capture as capture
 from pytest_neoxmii.backends import planted_fault
-from pytest_neoxmii.backends.planted_fault import planted_note
 from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.backends.deepspeed_inference import (KernelInjectedBackend, check_kernels_can_run,
                                                          init_distributed_env, spread_note)
@@ -115,7 +114,7 @@ class MiiBackend(KernelInjectedBackend):
             gpu_memory_bytes=held, gpu_tensor_bytes=torch.cuda.memory_allocated(device) if on_gpu else None,
             workspace_bytes=self.workspace_bytes,
             notes=["MII legacy NON_PERSISTENT, queried through mii_query_handle"] + ([measured] if measured else [])
-            + spread_note(self.workspace_readings) + planted_note(planted))
+            + spread_note(self.workspace_readings) + planted_fault.note(planted))
 
     def query_texts(self, texts: list[str], max_new_tokens: int) -> list[str]:
         result = self.handle.query({"query": texts}, do_sample=False, max_new_tokens=max_new_tokens,

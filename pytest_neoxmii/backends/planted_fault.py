@@ -69,6 +69,6 @@ def plant(module) -> str | None:
         return f"attention.dense.weight of layer {layer_index} x{factor:g}"
 
 
-def planted_note(planted: str | None) -> list[str]:
+def note(planted: str | None) -> list[str]:
     """The deployment's notes line for what was planted in it (none when nothing was)."""
     return [f"PLANTED FAULT: {planted}"] if planted else []

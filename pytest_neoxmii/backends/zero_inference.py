@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from pytest_neoxmii.backends import planted_fault
-from pytest_neoxmii.backends.planted_fault import planted_note
 from pytest_neoxmii.backends.base import BackendInfo, LoadRequest
 from pytest_neoxmii.backends.deepspeed_inference import init_distributed_env
 from pytest_neoxmii.backends.torch_model import TorchModelBackend
@@ -99,7 +98,7 @@ class ZeroInferenceBackend(TorchModelBackend):
         self.info = BackendInfo(backend="zero", dtype=dtype, device=device, kernels="none (ZeRO stage 3)",
                                 gpu_memory_bytes=held, gpu_tensor_bytes=tensors,
                                 notes=[f"parameters offloaded to {where}"] + ([measured] if measured else [])
-                                + planted_note(planted))
+                                + planted_fault.note(planted))
 
     def _layers(self):
         return self.model.gpt_neox.layers

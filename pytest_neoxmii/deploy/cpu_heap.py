@@ -49,7 +49,7 @@ def _mallopt():
 _kept = False
 
 
-def keeps_freed_memory(device: str, environ=None) -> bool:
+def should_keep_freed_memory(device: str, environ=None) -> bool:
     """Whether a process running models on `device` keeps freed memory (the header says so)."""
     environ = os.environ if environ is None else environ
     return device == "cpu" and not _user_tunes_malloc(environ) and _mallopt() is not None
@@ -61,7 +61,7 @@ def keep_freed_memory(device: str, environ=None) -> bool:
     global _kept
     if _kept:
         return True
-    if not keeps_freed_memory(device, environ):
+    if not should_keep_freed_memory(device, environ):
         return False
     mallopt = _mallopt()
     # mallopt answers 1 on success; glibc applies them one by one, so both are asked even if one failed.
@@ -69,13 +69,9 @@ def keep_freed_memory(device: str, environ=None) -> bool:
     return _kept
 
 
-def describe(device: str) -> str | None:
+def describe(device: str, environ=None) -> str | None:
     """The header's line, or None where nothing changes."""
-    return describe_for(device, os.environ)
-
-
-def describe_for(device: str, environ) -> str | None:
-    if not keeps_freed_memory(device, environ):
+    if not should_keep_freed_memory(device, environ):
         return None
     return ("CPU memory: freed blocks kept for reuse in the processes that run models (glibc mallopt: "
             "no mmap, no trim), not returned to the kernel page by page at every call")

@@ -66,16 +66,16 @@ def test_a_user_who_tunes_glibc_malloc_keeps_their_own_settings(variable, value,
     monkeypatch.setattr(cpu_heap, "_mallopt", lambda: lambda param, v: calls.append((param, v)) or 1)
     assert not cpu_heap.keep_freed_memory("cpu", {variable: value})
     assert calls == []
-    assert not cpu_heap.keeps_freed_memory("cpu", {variable: value})
-    assert cpu_heap.describe_for("cpu", {variable: value}) is None
-    assert cpu_heap.keeps_freed_memory("cpu", {"GLIBC_TUNABLES": "glibc.pthread.rseq=0"})
+    assert not cpu_heap.should_keep_freed_memory("cpu", {variable: value})
+    assert cpu_heap.describe("cpu", {variable: value}) is None
+    assert cpu_heap.should_keep_freed_memory("cpu", {"GLIBC_TUNABLES": "glibc.pthread.rseq=0"})
 
 
 def test_only_cpu_processes_and_the_header_says_so_only_there():
-    assert not cpu_heap.keeps_freed_memory("cuda:0", {})
+    assert not cpu_heap.should_keep_freed_memory("cuda:0", {})
     assert cpu_heap.describe("cuda:0") is None
     if cpu_heap._mallopt() is not None:
-        assert "freed blocks kept for reuse" in cpu_heap.describe_for("cpu", {})
+        assert "freed blocks kept for reuse" in cpu_heap.describe("cpu", {})
 
 
 @pytest.mark.parametrize("device,asked", [("cpu", [(-4, 0), (-1, -1)]), ("cuda:0", [])])
