@@ -124,7 +124,7 @@ class ModelSpec:
         for `batch` sequences of up to `max_tokens` tokens, where the GPU has room for all of them
         (InferenceContext::GenWorkSpace, deepspeed 0.19.8): activations, attention scores and every layer's
         KV cache, with heads padded to 32, 64 or 128 for flash attention. Checked against the workspace a
-        deployment really takes (deepspeed_inference.measure_workspace, a GPU test)."""
+        deployment really takes (deepspeed_inference.workspace_readings, a GPU test)."""
         dtype = _check_dtype(dtype)
         head = self.head_size
         padded = head if head > 128 else 32 if head <= 32 else 64 if head <= 64 else 128

@@ -23,7 +23,7 @@ class BackendInfo:
     notes: list[str] = field(default_factory=list)
     gpu_memory_bytes: int | None = None   # device-wide GPU memory the load added (communicators included)
     gpu_tensor_bytes: int | None = None   # of which torch tensors (weights resident on the GPU)
-    workspace_bytes: int | None = None    # DeepSpeed's inference workspace, per GPU (deepspeed_inference.measure_workspace)
+    workspace_bytes: int | None = None    # DeepSpeed's inference workspace per GPU (deepspeed_inference)
 
     def describe(self) -> str:
         parts = [f"{self.backend}: {self.dtype} on {self.device}", f"tp={self.tensor_parallel}",

@@ -72,26 +72,22 @@ def skip_shared_memory_allreduce() -> None:
 WORKSPACE_READINGS = 3      # release-and-retake cycles; each gives two readings (freed, then taken again)
 
 
-def measure_workspace(device: str, readings: int = WORKSPACE_READINGS) -> int | None:
-    """The bytes of DeepSpeed's inference workspace on this process's GPU, once the first forward sized it:
-    released and taken again (DeepSpeed's own release_workspace / retake_workspace, which its hybrid engine
-    calls between training and generation), and what the driver got back, then gave out again, is its size,
-    since cudaFree returns memory at once. The driver's figure is the whole GPU's, and the other engines'
-    processes load beside this one: on one H200 (pythia-160m, synthetic weights) a single release read 772 MiB
-    for a 792 MiB workspace in two sessions of two, another process having taken one of torch's 20 MiB
-    segments meanwhile. So the median of several readings, each window one call long, is the figure. The
-    registry's fit arithmetic counts the workspace (ModelSpec.ds_workspace_bytes); this is the figure that
-    arithmetic is checked against. None without injected kernels."""
-    return workspace_size(workspace_readings(device, readings))
-
-
 def workspace_size(readings: list[int] | None) -> int | None:
-    """The workspace's size from its readings: their median (see measure_workspace)."""
+    """The workspace's size from its readings (workspace_readings): their median."""
     return None if readings is None else int(statistics.median(readings))
 
 
 def workspace_readings(device: str, readings: int = WORKSPACE_READINGS) -> list[int] | None:
-    """Every reading measure_workspace takes the median of; None without injected kernels."""
+    """What DeepSpeed's inference workspace on this process's GPU measures, once the first forward sized it;
+    None without injected kernels. It is released and taken again (DeepSpeed's own release_workspace /
+    retake_workspace, which its hybrid engine calls between training and generation), and what the driver got
+    back, then gave out again, is its size, since cudaFree returns memory at once. The driver's figure is the
+    whole GPU's, and the other engines' processes load beside this one: on one H200 (pythia-160m, synthetic
+    weights) a single release read 772 MiB for a 792 MiB workspace in two sessions of two, another process
+    having taken one of torch's 20 MiB segments meanwhile. So several readings are taken, each window one call
+    long, and their median (workspace_size) is the figure; their spread, where wide, is said (spread_note).
+    The registry's fit arithmetic counts the workspace (ModelSpec.ds_workspace_bytes); this is the figure that
+    arithmetic is checked against."""
     if not device.startswith("cuda"):
         return None
     from deepspeed.model_implementations.transformers.ds_transformer import DeepSpeedTransformerInference
@@ -101,12 +97,12 @@ def workspace_readings(device: str, readings: int = WORKSPACE_READINGS) -> list[
     return _workspace_readings(workspace, lambda: gpu_used_bytes(device), readings)
 
 
-def spread_note(readings: list[int] | None) -> list[str]:
+def spread_note(readings: list[int] | None, whose: str = "") -> list[str]:
     """A note for the report where the readings disagree by more than a driver page or two: the sign that
     another process allocated or freed on the GPU while the workspace was measured."""
     if not readings or max(readings) - min(readings) <= 4 * 2**20:
         return []
-    return [f"DeepSpeed workspace readings {min(readings) / 2**20:.0f}-{max(readings) / 2**20:.0f} MiB "
+    return [f"{whose}DeepSpeed workspace readings {min(readings) / 2**20:.0f}-{max(readings) / 2**20:.0f} MiB "
             f"(the GPU's other processes moved the driver's figure meanwhile; the median is taken)"]
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pytest_neoxmii.backends import planted_fault
 from pytest_neoxmii.backends.base import BackendInfo
+from pytest_neoxmii.backends.deepspeed_inference import spread_note
 from pytest_neoxmii.backends.worker_deployment import ChannelDeployment
 from pytest_neoxmii.deploy import launcher, ports
 
@@ -72,7 +74,9 @@ class DsLauncherBackend(ChannelDeployment):
             workspace_bytes=max((i.get("workspace_bytes") or 0 for i in infos), default=0) or None,
             notes=[f"DeepSpeed launcher, {self.tp} ranks",
                    f"max_tokens={(self.engine_config or {}).get('max_tokens', self.max_tokens)}",
-                   f"workspace sized for batch {self.max_batch}", f"deployed in {self.deploy_seconds:.1f} s"])
+                   f"workspace sized for batch {self.max_batch}", f"deployed in {self.deploy_seconds:.1f} s"]
+            + [n for i in infos for n in spread_note(i.get("workspace_readings"), f"rank {i['rank']}: ")]
+            + planted_fault.ranks_note(infos))
 
     def _teardown_name(self) -> str:
         return f"{self.name} tp={self.tp} (DeepSpeed launcher)"

@@ -49,7 +49,7 @@ def load_ds_model(args, rank: int, local_rank: int, world: int):
     import deepspeed
     import torch
 
-    from pytest_neoxmii.backends.deepspeed_inference import measure_workspace
+    from pytest_neoxmii.backends.deepspeed_inference import workspace_readings, workspace_size
     from pytest_neoxmii.backends.hf import load_hf_model
     from pytest_neoxmii.backends.torch_model import TorchModelBackend
     from pytest_neoxmii.dtypes import TORCH_DTYPES
@@ -80,24 +80,26 @@ def load_ds_model(args, rank: int, local_rank: int, world: int):
     inject = inject and bool(config["replace_with_kernel_inject"])
     engine = deepspeed.init_inference(model, config=config)
     from pytest_neoxmii.backends import planted_fault
-    planted_fault.plant(engine.module)          # a validation run's planted defect; nothing when unset
+    planted = planted_fault.plant(engine.module)    # a validation run's planted defect; nothing when unset
     report = count_injected(engine.module, total)
     if inject:
         require_injected(report, compat.transformers_version())
     rank_model = RankModel()
     rank_model.model, rank_model.device = engine, device
-    workspace = None
+    readings = None
     if inject:
         rank_model.size_workspace(args.max_batch)   # first forward = largest batch: sizes DS's workspace
-        workspace = measure_workspace(device)
+        readings = workspace_readings(device)
     held = held_since(device, before)[0] if inject else None
     over = gpu_cap.exceeded(device, f"rank {rank}")
     if over:
         raise RuntimeError(over)               # the rank ends; the session reports it with this line
     return rank_model, {"rank": rank, "device": device, "injected": report.injected, "layers": total,
                         "kernels": report.describe() if inject else "none (CPU: no kernel injection)",
-                        "gpu_memory_bytes": held, "workspace_bytes": workspace,
-                        "gpu_tensor_bytes": torch.cuda.memory_allocated(device) if inject else None}
+                        "gpu_memory_bytes": held, "workspace_bytes": workspace_size(readings),
+                        "workspace_readings": readings,
+                        "gpu_tensor_bytes": torch.cuda.memory_allocated(device) if inject else None,
+                        "planted_fault": planted}
 
 
 class PlumbingModel:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from pytest_neoxmii import compat
 from pytest_neoxmii.backends import generation_capture as capture
+from pytest_neoxmii.backends import planted_fault
 from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.backends.deepspeed_inference import check_kernels_can_run
 from pytest_neoxmii.backends.mii_legacy import import_mii, missing_package, prompt_texts
@@ -189,7 +190,7 @@ class MiiServerBackend(WorkerDeployment):
             notes=[f"MII LOCAL gRPC server, {self.tp} ranks under the DeepSpeed launcher",
                    "load_with_sys_mem", f"max_tokens={(self.engine_config or {}).get('max_tokens', self.max_tokens)}",
                    f"deployed in {self.deploy_seconds:.1f} s",
-                   "text only: no teacher-forced scores"])
+                   "text only: no teacher-forced scores"] + planted_fault.ranks_note(self.rank_reports))
 
     # -- queries --------------------------------------------------------------------------------------
     async def _watched(self, coro):

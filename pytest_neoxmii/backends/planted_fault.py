@@ -72,3 +72,14 @@ def plant(module) -> str | None:
 def note(planted: str | None) -> list[str]:
     """The deployment's notes line for what was planted in it (none when nothing was)."""
     return [f"PLANTED FAULT: {planted}"] if planted else []
+
+
+def ranks_note(reports: list[dict]) -> list[str]:
+    """The notes line of a deployment whose ranks each planted in their own shard (tp >= 2): each rank's
+    report carries what it planted under "planted_fault"; one line, naming the ranks where they differ."""
+    planted = [(r.get("rank", i), r.get("planted_fault")) for i, r in enumerate(reports)]
+    if not any(p for _, p in planted):
+        return []
+    if len({p for _, p in planted}) == 1:
+        return note(f"{planted[0][1]} in each of {len(planted)} ranks' shards")
+    return note("; ".join(f"rank {rank}: {p or 'nothing'}" for rank, p in planted))

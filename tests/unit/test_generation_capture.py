@@ -147,6 +147,42 @@ def test_an_injected_layer_has_its_deepspeed_output_projection_scaled(monkeypatc
         planted_fault.plant(model)
 
 
+def test_the_ranks_planted_faults_are_one_notes_line_naming_ranks_that_differ():
+    same = [{"rank": r, "planted_fault": "attn_ow of layer 2 x1.05"} for r in (0, 1)]
+    assert planted_fault.ranks_note(same) == ["PLANTED FAULT: attn_ow of layer 2 x1.05 in each of 2 ranks' shards"]
+    differ = [{"rank": 0, "planted_fault": "attn_ow of layer 2 x1.05"}, {"rank": 1, "planted_fault": None}]
+    assert planted_fault.ranks_note(differ) == ["PLANTED FAULT: rank 0: attn_ow of layer 2 x1.05; rank 1: nothing"]
+    assert planted_fault.ranks_note([{"rank": 0, "planted_fault": None}, {"rank": 1}]) == []
+
+
+def test_a_multi_rank_deployment_says_in_its_notes_what_its_ranks_planted():
+    """At tp >= 2 each rank plants in its shard and says so in its report; the deployment's notes (what a
+    failure message and the report show) carry it, for ds under the launcher and for MII's gRPC server."""
+    from pytest_neoxmii.backends.ds_launcher import DsLauncherBackend
+    from pytest_neoxmii.backends.mii_server import MiiServerBackend
+    reports = [{"rank": r, "kernels": "injected", "layers": 6, "injected": 6,
+                "planted_fault": "attn_ow of layer 2 x1.05"} for r in (0, 1)]
+    ds = DsLauncherBackend.__new__(DsLauncherBackend)
+    ds.rank_infos, ds.name, ds.dtype, ds.device, ds.gpus, ds.tp = reports, "ds", "fp16", "cuda", [0, 1], 2
+    ds.engine_config, ds.max_tokens, ds.max_batch, ds.deploy_seconds = None, 2048, 4, 9.0
+    mii = MiiServerBackend.__new__(MiiServerBackend)
+    mii.rank_reports, mii._probe, mii.dtype, mii.gpus, mii.tp = reports, None, "fp16", [0, 1], 2
+    mii.engine_config, mii.max_tokens, mii.deploy_seconds = None, 2048, 9.0
+    for backend in (ds, mii):
+        assert backend._describe().notes[-1] == "PLANTED FAULT: attn_ow of layer 2 x1.05 in each of 2 ranks' shards"
+        for report in reports:
+            report["planted_fault"] = None
+        assert not any("PLANTED" in n for n in backend._describe().notes)
+        for report in reports:
+            report["planted_fault"] = "attn_ow of layer 2 x1.05"
+    # ds's ranks measure their workspace as the in-process engines do; a rank whose readings spread says so
+    mib = 2**20
+    reports[1]["workspace_readings"] = [792 * mib, 772 * mib, 792 * mib]
+    assert [n for n in ds._describe().notes if "workspace readings" in n] == [
+        "rank 1: DeepSpeed workspace readings 772-792 MiB (the GPU's other processes moved the driver's figure "
+        "meanwhile; the median is taken)"]
+
+
 def test_the_header_names_a_planted_fault_and_a_bad_one_is_a_usage_error(pytester, monkeypatch, synthetic_14m,
                                                                           assert_usage_error):
     pytester.makepyfile("def test_nothing():\n    pass\n")
