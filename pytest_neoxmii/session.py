@@ -35,6 +35,10 @@ class Record:
     known_issue: str | None = None   # key of the known issue the test is strictly expected to fail with
 
 
+# The suite's tests of the reference alone: they use the session and ask no engine for anything.
+REFERENCE_ONLY_MODULES = {"pytest_neoxmii.suite.test_reference"}
+
+
 class NeoxSession:
     """One per pytest session (in config.stash, see get_session): the model under test and everything
     computed from it once."""
@@ -66,6 +70,7 @@ class NeoxSession:
         # What the selected tests will ask each engine for, in test order (want_outputs): a prelaunched
         # worker computes it right after its load, side by side with the other engines (worker.py).
         self.wanted: dict[str, list[tuple[str, CasePlan]]] = {}
+        self.engines_asked: set[str] | None = None      # what the selected tests deploy (None: any engine)
         self.ahead_reports: dict[str, dict] = {}    # engine -> what its worker computed ahead, for the report
         # Replacements of deployments a known defect broke, and helpers sharing an engine's calls ahead.
         self.extra = ExtraWorkers(self)
@@ -297,6 +302,35 @@ class NeoxSession:
                 if isinstance(plan, CasePlan):
                     wanted.setdefault(name, {}).setdefault((op, plan.id), (op, plan))
         self.wanted = {name: list(calls.values()) for name, calls in wanted.items()}
+        self.engines_asked = self._engines_asked(items)
+
+    def _engines_asked(self, items) -> set[str] | None:
+        """The engines the selected tests will deploy, so that prelaunch starts no worker that no test uses
+        (`-k reference`: on the 2-core CPU three workers importing DeepSpeed and loading beside the reference).
+        A test names its engines by a parameter whose value is one (neox_backend_name, neox_each_backend,
+        the suite's own `name`; tp_name at --neox-tp >= 2 only, else it skips) or by a deployment fixture
+        (neox_ds, ...). A test that uses the session and names none may call neox.backend() with any name:
+        then None, every selected engine, unless it is one of the suite's reference tests."""
+        selected = {n for n in self.options.backends if not engines.is_reference(n)}
+        fixtures = {f"neox_{n}": n for n in engines.ENGINES}
+        fixtures.update({"neox_reference": n for n in engines.ENGINES if engines.is_reference(n)})
+        asked: set[str] = set()
+        for item in items:
+            used = set(getattr(item, "fixturenames", ()))
+            if "neox" not in used or item.get_closest_marker("skip") is not None:
+                continue
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            if "tp_name" in params:             # a tensor-parallel test
+                asked |= {params["tp_name"]} & selected if self.options.tp >= 2 else set()
+                continue
+            # the reference or an engine not selected, named, asks no engine for anything (the latter skips)
+            named = {v for v in params.values() if isinstance(v, str) and v in engines.ENGINES}
+            named |= {fixtures[f] for f in used & fixtures.keys()}
+            module = getattr(getattr(item, "module", None), "__name__", "")
+            if not named and module not in REFERENCE_ONLY_MODULES:
+                return None
+            asked |= named & selected
+        return asked
 
     def start_kernel_build(self, items) -> None:
         """On a GPU whose kernel cache lacks an op that a selected engine injects: build it from now on, in a
@@ -309,8 +343,9 @@ class NeoxSession:
         if not missing or not any("neox" in getattr(item, "fixturenames", ()) for item in items):
             return
         dtype = self.dtype
-        if any(not engines.is_reference(n) and self.workspace_bytes(n, dtype) > 0
-               and self._cannot_deploy(n, dtype) is None for n in self.options.backends):
+        if any(not engines.is_reference(n) and (self.engines_asked is None or n in self.engines_asked)
+               and self.workspace_bytes(n, dtype) > 0 and self._cannot_deploy(n, dtype) is None
+               for n in self.options.backends):
             from pytest_neoxmii.kernels import BackgroundBuild
             self.kernel_build = BackgroundBuild(missing)
 
@@ -397,7 +432,8 @@ class NeoxSession:
             return                  # (always: the reference's outputs come first, before any engine loads)
         dtype = self.dtype
         names = [n for n in self.options.backends if not engines.is_reference(n)
-                 and engines.engine(n).backend_for(self._tp_of(n)).isolated]
+                 and engines.engine(n).backend_for(self._tp_of(n)).isolated
+                 and (self.engines_asked is None or n in self.engines_asked)]
         if not names or not self.fit_at_once(names, dtype):
             return
         # The workers start first, their calls ahead given once the cases are built (the tokenizer imports

@@ -5,7 +5,7 @@ log, its latency timed inside the worker, and nothing left behind. Stand-in engi
 from __future__ import annotations
 
 import dataclasses
-
+import json
 import os
 import threading
 import time
@@ -322,6 +322,50 @@ def test_prelaunch_starts_every_selected_worker_at_session_start(pytester, prelo
     result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["workers launched when the session started, loading side by side: echo *"])
+    assert not processes.live()
+
+
+ASKED_TESTS = """
+def test_named(neox, neox_backend_name):
+    assert neox.prelaunched == ["echo"]
+
+def test_unnamed(neox):
+    assert neox.prelaunched == ["echo"]        # it may call neox.backend() with any name
+
+def test_reference_fixture(neox, neox_reference):
+    assert neox.prelaunched == []
+"""
+
+
+@pytest.mark.parametrize("selection", ["test_named", "test_unnamed", "test_reference_fixture"])
+def test_prelaunch_starts_only_the_workers_the_selected_tests_name(pytester, preloaded, synthetic_14m,
+                                                                     engines_restored, selection):
+    """A test names its engine by a parameter or a deployment fixture; one that uses the session and names
+    no engine may ask for any, so every selected worker starts; one of the reference alone starts none."""
+    pytester.makeconftest(PRELAUNCH_CONFTEST)
+    pytester.makepyfile(test_asked=ASKED_TESTS)
+    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
+    result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32", "-k", selection)
+    result.assert_outcomes(passed=1)
+    assert not processes.live()
+
+
+def test_the_suites_reference_tests_and_tensor_parallel_tests_below_tp_2_start_no_worker(
+        pytester, preloaded, synthetic_14m, engines_restored, tmp_path):
+    """`-k reference` on the shipped suite: no engine worker starts beside the reference (on the 2-core CPU
+    three workers loading beside it had made such a run take 104 s instead of 58); nor for the tensor-parallel
+    tests at --neox-tp=1, which skip."""
+    pytester.makeconftest(PRELAUNCH_CONFTEST)
+    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
+    result = pytester.runpytest(
+        *args, "--neox-backends=echo", "--neox-dtype=fp32", "--pyargs", "pytest_neoxmii.suite", "-k",
+        "test_reference_outputs_are_finite and short-b1-len4 or test_tp_greedy_parity",
+        "--neox-report", str(tmp_path / "report"))
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed") == 1 and outcomes.get("failed", 0) == 0, result.stdout.str()[-3000:]
+    summary = json.loads((tmp_path / "report" / "neoxmii-summary.json").read_text())
+    assert summary["prelaunched"] == [], summary["prelaunched"]
+    assert "workers launched" not in result.stdout.str()
     assert not processes.live()
 
 
