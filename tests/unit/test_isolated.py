@@ -326,6 +326,8 @@ def test_prelaunch_starts_every_selected_worker_at_session_start(pytester, prelo
 
 
 ASKED_TESTS = """
+import pytest
+
 def test_named(neox, neox_backend_name):
     assert neox.prelaunched == ["echo"]
 
@@ -334,10 +336,15 @@ def test_unnamed(neox):
 
 def test_reference_fixture(neox, neox_reference):
     assert neox.prelaunched == []
+
+@pytest.mark.parametrize("tp_name", ["echo"])
+def test_tensor_parallel(neox, tp_name):
+    assert neox.options.tp == 1 and neox.prelaunched == []     # below --neox-tp=2 such a test skips
 """
 
 
-@pytest.mark.parametrize("selection", ["test_named", "test_unnamed", "test_reference_fixture"])
+@pytest.mark.parametrize("selection", ["test_named", "test_unnamed", "test_reference_fixture",
+                                       "test_tensor_parallel"])
 def test_prelaunch_starts_only_the_workers_the_selected_tests_name(pytester, preloaded, synthetic_14m,
                                                                      engines_restored, selection):
     """A test names its engine by a parameter or a deployment fixture; one that uses the session and names
@@ -353,8 +360,8 @@ def test_prelaunch_starts_only_the_workers_the_selected_tests_name(pytester, pre
 def test_the_suites_reference_tests_and_tensor_parallel_tests_below_tp_2_start_no_worker(
         pytester, preloaded, synthetic_14m, engines_restored, tmp_path):
     """`-k reference` on the shipped suite: no engine worker starts beside the reference (on the 2-core CPU
-    three workers loading beside it had made such a run take 104 s instead of 58); nor for the tensor-parallel
-    tests at --neox-tp=1, which skip."""
+    three workers loading beside it had made such a run take 104 s instead of 58); nor for a tensor-parallel
+    test that skips (here its multi_gpu marker; at --neox-tp=1 on two GPUs, its tp_name: test_tensor_parallel)."""
     pytester.makeconftest(PRELAUNCH_CONFTEST)
     args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
     result = pytester.runpytest(
