@@ -312,8 +312,7 @@ class NeoxSession:
         (neox_ds, ...). A test that uses the session and names none may call neox.backend() with any name:
         then None, every selected engine, unless it is one of the suite's reference tests."""
         selected = {n for n in self.options.backends if not engines.is_reference(n)}
-        fixtures = {f"neox_{n}": n for n in engines.ENGINES}
-        fixtures.update({"neox_reference": n for n in engines.ENGINES if engines.is_reference(n)})
+        fixtures = {("neox_reference" if engines.is_reference(n) else f"neox_{n}"): n for n in engines.ENGINES}
         asked: set[str] = set()
         for item in items:
             used = set(getattr(item, "fixturenames", ()))
@@ -332,6 +331,10 @@ class NeoxSession:
             asked |= named & selected
         return asked
 
+    def _asked_for(self, name: str) -> bool:
+        """A selected test may deploy `name` (_engines_asked): its worker prelaunches, its kernels build."""
+        return self.engines_asked is None or name in self.engines_asked
+
     def start_kernel_build(self, items) -> None:
         """On a GPU whose kernel cache lacks an op that a selected engine injects: build it from now on, in a
         process of its own, while the model is built and the workers start (kernels.BackgroundBuild). Only
@@ -343,9 +346,8 @@ class NeoxSession:
         if not missing or not any("neox" in getattr(item, "fixturenames", ()) for item in items):
             return
         dtype = self.dtype
-        if any(not engines.is_reference(n) and (self.engines_asked is None or n in self.engines_asked)
-               and self.workspace_bytes(n, dtype) > 0 and self._cannot_deploy(n, dtype) is None
-               for n in self.options.backends):
+        if any(not engines.is_reference(n) and self._asked_for(n) and self.workspace_bytes(n, dtype) > 0
+               and self._cannot_deploy(n, dtype) is None for n in self.options.backends):
             from pytest_neoxmii.kernels import BackgroundBuild
             self.kernel_build = BackgroundBuild(missing)
 
@@ -432,8 +434,7 @@ class NeoxSession:
             return                  # (always: the reference's outputs come first, before any engine loads)
         dtype = self.dtype
         names = [n for n in self.options.backends if not engines.is_reference(n)
-                 and engines.engine(n).backend_for(self._tp_of(n)).isolated
-                 and (self.engines_asked is None or n in self.engines_asked)]
+                 and engines.engine(n).backend_for(self._tp_of(n)).isolated and self._asked_for(n)]
         if not names or not self.fit_at_once(names, dtype):
             return
         # The workers start first, their calls ahead given once the cases are built (the tokenizer imports

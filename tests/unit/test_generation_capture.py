@@ -356,7 +356,9 @@ def test_a_planted_fault_is_in_every_engine_at_tp_1_and_each_one_fails_parity_at
     # for in each test's own failure section: with CI set, pytest's short summary repeats whole messages.
     sections = _failure_sections(text)
     for engine in ("ds", "mii", "zero"):
-        section = sections.get(f"test_teacher_forced_parity[short-b1-len16-{engine}]", text)
+        name = f"test_teacher_forced_parity[short-b1-len16-{engine}]"
+        assert name in sections, (sorted(sections), text)
+        section = sections[name]
         assert "divergence starts at gpt_neox.layers.2 (hidden_states[3])" in section, section
     summary = json.loads((tmp_path / "report" / "neoxmii-summary.json").read_text())
     failed = {r["backend"] for r in summary["records"] if r["check"] == "teacher-forced" and not r["passed"]}
