@@ -37,7 +37,8 @@ def measure(neox, name: str, batch_size: int, benchmark=None, profile: LatencyPr
     backend = _backend_for(neox, name)        # (after settle: it may have deployed a broken engine again)
     profile = profile or profile_for(backend.info.device, neox.options, name)
     hot = neox.last_timed_at is not None and time.perf_counter() - neox.last_timed_at < GPU_STILL_HOT_S
-    if hot and profile.min_warmup_s > 0:
+    hot = hot and profile.min_warmup_s > 0      # (the CPU's profile has no minimum warm-up time to drop)
+    if hot:
         # The minimum warm-up is for the GPU's clocks, which this session's previous timing has just raised
         # (on one H200 the SM clock went from 345 to 1980 MHz within 0.5 s of work, and stayed there through
         # seconds without any): the warm-up rounds alone remain, for the caches of the new shape.

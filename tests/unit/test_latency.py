@@ -443,6 +443,12 @@ def test_a_timing_right_after_another_skips_the_clock_warm_up_but_keeps_its_roun
     assert first.warmup >= 10 and third.warmup >= 10         # 0.3 s of 20 ms rounds
     assert second.warmup == 1
     assert any("no minimum time" in n for n in second.notes) and not any("warm-up" in n for n in first.notes)
+    # A profile without a minimum warm-up time (the CPU's) has nothing to drop, and says nothing of it
+    no_minimum = dataclasses.replace(profile, min_warmup_s=0.0)
+    with mock.patch.object(check, "text_tokens", lambda tok: list(range(64))):
+        check.measure(neox, "ds", 1, profile=no_minimum)
+        right_after = check.measure(neox, "ds", 4, profile=no_minimum)
+    assert right_after.warmup == 1 and not any("warm-up" in n for n in right_after.notes), right_after.notes
 
 
 def test_a_shorter_generation_is_estimated_round_by_round_from_a_longer_one():
