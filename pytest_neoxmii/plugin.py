@@ -29,6 +29,9 @@ MARKERS = (
     "the session's other tests, while the engines' workers finish loading and working ahead beside those",
     "neox_last: the test closes a deployment the session shares (teardown checks): it runs after every other "
     "test, the neox_alone ones included",
+    "neox_engines(*names): the engines this test deploys, none for the HF reference alone (e.g. "
+    "neox_engines('ds')): the session starts workers only for the engines its selected tests deploy, and a "
+    "test that names no engine by a parameter or a deployment fixture, and has no such marker, may deploy any",
 )
 
 

@@ -35,8 +35,19 @@ class Record:
     known_issue: str | None = None   # key of the known issue the test is strictly expected to fail with
 
 
-# The suite's tests of the reference alone: they use the session and ask no engine for anything.
-REFERENCE_ONLY_MODULES = {"pytest_neoxmii.suite.test_reference"}
+def marked_engines(item) -> set[str] | None:
+    """The engines a test's neox_engines(*names) marker says it deploys (an empty set: the HF reference
+    alone), None without the marker. A name that is no engine is a usage error naming the test, as a bad
+    multi_gpu(n) is: a typo would otherwise leave the engine it meant to start on demand, unsaid."""
+    marker = item.get_closest_marker("neox_engines")
+    if marker is None:
+        return None
+    unknown = [n for n in marker.args if not isinstance(n, str) or n not in engines.ENGINES]
+    if unknown or marker.kwargs:
+        got = ", ".join([repr(n) for n in unknown] + [f"{k}=..." for k in marker.kwargs])
+        raise pytest.UsageError(f"{item.nodeid}: neox_engines(*names) takes engine names "
+                                f"({', '.join(engines.ENGINES)}), got {got}")
+    return set(marker.args)
 
 
 class NeoxSession:
@@ -309,14 +320,19 @@ class NeoxSession:
         (`-k reference`: on the 2-core CPU three workers importing DeepSpeed and loading beside the reference).
         A test names its engines by a parameter whose value is one (neox_backend_name, neox_each_backend,
         the suite's own `name`; tp_name at --neox-tp >= 2 only, else it skips) or by a deployment fixture
-        (neox_ds, ...). A test that uses the session and names none may call neox.backend() with any name:
-        then None, every selected engine, unless it is one of the suite's reference tests."""
+        (neox_ds, ...), or says them with the neox_engines marker (the suite's reference tests: none). A
+        test that uses the session and names none may call neox.backend() with any name: then None, every
+        selected engine."""
         selected = {n for n in self.options.backends if not engines.is_reference(n)}
         fixtures = {("neox_reference" if engines.is_reference(n) else f"neox_{n}"): n for n in engines.ENGINES}
         asked: set[str] = set()
         for item in items:
             used = set(getattr(item, "fixturenames", ()))
             if "neox" not in used or item.get_closest_marker("skip") is not None:
+                continue
+            marked = marked_engines(item)
+            if marked is not None:              # said by the test: nothing else counts
+                asked |= marked & selected
                 continue
             params = getattr(getattr(item, "callspec", None), "params", {})
             if "tp_name" in params:             # a tensor-parallel test
@@ -325,8 +341,7 @@ class NeoxSession:
             # the reference or an engine not selected, named, asks no engine for anything (the latter skips)
             named = {v for v in params.values() if isinstance(v, str) and v in engines.ENGINES}
             named |= {fixtures[f] for f in used & fixtures.keys()}
-            module = getattr(getattr(item, "module", None), "__name__", "")
-            if not named and module not in REFERENCE_ONLY_MODULES:
+            if not named:
                 return None
             asked |= named & selected
         return asked

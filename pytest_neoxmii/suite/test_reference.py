@@ -9,6 +9,8 @@ from pytest_neoxmii import parity
 
 MAX_FLIP_RATE = 0.10     # of top-1 tokens the low-precision reference may flip against fp32
 
+pytestmark = pytest.mark.neox_engines()     # the reference alone: no engine's worker starts for these tests
+
 
 def test_reference_is_deterministic(neox, neox_generation_case):
     """Two greedy runs of the fp32 reference give the same tokens (nothing random leaks in): the session's

@@ -47,6 +47,9 @@ def test_missing_mii_skips_the_backend_in_a_session(pytester, neox_cache_dir, pr
         sys.modules["mii.legacy"] = None
     """)
     pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.neox_engines("mii")
         def test_mii(neox):
             neox.backend("mii")
     """)

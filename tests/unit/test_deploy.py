@@ -574,6 +574,8 @@ CONFTEST = textwrap.dedent("""
 HOLDING_TEST = textwrap.dedent("""
     import os, time
     from pathlib import Path
+    import pytest
+    @pytest.mark.neox_engines("echo")   # a stand-in engine's worker, prelaunched, still starting at Ctrl-C
     def test_holds_a_deployment(fake_deployment):
         Path(os.environ["FAKE_READY"]).write_text(str(fake_deployment.tree.pid))
         time.sleep(120)
@@ -591,10 +593,26 @@ def _communicate_or_dump_stacks(proc: subprocess.Popen, timeout: float) -> str:
         pytest.fail(f"pytest did not exit {timeout:.0f} s after SIGINT; its stacks:\n{out}")
 
 
+def _tagged_like(prefix: str) -> list[int]:
+    """Living processes whose deployment tag starts with `prefix` (a session's own deployments, from outside)."""
+    import psutil
+    found = []
+    for pid in psutil.pids():
+        try:
+            if psutil.Process(pid).environ().get(processes.TAG_ENV, "").startswith(prefix) and processes.alive(pid):
+                found.append(pid)
+        except psutil.Error:
+            pass
+    return found
+
+
 def test_ctrl_c_on_a_session_tears_its_deployment_down(pytester, neox_cache_dir, tmp_path):
     """Ctrl-C in the middle of a test: pytest's KeyboardInterrupt path tears the session down, and
-    session.close() ends every process of the deployment."""
-    pytester.makeconftest(CONFTEST)
+    session.close() ends every process of the deployment, and the worker prelaunched for the test (a
+    stand-in engine's: what the real engines' workers go through, without their imports)."""
+    pytester.makeconftest(CONFTEST + "from pytest_neoxmii import backends\n"
+                          "from tests.unit.engines_for_workers import EchoEngine\n"
+                          "backends.register('echo', EchoEngine)\n")
     pytester.makepyfile(test_hold=HOLDING_TEST)
     (tmp_path / "tree.py").write_text(TREE)
     ready, report = tmp_path / "ready", tmp_path / "report.json"
@@ -607,7 +625,8 @@ def test_ctrl_c_on_a_session_tears_its_deployment_down(pytester, neox_cache_dir,
     # SIGINT ignored: a suite run that way used to sleep through the signal (found as a 60 s timeout).
     proc = subprocess.Popen(
         [sys.executable, "-c", INTERRUPTIBLE_PYTEST, "-p", "no:cacheprovider", "-q", "--neox-model=pythia-14m",
-         "--neox-weights=synthetic", f"--neox-cache-dir={neox_cache_dir}", "test_hold.py"],
+         "--neox-weights=synthetic", f"--neox-cache-dir={neox_cache_dir}", "--neox-backends=echo",
+         "--neox-dtype=fp32", "test_hold.py"],
         cwd=pytester.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -616,6 +635,8 @@ def test_ctrl_c_on_a_session_tears_its_deployment_down(pytester, neox_cache_dir,
         assert ready.exists(), proc.communicate(timeout=10)[0] if proc.poll() is not None else "not ready"
         pids = [int(x) for x in (tmp_path / "pids.txt").read_text().split()[:-1]]
         assert len(pids) == 5 and all(processes.alive(p) for p in pids)
+        workers = _tagged_like(f"echo-worker-{proc.pid}-")
+        assert len(workers) == 1, workers              # prelaunched at the start of the session
         proc.send_signal(signal.SIGINT)
         out = _communicate_or_dump_stacks(proc, timeout=60)
     finally:
@@ -623,6 +644,7 @@ def test_ctrl_c_on_a_session_tears_its_deployment_down(pytester, neox_cache_dir,
             proc.kill()
         _kill_leftovers(tmp_path / "pids.txt")
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    assert _tagged_like(f"echo-worker-{proc.pid}-") == [], out
     assert report.exists(), out
     torn = json.loads(report.read_text())
     assert torn["survivors"] == [] and not torn["leaked"], torn
@@ -633,7 +655,8 @@ def test_ctrl_c_on_a_session_tears_its_deployment_down(pytester, neox_cache_dir,
 def test_a_failing_test_still_tears_the_session_deployment_down(pytester, preloaded, tmp_path, monkeypatch):
     """The deployment is the session's: a failing test does not leak it; session.close() ends it."""
     pytester.makeconftest(CONFTEST)
-    pytester.makepyfile(test_fail="def test_fails(fake_deployment):\n    assert False, 'the model is wrong'\n")
+    pytester.makepyfile(test_fail="import pytest\n\n@pytest.mark.neox_engines()\n"
+                                  "def test_fails(fake_deployment):\n    assert False, 'the model is wrong'\n")
     (tmp_path / "tree.py").write_text(TREE)
     report = tmp_path / "report.json"
     for key, value in (("TREE_SCRIPT", tmp_path / "tree.py"), ("FAKE_PIDS", tmp_path / "pids.txt"),

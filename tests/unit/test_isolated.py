@@ -340,20 +340,62 @@ def test_reference_fixture(neox, neox_reference):
 @pytest.mark.parametrize("tp_name", ["echo"])
 def test_tensor_parallel(neox, tp_name):
     assert neox.options.tp == 1 and neox.prelaunched == []     # below --neox-tp=2 such a test skips
+
+@pytest.mark.neox_engines()
+def test_marked_reference_alone(neox):
+    assert neox.prelaunched == []
+
+@pytest.mark.neox_engines("hf")
+def test_marked_reference_by_name(neox):
+    assert neox.prelaunched == []
+
+@pytest.mark.neox_engines("echo")
+def test_marked_engine(neox):
+    assert neox.prelaunched == ["echo"]
+
+@pytest.mark.neox_engines()
+@pytest.mark.parametrize("name", ["echo"])
+def test_marker_over_parameter(neox, name):
+    assert neox.prelaunched == []               # the marker is what the test says it deploys
 """
 
 
 @pytest.mark.parametrize("selection", ["test_named", "test_unnamed", "test_reference_fixture",
-                                       "test_tensor_parallel"])
+                                       "test_tensor_parallel", "test_marked_reference_alone",
+                                       "test_marked_reference_by_name", "test_marked_engine",
+                                       "test_marker_over_parameter"])
 def test_prelaunch_starts_only_the_workers_the_selected_tests_name(pytester, preloaded, synthetic_14m,
                                                                      engines_restored, selection):
-    """A test names its engine by a parameter or a deployment fixture; one that uses the session and names
-    no engine may ask for any, so every selected worker starts; one of the reference alone starts none."""
+    """A test names its engine by a parameter or a deployment fixture, or says it with neox_engines; one
+    that uses the session and names no engine may ask for any, so every selected worker starts; one of the
+    reference alone starts none."""
     pytester.makeconftest(PRELAUNCH_CONFTEST)
     pytester.makepyfile(test_asked=ASKED_TESTS)
     args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
     result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32", "-k", selection)
     result.assert_outcomes(passed=1)
+    assert not processes.live()
+
+
+@pytest.mark.parametrize("marker, said", [
+    ('neox_engines("dss")', "got 'dss'"),
+    ("neox_engines(3)", "got 3"),
+    ('neox_engines(engine="ds")', "got engine=..."),
+])
+def test_a_neox_engines_marker_naming_no_engine_is_a_usage_error(pytester, preloaded, synthetic_14m,
+                                                                 engines_restored, marker, said):
+    """A typo in the marker would leave the engine it meant unstarted until a test asks for it: the run
+    stops before any test with one line naming the test, what it got and the engines there are."""
+    pytester.makeconftest(PRELAUNCH_CONFTEST)
+    pytester.makepyfile(test_marked=f"import pytest\n\n@pytest.mark.{marker}\ndef test_it(neox):\n    pass\n")
+    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
+    result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    errors = [ln for ln in result.errlines if ln.startswith("ERROR:")]
+    assert len(errors) == 1, result.errlines
+    assert errors[0].startswith("ERROR: test_marked.py::test_it: neox_engines(*names) takes engine names (")
+    assert "echo" in errors[0] and errors[0].endswith(said), errors[0]
+    assert "Traceback" not in result.stdout.str() + "\n".join(result.errlines)
     assert not processes.live()
 
 
