@@ -36,7 +36,7 @@ from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.backends.deepspeed_inference import check_kernels_can_run
 from pytest_neoxmii.backends.mii_legacy import import_mii, missing_package, prompt_texts
 from pytest_neoxmii.backends.worker_deployment import WorkerDeployment
-from pytest_neoxmii.deploy import launcher, ports, processes
+from pytest_neoxmii.deploy import gpumem, launcher, ports, processes
 from pytest_neoxmii.dtypes import TORCH_DTYPES
 from pytest_neoxmii.errors import BackendUnavailable
 from pytest_neoxmii.injection import InjectionFailed
@@ -175,12 +175,27 @@ class MiiServerBackend(WorkerDeployment):
                                       f"{compat.transformers_version()}): the kernels were not injected")
         return reports
 
+    def _gpu_memory(self) -> tuple[int | None, str]:
+        """What the server's processes hold on the GPUs, and how that was measured: their own figures where
+        nvidia-smi attributes memory to processes. The fallback, the device-wide difference since the launch,
+        is taken in the worker hosting this deployment, which knows nothing of the session's other
+        deployments: what they load meanwhile counts. On two H100s it read 3859 MiB with a cold kernel cache
+        (the worker built its kernels first: ds's ranks had loaded before the server started) and 9854 MiB
+        with a warm one (ds's 5640 MiB loaded between the server's launch and its ready)."""
+        pids = processes.tagged(self.tag)
+        own = (gpumem.held_by(pids.union(*(processes.descendants(p) for p in pids)))
+               if self._probe_attributes and pids else {})
+        if own:
+            return int(sum(own.values()) * 2**20), "GPU memory of its processes (nvidia-smi)"
+        if self._probe is None:
+            return None, ""
+        now = self._probe()
+        return (int(sum(now[i] - self._baseline.get(i, 0.0) for i in now) * 2**20),
+                "GPU memory device-wide since its launch, other loads meanwhile included")
+
     def _describe(self) -> BackendInfo:
         kernels = {r["kernels"] for r in self.rank_reports}
-        held = None
-        if self._probe is not None:
-            now = self._probe()
-            held = int(sum(now[i] - self._baseline.get(i, 0.0) for i in now) * 2**20)
+        held, measured = self._gpu_memory()
         return BackendInfo(
             backend="mii", dtype=self.dtype, device="cuda:" + ",".join(map(str, self.gpus)),
             tensor_parallel=self.tp,
@@ -190,7 +205,8 @@ class MiiServerBackend(WorkerDeployment):
             notes=[f"MII LOCAL gRPC server, {self.tp} ranks under the DeepSpeed launcher",
                    "load_with_sys_mem", f"max_tokens={(self.engine_config or {}).get('max_tokens', self.max_tokens)}",
                    f"deployed in {self.deploy_seconds:.1f} s",
-                   "text only: no teacher-forced scores"] + planted_fault.ranks_note(self.rank_reports))
+                   "text only: no teacher-forced scores"] + ([measured] if measured else [])
+            + planted_fault.ranks_note(self.rank_reports))
 
     # -- queries --------------------------------------------------------------------------------------
     async def _watched(self, coro):

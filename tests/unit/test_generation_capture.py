@@ -168,6 +168,7 @@ def test_a_multi_rank_deployment_says_in_its_notes_what_its_ranks_planted():
     mii = MiiServerBackend.__new__(MiiServerBackend)
     mii.rank_reports, mii._probe, mii.dtype, mii.gpus, mii.tp = reports, None, "fp16", [0, 1], 2
     mii.engine_config, mii.max_tokens, mii.deploy_seconds = None, 2048, 9.0
+    mii.tag, mii._probe_attributes = "mii-server-test-no-such-tag", False
     for backend in (ds, mii):
         assert backend._describe().notes[-1] == "PLANTED FAULT: attn_ow of layer 2 x1.05 in each of 2 ranks' shards"
         for report in reports:
@@ -366,3 +367,35 @@ def test_a_planted_fault_is_in_every_engine_at_tp_1_and_each_one_fails_parity_at
     for engine in ("ds", "mii", "zero"):
         assert "PLANTED FAULT: attention.dense.weight of layer 2 x1.05" in summary["backends"][f"{engine}:fp32"], \
             summary["backends"]
+
+
+@pytest.mark.parametrize("attributed", [True, False])
+def test_the_mii_servers_gpu_memory_is_its_own_processes_where_nvidia_smi_attributes_it(monkeypatch, attributed):
+    """The server is deployed from inside the mii worker, which knows nothing of the session's other
+    deployments: its device-wide difference since the launch counted ds's ranks loading meanwhile (two H100s:
+    3859 MiB in one session, 9854 MiB in the next). Where nvidia-smi attributes memory to processes, the
+    figure is what the server's own processes hold; elsewhere the device-wide one, and the notes say which."""
+    from pytest_neoxmii.backends import mii_server
+    from pytest_neoxmii.backends.mii_server import MiiServerBackend
+    asked = []
+    monkeypatch.setattr(mii_server.processes, "tagged", lambda tag: {11, 12} if tag == "mii-tag" else set())
+    monkeypatch.setattr(mii_server.processes, "descendants", lambda pid: {20 + pid})
+    monkeypatch.setattr(mii_server.gpumem, "held_by", lambda pids: (
+        asked.append(set(pids)) or ({0: 1000.0, 1: 1001.0} if attributed else {})))
+    mii = MiiServerBackend.__new__(MiiServerBackend)
+    mii.rank_reports = [{"rank": r, "kernels": "injected 12/12 layers", "layers": 12, "injected": 12} for r in (0, 1)]
+    mii.dtype, mii.gpus, mii.tp, mii.engine_config, mii.max_tokens, mii.deploy_seconds = "fp16", [0, 1], 2, None, 2048, 9.0
+    mii.tag, mii._probe_attributes = "mii-tag", True
+    mii._baseline = {0: 500.0, 1: 500.0}
+    mii._probe = lambda: {0: 7500.0, 1: 7501.0}      # another deployment's 5 GiB a GPU loaded meanwhile
+    info = mii._describe()
+    if attributed:
+        assert asked == [{11, 12, 31, 32}]           # the tree's processes and their children
+        assert info.gpu_memory_bytes == 2001 * 2**20
+        assert "GPU memory of its processes (nvidia-smi)" in info.notes
+    else:
+        assert info.gpu_memory_bytes == 14001 * 2**20
+        assert "GPU memory device-wide since its launch, other loads meanwhile included" in info.notes
+    mii._probe_attributes = False                     # a custom probe: nvidia-smi's figures do not apply
+    asked.clear()
+    assert mii._describe().gpu_memory_bytes == 14001 * 2**20 and asked == []
