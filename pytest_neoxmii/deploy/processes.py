@@ -33,6 +33,10 @@ from typing import Callable, Iterable
 import psutil
 
 TAG_ENV = "NEOXMII_DEPLOYMENT"
+# The tags of the deployments hosting the one a process was started for (comma-separated, outermost first): a
+# worker hosting a deployment of its own (MII's gRPC server under the mii worker) gives that deployment's
+# processes its tag, and they stay the worker's wherever they are re-parented (tagged(worker's tag)).
+HOSTS_ENV = "NEOXMII_DEPLOYMENT_HOSTS"
 # NVLink multicast stays off in every process we start (the GPU hosts are shared; docs/STACK.md trap 13).
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -142,8 +146,12 @@ def deployment_env(tag: str | None, extra: dict[str, str] | None = None,
     # launcher's own log names only one rank's code, and not always the rank that died first.
     env["PYTHONFAULTHANDLER"] = "1"
     env.pop(TAG_ENV, None)
+    env.pop(HOSTS_ENV, None)
     if tag is not None:
         env[TAG_ENV] = tag
+        hosts = [h for h in os.environ.get(HOSTS_ENV, "").split(",") + [os.environ.get(TAG_ENV, "")] if h]
+        if hosts:                       # started from inside a deployment's process: it hosts this one
+            env[HOSTS_ENV] = ",".join(hosts)
     env.update(extra or {})
     return env
 
@@ -174,17 +182,20 @@ def descendants(pid: int) -> set[int]:
         return set()
 
 
-def _environ_value(pid: int, name: str) -> str | None:
+def _tags_of(pid: int) -> list[str]:
+    """The deployment a process was started for and the ones hosting it ([] for any other process)."""
     try:
-        return psutil.Process(pid).environ().get(name)
+        env = psutil.Process(pid).environ()
     except psutil.Error:                  # gone, or someone else's process
-        return None
+        return []
+    return [t for t in [env.get(TAG_ENV, "")] + env.get(HOSTS_ENV, "").split(",") if t]
 
 
 def tagged(tag: str) -> set[int]:
-    """Living processes started for the deployment `tag` (wherever they were re-parented to)."""
+    """Living processes started for the deployment `tag`, or for a deployment it hosts (wherever they were
+    re-parented to)."""
     me = os.getpid()
-    return {p for p in psutil.pids() if p != me and _environ_value(p, TAG_ENV) == tag and alive(p)}
+    return {p for p in psutil.pids() if p != me and tag in _tags_of(p) and alive(p)}
 
 
 def living(pids: Iterable[int]) -> list[int]:

@@ -177,6 +177,31 @@ def test_teardown_ends_the_whole_tree(tmp_path, tag):
     assert processes.tagged(tag) == set()
 
 
+def test_a_deployment_started_inside_another_ones_process_is_that_ones_too(tmp_path, tag, monkeypatch):
+    """A worker hosting a deployment of its own (MII's gRPC server under the mii worker) starts it with its own
+    tag, and the hosted processes also carry the worker's: once re-parented (the server's launcher gone before
+    its ranks), they are no longer the worker's descendants, and the session would otherwise count their GPU
+    memory against another deployment, or miss them as the worker's survivors. Its reaper carries no tag."""
+    host = processes.new_tag("unit-host")
+    monkeypatch.setenv(processes.TAG_ENV, host)           # as in the worker's own environment
+    code = "import os, time; print(os.environ.get('NEOXMII_DEPLOYMENT_HOSTS'), flush=True); time.sleep(600)"
+    tree = processes.start([sys.executable, "-c", code], name="hosted", log_path=tmp_path / "hosted.log", tag=tag)
+    monkeypatch.delenv(processes.TAG_ENV)
+    try:
+        processes.wait_ready([tree], lambda: (tmp_path / "hosted.log").read_text().count("\n") >= 2, timeout=30,
+                             what="hosted")
+        assert (tmp_path / "hosted.log").read_text().splitlines()[-1] == host
+        assert processes.tagged(tag) == {tree.pid} and processes.tagged(host) == {tree.pid}
+        assert processes.tagged(processes.new_tag("unit-other")) == set()
+        reaper = processes._REAPERS[tag].pid
+        assert reaper not in processes.tagged(host) | processes.tagged(tag)
+        no_tag = processes.deployment_env(None)           # (what a reaper is started with)
+        assert processes.TAG_ENV not in no_tag and processes.HOSTS_ENV not in no_tag
+    finally:
+        processes.teardown([tree], name="hosted", tag=tag, term_timeout=1.0)
+    assert processes.tagged(host) == set()
+
+
 def test_teardown_reports_survivors(tmp_path, tag, monkeypatch):
     """A process no signal ends (a rank stuck in the GPU driver, say): the report names it, a warning is
     raised and leaks() keeps it for the end-of-session summary."""
