@@ -326,6 +326,7 @@ class NeoxSession:
         selected = {n for n in self.options.backends if not engines.is_reference(n)}
         fixtures = {("neox_reference" if engines.is_reference(n) else f"neox_{n}"): n for n in engines.ENGINES}
         asked: set[str] = set()
+        any_engine = False       # (the walk goes on: every test's neox_engines marker is checked)
         for item in items:
             used = set(getattr(item, "fixturenames", ()))
             if "neox" not in used or item.get_closest_marker("skip") is not None:
@@ -342,9 +343,9 @@ class NeoxSession:
             named = {v for v in params.values() if isinstance(v, str) and v in engines.ENGINES}
             named |= {fixtures[f] for f in used & fixtures.keys()}
             if not named:
-                return None
+                any_engine = True
             asked |= named & selected
-        return asked
+        return None if any_engine else asked
 
     def _asked_for(self, name: str) -> bool:
         """A selected test may deploy `name` (_engines_asked): its worker prelaunches, its kernels build."""
