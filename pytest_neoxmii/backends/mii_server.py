@@ -36,7 +36,7 @@ from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.backends.deepspeed_inference import check_kernels_can_run
 from pytest_neoxmii.backends.mii_legacy import import_mii, missing_package, prompt_texts
 from pytest_neoxmii.backends.worker_deployment import WorkerDeployment
-from pytest_neoxmii.deploy import gpumem, launcher, ports, processes
+from pytest_neoxmii.deploy import launcher, ports, processes
 from pytest_neoxmii.dtypes import TORCH_DTYPES
 from pytest_neoxmii.errors import BackendUnavailable
 from pytest_neoxmii.injection import InjectionFailed
@@ -182,9 +182,7 @@ class MiiServerBackend(WorkerDeployment):
         deployments: what they load meanwhile counts. On two H100s it read 3859 MiB with a cold kernel cache
         (the worker built its kernels first: ds's ranks had loaded before the server started) and 9854 MiB
         with a warm one (ds's 5640 MiB loaded between the server's launch and its ready)."""
-        pids = processes.tagged(self.tag)
-        own = (gpumem.held_by(pids.union(*(processes.descendants(p) for p in pids)))
-               if self._probe_attributes and pids else {})
+        own = self._held_by_own_processes()
         if own:
             return int(sum(own.values()) * 2**20), "GPU memory of its processes (nvidia-smi)"
         if self._probe is None:

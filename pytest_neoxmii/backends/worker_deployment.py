@@ -126,11 +126,10 @@ class WorkerDeployment(Backend):
         process (seen: +123 MiB against the launch-time figure, on one H200 once the session's other workers
         and the reference had loaded, pythia-410m synthetic; no process of the deployment was left, and the
         report cost a 30 s wait). Otherwise (another PID namespace, a custom probe): the launch-time figure."""
-        if self._probe is None or not self._probe_attributes or not self._trees:
+        if self._probe is None:
             return self._baseline, "before the deployment"
         try:
-            pids = set().union(*(tree.pids() for tree in self._trees)) | processes.tagged(self.tag)
-            held = gpumem.held_by(pids)
+            held = self._held_by_own_processes()
             if not held:
                 return self._baseline, "before the deployment"
             now = self._probe()
@@ -138,6 +137,13 @@ class WorkerDeployment(Backend):
             return self._baseline, "before the deployment"
         return ({i: mib - held.get(i, 0.0) for i, mib in now.items()},
                 "before the close, less what its processes held")
+
+    def _held_by_own_processes(self) -> dict[int, float]:
+        """{GPU index: MiB} that nvidia-smi attributes to the deployment's processes (its trees' and every
+        process carrying its tag); {} where it attributes nothing to them, or a custom probe is in use."""
+        if not self._probe_attributes or not self._trees:
+            return {}
+        return gpumem.held_by(set().union(*(tree.pids() for tree in self._trees)) | processes.tagged(self.tag))
 
     def _release(self) -> None:
         """Give back what _reserve took and anything else held in this process; runs after teardown."""

@@ -621,14 +621,8 @@ def _communicate_or_dump_stacks(proc: subprocess.Popen, timeout: float) -> str:
 def _tagged_like(prefix: str) -> list[int]:
     """Living processes whose deployment tag starts with `prefix` (a session's own deployments, from outside)."""
     import psutil
-    found = []
-    for pid in psutil.pids():
-        try:
-            if psutil.Process(pid).environ().get(processes.TAG_ENV, "").startswith(prefix) and processes.alive(pid):
-                found.append(pid)
-        except psutil.Error:
-            pass
-    return found
+    return [p for p in psutil.pids()
+            if any(t.startswith(prefix) for t in processes._tags_of(p)) and processes.alive(p)]
 
 
 def test_ctrl_c_on_a_session_tears_its_deployment_down(pytester, neox_cache_dir, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import types
 
 import pytest
 import torch
@@ -375,14 +376,14 @@ def test_the_mii_servers_gpu_memory_is_its_own_processes_where_nvidia_smi_attrib
     deployments: its device-wide difference since the launch counted ds's ranks loading meanwhile (two H100s:
     3859 MiB in one session, 9854 MiB in the next). Where nvidia-smi attributes memory to processes, the
     figure is what the server's own processes hold; elsewhere the device-wide one, and the notes say which."""
-    from pytest_neoxmii.backends import mii_server
     from pytest_neoxmii.backends.mii_server import MiiServerBackend
+    from pytest_neoxmii.deploy import gpumem, processes
     asked = []
-    monkeypatch.setattr(mii_server.processes, "tagged", lambda tag: {11, 12} if tag == "mii-tag" else set())
-    monkeypatch.setattr(mii_server.processes, "descendants", lambda pid: {20 + pid})
-    monkeypatch.setattr(mii_server.gpumem, "held_by", lambda pids: (
+    monkeypatch.setattr(processes, "tagged", lambda tag: {11, 12} if tag == "mii-tag" else set())
+    monkeypatch.setattr(gpumem, "held_by", lambda pids: (
         asked.append(set(pids)) or ({0: 1000.0, 1: 1001.0} if attributed else {})))
     mii = MiiServerBackend.__new__(MiiServerBackend)
+    mii._trees = [types.SimpleNamespace(pids=lambda: {31, 32})]     # the launcher's tree as walked
     mii.rank_reports = [{"rank": r, "kernels": "injected 12/12 layers", "layers": 12, "injected": 12} for r in (0, 1)]
     mii.dtype, mii.gpus, mii.tp, mii.engine_config, mii.max_tokens, mii.deploy_seconds = "fp16", [0, 1], 2, None, 2048, 9.0
     mii.tag, mii._probe_attributes = "mii-tag", True
@@ -390,7 +391,7 @@ def test_the_mii_servers_gpu_memory_is_its_own_processes_where_nvidia_smi_attrib
     mii._probe = lambda: {0: 7500.0, 1: 7501.0}      # another deployment's 5 GiB a GPU loaded meanwhile
     info = mii._describe()
     if attributed:
-        assert asked == [{11, 12, 31, 32}]           # the tree's processes and their children
+        assert asked == [{11, 12, 31, 32}]           # the trees' processes and every process with its tag
         assert info.gpu_memory_bytes == 2001 * 2**20
         assert "GPU memory of its processes (nvidia-smi)" in info.notes
     else:
