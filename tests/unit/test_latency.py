@@ -440,7 +440,9 @@ def test_a_timing_right_after_another_skips_the_clock_warm_up_but_keeps_its_roun
         second = check.measure(neox, "ds", 4, profile=profile)
         neox.last_timed_at -= check.GPU_STILL_HOT_S
         third = check.measure(neox, "ds", 1, profile=profile)
-    assert first.warmup >= 10 and third.warmup >= 10         # 0.3 s of 20 ms rounds
+    # 0.3 s of rounds of 20 ms or more: more warm-up rounds than the 1 asked (how many depends on how long the
+    # first round took; under -n 2 on two busy cores it took 37 ms and sized 8, so no exact count is asserted)
+    assert first.warmup >= 2 and third.warmup >= 2, (first.warmup, third.warmup)
     assert second.warmup == 1
     assert any("no minimum time" in n for n in second.notes) and not any("warm-up" in n for n in first.notes)
     # A profile without a minimum warm-up time (the CPU's) has nothing to drop, and says nothing of it
