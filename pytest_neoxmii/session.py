@@ -164,9 +164,14 @@ class NeoxSession:
 
     @property
     def tokenizer(self):
+        """The model's own tokenizer, loaded once. Loading it is part of loading the model, as the weights
+        are, and so is the import of transformers that the first load pays for (on one H200 this was 3.7 s
+        of a warm session, inside its first test, counted as plugin overhead until it was timed here)."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.require_model().path))
+            model = self.require_model()
+            with self.timed("model load"):
+                from transformers import AutoTokenizer
+                self._tokenizer = AutoTokenizer.from_pretrained(str(model.path))
         return self._tokenizer
 
     def case(self, plan: CasePlan) -> Case:

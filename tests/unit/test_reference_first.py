@@ -269,6 +269,30 @@ def test_a_reload_inside_a_model_call_is_counted_once(monkeypatch):
     assert session.timings["model calls"] - before["model calls"] == 7.0
 
 
+def test_loading_the_tokenizer_counts_as_model_load(monkeypatch):
+    """The tokenizer is the model's own (loaded from its directory), and its first load imports transformers:
+    on one H200 that was 3.7 s of a warm session's first test, counted as plugin overhead before."""
+    import transformers
+
+    from pytest_neoxmii import session as session_module
+    session = make_session(monkeypatch)
+    clock = [100.0]
+    monkeypatch.setattr(session_module.time, "perf_counter", lambda: clock[0])
+    loads = []
+
+    def from_pretrained(path):
+        loads.append(path)
+        clock[0] += 2.5                          # the load takes 2.5 s of the session
+        return "tokenizer"
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    before = dict(session.timings)
+    assert session.tokenizer == "tokenizer" and session.tokenizer == "tokenizer"
+    assert loads == ["unused"]                   # loaded once, from the model's directory
+    assert session.timings["model load"] - before.get("model load", 0.0) == 2.5
+    assert {k: v for k, v in session.timings.items() if k != "model load"} == \
+        {k: v for k, v in before.items() if k != "model load"}
+
+
 def test_auto_counts_the_engines_already_on_the_gpu(monkeypatch, fake_gpus):
     """T4 (15.8 GB), pythia-1.4b: hf fp32 5.7 + fp16 2.8 + one engine 2.8 GB fits (x 1.2 = 13.6 GB); with the
     first engine still deployed beside the second it does not (x 1.2 = 17.0 GB)."""
