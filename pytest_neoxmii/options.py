@@ -55,8 +55,8 @@ OPTIONS = (
            metavar="X"),
     Option("neox_cases", "case set: default (under a minute per backend) or full (up to the context "
            "length, batch 8)", "default", metavar="SET"),
-    Option("neox_cache_dir", "where synthetic models are built and kept (default ~/.cache/pytest-neoxmii)",
-           None, metavar="DIR"),
+    Option("neox_cache_dir", "where synthetic models are built and kept, and the CPU dtype probe's and the "
+           "serving-config check's answers (default ~/.cache/pytest-neoxmii)", None, metavar="DIR"),
     Option("neox_zero_nvme", "offload ZeRO-Inference parameters to NVMe at this path instead of CPU memory",
            None, metavar="PATH"),
     Option("neox_latency_threshold", "relative slowdown of the median beyond which a significant latency "

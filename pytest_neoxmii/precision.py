@@ -13,11 +13,13 @@ the dtypes this CPU offers."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from pytest_neoxmii.dtypes import TORCH_NAMES
 
@@ -43,10 +45,62 @@ def runs_on_deepspeed(backend: str) -> bool:
     return backend in ENGINES and ENGINES[backend].needs_deepspeed
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_probe() -> dict | None:
+PROBE_CACHE = "cpu-dtype-probes"     # under --neox-cache-dir: the child's answers, one file per machine key
+
+
+def probe_key() -> str:
+    """What decides the probe's answer: the CPU (its model and flags), the torch and DeepSpeed installed, the
+    oneDNN settings that cap the instruction set it may use, Python's version and the probe itself."""
+    from importlib import metadata
+    versions = []
+    for dist in ("torch", "deepspeed"):
+        try:
+            versions.append(metadata.version(dist))
+        except metadata.PackageNotFoundError:
+            versions.append(None)
+    cpu = []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            cpu = sorted({line.strip() for line in f if line.startswith(("model name", "flags"))})
+    except OSError:
+        pass
+    isa = sorted((k, v) for k, v in os.environ.items() if k.startswith(("ONEDNN_", "DNNL_")))
+    blob = json.dumps([cpu, versions, isa, sys.version_info[:2], _PROBE])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _valid(answer) -> bool:
+    return (isinstance(answer, dict) and isinstance(answer.get("offered"), list)
+            and isinstance(answer.get("native"), list))
+
+
+@functools.lru_cache(maxsize=4)
+def _cpu_probe(cache_dir: Path | None = None) -> dict | None:
     """{'offered': [...torch dtype names], 'native': [...our names]} from the child, or None when DeepSpeed
-    cannot be asked (not installed, or the probe failed): the backends then report that themselves."""
+    cannot be asked (not installed, or the probe failed): the backends then report that themselves.
+    The child imports torch and DeepSpeed (3.2 s of a 2-core CPU session), so with a cache_dir the answer is
+    kept there under probe_key(), written whole; an unreadable file is asked again and rewritten, and a
+    failed probe is never kept."""
+    path = None if cache_dir is None else Path(cache_dir) / PROBE_CACHE / f"{probe_key()}.json"
+    if path is not None:
+        try:
+            kept = json.loads(path.read_text())
+            if _valid(kept):
+                return {"offered": kept["offered"], "native": kept["native"]}
+        except (OSError, ValueError):
+            pass
+    answer = _ask_deepspeed()
+    if answer is not None and path is not None:
+        from pytest_neoxmii.files import write_whole
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_whole(path, json.dumps(answer))
+        except OSError:                 # a read-only cache only costs the next session the probe
+            pass
+    return answer
+
+
+def _ask_deepspeed() -> dict | None:
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     try:
         out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120,
@@ -58,24 +112,25 @@ def _cpu_probe() -> dict | None:
         return None
     try:
         answer = json.loads(lines[-1])
-        return {"offered": list(answer["offered"]), "native": list(answer["native"])}
+        answer = {"offered": list(answer["offered"]), "native": list(answer["native"])}
     except (ValueError, KeyError, TypeError):
         return None
+    return answer if _valid(answer) else None
 
 
-def deepspeed_cpu_dtypes() -> tuple[str, ...] | None:
+def deepspeed_cpu_dtypes(cache_dir: Path | None = None) -> tuple[str, ...] | None:
     """The dtypes DeepSpeed's CPU accelerator offers on this machine, e.g. ('fp32', 'bf16'); None when
     DeepSpeed cannot be asked."""
-    answer = _cpu_probe()
+    answer = _cpu_probe(cache_dir)
     if answer is None:
         return None
     return tuple(_TORCH_NAMES[n] for n in answer["offered"] if n in _TORCH_NAMES)
 
 
-def native_cpu_dtypes() -> tuple[str, ...] | None:
+def native_cpu_dtypes(cache_dir: Path | None = None) -> tuple[str, ...] | None:
     """The dtypes this CPU computes natively (oneDNN's answer; fp32 always), e.g. ('fp32', 'bf16'); None
     when not asked."""
-    answer = _cpu_probe()
+    answer = _cpu_probe(cache_dir)
     return None if answer is None else tuple(answer["native"])
 
 
@@ -105,16 +160,17 @@ def _first_offered(offered: tuple[str, ...]) -> str:
 
 
 def choose(requested: str | None, *, on_cuda: bool, backends: tuple[str, ...], probe=None,
-           native=None) -> DtypeChoice:
+           native=None, cache_dir: Path | None = None) -> DtypeChoice:
     """The session's dtype. `probe` returns DeepSpeed's CPU dtypes (default: deepspeed_cpu_dtypes), `native`
-    the ones this CPU computes natively (default: native_cpu_dtypes); both are asked only on a CPU-only
-    machine with a DeepSpeed backend selected, and `native` only when no dtype was asked for."""
+    the ones this CPU computes natively (default: native_cpu_dtypes, both kept under cache_dir when given);
+    both are asked only on a CPU-only machine with a DeepSpeed backend selected, and `native` only when no
+    dtype was asked for."""
     if on_cuda or not any(runs_on_deepspeed(b) for b in backends):
         return DtypeChoice(requested or DEFAULT_DTYPE, requested)
-    offered = (probe or deepspeed_cpu_dtypes)()
+    offered = probe() if probe else deepspeed_cpu_dtypes(cache_dir)
     if requested is not None or offered is None:
         return DtypeChoice(requested or DEFAULT_DTYPE, requested, offered)
-    computed = (native or native_cpu_dtypes)()
+    computed = native() if native else native_cpu_dtypes(cache_dir)
     emulated = [d for d in offered if computed is not None and d not in computed]
     dtype = _first_offered(tuple(d for d in offered if d not in emulated))
     reasons = []

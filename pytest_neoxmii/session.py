@@ -109,8 +109,9 @@ class NeoxSession:
     def dtype_choice(self) -> precision.DtypeChoice:
         """The dtype every backend runs, the HF peer included, and why (asked once per session)."""
         if self._dtype_choice is None:
-            self._dtype_choice = precision.choose(self.options.dtype, on_cuda=bool(self.hardware.gpus),
-                                                  backends=self.options.backends)
+            o = self.options
+            self._dtype_choice = precision.choose(o.dtype, on_cuda=bool(self.hardware.gpus), backends=o.backends,
+                                                  cache_dir=o.cache_dir)
         return self._dtype_choice
 
     @property

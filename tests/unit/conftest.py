@@ -154,9 +154,10 @@ def deepspeed_cpu_offers(monkeypatch):
     CPU make: deepspeed_cpu_offers("fp32", "bf16") is a CPU without fp16 (an AMD EPYC, say), computing bf16
     natively; deepspeed_cpu_offers("fp32", "bf16", native=("fp32",)) one that only emulates it (AVX2 alone)."""
     def offer(*dtypes: str, native: tuple[str, ...] | None = None) -> None:
-        monkeypatch.setattr(precision, "deepspeed_cpu_dtypes", lambda: tuple(dtypes))
+        monkeypatch.setattr(precision, "deepspeed_cpu_dtypes", lambda cache_dir=None: tuple(dtypes))
         # the CPU computes what DeepSpeed offers, unless told otherwise (an AVX2-only CPU emulates bf16)
-        monkeypatch.setattr(precision, "native_cpu_dtypes", lambda: tuple(dtypes) if native is None else native)
+        monkeypatch.setattr(precision, "native_cpu_dtypes",
+                            lambda cache_dir=None: tuple(dtypes) if native is None else native)
     return offer
 
 

@@ -89,6 +89,67 @@ def test_the_real_cpu_accelerator_is_asked_in_a_child_process():
     assert native is not None and "fp32" in native and set(native) <= {"fp16", "bf16", "fp32"}
 
 
+@pytest.fixture
+def asked(monkeypatch):
+    """Counts the probe's child processes (the real one imports torch and DeepSpeed: 3.2 s on two cores)."""
+    calls = []
+
+    def ask():
+        calls.append(1)
+        return {"offered": ["torch.float32", "torch.bfloat16"], "native": ["fp32"]}
+    monkeypatch.setattr(precision, "_ask_deepspeed", ask)
+    precision._cpu_probe.cache_clear()
+    yield calls
+    precision._cpu_probe.cache_clear()
+
+
+def test_the_probes_answer_is_kept_in_the_cache_dir_for_the_next_session(asked, tmp_path):
+    assert precision.deepspeed_cpu_dtypes(tmp_path) == ("fp32", "bf16")
+    assert precision.native_cpu_dtypes(tmp_path) == ("fp32",)
+    assert len(asked) == 1
+    kept = list((tmp_path / precision.PROBE_CACHE).iterdir())
+    assert [p.name for p in kept] == [f"{precision.probe_key()}.json"]
+    precision._cpu_probe.cache_clear()              # the next session: a new process
+    assert precision.deepspeed_cpu_dtypes(tmp_path) == ("fp32", "bf16") and len(asked) == 1
+    choice = choose(None, on_cuda=False, backends=("ds",), cache_dir=tmp_path)
+    assert (choice.dtype, choice.offered, choice.native) == ("fp32", ("fp32", "bf16"), ("fp32",))
+    assert len(asked) == 1
+
+
+def test_an_unreadable_kept_answer_is_asked_again_and_rewritten(asked, tmp_path):
+    path = tmp_path / precision.PROBE_CACHE / f"{precision.probe_key()}.json"
+    for damaged in ('{"offered": ["torch.float32"', '{"offered": "torch.float32", "native": []}', "[]"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(damaged)
+        precision._cpu_probe.cache_clear()
+        assert precision.deepspeed_cpu_dtypes(tmp_path) == ("fp32", "bf16")
+        assert json.loads(path.read_text()) == {"offered": ["torch.float32", "torch.bfloat16"], "native": ["fp32"]}
+    assert len(asked) == 3
+    assert [p.name for p in path.parent.iterdir()] == [path.name]       # no temporary file left behind
+
+
+def test_a_failed_probe_is_not_kept(monkeypatch, tmp_path):
+    monkeypatch.setattr(precision, "_ask_deepspeed", lambda: None)
+    precision._cpu_probe.cache_clear()
+    try:
+        assert precision.deepspeed_cpu_dtypes(tmp_path) is None
+    finally:
+        precision._cpu_probe.cache_clear()
+    assert not (tmp_path / precision.PROBE_CACHE).exists()
+
+
+def test_the_kept_answer_belongs_to_the_cpu_its_isa_cap_and_the_installed_versions(monkeypatch):
+    from importlib import metadata
+    first = precision.probe_key()
+    assert precision.probe_key() == first
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")        # oneDNN told to use less: its answer may change
+    capped = precision.probe_key()
+    assert capped != first
+    real_version = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda dist: "0.0.1" if dist == "deepspeed" else real_version(dist))
+    assert precision.probe_key() not in (first, capped)
+
+
 # -- in a session: the header, the peer, the backends, the skip line ---------------------------------------
 
 SESSION_TEST = '''
