@@ -149,6 +149,8 @@ def deployment_env(tag: str | None, extra: dict[str, str] | None = None,
     env.pop(HOSTS_ENV, None)
     if tag is not None:
         env[TAG_ENV] = tag
+        # Whom this process belongs to is in its own environment (os.environ), not in `base`, which is only
+        # what the child starts from: a worker hosting a server passes on its own tag and its hosts'.
         hosts = [h for h in os.environ.get(HOSTS_ENV, "").split(",") + [os.environ.get(TAG_ENV, "")] if h]
         if hosts:                       # started from inside a deployment's process: it hosts this one
             env[HOSTS_ENV] = ",".join(hosts)
