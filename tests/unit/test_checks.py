@@ -63,7 +63,7 @@ def stand_in_session(backends, dtype: str = "fp16", top_k: int = 2, multiple: fl
     options = NeoxOptions(model=None, revision="main", weights="synthetic", dtype=dtype, tp=1,
                           backends=("hf", "ds", "mii", "zero"), baseline_dir=Path("baselines"),
                           update_baselines=False, max_new_tokens=2, seed=0, top_k=top_k,
-                          parity_multiple=multiple, cases="default", cache_dir=Path("unused"), zero_nvme=None,
+                          parity_multiple=multiple, cases="default", cache_dir=None, zero_nvme=None,
                           latency_threshold=0.1, report_dir=None)
     session = NeoxSession(options, model=None)
     for b in backends:

@@ -113,7 +113,7 @@ def _session_for_build(monkeypatch, fake_gpus, gpus, found, backends=("hf", "ds"
     options = NeoxOptions(model="pythia-160m", revision="main", weights="synthetic", dtype="fp16", tp=1,
                           backends=backends, baseline_dir=Path("baselines"), update_baselines=False,
                           max_new_tokens=2, seed=0, top_k=2, parity_multiple=10.0, cases="default",
-                          cache_dir=Path("unused"), zero_nvme=None, latency_threshold=0.1, report_dir=None)
+                          cache_dir=None, zero_nvme=None, latency_threshold=0.1, report_dir=None)
     session = NeoxSession(options, SimpleNamespace(spec=lookup("pythia-160m"), path=None))
     device = "cuda" if gpus else "cpu"
     session.kernels = kernels.KernelCache(Path("unused"), False, device, found)

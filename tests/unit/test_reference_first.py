@@ -61,7 +61,7 @@ def make_session(monkeypatch, model: str = "pythia-14m", mode: str = "always", d
     options = NeoxOptions(model=model, revision="main", weights="synthetic", dtype=dtype, tp=1,
                           backends=("hf", "big"), baseline_dir=Path("baselines"), update_baselines=False,
                           max_new_tokens=2, seed=0, top_k=2, parity_multiple=10.0, cases="default",
-                          cache_dir=Path("unused"), zero_nvme=None, latency_threshold=0.1, report_dir=None,
+                          cache_dir=None, zero_nvme=None, latency_threshold=0.1, report_dir=None,
                           reference_first=mode)
     session = NeoxSession(options, SimpleNamespace(spec=lookup(model), path=Path("unused")))
     session.log = []
