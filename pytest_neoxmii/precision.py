@@ -12,7 +12,6 @@ took 327 ms in bf16 against 3.6 ms in fp32, and the acceptance suite on pythia-1
 the dtypes this CPU offers."""
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -74,23 +73,32 @@ def _valid(answer) -> bool:
             and isinstance(answer.get("native"), list))
 
 
-@functools.lru_cache(maxsize=4)
+_asked: list = []     # this process's answer once asked ([answer], None included): it is the machine's, not the directory's
+
+
+def forget() -> None:
+    """Drop this process's answer (tests: the next call is like a new session's)."""
+    _asked.clear()
+
+
 def _cpu_probe(cache_dir: Path | None = None) -> dict | None:
     """{'offered': [...torch dtype names], 'native': [...our names]} from the child, or None when DeepSpeed
     cannot be asked (not installed, or the probe failed): the backends then report that themselves.
-    The child imports torch and DeepSpeed (3.2 s of a 2-core CPU session), so with a cache_dir the answer is
-    kept there under probe_key(), written whole; an unreadable file is asked again and rewritten, and a
-    failed probe is never kept."""
+    The child imports torch and DeepSpeed (3.2 s of a 2-core CPU session), so it runs once per process, and
+    with a cache_dir the answer is kept there under probe_key(), written whole, for the next session; an
+    unreadable file is asked again and rewritten, and a failed probe is never written."""
     path = None if cache_dir is None else Path(cache_dir) / PROBE_CACHE / f"{probe_key()}.json"
-    if path is not None:
+    if not _asked and path is not None:
         try:
             kept = json.loads(path.read_text())
             if _valid(kept):
-                return {"offered": kept["offered"], "native": kept["native"]}
+                _asked.append({"offered": kept["offered"], "native": kept["native"]})
         except (OSError, ValueError):
             pass
-    answer = _ask_deepspeed()
-    if answer is not None and path is not None:
+    if not _asked:
+        _asked.append(_ask_deepspeed())
+    answer = _asked[0]
+    if answer is not None and path is not None and not _kept_as(path, answer):
         from pytest_neoxmii.files import write_whole
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,6 +106,13 @@ def _cpu_probe(cache_dir: Path | None = None) -> dict | None:
         except OSError:                 # a read-only cache only costs the next session the probe
             pass
     return answer
+
+
+def _kept_as(path: Path, answer: dict) -> bool:
+    try:
+        return json.loads(path.read_text()) == answer
+    except (OSError, ValueError):
+        return False
 
 
 def _ask_deepspeed() -> dict | None:

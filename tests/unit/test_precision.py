@@ -98,9 +98,9 @@ def asked(monkeypatch):
         calls.append(1)
         return {"offered": ["torch.float32", "torch.bfloat16"], "native": ["fp32"]}
     monkeypatch.setattr(precision, "_ask_deepspeed", ask)
-    precision._cpu_probe.cache_clear()
+    precision.forget()
     yield calls
-    precision._cpu_probe.cache_clear()
+    precision.forget()
 
 
 def test_the_probes_answer_is_kept_in_the_cache_dir_for_the_next_session(asked, tmp_path):
@@ -109,11 +109,17 @@ def test_the_probes_answer_is_kept_in_the_cache_dir_for_the_next_session(asked, 
     assert len(asked) == 1
     kept = list((tmp_path / precision.PROBE_CACHE).iterdir())
     assert [p.name for p in kept] == [f"{precision.probe_key()}.json"]
-    precision._cpu_probe.cache_clear()              # the next session: a new process
+    precision.forget()              # the next session: a new process
     assert precision.deepspeed_cpu_dtypes(tmp_path) == ("fp32", "bf16") and len(asked) == 1
     choice = choose(None, on_cuda=False, backends=("ds",), cache_dir=tmp_path)
     assert (choice.dtype, choice.offered, choice.native) == ("fp32", ("fp32", "bf16"), ("fp32",))
     assert len(asked) == 1
+    # The answer is the machine's: the same process asks nothing again for another directory, or none, and
+    # keeps it in the other directory too (for the sessions started from there)
+    other = tmp_path / "other"
+    assert precision.deepspeed_cpu_dtypes(other) == ("fp32", "bf16") == precision.deepspeed_cpu_dtypes(None)
+    assert len(asked) == 1
+    assert (other / precision.PROBE_CACHE / f"{precision.probe_key()}.json").is_file()
 
 
 def test_an_unreadable_kept_answer_is_asked_again_and_rewritten(asked, tmp_path):
@@ -121,7 +127,7 @@ def test_an_unreadable_kept_answer_is_asked_again_and_rewritten(asked, tmp_path)
     for damaged in ('{"offered": ["torch.float32"', '{"offered": "torch.float32", "native": []}', "[]"):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(damaged)
-        precision._cpu_probe.cache_clear()
+        precision.forget()
         assert precision.deepspeed_cpu_dtypes(tmp_path) == ("fp32", "bf16")
         assert json.loads(path.read_text()) == {"offered": ["torch.float32", "torch.bfloat16"], "native": ["fp32"]}
     assert len(asked) == 3
@@ -130,11 +136,11 @@ def test_an_unreadable_kept_answer_is_asked_again_and_rewritten(asked, tmp_path)
 
 def test_a_failed_probe_is_not_kept(monkeypatch, tmp_path):
     monkeypatch.setattr(precision, "_ask_deepspeed", lambda: None)
-    precision._cpu_probe.cache_clear()
+    precision.forget()
     try:
         assert precision.deepspeed_cpu_dtypes(tmp_path) is None
     finally:
-        precision._cpu_probe.cache_clear()
+        precision.forget()
     assert not (tmp_path / precision.PROBE_CACHE).exists()
 
 
