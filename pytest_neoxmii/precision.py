@@ -45,11 +45,14 @@ def runs_on_deepspeed(backend: str) -> bool:
 
 
 PROBE_CACHE = "cpu-dtype-probes"     # under --neox-cache-dir: the child's answers, one file per machine key
+CPUINFO = "/proc/cpuinfo"
 
 
-def probe_key() -> str:
+def probe_key() -> str | None:
     """What decides the probe's answer: the CPU (its model and flags), the torch and DeepSpeed installed, the
-    oneDNN settings that cap the instruction set it may use, Python's version and the probe itself."""
+    oneDNN settings that cap the instruction set it may use, Python's version and the probe itself. None where
+    the CPU cannot be told apart (no /proc/cpuinfo): a cache directory shared by several machines would then
+    hand one machine's answer to another, so nothing is kept."""
     from importlib import metadata
     versions = []
     for dist in ("torch", "deepspeed"):
@@ -57,12 +60,13 @@ def probe_key() -> str:
             versions.append(metadata.version(dist))
         except metadata.PackageNotFoundError:
             versions.append(None)
-    cpu = []
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as f:
             cpu = sorted({line.strip() for line in f if line.startswith(("model name", "flags"))})
     except OSError:
-        pass
+        cpu = []
+    if not cpu:
+        return None
     isa = sorted((k, v) for k, v in os.environ.items() if k.startswith(("ONEDNN_", "DNNL_")))
     blob = json.dumps([cpu, versions, isa, sys.version_info[:2], _PROBE])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
@@ -87,7 +91,8 @@ def _cpu_probe(cache_dir: Path | None = None) -> dict | None:
     The child imports torch and DeepSpeed (3.2 s of a 2-core CPU session), so it runs once per process, and
     with a cache_dir the answer is kept there under probe_key(), written whole, for the next session; an
     unreadable file is asked again and rewritten, and a failed probe is never written."""
-    path = None if cache_dir is None else Path(cache_dir) / PROBE_CACHE / f"{probe_key()}.json"
+    key = None if cache_dir is None else probe_key()
+    path = None if key is None else Path(cache_dir) / PROBE_CACHE / f"{key}.json"
     if not _asked and path is not None:
         try:
             kept = json.loads(path.read_text())

@@ -144,6 +144,13 @@ def test_a_failed_probe_is_not_kept(monkeypatch, tmp_path):
     assert not (tmp_path / precision.PROBE_CACHE).exists()
 
 
+def test_where_the_cpu_cannot_be_told_apart_nothing_is_kept(asked, monkeypatch, tmp_path):
+    monkeypatch.setattr(precision, "CPUINFO", str(tmp_path / "no-cpuinfo"))
+    assert precision.probe_key() is None
+    assert precision.deepspeed_cpu_dtypes(tmp_path) == ("fp32", "bf16") and len(asked) == 1
+    assert not (tmp_path / precision.PROBE_CACHE).exists()
+
+
 def test_the_kept_answer_belongs_to_the_cpu_its_isa_cap_and_the_installed_versions(monkeypatch):
     from importlib import metadata
     first = precision.probe_key()
