@@ -2,7 +2,9 @@
 phase): before the first test (start-up, configure, collection), inside the tests (the part of each test's
 run that is no model load, model call, judging or timing), and after the last test until the summary is
 built. The report lists the largest, so that an overhead can be found without a profiler. The JSON summary
-also keeps each test's start and end (the session's time line), which shows what a session waited on."""
+also keeps each test's start and end (the session's time line), which shows what a session waited on, and the
+seconds each test spent in each timed phase, which shows what a long test waited for (a worker's load, the
+teardown of another deployment, its own model calls)."""
 from __future__ import annotations
 
 import time
@@ -17,15 +19,20 @@ class OverheadLog:
         self.last_test_end: float | None = None
         self.in_tests: list[tuple[str, float]] = []     # (nodeid, seconds outside any timed phase)
         self.spans: list[tuple[str, float, float, float]] = []   # (nodeid, began, ended, seconds in timed phases)
+        self.phases: dict[str, dict[str, float]] = {}    # nodeid -> {phase: seconds}, phases it spent time in
 
-    def test_ran(self, nodeid: str, began: float, ended: float, accounted: float) -> None:
+    def test_ran(self, nodeid: str, began: float, ended: float, accounted: float,
+                 phases: dict[str, float] | None = None) -> None:
         """One test's run (setup, call, teardown) from `began` to `ended`, `accounted` seconds of it in the
-        session's timed phases."""
+        session's timed phases (`phases`: those seconds by phase)."""
         if self.first_test_at is None:
             self.first_test_at = began
         self.last_test_end = ended
         self.in_tests.append((nodeid, max(ended - began - accounted, 0.0)))
         self.spans.append((nodeid, began, ended, accounted))
+        spent = {phase: round(seconds, 3) for phase, seconds in (phases or {}).items() if round(seconds, 3) > 0}
+        if spent:
+            self.phases[nodeid] = spent
 
     def timeline(self) -> list[list]:
         """[nodeid, start, end, seconds in timed phases] of each test in the order run, from the session's

@@ -232,12 +232,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem):
     neox = item.config.stash.get(SESSION_KEY, None)
     if neox is None:
         return (yield)
-    began, accounted = time.perf_counter(), sum(neox.timings.values())
+    began, before = time.perf_counter(), dict(neox.timings)
     neox.extra.replace_once_broken()     # a deployment broken ahead gets its replacement loading meanwhile
     try:
         return (yield)
     finally:
-        neox.overhead.test_ran(item.nodeid, began, time.perf_counter(), sum(neox.timings.values()) - accounted)
+        spent = {phase: seconds - before.get(phase, 0.0) for phase, seconds in neox.timings.items()}
+        neox.overhead.test_ran(item.nodeid, began, time.perf_counter(), sum(spent.values()), spent)
 
 
 @pytest.hookimpl(wrapper=True)

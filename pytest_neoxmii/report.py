@@ -131,6 +131,7 @@ def build_summary(session) -> dict:
                       "session": wall},
         "other_s": session.overhead.as_dict() if getattr(session, "overhead", None) else None,
         "timeline_s": session.overhead.timeline() if getattr(session, "overhead", None) else [],
+        "test_phases_s": session.overhead.phases if getattr(session, "overhead", None) else {},
         "prelaunched": list(session.prelaunched),
         "reference_computed_while_workers_loaded": session.reference_ahead,
         "reference_computed_s": round(getattr(session, "reference_ahead_s", 0.0), 3),

@@ -22,3 +22,12 @@ def test_other_time_is_split_before_in_and_after_the_tests():
 def test_a_session_without_tests_says_nothing_ran_after_them():
     d = OverheadLog(started=10.0).as_dict(now=12.0)
     assert d == {"before the first test": 2.0, "in tests": 0.0, "after the last test": 0.0, "largest in tests": []}
+
+
+def test_each_tests_seconds_are_kept_by_phase_and_phases_it_did_not_enter_are_left_out():
+    log = OverheadLog(started=0.0)
+    log.test_ran("t.py::test_latency[hf-bs1]", began=1.0, ended=8.0, accounted=6.5,
+                 phases={"model teardown": 1.2, "timed benchmark calls": 5.3, "model calls": 0.0, "kernel build": 2e-4})
+    log.test_ran("t.py::test_quick", began=8.0, ended=8.1, accounted=0.0, phases={"model calls": 0.0})
+    log.test_ran("t.py::test_old_caller", began=8.1, ended=9.0, accounted=0.4)          # no phases given
+    assert log.phases == {"t.py::test_latency[hf-bs1]": {"model teardown": 1.2, "timed benchmark calls": 5.3}}

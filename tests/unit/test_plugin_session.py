@@ -4,6 +4,7 @@ hf reference and the ds backend, ending with the "neoxmii summary" section."""
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from pathlib import Path
 
 import pytest
@@ -258,8 +259,11 @@ def test_end_to_end_synthetic_14m(pytester, synthetic_14m):
     pytester.makepyfile(test_e2e=END_TO_END)
     # The short and padded cases keep it quick: 3 generation cases, the peer test, 3 cases scored by ds.
     result = pytester.runpytest_subprocess(*synthetic_14m, "--neox-max-new-tokens=4", "-v", "-k",
-                                           "short or padded or peer")
+                                           "short or padded or peer", "--neox-report=rep")
     result.assert_outcomes(passed=7)
+    # the JSON summary says where each test's seconds went, by phase: ds's scoring test spent its in model calls
+    phases = json.loads((pytester.path / "rep" / "neoxmii-summary.json").read_text())["test_phases_s"]
+    assert phases["test_e2e.py::test_backend_scores_every_case[short-b1-len4-ds]"]["model calls"] > 0, phases
     result.stdout.fnmatch_lines([
         "*test_reference_generates_greedily[[]padded-b4-len8x64x23x41[]] PASSED*",
         "*test_backend_scores_every_case[[]short-b1-len4-ds[]] PASSED*",
