@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pytest_neoxmii.backends.base import BackendInfo, LoadRequest
-from pytest_neoxmii.backends.torch_model import TorchModelBackend
+from pytest_neoxmii.backends.torch_model import TorchModelBackend, judged_attention_notes
 from pytest_neoxmii.dtypes import TORCH_DTYPES
 from pytest_neoxmii.injection import gpu_used_bytes
 
@@ -33,7 +33,7 @@ class HFBackend(TorchModelBackend):
         # The attention transformers chose (sdpa where torch has it), not the word "eager" for all of it.
         attention = getattr(self.model.config, "_attn_implementation", None) or "default"
         self.info = BackendInfo(backend=name, dtype=dtype, device=device, kernels=f"none (HF, {attention} attention)",
-                                gpu_memory_bytes=held)
+                                gpu_memory_bytes=held, notes=judged_attention_notes(device))
 
     def close(self) -> None:
         self._release()

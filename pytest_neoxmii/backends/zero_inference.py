@@ -9,7 +9,7 @@ import torch
 from pytest_neoxmii.backends import planted_fault
 from pytest_neoxmii.backends.base import BackendInfo, LoadRequest
 from pytest_neoxmii.backends.deepspeed_inference import init_distributed_env
-from pytest_neoxmii.backends.torch_model import TorchModelBackend
+from pytest_neoxmii.backends.torch_model import TorchModelBackend, judged_attention_notes
 from pytest_neoxmii.dtypes import TORCH_DTYPES
 from pytest_neoxmii.errors import BackendUnavailable
 from pytest_neoxmii.injection import gpu_used_bytes, held_since
@@ -98,7 +98,7 @@ class ZeroInferenceBackend(TorchModelBackend):
         self.info = BackendInfo(backend="zero", dtype=dtype, device=device, kernels="none (ZeRO stage 3)",
                                 gpu_memory_bytes=held, gpu_tensor_bytes=tensors,
                                 notes=[f"parameters offloaded to {where}"] + ([measured] if measured else [])
-                                + planted_fault.note(planted))
+                                + judged_attention_notes(device) + planted_fault.note(planted))
 
     def _layers(self):
         return self.model.gpt_neox.layers
