@@ -89,6 +89,21 @@ def test_not_comparable_when_prompts_or_lengths_differ():
     assert change.status == "not-comparable" and "recorded with 4 new tokens, this run generates 5" in change.detail
 
 
+def test_a_text_engine_that_returned_fewer_ids_than_asked_is_still_compared():
+    """MII's text drops special tokens: 4 new tokens asked, 3 ids recorded (seen on one H200: mii's
+    short-b1-len16 recorded with 31 of 32, "not-comparable" in every later run)."""
+    short = [[11, 12, 14], [21, 22, 23, 24]]
+    stored = _golden(short)
+    assert stored["max_new_tokens"] == 4
+    assert compare_case("c", stored, _gen(short), BATCH, 4, 5).status == "unchanged"
+    assert compare_case("c", stored, _gen([[11, 12, 15], [21, 22, 23, 24]]), BATCH, 4, 5).status == "changed"
+    assert compare_case("c", stored, _gen(TOKENS), BATCH, 4, 5).status == "changed"    # 14 where 13 was asked
+    longer = compare_case("c", stored, _gen([r + [0] for r in TOKENS]), BATCH, 5, 5)
+    assert (longer.status, longer.detail) == ("not-comparable", "recorded with 4 new tokens, this run generates 5")
+    del stored["max_new_tokens"]                     # a file from before the field: the ids' count decides
+    assert compare_case("c", stored, _gen(short), BATCH, 4, 5).status == "not-comparable"
+
+
 def test_row_count_change_is_a_change():
     change = compare_case("c", _golden(), _gen(TOKENS[:1]), BATCH, 4, 5)
     assert change.status == "changed" and "row counts differ" in change.detail
