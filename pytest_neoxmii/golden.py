@@ -100,7 +100,7 @@ def compare_case(case_id: str, golden: dict, new: Generation, batch: PromptBatch
                           "the golden output answers other prompt ids (another --neox-seed or tokenizer)")
     ids = min((len(r) for r in golden["tokens"]), default=0)
     asked = golden.get("max_new_tokens")               # (older files lack it: their ids' count stands in)
-    recorded = int(asked) if asked is not None else ids
+    recorded = asked if asked is not None else ids     # (an integer >= 1: storage/schema.py)
     if recorded < max_new_tokens:
         return CaseChange(case_id, "not-comparable",
                           f"recorded with {recorded} new tokens, this run generates {max_new_tokens}")

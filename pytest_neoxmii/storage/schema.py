@@ -212,6 +212,8 @@ def validate_golden(golden: Any, path: tuple[PathPart, ...]) -> None:
         if "tokens" not in case:
             raise SchemaError(cpath, 'missing required field "tokens"')
         tokens = _arr(case["tokens"], cpath + ("tokens",))
+        if "max_new_tokens" in case:        # what the recording asked for (golden.compare_case reads it)
+            _int(case["max_new_tokens"], cpath + ("max_new_tokens",), minimum=1)
         for r, row in enumerate(tokens):
             for t, tok in enumerate(_arr(row, cpath + ("tokens", r))):
                 _int(tok, cpath + ("tokens", r, t), minimum=0)
