@@ -72,11 +72,6 @@ def probe_key() -> str | None:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _valid(answer) -> bool:
-    return (isinstance(answer, dict) and isinstance(answer.get("offered"), list)
-            and isinstance(answer.get("native"), list))
-
-
 _asked: list = []     # this process's answer once asked ([answer], None included): it is the machine's, not the directory's
 
 
@@ -93,17 +88,11 @@ def _cpu_probe(cache_dir: Path | None = None) -> dict | None:
     unreadable file is asked again and rewritten, and a failed probe is never written."""
     key = None if cache_dir is None else probe_key()
     path = None if key is None else Path(cache_dir) / PROBE_CACHE / f"{key}.json"
-    if not _asked and path is not None:
-        try:
-            kept = json.loads(path.read_text())
-            if _valid(kept):
-                _asked.append({"offered": kept["offered"], "native": kept["native"]})
-        except (OSError, ValueError):
-            pass
+    kept = None if path is None else _read_kept(path)
     if not _asked:
-        _asked.append(_ask_deepspeed())
+        _asked.append(kept if kept is not None else _ask_deepspeed())
     answer = _asked[0]
-    if answer is not None and path is not None and not _kept_as(path, answer):
+    if answer is not None and path is not None and kept != answer:
         from pytest_neoxmii.files import write_whole
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,11 +102,16 @@ def _cpu_probe(cache_dir: Path | None = None) -> dict | None:
     return answer
 
 
-def _kept_as(path: Path, answer: dict) -> bool:
+def _read_kept(path: Path) -> dict | None:
+    """The answer kept at `path`; None where there is none or it is not one (asked again, then rewritten)."""
     try:
-        return json.loads(path.read_text()) == answer
+        kept = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    if not (isinstance(kept, dict) and isinstance(kept.get("offered"), list)
+            and isinstance(kept.get("native"), list)):
+        return None
+    return {"offered": kept["offered"], "native": kept["native"]}
 
 
 def _ask_deepspeed() -> dict | None:
@@ -132,10 +126,9 @@ def _ask_deepspeed() -> dict | None:
         return None
     try:
         answer = json.loads(lines[-1])
-        answer = {"offered": list(answer["offered"]), "native": list(answer["native"])}
+        return {"offered": list(answer["offered"]), "native": list(answer["native"])}
     except (ValueError, KeyError, TypeError):
         return None
-    return answer if _valid(answer) else None
 
 
 def deepspeed_cpu_dtypes(cache_dir: Path | None = None) -> tuple[str, ...] | None:
