@@ -45,4 +45,6 @@ def main(choice: str, cache: Path) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in CHOICES:
         sys.exit(f"usage: python {sys.argv[0]} {{{','.join(CHOICES)}}} CACHE_DIR")
+    if not torch.cuda.is_available():
+        sys.exit(f"{sys.argv[0]}: needs a CUDA GPU (torch {torch.__version__} sees none)")
     main(sys.argv[1], Path(sys.argv[2]))
