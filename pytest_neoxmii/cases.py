@@ -11,10 +11,13 @@ from pytest_neoxmii.outputs import PromptBatch
 from pytest_neoxmii.fixed_text import FIXED_TEXT
 
 
+FAMILIES = ("fixed-text", "short", "medium", "batch", "padded", "long", "context", "prompt")
+
+
 @dataclass(frozen=True)
 class CasePlan:
     id: str
-    family: str                  # fixed-text, short, medium, batch, padded, long, context, prompt
+    family: str                  # one of FAMILIES
     lengths: tuple[int, ...]     # prompt length of each row (unequal lengths are left-padded)
     generate: bool               # greedy generation is compared; every case is also scored teacher-forced
     max_new_tokens: int

@@ -32,6 +32,9 @@ MARKERS = (
     "neox_engines(*names): the engines this test deploys, none for the HF reference alone (e.g. "
     "neox_engines('ds')): the session starts workers only for the engines its selected tests deploy, and a "
     "test that names no engine by a parameter or a deployment fixture, and has no such marker, may deploy any",
+    "neox_scores(*families): the test asks its engine (neox_backend_name or neox_each_backend) for the "
+    "teacher-forced scores of the cases of these families without a case parameter (e.g. neox_scores('fixed-text')"
+    " for a perplexity): the engine's worker computes them ahead, as it does a parametrized case's",
 )
 
 

@@ -12,7 +12,7 @@ from pytest_neoxmii import ahead_share, hardware, known_issues, precision, refer
 from pytest_neoxmii import backends as engines
 from pytest_neoxmii.backends import Backend, IsolatedEngine, LoadRequest, load_backend
 from pytest_neoxmii.deploy.processes import DeploymentError
-from pytest_neoxmii.cases import Case, CasePlan, materialize, plan_cases
+from pytest_neoxmii.cases import FAMILIES, Case, CasePlan, materialize, plan_cases
 from pytest_neoxmii.errors import BackendUnavailable, NeoxUsageError
 from pytest_neoxmii.extra_workers import ExtraWorkers
 from pytest_neoxmii.injection import InjectionFailed
@@ -48,6 +48,20 @@ def marked_engines(item) -> set[str] | None:
         raise pytest.UsageError(f"{item.nodeid}: neox_engines(*names) takes engine names "
                                 f"({', '.join(engines.ENGINES)}), got {got}")
     return set(marker.args)
+
+
+def marked_score_families(item) -> tuple[str, ...]:
+    """The case families a test's neox_scores(*families) marker says it scores without a case parameter (none
+    without the marker). A family that does not exist is a usage error naming the test, as neox_engines' is."""
+    marker = item.get_closest_marker("neox_scores")
+    if marker is None:
+        return ()
+    unknown = [f for f in marker.args if not isinstance(f, str) or f not in FAMILIES]
+    if unknown or marker.kwargs or not marker.args:
+        got = ", ".join([repr(f) for f in unknown] + [f"{k}=..." for k in marker.kwargs]) or "nothing"
+        raise pytest.UsageError(f"{item.nodeid}: neox_scores(*families) takes case families "
+                                f"({', '.join(FAMILIES)}), got {got}")
+    return tuple(marker.args)
 
 
 class NeoxSession:
@@ -307,9 +321,12 @@ class NeoxSession:
         """From the collected tests (after -k/-m selection): which engine outputs they will ask for, in
         their order. An engine test is parametrized by the engine (neox_backend_name, or neox_each_backend
         for the tests that include the reference) and by its case: neox_generation_plan for greedy
-        outputs, neox_case_plan for teacher-forced scores. A test already marked to skip asks nothing."""
+        outputs, neox_case_plan for teacher-forced scores; a test marked neox_scores(*families) asks for the scores
+        of those families' cases too (the suite's golden perplexity: the fixed text). A test already marked to
+        skip asks nothing."""
         wanted: dict[str, dict[tuple[str, str], tuple[str, CasePlan]]] = {}
         for item in items:
+            families = marked_score_families(item)     # (checked on every test: a typo stops the run)
             params = getattr(getattr(item, "callspec", None), "params", {})
             name = params.get("neox_backend_name") or params.get("neox_each_backend")
             if not name or engines.is_reference(name) or item.get_closest_marker("skip") is not None:
@@ -318,6 +335,8 @@ class NeoxSession:
                 plan = params.get(param)
                 if isinstance(plan, CasePlan):
                     wanted.setdefault(name, {}).setdefault((op, plan.id), (op, plan))
+            for plan in (p for p in self.plans() if p.family in families):
+                wanted.setdefault(name, {}).setdefault(("score", plan.id), ("score", plan))
         self.wanted = {name: list(calls.values()) for name, calls in wanted.items()}
         self.engines_asked = self._engines_asked(items)
 

@@ -401,6 +401,29 @@ def test_a_neox_engines_marker_naming_no_engine_is_a_usage_error(pytester, prelo
     assert not processes.live()
 
 
+@pytest.mark.parametrize("marker, said", [
+    ('neox_scores("fixed_text")', "got 'fixed_text'"),
+    ("neox_scores()", "got nothing"),
+    ('neox_scores(family="long")', "got family=..."),
+])
+def test_a_neox_scores_marker_naming_no_case_family_is_a_usage_error(pytester, preloaded, synthetic_14m,
+                                                                     engines_restored, marker, said):
+    """The marker says which cases' scores to compute ahead; a family that does not exist would compute
+    nothing ahead, unsaid: the run stops before any test with one line naming the test and the families."""
+    pytester.makeconftest(PRELAUNCH_CONFTEST)
+    pytester.makepyfile(test_marked=f"import pytest\n\n@pytest.mark.{marker}\ndef test_it(neox):\n    pass\n")
+    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
+    result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    errors = [ln for ln in result.errlines if ln.startswith("ERROR:")]
+    assert len(errors) == 1, result.errlines
+    assert errors[0].startswith("ERROR: test_marked.py::test_it: neox_scores(*families) takes case families "
+                                "(fixed-text, short, "), errors[0]
+    assert errors[0].endswith(said), errors[0]
+    assert "Traceback" not in result.stdout.str() + "\n".join(result.errlines)
+    assert not processes.live()
+
+
 def test_the_suites_reference_tests_and_tensor_parallel_tests_below_tp_2_start_no_worker(
         pytester, preloaded, synthetic_14m, engines_restored, tmp_path):
     """`-k reference` on the shipped suite: no engine worker starts beside the reference (on the 2-core CPU
@@ -461,17 +484,25 @@ def test_what_was_launched(neox):
 
 
 AHEAD_TESTS = """
+import pytest
+
 def test_greedy(neox, neox_backend_name, neox_generation_case):
     assert neox.generation(neox.backend(neox_backend_name), neox_generation_case).tokens
 
 def test_scored(neox, neox_backend_name, neox_case):
     assert neox.scores(neox.backend(neox_backend_name), neox_case).logprobs.numel()
 
+@pytest.mark.neox_scores("fixed-text")          # scored without a case parameter, as golden perplexity is
+def test_perplexity(neox, neox_backend_name):
+    plan = next(p for p in neox.plans() if p.family == "fixed-text")
+    assert neox.scores(neox.backend(neox_backend_name), neox.case(plan)).logprobs.numel()
+
 def test_what_was_worked_ahead(neox, request):
     selected = request.config.getoption("-k")
     plans = neox.plans()
     generated = [("generate", p.id) for p in plans if p.generate]
-    scored = [] if "greedy" in selected else [("score", p.id) for p in plans]
+    scored = [("score", p.id) for p in plans
+              if "greedy" not in selected or ("perplexity" in selected and p.family == "fixed-text")]
     assert [(op, plan.id) for op, plan in neox.wanted["echo"]] == generated + scored
     neox.settle()
     report = neox.ahead_reports[f"echo:{neox.dtype}"]
@@ -482,7 +513,7 @@ def test_what_was_worked_ahead(neox, request):
 """
 
 
-@pytest.mark.parametrize("selection", ["", "greedy or worked"])
+@pytest.mark.parametrize("selection", ["", "greedy or worked", "greedy or perplexity or worked"])
 def test_the_selected_tests_outputs_are_computed_ahead_in_the_worker(pytester, preloaded, synthetic_14m,
                                                                      engines_restored, selection):
     """The session reads what the selected tests (after -k) will ask each engine for, the prelaunched
