@@ -386,19 +386,26 @@ def test_a_neox_engines_marker_naming_no_engine_is_a_usage_error(pytester, prelo
                                                                  engines_restored, marker, said):
     """A typo in the marker would leave the engine it meant unstarted until a test asks for it: the run
     stops before any test with one line naming the test, what it got and the engines there are."""
-    pytester.makeconftest(PRELAUNCH_CONFTEST)
     # (after a test naming no engine, which lets every engine start: the marker is checked all the same)
-    pytester.makepyfile(test_marked=f"import pytest\n\ndef test_any(neox):\n    pass\n\n"
-                                    f"@pytest.mark.{marker}\ndef test_it(neox):\n    pass\n")
+    error = _the_one_usage_error(pytester, synthetic_14m, "def test_any(neox):\n    pass\n\n"
+                                 f"@pytest.mark.{marker}\ndef test_it(neox):\n    pass\n")
+    assert error.startswith("ERROR: test_marked.py::test_it: neox_engines(*names) takes engine names (")
+    assert "echo" in error and error.endswith(said), error
+
+
+def _the_one_usage_error(pytester, synthetic_14m, tests: str) -> str:
+    """Run `tests` (test_marked.py) with the echo engine: the run must stop as a usage error, with one ERROR
+    line and no traceback, and leave no process behind. Returns that line."""
+    pytester.makeconftest(PRELAUNCH_CONFTEST)
+    pytester.makepyfile(test_marked="import pytest\n\n" + tests)
     args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
     result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32")
     assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
     errors = [ln for ln in result.errlines if ln.startswith("ERROR:")]
     assert len(errors) == 1, result.errlines
-    assert errors[0].startswith("ERROR: test_marked.py::test_it: neox_engines(*names) takes engine names (")
-    assert "echo" in errors[0] and errors[0].endswith(said), errors[0]
     assert "Traceback" not in result.stdout.str() + "\n".join(result.errlines)
     assert not processes.live()
+    return errors[0]
 
 
 @pytest.mark.parametrize("marker, said", [
@@ -410,18 +417,10 @@ def test_a_neox_scores_marker_naming_no_case_family_is_a_usage_error(pytester, p
                                                                      engines_restored, marker, said):
     """The marker says which cases' scores to compute ahead; a family that does not exist would compute
     nothing ahead, unsaid: the run stops before any test with one line naming the test and the families."""
-    pytester.makeconftest(PRELAUNCH_CONFTEST)
-    pytester.makepyfile(test_marked=f"import pytest\n\n@pytest.mark.{marker}\ndef test_it(neox):\n    pass\n")
-    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
-    result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
-    errors = [ln for ln in result.errlines if ln.startswith("ERROR:")]
-    assert len(errors) == 1, result.errlines
-    assert errors[0].startswith("ERROR: test_marked.py::test_it: neox_scores(*families) takes case families "
-                                "(fixed-text, short, "), errors[0]
-    assert errors[0].endswith(said), errors[0]
-    assert "Traceback" not in result.stdout.str() + "\n".join(result.errlines)
-    assert not processes.live()
+    error = _the_one_usage_error(pytester, synthetic_14m, f"@pytest.mark.{marker}\ndef test_it(neox):\n    pass\n")
+    assert error.startswith("ERROR: test_marked.py::test_it: neox_scores(*families) takes case families "
+                            "(fixed-text, short, "), error
+    assert error.endswith(said), error
 
 
 def test_the_suites_reference_tests_and_tensor_parallel_tests_below_tp_2_start_no_worker(
