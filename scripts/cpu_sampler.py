@@ -62,15 +62,25 @@ def steal_ticks() -> int:
     return int(fields[8]) if len(fields) > 8 else 0
 
 
+def _error(message: str) -> int:
+    print(f"cpu_sampler: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not os.path.isdir("/proc/self/task"):
-        print("cpu_sampler: needs Linux's /proc (per-thread schedstat)", file=sys.stderr)
-        return 2
+        return _error("needs Linux's /proc (per-thread schedstat)")
+    if not args.interval > 0 or (args.seconds is not None and not args.seconds > 0):
+        return _error(f"--interval and --seconds are seconds above 0, got {args.interval} and {args.seconds}")
+    try:
+        out = open(args.out, "w", buffering=1)
+    except OSError as exc:
+        return _error(f"cannot write {args.out}: {exc.strerror}")
     deadline = None if args.seconds is None else time.monotonic() + args.seconds
     last, seen = thread_cpu_ns(), set()
     stolen = steal_ticks()
-    with open(args.out, "w", buffering=1) as out:
+    with out:
         while deadline is None or time.monotonic() < deadline:
             time.sleep(args.interval)
             now, times, steal = time.time(), thread_cpu_ns(), steal_ticks()

@@ -46,12 +46,33 @@ def test_a_busy_process_is_named_with_its_cpu_time_and_a_sleeping_one_is_not(tmp
     assert sleeper.pid not in commands                   # asleep the whole time: never over 2 ms a sample
 
 
-def test_without_proc_it_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+def _sampler():
     import importlib.util
     spec = importlib.util.spec_from_file_location("cpu_sampler", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_without_proc_it_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    module = _sampler()
     monkeypatch.setattr(module.os.path, "isdir", lambda path: False)
     assert module.main([str(tmp_path / "out.jsonl"), "--seconds", "0.1"]) == 2
     assert capsys.readouterr().err == "cpu_sampler: needs Linux's /proc (per-thread schedstat)\n"
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--interval", "0"], "--interval and --seconds are seconds above 0, got 0.0 and None"),
+    (["--seconds", "-1"], "--interval and --seconds are seconds above 0, got 0.05 and -1.0"),
+])
+def test_a_bad_duration_is_one_line_and_writes_nothing(tmp_path, capsys, args, said):
+    assert _sampler().main([str(tmp_path / "out.jsonl"), *args]) == 2
+    assert capsys.readouterr().err == f"cpu_sampler: {said}\n"
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_file_it_cannot_create_is_one_line(tmp_path, capsys):
+    out = tmp_path / "no-such-dir" / "out.jsonl"
+    assert _sampler().main([str(out), "--seconds", "0.1"]) == 2
+    assert capsys.readouterr().err == f"cpu_sampler: cannot write {out}: No such file or directory\n"
