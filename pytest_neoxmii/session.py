@@ -321,10 +321,11 @@ class NeoxSession:
         """From the collected tests (after -k/-m selection): which engine outputs they will ask for, in
         their order. An engine test is parametrized by the engine (neox_backend_name, or neox_each_backend
         for the tests that include the reference) and by its case: neox_generation_plan for greedy
-        outputs, neox_case_plan for teacher-forced scores; a test marked neox_scores(*families) asks for the scores
-        of those families' cases too (the suite's golden perplexity: the fixed text). A test already marked to
-        skip asks nothing."""
+        outputs, neox_case_plan for teacher-forced scores; a test marked neox_scores(*families) asks for the
+        scores of those families' cases too (the suite's golden perplexity: the fixed text). A test already
+        marked to skip asks nothing."""
         wanted: dict[str, dict[tuple[str, str], tuple[str, CasePlan]]] = {}
+        plans = self.plans()
         for item in items:
             families = marked_score_families(item)     # (checked on every test: a typo stops the run)
             params = getattr(getattr(item, "callspec", None), "params", {})
@@ -335,7 +336,7 @@ class NeoxSession:
                 plan = params.get(param)
                 if isinstance(plan, CasePlan):
                     wanted.setdefault(name, {}).setdefault((op, plan.id), (op, plan))
-            for plan in (p for p in self.plans() if p.family in families):
+            for plan in (p for p in plans if p.family in families):
                 wanted.setdefault(name, {}).setdefault(("score", plan.id), ("score", plan))
         self.wanted = {name: list(calls.values()) for name, calls in wanted.items()}
         self.engines_asked = self._engines_asked(items)

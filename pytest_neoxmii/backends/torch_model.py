@@ -18,8 +18,9 @@ def judged_attention(device: str):
     own choice less cuDNN's attention, on a GPU. cuDNN builds a graph for each new sequence length, and a greedy
     decode meets a new one at every step: on one H200 (pythia-160m fp16, synthetic weights, torch 2.11) the
     first 32-token generate of each new prompt length or batch took 2.0-4.5 s against 0.25-0.42 s once built,
-    and 0.22-1.1 s without cuDNN's attention (docs/STACK.md trap 24). The judged calls meet new shapes all the time. Timed calls (latency.py)
-    keep torch's default, which is what a user's HF runs; their warm-up rounds build the graphs."""
+    and 0.22-1.1 s without cuDNN's attention (docs/STACK.md trap 24). The judged calls meet new shapes all the
+    time. Timed calls (latency.py) keep torch's default, which is what a user's HF runs; their warm-up rounds
+    build the graphs."""
     if not str(device).startswith("cuda"):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
