@@ -41,15 +41,21 @@ def check_kernels_can_run(dtype: str, device: str) -> None:
     check_kernel_dtype(dtype, device)
 
 
+_MASTER_PORT = None     # the rendezvous port's reservation, held for the process's life
+
+
 def init_distributed_env(device: str) -> None:
     """A single-process torch.distributed world (DeepSpeed wants one even for tp=1 / ZeRO on one GPU,
     else it looks for mpi4py)."""
+    global _MASTER_PORT
     import os
-    import socket
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        # Reserved below the kernel's ephemeral range (deploy/ports.py), not a port the kernel gave a bind to
+        # port 0: it hands those to outgoing connections at any moment, and in a cold session on one H200 one
+        # took ZeRO's between the pick and the rendezvous's own bind (EADDRINUSE, every zero test failed).
+        from pytest_neoxmii.deploy import ports
+        _MASTER_PORT = ports.reserve(1)
+        os.environ["MASTER_PORT"] = str(_MASTER_PORT.ports[0])
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"),
                        ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)

@@ -66,13 +66,14 @@ class IsolatedEngine(ChannelDeployment):
         request_file = self.run_dir / "request.pickle"
         request_file.write_bytes(pickle.dumps(self.request, protocol=pickle.HIGHEST_PROTOCOL))
         cls = self.engine_cls
-        cmd = [sys.executable, "-u", "-m", WORKER, "--address", self._listener.address,
-               "--engine", f"{cls.__module__}:{cls.__qualname__}", "--request", str(request_file)]
+        args = ["--address", self._listener.address, "--engine", f"{cls.__module__}:{cls.__qualname__}",
+                "--request", str(request_file)]
         if self.ahead or self.ahead_later:
             if not self.ahead_later:
                 self._write_ahead(self.ahead)
-            cmd += ["--ahead", str(self.run_dir / AHEAD_FILE), "--ahead-done", str(self.run_dir / AHEAD_DONE_FILE)]
-        self._start_tree(cmd, name=f"{self.name} worker", log_path=self.run_dir / "worker.log")
+            args += ["--ahead", str(self.run_dir / AHEAD_FILE), "--ahead-done", str(self.run_dir / AHEAD_DONE_FILE)]
+        self._start_tree([sys.executable, "-u", "-m", WORKER, *args], name=f"{self.name} worker",
+                         log_path=self.run_dir / "worker.log", module=(WORKER, args))
 
     def _start(self, ready_timeout: float) -> None:
         tree = self._trees[0]
@@ -99,7 +100,10 @@ class IsolatedEngine(ChannelDeployment):
 
     def _describe(self) -> BackendInfo:
         info = self.hosted_info
-        info.notes = list(info.notes) + [f"in worker process {self.worker_pid}",
+        root = self._trees[0].popen
+        how = (["forked from the session's fork server"] if getattr(root, "forked", False) else
+               [f"not forked: {root.why_not_forked}"] if getattr(root, "why_not_forked", None) else [])
+        info.notes = list(info.notes) + [f"in worker process {self.worker_pid}", *how,
                                          f"deployed in {self.deploy_seconds:.1f} s{self._deploy_parts()}"]
         return info
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from pytest_neoxmii.backends.base import Backend, BackendInfo, LoadRequest
-from pytest_neoxmii.deploy import channel, gpumem, processes
+from pytest_neoxmii.deploy import channel, forkserver, gpumem, processes
 from pytest_neoxmii.errors import BackendUnavailable
 from pytest_neoxmii.outputs import Generation, LayerTrace, PromptBatch, Scores
 
@@ -181,12 +181,15 @@ class ChannelDeployment(WorkerDeployment):
     def _reserve(self) -> None:
         self._listener = channel.Listener()
 
-    def _start_tree(self, cmd: list[str], *, name: str, log_path: Path) -> processes.ProcessTree:
+    def _start_tree(self, cmd: list[str], *, name: str, log_path: Path,
+                    module: tuple[str, list[str]] | None = None) -> processes.ProcessTree:
         """Start rank 0's process tree with what it needs to connect back, its spill directory left to the
-        tag's reaper should the session die without tearing down; it becomes a tree of the deployment."""
+        tag's reaper should the session die without tearing down; it becomes a tree of the deployment.
+        `module`: (name, args) when the command is `python -u -m name *args`, which the fork server may start."""
         env = self._listener.env()
         tree = processes.start(cmd, name=name, log_path=log_path, tag=self.tag, env_extra=env,
-                               leftovers=(self._listener.spill_dir,))
+                               leftovers=(self._listener.spill_dir,),
+                               spawn=forkserver.spawner(*module) if module is not None else None)
         self._trees.append(tree)
         return tree
 

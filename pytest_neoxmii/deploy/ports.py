@@ -21,7 +21,13 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-LOCK_DIR = Path(os.environ.get("NEOXMII_PORT_LOCK_DIR") or Path(tempfile.gettempdir()) / "pytest-neoxmii-ports")
+
+def _lock_dir() -> Path:
+    # Read when a port is reserved, not at import: a worker forked from the fork server imported this module
+    # in the server, under the environment the server started with (deploy/forkserver.py).
+    return Path(os.environ.get("NEOXMII_PORT_LOCK_DIR") or Path(tempfile.gettempdir()) / "pytest-neoxmii-ports")
+
+
 LOWEST = 20000
 
 
@@ -89,9 +95,10 @@ class PortReservation:
 
 def _lock(port: int) -> FileLock | None:
     """The port's lock, held, or None when someone else holds it (never waits)."""
-    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    lock_dir = _lock_dir()
+    lock_dir.mkdir(parents=True, exist_ok=True)
     # thread_local=False: a deployment may be closed from another thread than the one that deployed it.
-    lock = FileLock(LOCK_DIR / f"{port}.lock", timeout=0, thread_local=False)
+    lock = FileLock(lock_dir / f"{port}.lock", timeout=0, thread_local=False)
     try:
         lock.acquire()
     except Timeout:

@@ -212,7 +212,7 @@ class ProcessTree:
     the teardown decides the order) with its output, and its children's, in one log file."""
 
     name: str
-    popen: subprocess.Popen
+    popen: subprocess.Popen      # or a forkserver.ForkedProcess, which has the same calls
     log_path: Path
     tag: str | None
     started: float = field(default_factory=time.monotonic)
@@ -242,10 +242,20 @@ class ProcessTree:
         tail = [ln[:400] for ln in text.splitlines()[-lines:]]
         return "\n".join("    " + ln for ln in tail) if tail else "    (log is empty)"
 
+    @property
+    def root_exists(self) -> bool:
+        """The root process was started (a worker asked of the fork server may still be waiting for it)."""
+        return getattr(self.popen, "started", True)
+
+    def settle_root(self) -> None:
+        """A root still waiting to be started never will be; one being started is waited for."""
+        getattr(self.popen, "cancel_if_pending", lambda: None)()
+
     def pids(self) -> set[int]:
         """The root and its descendants now, plus every process seen before that is still alive (the same
         process: same pid and start time; a re-parented one is no longer found from the root)."""
-        now = {self.pid} | descendants(self.pid) if self.popen.poll() is None else set()
+        running = self.root_exists and self.popen.poll() is None
+        now = {self.pid} | descendants(self.pid) if running else set()
         for pid in now:
             self.seen.setdefault(pid, _starttime(pid))
         return {p for p, start in self.seen.items() if alive(p) and _starttime(p) == start}
@@ -253,17 +263,22 @@ class ProcessTree:
 
 def start(cmd: list[str], *, name: str, log_path: Path, tag: str | None,
           env_extra: dict[str, str] | None = None, cwd: str | os.PathLike | None = None,
-          leftovers: tuple[str, ...] = ()) -> ProcessTree:
+          leftovers: tuple[str, ...] = (), spawn: Callable[..., object | None] | None = None) -> ProcessTree:
     """Start `cmd` (see ProcessTree). `leftovers`: directories the tag's reaper removes after ending the
     processes, should the test process die without tearing down (a worker's spill directory in /dev/shm,
-    which no reboot-less cleanup would otherwise free)."""
+    which no reboot-less cleanup would otherwise free). `spawn(cmd, env, cwd, log_path)`: another way to
+    start the same process, returning a Popen-like handle, or None to leave it to exec (the fork server,
+    deploy/forkserver.py); its root may then still be starting when this returns (ProcessTree.root_exists)."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = deployment_env(tag, env_extra)
     with open(log_path, "ab") as log:
         log.write(f"$ {shlex.join(cmd)}\n".encode())
         log.flush()
-        popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                 env=deployment_env(tag, env_extra), cwd=cwd, start_new_session=True)
+        popen = spawn(cmd, env, os.fspath(cwd) if cwd is not None else os.getcwd(), log_path) if spawn else None
+        if popen is None:
+            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                     env=env, cwd=cwd, start_new_session=True)
     tree = ProcessTree(name=name, popen=popen, log_path=log_path, tag=tag)
     tree.pids()
     _install_sigterm_guard()
@@ -404,6 +419,8 @@ def teardown(trees: list[ProcessTree], *, name: str, tag: str | None = None,
     Ctrl-C cannot leave the deployment half torn down."""
     with deferred_signals():
         t0 = time.monotonic()
+        for tree in trees:               # a root still waiting for the fork server would start after the teardown
+            tree.settle_root()
         polite_result = "none"
         if polite is not None and any(t.popen.poll() is None for t in trees):
             try:

@@ -103,6 +103,22 @@ def test_a_bound_port_is_never_picked(monkeypatch):
             assert r.ports == [taken + 1]
 
 
+def test_the_single_process_rendezvous_port_is_reserved_outside_the_ephemeral_range(monkeypatch):
+    # A port from a bind to port 0 is an ephemeral one, which an outgoing connection could take before the
+    # rendezvous binds it (seen: EADDRINUSE for ZeRO's worker in a cold session on one H200).
+    from pytest_neoxmii.backends import deepspeed_inference
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")})
+    monkeypatch.setattr(deepspeed_inference, "_MASTER_PORT", None)
+    deepspeed_inference.init_distributed_env("cuda:0")
+    port = int(os.environ["MASTER_PORT"])
+    low, high = ports._ephemeral_range()
+    assert port in ports.candidate_range() and not low <= port <= high
+    assert ports._lock(port) is None                  # held: no other picker can take it meanwhile
+    assert os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_ADDR"] == "127.0.0.1"
+    deepspeed_inference._MASTER_PORT.release()
+
+
 def test_mii_ports_follow_mii_derivation():
     p = ports.reserve_mii(2)
     try:
@@ -654,8 +670,11 @@ def test_ctrl_c_on_a_session_tears_its_deployment_down(pytester, neox_cache_dir,
         assert ready.exists(), proc.communicate(timeout=10)[0] if proc.poll() is not None else "not ready"
         pids = [int(x) for x in (tmp_path / "pids.txt").read_text().split()[:-1]]
         assert len(pids) == 5 and all(processes.alive(p) for p in pids)
-        workers = _tagged_like(f"echo-worker-{proc.pid}-")
-        assert len(workers) == 1, workers              # prelaunched at the start of the session
+        # prelaunched at the start of the session (forked once the session's fork server has its imports)
+        deadline = time.monotonic() + 60
+        while not (workers := _tagged_like(f"echo-worker-{proc.pid}-")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(workers) == 1, workers
         proc.send_signal(signal.SIGINT)
         out = _communicate_or_dump_stacks(proc, timeout=60)
     finally:
