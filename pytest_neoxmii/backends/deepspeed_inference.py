@@ -52,7 +52,7 @@ def init_distributed_env(device: str) -> None:
     if "MASTER_PORT" not in os.environ:
         # Reserved below the kernel's ephemeral range (deploy/ports.py), not a port the kernel gave a bind to
         # port 0: it hands those to outgoing connections at any moment, and in a cold session on one H200 one
-        # took ZeRO's between the pick and the rendezvous's own bind (EADDRINUSE, every zero test failed).
+        # took ZeRO's between the pick and the rendezvous's own bind (docs/STACK.md trap 25).
         from pytest_neoxmii.deploy import ports
         _MASTER_PORT = ports.reserve(1)
         os.environ["MASTER_PORT"] = str(_MASTER_PORT.ports[0])

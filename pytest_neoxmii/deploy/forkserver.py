@@ -20,12 +20,12 @@ A forked worker must be what an exec'd one is, for everything the session looks 
 - thread counts: GNU OpenMP hangs a child forked after a parallel region (seen here: a child's matmul never
   returned), so the server runs with one OpenMP thread and no parallel work, and the child sets torch's
   count as its environment, or torch's default on this machine (probed before the imports), would have;
-- CUDA: a process forked after its parent initialised the CUDA driver cannot use CUDA. On the lent H200
-  machines, `import deepspeed` initialised it (a driver thread appeared) although torch's NVML-based check
-  was on, and the image's jax started a jemalloc thread at transformers' import. So there is no fork server on
-  a machine with GPUs (gpus_present): its workers are started by exec, as before, and import side by side on
-  its many cores while the test process loads the reference. The server still checks, after each import,
-  that it has one thread and an uninitialised driver, and refuses to serve otherwise.
+- CUDA (docs/STACK.md trap 26): a process forked after its parent initialised the CUDA driver cannot use
+  it. On the lent H200 machines, `import deepspeed` initialised it (a driver thread appeared) although
+  torch's NVML-based check was on, and the image's jax started a jemalloc thread at transformers' import. So
+  there is no fork server on a machine with GPUs (gpus_present): its workers are started by exec, as before,
+  and import side by side on its many cores while the test process loads the reference. The server still
+  checks, after each import, that it has one thread and an uninitialised driver, and refuses otherwise.
 
 Where the server cannot serve (GPUs, not Linux, a failed check, it dies, NEOXMII_FORKSERVER=0), every worker
 is started by exec, and each worker's log says how it was started."""
