@@ -29,6 +29,7 @@ class WorkerDeployment(Backend):
     polite_timeout = 15.0        # default seconds the processes get to exit on their own after polite()
     _closed = True               # nothing to tear down until processes exist
     ready_at: float | None = None   # time.monotonic() at which the processes reported ready, where they say
+    _start_error: BaseException | None = None     # why the start failed, once it has
 
     def __init__(self, *, tag_prefix: str, dtype: str, tp: int, gpus: list[int] | None,
                  ready_timeout: float | None, request_timeout: float | None, memory_probe="default",
@@ -60,8 +61,9 @@ class WorkerDeployment(Backend):
     def _guarded(self, step) -> None:
         try:
             step()
-        except BaseException:                        # a failed start, or Ctrl-C during it: leave nothing
+        except BaseException as exc:                 # a failed start, or Ctrl-C during it: leave nothing
             self._failed = True
+            self._start_error = exc
             self.close()
             raise
 
@@ -72,7 +74,11 @@ class WorkerDeployment(Backend):
 
     def wait_ready(self) -> "WorkerDeployment":
         """Finish the start: wait until the processes answer (a deployment made with wait=False was only
-        launched, so that it loads while the session does other work). Returns the deployment."""
+        launched, so that it loads while the session does other work). Returns the deployment. A start
+        that failed fails again the same way: its processes and channel are gone (a ZeRO helper asked again
+        after its load failed raised "handle is closed" from the channel, in every later test)."""
+        if self._start_error is not None:
+            raise self._start_error
         if not self._ready:
             def finish():
                 self._start(self._ready_timeout)

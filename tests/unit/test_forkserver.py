@@ -46,6 +46,7 @@ sys.exit(int(how))
 @pytest.fixture
 def probe_dir(tmp_path, monkeypatch):
     (tmp_path / "neoxmii_probe.py").write_text(PROBE)
+    monkeypatch.delenv(forkserver.DISABLE_ENV, raising=False)     # these tests are about forking
     monkeypatch.chdir(tmp_path)         # `python -m neoxmii_probe` finds it in the cwd, forked or not
     return tmp_path
 

@@ -116,6 +116,17 @@ def test_a_load_failure_in_the_worker_is_the_sessions_outcome_for_it(tmp_path, c
         assert "RuntimeError" in str(info.value) and "worker.log" in str(info.value)
 
 
+def test_a_deployment_whose_start_failed_fails_the_same_way_when_asked_again(tmp_path):
+    # A helper sharing ZeRO's calls, asked again by the latency tests' settle() after its load had failed,
+    # raised OSError("handle is closed") from its closed channel in every latency test (one H200).
+    engine = deploy(stand_ins.FailsToLoad, tmp_path, wait=False)
+    with pytest.raises(processes.DeploymentError, match="failed on purpose while loading") as first:
+        engine.wait_ready()
+    with pytest.raises(processes.DeploymentError, match="failed on purpose while loading") as again:
+        engine.wait_ready()
+    assert again.value is first.value and not processes.live()
+
+
 @pytest.mark.parametrize("cls, message", [
     (stand_ins.RefusedBeforeStart, "stand-in engine: refused before any process starts"),
     (stand_ins.NeedsAMissingPackage, "the 'a_package_that_is_not_installed_anywhere' package is not "
