@@ -298,7 +298,7 @@ def spawner(module: str, args: list[str]):
     """processes.start's `spawn` for `python -u -m module *args`: forked from the process's fork server, or
     None (exec) where that would not give the same process (server_for)."""
     def spawn(cmd: list[str], env: dict[str, str], cwd: str, log_path: Path) -> ForkedProcess | None:
-        server = server_for(env)
+        server = server_for(env) if _room_fits(_tags(env)) else None
         if server is None:
             return None
         with open(log_path, "ab") as log:
@@ -309,6 +309,7 @@ def spawner(module: str, args: list[str]):
 
 
 _SERVER: ForkServer | None = None
+_RETIRED: list[ForkServer] = []      # replaced servers, polled until they have exited (no zombie left)
 _LOCK = threading.Lock()
 
 
@@ -322,10 +323,12 @@ def server_for(env: dict[str, str]) -> ForkServer | None:
     if any(env.get(k) is not None and not (env[k].isdigit() and int(env[k]) > 0) for k in THREADS_ENV):
         return None                      # a thread setting torch.set_num_threads cannot reproduce
     with _LOCK:
+        _RETIRED[:] = [old for old in _RETIRED if old.running()]
         if _SERVER is not None and _SERVER.import_env != import_env(env):
             if not _SERVER.idle():
                 return None
             _SERVER.close()
+            _RETIRED.append(_SERVER)
             _SERVER = None
         if _SERVER is None:
             _SERVER = ForkServer(env)
@@ -348,6 +351,14 @@ def _environ_room() -> tuple[int, int]:
     if offset == 0 and not block.startswith(key):
         raise RuntimeError(f"{ROOM_ENV} is not in /proc/self/environ")
     return env_start + offset, block.index(b"\0", offset) - offset
+
+
+def _tags(env: dict[str, str]) -> dict[str, str]:
+    return {k: env[k] for k in (TAG_ENV, HOSTS_ENV) if k in env}
+
+
+def _room_fits(entries: dict[str, str]) -> bool:
+    return sum(len(f"{k}={v}\0".encode()) for k, v in entries.items()) <= ROOM_SIZE
 
 
 def _write_room(room: tuple[int, int], entries: dict[str, str]) -> None:
@@ -437,17 +448,17 @@ def _child(request: dict, conn: Connection, room: tuple[int, int], threads: int)
         for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        env = request["env"]
-        os.environ.clear()               # before the overwrite: C's environ no longer points at the placeholder
-        _write_room(room, {k: env[k] for k in (TAG_ENV, HOSTS_ENV) if k in env})
-        os.environ.update(env)
         log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.dup2(log, 1)
+        os.dup2(log, 1)                  # first: whatever goes wrong below is in the worker's own log
         os.dup2(log, 2)
         os.close(log)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
+        env = request["env"]
+        os.environ.clear()               # before the overwrite: C's environ no longer points at the placeholder
+        _write_room(room, _tags(env))
+        os.environ.update(env)
         os.chdir(request["cwd"])
         sys.path[0] = request["cwd"]     # `python -m` puts the cwd first
         import importlib

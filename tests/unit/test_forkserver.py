@@ -51,8 +51,9 @@ def probe_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _start(probe_dir: Path, name: str, *, fork: bool = True, env: dict[str, str] | None = None):
-    tag = processes.new_tag("probe")
+def _start(probe_dir: Path, name: str, *, fork: bool = True, env: dict[str, str] | None = None,
+           tag: str | None = None):
+    tag = tag or processes.new_tag("probe")
     log = probe_dir / f"{name}.log"
     extra = {"NEOXMII_PROBE_GO": str(probe_dir / f"{name}.go"), **(env or {})}
     spawn = forkserver.spawner("neoxmii_probe", ["--x", name]) if fork else None
@@ -137,6 +138,15 @@ def test_a_worker_whose_import_environment_differs_is_started_by_exec_while_the_
     assert again.popen.forked is True and said["preloaded"] and said["import_setting"] == "other"
     assert said["setting"] == "runtime"
     assert _finish(probe_dir, "again", again) == 0
+
+
+def test_tags_longer_than_the_servers_placeholder_start_the_worker_by_exec(probe_dir):
+    tag = processes.new_tag("x" * forkserver.ROOM_SIZE)
+    _, tree = _start(probe_dir, "long", tag=tag)
+    said = _said(tree)
+    assert isinstance(tree.popen, subprocess.Popen) and not said["preloaded"]
+    assert said["tag"] == tag and processes.tagged(tag) == {said["pid"]}
+    assert _finish(probe_dir, "long", tree) == 0
 
 
 def test_forking_off_starts_every_worker_by_exec(probe_dir, monkeypatch):
