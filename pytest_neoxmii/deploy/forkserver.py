@@ -249,13 +249,20 @@ class ForkServer:
         return all(h.started and h.poll() is not None for h in self.handles)
 
     def close(self) -> None:
-        """No more workers: the server exits once the ones it forked have (it still reports their exits)."""
+        """No more workers: the server exits once the ones it forked have (it still reports their exits).
+        Waited for a moment, which is all an idle server takes: an unreaped one is a ResourceWarning when
+        the pytest process exits (ten of them after the unit suite, before this wait)."""
         self._queue.put(None)
         self._thread.join(timeout=5)
         try:
             self._conn.close()
         except OSError:
             pass
+        if self.idle():
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
 
     def _fail(self, why: str) -> None:
         self.failed = why

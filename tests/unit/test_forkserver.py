@@ -48,7 +48,14 @@ def probe_dir(tmp_path, monkeypatch):
     (tmp_path / "neoxmii_probe.py").write_text(PROBE)
     monkeypatch.delenv(forkserver.DISABLE_ENV, raising=False)     # these tests are about forking
     monkeypatch.chdir(tmp_path)         # `python -m neoxmii_probe` finds it in the cwd, forked or not
-    return tmp_path
+    yield tmp_path
+    # Every tree a test started is torn down, its reaper with it (left, the reapers outlived the test).
+    for tag, tree in _STARTED:
+        processes.teardown([tree], name=tree.name, tag=tag, term_timeout=10)
+    _STARTED.clear()
+
+
+_STARTED: list = []
 
 
 def _start(probe_dir: Path, name: str, *, fork: bool = True, env: dict[str, str] | None = None,
@@ -59,6 +66,7 @@ def _start(probe_dir: Path, name: str, *, fork: bool = True, env: dict[str, str]
     spawn = forkserver.spawner("neoxmii_probe", ["--x", name]) if fork else None
     tree = processes.start([sys.executable, "-u", "-m", "neoxmii_probe", "--x", name], name=name,
                            log_path=log, tag=tag, env_extra=extra, spawn=spawn)
+    _STARTED.append((tag, tree))
     return tag, tree
 
 
