@@ -198,7 +198,6 @@ class ForkServer:
     """The server process and the thread that hands it the session's requests, one at a time."""
 
     def __init__(self, env: dict[str, str]):
-        self.env = dict(env)
         self.import_env = import_env(env)
         self.failed: str | None = None
         self.handles: list[ForkedProcess] = []
