@@ -62,7 +62,7 @@ OPTIONS = (
     Option("neox_latency_threshold", "relative slowdown of the median beyond which a significant latency "
            "change fails", 0.10, kind="float", metavar="FRACTION"),
     Option("neox_latency_time_box", "seconds of timing per latency test, warm-up included: rounds stop when "
-           "one more would not fit (after the 6 the gate needs) (default: 5 on a GPU, 1 on the CPU)", None,
+           "one more would not fit (after the 6 the gate needs) (default: 4 on a GPU, 1 on the CPU)", None,
            kind="float", metavar="SECONDS"),
     Option("neox_latency_ci", "rounds stop once the 95 percent confidence interval of the median is within this "
            "fraction of it", 0.02, kind="float", metavar="FRACTION"),

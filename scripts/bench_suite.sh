@@ -3,7 +3,8 @@
 #
 #   bash scripts/bench_suite.sh DIR [MODEL]        # MODEL default pythia-160m (synthetic weights, seed 0)
 #
-# Runs the suite twice in a row, default cases, all backends (hf, ds, mii, zero):
+# Runs the suite twice in a row (more warm runs with BENCH_WARM_RUNS=N), default cases, all backends (hf, ds,
+# mii, zero):
 #   cold: an empty TORCH_EXTENSIONS_DIR (DeepSpeed's kernels JIT-build) and an empty weight cache (the
 #         synthetic model is built);
 #   warm: the same command again, both caches hot.
@@ -36,7 +37,10 @@ CACHE=$WORK/neox-cache
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
   echo "cpus $(nproc)"; } | tee "$OUT/gpu.txt"
 
-for run in cold warm; do
+# BENCH_WARM_RUNS: how many warm runs (warm, warm2, ...): a warm session moves by seconds with the host.
+runs="cold warm"
+for i in $(seq 2 "${BENCH_WARM_RUNS:-1}"); do runs="$runs warm$i"; done
+for run in $runs; do
   if [ "$run" = cold ]; then rm -rf "$TORCH_EXTENSIONS_DIR" "$CACHE"; fi
   start=$(date +%s%N)
   python3 -m pytest tests/acceptance "${plugin[@]}" --neox-model="$MODEL" --neox-weights=synthetic \
@@ -48,14 +52,14 @@ for run in cold warm; do
   echo "$run: pytest exit $rc, $(cat "$OUT/$run.wall") s wall; $(tail -1 "$OUT/$run.log")"
 done
 
-python3 - "$OUT" <<'PY' | tee "$OUT/breakdown.txt"
+python3 - "$OUT" $runs <<'PY' | tee "$OUT/breakdown.txt"
 import json, sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 out = Path(sys.argv[1])
 runs = {}
-for run in ("cold", "warm"):
+for run in sys.argv[2:]:
     path = out / f"report-{run}" / "neoxmii-summary.json"
     if not path.is_file():
         print(f"{run}: no report ({path} missing; see {run}.log)")
@@ -89,13 +93,15 @@ for run, r in runs.items():
         print(f"  {run} {row['backend']:<5} bs{row['batch_size']}: {row['e2e_p50_s'] * 1e3:8.2f} ms "
               f"+-{'-' if ci is None else f'{ci:.1f}'}% {row['rounds']:>3} rounds ({row.get('stop_reason')}), "
               f"{row.get('timing_s') or 0:.1f} s")
-if len(runs) == 2:
-    def verdicts(s):
-        return {(rec["check"], rec["backend"], rec["case"]): rec["passed"] for rec in s["records"]
-                if rec["check"] != "latency"}
-    cold, warm = (verdicts(runs[r]["summary"]) for r in ("cold", "warm"))
-    changed = sorted(k for k in cold.keys() | warm.keys() if cold.get(k) != warm.get(k))
-    print(f"\nparity/golden verdicts: {len(cold)} cold, {len(warm)} warm, "
-          + ("all the same" if not changed else f"{len(changed)} differ: {changed[:10]}"))
+def verdicts(s):
+    return {(rec["check"], rec["backend"], rec["case"]): rec["passed"] for rec in s["records"]
+            if rec["check"] != "latency"}
+if "cold" in runs:
+    cold = verdicts(runs["cold"]["summary"])
+    for run in [r for r in runs if r != "cold"]:
+        warm = verdicts(runs[run]["summary"])
+        changed = sorted(k for k in cold.keys() | warm.keys() if cold.get(k) != warm.get(k))
+        print(f"\nparity/golden verdicts: {len(cold)} cold, {len(warm)} {run}, "
+              + ("all the same" if not changed else f"{len(changed)} differ: {changed[:10]}"))
 PY
 rm -rf "$WORK"
