@@ -11,6 +11,7 @@ its log's last lines."""
 from __future__ import annotations
 
 import abc
+import os
 import shutil
 import time
 from pathlib import Path
@@ -40,8 +41,7 @@ class WorkerDeployment(Backend):
         self.request_timeout = request_timeout or processes.env_float("NEOXMII_REQUEST_TIMEOUT", 600)
         self.tag = processes.new_tag(tag_prefix)
         self.run_dir = processes.run_dir(self.tag)
-        self._probe = (gpumem.default_probe(lambda: processes.other_live_pids(self.tag))
-                       if memory_probe == "default" else memory_probe)
+        self._probe = (gpumem.default_probe(self._others) if memory_probe == "default" else memory_probe)
         self._probe_attributes = memory_probe == "default"     # nvidia-smi's per-process figures apply
         self._baseline = self._probe() if self._probe else None
         self._trees: list[processes.ProcessTree] = []
@@ -132,24 +132,34 @@ class WorkerDeployment(Backend):
         process (seen: +123 MiB against the launch-time figure, on one H200 once the session's other workers
         and the reference had loaded, pythia-410m synthetic; no process of the deployment was left, and the
         report cost a 30 s wait). Otherwise (another PID namespace, a custom probe): the launch-time figure."""
-        if self._probe is None:
+        if self._probe is None or not self._probe_attributes or not self._trees:
             return self._baseline, "before the deployment"
         try:
-            held = self._held_by_own_processes()
-            if not held:
-                return self._baseline, "before the deployment"
-            now = self._probe()
+            # One reading for both: the GPUs' memory less this process and the other deployments, and what
+            # the deployment's own processes hold (gpumem.reading: taken apart, a process allocating in
+            # between moves one and not the other, and the close then reads it as memory not returned).
+            now, held = gpumem.used_and_held({os.getpid(), *self._others()}, self._own_pids())
         except Exception:               # the launch-time figure still judges the close
+            return self._baseline, "before the deployment"
+        if not held:
             return self._baseline, "before the deployment"
         return ({i: mib - held.get(i, 0.0) for i, mib in now.items()},
                 "before the close, less what its processes held")
 
+    def _others(self) -> set[int]:
+        """The processes of the session's other live deployments: their GPU memory is not this one's."""
+        return processes.other_live_pids(self.tag)
+
+    def _own_pids(self) -> set[int]:
+        """The deployment's processes: its trees' and every process carrying its tag."""
+        return set().union(*(tree.pids() for tree in self._trees)) | processes.tagged(self.tag)
+
     def _held_by_own_processes(self) -> dict[int, float]:
-        """{GPU index: MiB} that nvidia-smi attributes to the deployment's processes (its trees' and every
-        process carrying its tag); {} where it attributes nothing to them, or a custom probe is in use."""
+        """{GPU index: MiB} that nvidia-smi attributes to the deployment's processes; {} where it attributes
+        nothing to them, or a custom probe is in use."""
         if not self._probe_attributes or not self._trees:
             return {}
-        return gpumem.held_by(set().union(*(tree.pids() for tree in self._trees)) | processes.tagged(self.tag))
+        return gpumem.held_by(self._own_pids())
 
     def _release(self) -> None:
         """Give back what _reserve took and anything else held in this process; runs after teardown."""

@@ -23,16 +23,40 @@ def _smi(query: str, kind: str = "gpu") -> list[list[str]]:
     return [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
 
 
-def _attributed(pids: Iterable[int], index_of: dict[str, int]) -> dict[int, float]:
-    """{gpu index: MiB} that nvidia-smi's compute-apps list gives to `pids` ("[N/A]" under some drivers, or
-    another PID namespace: nothing); index_of maps each GPU's uuid to its index."""
-    wanted = {str(p) for p in pids}
-    if not wanted:
-        return {}
+def _apps() -> list[list[str]]:
+    """nvidia-smi's compute-apps rows (uuid, pid, MiB); none where it cannot say."""
     try:
-        apps = _smi("gpu_uuid,pid,used_memory", kind="compute-apps")
+        return _smi("gpu_uuid,pid,used_memory", kind="compute-apps")
     except (subprocess.SubprocessError, OSError):
-        return {}
+        return []
+
+
+# A reading is two nvidia-smi calls about 25 ms apart (one H200): the GPUs' memory.used, then the processes'
+# figures. A process that allocates in between is counted in one and not the other. Once, on one H200, the
+# baseline of a teardown check was taken while the replacement of a ds deployment was loading beside it, and
+# the close then read "GPU memory not returned: 154 MiB" for its whole 30 s wait (docs/SPEED.md, sixteenth
+# round). So the processes are read before and after memory.used, until both agree.
+_AGREEING_TRIES = 5
+
+
+def reading() -> tuple[dict[int, float], dict[str, int], list[list[str]]]:
+    """({gpu index: MiB used}, {uuid: index}, compute-apps rows), the rows read just before and just after
+    memory.used and the same both times, where that happens within a few tries (else the last ones)."""
+    apps = _apps()
+    for _ in range(_AGREEING_TRIES):
+        rows = _smi("index,uuid,memory.used")
+        after = _apps()
+        if after == apps:
+            break
+        apps = after
+    used = {int(i): float(mib) for i, _uuid, mib in rows}
+    return used, {uuid: int(i) for i, uuid, _ in rows}, apps
+
+
+def _attributed(pids: Iterable[int], index_of: dict[str, int], apps: list[list[str]]) -> dict[int, float]:
+    """{gpu index: MiB} that the compute-apps rows give to `pids` ("[N/A]" under some drivers, or another PID
+    namespace: nothing); index_of maps each GPU's uuid to its index."""
+    wanted = {str(p) for p in pids}
     held: dict[int, float] = {}
     for uuid, pid, mib in apps:
         if pid in wanted and uuid in index_of and mib.replace(".", "", 1).isdigit():
@@ -40,13 +64,21 @@ def _attributed(pids: Iterable[int], index_of: dict[str, int]) -> dict[int, floa
     return held
 
 
+def used_and_held(exclude_pids: Iterable[int], own_pids: Iterable[int]) -> tuple[dict[int, float], dict[int, float]]:
+    """From one reading: {gpu index: MiB used} less what exclude_pids hold, and {gpu index: MiB} that own_pids
+    hold (a teardown's baseline is the first less the second: taken apart, a change between them is a leak)."""
+    exclude_pids, own_pids = set(exclude_pids), set(own_pids)
+    if not exclude_pids and not own_pids:       # no process figure needed: one call
+        return {int(i): float(mib) for i, _uuid, mib in _smi("index,uuid,memory.used")}, {}
+    used, index_of, apps = reading()
+    for index, mib in _attributed(exclude_pids, index_of, apps).items():
+        used[index] -= mib
+    return used, _attributed(own_pids, index_of, apps)
+
+
 def nvidia_smi_used(exclude_pids: Iterable[int] = ()) -> dict[int, float]:
     """{gpu index: MiB used}, less what exclude_pids hold where nvidia-smi attributes it."""
-    rows = _smi("index,uuid,memory.used")
-    used = {int(i): float(mib) for i, _uuid, mib in rows}
-    for index, mib in _attributed(exclude_pids, {uuid: int(i) for i, uuid, _ in rows}).items():
-        used[index] -= mib
-    return used
+    return used_and_held(exclude_pids, ())[0]
 
 
 def held_by(pids: Iterable[int]) -> dict[int, float]:
@@ -58,7 +90,7 @@ def held_by(pids: Iterable[int]) -> dict[int, float]:
         index_of = {uuid: int(i) for i, uuid, _ in _smi("index,uuid,memory.used")}
     except (subprocess.SubprocessError, OSError, ValueError):
         return {}
-    return _attributed(pids, index_of)
+    return _attributed(pids, index_of, _apps())
 
 
 def process_used_bytes(pid: int | None = None) -> int | None:

@@ -317,6 +317,33 @@ def test_gpu_memory_probe_leaves_out_the_session_and_other_deployments(tmp_path,
     assert probe() == {0: 4000.0, 1: 6500.0}
 
 
+RACING_SMI = textwrap.dedent("""\
+    #!/bin/sh
+    # pid 555 grows from 1000 to 1154 MiB right after the first memory.used reading
+    if [ -f "$STATE" ]; then other=1154; else other=1000; fi
+    case "$1" in
+      --query-gpu=*) echo "0, GPU-aaa, $((3000 + 2000 + other))"; touch "$STATE" ;;
+      --query-compute-apps=*) printf 'GPU-aaa, 111, 3000\\nGPU-aaa, 222, 2000\\nGPU-aaa, 555, %s\\n' "$other" ;;
+    esac
+""")
+
+
+def test_a_reading_takes_the_gpus_and_the_processes_at_one_moment(tmp_path, monkeypatch):
+    """A process that allocates between nvidia-smi's memory.used and its process list (two calls) is counted
+    in one and not the other: 154 MiB read as another's memory. The list is read before and after memory.used
+    until both agree, and a teardown's baseline takes both figures from that one reading."""
+    from pytest_neoxmii.deploy import gpumem
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(RACING_SMI)
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("STATE", str(tmp_path / "grown"))
+    assert gpumem.nvidia_smi_used({111, 555}) == {0: 2000.0}          # 6154 - 3000 - 1154, not 6000 - 4154
+    (tmp_path / "grown").unlink()
+    assert gpumem.used_and_held({111, 555}, {222}) == ({0: 2000.0}, {0: 2000.0})
+    assert gpumem.used_and_held((), ()) == ({0: 6154.0}, {})        # no process asked about: one call
+
+
 def test_a_process_figure_is_its_own_on_every_gpu_or_none(tmp_path, monkeypatch):
     """An engine's "GPU memory" is its worker's own figure (nvidia-smi by process), summed over the GPUs it
     touches: a device-wide difference counted the engines loading beside it (ZeRO read 5710 MiB warm
