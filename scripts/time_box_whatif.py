@@ -59,6 +59,11 @@ def load_figures(path: Path) -> tuple[str, list[dict]]:
     latency = summary.get("latency") if isinstance(summary, dict) else None
     figures = [f for f in latency or [] if isinstance(f, dict) and f.get("e2e_samples_s")
                and f.get("timing_s") is not None and f.get("stop_reason") != "fixed"]
+    for f in figures:
+        numbers = [f["timing_s"], *f["e2e_samples_s"], *(f.get("prefill_samples_s") or [])]
+        if not all(isinstance(x, (int, float)) and x >= 0 for x in numbers):
+            raise Unusable(f"{file}: the {f.get('backend', '?')} bs{f.get('batch_size', '?')} figure's rounds or "
+                           f"seconds are not all numbers of seconds")
     if not figures:
         raise Unusable(f"{file} has no figure timed with the adaptive rule and its rounds kept (no latency test "
                        f"ran, or all ran a fixed round count)")

@@ -109,10 +109,14 @@ def test_a_report_it_cannot_use_is_one_line_and_none_usable_is_exit_2(tmp_path, 
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     fixed = _report(tmp_path, "fixed", [dict(timed_figure([0.2] * 20, StopRule(6, 6)), stop_reason="fixed")])
-    assert whatif.main([str(broken), str(fixed), str(tmp_path / "missing")]) == 2
+    edited = timed_figure(DRIFTING, StopRule(6, 100, 5.0, 0.02))
+    edited["e2e_samples_s"][2] = "fast"
+    garbled = _report(tmp_path, "garbled", [edited])
+    assert whatif.main([str(broken), str(fixed), str(tmp_path / "missing"), str(garbled)]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 4 and all(line.startswith("time_box_whatif: ") for line in err)
-    assert "cannot read" in err[0] and "fixed round count" in err[1] and "no report had" in err[3]
+    assert len(err) == 5 and all(line.startswith("time_box_whatif: ") for line in err)
+    assert "cannot read" in err[0] and "fixed round count" in err[1] and "cannot read" in err[2]
+    assert "ds bs1 figure's rounds or seconds are not all numbers" in err[3] and "no report had" in err[4]
 
 
 def test_a_box_of_zero_is_a_usage_error(tmp_path):
