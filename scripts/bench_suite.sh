@@ -19,6 +19,9 @@
 # Environment: NEOX_CUDA_ARCH (default 9.0, H100/H200), MAX_JOBS (default 16), NEOX_EXTRA (more pytest args).
 set -u
 OUT=${1:?usage: bash scripts/bench_suite.sh DIR [MODEL]}
+case "${BENCH_WARM_RUNS:-1}" in
+  ''|*[!0-9]*|0) echo "bench_suite.sh: BENCH_WARM_RUNS is a number of warm runs, 1 or more (got '${BENCH_WARM_RUNS}')" >&2; exit 2 ;;
+esac
 MODEL=${2:-pythia-160m}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)

@@ -81,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ci", type=float, default=GPU_PROFILE.target_ci * 100, help="interval target, %%")
     parser.add_argument("--min-rounds", type=int, default=GPU_PROFILE.min_rounds)
     args = parser.parse_args(argv)
-    if any(b <= 0 for b in args.box) or args.ci <= 0 or args.min_rounds < 1:
-        parser.error("--box and --ci must be positive, --min-rounds at least 1")
+    if any(not b > 0 for b in args.box) or not args.ci > 0:
+        parser.error("--box and --ci must be positive numbers")
+    if not 1 <= args.min_rounds <= GPU_PROFILE.max_rounds:
+        parser.error(f"--min-rounds must be between 1 and the rule's round limit, {GPU_PROFILE.max_rounds}")
 
     totals = {box: [] for box in args.box}
     widths = {box: [] for box in args.box}

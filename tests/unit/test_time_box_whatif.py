@@ -119,10 +119,14 @@ def test_a_report_it_cannot_use_is_one_line_and_none_usable_is_exit_2(tmp_path, 
     assert "ds bs1 figure's rounds or seconds are not all numbers" in err[3] and "no report had" in err[4]
 
 
-def test_a_box_of_zero_is_a_usage_error(tmp_path):
+@pytest.mark.parametrize("args, says", [(["--box", "0"], "--box and --ci must be positive"),
+                                        (["--ci", "nan"], "--box and --ci must be positive"),
+                                        (["--min-rounds", "200"], "--min-rounds must be between 1 and")])
+def test_a_setting_the_rule_cannot_take_is_a_usage_error(tmp_path, capsys, args, says):
     with pytest.raises(SystemExit) as exc:
-        whatif.main([str(tmp_path), "--box", "0"])
+        whatif.main([str(tmp_path), *args])
     assert exc.value.code == 2
+    assert says in capsys.readouterr().err
 
 
 def test_the_defaults_are_the_gpu_profiles():
