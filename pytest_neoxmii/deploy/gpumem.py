@@ -23,6 +23,12 @@ def _smi(query: str, kind: str = "gpu") -> list[list[str]]:
     return [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
 
 
+def _gpus() -> tuple[dict[int, float], dict[str, int]]:
+    """({gpu index: MiB used}, {uuid: index}) from one memory.used reading."""
+    rows = _smi("index,uuid,memory.used")
+    return {int(i): float(mib) for i, _uuid, mib in rows}, {uuid: int(i) for i, uuid, _ in rows}
+
+
 def _apps() -> list[list[str]]:
     """nvidia-smi's compute-apps rows (uuid, pid, MiB); none where it cannot say."""
     try:
@@ -44,13 +50,12 @@ def reading() -> tuple[dict[int, float], dict[str, int], list[list[str]]]:
     memory.used and the same both times, where that happens within a few tries (else the last ones)."""
     apps = _apps()
     for _ in range(_AGREEING_TRIES):
-        rows = _smi("index,uuid,memory.used")
+        used, index_of = _gpus()
         after = _apps()
         if after == apps:
             break
         apps = after
-    used = {int(i): float(mib) for i, _uuid, mib in rows}
-    return used, {uuid: int(i) for i, uuid, _ in rows}, apps
+    return used, index_of, apps
 
 
 def _attributed(pids: Iterable[int], index_of: dict[str, int], apps: list[list[str]]) -> dict[int, float]:
@@ -69,7 +74,7 @@ def used_and_held(exclude_pids: Iterable[int], own_pids: Iterable[int]) -> tuple
     hold (a teardown's baseline is the first less the second: taken apart, a change between them is a leak)."""
     exclude_pids, own_pids = set(exclude_pids), set(own_pids)
     if not exclude_pids and not own_pids:       # no process figure needed: one call
-        return {int(i): float(mib) for i, _uuid, mib in _smi("index,uuid,memory.used")}, {}
+        return _gpus()[0], {}
     used, index_of, apps = reading()
     for index, mib in _attributed(exclude_pids, index_of, apps).items():
         used[index] -= mib
@@ -87,7 +92,7 @@ def held_by(pids: Iterable[int]) -> dict[int, float]:
     if not shutil.which("nvidia-smi"):
         return {}
     try:
-        index_of = {uuid: int(i) for i, uuid, _ in _smi("index,uuid,memory.used")}
+        index_of = {uuid: int(i) for i, uuid, _ in _smi("index,uuid,memory.used")}   # (memory.used unread)
     except (subprocess.SubprocessError, OSError, ValueError):
         return {}
     return _attributed(pids, index_of, _apps())
