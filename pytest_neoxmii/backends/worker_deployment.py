@@ -138,13 +138,16 @@ class WorkerDeployment(Backend):
             # One reading for both: the GPUs' memory less this process and the other deployments, and what
             # the deployment's own processes hold (gpumem.reading: taken apart, a process allocating in
             # between moves one and not the other, and the close then reads it as memory not returned).
-            now, held = gpumem.used_and_held({os.getpid(), *self._others()}, self._own_pids())
+            now, held, steady = gpumem.used_and_held({os.getpid(), *self._others()}, self._own_pids())
         except Exception:               # the launch-time figure still judges the close
             return self._baseline, "before the deployment"
         if not held:
             return self._baseline, "before the deployment"
-        return ({i: mib - held.get(i, 0.0) for i, mib in now.items()},
-                "before the close, less what its processes held")
+        what = "before the close, less what its processes held"
+        if not steady:                  # a leak read against it may be what a neighbour allocated meanwhile
+            what += (f" (read while a process kept allocating: nvidia-smi's process figures changed on every "
+                     f"reading for {gpumem.STEADY_WINDOW_S:.0f} s, so this baseline may be off by what it allocated)")
+        return {i: mib - held.get(i, 0.0) for i, mib in now.items()}, what
 
     def _others(self) -> set[int]:
         """The processes of the session's other live deployments: their GPU memory is not this one's."""

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from typing import Callable, Iterable
+import time
+from typing import Callable, Iterable, NamedTuple
 
 Probe = Callable[[], dict[int, float]]
 
@@ -41,21 +42,33 @@ def _apps() -> list[list[str]]:
 # figures. A process that allocates in between is counted in one and not the other. Once, on one H200, the
 # baseline of a teardown check was taken while the replacement of a ds deployment was loading beside it, and
 # the close then read "GPU memory not returned: 154 MiB" for its whole 30 s wait (docs/SPEED.md, sixteenth
-# round). So the processes are read before and after memory.used, until both agree.
-_AGREEING_TRIES = 5
+# round). So the processes are read before and after memory.used, until both agree. nvidia-smi's two figures
+# move within one call of an allocation (docs/STACK.md trap 27), so lists that agree bracket a memory.used of
+# the same moment. A process allocating faster than a reading takes (every 20 ms, on one H200) never lets
+# them agree: after a bounded wait the reading says it is not steady, rather than hold a teardown up.
+STEADY_WINDOW_S = 2.0
 
 
-def reading() -> tuple[dict[int, float], dict[str, int], list[list[str]]]:
-    """({gpu index: MiB used}, {uuid: index}, compute-apps rows), the rows read just before and just after
-    memory.used and the same both times, where that happens within a few tries (else the last ones)."""
+class Reading(NamedTuple):
+    used: dict[int, float]          # {gpu index: MiB used}
+    index_of: dict[str, int]        # {uuid: gpu index}
+    apps: list[list[str]]           # compute-apps rows (uuid, pid, MiB)
+    steady: bool                    # the rows read just before and just after memory.used were the same
+
+
+def reading() -> Reading:
+    """memory.used and the compute-apps rows of one moment: the rows are read just before and just after
+    memory.used until both are the same, or STEADY_WINDOW_S has passed (steady=False, the last rows)."""
+    deadline = time.monotonic() + STEADY_WINDOW_S
     apps = _apps()
-    for _ in range(_AGREEING_TRIES):
+    while True:
         used, index_of = _gpus()
         after = _apps()
         if after == apps:
-            break
+            return Reading(used, index_of, apps, True)
+        if time.monotonic() > deadline:
+            return Reading(used, index_of, after, False)
         apps = after
-    return used, index_of, apps
 
 
 def _attributed(pids: Iterable[int], index_of: dict[str, int], apps: list[list[str]]) -> dict[int, float]:
@@ -69,16 +82,23 @@ def _attributed(pids: Iterable[int], index_of: dict[str, int], apps: list[list[s
     return held
 
 
-def used_and_held(exclude_pids: Iterable[int], own_pids: Iterable[int]) -> tuple[dict[int, float], dict[int, float]]:
+class UsedAndHeld(NamedTuple):
+    used: dict[int, float]          # {gpu index: MiB used} less what the excluded processes hold
+    held: dict[int, float]          # {gpu index: MiB} the own processes hold
+    steady: bool                    # from a steady reading (see reading())
+
+
+def used_and_held(exclude_pids: Iterable[int], own_pids: Iterable[int]) -> UsedAndHeld:
     """From one reading: {gpu index: MiB used} less what exclude_pids hold, and {gpu index: MiB} that own_pids
     hold (a teardown's baseline is the first less the second: taken apart, a change between them is a leak)."""
     exclude_pids, own_pids = set(exclude_pids), set(own_pids)
     if not exclude_pids and not own_pids:       # no process figure needed: one call
-        return _gpus()[0], {}
-    used, index_of, apps = reading()
-    for index, mib in _attributed(exclude_pids, index_of, apps).items():
+        return UsedAndHeld(_gpus()[0], {}, True)
+    r = reading()
+    used = dict(r.used)
+    for index, mib in _attributed(exclude_pids, r.index_of, r.apps).items():
         used[index] -= mib
-    return used, _attributed(own_pids, index_of, apps)
+    return UsedAndHeld(used, _attributed(own_pids, r.index_of, r.apps), r.steady)
 
 
 def nvidia_smi_used(exclude_pids: Iterable[int] = ()) -> dict[int, float]:

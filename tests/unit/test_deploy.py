@@ -340,8 +340,56 @@ def test_a_reading_takes_the_gpus_and_the_processes_at_one_moment(tmp_path, monk
     monkeypatch.setenv("STATE", str(tmp_path / "grown"))
     assert gpumem.nvidia_smi_used({111, 555}) == {0: 2000.0}          # 6154 - 3000 - 1154, not 6000 - 4154
     (tmp_path / "grown").unlink()
-    assert gpumem.used_and_held({111, 555}, {222}) == ({0: 2000.0}, {0: 2000.0})
-    assert gpumem.used_and_held((), ()) == ({0: 6154.0}, {})        # no process asked about: one call
+    assert gpumem.used_and_held({111, 555}, {222}) == ({0: 2000.0}, {0: 2000.0}, True)
+    assert gpumem.used_and_held((), ()) == ({0: 6154.0}, {}, True)  # no process asked about: one call
+
+
+ALLOCATING_SMI = textwrap.dedent("""\
+    #!/bin/sh
+    # pid 555 allocates 154 MiB before every nvidia-smi call (faster than a reading takes)
+    n=$(cat "$STATE" 2>/dev/null || echo 0); n=$((n + 1)); echo $n > "$STATE"
+    other=$((1000 + 154 * n))
+    case "$1" in
+      --query-gpu=*) echo "0, GPU-aaa, $((3000 + 2000 + other))" ;;
+      --query-compute-apps=*) printf 'GPU-aaa, 111, 3000\\nGPU-aaa, 222, 2000\\nGPU-aaa, 555, %s\\n' "$other" ;;
+    esac
+""")
+
+
+def test_a_reading_that_never_agrees_says_so_within_its_window(tmp_path, monkeypatch):
+    """A process allocating faster than one reading takes (every 20 ms beside it, on one H200) never lets the
+    process lists before and after memory.used agree: the reading stops after its window and says it is not
+    steady, and a teardown's baseline taken from it says it may be off, rather than read as exact."""
+    from types import SimpleNamespace
+    from pytest_neoxmii.backends.worker_deployment import WorkerDeployment
+    from pytest_neoxmii.deploy import gpumem
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(ALLOCATING_SMI)
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("STATE", str(tmp_path / "calls"))
+    monkeypatch.setattr(gpumem, "STEADY_WINDOW_S", 0.3)
+    start = time.monotonic()
+    r = gpumem.reading()
+    assert not r.steady and time.monotonic() - start < 5
+    calls = int((tmp_path / "calls").read_text())
+    assert calls >= 3 and r.used == {0: 6000.0 + 154 * (calls - 1)}   # the last memory.used and rows
+    assert r.apps[-1] == ["GPU-aaa", "555", str(1000 + 154 * calls)]
+    assert gpumem.used_and_held({111}, {555}).steady is False
+
+    def deployment(steady_smi: bool):
+        if steady_smi:
+            smi.write_text(FAKE_SMI)
+        return SimpleNamespace(_probe=lambda: {}, _probe_attributes=True, _trees=[object()], _baseline=None,
+                               _others=lambda: {222}, _own_pids=lambda: {555} if not steady_smi else {111})
+    monkeypatch.setattr(os, "getpid", lambda: 111)
+    baseline, what = WorkerDeployment._memory_baseline(deployment(False))
+    assert what.startswith("before the close, less what its processes held (read while a process kept "
+                           "allocating") and "may be off by what it allocated" in what
+    monkeypatch.setattr(os, "getpid", lambda: 333)
+    baseline, what = WorkerDeployment._memory_baseline(deployment(True))
+    assert what == "before the close, less what its processes held"
+    assert baseline == {0: 9000.0 - 3000.0 - 2000.0, 1: 7000.0 - 500.0}
 
 
 def test_a_process_figure_is_its_own_on_every_gpu_or_none(tmp_path, monkeypatch):
