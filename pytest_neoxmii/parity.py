@@ -504,12 +504,16 @@ def _teacher_forced_metrics(reference: Scores, candidate: Scores, batch: PromptB
             # side (on 2 CPU cores a float64 pass over a 2016-token case costs 0.2-0.4 s). What needs no
             # float64 reads the logprobs as given: argmax (a float64 copy holds the same values) and the
             # largest difference (max_abs_diff, exact below).
+            # Equal values (finite here, and NaN is never equal) are the same case as the same scores: on a
+            # CPU the engines run HF's own modules in fp32 and give the reference's logprobs to the bit (docs/
+            # STACK.md), and the float64 passes were most of the judging (15.7 s of a 2-core CI session).
+            same = itself or torch.equal(lr, lc)
             ar = lr.argmax(-1)
-            ac = ar if itself else lc.argmax(-1)
+            ac = ar if same else lc.argmax(-1)
             agree.append((ar == ac).cpu())
             r_top.append(ar.cpu())
             c_top.append(ac.cpu())
-            if itself:                                       # nr - nc is exactly 0: so are KL and max |diff|
+            if same:                                         # nr - nc is exactly 0: so are KL and max |diff|
                 kls.append(torch.zeros(len(kept), dtype=torch.float64))
             else:
                 max_abs = max(max_abs, _max_abs_diff(lr, lc))

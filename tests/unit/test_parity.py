@@ -119,14 +119,17 @@ def test_the_reference_against_itself_skips_the_arithmetic_and_gives_the_metrics
     copy = Scores(scores.logprobs.clone(), scores.mask.clone())
     from pytest_neoxmii import parity as parity_module
     softmaxes = []
-    real = torch.log_softmax
+    real, real_equal = torch.log_softmax, torch.equal
     monkeypatch.setattr(parity_module.torch, "log_softmax", lambda *a, **k: softmaxes.append(1) or real(*a, **k))
-    of_copy = teacher_forced_metrics(scores, copy, batch)
+    with monkeypatch.context() as m:      # equal logprobs not noticed (masks still compared): the full arithmetic
+        m.setattr(parity_module.torch, "equal", lambda a, b: real_equal(a, b) if a.dtype == torch.bool else False)
+        in_full = teacher_forced_metrics(scores, copy, batch)
     assert softmaxes, "the pair of equal copies is computed in full"
     softmaxes.clear()
+    of_copy = teacher_forced_metrics(scores, copy, batch)       # equal values: skipped as for the same scores
     of_itself = teacher_forced_metrics(scores, scores, batch)
     assert softmaxes == []
-    assert of_itself == of_copy
+    assert of_itself == of_copy == in_full
     assert (of_itself.nonfinite is not None) == nonfinite
     assert of_itself.kl_max == 0.0 and of_itself.top1_agreement == 1.0 and of_itself.n_targets > 0
 
@@ -292,6 +295,25 @@ def test_metrics_do_not_depend_on_how_positions_are_chunked(batch, logits, refer
         assert teacher_forced_metrics(reference, candidate, batch) == whole, size
     assert whole.n_positions == 12 - nonfinite and whole.kl_mean > 0
     assert (whole.nonfinite is not None) == nonfinite
+
+
+def test_a_candidate_equal_to_the_reference_to_the_bit_is_judged_as_the_reference_itself(
+        batch, logits, reference, monkeypatch):
+    """On a CPU the engines run HF's own modules in fp32 and return the reference's logprobs to the bit, so
+    equal chunks skip the float64 passes as the reference against itself does: the same metrics to the bit.
+    A single logprob one float32 step away is still seen, in its chunk and whatever the chunking."""
+    copy = Scores(reference.logprobs.clone(), reference.mask.clone())
+    assert teacher_forced_metrics(reference, copy, batch) == teacher_forced_metrics(reference, reference, batch)
+    nudged = Scores(reference.logprobs.clone(), reference.mask.clone())
+    value = nudged.logprobs[2, 3, 5].clone()
+    nudged.logprobs[2, 3, 5] = torch.nextafter(value, torch.tensor(0.0))     # row 2, its position 2
+    whole = teacher_forced_metrics(reference, nudged, batch)
+    step = abs(float(nudged.logprobs[2, 3, 5]) - float(value))
+    assert step > 0 and whole.max_abs_diff == step
+    assert whole.kl_max >= 0 and whole.top1_agreement == 1.0 and whole.n_positions == 12
+    for size in (1, 2, 3):
+        monkeypatch.setattr(parity, "_POSITIONS_PER_CHUNK", size)
+        assert teacher_forced_metrics(reference, nudged, batch) == whole, size
 
 
 @pytest.mark.parametrize("nonfinite", [False, True])
