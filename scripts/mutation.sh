@@ -20,6 +20,7 @@ workers="${MUTATION_WORKERS:-2}"
 python="${PYTHON:-python}"
 modules=()
 below=()
+unchecked=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --rev) rev="$2"; shift 2 ;;
@@ -114,6 +115,13 @@ for function, c in sorted(by_function.items(), key=lambda kv: kv[1]["killed"] - 
         print(f"    {function}: {c['killed']}/{n} killed")
 PY
   [[ -n "${MUTATION_KEEP:-}" ]] || rm -rf "$scratch"
+  # A run that checked no mutant is no score (seen: mutmut 3.8.0 under pytest 9 fails collecting the tests'
+  # coverage, "failed to collect stats", and every mutant stays "not checked").
+  if ! grep -qv ": not checked$" "$out/$module.all" 2>/dev/null; then
+    echo "mutation.sh: $module: mutmut checked no mutant ($(grep -m1 -E "Error|failed" "$out/$module.log" | cut -c1-160 || echo "see the log")); see $out/$module.log"
+    unchecked+=("$module")
+    continue
+  fi
   if [[ -n "$min_score" ]]; then
     "$python" - "$out/$module.all" "$module" "$min_score" <<'PY' || below+=("$module")
 import sys
@@ -124,6 +132,10 @@ if score < float(sys.argv[3]):
 PY
   fi
 done
+if [[ ${#unchecked[@]} -gt 0 ]]; then
+  echo "mutation.sh: no mutant checked for: ${unchecked[*]}"
+  exit 2
+fi
 if [[ ${#below[@]} -gt 0 ]]; then
   echo "mutation.sh: below --min-score $min_score: ${below[*]}"
   exit 1

@@ -99,3 +99,38 @@ def test_each_xdist_worker_gets_its_share_of_the_cores():
     if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and os.environ["OMP_NUM_THREADS"].isdigit():
         assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
         assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"]
+
+
+FAKE_MUTMUT_PYTHON = """#!/bin/sh
+# mutmut as the script calls it: `run` says what $RUN_SAYS and exits 1, `results` prints $RESULTS; any other
+# use (the scoring heredocs) is the real interpreter's.
+if [ "$1" = "-c" ] && [ "$2" = "import mutmut" ]; then exit 0; fi      # (CI's setup installs no mutmut)
+if [ "$1" = "-m" ] && [ "$2" = "mutmut" ]; then
+  case "$3" in
+    run) echo "$RUN_SAYS"; exit 1 ;;
+    results) printf "$RESULTS"; exit 0 ;;
+  esac
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+@pytest.mark.parametrize("results, code, said", [
+    ("    pytest_neoxmii.parity.x_judge__mutmut_1: not checked\\n    pytest_neoxmii.parity.x_judge__mutmut_2: not checked\\n",
+     2, "mutation.sh: parity: mutmut checked no mutant (failed to collect stats. runner returned 1)"),
+    ("    pytest_neoxmii.parity.x_judge__mutmut_1: killed\\n    pytest_neoxmii.parity.x_judge__mutmut_2: survived\\n",
+     0, "parity: 1/2 killed = 50.0 %"),
+], ids=["nothing-checked", "a-score"])
+def test_a_mutation_run_that_checked_no_mutant_is_an_error_not_a_score(tmp_path, results, code, said):
+    """mutmut 3.8.0 under pytest 9 failed to collect its test statistics and left every mutant "not checked":
+    the script printed "0/1447 killed = 0.0 %" and exited 0. Now it says mutmut checked nothing, with the
+    log's first error line, and exits 2; a run that checked mutants still gives its score."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_MUTMUT_PYTHON)
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable, "RESULTS": results,
+           "RUN_SAYS": "failed to collect stats. runner returned 1", "MUTATION_OUT": str(tmp_path / "out")}
+    run = subprocess.run(["bash", str(REPO / "scripts" / "mutation.sh"), "parity"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == code, run.stdout + run.stderr
+    assert said in run.stdout, run.stdout
