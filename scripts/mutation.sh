@@ -97,6 +97,15 @@ TOML
   (cd "$scratch" && "$python" -m mutmut run --max-children "$workers" >"$out/$module.log" 2>&1) || true
   (cd "$scratch" && "$python" -m mutmut results --all true >"$out/$module.all" 2>/dev/null) || true
   grep -v ": killed$" "$out/$module.all" >"$out/$module.survivors" || true
+  # A run that checked no mutant is no score (seen: mutmut 3.8.0 under pytest 9 fails collecting the tests'
+  # coverage, "failed to collect stats", and every mutant stays "not checked").
+  if ! grep -qv ": not checked$" "$out/$module.all" 2>/dev/null; then
+    cause="$(grep -m1 -E "Error|failed" "$out/$module.log" | cut -c1-160)"
+    echo "mutation.sh: $module: mutmut checked no mutant (${cause:-no error line in the log}); see $out/$module.log"
+    unchecked+=("$module")
+    [[ -n "${MUTATION_KEEP:-}" ]] || rm -rf "$scratch"
+    continue
+  fi
   "$python" - "$out/$module.all" "$module" <<'PY' | tee "$out/$module.score"
 import collections, re, sys
 rows = [line.strip().rsplit(": ", 1) for line in open(sys.argv[1]) if ": " in line]
@@ -115,13 +124,6 @@ for function, c in sorted(by_function.items(), key=lambda kv: kv[1]["killed"] - 
         print(f"    {function}: {c['killed']}/{n} killed")
 PY
   [[ -n "${MUTATION_KEEP:-}" ]] || rm -rf "$scratch"
-  # A run that checked no mutant is no score (seen: mutmut 3.8.0 under pytest 9 fails collecting the tests'
-  # coverage, "failed to collect stats", and every mutant stays "not checked").
-  if ! grep -qv ": not checked$" "$out/$module.all" 2>/dev/null; then
-    echo "mutation.sh: $module: mutmut checked no mutant ($(grep -m1 -E "Error|failed" "$out/$module.log" | cut -c1-160 || echo "see the log")); see $out/$module.log"
-    unchecked+=("$module")
-    continue
-  fi
   if [[ -n "$min_score" ]]; then
     "$python" - "$out/$module.all" "$module" "$min_score" <<'PY' || below+=("$module")
 import sys

@@ -134,3 +134,4 @@ def test_a_mutation_run_that_checked_no_mutant_is_an_error_not_a_score(tmp_path,
                          text=True, timeout=120)
     assert run.returncode == code, run.stdout + run.stderr
     assert said in run.stdout, run.stdout
+    assert ("killed =" in run.stdout) == (code == 0), run.stdout        # no score line for a run that checked none
