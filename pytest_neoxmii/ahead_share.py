@@ -51,3 +51,18 @@ def helper_key(key: str, index: int) -> str:
     """The name a helper's work and teardown are reported under: 'zero helper 1:fp16' for 'zero:fp16'."""
     name, _, dtype = key.partition(":")
     return f"{name} helper {index}:{dtype}"
+
+
+def in_report_order(reports: dict[str, dict]) -> dict[str, dict]:
+    """The accounts of work ahead with each deployment's helpers right after it, in their order ('zero:fp16',
+    'zero helper 1:fp16', 'zero helper 2:fp16'), whichever was taken first (a helper's is taken when its
+    share is done, often before its deployment's)."""
+    def deployment_and_index(key: str) -> tuple[str, int]:
+        name, _, dtype = key.partition(":")
+        engine, sep, index = name.rpartition(" helper ")
+        return (f"{engine}:{dtype}", int(index)) if sep and index.isdigit() else (key, 0)
+    first_seen = {}
+    for key in reports:
+        first_seen.setdefault(deployment_and_index(key)[0], len(first_seen))
+    return dict(sorted(reports.items(), key=lambda item: (first_seen[deployment_and_index(item[0])[0]],
+                                                          deployment_and_index(item[0])[1])))

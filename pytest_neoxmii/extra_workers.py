@@ -5,11 +5,14 @@
   what it computed before the defect (the defect's call is worked ahead last), and takes its place when the
   session settles or asks the engine for anything else;
 * **helpers**, more workers of the same deployment that share its calls worked ahead (ahead_share.py); each
-  answers the calls of its share and is closed once the share is done, before anything is timed.
+  answers the calls of its share and is closed once the session has taken its whole share (on a thread of
+  its own, while the session goes on), at the latest when the session settles, before anything is timed.
 
 The session (session.py) owns what is deployed, the cache of results and the time line; this class holds the
 extra workers' state and asks the session to load, close and record. Nothing here knows an engine."""
 from __future__ import annotations
+
+import threading
 
 from pytest_neoxmii import ahead_share
 from pytest_neoxmii import backends as engines
@@ -32,6 +35,8 @@ class ExtraWorkers:
         self.redeployed: list[str] = []                # what was deployed again, for the summary
         self.helpers: dict[str, list[Backend]] = {}    # engine key -> workers sharing its calls ahead
         self.ahead_breaks: dict[str, KnownIssue] = {}  # deployments whose work ahead ends with a breaking call
+        self.taken: dict[int, list[Call]] = {}         # id(helper) -> the calls of its share the session took
+        self.closing: dict[str, HelperClose] = {}      # helper name -> its close, running beside the session
 
     # -- a known defect broke the deployment --------------------------------------------------------------
     def mark_broken(self, key: str, issue: KnownIssue) -> None:
@@ -128,32 +133,80 @@ class ExtraWorkers:
                     return helper.wait_ready()
         return backend
 
+    def took(self, key: str, worker: Backend, call: Call) -> None:
+        """The session took `call`'s result from `worker`. A helper of `key` whose whole share is taken has
+        nothing left to hand over: its account is taken and it closes now, on a thread, while the session
+        goes on, instead of at settle, where the two ZeRO helpers' closes held the first timing 1.8 s (one
+        H200 warm, pythia-160m synthetic). Its teardown judges GPU memory as any close does: the baseline and
+        the readings leave out the test process and the other live deployments, which may work meanwhile."""
+        helpers = self.helpers.get(key, [])
+        if not any(worker is h for h in helpers):
+            return
+        taken = self.taken.setdefault(id(worker), [])
+        if not any(call == c for c in taken):
+            taken.append(call)
+        name = ahead_share.helper_key(key, next(i for i, h in enumerate(helpers, 1) if h is worker))
+        if name in self.closing or not all(any(c == t for t in taken) for c in worker.ahead):
+            return
+        if not self._take_account(key, name, worker):
+            return                       # it died: settle says so, as it would have
+        self.closing[name] = HelperClose(name, worker)
+
+    def _take_account(self, key: str, name: str, helper: Backend) -> bool:
+        """The helper's account of its work ahead, for the summary; False (the crash recorded) where it died:
+        a crash of its engine, the same deployment."""
+        s = self.session
+        try:
+            with s.timed("model calls"):
+                s.ahead_reports[name] = helper.wait_ready().wait_ahead()
+            return True
+        except DeploymentError as exc:     # (a crash already said is not said again)
+            if key not in s.crashed:
+                engine, dtype = key.split(":", 1)
+                s.record_crash(key, f"{engine} ({dtype}): a worker sharing its calls ahead died: {exc}")
+            return False
+
     def retire_helpers(self) -> None:
-        """Wait until every helper has computed its share, take its account, and close it: the engine's own
-        deployment answers whatever is asked later, and nothing else shares the machine with a timing. A
-        helper that died is a crash of its engine (the same deployment); one that does not close cleanly is
-        said as every deployment's teardown is."""
+        """Wait until every helper has computed its share, take its account, and close it (or wait for the
+        close begun when its share was taken): the engine's own deployment answers whatever is asked later,
+        and nothing else shares the machine with a timing. A helper that died is a crash of its engine (the
+        same deployment); one that does not close cleanly is said as every deployment's teardown is."""
         s = self.session
         for key, helpers in list(self.helpers.items()):
+            still_open = {}
             for i, helper in enumerate(helpers, 1):
-                try:
-                    with s.timed("model calls"):
-                        s.ahead_reports[ahead_share.helper_key(key, i)] = helper.wait_ready().wait_ahead()
-                except DeploymentError as exc:     # (a crash already said is not said again)
-                    if key not in s.crashed:
-                        name, dtype = key.split(":", 1)
-                        s.record_crash(key, f"{name} ({dtype}): a worker sharing its calls ahead died: {exc}")
-            s.close_all({ahead_share.helper_key(key, i): helper for i, helper in enumerate(helpers, 1)})
+                name = ahead_share.helper_key(key, i)
+                if name not in self.closing:
+                    self._take_account(key, name, helper)
+                    still_open[name] = helper
+            s.close_all(still_open)
+            self._join_closing([ahead_share.helper_key(key, i) for i in range(1, len(helpers) + 1)])
+            for helper in helpers:
+                self.taken.pop(id(helper), None)
             del self.helpers[key]
+
+    def _join_closing(self, names: list[str]) -> None:
+        """Wait for the closes begun on their own threads (what the session waits here is teardown time);
+        a close that failed is said as close_all says it."""
+        s = self.session
+        with s.timed("model teardown"):
+            for name in names:
+                close = self.closing.pop(name, None)
+                if close is not None and close.wait() is not None:
+                    s.unavailable[name] = f"close failed: {close.error}"
 
     # -- the session's end --------------------------------------------------------------------------------
     def still_up(self) -> dict[str, Backend]:
         """Every extra worker not closed yet (a session cut short), by the name its teardown is reported under,
         with its account of the work ahead taken first; the session tears them down with the rest."""
         up: dict[str, Backend] = {}
+        closed = list(self.closing)         # closing on their own threads (took): waited for, not closed again
+        self._join_closing(closed)
         for key, helpers in self.helpers.items():
             for i, helper in enumerate(helpers, 1):
                 name = ahead_share.helper_key(key, i)
+                if name in closed:
+                    continue
                 if helper.is_ready:
                     self.session.take_ahead_account(name, helper)
                 up[name] = helper
@@ -161,3 +214,24 @@ class ExtraWorkers:
         self.helpers.clear()
         self.replacements.clear()
         return up
+
+
+class HelperClose:
+    """A helper's close on a thread of its own (ExtraWorkers.took): teardown waits on processes and GPU
+    memory, not on the session, which goes on meanwhile."""
+
+    def __init__(self, name: str, helper: Backend):
+        self.error: Exception | None = None
+        self._thread = threading.Thread(target=self._close, args=(helper,), name=f"neoxmii close {name}")
+        self._thread.start()
+
+    def _close(self, helper: Backend) -> None:
+        try:
+            helper.close()
+        except Exception as exc:        # said where the session waits for it (_join_closing)
+            self.error = exc
+
+    def wait(self) -> Exception | None:
+        """Wait for the close to end; its error, or None."""
+        self._thread.join()
+        return self.error

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pytest_neoxmii.report_tables import LATENCY_HEADERS, latency_cells, verdict_rows
+from pytest_neoxmii import ahead_share
 from pytest_neoxmii import backends as engines
 from pytest_neoxmii.table import format_table
 
@@ -136,7 +137,7 @@ def build_summary(session) -> dict:
         "reference_computed_while_workers_loaded": session.reference_ahead,
         "reference_computed_s": round(getattr(session, "reference_ahead_s", 0.0), 3),
         "redeployed": list(session.redeployed),
-        "worked_ahead": dict(session.ahead_reports),
+        "worked_ahead": ahead_share.in_report_order(session.ahead_reports),
         "plot": plot_file(m.spec.name) if rows else None,
     })
 
@@ -219,7 +220,7 @@ def terminal_summary(terminalreporter, session) -> None:
             + (f" ({r['unclaimed']} never asked for: tests that did not run, or did not get that far)"
                if r["unclaimed"] else "")
             + ("" if r.get("finished", True) else " (still working ahead when the session ended)")
-            for key, r in session.ahead_reports.items()))
+            for key, r in ahead_share.in_report_order(session.ahead_reports).items()))
     if session.options.report_dir is not None:
         try:
             path, png, why = write_report(session, session.options.report_dir)

@@ -753,6 +753,7 @@ class NeoxSession:
                 computes = self.extra.sharer_of(deployment, backend, call)
                 with self.timed("model calls"):
                     self._cache[key] = getattr(computes, op)(*call[1])
+                self.extra.took(deployment, computes, call)
                 if breaks:
                     self.extra.mark_broken(deployment, issue)
             except BackendUnavailable as exc:

@@ -59,3 +59,15 @@ def test_host_memory_is_read_from_meminfo(tmp_path):
     meminfo.write_text("MemTotal:       131072000 kB\n")
     assert host_memory_available(str(meminfo)) is None
     assert host_memory_available(str(tmp_path / "absent")) is None
+
+
+def test_the_accounts_of_work_ahead_list_each_deployment_then_its_helpers_whatever_order_they_came_in():
+    """A helper's account is taken when its share is done, often before its deployment's: the report still
+    lists the deployment first, then its helpers by number, the deployments in the order first seen."""
+    came = {"zero helper 2:fp16": {"n": 1}, "ds:fp16": {"n": 2}, "zero helper 1:fp16": {"n": 3},
+            "zero:fp16": {"n": 4}, "zero helper 10:fp16": {"n": 5}, "mii:fp16": {"n": 6}}
+    ordered = ahead_share.in_report_order(came)
+    assert list(ordered) == ["zero:fp16", "zero helper 1:fp16", "zero helper 2:fp16", "zero helper 10:fp16",
+                             "ds:fp16", "mii:fp16"]
+    assert ordered == came                              # the same accounts, none lost or changed
+    assert list(ahead_share.in_report_order({"my helper x:fp16": {}, "a:fp32": {}})) == ["my helper x:fp16", "a:fp32"]

@@ -4,6 +4,7 @@ injection failure, deployment error), its death mid-request a crash naming the s
 log, its latency timed inside the worker, and nothing left behind. Stand-in engines: engines_for_workers.py."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -871,6 +872,15 @@ def test_greedy(neox, neox_backend_name, neox_generation_case):
     generation = neox.generation(neox.backend(neox_backend_name), case)
     assert generation.tokens == [[row[-1]] * case.plan.max_new_tokens for row in case.batch.rows]
 
+def test_zy_a_helper_closes_once_its_share_is_taken(neox):
+    import time
+    for helper in neox.extra.helpers.get(f"share:{neox.dtype}", []):
+        root = helper._trees[0].popen          # before settle: closing on its own thread, not waiting for it
+        deadline = time.monotonic() + 15
+        while root.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert root.poll() is not None, "a helper whose whole share was taken is still up before settle"
+
 def test_zz_shared(neox):
     key = f"share:{neox.dtype}"
     helpers = neox.extra.helpers.get(key, [])
@@ -904,11 +914,71 @@ def test_a_slow_engines_calls_ahead_are_shared_among_two_workers_where_memory_al
     result = pytester.runpytest(*args, "--neox-backends=share", "--neox-dtype=fp32", "-k", "not long",
                                 "--neox-work-ahead=always")
     outcomes = result.parseoutcomes()
-    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0 and outcomes["passed"] == 6, \
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0 and outcomes["passed"] == 7, \
         result.stdout.str()[-3000:]
     result.stdout.fnmatch_lines(["worked ahead, side by side: share [0-9]/[0-9] calls in * s"
                                  + (", share helper 1 [0-9]/[0-9] calls in * s" if helpers else "")])
     assert not processes.live()
+
+
+def test_a_helper_closes_on_a_thread_once_its_whole_share_is_taken_and_settle_waits_for_that_close():
+    """ExtraWorkers.took: a helper closes once the session has taken every call of its share, never before,
+    on a thread while the session goes on; its account is taken first; settle (retire_helpers) waits for that
+    close instead of closing it again, and closes the helpers whose share was not all taken, as before."""
+    import types
+
+    from pytest_neoxmii.extra_workers import ExtraWorkers
+    release = threading.Event()
+    events = []
+
+    class Helper:
+        def __init__(self, name, ahead):
+            self.name, self.ahead = name, ahead
+
+        def wait_ready(self):
+            return self
+
+        def wait_ahead(self):
+            events.append(("account", self.name))
+            return {"calls": len(self.ahead)}
+
+        def close(self):
+            events.append(("close", self.name, threading.current_thread() is threading.main_thread()))
+            release.wait(10)
+            if self.name == "b":
+                raise RuntimeError("its processes did not end")
+
+    closed_by_session = []
+    session = types.SimpleNamespace(
+        ahead_reports={}, crashed={}, unavailable={}, timings=[],
+        timed=lambda phase: contextlib.nullcontext(session.timings.append(phase)),
+        close_all=lambda deployments: closed_by_session.append(sorted(deployments)))
+    extra = ExtraWorkers(session)
+    a, b, c = Helper("a", [("generate", (1,)), ("score", (1,))]), Helper("b", [("score", (2,))]), \
+        Helper("c", [("score", (3,)), ("score", (4,))])
+    extra.helpers["zero:fp16"] = [a, b, c]
+    own = object()                                     # the deployment itself: not a helper, nothing closes
+    extra.took("zero:fp16", own, ("score", (9,)))
+    extra.took("zero:fp16", a, ("generate", (1,)))
+    extra.took("zero:fp16", a, ("generate", (1,)))     # taken twice still counts once
+    extra.took("zero:fp16", c, ("score", (3,)))
+    assert events == [] and extra.closing == {}        # a's and c's shares are not all taken yet
+    extra.took("zero:fp16", a, ("score", (1,)))
+    extra.took("zero:fp16", b, ("score", (2,)))
+    deadline = time.monotonic() + 10
+    while len(events) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(e for e in events if e[0] == "close") == [("close", "a", False), ("close", "b", False)]
+    for name in "ab":                                  # the account first, then the close on its own thread
+        assert events.index(("account", name)) < events.index(("close", name, False)), events
+    assert set(extra.closing) == {"zero helper 1:fp16", "zero helper 2:fp16"}
+    assert session.ahead_reports == {"zero helper 1:fp16": {"calls": 2}, "zero helper 2:fp16": {"calls": 1}}
+    release.set()
+    extra.retire_helpers()
+    assert closed_by_session == [["zero helper 3:fp16"]]     # c, whose share was not all taken, as before
+    assert sum(e[0] == "close" for e in events) == 2           # a and b were not closed again
+    assert session.unavailable == {"zero helper 2:fp16": "close failed: its processes did not end"}
+    assert extra.helpers == {} and extra.closing == {} and "model teardown" in session.timings
 
 
 def test_zero_inference_shares_its_calls_except_on_nvme(tmp_path, monkeypatch):
