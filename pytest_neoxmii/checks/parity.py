@@ -73,6 +73,11 @@ def check_greedy(neox: NeoxSession, backend_name: str, case: Case, request=None)
     return report
 
 
+def judged(neox: NeoxSession) -> parity.JudgedOnce:
+    """The session's teacher-forced judgments, each computed once per candidate content (parity.JudgedOnce)."""
+    return neox.memo(("judged once",), parity.JudgedOnce)
+
+
 def noise_floor(neox: NeoxSession, case: Case, dtype: str | None = None) -> parity.TFMetrics:
     """HF at `dtype` (default: the session's) against HF fp32 on the same case, computed once per case and
     dtype (every engine's check and the reference's own test use it; on the CPU the 2016-token case's
@@ -82,7 +87,7 @@ def noise_floor(neox: NeoxSession, case: Case, dtype: str | None = None) -> pari
     def compute() -> parity.TFMetrics:
         reference, scores = neox.scores(neox.reference(), case), neox.scores(peer, case)
         with neox.timed(JUDGING):
-            return parity.teacher_forced_metrics(reference, scores, case.batch, device=neox.device)
+            return judged(neox).metrics(reference, scores, case.batch, device=neox.device)
     return neox.memo(("noise floor", case.id, peer.info.dtype), compute)
 
 
@@ -94,7 +99,7 @@ def check_teacher_forced(neox: NeoxSession, backend_name: str, case: Case, reque
     floor = noise_floor(neox, case, backend.info.dtype)   # the floor at the precision the backend ran
     reference, scores = neox.scores(neox.reference(), case), neox.scores(backend, case)
     with neox.timed(JUDGING):
-        measured = parity.teacher_forced_metrics(reference, scores, case.batch, device=neox.device)
+        measured = judged(neox).metrics(reference, scores, case.batch, device=neox.device)
     verdict = parity.judge(floor, measured, neox.options.parity_multiple)
     metrics = {"kl_mean": measured.kl_mean, "kl_max": measured.kl_max, "top1_agreement": measured.top1_agreement,
                "max_abs_diff": measured.max_abs_diff, "floor_kl_max": floor.kl_max,

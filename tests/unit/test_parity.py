@@ -316,6 +316,43 @@ def test_a_candidate_equal_to_the_reference_to_the_bit_is_judged_as_the_referenc
         assert teacher_forced_metrics(reference, nudged, batch) == whole, size
 
 
+def test_a_candidate_equal_to_one_already_judged_gets_that_judgment_without_the_arithmetic(
+        batch, logits, reference, monkeypatch):
+    """parity.JudgedOnce: a second engine whose logprobs equal, to the bit, a candidate already judged against
+    the same reference on the same batch (ds and mii on the same kernels) gets the same metrics without the
+    judge running again; one float32 step anywhere, another mask, another batch or another reference object
+    is judged afresh; a NaN candidate is never taken for an equal one."""
+    runs = []
+    inner = parity._teacher_forced_metrics
+    monkeypatch.setattr(parity, "_teacher_forced_metrics", lambda *a: runs.append(1) or inner(*a))
+    judge = parity.JudgedOnce()
+    ds = scores_from_logits(batch, logits + 0.05 * noise(batch, seed=2))
+    first = judge.metrics(reference, ds, batch)
+    mii = Scores(ds.logprobs.clone(), ds.mask.clone())
+    assert judge.metrics(reference, mii, batch) is first and len(runs) == 1
+    assert first == teacher_forced_metrics(reference, mii, batch)      # what the judge would have said
+    runs.clear()
+    last = Scores(ds.logprobs.clone(), ds.mask.clone())                 # one step at the last real position
+    last.logprobs[-1, -1, -1] = torch.nextafter(last.logprobs[-1, -1, -1], torch.tensor(0.0))
+    assert judge.metrics(reference, last, batch) != first and len(runs) == 1
+    other_mask = Scores(ds.logprobs.clone(), ds.mask.clone())
+    other_mask.mask[0, -1] = ~other_mask.mask[0, -1]
+    with pytest.raises(ValueError):                                     # judged (and refused), not reused
+        judge.metrics(reference, other_mask, batch)
+    assert len(runs) == 2
+    twin = Scores(reference.logprobs.clone(), reference.mask.clone())   # equal content, another object
+    judge.metrics(twin, Scores(ds.logprobs.clone(), ds.mask.clone()), batch)
+    shorter = PromptBatch(rows=batch.rows[:-1] + ((batch.rows[-1][0],) * len(batch.rows[-1]),),
+                          pad_token_id=batch.pad_token_id)
+    judge.metrics(reference, Scores(ds.logprobs.clone(), ds.mask.clone()), shorter)
+    assert len(runs) == 4
+    broken = Scores(ds.logprobs.clone(), ds.mask.clone())
+    broken.logprobs[0, -1, 0] = float("nan")
+    judge.metrics(reference, broken, batch)
+    again = judge.metrics(reference, Scores(broken.logprobs.clone(), broken.mask.clone()), batch)
+    assert len(runs) == 6 and again.nonfinite
+
+
 @pytest.mark.parametrize("nonfinite", [False, True])
 def test_metrics_on_a_gpu_are_the_cpu_metrics(batch, logits, reference, nonfinite):
     """Chunks computed on the session's GPU: the same positions, agreement and worst positions, and the
