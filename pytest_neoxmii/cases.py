@@ -4,7 +4,7 @@ needs no tokenizer, so tests can be parametrized at collection; content is fille
 Ids are readable in pytest output: family, batch size, prompt length(s)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pytest_neoxmii.errors import NeoxUsageError
 from pytest_neoxmii.outputs import PromptBatch
@@ -38,6 +38,13 @@ class Case:
     @property
     def id(self) -> str:
         return self.plan.id
+
+
+def row_alone(case: Case, i: int) -> Case:
+    """Row i of `case` as a case of its own, without padding, under an id of its own."""
+    row = case.batch.rows[i]
+    plan = replace(case.plan, id=f"{case.plan.id}-row{i}", lengths=(len(row),), rows=(row,))
+    return Case(plan, PromptBatch(rows=(row,), pad_token_id=case.batch.pad_token_id))
 
 
 def plan_cases(context_length: int, max_new_tokens: int, case_set: str = "default") -> list[CasePlan]:

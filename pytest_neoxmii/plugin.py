@@ -35,6 +35,8 @@ MARKERS = (
     "neox_scores(*families): the test asks its engine (neox_backend_name or neox_each_backend) for the "
     "teacher-forced scores of the cases of these families without a case parameter (e.g. neox_scores('fixed-text')"
     " for a perplexity): the engine's worker computes them ahead, as it does a parametrized case's",
+    "neox_rows_alone: the test generates each row of its padded generation case alone on the fp32 reference "
+    "(NeoxSession.rows_alone): the session computes those rows while the engines' workers load",
 )
 
 

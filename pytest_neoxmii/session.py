@@ -12,7 +12,7 @@ from pytest_neoxmii import ahead_share, hardware, known_issues, precision, refer
 from pytest_neoxmii import backends as engines
 from pytest_neoxmii.backends import Backend, IsolatedEngine, LoadRequest, load_backend
 from pytest_neoxmii.deploy.processes import DeploymentError
-from pytest_neoxmii.cases import FAMILIES, Case, CasePlan, materialize, plan_cases
+from pytest_neoxmii.cases import FAMILIES, Case, CasePlan, materialize, plan_cases, row_alone
 from pytest_neoxmii.errors import BackendUnavailable, NeoxUsageError
 from pytest_neoxmii.extra_workers import ExtraWorkers
 from pytest_neoxmii.injection import InjectionFailed
@@ -95,6 +95,7 @@ class NeoxSession:
         # What the selected tests will ask each engine for, in test order (want_outputs): a prelaunched
         # worker computes it right after its load, side by side with the other engines (worker.py).
         self.wanted: dict[str, list[tuple[str, CasePlan]]] = {}
+        self.rows_alone_plans: list[CasePlan] = []      # padded cases whose rows a test generates alone
         self.engines_asked: set[str] | None = None      # what the selected tests deploy (None: any engine)
         self.ahead_reports: dict[str, dict] = {}    # engine -> what its worker computed ahead, for the report
         # Replacements of deployments a known defect broke, and helpers sharing an engine's calls ahead.
@@ -326,9 +327,14 @@ class NeoxSession:
         marked to skip asks nothing."""
         wanted: dict[str, dict[tuple[str, str], tuple[str, CasePlan]]] = {}
         plans = self.plans()
+        rows_alone: dict[str, CasePlan] = {}
         for item in items:
             families = marked_score_families(item)     # (checked on every test: a typo stops the run)
             params = getattr(getattr(item, "callspec", None), "params", {})
+            plan = params.get("neox_generation_plan")
+            if item.get_closest_marker("neox_rows_alone") is not None and item.get_closest_marker("skip") is None \
+                    and isinstance(plan, CasePlan) and len(set(plan.lengths)) > 1:
+                rows_alone.setdefault(plan.id, plan)
             name = params.get("neox_backend_name") or params.get("neox_each_backend")
             if not name or engines.is_reference(name) or item.get_closest_marker("skip") is not None:
                 continue
@@ -339,6 +345,7 @@ class NeoxSession:
             for plan in (p for p in plans if p.family in families):
                 wanted.setdefault(name, {}).setdefault(("score", plan.id), ("score", plan))
         self.wanted = {name: list(calls.values()) for name, calls in wanted.items()}
+        self.rows_alone_plans = list(rows_alone.values())
         self.engines_asked = self._engines_asked(items)
 
     def _engines_asked(self, items) -> set[str] | None:
@@ -652,6 +659,13 @@ class NeoxSession:
             except outcomes as exc:  # the reference cannot run: its own tests say why
                 return computed, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             computed += len(self._cache) > before
+        # The rows of padded cases that a selected test generates alone (neox_rows_alone), after the cases:
+        # on one H200 warm they took 0.7 s after ZeRO's work ahead, the last thing before the first timing.
+        for plan in self.rows_alone_plans:
+            try:
+                self.rows_alone(self.reference(), self.case(plan))
+            except outcomes as exc:
+                return computed, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return computed, None
 
     def _engine_config(self, name: str) -> dict | None:
@@ -733,6 +747,12 @@ class NeoxSession:
     # -- cached model calls ---------------------------------------------------------------------------
     def generation(self, backend: Backend, case: Case) -> Generation:
         return self._model_call("generate", backend, case)
+
+    def rows_alone(self, backend: Backend, case: Case) -> list[Generation]:
+        """`backend`'s greedy generation of each row of `case` on its own, each a session call cached as any
+        other: what a left-padded batch is compared with, computed ahead on the reference for the selected
+        tests marked neox_rows_alone (precompute_reference)."""
+        return [self.generation(backend, row_alone(case, i)) for i in range(case.batch.batch_size)]
 
     def scores(self, backend: Backend, case: Case) -> Scores:
         return self._model_call("score", backend, case)

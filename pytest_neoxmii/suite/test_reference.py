@@ -57,6 +57,7 @@ def test_noise_floor_is_small_and_nonzero_where_precision_differs(neox, neox_cas
         assert 0.0 < floor.kl_max < 0.5
 
 
+@pytest.mark.neox_rows_alone
 def test_left_padding_does_not_change_a_row(neox, neox_generation_case):
     """A row generated inside a left-padded batch matches the same row generated alone under the parity
     engine's near-tie rule (identical ids, or a first divergence where each token is in the other's top-k:
@@ -65,13 +66,9 @@ def test_left_padding_does_not_change_a_row(neox, neox_generation_case):
     case = neox_generation_case
     if len(set(len(r) for r in case.batch.rows)) < 2:
         pytest.skip(f"{case.id} has no padding")
-    from pytest_neoxmii.outputs import PromptBatch
     ref = neox.reference()
     batched = neox.generation(ref, case)
-    for i, row in enumerate(case.batch.rows):
-        with neox.timed("model calls"):
-            alone = ref.generate(PromptBatch(rows=(row,), pad_token_id=case.batch.pad_token_id),
-                                 case.plan.max_new_tokens, neox.options.top_k)
+    for i, alone in enumerate(neox.rows_alone(ref, case)):
         report = parity.compare_greedy(alone, parity_generation_row(batched, i), neox.options.top_k)
         assert report.passed, report.message()
 

@@ -508,9 +508,23 @@ def test_perplexity(neox, neox_backend_name):
     plan = next(p for p in neox.plans() if p.family == "fixed-text")
     assert neox.scores(neox.backend(neox_backend_name), neox.case(plan)).logprobs.numel()
 
+@pytest.mark.neox_rows_alone
+def test_rows_alone(neox, neox_generation_case):
+    case, ref = neox_generation_case, neox.reference()
+    if len(set(case.plan.lengths)) < 2:
+        assert case.plan not in neox.rows_alone_plans
+        return
+    # computed while the worker loaded: every row of the padded case is already in the session's cache
+    keys = [("generate", ref.info.backend, ref.info.dtype, f"{case.id}-row{i}") for i in range(len(case.batch.rows))]
+    assert all(key in neox._cache for key in keys), keys
+    rows = neox.rows_alone(ref, case)                 # the cached generations, not computed again
+    assert all(row is neox._cache[key] and len(row.tokens) == 1 for row, key in zip(rows, keys))
+
 def test_what_was_worked_ahead(neox, request):
     selected = request.config.getoption("-k")
     plans = neox.plans()
+    padded = [p.id for p in plans if p.generate and len(set(p.lengths)) > 1]
+    assert [p.id for p in neox.rows_alone_plans] == (padded if selected == "" else [])
     generated = [("generate", p.id) for p in plans if p.generate]
     scored = [("score", p.id) for p in plans
               if "greedy" not in selected or ("perplexity" in selected and p.family == "fixed-text")]
@@ -1057,14 +1071,17 @@ def test_the_reference_worked_ahead_is_what_the_checks_compare_and_not_the_peers
     from pytest_neoxmii.session import NeoxSession
     calls = []
     plans = [types.SimpleNamespace(id="short", generate=True), types.SimpleNamespace(id="text", generate=False)]
+    padded = types.SimpleNamespace(id="padded", generate=True)
     fake = types.SimpleNamespace(
         plans=lambda: plans, case=lambda plan: plan, reference=lambda: "fp32", peer=lambda: "fp16", _cache={},
         generation=lambda backend, case: calls.append(("generate", backend, case.id)),
         scores=lambda backend, case: calls.append(("score", backend, case.id)),
+        rows_alone=lambda backend, case: calls.append(("rows alone", backend, case.id)), rows_alone_plans=[padded],
         extra=types.SimpleNamespace(replace_once_broken=lambda: None))
     NeoxSession.precompute_reference(fake, peer_generations=False)
+    # the rows a selected test generates alone (neox_rows_alone) come last, on the fp32 reference only
     assert calls == [("generate", "fp32", "short"), ("score", "fp32", "short"), ("score", "fp16", "short"),
-                     ("score", "fp32", "text"), ("score", "fp16", "text")]
+                     ("score", "fp32", "text"), ("score", "fp16", "text"), ("rows alone", "fp32", "padded")]
     calls.clear()                      # before a release (reference first): everything, so nothing reloads
     NeoxSession.precompute_reference(fake)
-    assert ("generate", "fp16", "short") in calls and len(calls) == 6
+    assert ("generate", "fp16", "short") in calls and len(calls) == 7

@@ -136,3 +136,20 @@ def test_without_a_version_given_the_installed_deepspeed_decides(monkeypatch):
     assert match_deployment("ds", "fp16", "cuda:0", spec) is None          # a newer release: deploy and see
     monkeypatch.setattr(known_issues, "deepspeed_version", lambda: CHECKED)
     assert match_deployment("ds", "fp16", "cuda:0", spec) is not None
+
+
+def test_a_row_alone_is_that_row_unpadded_under_its_own_id_and_no_padded_defect_applies_to_it():
+    """cases.row_alone: what the left-padding test generates each row of a padded case as. A padded-only known
+    defect (ds-left-padded-decode) must not apply to it: its lengths are its one row's."""
+    from pytest_neoxmii.cases import Case, CasePlan, row_alone
+    from pytest_neoxmii.known_issues import breaks_engine
+    from pytest_neoxmii.outputs import PromptBatch
+    plan = CasePlan("padded-b3-len3x1x2", "padded", (3, 1, 2), True, 8)
+    case = Case(plan, PromptBatch(rows=((5, 6, 7), (8,), (9, 10)), pad_token_id=1))
+    row = row_alone(case, 2)
+    assert row.id == "padded-b3-len3x1x2-row2" and row.plan.lengths == (2,) and row.plan.max_new_tokens == 8
+    assert row.batch == PromptBatch(rows=((9, 10),), pad_token_id=1)
+    assert row.batch.padded()[1].all()                        # no padding left
+    assert match("greedy", INJECTED, plan) is not None and match("greedy", INJECTED, row.plan) is None
+    assert breaks_engine("generate", "ds", plan, True) is not None
+    assert breaks_engine("generate", "ds", row.plan, True) is None
