@@ -64,6 +64,11 @@ def marked_score_families(item) -> tuple[str, ...]:
     return tuple(marker.args)
 
 
+def _first_line(exc: BaseException) -> str:
+    """What an outcome (skip, fail, xfail) said, in one line, or its type where it said nothing."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 class NeoxSession:
     """One per pytest session (in config.stash, see get_session): the model under test and everything
     computed from it once."""
@@ -640,8 +645,9 @@ class NeoxSession:
         computed again). peer_generations=False leaves out the peer's generations, which no check compares
         (greedy parity and hf's golden outputs read the fp32 reference's; the peer's scores are the noise
         floor's): working ahead, where they would only delay the first test. Before the HF models are
-        released (reference first) everything is computed, so that nothing reloads them. Returns (cases with something newly computed, why it stopped
-        early or None)."""
+        released (reference first) everything is computed, so that nothing reloads them; then the rows that
+        selected tests generate alone (rows_alone). Returns (cases with something newly computed, why it
+        stopped early or None)."""
         outcomes = (pytest.skip.Exception, pytest.fail.Exception, pytest.xfail.Exception)
         computed = 0
         for plan in self.plans() if plans is None else plans:
@@ -657,15 +663,19 @@ class NeoxSession:
                         self.generation(backend, case)
                     self.scores(backend, case)
             except outcomes as exc:  # the reference cannot run: its own tests say why
-                return computed, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                return computed, _first_line(exc)
             computed += len(self._cache) > before
         # The rows of padded cases that a selected test generates alone (neox_rows_alone), after the cases:
         # on one H200 warm they took 0.7 s after ZeRO's work ahead, the last thing before the first timing.
         for plan in self.rows_alone_plans:
             try:
-                self.rows_alone(self.reference(), self.case(plan))
+                case = self.case(plan)
+            except outcomes:        # (as above: the case's own tests say why)
+                continue
+            try:
+                self.rows_alone(self.reference(), case)
             except outcomes as exc:
-                return computed, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                return computed, _first_line(exc)
         return computed, None
 
     def _engine_config(self, name: str) -> dict | None:
