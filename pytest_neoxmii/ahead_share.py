@@ -57,12 +57,15 @@ def in_report_order(reports: dict[str, dict]) -> dict[str, dict]:
     """The accounts of work ahead with each deployment's helpers right after it, in their order ('zero:fp16',
     'zero helper 1:fp16', 'zero helper 2:fp16'), whichever was taken first (a helper's is taken when its
     share is done, often before its deployment's)."""
-    def deployment_and_index(key: str) -> tuple[str, int]:
-        name, _, dtype = key.partition(":")
-        engine, sep, index = name.rpartition(" helper ")
-        return (f"{engine}:{dtype}", int(index)) if sep and index.isdigit() else (key, 0)
-    first_seen = {}
-    for key in reports:
-        first_seen.setdefault(deployment_and_index(key)[0], len(first_seen))
-    return dict(sorted(reports.items(), key=lambda item: (first_seen[deployment_and_index(item[0])[0]],
-                                                          deployment_and_index(item[0])[1])))
+    parsed = {key: _deployment_and_index(key) for key in reports}
+    first_seen: dict[str, int] = {}
+    for deployment, _ in parsed.values():
+        first_seen.setdefault(deployment, len(first_seen))
+    return {key: reports[key] for key in sorted(reports, key=lambda k: (first_seen[parsed[k][0]], parsed[k][1]))}
+
+
+def _deployment_and_index(key: str) -> tuple[str, int]:
+    """helper_key undone: ('zero:fp16', 1) for 'zero helper 1:fp16'; (key, 0) for a deployment's own key."""
+    name, _, dtype = key.partition(":")
+    engine, sep, index = name.rpartition(" helper ")
+    return (f"{engine}:{dtype}", int(index)) if sep and index.isdigit() else (key, 0)

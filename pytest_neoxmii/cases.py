@@ -25,6 +25,11 @@ class CasePlan:
     rows: tuple[tuple[int, ...], ...] | None = None   # fixed token ids (users' prompts), instead of the text
 
     @property
+    def padded(self) -> bool:
+        """Rows of unequal length: the shorter ones are left-padded."""
+        return len(set(self.lengths)) > 1
+
+    @property
     def total_tokens(self) -> int:
         """Input plus output tokens of the longest row: what DeepSpeed's workspace must hold."""
         return max(self.lengths) + (self.max_new_tokens if self.generate else 0)

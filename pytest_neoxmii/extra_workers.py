@@ -35,7 +35,7 @@ class ExtraWorkers:
         self.redeployed: list[str] = []                # what was deployed again, for the summary
         self.helpers: dict[str, list[Backend]] = {}    # engine key -> workers sharing its calls ahead
         self.ahead_breaks: dict[str, KnownIssue] = {}  # deployments whose work ahead ends with a breaking call
-        self.taken: dict[int, list[Call]] = {}         # id(helper) -> the calls of its share the session took
+        self.taken: dict[str, list[Call]] = {}         # helper name -> the calls of its share the session took
         self.closing: dict[str, HelperClose] = {}      # helper name -> its close, running beside the session
 
     # -- a known defect broke the deployment --------------------------------------------------------------
@@ -139,13 +139,12 @@ class ExtraWorkers:
         goes on, instead of at settle, where the two ZeRO helpers' closes held the first timing 1.8 s (one
         H200 warm, pythia-160m synthetic). Its teardown judges GPU memory as any close does: the baseline and
         the readings leave out the test process and the other live deployments, which may work meanwhile."""
-        helpers = self.helpers.get(key, [])
-        if not any(worker is h for h in helpers):
+        index = next((i for i, h in enumerate(self.helpers.get(key, []), 1) if h is worker), None)
+        if index is None:                # the deployment itself, or another engine: nothing closes
             return
-        taken = self.taken.setdefault(id(worker), [])
-        if not any(call == c for c in taken):
-            taken.append(call)
-        name = ahead_share.helper_key(key, next(i for i, h in enumerate(helpers, 1) if h is worker))
+        name = ahead_share.helper_key(key, index)
+        taken = self.taken.setdefault(name, [])
+        taken.append(call)
         if name in self.closing or not all(any(c == t for t in taken) for c in worker.ahead):
             return
         if not self._take_account(key, name, worker):
@@ -180,9 +179,10 @@ class ExtraWorkers:
                     self._take_account(key, name, helper)
                     still_open[name] = helper
             s.close_all(still_open)
-            self._join_closing([ahead_share.helper_key(key, i) for i in range(1, len(helpers) + 1)])
-            for helper in helpers:
-                self.taken.pop(id(helper), None)
+            names = [ahead_share.helper_key(key, i) for i in range(1, len(helpers) + 1)]
+            self._join_closing(names)
+            for name in names:
+                self.taken.pop(name, None)
             del self.helpers[key]
 
     def _join_closing(self, names: list[str]) -> None:

@@ -34,7 +34,7 @@ class KnownIssue:
             return False
         if self.needs_kernels and not injected:
             return False
-        if self.padded_only and len(set(plan.lengths)) < 2:
+        if self.padded_only and not plan.padded:
             return False
         return True
 

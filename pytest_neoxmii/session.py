@@ -338,7 +338,7 @@ class NeoxSession:
             params = getattr(getattr(item, "callspec", None), "params", {})
             plan = params.get("neox_generation_plan")
             if item.get_closest_marker("neox_rows_alone") is not None and item.get_closest_marker("skip") is None \
-                    and isinstance(plan, CasePlan) and len(set(plan.lengths)) > 1:
+                    and isinstance(plan, CasePlan) and plan.padded:
                 rows_alone.setdefault(plan.id, plan)
             name = params.get("neox_backend_name") or params.get("neox_each_backend")
             if not name or engines.is_reference(name) or item.get_closest_marker("skip") is not None:
