@@ -69,6 +69,17 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+def marked_rows_alone(item) -> bool:
+    """The test carries neox_rows_alone, which takes no arguments: one given would be read as meaning
+    something, so it is a usage error naming the test, as neox_scores' bad families are."""
+    marker = item.get_closest_marker("neox_rows_alone")
+    if marker is not None and (marker.args or marker.kwargs):
+        got = ", ".join([repr(a) for a in marker.args] + [f"{k}=..." for k in marker.kwargs])
+        raise pytest.UsageError(f"{item.nodeid}: neox_rows_alone takes no arguments (the test's own padded "
+                                f"generation case is the one whose rows it generates alone), got {got}")
+    return marker is not None
+
+
 class NeoxSession:
     """One per pytest session (in config.stash, see get_session): the model under test and everything
     computed from it once."""
@@ -337,7 +348,7 @@ class NeoxSession:
             families = marked_score_families(item)     # (checked on every test: a typo stops the run)
             params = getattr(getattr(item, "callspec", None), "params", {})
             plan = params.get("neox_generation_plan")
-            if item.get_closest_marker("neox_rows_alone") is not None and item.get_closest_marker("skip") is None \
+            if marked_rows_alone(item) and item.get_closest_marker("skip") is None \
                     and isinstance(plan, CasePlan) and plan.padded:
                 rows_alone.setdefault(plan.id, plan)
             name = params.get("neox_backend_name") or params.get("neox_each_backend")

@@ -435,6 +435,15 @@ def test_a_neox_scores_marker_naming_no_case_family_is_a_usage_error(pytester, p
     assert error.endswith(said), error
 
 
+@pytest.mark.parametrize("marker, said", [('neox_rows_alone("padded")', "got 'padded'"),
+                                          ("neox_rows_alone(rows=2)", "got rows=...")])
+def test_a_neox_rows_alone_marker_with_arguments_is_a_usage_error(pytester, preloaded, synthetic_14m,
+                                                                  engines_restored, marker, said):
+    error = _the_one_usage_error(pytester, synthetic_14m, f"@pytest.mark.{marker}\ndef test_it(neox):\n    pass\n")
+    assert error.startswith("ERROR: test_marked.py::test_it: neox_rows_alone takes no arguments"), error
+    assert error.endswith(said), error
+
+
 def test_the_suites_reference_tests_and_tensor_parallel_tests_below_tp_2_start_no_worker(
         pytester, preloaded, synthetic_14m, engines_restored, tmp_path):
     """`-k reference` on the shipped suite: no engine worker starts beside the reference (on the 2-core CPU
