@@ -6,11 +6,13 @@ import json
 import math
 import os
 import sys
+import types
 
 import pytest
 import torch
 
 from pytest_neoxmii import parity
+from pytest_neoxmii.cases import CasePlan
 from pytest_neoxmii.checks.baseline_policy import BaselinePolicy
 from pytest_neoxmii.golden import (CaseChange, GoldenSummary, PerplexityChange, as_generation, compare_case,
                                    compare_perplexity, golden_case, perplexity, prompt_digest, version_changes)
@@ -243,9 +245,13 @@ class _Session:
         self.records.append(rec)
 
 
+class _Plan(types.SimpleNamespace):
+    """A stand-in case plan (a test sets its lengths); padded as a real CasePlan computes it."""
+    padded = property(CasePlan.padded.fget)
+
+
 def _case():
-    import types
-    plan = types.SimpleNamespace(generate=True, max_new_tokens=4)
+    plan = _Plan(generate=True, max_new_tokens=4)
     return types.SimpleNamespace(id="short-b2-len3", plan=plan, batch=BATCH)
 
 
@@ -402,9 +408,8 @@ def test_perplexity_skips_a_row_without_targets_and_keeps_the_rows_after_it():
 # --- check_golden: every way out, with what it says ---------------------------------------------------------------
 
 def _case_with(case_id="short-b2-len3", generate=True, max_new_tokens=4):
-    import types
-    return types.SimpleNamespace(id=case_id, plan=types.SimpleNamespace(generate=generate,
-                                                                        max_new_tokens=max_new_tokens), batch=BATCH)
+    return types.SimpleNamespace(id=case_id, plan=_Plan(generate=generate, max_new_tokens=max_new_tokens),
+                                 batch=BATCH)
 
 
 def _golden_path(tmp_path) -> str:
