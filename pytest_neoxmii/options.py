@@ -204,22 +204,45 @@ class NeoxOptions:
         # Relative paths are relative to where pytest was started (the invocation directory), not to the
         # rootdir: with `--pyargs pytest_neoxmii.suite` the rootdir can be the installed package's folder.
         here = Path(config.invocation_params.dir)
+        baseline_dir = usable_directory(here / v["neox_baseline_dir"], "--neox-baseline-dir")
+        cache_dir = usable_directory(Path(v["neox_cache_dir"]).expanduser() if v["neox_cache_dir"]
+                                     else default_cache_dir(), "--neox-cache-dir")
+        report_dir = usable_directory(here / v["neox_report"], "--neox-report") if v["neox_report"] else None
         return cls(
             model=v["neox_model"], revision=v["neox_revision"], weights=v["neox_weights"],
             dtype=v["neox_dtype"], tp=v["neox_tp"], backends=backends,
-            baseline_dir=here / v["neox_baseline_dir"], update_baselines=v["neox_update_baselines"],
+            baseline_dir=baseline_dir, update_baselines=v["neox_update_baselines"],
             max_new_tokens=v["neox_max_new_tokens"], seed=v["neox_seed"], top_k=v["neox_top_k"],
             parity_multiple=v["neox_parity_multiple"], cases=v["neox_cases"],
-            cache_dir=Path(v["neox_cache_dir"]).expanduser() if v["neox_cache_dir"] else default_cache_dir(),
+            cache_dir=cache_dir,
             zero_nvme=Path(v["neox_zero_nvme"]) if v["neox_zero_nvme"] else None,
             latency_threshold=v["neox_latency_threshold"],
             latency_time_box=box, latency_ci=v["neox_latency_ci"], gpu_memory_cap=cap,
-            report_dir=here / v["neox_report"] if v["neox_report"] else None,
+            report_dir=report_dir,
             prompts=here / v["neox_prompts"] if v["neox_prompts"] else None,
             ds_config=here / v["neox_ds_config"] if v["neox_ds_config"] else None,
             mii_config=here / v["neox_mii_config"] if v["neox_mii_config"] else None,
             reference_first=v["neox_reference_first"], work_ahead=v["neox_work_ahead"],
         )
+
+
+def usable_directory(path: Path, flag: str) -> Path:
+    """`path`, refused at start-up where it cannot be a directory: a file stands there or where one of its
+    parents should be, or it cannot be looked at. Found later, that cost a whole session (a report not
+    written at its end) or failed every test reading the directory, each with the same message. A directory
+    that does not exist yet is fine: it is made when first written."""
+    for place in (path, *path.parents):
+        try:
+            if not place.exists():
+                continue
+            is_dir = place.is_dir()
+        except OSError as exc:           # e.g. a parent this user may not search
+            raise NeoxUsageError(f"{flag} {path}: {exc.strerror or exc}") from None
+        if not is_dir:
+            why = "it exists and is not a directory" if place == path else f"{place} is not a directory"
+            raise NeoxUsageError(f"{flag} {path}: {why}")
+        return path
+    return path
 
 
 _UNITS = {"gb": 10**9, "gib": 2**30, "mb": 10**6, "mib": 2**20}

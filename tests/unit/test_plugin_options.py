@@ -239,6 +239,41 @@ def test_every_option_bound_is_a_one_line_error(pytester, assert_usage_error, ar
     assert_usage_error(pytester.runpytest(arg), error)
 
 
+# A directory option that cannot be a directory is refused before anything loads: found at the end, it lost a
+# whole session's report ("report not written ... File exists"); found by each test, it failed every golden test
+# with the same line (--neox-baseline-dir) or errored them with a NotADirectoryError traceback (--neox-cache-dir).
+@pytest.mark.parametrize("flag", ["--neox-baseline-dir", "--neox-report", "--neox-cache-dir"])
+def test_a_directory_option_naming_a_file_is_a_one_line_error(pytester, assert_usage_error, flag):
+    pytester.makefile(".txt", notes="a file, not a directory")
+    shown = "notes.txt" if flag == "--neox-cache-dir" else str(pytester.path / "notes.txt")  # (cwd-relative)
+    assert_usage_error(pytester.runpytest(f"{flag}=notes.txt"),
+                       f"{flag} {shown}: it exists and is not a directory")
+    inside = "notes.txt/sub" if flag == "--neox-cache-dir" else str(pytester.path / "notes.txt" / "sub")
+    assert_usage_error(pytester.runpytest(f"{flag}=notes.txt/sub"),
+                       f"{flag} {inside}: {Path(inside).parent} is not a directory")
+
+
+def test_a_directory_option_naming_a_directory_not_made_yet_is_accepted(pytester):
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest("--neox-baseline-dir=a/b", "--neox-report=c/d", "--neox-cache-dir=e/f",
+                                "-p", "no:cacheprovider")
+    assert result.ret == 0, result.stdout.str()
+    # checking makes nothing: a directory appears when something is first written there
+    assert not any((pytester.path / d).exists() for d in ("a", "c", "e"))
+
+
+def test_a_directory_that_cannot_be_looked_at_is_a_one_line_error(monkeypatch, tmp_path):
+    from pytest_neoxmii.errors import NeoxUsageError
+    from pytest_neoxmii.options import usable_directory
+
+    def refused(self):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(Path, "exists", refused)
+    with pytest.raises(NeoxUsageError) as raised:
+        usable_directory(tmp_path / "rep", "--neox-report")
+    assert str(raised.value) == f"--neox-report {tmp_path / 'rep'}: Permission denied"
+
+
 def test_every_option_bound_itself_is_accepted(pytester):
     """The inclusive bounds are valid values (the errors above are for just outside them)."""
     options = options_of(pytester, "--neox-tp=1", "--neox-max-new-tokens=1", "--neox-top-k=1",
