@@ -67,6 +67,7 @@ def pytest_configure(config: pytest.Config) -> None:
         session.load_serving_configs()
         session.load_prompts()
         _check_cases(session)
+        _check_top_k(session)
         # a malformed NEOXMII_PLANT_FAULT, or a layer the model lacks, is refused before anything runs
         planted_fault.planted(model.spec.num_hidden_layers if model is not None else None)
     except (NeoxUsageError, planted_fault.FaultSpecError) as exc:
@@ -83,6 +84,17 @@ def _check_cases(session: NeoxSession) -> None:
     from pytest_neoxmii.cases import check_fits_context
     for plan in session.plans():
         check_fits_context(plan, session.model.spec.max_position_embeddings)
+
+
+def _check_top_k(session: NeoxSession) -> None:
+    """--neox-top-k must fit the model's vocabulary: more than it was a RuntimeError from torch.topk in every
+    engine's first generate, which also reported each deployment as crashed."""
+    if session.model is None:
+        return
+    vocab = session.model.spec.vocab_size
+    if session.options.top_k > vocab:
+        raise NeoxUsageError(f"--neox-top-k={session.options.top_k} is more than the model's vocabulary of "
+                             f"{vocab} tokens")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

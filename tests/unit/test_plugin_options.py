@@ -342,6 +342,16 @@ def test_some_cases_longer_than_the_context(pytester, assert_usage_error, synthe
                                "model's context is 2048")
 
 
+def test_top_k_beyond_the_vocabulary(pytester, assert_usage_error, synthetic_14m):
+    """Found at the first generate, it was torch.topk's "selected index k out of range" in every engine, each
+    reported as a crashed deployment; the vocabulary is the embedding's rows (50304), not the tokenizer's."""
+    pytester.makepyfile(ACCEPTANCE_STYLE)
+    assert_usage_error(pytester.runpytest(*synthetic_14m, "--neox-top-k=50305"),
+                       "--neox-top-k=50305 is more than the model's vocabulary of 50304 tokens")
+    result = pytester.runpytest(*synthetic_14m, "--neox-top-k=50304", "--co")   # the whole vocabulary is allowed
+    assert result.ret == 0, result.stdout.str()
+
+
 def test_help_shows_each_flags_metavar_and_default(pytester):
     """--help lists every flag with its metavar and, where it has one, its default (and never a default of
     None); the ini section lists each option with its type."""
