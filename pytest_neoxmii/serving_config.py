@@ -53,6 +53,20 @@ class ServingConfig:
         return (f"{self.engine} config {self.path} (digest {self.digest}, {self.checked}): "
                 f"{json.dumps(self.values, sort_keys=True, default=str)} merged over the plugin's defaults")
 
+    @property
+    def injects(self) -> bool | None:
+        """The file's replace_with_kernel_inject (None: left to the plugin, or not checked by the engine)."""
+        value = self.values.get("replace_with_kernel_inject")
+        return value if isinstance(value, bool) else None
+
+    def cpu_refusal(self) -> str | None:
+        """Why this config cannot deploy on the CPU: it asks for DeepSpeed's inference kernels, which are CUDA
+        ops (on the CPU, DeepSpeed fails in init_inference: "This op had not been implemented on CPU backend")."""
+        if not self.injects:
+            return None
+        return (f"{FLAGS[self.engine]} {self.path} sets replace_with_kernel_inject: DeepSpeed's inference kernels "
+                "need a CUDA GPU, and this session runs on the CPU")
+
 
 def merged(defaults: dict, user: dict | None) -> dict:
     """The user's keys over the plugin's defaults; nested dicts (DeepSpeed's tensor_parallel) key by key."""
@@ -73,9 +87,13 @@ def load(engine: str, path: Path, *, dtype: str, tp: int, cache_dir: Path | None
     values = _read(Path(path), where)
     if engine == "ds":
         values = {_DS_ALIASES.get(k, k): v for k, v in values.items()}
-        checked = _check_ds(values, where, dtype, tp, cache_dir)
+        checked, parsed = _check_ds(values, where, dtype, tp, cache_dir)
     else:
-        checked = _check_mii(values, where, dtype, tp, cache_dir)
+        checked, parsed = _check_mii(values, where, dtype, tp, cache_dir)
+    if parsed.get("inject") is not None:
+        # the engine's reading of the user's spelling ("yes", 0, ...), as the aliases above: the same content,
+        # one digest, and the backends (which expect kernels where it is on) read a bool
+        values["replace_with_kernel_inject"] = parsed["inject"]
     return ServingConfig(engine, Path(path), values, checked)
 
 
@@ -146,7 +164,10 @@ def parse_with_engine(engine: str, values: dict) -> dict:
         err = exc.errors()[0]
         return {"error": [".".join(str(p) for p in err.get("loc", ())) or "?", err.get("msg", "invalid")]}
     tp = parsed.tensor_parallel.tp_size if engine == "ds" else parsed.tensor_parallel
-    return {"dtype": str(parsed.dtype), "tp": tp}
+    # kernel injection as the engine reads the user's key ("yes", 1, ...); None where the file leaves it to the
+    # plugin (MII's own default is on, DeepSpeed's off: the plugin sets it by device, backends/)
+    asked = "replace_with_kernel_inject" in values or "kernel_inject" in values
+    return {"dtype": str(parsed.dtype), "tp": tp, "inject": bool(parsed.replace_with_kernel_inject) if asked else None}
 
 
 class ParseCache:
@@ -277,10 +298,11 @@ def _parse_in_child(engine: str, values: dict) -> dict:
 
 
 def _check(engine: str, values: dict, where: str, dtype: str, tp: int, tp_keys: tuple[str, ...],
-           cache_dir: Path | None = None) -> str:
+           cache_dir: Path | None = None) -> tuple[str, dict]:
+    """(what was checked, the engine's reading of the keys); a bad key is a usage error."""
     parsed = ParseCache.parse(engine, values, cache_dir)
     if "unavailable" in parsed:
-        return f"keys not checked: {parsed['unavailable']}"
+        return f"keys not checked: {parsed['unavailable']}", {}
     if "error" in parsed:
         key, message = parsed["error"]
         raise NeoxUsageError(f"{where}: key '{key}': {message}")
@@ -290,14 +312,14 @@ def _check(engine: str, values: dict, where: str, dtype: str, tp: int, tp_keys: 
     if given is not None and parsed["tp"] != tp:
         raise _disagree(where, given, parsed["tp"], f"--neox-tp={tp}")
     return ("checked against deepspeed.inference.config.DeepSpeedInferenceConfig" if engine == "ds"
-            else "checked against mii.legacy.config.ModelConfig")
+            else "checked against mii.legacy.config.ModelConfig"), parsed
 
 
-def _check_ds(values: dict, where: str, dtype: str, tp: int, cache_dir: Path | None = None) -> str:
+def _check_ds(values: dict, where: str, dtype: str, tp: int, cache_dir: Path | None = None) -> tuple[str, dict]:
     return _check("ds", values, where, dtype, tp, ("tensor_parallel", "mp_size"), cache_dir)
 
 
-def _check_mii(values: dict, where: str, dtype: str, tp: int, cache_dir: Path | None = None) -> str:
+def _check_mii(values: dict, where: str, dtype: str, tp: int, cache_dir: Path | None = None) -> tuple[str, dict]:
     owned = next((k for k in values if k in _MII_OWNED), None)
     if owned is not None:
         raise NeoxUsageError(f"{where}: key '{owned}' is set by the plugin (the model under test and the "

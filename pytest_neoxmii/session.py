@@ -304,13 +304,17 @@ class NeoxSession:
         """What is known before anything deploys, from the shape and the machine alone (backend() and
         prelaunch() both ask): ("xfail", reason) for a strict known issue, which would otherwise abort the
         whole session in a kernel; ("skip", reason) for an engine that cannot run here (a dtype the CPU
-        lacks, weights that do not fit), said before minutes of building weights; None when it may deploy."""
+        lacks, a serving config asking for CUDA kernels on the CPU, weights that do not fit), said before
+        minutes of building weights; None when it may deploy."""
         if self.model is not None and not engines.is_reference(name):
             blocked = known_issues.match_deployment(name, dtype, self.device, self.model.spec)
             if blocked is not None:
                 return "xfail", blocked
         try:
             refusal = self.dtype_choice.refusal(name, dtype) if self.device == "cpu" else None
+            config = self.serving_configs.get(name)
+            if not refusal and config is not None and not self.device.startswith("cuda"):
+                refusal = config.cpu_refusal()
             if refusal:
                 raise BackendUnavailable(refusal)
             if self.model is not None:

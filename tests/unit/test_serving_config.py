@@ -69,6 +69,23 @@ def test_yaml_aliases_merge_and_digest(tmp_path):
         "tensor_parallel": {"tp_size": 1, "x": 1}, "max_tokens": 64}
 
 
+def test_kernel_injection_is_read_as_the_engine_reads_it(tmp_path):
+    """A spelling pydantic reads as a bool ("no", "yes", 1) becomes that bool: one digest for one content, and the
+    backends, which expect injected kernels where it is on, never take the string "no" for on."""
+    off = serving_config.load("ds", cfg(tmp_path, '{"kernel_inject": "no"}'), dtype="fp16", tp=1)
+    assert off.values == {"replace_with_kernel_inject": False} and off.injects is False
+    assert off.digest == serving_config.load("ds", cfg(tmp_path, '{"replace_with_kernel_inject": false}', "b.json"),
+                                             dtype="fp16", tp=1).digest
+    on = serving_config.load("mii", cfg(tmp_path, '{"replace_with_kernel_inject": "yes"}', "m.json"),
+                             dtype="fp16", tp=1)
+    assert on.values == {"replace_with_kernel_inject": True} and on.injects is True
+    assert on.cpu_refusal() == (f"--neox-mii-config {tmp_path / 'm.json'} sets replace_with_kernel_inject: "
+                                "DeepSpeed's inference kernels need a CUDA GPU, and this session runs on the CPU")
+    assert off.cpu_refusal() is None
+    unset = serving_config.load("mii", cfg(tmp_path, '{"max_tokens": 64}', "u.json"), dtype="fp16", tp=1)
+    assert unset.injects is None and unset.cpu_refusal() is None     # MII's own default (on) is not the file's
+
+
 def test_misfit_says_by_how_much_and_only_when_it_does_not_fit(tmp_path):
     c = serving_config.load("ds", cfg(tmp_path, '{"max_tokens": 100}'), dtype="fp16", tp=1)
     plan = CasePlan("medium-b1-len128", "medium", (128,), True, 32)
@@ -103,6 +120,22 @@ def test_a_malformed_config_is_a_one_line_usage_error(pytester, synthetic_14m, a
     result = pytester.runpytest(*synthetic_14m, "--neox-mii-config=mii.json")
     assert_usage_error(result, f"--neox-mii-config {pytester.path / 'mii.json'}: key 'enable_cuda_graphs': Extra "
                                "inputs are not permitted")
+
+
+def test_a_config_asking_for_kernels_skips_its_engine_on_the_cpu(pytester, synthetic_14m, fake_gpus):
+    """On the CPU, DeepSpeed fails inside init_inference when asked for its CUDA kernels ("This op had not been
+    implemented on CPU backend", a traceback in every test of the engine): the engine's tests skip instead, with
+    the file and the key, and its worker is never started."""
+    fake_gpus()
+    pytester.makepyfile(test_user=USER_TEST)
+    pytester.path.joinpath("ds.json").write_text(json.dumps({"replace_with_kernel_inject": "yes"}))
+    result = pytester.runpytest(*synthetic_14m, "--neox-dtype=fp32", "--neox-ds-config=ds.json", "-k", "short",
+                                "-rs")
+    result.assert_outcomes(skipped=2)
+    result.stdout.fnmatch_lines([f"SKIPPED * ds (fp32): --neox-ds-config {pytester.path / 'ds.json'} sets "
+                                 "replace_with_kernel_inject: DeepSpeed's inference kernels need a CUDA GPU, and "
+                                 "this session runs on the CPU"])
+    assert "worker process" not in result.stdout.str()                  # nothing was deployed
 
 
 def test_a_config_too_small_for_a_case_runs_it_and_says_so(pytester, synthetic_14m):
@@ -175,7 +208,8 @@ def test_one_child_answers_every_check_of_the_process_and_ends_with_it():
     pytest.importorskip("deepspeed")
     checker = serving_config._Checker
     checker.close()
-    assert checker.ask("ds", {"max_tokens": 64}) == {"dtype": "torch.float16", "tp": 1}
+    assert checker.ask("ds", {"max_tokens": 64}) == {"dtype": "torch.float16", "tp": 1, "inject": None}
+    assert checker.ask("ds", {"kernel_inject": "on"})["inject"] is True
     proc = checker._proc
     assert checker.ask("ds", {"max_tokns": 64})["error"][0] == "max_tokns"
     assert checker._proc is proc and proc.poll() is None              # the same child, still up
