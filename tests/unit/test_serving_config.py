@@ -235,3 +235,24 @@ def test_the_checker_reads_its_answer_and_says_when_there_is_none(monkeypatch, l
     finally:
         checker.close()
     assert checker._proc is None
+
+
+def test_a_config_turning_kernels_off_skips_the_injection_check_on_a_gpu(pytester, fake_gpus, monkeypatch, tmp_path):
+    """The user's config says no kernels (here in a spelling pydantic reads as false): the shipped check that
+    every layer is injected skips with the file, where it failed "none (replace_with_kernel_inject is off ...)
+    != injected 12/12 layers" (one H200, nineteenth round), and asks for no deployment."""
+    from pytest_neoxmii import session as session_module
+    fake_gpus("h100")
+    loaded = []
+    monkeypatch.setattr(session_module, "load_backend",
+                        lambda name, request, **kw: loaded.append(name) or pytest.skip("stub"))
+    monkeypatch.setattr(session_module.NeoxSession, "require_model", lambda self: self.model)   # no weights built
+    pytester.path.joinpath("ds.json").write_text('{"kernel_inject": "off"}')
+    result = pytester.runpytest("--neox-model=pythia-160m", "--neox-weights=synthetic", "--neox-backends=ds",
+                                f"--neox-cache-dir={tmp_path / 'cache'}", "--neox-ds-config=ds.json", "-rs",
+                                "-p", "no:cacheprovider", "--pyargs", "pytest_neoxmii.suite.test_backends",
+                                "-k", "kernels_are_injected")
+    result.assert_outcomes(skipped=2)                     # ds: the config; mii: not selected
+    result.stdout.fnmatch_lines([f"SKIPPED * ds: {pytester.path / 'ds.json'} turns kernel injection off "
+                                 "(replace_with_kernel_inject: false)"])
+    assert "ds" not in loaded
