@@ -145,7 +145,7 @@ class ExtraWorkers:
         name = ahead_share.helper_key(key, index)
         taken = self.taken.setdefault(name, [])
         taken.append(call)
-        if name in self.closing or not all(any(c == t for t in taken) for c in worker.ahead):
+        if name in self.closing or not all(c in taken for c in worker.ahead):
             return
         if not self._take_account(key, name, worker):
             return                       # it died: settle says so, as it would have

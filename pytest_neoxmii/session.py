@@ -311,10 +311,10 @@ class NeoxSession:
             if blocked is not None:
                 return "xfail", blocked
         try:
-            refusal = self.dtype_choice.refusal(name, dtype) if self.device == "cpu" else None
-            config = self.serving_configs.get(name)
-            if not refusal and config is not None and not self.device.startswith("cuda"):
-                refusal = config.cpu_refusal()
+            refusal = None
+            if self.device == "cpu":     # a dtype this CPU lacks, or a serving config asking for CUDA kernels
+                config = self.serving_configs.get(name)
+                refusal = self.dtype_choice.refusal(name, dtype) or (config.cpu_refusal() if config else None)
             if refusal:
                 raise BackendUnavailable(refusal)
             if self.model is not None:
