@@ -178,11 +178,17 @@ class NeoxOptions:
         if unknown or not backends:
             raise NeoxUsageError(f"unknown backend '{unknown[0] if unknown else ''}' in --neox-backends: "
                                  f"choose from {', '.join(engines.names())}")
+        # (twice would parametrize each test twice, as [ds0] and [ds1], and run it twice)
+        twice = next((b for i, b in enumerate(backends) if b in backends[:i]), None)
+        if twice:
+            raise NeoxUsageError(f"--neox-backends names '{twice}' twice")
         for name, low in (("neox_tp", 1), ("neox_max_new_tokens", 1), ("neox_top_k", 1)):
             if v[name] < low:
                 raise NeoxUsageError(f"--{name.replace('_', '-')} must be at least {low}, got {v[name]}")
-        if v["neox_parity_multiple"] < 1:
-            raise NeoxUsageError(f"--neox-parity-multiple must be at least 1, got {v['neox_parity_multiple']}")
+        # (nan passes a `< 1` test, and inf would pass every parity check: neither is a multiple)
+        if not (v["neox_parity_multiple"] >= 1 and math.isfinite(v["neox_parity_multiple"])):
+            raise NeoxUsageError(f"--neox-parity-multiple must be a finite number of at least 1, got "
+                                 f"{v['neox_parity_multiple']}")
         if not 0 < v["neox_latency_threshold"] < 10:
             raise NeoxUsageError("--neox-latency-threshold is a fraction such as 0.10, got "
                                  f"{v['neox_latency_threshold']}")

@@ -216,8 +216,10 @@ def test_unknown_backend(pytester, assert_usage_error):
     ("--neox-tp=0", "--neox-tp must be at least 1, got 0"),
     ("--neox-max-new-tokens=0", "--neox-max-new-tokens must be at least 1, got 0"),
     ("--neox-top-k=0", "--neox-top-k must be at least 1, got 0"),
-    ("--neox-parity-multiple=0.5", "--neox-parity-multiple must be at least 1, got 0.5"),
-    ("--neox-parity-multiple=0.999", "--neox-parity-multiple must be at least 1, got 0.999"),
+    ("--neox-parity-multiple=0.5", "--neox-parity-multiple must be a finite number of at least 1, got 0.5"),
+    ("--neox-parity-multiple=0.999", "--neox-parity-multiple must be a finite number of at least 1, got 0.999"),
+    ("--neox-parity-multiple=nan", "--neox-parity-multiple must be a finite number of at least 1, got nan"),
+    ("--neox-parity-multiple=inf", "--neox-parity-multiple must be a finite number of at least 1, got inf"),
     ("--neox-parity-multiple=ten", "--neox-parity-multiple must be a number, got 'ten'"),
     ("--neox-latency-threshold=0", "--neox-latency-threshold is a fraction such as 0.10, got 0.0"),
     ("--neox-latency-threshold=-0.1", "--neox-latency-threshold is a fraction such as 0.10, got -0.1"),
@@ -227,6 +229,8 @@ def test_unknown_backend(pytester, assert_usage_error):
     ("--neox-latency-ci=0", "--neox-latency-ci is a fraction of the median such as 0.02, got 0.0"),
     ("--neox-latency-ci=1", "--neox-latency-ci is a fraction of the median such as 0.02, got 1.0"),
     ("--neox-cases=huge", "--neox-cases must be 'default' or 'full', got 'huge'"),
+    ("--neox-backends=ds,ds", "--neox-backends names 'ds' twice"),
+    ("--neox-backends=mii, zero,mii", "--neox-backends names 'mii' twice"),
     ("--neox-weights=random", "--neox-weights must be 'auto' or 'synthetic', got 'random'"),
     ("--neox-dtype=FP16", "unknown dtype 'FP16' for --neox-dtype: choose one of fp16, bf16, fp32"),
     ("--neox-backends=hf,,vllm", "unknown backend 'vllm' in --neox-backends: choose from hf, ds, mii, zero"),
@@ -316,6 +320,21 @@ def test_local_directory_without_config(pytester, assert_usage_error):
     (model / "weights.bin").write_bytes(b"\0")
     result = pytester.runpytest(f"--neox-model={model}")
     assert_usage_error(result, f"'{model}' is not a GPT-NeoX model directory: it has no config.json")
+
+
+def test_local_directory_without_weights(pytester, assert_usage_error, neox_cache_dir):
+    """A checkpoint copied without its weights: one line at start-up, not a transformers traceback in every
+    test needing the model (the file checks themselves: test_checkpoint_files.py)."""
+    import shutil
+    from pytest_neoxmii.registry import lookup
+    from pytest_neoxmii.weights import synthetic_directory
+    model = pytester.path / "copied"
+    shutil.copytree(synthetic_directory(lookup("pythia-14m"), 0, neox_cache_dir), model,
+                    ignore=shutil.ignore_patterns("*.safetensors"))
+    pytester.makepyfile(ACCEPTANCE_STYLE)
+    result = pytester.runpytest(f"--neox-model={model}", "--neox-backends=ds")
+    assert_usage_error(result, f"'{model}' has no weights: none of model.safetensors, model.safetensors.index.json, "
+                               "pytorch_model.bin, pytorch_model.bin.index.json")
 
 
 def test_local_directory_of_another_architecture(pytester, assert_usage_error):
