@@ -139,6 +139,14 @@ class ModelSpec:
         + runtime (see fits)."""
         return (self.weight_bytes(dtype) / tp + workspace_bytes) * HEADROOM + runtime_bytes
 
+    def uneven_heads(self, tp: int) -> str | None:
+        """Why DeepSpeed's injected kernels cannot run this model at `tp`, or None: they split the attention
+        heads evenly among the GPUs (DeepSpeed asserts it in create_ds_model_config, inside the deployment)."""
+        if self.num_attention_heads % tp:
+            return (f"{self.name} has {self.num_attention_heads} attention heads, which --neox-tp={tp} does not "
+                    "divide: DeepSpeed's injected kernels split the heads evenly among the GPUs")
+        return None
+
     def fits(self, dtype: str, tp: int, gpu_memory_bytes: list[int],
              workspace_bytes: int = 0, runtime_bytes: int = 0) -> tuple[bool, str]:
         """Whether the weights, sharded over `tp` GPUs, plus `workspace_bytes` per GPU (DeepSpeed's inference

@@ -701,15 +701,21 @@ class NeoxSession:
         """--neox-tp applies to the tensor-parallel engines; the others always run at tp = 1."""
         return self.options.tp if engines.engine(name).tensor_parallel_capable else 1
 
+    def injects_kernels(self, name: str) -> bool:
+        """Whether DeepSpeed injects its inference kernels into the engine `name` here: on a GPU, for an engine
+        that injects them, unless the user's serving config turns them off."""
+        config = self.serving_configs.get(name)
+        return (self.device.startswith("cuda") and engines.engine(name).injects_kernels
+                and (config is None or config.injects is not False))
+
     def workspace_bytes(self, name: str, dtype: str | None = None, tp: int | None = None) -> int:
         """DeepSpeed's inference workspace per GPU for the engine `name` on this session's cases (0 for an
         engine that injects no kernels here), as the registry computes it."""
+        if not self.injects_kernels(name):
+            return 0
         dtype = dtype or self.dtype
         tp = self._tp_of(name) if tp is None else tp
         config = self._engine_config(name) or {}
-        if (not self.device.startswith("cuda") or not engines.engine(name).injects_kernels
-                or not config.get("replace_with_kernel_inject", True)):
-            return 0
         return self.model.spec.ds_workspace_bytes(dtype, tp, int(config.get("max_tokens", self.max_tokens)),
                                                   self.max_batch)
 
@@ -728,6 +734,9 @@ class NeoxSession:
             raise BackendUnavailable(f"--neox-tp={tp} needs {tp} GPUs, found {hw.count}")
         if not hw.gpus:
             return
+        uneven = self.model.spec.uneven_heads(tp) if self.injects_kernels(name) else None
+        if uneven:
+            raise BackendUnavailable(uneven)
         if not engines.engine(name).weights_on_gpu:     # e.g. ZeRO-Inference: CPU/NVMe memory by design
             return
         cls = engines.engine(name).backend_for(tp)

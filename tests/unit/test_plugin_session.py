@@ -179,6 +179,22 @@ def test_tp_larger_than_the_gpus_found_skips(pytester, fake_gpus, synthetic_14m,
     assert "pytest_neoxmii/" not in result.stdout.str()
 
 
+def test_tp_that_does_not_divide_the_heads_skips_the_injected_engines_without_deploying(
+        pytester, fake_gpus, synthetic_14m, deepspeed_cpu_offers):
+    """pythia-14m has 4 attention heads: at --neox-tp=3 on 4 GPUs, DeepSpeed's injected kernels would assert in
+    each deployment (create_ds_model_config); the session says so before deploying anything."""
+    fake_gpus("h100", "h100", "h100", "h100")
+    deepspeed_cpu_offers("fp32", "bf16", "fp16")
+    pytester.makepyfile(test_tp=TP_TESTS)
+    result = pytester.runpytest(*synthetic_14m, "--neox-tp=3", "-rs")
+    result.assert_outcomes(skipped=3)
+    reason = ("ds (fp16): pythia-14m has 4 attention heads, which --neox-tp=3 does not divide: DeepSpeed's "
+              "injected kernels split the heads evenly among the GPUs")
+    skipped = [ln for ln in result.outlines if ln.startswith("SKIPPED")]
+    assert skipped == [f"SKIPPED [1] test_tp.py:{line}: {reason}" for line in (1, 4, 7)]
+    assert "Traceback" not in result.stdout.str()
+
+
 # --- a known kernel abort (pythia-2.8b's head shape) is decided before anything deploys ---------------------
 
 # The `neox` fixture builds the weights (the HF reference needs them); the session is reached directly here

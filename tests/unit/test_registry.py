@@ -221,6 +221,19 @@ def test_fewer_gpus_than_tp():
     assert "needs 2 GPUs, found 1 GPU" in reason
 
 
+@pytest.mark.parametrize("name, tp, divides", [
+    ("pythia-12b", 3, False), ("pythia-12b", 6, False), ("pythia-12b", 4, True), ("pythia-12b", 8, True),
+    ("pythia-160m", 3, True), ("pythia-160m", 8, False), (NEOX_20B, 2, True), (NEOX_20B, 3, False)])
+def test_uneven_heads_names_the_heads_and_the_tp(name, tp, divides):
+    reason = MODELS[name].uneven_heads(tp)
+    if divides:
+        assert reason is None
+    else:
+        heads = MODELS[name].num_attention_heads
+        assert reason == (f"{name} has {heads} attention heads, which --neox-tp={tp} does not divide: "
+                          "DeepSpeed's injected kernels split the heads evenly among the GPUs")
+
+
 def test_no_gpu():
     assert MODELS["pythia-70m"].fits("fp16", 1, []) == (False, "no CUDA GPU found")
 
