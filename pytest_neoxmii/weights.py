@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from pytest_neoxmii import checkpoint_files
 from pytest_neoxmii.dtypes import NUMPY_NAMES
 from pytest_neoxmii.errors import NeoxUsageError
 from pytest_neoxmii.fixed_text import FIXED_TEXT
@@ -74,6 +75,7 @@ def resolve(model: str, weights: str, revision: str | None, seed: int, cache_dir
                              weights_key=f"synthetic-seed{seed}-v{SYNTHETIC_VERSION}")
     if local.is_dir():
         spec = _spec_of_directory(local)
+        _check_loadable(local)
         return ResolvedModel(spec=spec, source="local", path=local.resolve(),
                              weights_key=f"local@{_directory_digest(local)}")
     if "/" not in model or model.lower() in {s.hub_id.lower() for s in MODELS.values()}:
@@ -84,6 +86,7 @@ def resolve(model: str, weights: str, revision: str | None, seed: int, cache_dir
     path = _hub_snapshot(hub_id, revision or "main")
     if spec is None:
         spec = _spec_of_directory(path)
+    _check_loadable(path)
     commit = path.name
     return ResolvedModel(spec=spec, source="hub", path=path, revision=commit,
                          weights_key=f"hub@{commit}")
@@ -100,6 +103,12 @@ def _spec_of_directory(path: Path) -> ModelSpec:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NeoxUsageError(f"'{path}' is not a GPT-NeoX model directory: {first}") from None
     return spec_from_hf_config(config, path.name)
+
+
+def _check_loadable(path: Path) -> None:
+    why = checkpoint_files.problem(path)
+    if why:
+        raise NeoxUsageError(why)
 
 
 def _directory_digest(path: Path) -> str:

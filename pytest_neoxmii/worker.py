@@ -202,6 +202,7 @@ def load(cls, request) -> tuple[object | None, dict]:
     """The engine, and the message for the session: ready with what runs, or failed with why."""
     from pytest_neoxmii.deploy import cpu_heap, gpu_cap
     from pytest_neoxmii.errors import BackendUnavailable
+    from pytest_neoxmii.deploy.processes import DeploymentError
     from pytest_neoxmii.injection import InjectionFailed
     try:
         here = not cls.runs_in_worker     # a hosted deployment's own processes apply the cap themselves
@@ -222,6 +223,8 @@ def load(cls, request) -> tuple[object | None, dict]:
         return None, {"op": "failed", "kind": "unavailable", "message": f"{type(exc).__name__}: {exc}"}
     except InjectionFailed as exc:
         return None, {"op": "failed", "kind": "injection", "message": str(exc)}
+    except DeploymentError as exc:        # says what failed in full (e.g. weights not matching their config)
+        return None, {"op": "failed", "kind": "deployment", "message": str(exc)}
     except Exception as exc:
         capped = gpu_cap.describe_oom(request.device) if "OutOfMemoryError" in type(exc).__name__ else None
         if capped:
@@ -248,7 +251,7 @@ def main(argv=None) -> int:
           f"{message['info'].describe() if backend else message['message']}", flush=True)
     send(conn, message)
     if backend is None:
-        return 0 if message["kind"] != "error" else 1
+        return 1 if message["kind"] in ("error", "deployment") else 0
     served = Served(backend)
     try:
         if args.ahead is not None:

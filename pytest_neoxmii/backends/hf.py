@@ -5,13 +5,21 @@ from pathlib import Path
 
 from pytest_neoxmii.backends.base import BackendInfo, LoadRequest
 from pytest_neoxmii.backends.torch_model import TorchModelBackend, judged_attention_notes
+from pytest_neoxmii.deploy.processes import DeploymentError
 from pytest_neoxmii.dtypes import TORCH_DTYPES
 from pytest_neoxmii.injection import gpu_used_bytes
 
 
 def load_hf_model(path: Path, dtype: str, device: str):
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=TORCH_DTYPES[dtype])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=TORCH_DTYPES[dtype])
+    except Exception as exc:
+        # Weights that do not match their config (the session checked the files are whole): one line, and
+        # a deployment that failed, which the session does not retry for each test needing it.
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][:2]
+        raise DeploymentError(f"transformers could not load '{path}': {type(exc).__name__}: "
+                              f"{' '.join(lines)}") from exc
     return model.to(device).eval()
 
 

@@ -93,7 +93,7 @@ class IsolatedEngine(ChannelDeployment):
             return BackendUnavailable(text)
         if kind == "injection":
             return InjectionFailed(text)
-        if kind == "over-cap":
+        if kind in ("over-cap", "deployment"):
             return processes.DeploymentError(f"{self._what}: {text}")
         return processes.DeploymentError(f"{self._what}: the engine failed to load in its worker:\n{text}\n"
                                          f"last lines of {tree.log_path}:\n{tree.log_tail()}")

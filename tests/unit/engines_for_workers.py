@@ -10,6 +10,7 @@ import sys
 import torch
 
 from pytest_neoxmii.backends.base import Backend, BackendInfo
+from pytest_neoxmii.deploy.processes import DeploymentError
 from pytest_neoxmii.errors import BackendUnavailable
 from pytest_neoxmii.injection import InjectionFailed
 from pytest_neoxmii.outputs import Generation, Scores
@@ -98,6 +99,12 @@ class FailsToLoad(EchoEngine):
     @classmethod
     def load(cls, request):
         raise RuntimeError("stand-in engine: failed on purpose while loading")
+
+
+class CheckpointDoesNotLoad(EchoEngine):
+    @classmethod
+    def load(cls, request):
+        raise DeploymentError("transformers could not load '/models/x': RuntimeError: size mismatch (stand-in)")
 
 
 class RefusedBeforeStart(EchoEngine):

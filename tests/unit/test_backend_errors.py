@@ -57,3 +57,38 @@ def test_missing_mii_skips_the_backend_in_a_session(pytester, neox_cache_dir, pr
                                 f"--neox-cache-dir={neox_cache_dir}", "-rs")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*mii (fp16): deepspeed-mii is not importable*pytest-neoxmii[[]mii[]]*"])
+
+
+def test_weights_that_do_not_match_their_config_fail_each_test_in_one_line_and_load_once(
+        pytester, neox_cache_dir, preloaded, monkeypatch):
+    """A checkpoint whose config no longer matches its weights (whole files: the start-up check passes) was a
+    transformers traceback in every test needing the reference, each one loading it again."""
+    import json
+    import shutil
+    from pytest_neoxmii.backends import hf
+    from pytest_neoxmii.registry import lookup
+    from pytest_neoxmii.weights import synthetic_directory
+    model = pytester.path / "mismatched"
+    shutil.copytree(synthetic_directory(lookup("pythia-14m"), 0, neox_cache_dir), model)
+    config = json.loads((model / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (model / "config.json").write_text(json.dumps(config))
+    loads = []
+    real = hf.load_hf_model
+    pytester.makepyfile("""
+        def test_one(neox):
+            neox.reference()
+
+        def test_two(neox):
+            neox.reference()
+    """)
+    monkeypatch.setattr(hf, "load_hf_model", lambda *a: loads.append(a) or real(*a))
+    result = pytester.runpytest(f"--neox-model={model}", "--neox-backends=hf", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=2)
+    line = (f"hf (fp32) failed to deploy: transformers could not load '{model}': RuntimeError: Error(s) in "
+            "loading state_dict for Linear: size mismatch for weight: copying a param with shape "
+            "torch.Size([128, 512]) from checkpoint, the shape in current model is torch.Size([128, 1024]).")
+    text = result.stdout.str()
+    assert text.count(line) >= 3, text                  # each test's failure, and the summary's CRASH line
+    assert "Traceback" not in text and "pytest_neoxmii/" not in text
+    assert len(loads) == 1

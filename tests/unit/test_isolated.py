@@ -104,6 +104,8 @@ def test_deployments_asked_to_exit_first_wind_down_side_by_side(tmp_path):
     (stand_ins.Unavailable, BackendUnavailable, "stand-in engine: cannot run here, on purpose"),
     (stand_ins.InjectsNothing, InjectionFailed, "DeepSpeed injected 0/6 layers"),
     (stand_ins.FailsToLoad, processes.DeploymentError, "failed on purpose while loading"),
+    (stand_ins.CheckpointDoesNotLoad, processes.DeploymentError,
+     "transformers could not load '/models/x': RuntimeError: size mismatch (stand-in)"),
 ])
 def test_a_load_failure_in_the_worker_is_the_sessions_outcome_for_it(tmp_path, cls, error, message):
     t0 = time.monotonic()
@@ -112,9 +114,11 @@ def test_a_load_failure_in_the_worker_is_the_sessions_outcome_for_it(tmp_path, c
     assert message in str(info.value)
     assert time.monotonic() - t0 < 60
     assert not processes.live()                                     # nothing registered, nothing running
-    if error is processes.DeploymentError:                          # the traceback and the log come with it
+    if cls is stand_ins.FailsToLoad:                                # the traceback and the log come with it
         assert "echo tp=1: the engine failed to load in its worker" in str(info.value)
         assert "RuntimeError" in str(info.value) and "worker.log" in str(info.value)
+    if cls is stand_ins.CheckpointDoesNotLoad:                      # a failure that says it all: one line
+        assert str(info.value) == f"echo tp=1: {message}"
 
 
 def test_a_deployment_whose_start_failed_fails_the_same_way_when_asked_again(tmp_path):

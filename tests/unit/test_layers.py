@@ -31,7 +31,7 @@ JUDGES = (
 LAYERS = (
     ("foundations", ("errors", "outputs", "dtypes", "versions", "hardware", "table", "fixed_text", "registry",
                      "compat", "interrupt", "_child", "files")),
-    ("model", ("weights", "cases", "prompts", "serving_config")),
+    ("model", ("weights", "checkpoint_files", "cases", "prompts", "serving_config")),
     ("engines", ("backends", "deploy", "injection", "known_issues", "kernels")),
     ("judges", ("parity", "golden", "latency", "samples", "stats", "storage")),
     # worker: the process an isolated engine runs in (it times the engine with latency.py's timing)

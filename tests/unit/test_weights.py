@@ -294,7 +294,8 @@ def test_local_directory_resolves_with_a_digest(model_dir, tmp_path):
     assert model.weights_key.startswith("local@") and len(model.weights_key) == len("local@") + 12
     assert model.spec.hidden_size == SPEC_14M.hidden_size
     # Replacing the checkpoint changes the key.
-    with open(local / "model.safetensors", "ab") as f:
-        f.write(b"\0" * 8)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(local / "model.safetensors"))
+    save_file({**tensors, "extra": torch.zeros(2)}, str(local / "model.safetensors"))
     assert weights.resolve(str(local), "auto", None, 0, tmp_path / "cache").weights_key != model.weights_key
     assert os.path.isdir(local)
