@@ -14,3 +14,10 @@ class BackendUnavailable(Exception):
 
 class BaselineError(Exception):
     """A baseline file is unreadable, corrupt or schema-invalid; the message names the file and the problem."""
+
+
+def in_brief(exc: BaseException, lines: int = 2) -> str:
+    """An exception as 'Type: message' on one line, from its message's first non-empty lines: what a failure
+    caused by the user's files says (transformers' second line is often the one naming the tensor)."""
+    said = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][:lines]
+    return f"{type(exc).__name__}: {' '.join(said)}" if said else type(exc).__name__

@@ -7,6 +7,7 @@ from pytest_neoxmii.backends.base import BackendInfo, LoadRequest
 from pytest_neoxmii.backends.torch_model import TorchModelBackend, judged_attention_notes
 from pytest_neoxmii.deploy.processes import DeploymentError
 from pytest_neoxmii.dtypes import TORCH_DTYPES
+from pytest_neoxmii.errors import in_brief
 from pytest_neoxmii.injection import gpu_used_bytes
 
 
@@ -17,9 +18,7 @@ def load_hf_model(path: Path, dtype: str, device: str):
     except Exception as exc:
         # Weights that do not match their config (the session checked the files are whole): one line, and
         # a deployment that failed, which the session does not retry for each test needing it.
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][:2]
-        raise DeploymentError(f"transformers could not load '{path}': {type(exc).__name__}: "
-                              f"{' '.join(lines)}") from exc
+        raise DeploymentError(f"transformers could not load '{path}': {in_brief(exc)}") from exc
     return model.to(device).eval()
 
 

@@ -10,6 +10,7 @@ as one unknown token, a false greedy failure at step 5 of the padded case's firs
 from __future__ import annotations
 
 import itertools
+import traceback
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ from pytest_neoxmii.backends.base import BackendInfo
 from pytest_neoxmii.backends.deepspeed_inference import (KernelInjectedBackend, check_kernels_can_run,
                                                          init_distributed_env, spread_note)
 from pytest_neoxmii.dtypes import TORCH_DTYPES
-from pytest_neoxmii.errors import BackendUnavailable
+from pytest_neoxmii.deploy.processes import DeploymentError
+from pytest_neoxmii.errors import BackendUnavailable, in_brief
 from pytest_neoxmii.injection import gpu_used_bytes, held_since
 from pytest_neoxmii.outputs import Generation, PromptBatch
 
@@ -91,9 +93,16 @@ class MiiBackend(KernelInjectedBackend):
         }, engine_config)
         mii_config["dtype"] = TORCH_DTYPES[dtype]   # a user's spelling of the same dtype ("fp16", "half")
         inject = on_gpu and bool(mii_config["replace_with_kernel_inject"])   # kernels expected only if asked
-        mii.deploy(
-            task="text-generation", model=str(path), deployment_name=self.name,
-            deployment_type=mii.DeploymentType.NON_PERSISTENT, mii_config=mii_config)
+        try:
+            mii.deploy(
+                task="text-generation", model=str(path), deployment_name=self.name,
+                deployment_type=mii.DeploymentType.NON_PERSISTENT, mii_config=mii_config)
+        except ImportError:
+            raise                                      # a package MII needs: the engine's skip (worker.py)
+        except Exception as exc:
+            # MII loads the checkpoint itself: its failure in one line, the traceback kept in the worker's log
+            traceback.print_exc()
+            raise DeploymentError(f"MII could not deploy '{path}': {in_brief(exc)}") from exc
         self._mii = mii
         self.handle = mii.mii_query_handle(self.name)
         self.pipeline = mii.non_persistent_models[self.name][0]

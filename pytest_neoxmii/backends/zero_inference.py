@@ -9,8 +9,8 @@ import torch
 from pytest_neoxmii.backends import planted_fault
 from pytest_neoxmii.backends.base import BackendInfo, LoadRequest
 from pytest_neoxmii.backends.deepspeed_inference import init_distributed_env
+from pytest_neoxmii.backends.hf import load_hf_model
 from pytest_neoxmii.backends.torch_model import TorchModelBackend, judged_attention_notes
-from pytest_neoxmii.dtypes import TORCH_DTYPES
 from pytest_neoxmii.errors import BackendUnavailable
 from pytest_neoxmii.injection import gpu_used_bytes, held_since
 
@@ -77,7 +77,6 @@ class ZeroInferenceBackend(TorchModelBackend):
         on_gpu = device.startswith("cuda")
         init_distributed_env(device)
         import deepspeed
-        from transformers import AutoModelForCausalLM
 
         self.device = device
         config = zero_config(hidden_size, dtype, nvme_path)
@@ -85,7 +84,7 @@ class ZeroInferenceBackend(TorchModelBackend):
         tensors_before = torch.cuda.memory_allocated(device) if on_gpu else None
         # Loaded whole into CPU memory, then partitioned and offloaded by deepspeed.initialize
         # (transformers' HfDeepSpeedConfig route would partition while loading but needs accelerate).
-        model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=TORCH_DTYPES[dtype]).eval()
+        model = load_hf_model(path, dtype, "cpu")
         # A validation run's planted defect, in the whole weight before ZeRO partitions it; nothing when unset.
         planted = planted_fault.plant(model)
         engine = deepspeed.initialize(model=model, config_params=config)[0]

@@ -92,3 +92,45 @@ def test_weights_that_do_not_match_their_config_fail_each_test_in_one_line_and_l
     assert text.count(line) >= 3, text                  # each test's failure, and the summary's CRASH line
     assert "Traceback" not in text and "pytest_neoxmii/" not in text
     assert len(loads) == 1
+
+
+@pytest.mark.parametrize("raised, outcome", [
+    (RuntimeError("Error(s) in loading state_dict for Linear:\n\tsize mismatch for weight: (2, 3) against (2, 6)."),
+     "MII could not deploy '{path}': RuntimeError: Error(s) in loading state_dict for Linear: size mismatch for "
+     "weight: (2, 3) against (2, 6)."),
+    (ImportError("No module named 'a_dependency_of_mii'"), ImportError),
+])
+def test_an_mii_deployment_failing_to_load_the_checkpoint_is_one_line(monkeypatch, neox_cache_dir, capsys,
+                                                                      raised, outcome):
+    """MII loads the checkpoint itself (its pipeline): what it raises is the deployment's failure in one line,
+    its traceback kept in the worker's log (the process's stderr); an ImportError stays the engine's skip."""
+    import types
+    from pytest_neoxmii.backends.mii_legacy import MiiBackend
+    from pytest_neoxmii.deploy.processes import DeploymentError
+    from pytest_neoxmii.registry import lookup
+    from pytest_neoxmii.weights import synthetic_directory
+
+    def deploy(**kwargs):
+        raise raised
+    # MII as the backend sees it (mii.legacy), whose deploy fails: no MII needed, nothing deployed here
+    monkeypatch.setattr(mii_legacy, "import_mii", lambda: types.SimpleNamespace(
+        deploy=deploy, DeploymentType=types.SimpleNamespace(NON_PERSISTENT="NON_PERSISTENT")))
+    # what a worker sets up for the process before MII deploys: not this test process's business
+    monkeypatch.setattr(mii_legacy, "init_distributed_env", lambda device: None)
+    monkeypatch.setattr(mii_legacy.compat, "install", lambda: None)
+    path = synthetic_directory(lookup("pythia-14m"), 0, neox_cache_dir)
+    expected = DeploymentError if isinstance(outcome, str) else outcome
+    with pytest.raises(expected) as info:
+        MiiBackend(path, "fp32", "cpu", tp=1, max_tokens=64)
+    if isinstance(outcome, str):
+        assert str(info.value) == outcome.format(path=path)
+        assert "Traceback" in capsys.readouterr().err
+    else:
+        assert info.value is raised
+
+
+def test_in_brief_is_the_type_and_the_first_lines_of_the_message():
+    from pytest_neoxmii.errors import in_brief
+    assert in_brief(RuntimeError("one\n\n  two  \nthree")) == "RuntimeError: one two"
+    assert in_brief(RuntimeError("one\ntwo\nthree"), lines=1) == "RuntimeError: one"
+    assert in_brief(KeyError()) == "KeyError"

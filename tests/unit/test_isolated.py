@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import threading
 import time
 import warnings
@@ -118,7 +119,7 @@ def test_a_load_failure_in_the_worker_is_the_sessions_outcome_for_it(tmp_path, c
         assert "echo tp=1: the engine failed to load in its worker" in str(info.value)
         assert "RuntimeError" in str(info.value) and "worker.log" in str(info.value)
     if cls is stand_ins.CheckpointDoesNotLoad:                      # a failure that says it all: one line
-        assert str(info.value) == f"echo tp=1: {message}"
+        assert re.fullmatch(rf"echo tp=1: {re.escape(message)} \(worker log: \S+/worker\.log\)", str(info.value))
 
 
 def test_a_deployment_whose_start_failed_fails_the_same_way_when_asked_again(tmp_path):
