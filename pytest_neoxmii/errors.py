@@ -18,6 +18,26 @@ class BaselineError(Exception):
 
 def in_brief(exc: BaseException, lines: int = 2) -> str:
     """An exception as 'Type: message' on one line, from its message's first non-empty lines: what a failure
-    caused by the user's files says (transformers' second line is often the one naming the tensor)."""
-    said = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][:lines]
-    return f"{type(exc).__name__}: {' '.join(said)}" if said else type(exc).__name__
+    caused by the user's files says (transformers' second line is often the one naming the tensor). A message
+    that embeds another error's traceback (transformers' pipeline, which MII loads with, does) says its first
+    line, then that error's own."""
+    text = str(exc).splitlines()
+    start = next((i for i, ln in enumerate(text) if ln.strip() == _TRACEBACK), len(text))
+    said = [ln.strip() for ln in text[:start] if ln.strip()]
+    embedded = _embedded_error(text[start:])
+    if embedded:
+        return f"{type(exc).__name__}: {said[0]} ... {embedded}" if said else f"{type(exc).__name__}: {embedded}"
+    return f"{type(exc).__name__}: {' '.join(said[:lines])}" if said else type(exc).__name__
+
+
+_TRACEBACK = "Traceback (most recent call last):"
+
+
+def _embedded_error(text: list[str]) -> str | None:
+    """The error line ending the traceback that `text` starts with (its frames are indented), with the line
+    after it where that one continues the error's message (indented too)."""
+    for k in range(1, len(text)):
+        if text[k].strip() and not text[k][0].isspace():
+            more = text[k + 1] if k + 1 < len(text) else ""
+            return f"{text[k].strip()} {more.strip()}".strip() if more[:1].isspace() else text[k].strip()
+    return None

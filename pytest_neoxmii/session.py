@@ -270,6 +270,7 @@ class NeoxSession:
                 pytest.xfail(reason)
             self.unavailable[key] = reason
             pytest.skip(reason)
+        failed = None
         try:
             self.require_model()
             if not reference:
@@ -287,10 +288,12 @@ class NeoxSession:
             self.unavailable[key] = f"{name} ({dtype}): {exc}"
             pytest.skip(self.unavailable[key])
         except DeploymentError as exc:          # died while loading: a result, and not retried
-            self._crash(key, f"{name} ({dtype}) failed to deploy: {exc}")
+            failed = f"{name} ({dtype}) failed to deploy: {exc}"
         except InjectionFailed as exc:          # a failure of every test needing it, and not retried
             self.injection_failures[key] = exc
             raise
+        if failed is not None:                  # failed here, outside the handler: pytest shows no exception chain
+            self._crash(key, failed)
         # The worker built DeepSpeed's op before loading: that part of the wait was the kernel build (a
         # prelaunched worker built it while the session waited for something else, or not at all).
         built = min(getattr(backend, "kernel_build_s", None) or 0.0, waited)

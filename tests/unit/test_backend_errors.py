@@ -91,6 +91,7 @@ def test_weights_that_do_not_match_their_config_fail_each_test_in_one_line_and_l
     text = result.stdout.str()
     assert text.count(line) >= 3, text                  # each test's failure, and the summary's CRASH line
     assert "Traceback" not in text and "pytest_neoxmii/" not in text
+    assert "During handling of the above exception" not in text      # the first test's failure: no chain
     assert len(loads) == 1
 
 
@@ -134,3 +135,23 @@ def test_in_brief_is_the_type_and_the_first_lines_of_the_message():
     assert in_brief(RuntimeError("one\n\n  two  \nthree")) == "RuntimeError: one two"
     assert in_brief(RuntimeError("one\ntwo\nthree"), lines=1) == "RuntimeError: one"
     assert in_brief(KeyError()) == "KeyError"
+
+
+def test_in_brief_of_a_message_embedding_a_traceback_says_the_embedded_error():
+    """transformers' pipeline (MII's loader) puts each failed attempt's traceback in its ValueError's message."""
+    from pytest_neoxmii.errors import in_brief
+    message = ("Could not load model /m with any of the following classes: (A, B). See the original errors:\n\n"
+               "while loading with A, an error is thrown:\nTraceback (most recent call last):\n"
+               '  File "x.py", line 1, in f\n    load()\n'
+               "RuntimeError: Error(s) in loading state_dict for Linear:\n\tsize mismatch for weight: (2, 3).\n\n"
+               "while loading with B, an error is thrown:\nTraceback (most recent call last):\n"
+               '  File "y.py", line 2, in g\nOSError: other\n')
+    assert in_brief(ValueError(message)) == (
+        "ValueError: Could not load model /m with any of the following classes: (A, B). See the original errors: ... "
+        "RuntimeError: Error(s) in loading state_dict for Linear: size mismatch for weight: (2, 3).")
+    assert in_brief(ValueError("no error after it\nTraceback (most recent call last):\n  File \"z.py\"")) == \
+        "ValueError: no error after it"
+    assert in_brief(ValueError("one line error\nTraceback (most recent call last):\n  File \"z\"\nKeyError: 'k'\n"
+                               "not indented")) == "ValueError: one line error ... KeyError: 'k'"
+    assert in_brief(OSError("Traceback (most recent call last):\n  File \"z\"\nKeyError: 'k'")) == "OSError: KeyError: 'k'"
+
