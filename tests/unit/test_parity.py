@@ -353,6 +353,16 @@ def test_a_candidate_equal_to_one_already_judged_gets_that_judgment_without_the_
     assert len(runs) == 6 and again.nonfinite
 
 
+def test_the_judge_by_content_runs_the_metrics_on_the_device_it_is_given(batch, logits, reference, monkeypatch):
+    """JudgedOnce passes the session's device on: on a GPU machine the float64 passes of a 2016-token case run
+    there (the two mutants of the eighteenth round's mutation run that no CPU-only test told apart)."""
+    asked = []
+    monkeypatch.setattr(parity, "teacher_forced_metrics",
+                        lambda ref, cand, b, device=None: asked.append(device) or object())
+    parity.JudgedOnce().metrics(reference, scores_from_logits(batch, logits), batch, device="cuda:1")
+    assert asked == ["cuda:1"]
+
+
 @pytest.mark.parametrize("nonfinite", [False, True])
 def test_metrics_on_a_gpu_are_the_cpu_metrics(batch, logits, reference, nonfinite):
     """Chunks computed on the session's GPU: the same positions, agreement and worst positions, and the
