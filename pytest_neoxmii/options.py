@@ -3,6 +3,7 @@ NeoxOptions is the validated result the rest of the plugin reads."""
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +215,7 @@ class NeoxOptions:
         cache_dir = usable_directory(Path(v["neox_cache_dir"]).expanduser() if v["neox_cache_dir"]
                                      else default_cache_dir(), "--neox-cache-dir")
         report_dir = usable_directory(here / v["neox_report"], "--neox-report") if v["neox_report"] else None
+        _check_environment()
         return cls(
             model=v["neox_model"], revision=v["neox_revision"], weights=v["neox_weights"],
             dtype=v["neox_dtype"], tp=v["neox_tp"], backends=backends,
@@ -230,6 +232,17 @@ class NeoxOptions:
             mii_config=here / v["neox_mii_config"] if v["neox_mii_config"] else None,
             reference_first=v["neox_reference_first"], work_ahead=v["neox_work_ahead"],
         )
+
+
+def _check_environment() -> None:
+    """The documented variables that place a session's files and ports (docs/MULTI_GPU.md), refused at start-up
+    as the options are: read later, in the test process or a worker, each was a traceback in every test."""
+    from pytest_neoxmii.deploy import ports
+    for variable in ("NEOXMII_RUN_DIR", "NEOXMII_PORT_LOCK_DIR"):
+        if os.environ.get(variable):
+            usable_directory(Path(os.environ[variable]), variable)
+    if os.environ.get(ports.RANGE_ENV):
+        ports.parse_range(os.environ[ports.RANGE_ENV])
 
 
 def usable_directory(path: Path, flag: str) -> Path:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from pytest_neoxmii.errors import NeoxUsageError
+
 
 def _lock_dir() -> Path:
     # Read when a port is reserved, not at import: a worker forked from the fork server imported this module
@@ -29,6 +31,21 @@ def _lock_dir() -> Path:
 
 
 LOWEST = 20000
+RANGE_ENV = "NEOXMII_PORT_RANGE"
+
+
+def parse_range(text: str) -> range:
+    """'20000-29999' -> the ports from the first to the last; anything else is a usage error (the session
+    checks it at start-up: in a worker it was a ValueError traceback as the engine's load failure)."""
+    first, dash, last = text.strip().partition("-")
+    try:
+        low, high = int(first), int(last)
+    except ValueError:
+        low = high = 0
+    if not (dash and 1 <= low <= high <= 65535):
+        raise NeoxUsageError(f"{RANGE_ENV}={text!r}: expected the first and last port, such as 20000-29999, "
+                             "within 1-65535")
+    return range(low, high + 1)
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -42,10 +59,9 @@ def _ephemeral_range() -> tuple[int, int]:
 def candidate_range() -> range:
     """Where ports are picked: $NEOXMII_PORT_RANGE ("20000-29999") if set, else from LOWEST up to the
     ephemeral range (or above it when that starts low)."""
-    custom = os.environ.get("NEOXMII_PORT_RANGE")
+    custom = os.environ.get(RANGE_ENV)
     if custom:
-        first, _, last = custom.partition("-")
-        return range(int(first), int(last) + 1)
+        return parse_range(custom)
     low, high = _ephemeral_range()
     if low - LOWEST >= 1000:
         return range(LOWEST, low)

@@ -266,6 +266,36 @@ def test_a_directory_option_naming_a_directory_not_made_yet_is_accepted(pytester
     assert not any((pytester.path / d).exists() for d in ("a", "c", "e"))
 
 
+@pytest.mark.parametrize("variable, value, message", [
+    ("NEOXMII_RUN_DIR", "notes.txt", "NEOXMII_RUN_DIR notes.txt: it exists and is not a directory"),
+    ("NEOXMII_PORT_LOCK_DIR", "notes.txt/locks", "NEOXMII_PORT_LOCK_DIR notes.txt/locks: notes.txt is not a directory"),
+    ("NEOXMII_PORT_RANGE", "abc", "NEOXMII_PORT_RANGE='abc': expected the first and last port, such as 20000-29999, "
+                                  "within 1-65535"),
+])
+def test_a_documented_variable_that_cannot_work_is_a_one_line_error(pytester, assert_usage_error, monkeypatch,
+                                                                     variable, value, message):
+    """docs/MULTI_GPU.md's variables: a run directory that is a file failed every test's setup with a
+    NotADirectoryError traceback; a port range that is not one failed each engine's load in its worker."""
+    pytester.makefile(".txt", notes="a file, not a directory")
+    monkeypatch.setenv(variable, value)
+    assert_usage_error(pytester.runpytest(), message)
+
+
+@pytest.mark.parametrize("text, ports", [("20000-29999", (20000, 29999)), (" 1-1 ", (1, 1)), ("65535-65535", (65535, 65535))])
+def test_a_port_range_is_its_first_and_last_port(text, ports):
+    from pytest_neoxmii.deploy.ports import parse_range
+    assert parse_range(text) == range(ports[0], ports[1] + 1)
+
+
+@pytest.mark.parametrize("text", ["abc", "20000", "20000-", "-20000", "30000-20000", "0-10", "60000-70000",
+                                  "1.5-3", "20000:29999"])
+def test_a_port_range_that_is_not_one_is_a_usage_error(text):
+    from pytest_neoxmii.deploy.ports import parse_range
+    from pytest_neoxmii.errors import NeoxUsageError
+    with pytest.raises(NeoxUsageError, match=f"NEOXMII_PORT_RANGE={text!r}: expected the first and last port"):
+        parse_range(text)
+
+
 def test_a_directory_that_cannot_be_looked_at_is_a_one_line_error(monkeypatch, tmp_path):
     from pytest_neoxmii.errors import NeoxUsageError
     from pytest_neoxmii.options import usable_directory
