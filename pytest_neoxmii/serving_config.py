@@ -160,6 +160,8 @@ def parse_with_engine(engine: str, values: dict) -> dict:
         values = {**values, "model": "model-under-test", "task": "text-generation", "skip_model_check": True}
     try:
         parsed = Config(**values)
+        if engine == "mii":
+            _deepspeed_reads_what_mii_forwards(parsed, values)
     except pydantic.ValidationError as exc:
         err = exc.errors()[0]
         return {"error": [".".join(str(p) for p in err.get("loc", ())) or "?", err.get("msg", "invalid")]}
@@ -168,6 +170,19 @@ def parse_with_engine(engine: str, values: dict) -> dict:
     # plugin (MII's own default is on, DeepSpeed's off: the plugin sets it by device, backends/)
     asked = "replace_with_kernel_inject" in values or "kernel_inject" in values
     return {"dtype": str(parsed.dtype), "tp": tp, "inject": bool(parsed.replace_with_kernel_inject) if asked else None}
+
+
+# The user's MII keys that MII hands on to deepspeed.init_inference (mii/legacy/models/load_models.py), which
+# checks them again with bounds of its own: {"max_tokens": -5} passes MII's ModelConfig and failed the deploy.
+FORWARDED_TO_DEEPSPEED = ("max_tokens", "enable_cuda_graph", "replace_with_kernel_inject")
+
+
+def _deepspeed_reads_what_mii_forwards(parsed, values: dict) -> None:
+    from deepspeed.inference.config import DeepSpeedInferenceConfig
+    forwarded = {key: getattr(parsed, key) for key in FORWARDED_TO_DEEPSPEED if key in values}
+    if "max_tokens" in forwarded:
+        forwarded["min_tokens"] = forwarded["max_tokens"]      # MII passes it as both
+    DeepSpeedInferenceConfig(**forwarded)
 
 
 class ParseCache:

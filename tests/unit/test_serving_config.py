@@ -38,6 +38,9 @@ def test_bad_files_name_the_file_and_the_key(tmp_path):
     value = cfg(tmp_path, '{"max_tokens": "many"}')
     assert error("ds", value).startswith(f"--neox-ds-config {value}: key 'max_tokens': Input should be a valid "
                                          "integer")
+    # MII's own config takes any max_tokens; DeepSpeed, to which MII hands it on, wants it above 0
+    negative = cfg(tmp_path, '{"max_tokens": -5}')
+    assert error("mii", negative) == f"--neox-mii-config {negative}: key 'max_tokens': Input should be greater than 0"
     listed = cfg(tmp_path, "[1, 2]")
     assert error("mii", listed) == f"--neox-mii-config {listed}: expected an object of config keys, got list"
     yaml_bad = cfg(tmp_path, "max_tokens: [1,\n", "ds.yaml")
