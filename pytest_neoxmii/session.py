@@ -418,7 +418,7 @@ class NeoxSession:
         if not missing or not any("neox" in getattr(item, "fixturenames", ()) for item in items):
             return
         dtype = self.dtype
-        if any(not engines.is_reference(n) and self._asked_for(n) and self.workspace_bytes(n, dtype) > 0
+        if any(not engines.is_reference(n) and self._asked_for(n) and self.injects_kernels(n)
                and self._cannot_deploy(n, dtype) is None for n in self.options.backends):
             from pytest_neoxmii.kernels import BackgroundBuild
             self.kernel_build = BackgroundBuild(missing)
@@ -442,7 +442,7 @@ class NeoxSession:
     def _waits_for_kernel_build(self, name: str) -> bool:
         """The engine injects kernels here that the kernel cache lacks: it loads only once they are built."""
         cold = self.kernels is not None and bool(self.kernels.missing)
-        return cold and self.workspace_bytes(name) > 0
+        return cold and self.injects_kernels(name)
 
     def _works_ahead(self) -> bool:
         mode = self.options.work_ahead
@@ -458,7 +458,7 @@ class NeoxSession:
         if not self._works_ahead():
             return [], [], None
         cls = engines.engine(name).backend_for(self._tp_of(name))
-        injected = self.workspace_bytes(name) > 0       # its kernels will be injected here
+        injected = self.injects_kernels(name)
         calls, breaking, issue = [], [], None
         for op, plan in self.wanted.get(name, ()):
             if op == "generate" or cls.can_score:
