@@ -216,6 +216,8 @@ class NeoxOptions:
                                      else default_cache_dir(), "--neox-cache-dir")
         report_dir = usable_directory(here / v["neox_report"], "--neox-report") if v["neox_report"] else None
         _check_environment()
+        if v["neox_model"]:
+            _check_not_distributed(config)
         return cls(
             model=v["neox_model"], revision=v["neox_revision"], weights=v["neox_weights"],
             dtype=v["neox_dtype"], tp=v["neox_tp"], backends=backends,
@@ -243,6 +245,24 @@ def _check_environment() -> None:
             usable_directory(Path(os.environ[variable]), variable)
     if os.environ.get(ports.RANGE_ENV):
         ports.parse_range(os.environ[ports.RANGE_ENV])
+
+
+def _check_not_distributed(config: pytest.Config) -> None:
+    """A session deploys each engine once and times it alone. Under pytest-xdist every xdist worker is a
+    session of its own: each deployed every engine again, side by side on the same machine (pythia-14m on the
+    2-core CPU: 176 s under -n 2 against 49 s), and the controller, which ran none of the tests, printed an
+    empty summary and wrote an empty --neox-report over the workers' reports. --dist loadgroup cannot keep them
+    in one worker either: with pytest 9.2, pytest-xdist 3.8 ignores its groups without a word (pytest-xdist
+    issue 1386)."""
+    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist"):
+        return
+    dist = getattr(config.option, "dist", "no")
+    if dist in (None, "no"):
+        return
+    workers = getattr(config.option, "numprocesses", None)
+    raise NeoxUsageError(f"--neox-model with pytest-xdist ({f'-n {workers}' if workers else f'--dist {dist}'}): "
+                         "each xdist worker would deploy every engine again, side by side on the same machine; "
+                         "run the session in one process (-n 0)")
 
 
 def usable_directory(path: Path, flag: str) -> Path:

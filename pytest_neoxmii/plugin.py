@@ -14,8 +14,8 @@ from pytest_neoxmii import options as options_mod
 from pytest_neoxmii.backends import planted_fault
 from pytest_neoxmii.deploy import cpu_heap
 from pytest_neoxmii.errors import NeoxUsageError
-from pytest_neoxmii.fixtures import (neox, neox_case, neox_ds, neox_generation_case,  # noqa: F401
-                                     neox_mii, neox_reference, neox_zero)                      # (fixtures)
+from pytest_neoxmii.fixtures import (neox, neox_benchmark, neox_case, neox_ds,  # noqa: F401 (fixtures)
+                                     neox_generation_case, neox_mii, neox_reference, neox_zero)
 from pytest_neoxmii.session import SESSION_KEY, NeoxSession, get_session
 from pytest_neoxmii.versions import shown_versions
 

@@ -11,5 +11,5 @@ from pytest_neoxmii.latency import BATCH_SIZES
 pytestmark = pytest.mark.neox_alone     # timed alone, after the session's other tests (see plugin.py)
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES, ids=[f"bs{b}" for b in BATCH_SIZES])
-def test_latency(neox, neox_each_backend, batch_size, benchmark, request):
-    check_latency(neox, neox_each_backend, batch_size, benchmark, request)
+def test_latency(neox, neox_each_backend, batch_size, neox_benchmark, request):
+    check_latency(neox, neox_each_backend, batch_size, neox_benchmark, request)

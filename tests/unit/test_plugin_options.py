@@ -433,3 +433,24 @@ def test_bool_option_from_flag_and_from_ini_false(pytester):
     pytester.makeini("[pytest]\nneox_update_baselines = false\n")
     assert options_of(pytester).update_baselines is False
     assert options_of(pytester, "--neox-update-baselines").update_baselines is True
+
+
+@pytest.mark.parametrize("xdist, shown", [(("-n", "2"), "-n 2"), (("-n", "1"), "-n 1"),
+                                          (("-n", "2", "--dist", "loadgroup"), "-n 2")],
+                         ids=["n2", "n1", "n2-loadgroup"])
+def test_a_session_under_pytest_xdist_is_refused_in_one_line(pytester, assert_usage_error, synthetic_14m,
+                                                              xdist, shown):
+    """Each xdist worker would be a session of its own, deploying every engine again; loadgroup does not
+    group on pytest 9.2 (pytest-xdist issue 1386). The refusal comes before any worker starts."""
+    pytester.makepyfile(test_one="def test_one(neox):\n    pass\n")
+    assert_usage_error(pytester.runpytest(*synthetic_14m, *xdist),
+                       f"--neox-model with pytest-xdist ({shown}): each xdist worker would deploy every engine "
+                       "again, side by side on the same machine; run the session in one process (-n 0)")
+
+
+def test_xdist_without_a_model_or_at_n0_is_no_concern_of_the_plugin(pytester, synthetic_14m):
+    """The unit tests run under -n 2 (.ci/run) with no model; -n 0 is the session in one process."""
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    assert pytester.runpytest("-n", "2", "-p", "no:cacheprovider").ret == pytest.ExitCode.OK
+    result = pytester.runpytest(*synthetic_14m, "-n", "0", "--co")
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()

@@ -70,3 +70,20 @@ def test_a_mismatch_raises_with_the_parity_table(pytester, synthetic_14m):
         "*teacher-forced parity FAILED*",
         "SKIPPED*backend zero not selected (--neox-backends=ds)*",
     ])
+
+
+BENCHMARKED = """
+def test_timed(neox_benchmark):
+    assert type(neox_benchmark).__name__ == "BenchmarkFixture"
+"""
+
+
+def test_neox_benchmark_is_pytest_benchmarks_fixture_and_a_skip_where_the_run_does_not_load_it(pytester):
+    """The shipped latency test asks for it: with `-p no:benchmark` the bare `benchmark` fixture was an error
+    at each latency test's setup."""
+    pytester.makepyfile(test_timed=BENCHMARKED)
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:benchmark", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED [[]1[]] test_timed.py:*: latency is measured through pytest-benchmark, "
+                                 "which this run does not load (-p no:benchmark)"])
