@@ -16,6 +16,12 @@ class BaselineError(Exception):
     """A baseline file is unreadable, corrupt or schema-invalid; the message names the file and the problem."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line, without its type: its first non-empty line, or the type's name
+    where it says nothing (an outcome's reason, a config file's error, a device's message)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
 def in_brief(exc: BaseException, lines: int = 2) -> str:
     """An exception as 'Type: message' on one line, from its message's first non-empty lines: what a failure
     caused by the user's files says (transformers' second line is often the one naming the tensor). A message

@@ -117,6 +117,21 @@ def _driver_version() -> str | None:
         return None
 
 
+def host_memory_total(cgroup_limit: str = "/sys/fs/cgroup/memory.max") -> int | None:
+    """Bytes of memory this machine's processes may use at most: its physical memory, or its cgroup's
+    (version 2) limit where that is lower (a container's); None where unknown."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        with open(cgroup_limit) as f:
+            limit = f.read().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
 def host_memory_available(meminfo: str = "/proc/meminfo") -> int | None:
     """Bytes of host memory available to new processes (Linux's MemAvailable), None where unknown."""
     try:

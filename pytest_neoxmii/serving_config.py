@@ -327,7 +327,8 @@ def _check(engine: str, values: dict, where: str, dtype: str, tp: int, tp_keys: 
     if given is not None and parsed["tp"] != tp:
         raise _disagree(where, given, parsed["tp"], f"--neox-tp={tp}")
     return ("checked against deepspeed.inference.config.DeepSpeedInferenceConfig" if engine == "ds"
-            else "checked against mii.legacy.config.ModelConfig"), parsed
+            else "checked against mii.legacy.config.ModelConfig, and the keys MII hands to "
+                 "deepspeed.init_inference against DeepSpeedInferenceConfig"), parsed
 
 
 def _check_ds(values: dict, where: str, dtype: str, tp: int, cache_dir: Path | None = None) -> tuple[str, dict]:

@@ -13,7 +13,7 @@ from pytest_neoxmii import backends as engines
 from pytest_neoxmii.backends import Backend, IsolatedEngine, LoadRequest, load_backend
 from pytest_neoxmii.deploy.processes import DeploymentError
 from pytest_neoxmii.cases import FAMILIES, Case, CasePlan, materialize, plan_cases, row_alone
-from pytest_neoxmii.errors import BackendUnavailable, NeoxUsageError
+from pytest_neoxmii.errors import BackendUnavailable, NeoxUsageError, first_line, in_brief
 from pytest_neoxmii.extra_workers import ExtraWorkers
 from pytest_neoxmii.injection import InjectionFailed
 from pytest_neoxmii.options import NeoxOptions
@@ -62,11 +62,6 @@ def marked_score_families(item) -> tuple[str, ...]:
         raise pytest.UsageError(f"{item.nodeid}: neox_scores(*families) takes case families "
                                 f"({', '.join(FAMILIES)}), got {got}")
     return tuple(marker.args)
-
-
-def _first_line(exc: BaseException) -> str:
-    """What an outcome (skip, fail, xfail) said, in one line, or its type where it said nothing."""
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def marked_rows_alone(item) -> bool:
@@ -155,8 +150,15 @@ class NeoxSession:
                         "--neox-weights=synthetic where the model hub cannot be reached)")
         if self.model.path is None:
             from pytest_neoxmii.weights import materialize as build
-            with self.timed("model load"):
-                self.model = build(self.model, self.options.cache_dir)
+            failed = None
+            try:
+                with self.timed("model load"):
+                    self.model = build(self.model, self.options.cache_dir)
+            except OSError as exc:     # (a session fixture's error is each later test's: it is said once here)
+                failed = (f"the synthetic weights could not be built under --neox-cache-dir "
+                          f"{self.options.cache_dir}: {in_brief(exc)}")
+            if failed is not None:     # failed outside the handler: pytest shows no exception chain
+                pytest.fail(failed, pytrace=False)
         return self.model
 
     def plans(self) -> list[CasePlan]:
@@ -681,7 +683,7 @@ class NeoxSession:
                         self.generation(backend, case)
                     self.scores(backend, case)
             except outcomes as exc:  # the reference cannot run: its own tests say why
-                return computed, _first_line(exc)
+                return computed, first_line(exc)
             computed += len(self._cache) > before
         # The rows of padded cases that a selected test generates alone (neox_rows_alone), after the cases:
         # on one H200 warm they took 0.7 s after ZeRO's work ahead, the last thing before the first timing.
@@ -693,7 +695,7 @@ class NeoxSession:
             try:
                 self.rows_alone(self.reference(), case)
             except outcomes as exc:
-                return computed, _first_line(exc)
+                return computed, first_line(exc)
         return computed, None
 
     def _engine_config(self, name: str) -> dict | None:
@@ -736,6 +738,7 @@ class NeoxSession:
         if tp > 1 and hw.count < tp:
             raise BackendUnavailable(f"--neox-tp={tp} needs {tp} GPUs, found {hw.count}")
         if not hw.gpus:
+            self._check_host_memory(dtype)
             return
         uneven = self.model.spec.uneven_heads(tp) if self.injects_kernels(name) else None
         if uneven:
@@ -752,6 +755,17 @@ class NeoxSession:
             reason += f" (GPU memory capped at {cap / 2**30:.2f} GiB per worker by --neox-gpu-memory-cap)"
         if not ok:
             raise BackendUnavailable(reason)
+
+    def _check_host_memory(self, dtype: str) -> None:
+        """On the CPU every model's weights are in host memory: weights larger than the machine's memory
+        could only end in the kernel's OOM killer taking the test process or a worker mid-session. A bound
+        that never skips what could run: the activations come on top, and the pages of a file loaded as it is
+        stored are shared by the processes that map it."""
+        total = hardware.host_memory_total()
+        need = self.model.spec.weight_bytes(dtype)
+        if total is not None and need > total:
+            raise BackendUnavailable(f"its weights need {need / 1e9:.2f} GB of host memory in {dtype}, more than "
+                                     f"this machine's {total / 1e9:.2f} GB")
 
     def _crash(self, key: str, message: str):
         """A deployment died: remember why (every later test needing it fails at once with it), release
@@ -838,7 +852,7 @@ class NeoxSession:
         if type(exc).__name__ != "OutOfMemoryError":
             return
         from pytest_neoxmii.backends.worker_deployment import describe_request
-        said = str(exc).split(". Including", 1)[0].splitlines()[0] if str(exc) else type(exc).__name__
+        said = first_line(exc).split(". Including", 1)[0]
         pytest.fail(f"{backend.info.backend} ({backend.info.dtype}) ran out of GPU memory in "
                     f"{describe_request(op, self._call_args(op, case))} of case {case.id}: {said}", pytrace=False)
 

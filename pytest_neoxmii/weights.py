@@ -4,6 +4,7 @@ so HF, DeepSpeed and MII read the same files."""
 from __future__ import annotations
 
 import collections
+import errno
 import functools
 import hashlib
 import json
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from pytest_neoxmii import checkpoint_files
 from pytest_neoxmii.dtypes import NUMPY_NAMES
-from pytest_neoxmii.errors import NeoxUsageError
+from pytest_neoxmii.errors import NeoxUsageError, first_line
 from pytest_neoxmii.fixed_text import FIXED_TEXT
 from pytest_neoxmii.registry import MODELS, ModelSpec, lookup, spec_from_hf_config
 
@@ -100,8 +101,7 @@ def _spec_of_directory(path: Path) -> ModelSpec:
         from transformers import AutoConfig
         config = AutoConfig.from_pretrained(str(path))
     except Exception as exc:  # a broken or foreign config: say so in one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NeoxUsageError(f"'{path}' is not a GPT-NeoX model directory: {first}") from None
+        raise NeoxUsageError(f"'{path}' is not a GPT-NeoX model directory: {first_line(exc)}") from None
     return spec_from_hf_config(config, path.name)
 
 
@@ -295,6 +295,7 @@ def build_synthetic(spec: ModelSpec, seed: int, cache_dir: Path) -> Path:
     with FileLock(str(target) + ".lock", timeout=1800):
         if (target / PROVENANCE_FILE).is_file():
             return target
+        _check_room(spec, target.parent)
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
         try:
             save_synthetic(spec, seed, tmp)
@@ -305,6 +306,18 @@ def build_synthetic(spec: ModelSpec, seed: int, cache_dir: Path) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
+
+
+SPARE_BYTES = 256 * 2**20       # the tokenizer, config and provenance files, and some room left over
+
+
+def _check_room(spec: ModelSpec, directory: Path) -> None:
+    """Refuse before writing: without room, the file was written for minutes (gpt-neox-20b: 41 GB) and then
+    failed on ENOSPC."""
+    need, free = spec.weight_bytes("fp16") + SPARE_BYTES, shutil.disk_usage(directory).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{spec.name}'s synthetic weights need {need / 1e9:.2f} GB, and "
+                                    f"{directory} has {free / 1e9:.2f} GB free")
 
 
 def save_synthetic(spec: ModelSpec, seed: int, directory: Path) -> str:

@@ -137,6 +137,13 @@ def test_in_brief_is_the_type_and_the_first_lines_of_the_message():
     assert in_brief(KeyError()) == "KeyError"
 
 
+def test_first_line_is_the_first_line_said_without_the_type():
+    from pytest_neoxmii.errors import first_line
+    assert first_line(RuntimeError("\n  one  \ntwo")) == "one"
+    assert first_line(OSError("[Errno 28] no space")) == "[Errno 28] no space"
+    assert first_line(KeyError()) == "KeyError" and first_line(ValueError(" \n ")) == "ValueError"
+
+
 def test_in_brief_of_a_message_embedding_a_traceback_says_the_embedded_error():
     """transformers' pipeline (MII's loader) puts each failed attempt's traceback in its ValueError's message."""
     from pytest_neoxmii.errors import in_brief

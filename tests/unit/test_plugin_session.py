@@ -340,3 +340,39 @@ def test_every_model_call_of_the_shipped_suite_counts_in_the_session_time_line()
                     and node.func.attr in ("generate", "score", "trace", "query_texts") and id(node) not in timed):
                 outside.append(f"{path.name}:{node.lineno}")
     assert outside == [], f"model calls outside neox.timed(...): {outside}"
+
+
+def test_on_the_cpu_weights_larger_than_the_machines_memory_skip_before_anything_loads(
+        pytester, fake_gpus, synthetic_14m, outcomes, monkeypatch):
+    """pythia-6.9b's fp32 reference (27.4 GB) on a 24 GB machine could only end in the OOM killer taking the
+    session. The bound is the machine's memory, so that nothing that could run is skipped: one byte more
+    than the fp32 weights, and the reference loads."""
+    from pytest_neoxmii import hardware
+    from pytest_neoxmii.registry import lookup
+    fake_gpus()
+    need = lookup("pythia-14m").weight_bytes("fp32")
+    pytester.makepyfile(test_big="def test_reference(neox_reference):\n    pass\n\n"
+                                 "def test_ds(neox_ds):\n    pass\n\n"
+                                 "def test_nothing_was_loaded_or_launched(neox):\n"
+                                 "    assert neox.prelaunched == [] and neox.infos == {}\n")
+    monkeypatch.setattr(hardware, "host_memory_total", lambda: need - 1)
+    reprec = pytester.inline_run(*synthetic_14m, "--neox-dtype=fp32")
+    said = f"its weights need {need / 1e9:.2f} GB of host memory in fp32, more than this machine's " \
+           f"{(need - 1) / 1e9:.2f} GB"
+    assert outcomes(reprec) == {"test_reference": ("skipped", f"hf (fp32): {said}"),
+                                "test_ds": ("skipped", f"ds (fp32): {said}"),
+                                "test_nothing_was_loaded_or_launched": ("passed", None)}
+    monkeypatch.setattr(hardware, "host_memory_total", lambda: need)
+    reprec = pytester.inline_run(*synthetic_14m, "--neox-dtype=fp32", "-k", "reference")
+    assert outcomes(reprec) == {"test_reference": ("passed", None)}
+
+
+def test_host_memory_total_is_the_lower_of_the_machines_and_its_cgroups_limit(tmp_path):
+    from pytest_neoxmii import hardware
+    physical = hardware.host_memory_total(str(tmp_path / "no-cgroup"))
+    assert physical is not None and physical > 2**28
+    limit = tmp_path / "memory.max"
+    limit.write_text(f"{2**30}\n")
+    assert hardware.host_memory_total(str(limit)) == min(physical, 2**30)
+    limit.write_text("max\n")                       # no limit set
+    assert hardware.host_memory_total(str(limit)) == physical

@@ -197,6 +197,8 @@ def test_after_a_release_for_memory_localisation_does_not_reload_the_reference(m
 
 
 def test_auto_never_releases_on_the_cpu(monkeypatch, on_cpu):
+    from pytest_neoxmii import hardware
+    monkeypatch.setattr(hardware, "host_memory_total", lambda: 2**40)    # a machine that holds 20b in fp32
     session = make_session(monkeypatch, model="gpt-neox-20b", mode="auto")
     session.reference()
     session.backend("big")

@@ -56,6 +56,12 @@ def test_keys_the_plugin_owns_or_the_session_contradicts(tmp_path):
         f"--neox-ds-config {dtype}: key 'dtype' asks for fp16 but the session runs --neox-dtype=bf16: set it "
         "with --neox-dtype instead (the HF reference and the noise floor follow it)")
     assert serving_config.load("ds", dtype, dtype="fp16", tp=1).values == {"dtype": "fp16"}   # same: fine
+    # the header says what each engine's keys were checked against (MII's also by DeepSpeed, which gets some)
+    assert serving_config.load("ds", dtype, dtype="fp16", tp=1).checked == (
+        "checked against deepspeed.inference.config.DeepSpeedInferenceConfig")
+    assert serving_config.load("mii", cfg(tmp_path, '{"max_tokens": 64}'), dtype="fp16", tp=1).checked == (
+        "checked against mii.legacy.config.ModelConfig, and the keys MII hands to deepspeed.init_inference "
+        "against DeepSpeedInferenceConfig")
     tp = cfg(tmp_path, '{"tensor_parallel": {"tp_size": 2}}')
     assert "key 'tensor_parallel' asks for 2 but the session runs --neox-tp=1" in error("ds", tp)
 

@@ -212,6 +212,40 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
     assert [p.name for p in target.parent.iterdir()] == [target.name + ".lock"]
 
 
+def test_a_build_without_room_is_refused_before_writing(tmp_path, monkeypatch):
+    need = SPEC_14M.weight_bytes("fp16") + weights.SPARE_BYTES
+    real = shutil.disk_usage
+
+    def short_by_one_byte(path):
+        return real(path)._replace(free=need - 1)
+
+    monkeypatch.setattr(weights.shutil, "disk_usage", short_by_one_byte)
+    with pytest.raises(OSError) as refused:
+        weights.build_synthetic(SPEC_14M, 0, tmp_path)
+    target = weights.synthetic_directory(SPEC_14M, 0, tmp_path)
+    assert str(refused.value) == (f"[Errno 28] pythia-14m's synthetic weights need {need / 1e9:.2f} GB, and "
+                                  f"{target.parent} has {(need - 1) / 1e9:.2f} GB free")
+    assert [p.name for p in target.parent.iterdir()] == [target.name + ".lock"]     # nothing written
+    monkeypatch.setattr(weights.shutil, "disk_usage", lambda path: real(path)._replace(free=need))
+    assert weights.build_synthetic(SPEC_14M, 0, tmp_path) == target                 # exactly enough: built
+
+
+def test_synthetic_weights_that_cannot_be_built_fail_each_test_in_one_line(pytester, preloaded):
+    """--neox-cache-dir where nothing can be made (procfs): the cache's check at start-up takes a directory
+    not made yet; the build, in the `neox` fixture, was an OSError traceback at every test's setup."""
+    pytester.makepyfile(test_two="def test_one(neox):\n    pass\n\ndef test_two(neox):\n    pass\n")
+    result = pytester.runpytest("--neox-model=pythia-14m", "--neox-weights=synthetic", "--neox-backends=ds",
+                                "--neox-cache-dir=/proc/self/neoxmii-cache", "-p", "no:cacheprovider")
+    result.assert_outcomes(errors=2)
+    text = result.stdout.str()
+    lines = [ln for ln in result.outlines if ln.startswith("the synthetic weights could not be built")]
+    assert len(lines) == 2 and len(set(lines)) == 1, text
+    assert lines[0].startswith("the synthetic weights could not be built under --neox-cache-dir "
+                               "/proc/self/neoxmii-cache: "), text
+    assert "Error: [Errno " in lines[0], text
+    assert "Traceback" not in text and "pytest_neoxmii/" not in text and "During handling" not in text, text
+
+
 def test_synthetic_resolution_builds_nothing(tmp_path):
     model = weights.resolve("pythia-14m", "synthetic", "main", 5, tmp_path)
     assert (model.source, model.weights_key, model.seed, model.path) == (
