@@ -545,11 +545,26 @@ def _close_all_live() -> None:
             print(f"neoxmii: closing deployment {key} at exit failed: {exc}", file=sys.__stderr__)
 
 
+_SIGTERM_REPEATS_S = 5.0     # how long after the first SIGTERM a second one is taken as the same request
+_first_sigterm_at: float | None = None
+
+
 def _sigterm(signum, frame):
     """SIGTERM (a CI job cancelled) while a deployment is up: its default would end this process at once
-    with the servers still running; as KeyboardInterrupt, pytest tears the session down first."""
+    with the servers still running; as KeyboardInterrupt, pytest tears the session down first.
+
+    A cancelled job's kill of the process group, or `timeout` passing its own on, delivers it twice within
+    milliseconds; the second, raised while pytest handled the first, ended the session with a traceback
+    through pytest's internals and without its summary. Repeats within _SIGTERM_REPEATS_S are that same
+    request, and ignored; a later one ends the process at once (the workers' reapers end the deployments)."""
+    global _first_sigterm_at
     if _LIVE:
-        raise KeyboardInterrupt(f"signal {signum}")
+        now = time.monotonic()
+        if _first_sigterm_at is None:
+            _first_sigterm_at = now
+            raise KeyboardInterrupt(f"signal {signum}")
+        if now - _first_sigterm_at < _SIGTERM_REPEATS_S:
+            return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.raise_signal(signal.SIGTERM)
 

@@ -757,6 +757,7 @@ def test_ctrl_c_on_a_session_tears_its_deployment_down(pytester, neox_cache_dir,
             proc.kill()
         _kill_leftovers(tmp_path / "pids.txt")
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    assert "Traceback" not in out and "= neoxmii summary =" in out, out
     assert _tagged_like(f"echo-worker-{proc.pid}-") == [], out
     assert report.exists(), out
     torn = json.loads(report.read_text())
@@ -817,6 +818,30 @@ def test_sigterm_while_a_deployment_is_up_still_tears_it_down(tmp_path, tag):
     torn = json.loads(report.read_text())
     assert set(pids) <= set(torn["pids"]) and torn["survivors"] == []
     assert not [p for p in pids if processes.alive(p)]
+
+
+def test_sigterm_repeated_at_once_is_one_request_and_a_later_one_ends_the_process():
+    """A cancelled CI job's kill of the process group, or `timeout` passing its own on, reaches pytest twice
+    within milliseconds. The second one, raised while pytest handled the first, ended the session with a
+    traceback through pytest's internals and without its summary (seen on pythia-6.9b, CPU)."""
+    script = textwrap.dedent("""
+        import signal
+        from pytest_neoxmii.deploy import processes as p
+        p._LIVE["stand-in"] = lambda: None           # a deployment is up
+        p._install_sigterm_guard()
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except KeyboardInterrupt as exc:
+            print("first:", exc, flush=True)
+        signal.raise_signal(signal.SIGTERM)
+        print("at once: ignored", flush=True)
+        p._first_sigterm_at -= p._SIGTERM_REPEATS_S   # the same signal, seconds later
+        signal.raise_signal(signal.SIGTERM)
+        print("still running", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.stdout == "first: signal 15\nat once: ignored\n", proc.stdout + proc.stderr
+    assert proc.returncode == -signal.SIGTERM
 
 
 # -- a worker that dies is a result ---------------------------------------------------------------------------
