@@ -36,7 +36,7 @@ def read_prompt_file(path: Path) -> list[PromptLine]:
     """Parse and validate the file's shape (no tokenizer needed). Blank lines are skipped."""
     where = f"--neox-prompts {path}"
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")    # (a Windows editor's byte order mark, if any, dropped)
     except FileNotFoundError:
         raise NeoxUsageError(f"{where}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:

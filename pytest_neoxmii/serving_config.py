@@ -99,7 +99,7 @@ def load(engine: str, path: Path, *, dtype: str, tp: int, cache_dir: Path | None
 
 def _read(path: Path, where: str) -> dict:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")     # (a Windows editor's byte order mark, if any, dropped)
     except FileNotFoundError:
         raise NeoxUsageError(f"{where}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:

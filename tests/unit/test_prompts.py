@@ -61,6 +61,13 @@ def test_a_bad_line_is_an_error_naming_its_number(tmp_path, line, message):
     assert "\n" not in str(exc.value)
 
 
+def test_a_byte_order_mark_is_read_past_and_crlf_lines_are_lines(tmp_path):
+    """Windows editors write both; with the mark, line 1 was "not valid JSON (Unexpected UTF-8 BOM ...)"."""
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"id": "a", "input_ids": [5, 6]}\r\n{"input_ids": [7, 8]}\r\n')
+    assert [(p.id, p.rows) for p in plans(path)] == [("prompt-a", ((5, 6),)), ("prompt-line2", ((7, 8),))]
+
+
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(NeoxUsageError, match="prompts.jsonl: no such file$"):
         read_prompt_file(tmp_path / "prompts.jsonl")

@@ -66,6 +66,15 @@ def test_keys_the_plugin_owns_or_the_session_contradicts(tmp_path):
     assert "key 'tensor_parallel' asks for 2 but the session runs --neox-tp=1" in error("ds", tp)
 
 
+def test_a_byte_order_mark_is_read_past_and_the_digest_is_the_contents(tmp_path):
+    """A Windows editor's mark before the JSON was "not valid JSON (Unexpected UTF-8 BOM ...)"."""
+    marked = tmp_path / "marked.json"
+    marked.write_bytes(b'\xef\xbb\xbf{"max_tokens": 64}\r\n')
+    plain = cfg(tmp_path, '{"max_tokens": 64}')
+    got = serving_config.load("ds", marked, dtype="fp16", tp=1)
+    assert got.values == {"max_tokens": 64} and got.digest == serving_config.load("ds", plain, dtype="fp16", tp=1).digest
+
+
 def test_yaml_aliases_merge_and_digest(tmp_path):
     c = serving_config.load("ds", cfg(tmp_path, "max_out_tokens: 512\nkernel_inject: false\n", "ds.yml"),
                             dtype="fp16", tp=1)
