@@ -14,7 +14,8 @@ from pytest_neoxmii.injection import gpu_used_bytes
 def load_hf_model(path: Path, dtype: str, device: str):
     from transformers import AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=TORCH_DTYPES[dtype])
+        # (`dtype`, not `torch_dtype`: transformers 4.57 logs a deprecation for the latter at every load)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=TORCH_DTYPES[dtype])
     except Exception as exc:
         # Weights that do not match their config (the session checked the files are whole): one line, and
         # a deployment that failed, which the session does not retry for each test needing it.

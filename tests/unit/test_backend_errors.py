@@ -162,3 +162,20 @@ def test_in_brief_of_a_message_embedding_a_traceback_says_the_embedded_error():
                                "not indented")) == "ValueError: one line error ... KeyError: 'k'"
     assert in_brief(OSError("Traceback (most recent call last):\n  File \"z\"\nKeyError: 'k'")) == "OSError: KeyError: 'k'"
 
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_the_one_loader_gives_the_dtype_asked_for_without_transformers_deprecation(neox_cache_dir, dtype, caplog):
+    """`dtype=`, not `torch_dtype=` (transformers 4.57 logged "`torch_dtype` is deprecated!" at every load)."""
+    import logging
+
+    import torch
+
+    from pytest_neoxmii.backends.hf import load_hf_model
+    logging.Logger.warning_once.cache_clear()      # transformers says each warning once per process
+    from pytest_neoxmii.registry import lookup
+    from pytest_neoxmii.weights import synthetic_directory
+    model = load_hf_model(synthetic_directory(lookup("pythia-14m"), 0, neox_cache_dir), dtype, "cpu")
+    assert {p.dtype for p in model.parameters()} == {getattr(torch, {"fp32": "float32", "fp16": "float16",
+                                                                    "bf16": "bfloat16"}[dtype])}
+    assert "deprecated" not in caplog.text
