@@ -87,3 +87,19 @@ def test_neox_benchmark_is_pytest_benchmarks_fixture_and_a_skip_where_the_run_do
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["SKIPPED [[]1[]] test_timed.py:*: latency is measured through pytest-benchmark, "
                                  "which this run does not load (-p no:benchmark)"])
+
+
+DISABLED = """
+from pytest_neoxmii.checks import check_latency
+
+def test_timed(neox_benchmark):
+    check_latency(None, "hf", 1, neox_benchmark, None)     # skips before it asks the session for anything
+"""
+
+
+def test_a_latency_check_under_benchmark_disable_skips_saying_why(pytester):
+    pytester.makepyfile(test_timed=DISABLED)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--benchmark-disable", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED [[]1[]] test_timed.py:*: pytest-benchmark is disabled (--benchmark-disable*"
+                                 "latency is not measured in this run"])
