@@ -14,8 +14,9 @@ from pytest_neoxmii import options as options_mod
 from pytest_neoxmii.backends import planted_fault
 from pytest_neoxmii.deploy import cpu_heap
 from pytest_neoxmii.errors import NeoxUsageError
-from pytest_neoxmii.fixtures import (neox, neox_benchmark, neox_case, neox_ds,  # noqa: F401 (fixtures)
-                                     neox_generation_case, neox_mii, neox_reference, neox_zero)
+from pytest_neoxmii.fixtures import (neox, neox_case, neox_ds,  # noqa: F401 (fixtures)
+                                     neox_generation_case, neox_mii, neox_reference, neox_zero,
+                                     register_neox_benchmark)
 from pytest_neoxmii.session import SESSION_KEY, NeoxSession, get_session
 from pytest_neoxmii.versions import shown_versions
 
@@ -47,6 +48,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for line in MARKERS:
         config.addinivalue_line("markers", line)
+    register_neox_benchmark(config)
     try:
         opts = options_mod.NeoxOptions.from_config(config)
         model = None

@@ -119,8 +119,8 @@ def check_latency(neox, backend_name: str, batch_size: int, benchmark=None, requ
     properties, the report), then either records the baseline (--neox-update-baselines) or runs the
     regression gate; a missing baseline, or one from another GPU class only, skips the gate with the reason."""
     if benchmark is not None and getattr(benchmark, "disabled", False):
-        pytest.skip("pytest-benchmark is disabled (--benchmark-disable, or pytest-xdist, which disables it): "
-                    "latency is not measured in this run")
+        # (pytest-xdist disables it too, but a session with a model refuses xdist: options.py)
+        pytest.skip("pytest-benchmark is disabled (--benchmark-disable): latency is not measured in this run")
     opts = neox.options
     if batch_size > neox.max_batch:
         # DeepSpeed's inference workspace is sized once, for the largest batch of the case set; a larger

@@ -89,6 +89,37 @@ def test_neox_benchmark_is_pytest_benchmarks_fixture_and_a_skip_where_the_run_do
                                  "which this run does not load (-p no:benchmark)"])
 
 
+SKIPPED_BEFORE_TIMING = """
+import pytest
+
+def test_timed(neox_benchmark):
+    pytest.skip("the engine cannot run here")       # what check_latency does for an engine that cannot deploy
+"""
+
+
+def test_a_latency_test_skipping_before_it_times_draws_no_warning_from_pytest_benchmark(pytester):
+    """pytest-benchmark learns that a test skipped only from the fixtures the test asked for by name; fetched
+    by getfixturevalue, the fixture was 'not used at all in this test' (a PytestBenchmarkWarning for each
+    latency test of an engine that cannot run here: a mistyped --neox-zero-nvme, MII not installed)."""
+    pytester.makepyfile(test_timed=SKIPPED_BEFORE_TIMING)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-W", "error::pytest_benchmark.logger.PytestBenchmarkWarning")
+    result.assert_outcomes(skipped=1)
+    assert "not used at all" not in result.stdout.str()
+
+
+def test_benchmark_skip_and_only_tell_latency_tests_from_the_others(pytester):
+    """pytest-benchmark sorts the tests by the fixtures they ask for by name, while it collects them:
+    --benchmark-skip skips the latency tests before the session deploys anything for them, and
+    --benchmark-only runs them alone (with the fixture fetched by getfixturevalue it skipped them too)."""
+    pytester.makepyfile(test_timed=BENCHMARKED + "\n\ndef test_not_timed():\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--benchmark-skip", "-rs")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED [[]1[]] test_timed.py: Skipping benchmark (--benchmark-skip active)."])
+    result = pytester.runpytest("-p", "no:cacheprovider", "--benchmark-only", "-rs")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED [[]1[]] test_timed.py: Skipping non-benchmark (--benchmark-only active)."])
+
+
 DISABLED = """
 from pytest_neoxmii.checks import check_latency
 
@@ -101,5 +132,5 @@ def test_a_latency_check_under_benchmark_disable_skips_saying_why(pytester):
     pytester.makepyfile(test_timed=DISABLED)
     result = pytester.runpytest("-p", "no:cacheprovider", "--benchmark-disable", "-rs")
     result.assert_outcomes(skipped=1)
-    result.stdout.fnmatch_lines(["SKIPPED [[]1[]] test_timed.py:*: pytest-benchmark is disabled (--benchmark-disable*"
+    result.stdout.fnmatch_lines(["SKIPPED [[]1[]] test_timed.py:*: pytest-benchmark is disabled (--benchmark-disable): "
                                  "latency is not measured in this run"])
