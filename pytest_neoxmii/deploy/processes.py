@@ -32,6 +32,8 @@ from typing import Callable, Iterable
 
 import psutil
 
+from pytest_neoxmii.errors import in_brief
+
 TAG_ENV = "NEOXMII_DEPLOYMENT"
 # The tags of the deployments hosting the one a process was started for (comma-separated, outermost first): a
 # worker hosting a deployment of its own (MII's gRPC server under the mii worker) gives that deployment's
@@ -427,7 +429,7 @@ def teardown(trees: list[ProcessTree], *, name: str, tag: str | None = None,
                 polite()
                 polite_result = "sent"
             except Exception as exc:     # the processes are ended below in any case
-                polite_result = f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+                polite_result = f"failed ({in_brief(exc, lines=1)})"
             deadline = time.monotonic() + polite_timeout
             while any(t.popen.poll() is None for t in trees) and time.monotonic() < deadline:
                 for t in trees:

@@ -193,6 +193,20 @@ def test_teardown_ends_the_whole_tree(tmp_path, tag):
     assert processes.tagged(tag) == set()
 
 
+def test_a_polite_stop_that_raises_is_reported_in_one_line_and_the_processes_still_end(tmp_path, tag):
+    """MII's terminate over gRPC fails with a multi-line message when the server is already gone: the report
+    says its first line with the error's type, and the processes are ended all the same."""
+    tree = processes.start([sys.executable, "-c", "import time; time.sleep(600)"], name="sleeper",
+                           log_path=tmp_path / "sleeper.log", tag=tag)
+
+    def polite():
+        raise ConnectionError("the server is gone\n  details nobody needs\n  more of them")
+    report = processes.teardown([tree], name="sleeper", tag=tag, polite=polite, polite_timeout=0.2,
+                                term_timeout=5.0)
+    assert report.polite == "failed (ConnectionError: the server is gone), processes still running after 0 s"
+    assert not processes.alive(tree.pid) and report.survivors == [] and processes.tagged(tag) == set()
+
+
 def test_a_deployment_started_inside_another_ones_process_is_that_ones_too(tmp_path, tag, monkeypatch):
     """A worker hosting a deployment of its own (MII's gRPC server under the mii worker) starts it with its own
     tag, and the hosted processes also carry the worker's: once re-parented (the server's launcher gone before
