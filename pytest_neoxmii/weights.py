@@ -10,10 +10,10 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 import statistics
 import struct
-import tempfile
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -296,7 +296,10 @@ def build_synthetic(spec: ModelSpec, seed: int, cache_dir: Path) -> Path:
         if (target / PROVENANCE_FILE).is_file():
             return target
         _check_room(spec, target.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        # Made as any new directory is (0o777 minus the umask): mkdtemp's 0o700 kept everyone else out of
+        # a cache shared on a multi-user machine (each later user: PermissionError loading the model).
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        tmp.mkdir()
         try:
             save_synthetic(spec, seed, tmp)
             if target.exists():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import zlib
 
 import pytest
@@ -198,6 +199,18 @@ def test_build_leaves_no_temporary_directory_and_is_reused(tmp_path, monkeypatch
     assert weights.build_synthetic(SPEC_14M, 0, tmp_path) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".lock"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750)])
+def test_a_built_model_directory_has_the_mode_of_any_new_directory(tmp_path, umask, mode):
+    """A cache shared on a multi-user machine: built through mkdtemp the directory was 0o700, and every other
+    user's session failed to load the model with a PermissionError."""
+    before = os.umask(umask)
+    try:
+        path = weights.build_synthetic(SPEC_14M, 0, tmp_path)
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
 
 
 def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
