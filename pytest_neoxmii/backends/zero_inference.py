@@ -41,6 +41,18 @@ def zero_config(hidden_size: int, dtype: str, nvme_path: Path | None) -> dict:
 AHEAD_WORKERS_ENV = "NEOXMII_ZERO_AHEAD_WORKERS"
 
 
+def check_async_io() -> None:
+    """ZeRO swaps its parameters to NVMe through DeepSpeed's async_io op, which builds only against libaio.
+    Without it, deepspeed.initialize failed in the worker with a 40-line traceback ending in "Unable to JIT load
+    the async_io op" (seen on the lent H200 machine and on the CPU machine): a machine that lacks something,
+    which a skip says in one line."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise BackendUnavailable("--neox-zero-nvme needs DeepSpeed's async_io op, which builds against libaio, and "
+                                 "libaio's library and headers were not found (install libaio-dev, or "
+                                 "libaio-devel); without --neox-zero-nvme ZeRO offloads to CPU memory")
+
+
 class ZeroInferenceBackend(TorchModelBackend):
     description = "ZeRO-Inference, stage 3 with parameters offloaded"
     label = "ZeRO-Inference"
@@ -74,6 +86,8 @@ class ZeroInferenceBackend(TorchModelBackend):
     def __init__(self, path: Path, dtype: str, device: str, hidden_size: int, nvme_path: Path | None = None):
         if nvme_path is not None and not Path(nvme_path).is_dir():
             raise BackendUnavailable(f"--neox-zero-nvme={nvme_path} is not a directory")
+        if nvme_path is not None:
+            check_async_io()
         on_gpu = device.startswith("cuda")
         init_distributed_env(device)
         import deepspeed

@@ -179,3 +179,23 @@ def test_the_one_loader_gives_the_dtype_asked_for_without_transformers_deprecati
     assert {p.dtype for p in model.parameters()} == {getattr(torch, {"fp32": "float32", "fp16": "float16",
                                                                     "bf16": "bfloat16"}[dtype])}
     assert "deprecated" not in caplog.text
+
+
+NO_LIBAIO = ("--neox-zero-nvme needs DeepSpeed's async_io op, which builds against libaio, and libaio's library and "
+             "headers were not found (install libaio-dev, or libaio-devel); without --neox-zero-nvme ZeRO offloads "
+             "to CPU memory")
+
+
+def test_zero_on_nvme_without_libaio_is_unavailable_in_one_line_before_anything_loads(monkeypatch, tmp_path):
+    """Before: deepspeed.initialize failed in the worker with a 40-line traceback ending in "Unable to JIT load the
+    async_io op" (one H200 and the CPU machine, neither with libaio), and every ZeRO test failed with it."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    from pytest_neoxmii.backends import zero_inference
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
+    with pytest.raises(BackendUnavailable) as info:     # (no model there: it must stop before loading one)
+        zero_inference.ZeroInferenceBackend(tmp_path / "no-model", "fp16", "cpu", 128, nvme_path=tmp_path)
+    assert str(info.value) == NO_LIBAIO
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: True)
+    zero_inference.check_async_io()                    # libaio there: nothing to say
