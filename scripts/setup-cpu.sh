@@ -12,10 +12,10 @@ pip() { .venv/bin/python -m pip "$@"; }
 # Three pip runs, not five (each run starts pip and reads the indexes again), and no byte-compiling of every
 # installed file (torch and transformers are thousands of modules): Python compiles the ones a run imports,
 # once, unless PYTHONDONTWRITEBYTECODE forbids it to keep them; then pip compiles everything up front.
-# setuptools >= 70.1 builds wheels without the `wheel` package.
+# setuptools >= 70.1 builds wheels without the `wheel` package; >= 77 reads the SPDX license (pyproject.toml).
 compile=--no-compile
 [ -z "${PYTHONDONTWRITEBYTECODE:-}" ] || compile=--compile
-pip install -q $compile --upgrade pip "setuptools>=70.1" "${TORCH_SPEC:-torch==2.13.0}" numpy
+pip install -q $compile --upgrade pip "setuptools>=77" "${TORCH_SPEC:-torch==2.13.0}" numpy
 pip install -q $compile --no-build-isolation "deepspeed==0.19.8" -e ".[mii,test]"
 pip install -q $compile --no-deps "deepspeed-mii==0.3.3"
 .venv/bin/python - <<'PY'
