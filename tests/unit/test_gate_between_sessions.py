@@ -1,20 +1,13 @@
-"""scripts/gate_between_sessions.py, behind docs/SPEED.md's twenty-second round: each session of a set taken as the
-latency baseline of each other one, judged by the gate itself."""
+"""python -m pytest_neoxmii.gate_between_sessions, behind docs/SPEED.md's twenty-second round: each session of a
+set taken as the latency baseline of each other one, judged by the gate itself."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
+from pytest_neoxmii import gate_between_sessions as gate_between
 from pytest_neoxmii.latency import LatencyResult
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gate_between_sessions.py"
-spec = importlib.util.spec_from_file_location("gate_between_sessions", SCRIPT)
-gate_between = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = gate_between
-spec.loader.exec_module(gate_between)
 
 
 def rounds(median_s: float, n: int = 12) -> list[float]:

@@ -40,7 +40,7 @@ LAYERS = (
     ("session", ("precision", "session", "options", "reference_first", "ahead_share", "extra_workers",
                  "overhead")),
     ("checks", ("checks", "assertions")),
-    ("report", ("report_tables", "report", "markdown_summary", "plot")),
+    ("report", ("report_tables", "report", "markdown_summary", "plot", "gate_between_sessions")),
     ("hooks", ("plugin", "fixtures", "")),          # "": the package itself (its lazy assert_matches_reference)
     ("suite", ("suite",)),
 )

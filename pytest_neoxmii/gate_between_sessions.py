@@ -1,7 +1,7 @@
 """How the latency gate judges a machine against itself: sessions of the same code on the same machine,
 each taken as the baseline of each other one.
 
-    python scripts/gate_between_sessions.py REPORT REPORT [REPORT ...] [--threshold 0.10]
+    python -m pytest_neoxmii.gate_between_sessions REPORT REPORT [REPORT ...] [--threshold 0.10]
 
 REPORT: a session's neoxmii-summary.json (--neox-report DIR writes DIR/neoxmii-summary.json), or a directory
 holding one. Every figure the reports share (backend, dtype, shape) is compared, for every ordered pair of
