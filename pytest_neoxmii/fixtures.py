@@ -66,7 +66,7 @@ class BenchmarkThroughPytestBenchmark:
     """`neox_benchmark` where pytest-benchmark is loaded: its `benchmark` fixture, which the latency checks
     feed their rounds into. Asked for by name, so that pytest-benchmark sees it among the test's fixtures: it
     then knows when the test skipped before timing (an engine that cannot run here) instead of warning that
-    the fixture was not used, and --benchmark-skip skips the test at setup, before anything deploys."""
+    the fixture was not used, and --benchmark-skip skips the test at collection, before anything deploys."""
 
     @pytest.fixture
     def neox_benchmark(self, benchmark):
