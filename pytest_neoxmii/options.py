@@ -208,13 +208,19 @@ class NeoxOptions:
         if v["neox_work_ahead"] not in ("auto", "always", "never"):
             raise NeoxUsageError("--neox-work-ahead must be 'auto', 'always' or 'never', got "
                                  f"'{v['neox_work_ahead']}'")
-        # Relative paths are relative to where pytest was started (the invocation directory), not to the
-        # rootdir: with `--pyargs pytest_neoxmii.suite` the rootdir can be the installed package's folder.
         here = Path(config.invocation_params.dir)
-        baseline_dir = usable_directory(here / v["neox_baseline_dir"], "--neox-baseline-dir")
-        cache_dir = usable_directory(Path(v["neox_cache_dir"]).expanduser() if v["neox_cache_dir"]
-                                     else default_cache_dir(), "--neox-cache-dir")
-        report_dir = usable_directory(here / v["neox_report"], "--neox-report") if v["neox_report"] else None
+
+        def path(value: str) -> Path:
+            # Relative to where pytest was started (the invocation directory), not to the rootdir: with
+            # `--pyargs pytest_neoxmii.suite` the rootdir can be the installed package's folder. A leading ~ is
+            # the home directory: the shell leaves `--neox-report=~/reports` as it is (it expands a tilde only
+            # at a word's start), and so does an ini file; taken as it is, it made a folder named ~ here.
+            return here / Path(value).expanduser()
+
+        baseline_dir = usable_directory(path(v["neox_baseline_dir"]), "--neox-baseline-dir")
+        cache_dir = usable_directory(path(v["neox_cache_dir"]) if v["neox_cache_dir"] else default_cache_dir(),
+                                     "--neox-cache-dir")
+        report_dir = usable_directory(path(v["neox_report"]), "--neox-report") if v["neox_report"] else None
         _check_environment()
         if v["neox_model"]:
             _check_not_distributed(config)
@@ -225,13 +231,13 @@ class NeoxOptions:
             max_new_tokens=v["neox_max_new_tokens"], seed=v["neox_seed"], top_k=v["neox_top_k"],
             parity_multiple=v["neox_parity_multiple"], cases=v["neox_cases"],
             cache_dir=cache_dir,
-            zero_nvme=Path(v["neox_zero_nvme"]) if v["neox_zero_nvme"] else None,
+            zero_nvme=path(v["neox_zero_nvme"]) if v["neox_zero_nvme"] else None,
             latency_threshold=v["neox_latency_threshold"],
             latency_time_box=box, latency_ci=v["neox_latency_ci"], gpu_memory_cap=cap,
             report_dir=report_dir,
-            prompts=here / v["neox_prompts"] if v["neox_prompts"] else None,
-            ds_config=here / v["neox_ds_config"] if v["neox_ds_config"] else None,
-            mii_config=here / v["neox_mii_config"] if v["neox_mii_config"] else None,
+            prompts=path(v["neox_prompts"]) if v["neox_prompts"] else None,
+            ds_config=path(v["neox_ds_config"]) if v["neox_ds_config"] else None,
+            mii_config=path(v["neox_mii_config"]) if v["neox_mii_config"] else None,
             reference_first=v["neox_reference_first"], work_ahead=v["neox_work_ahead"],
         )
 

@@ -112,6 +112,23 @@ def test_option_as_flag_alone(pytester, case):
     assert getattr(opts, case.field) == _expected(case.from_flag, pytester.path)
 
 
+PATH_OPTIONS = [("neox_baseline_dir", "baseline_dir"), ("neox_cache_dir", "cache_dir"), ("neox_report", "report_dir"),
+                ("neox_zero_nvme", "zero_nvme"), ("neox_prompts", "prompts"), ("neox_ds_config", "ds_config"),
+                ("neox_mii_config", "mii_config")]
+
+
+@pytest.mark.parametrize("name, field", PATH_OPTIONS, ids=[n for n, _ in PATH_OPTIONS])
+def test_a_path_option_starting_with_a_tilde_is_in_the_home_directory(pytester, monkeypatch, tmp_path, name, field):
+    """The shell leaves `--neox-report=~/reports` as it is (it expands a tilde only at a word's start), and an ini
+    file does too: taken as it was, the report went to a folder named ~ in the directory pytest ran in."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    flag = "--" + name.replace("_", "-")
+    assert getattr(options_of(pytester, f"{flag}=~/from-flag"), field) == tmp_path / "home" / "from-flag"
+    pytester.makeini(f"[pytest]\n{name} = ~/from-ini\n")
+    assert getattr(options_of(pytester), field) == tmp_path / "home" / "from-ini"
+    assert not (pytester.path / "~").exists()
+
+
 def test_bool_ini_option_true(pytester):
     pytester.makeini("[pytest]\nneox_update_baselines = true\n")
     assert options_of(pytester).update_baselines is True
@@ -249,12 +266,11 @@ def test_every_option_bound_is_a_one_line_error(pytester, assert_usage_error, ar
 @pytest.mark.parametrize("flag", ["--neox-baseline-dir", "--neox-report", "--neox-cache-dir"])
 def test_a_directory_option_naming_a_file_is_a_one_line_error(pytester, assert_usage_error, flag):
     pytester.makefile(".txt", notes="a file, not a directory")
-    shown = "notes.txt" if flag == "--neox-cache-dir" else str(pytester.path / "notes.txt")  # (cwd-relative)
     assert_usage_error(pytester.runpytest(f"{flag}=notes.txt"),
-                       f"{flag} {shown}: it exists and is not a directory")
-    inside = "notes.txt/sub" if flag == "--neox-cache-dir" else str(pytester.path / "notes.txt" / "sub")
+                       f"{flag} {pytester.path / 'notes.txt'}: it exists and is not a directory")
+    inside = pytester.path / "notes.txt" / "sub"
     assert_usage_error(pytester.runpytest(f"{flag}=notes.txt/sub"),
-                       f"{flag} {inside}: {Path(inside).parent} is not a directory")
+                       f"{flag} {inside}: {inside.parent} is not a directory")
 
 
 def test_a_directory_option_naming_a_directory_not_made_yet_is_accepted(pytester):
