@@ -57,7 +57,21 @@ class ResolvedModel:
                     f"{self.spec.name} shape")
         if self.source == "hub":
             return f"real weights {self.spec.hub_id}@{self.revision} from the hub cache"
+        built = synthetic_provenance(self.path) if self.path is not None else None
+        if built is not None:      # a copy of a synthetic build (a CI cache, a shared folder): never "real"
+            return (f"synthetic weights (seed {built.get('seed')}, generator v{built.get('generator_version')}) in "
+                    f"the {built.get('architecture')} shape, from local directory {self.path}")
         return f"weights from local directory {self.path}"
+
+
+def synthetic_provenance(directory: Path) -> dict | None:
+    """What build_synthetic wrote beside the weights it built (seed, generator, architecture), or None for a
+    directory it did not build."""
+    try:
+        found = json.loads((directory / PROVENANCE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and found.get("kind") == "synthetic" else None
 
 
 def default_cache_dir() -> Path:

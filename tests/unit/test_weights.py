@@ -213,6 +213,20 @@ def test_a_built_model_directory_has_the_mode_of_any_new_directory(tmp_path, uma
     assert stat.S_IMODE(path.stat().st_mode) == mode
 
 
+def test_a_local_directory_holding_a_synthetic_build_says_its_weights_are_synthetic(tmp_path):
+    """Pointed at a copy of a synthetic build (a CI cache, a shared folder), the header said only "weights from
+    local directory": results from seeded random weights could pass for a real checkpoint's."""
+    built = weights.build_synthetic(SPEC_14M, 0, tmp_path / "cache")
+    copy = tmp_path / "models" / "mine"
+    shutil.copytree(built, copy)
+    assert weights.resolve(str(copy), "auto", None, 0, tmp_path / "cache").describe() == (
+        f"synthetic weights (seed 0, generator v{weights.SYNTHETIC_VERSION}) in the pythia-14m shape, from local "
+        f"directory {copy}")
+    (copy / weights.PROVENANCE_FILE).unlink()          # a directory it did not build: as before
+    assert weights.resolve(str(copy), "auto", None, 0, tmp_path / "cache").describe() == (
+        f"weights from local directory {copy}")
+
+
 def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
     def half_written(spec, seed, directory):
         (directory / "config.json").write_text("{}")
