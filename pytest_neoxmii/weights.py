@@ -53,15 +53,19 @@ class ResolvedModel:
 
     def describe(self) -> str:
         if self.source == "synthetic":
-            return (f"synthetic weights (seed {self.seed}, generator v{SYNTHETIC_VERSION}) in the "
-                    f"{self.spec.name} shape")
+            return synthetic_words(self.seed, SYNTHETIC_VERSION, self.spec.name)
         if self.source == "hub":
             return f"real weights {self.spec.hub_id}@{self.revision} from the hub cache"
         built = synthetic_provenance(self.path) if self.path is not None else None
         if built is not None:      # a copy of a synthetic build (a CI cache, a shared folder): never "real"
-            return (f"synthetic weights (seed {built.get('seed')}, generator v{built.get('generator_version')}) in "
-                    f"the {built.get('architecture')} shape, from local directory {self.path}")
+            words = synthetic_words(built.get("seed"), built.get("generator_version"), built.get("architecture"))
+            return f"{words}, from local directory {self.path}"
         return f"weights from local directory {self.path}"
+
+
+def synthetic_words(seed, generator_version, shape) -> str:
+    """How every header, report and figure names synthetic weights."""
+    return f"synthetic weights (seed {seed}, generator v{generator_version}) in the {shape} shape"
 
 
 def synthetic_provenance(directory: Path) -> dict | None:
