@@ -4,6 +4,7 @@ the test process's own allocator is left as it is."""
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -16,8 +17,9 @@ glibc_only = pytest.mark.skipif(cpu_heap._mallopt() is None, reason="needs glibc
                                 f"this is {sys.platform} without it")
 
 # What a CPU session's judge does at every chunk of a long case: a float64 log-softmax over a 50k vocabulary
-# and a few float32 temporaries, made and freed. Five rounds with glibc's default, then five with `device`'s
-# setting, each after eight rounds that let the heap grow to what the rounds need: page faults of each five.
+# and a few float32 temporaries, made and freed. Thirteen rounds with glibc's default, then thirteen with
+# `device`'s setting: each round's page faults, the first three left out (the heap grows to what the rounds
+# need there).
 _ROUNDS = textwrap.dedent("""
     import resource, sys, torch
     from pytest_neoxmii.deploy import cpu_heap
@@ -26,36 +28,39 @@ _ROUNDS = textwrap.dedent("""
         torch.log_softmax(x, -1, dtype=torch.float64).exp_().sum()
         (x * 2).argmax(-1)
     def faults():
-        for _ in range(8):
+        per_round = []
+        for _ in range(13):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             chunk()
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(5):
-            chunk()
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+            per_round.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return per_round[3:]
     default = faults()
     kept = cpu_heap.keep_freed_memory(sys.argv[1])
-    print(kept, default, faults())
+    print(kept, ",".join(map(str, default)), ",".join(map(str, faults())))
 """)
 
 
-def _rounds(device: str) -> tuple[bool, int, int]:
-    """(whether the process keeps freed memory, faults with glibc's default, faults after)."""
+def _rounds(device: str) -> tuple[bool, list[int], list[int]]:
+    """(whether the process keeps freed memory, each round's faults with glibc's default, each one's after)."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     out = subprocess.run([sys.executable, "-c", _ROUNDS, device], capture_output=True, text=True, timeout=120,
                          env=environment, check=True).stdout.split()
-    return out[0] == "True", int(out[1]), int(out[2])
+    return out[0] == "True", [int(n) for n in out[1].split(",")], [int(n) for n in out[2].split(",")]
 
 
 @glibc_only
 def test_a_cpu_process_reuses_freed_memory_where_the_default_asks_the_kernel_for_fresh_pages_each_time():
     kept, faults_default, faults_kept = _rounds("cpu")
     assert kept
-    # 5 x (64 MB float64 + 32 MB float32) is about 120,000 pages of 4 KiB: the default faults them in again.
-    assert faults_default > 60_000, f"default allocator: only {faults_default} page faults in 5 chunks"
-    # Kept: none once the heap has grown to what the rounds need (in the first rounds, freed blocks a little
-    # too small for posix_memalign's slack make it grow to a few times the working set, then it stays).
-    assert faults_kept < faults_default / 20, (f"{faults_kept} page faults with freed memory kept, "
-                                              f"{faults_default} without")
+    # Each round makes 64 MB float64 and 32 MB float32 blocks: about 24,000 pages of 4 KiB. The default faults
+    # most of them in again at every round.
+    typical_default, typical_kept = statistics.median(faults_default), statistics.median(faults_kept)
+    assert typical_default > 12_000, f"default allocator: only {faults_default} page faults in its rounds"
+    # Kept: a typical round faults nothing. The median, not the sum: in some address layouts glibc grows the
+    # heap by one more block in a later round, then reuses it like the rest (a sum over rounds 9-13 counted
+    # it in 9 of 41 runs in the unit suite's environment: docs/SPEED.md, the twenty-third round).
+    assert typical_kept < typical_default / 20, (f"page faults per round with freed memory kept: {faults_kept}; "
+                                                f"with glibc's default: {faults_default}")
 
 
 @pytest.mark.parametrize("variable,value", [("MALLOC_MMAP_MAX_", "65536"),
