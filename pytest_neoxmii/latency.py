@@ -328,6 +328,7 @@ class LatencyResult:
     notes: list[str] = field(default_factory=list)
     stop_reason: str = "fixed"            # why the rounds stopped: ci, time-box, max-rounds or fixed (StopRule)
     timing_s: float | None = None         # seconds the timing took, warm-up included
+    gpu_work: object = None               # gpu_work.GpuWork of one full call (--neox-gpu-work), else None
 
     def __post_init__(self) -> None:
         if self.backend in engines.ENGINES and not engines.ENGINES[self.backend].weights_on_gpu:
@@ -407,6 +408,8 @@ class LatencyResult:
             "floor_pct": self.floor_pct,
             "floor": self.floor_note,
             "gpu": self.gpu_name or "cpu",
+            "gpu_operations_per_call": self.gpu_work.operations if self.gpu_work else None,
+            "gpu_busy_s_per_call": self.gpu_work.busy_s if self.gpu_work else None,
         }
         if self.gate:
             out["gate_verdict"] = self.gate.get("verdict")
@@ -436,6 +439,8 @@ class LatencyResult:
         pct = self.floor_pct
         parts.append(f"floor {ms(self.floor_s)} = {pct:.1f}% of TPOT" if pct is not None
                      else f"floor {self.floor_note}")
+        if self.gpu_work:
+            parts.append(f"per call {self.gpu_work.describe()}")
         return ", ".join(parts)
 
 
@@ -505,13 +510,14 @@ def model_calls(backend, batch, new_tokens: int) -> tuple[Callable[[], object], 
 
 def measure_backend(backend, batch, new_tokens: int, rounds: int | StopRule, warmup: int, *, spec=None,
                     hardware=None, benchmark=None, timer: Timer | None = None,
-                    min_warmup_s: float = 0.0) -> LatencyResult:
+                    min_warmup_s: float = 0.0, gpu_work: bool = False) -> LatencyResult:
     """Time rounds of prefill + full generation of one loaded backend, as `rounds` (a StopRule or a fixed
-    count) says, after `warmup` rounds (more if they would last less than min_warmup_s)."""
+    count) says, after `warmup` rounds (more if they would last less than min_warmup_s); with `gpu_work`, then
+    profile one more full call on a GPU (gpu_work.py)."""
     in_worker = getattr(backend, "measure_latency", None)
     if in_worker is not None:       # an isolated engine: timed in its worker, as this function times it here
         result = in_worker(batch, new_tokens, rounds, warmup, spec=spec, hardware=hardware,
-                           min_warmup_s=min_warmup_s)
+                           min_warmup_s=min_warmup_s, gpu_work=gpu_work)
         if benchmark is not None:
             _into_benchmark(benchmark, result.e2e)
         return result
@@ -539,6 +545,7 @@ def measure_backend(backend, batch, new_tokens: int, rounds: int | StopRule, war
     if on_gpu and local:
         import torch
         peak = int(torch.cuda.max_memory_allocated(device))
+    work = _gpu_work(full_call, device, local, notes) if gpu_work and on_gpu else None
     gpu_name = hardware.gpus[0].name if hardware is not None and hardware.gpus and on_gpu else None
     return LatencyResult(
         backend=info.backend, dtype=info.dtype, device=device, batch_size=batch.batch_size,
@@ -546,4 +553,17 @@ def measure_backend(backend, batch, new_tokens: int, rounds: int | StopRule, war
         e2e=timed.e2e, prefill=timed.prefill, stop_reason=timed.stop_reason, timing_s=timed.seconds,
         weight_bytes=spec.weight_bytes(info.dtype) if spec is not None else 0,
         tp=info.tensor_parallel, gpu_name=gpu_name, bandwidth=memory_bandwidth(gpu_name),
-        peak_gpu_memory_bytes=peak, notes=notes)
+        peak_gpu_memory_bytes=peak, gpu_work=work, notes=notes)
+
+
+def _gpu_work(full_call, device: str, local: bool, notes: list[str]):
+    """The GPU work of one full call, after the timed rounds; None with a note where it cannot be seen."""
+    from pytest_neoxmii import gpu_work
+    if not local:
+        notes.append("GPU work not measured: the engine runs in processes of its own (its ranks or a server)")
+        return None
+    try:
+        return gpu_work.measure(full_call, device)
+    except gpu_work.GpuWorkUnavailable as exc:
+        notes.append(f"GPU work not measured: {exc}")
+        return None

@@ -13,6 +13,7 @@ import pytest
 from pytest_neoxmii import backends as engines
 from pytest_neoxmii import reference_first
 from pytest_neoxmii.errors import NeoxUsageError
+from pytest_neoxmii.gpu_work import GPU_WORK_THRESHOLD
 
 DTYPES = ("fp16", "bf16", "fp32")
 
@@ -65,6 +66,10 @@ OPTIONS = (
     Option("neox_latency_time_box", "seconds of timing per latency test, warm-up included: rounds stop when "
            "one more would not fit (after the 6 the gate needs) (default: 4 on a GPU, 1 on the CPU)", None,
            kind="float", metavar="SECONDS"),
+    Option("neox_gpu_work", "also count each latency test's GPU work per call (operations and GPU busy time, "
+           "from one profiled call after the timed rounds), record it with the baselines and gate it at "
+           f"{GPU_WORK_THRESHOLD * 100:g} percent: figures the host's speed does not move, unlike the wall clock", False,
+           kind="bool"),
     Option("neox_latency_ci", "rounds stop once the 95 percent confidence interval of the median is within this "
            "fraction of it", 0.02, kind="float", metavar="FRACTION"),
     Option("neox_prompts", "JSON Lines file of your own prompts, one object per line: 'prompt' (text) or "
@@ -163,6 +168,7 @@ class NeoxOptions:
     latency_time_box: float | None = None   # None: the device's profile decides (latency.profile_for)
     latency_ci: float = 0.02
     gpu_memory_cap: int | None = None       # bytes per worker and GPU (deploy/gpu_cap.py); None: no cap
+    gpu_work: bool = False                  # --neox-gpu-work (gpu_work.py)
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "NeoxOptions":
@@ -239,6 +245,7 @@ class NeoxOptions:
             ds_config=path(v["neox_ds_config"]) if v["neox_ds_config"] else None,
             mii_config=path(v["neox_mii_config"]) if v["neox_mii_config"] else None,
             reference_first=v["neox_reference_first"], work_ahead=v["neox_work_ahead"],
+            gpu_work=v["neox_gpu_work"],
         )
 
 

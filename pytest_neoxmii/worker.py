@@ -156,11 +156,11 @@ class Served:
         self.wait_idle()
         return self.backend.query_texts(*args)
 
-    def measure_latency(self, batch, new_tokens, rounds, warmup, spec, hardware, min_warmup_s):
+    def measure_latency(self, batch, new_tokens, rounds, warmup, spec, hardware, min_warmup_s, gpu_work=False):
         from pytest_neoxmii.latency import measure_backend
         self.wait_idle()
         return measure_backend(self.backend, batch, new_tokens, rounds, warmup, spec=spec, hardware=hardware,
-                               min_warmup_s=min_warmup_s)
+                               min_warmup_s=min_warmup_s, gpu_work=gpu_work)
 
 
 _MISSING = object()

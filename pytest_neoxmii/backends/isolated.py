@@ -175,7 +175,8 @@ class IsolatedEngine(ChannelDeployment):
         return self._call("query_texts", texts, max_new_tokens)
 
     def measure_latency(self, batch, new_tokens: int, rounds, warmup: int, *, spec=None, hardware=None,
-                        min_warmup_s: float = 0.0):
+                        min_warmup_s: float = 0.0, gpu_work: bool = False):
         """latency.measure_backend run in the worker, on the engine itself: timed as the test process times
         an engine it holds (CUDA events around each call), without the channel in the figures."""
-        return self._call("measure_latency", batch, new_tokens, rounds, warmup, spec, hardware, min_warmup_s)
+        return self._call("measure_latency", batch, new_tokens, rounds, warmup, spec, hardware, min_warmup_s,
+                          gpu_work)

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from pytest_neoxmii import backends as engines
+from pytest_neoxmii import gpu_work
 from pytest_neoxmii.cases import text_tokens
 from pytest_neoxmii.checks.baseline_policy import BaselinePolicy
 from pytest_neoxmii.hardware import machine_info
@@ -49,7 +50,8 @@ def measure(neox, name: str, batch_size: int, benchmark=None, profile: LatencyPr
     with neox.timed(TIMED_PHASE):
         result = measure_backend(backend, batch, profile.new_tokens, profile.stop_rule(), profile.warmup,
                                  spec=neox.model.spec, hardware=neox.hardware, benchmark=benchmark,
-                                 min_warmup_s=profile.min_warmup_s)
+                                 min_warmup_s=profile.min_warmup_s,
+                                 gpu_work=bool(getattr(neox.options, "gpu_work", False)))
     neox.last_timed_at = time.perf_counter()
     result.backend = name
     if hot:
@@ -173,11 +175,33 @@ def check_latency(neox, backend_name: str, batch_size: int, benchmark=None, requ
 
     cmp = compare_latency(baseline["samples"], result.e2e, threshold=threshold)
     message = f"{backend_name} {bench} on {cls}: {cmp.message()}"
+    work = _gate_gpu_work(opts, baseline, result)
+    if work is not None:
+        message += f"; {work.message()}"
     print(message)
-    finish(not cmp.failed, cmp.verdict, message,
+    failed = cmp.failed or (work is not None and work.failed)
+    finish(not failed, cmp.verdict, message,
            {"baseline_median_s": cmp.baseline_median, "current_median_s": cmp.current_median,
             "change_pct": cmp.change_pct, "p_value": cmp.p_value, "threshold": threshold,
-            "baseline_recorded_at": baseline.get("recorded_at")})
-    if cmp.failed:
-        pytest.fail(f"latency regression: {message}", pytrace=False)
+            "baseline_recorded_at": baseline.get("recorded_at"),
+            **({"gpu_work_verdict": work.verdict, "gpu_work_changes_pct":
+                {k: v * 100 for k, v in work.changes.items()}} if work is not None else {})})
+    if failed:
+        what = "latency regression" if cmp.failed else "GPU work regression"
+        pytest.fail(f"{what}: {message}", pytrace=False)
     return result
+
+
+def _gate_gpu_work(opts, baseline: dict, result: LatencyResult):
+    """--neox-gpu-work: this call's GPU work against the baseline's (gpu_work.py), or None where either side
+    has none (a note says why, in the result and on the terminal)."""
+    if not getattr(opts, "gpu_work", False) or result.gpu_work is None:
+        return None
+    recorded = gpu_work.from_metrics(baseline.get("extra") or {})
+    if recorded is None:
+        note = ("GPU work not gated: the baseline has none (record it with --neox-update-baselines "
+                "--neox-gpu-work)")
+        result.notes.append(note)
+        print(note)
+        return None
+    return gpu_work.compare(recorded, result.gpu_work)

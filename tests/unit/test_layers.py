@@ -21,6 +21,7 @@ JUDGES = (
     "pytest_neoxmii.samples",
     "pytest_neoxmii.stats",
     "pytest_neoxmii.latency",
+    "pytest_neoxmii.gpu_work",
     "pytest_neoxmii.storage",
     "pytest_neoxmii.storage.store",
     "pytest_neoxmii.storage.schema",
@@ -33,7 +34,7 @@ LAYERS = (
                      "compat", "interrupt", "_child", "files")),
     ("model", ("weights", "checkpoint_files", "cases", "prompts", "serving_config")),
     ("engines", ("backends", "deploy", "injection", "known_issues", "kernels")),
-    ("judges", ("parity", "golden", "latency", "samples", "stats", "storage")),
+    ("judges", ("parity", "golden", "latency", "gpu_work", "samples", "stats", "storage")),
     # worker: the process an isolated engine runs in (it times the engine with latency.py's timing)
     ("workers", ("worker",)),
     # precision: the session's dtype, bounded by the engines' traits (which run on DeepSpeed's accelerator)

@@ -60,6 +60,7 @@ CASES = [
     Case("neox_latency_threshold", "latency_threshold", "0.2", "0.05", 0.2, 0.05),
     Case("neox_latency_time_box", "latency_time_box", "30", "4.5", 30.0, 4.5),
     Case("neox_latency_ci", "latency_ci", "0.05", "0.01", 0.05, 0.01),
+    Case("neox_gpu_work", "gpu_work", "true", "", True, True),
     Case("neox_gpu_memory_cap", "gpu_memory_cap", "40GiB", "42.3GB", 40 * 2**30, 42_300_000_000),
     Case("neox_reference_first", "reference_first", "always", "never", "always", "never"),
     Case("neox_work_ahead", "work_ahead", "never", "always", "never", "always"),
@@ -177,7 +178,7 @@ def test_defaults(pytester, monkeypatch, tmp_path):
         "update_baselines": False, "max_new_tokens": 32, "seed": 0, "top_k": 5, "parity_multiple": 10.0,
         "cases": "default", "cache_dir": tmp_path / "xdg" / "pytest-neoxmii", "zero_nvme": None,
         "latency_threshold": 0.10, "report_dir": None, "prompts": None, "ds_config": None, "mii_config": None,
-        "latency_time_box": None, "latency_ci": 0.02, "gpu_memory_cap": None, "reference_first": "auto",
+        "latency_time_box": None, "latency_ci": 0.02, "gpu_memory_cap": None, "gpu_work": False, "reference_first": "auto",
         "work_ahead": "auto",
     }
     assert get_session(pytester.parseconfigure()).model is None
