@@ -4,9 +4,10 @@ memsets) and how long the GPU is busy with them, summed, from one call under PyT
 Why beside the wall clock: decode at these sizes is launch-bound, so a call's end-to-end time is mostly the
 host's. On one H200 (pythia-160m synthetic, bs1, 64-token prompt, 32 new tokens) hf's median went from 214 ms
 to 505 ms beside 16 busy processes while its 11688 operations and 24.3 ms of GPU time stayed within 0.2 %
-(docs/SPEED.md, the twenty-third round). Between sessions on the lent VMs the wall clock moved by up to
-2.5x with nothing changed; these two figures did not. They catch what the GPU does differently (more or
-other kernels, slower kernels, injection lost); what the host does slower is the wall clock's to judge.
+(docs/SPEED.md, the twenty-third round). In four sessions on one H200 VM a test's wall clock moved by up
+to 1.9x with nothing changed, its operations not at all and its GPU busy time by 0.7 % at most. They catch
+what the GPU does differently (more or other kernels, slower kernels, injection lost); what the host does
+slower is the wall clock's to judge.
 
 Measured after the timed rounds, never inside them: the profiler slows the call it watches."""
 from __future__ import annotations
@@ -48,9 +49,10 @@ def measure(call: Callable[[], object], device: str) -> GpuWork:
 
 # --- the gate ---------------------------------------------------------------------------------------------
 
-# A change beyond this fraction in either figure fails (more work) or is reported (less work). Both figures
-# repeat within 0.2 % on one machine, whatever its load (docs/SPEED.md, the twenty-third round): 5 % is 25
-# times that, and far below a lost kernel injection (hf's 11688 operations against ds's 8333 there).
+# A change beyond this fraction in either figure fails (more work) or is reported (less work). Over four
+# sessions on one H200, and between two H200 machines, the operations repeated exactly and the busy time
+# within 0.7 % (docs/SPEED.md, the twenty-third round): 5 % is 7 times that, and far below a lost kernel
+# injection (hf's 11688 operations against ds's 8333 there).
 GPU_WORK_THRESHOLD = 0.05
 
 

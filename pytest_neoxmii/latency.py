@@ -546,6 +546,8 @@ def measure_backend(backend, batch, new_tokens: int, rounds: int | StopRule, war
         import torch
         peak = int(torch.cuda.max_memory_allocated(device))
     work = _gpu_work(full_call, device, local, notes) if gpu_work and on_gpu else None
+    if gpu_work and not on_gpu:
+        notes.append("GPU work not measured: the engine runs on the CPU")
     gpu_name = hardware.gpus[0].name if hardware is not None and hardware.gpus and on_gpu else None
     return LatencyResult(
         backend=info.backend, dtype=info.dtype, device=device, batch_size=batch.batch_size,

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from pytest_neoxmii.report_tables import LATENCY_HEADERS, latency_cells, verdict_rows
+from pytest_neoxmii.report_tables import GPU_WORK_LEGEND, has_gpu_work, latency_cells, latency_headers, verdict_rows
 from pytest_neoxmii.table import format_markdown_table
 
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
@@ -49,7 +49,8 @@ def render(summary: dict) -> str:
         lines += ["+-CI %: half-width of the 95% confidence interval of the end-to-end median; rounds: measured "
                   "rounds/why they stopped (ci, box: time box, max: round limit). x/HF: median end-to-end over the "
                   "HF peer's in this session; floor %: weight-streaming floor "
-                  "/ TPOT.", "", format_markdown_table(LATENCY_HEADERS, latency_cells(rows)), ""]
+                  "/ TPOT." + (f" {GPU_WORK_LEGEND}." if has_gpu_work(rows) else ""), "",
+                  format_markdown_table(latency_headers(rows), latency_cells(rows)), ""]
     else:
         lines += ["no latency results in this session", ""]
     if summary.get("plot"):

@@ -14,7 +14,7 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pytest_neoxmii.report_tables import LATENCY_HEADERS, latency_cells, verdict_rows
+from pytest_neoxmii.report_tables import GPU_WORK_LEGEND, has_gpu_work, latency_cells, latency_headers, verdict_rows
 from pytest_neoxmii import ahead_share
 from pytest_neoxmii import backends as engines
 from pytest_neoxmii.table import format_table
@@ -38,7 +38,7 @@ def latency_rows(session) -> list[dict]:
 
 
 def latency_table(rows: list[dict]) -> str:
-    return format_table(LATENCY_HEADERS, latency_cells(rows))
+    return format_table(latency_headers(rows), latency_cells(rows))
 
 
 def _empty_counts() -> dict:
@@ -237,7 +237,8 @@ def _latency_section(tr, session) -> None:
         tr.write_line(f"latency ({session.model.describe()}, on {gpu}; +-CI %: half-width of the 95% confidence "
                       f"interval of the end-to-end median; rounds: measured rounds/why they stopped (ci: interval "
                       f"within target, box: time box, max: round limit); x/HF: median end-to-end over the HF "
-                      f"peer's in this session; floor %: weight-streaming floor / TPOT):")
+                      f"peer's in this session; floor %: weight-streaming floor / TPOT"
+                      + (f"; {GPU_WORK_LEGEND}" if has_gpu_work(rows) else "") + "):")
         tr.write_line(latency_table(rows))
     v = verdicts(session)
     table = verdict_table(v)

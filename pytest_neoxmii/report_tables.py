@@ -13,12 +13,25 @@ def _ms(x):
 
 LATENCY_HEADERS = ["backend", "dtype", "batch", "TTFT ms", "TPOT ms", "e2e p50 ms", "+-CI %", "rounds", "p90 ms",
                    "p99 ms", "tokens/s", "peak MiB", "x/HF", "floor ms", "floor %", "gate"]
+# --neox-gpu-work's figures (gpu_work.py), as two more columns where any result has them
+GPU_WORK_HEADERS = ["GPU ops", "GPU busy ms"]
+GPU_WORK_LEGEND = "GPU ops, GPU busy ms: the GPU work of one call (--neox-gpu-work)"
 # why the rounds stopped, in the table's rounds column (latency.StopRule)
 STOP_MARKS = {"ci": "ci", "time-box": "box", "max-rounds": "max", "fixed": "fixed"}
 
 
+def has_gpu_work(rows: list[dict]) -> bool:
+    return any(r.get("gpu_operations_per_call") is not None for r in rows)
+
+
+def latency_headers(rows: list[dict]) -> list[str]:
+    return LATENCY_HEADERS[:-1] + (GPU_WORK_HEADERS if has_gpu_work(rows) else []) + LATENCY_HEADERS[-1:]
+
+
 def latency_cells(rows: list[dict]) -> list[list]:
-    """One table row per latency result (the terminal table and summary.md share them)."""
+    """One table row per latency result (the terminal table and summary.md share them), under
+    latency_headers(rows)."""
+    work = has_gpu_work(rows)
     out = []
     for r in rows:
         peak = r.get("peak_gpu_memory_bytes")
@@ -29,7 +42,9 @@ def latency_cells(rows: list[dict]) -> list[list]:
         out.append([r["backend"], r["dtype"], r["batch_size"], _ms(r["ttft_p50_s"]), _ms(r["tpot_p50_s"]),
                     _ms(r["e2e_p50_s"]), "-" if ci is None else ci, rounds, _ms(r["e2e_p90_s"]), _ms(r["e2e_p99_s"]), r["tokens_per_s"],
                     None if peak is None else peak / 2**20, r["ratio_to_hf"],
-                    _ms(r["floor_s"]), r["floor_pct"] if r["floor_pct"] is not None else "unknown", gate])
+                    _ms(r["floor_s"]), r["floor_pct"] if r["floor_pct"] is not None else "unknown"]
+                   + ([r.get("gpu_operations_per_call") or "-", _ms(r.get("gpu_busy_s_per_call")) or "-"] if work
+                      else []) + [gate])
     return out
 
 

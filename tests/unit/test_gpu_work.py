@@ -163,7 +163,8 @@ def test_a_cpu_session_measures_no_gpu_work(monkeypatch):
     result = latency.measure_backend(Cpu(), PromptBatch(rows=((1, 2),)), 4, 6, 1, timer=Timer(clock=clock),
                                      gpu_work=True)
     assert result.gpu_work is None and result.notes == [
-        "timed through the worker channel (generate, with the per-step top-k the ranks return)"]
+        "timed through the worker channel (generate, with the per-step top-k the ranks return)",
+        "GPU work not measured: the engine runs on the CPU"]
 
 
 def test_an_isolated_engine_is_asked_to_measure_its_gpu_work_in_its_worker():
@@ -175,3 +176,18 @@ def test_an_isolated_engine_is_asked_to_measure_its_gpu_work_in_its_worker():
             return _result(DS)
     result = latency.measure_backend(Isolated(), PromptBatch(rows=((1, 2),)), 32, 6, 1, gpu_work=True)
     assert asked["gpu_work"] is True and result.gpu_work == DS
+
+
+def test_the_latency_tables_show_gpu_work_only_where_it_was_measured():
+    from pytest_neoxmii.markdown_summary import render
+    from pytest_neoxmii.report import latency_table
+    measured, plain = [_result(DS).as_dict()], [_result(None).as_dict()]
+    header, row = latency_table(measured).splitlines()[0:3:2]
+    assert header.split()[-6:] == ["GPU", "ops", "GPU", "busy", "ms", "gate"]
+    assert row.split()[-3:] == ["8333", "19.02", "-"]
+    assert "GPU" not in latency_table(plain)
+    session = {"model": {"name": "pythia-160m", "source": "synthetic", "seed": 0}, "dtype": "fp16"}
+    text = render({**session, "latency": measured})
+    assert "| GPU ops | GPU busy ms | gate |" in text and "| 8333 | 19.02 | - |" in text
+    assert "GPU ops, GPU busy ms: the GPU work of one call (--neox-gpu-work)" in text
+    assert "GPU ops" not in render({**session, "latency": plain})
