@@ -191,3 +191,46 @@ def test_the_latency_tables_show_gpu_work_only_where_it_was_measured():
     assert "| GPU ops | GPU busy ms | gate |" in text and "| 8333 | 19.02 | - |" in text
     assert "GPU ops, GPU busy ms: the GPU work of one call (--neox-gpu-work)" in text
     assert "GPU ops" not in render({**session, "latency": plain})
+
+
+def test_measure_counts_the_gpu_events_and_keeps_torchs_profiler_warning_to_itself(monkeypatch, recwarn):
+    """gpu_work.measure on a stand-in profiler (this machine may have no GPU): GPU-side events counted and
+    summed, CPU-side ones left out, and the UserWarning torch 2.11 gave once per process not passed on."""
+    import warnings
+
+    import torch
+    import torch.profiler
+
+    class Event:
+        def __init__(self, device, ns):
+            self.device, self.ns = device, ns
+
+        def device_type(self):
+            return self.device
+
+        def duration_ns(self):
+            return self.ns
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [Event(cuda, 2_000), Event(cpu, 9_000_000), Event(cuda, 3_000), Event(cuda, 5_000)]
+
+    class Profile:
+        def __init__(self, activities):
+            assert activities == [torch.profiler.ProfilerActivity.CUDA]
+            self.profiler = types.SimpleNamespace(kineto_results=types.SimpleNamespace(events=lambda: events))
+
+        def __enter__(self):
+            warnings.warn("Warning: Profiler clears events at the end of each cycle.Only events from the current "
+                          "cycle will be reported.", UserWarning)
+            return self
+
+        def __exit__(self, *exc):
+            return False
+    calls = []
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    assert gpu_work.measure(lambda: calls.append(1), "cuda:0") == GpuWork(operations=3, busy_s=10e-6)
+    assert calls == [1] and not recwarn.list
+    events[:] = [Event(cpu, 1_000)]
+    with pytest.raises(gpu_work.GpuWorkUnavailable, match="recorded no GPU operation"):
+        gpu_work.measure(lambda: None, "cuda:0")
