@@ -413,6 +413,8 @@ class LatencyResult:
         }
         if self.gate:
             out["gate_verdict"] = self.gate.get("verdict")
+            if self.gate.get("gpu_work_verdict"):
+                out["gpu_work_verdict"] = self.gate["gpu_work_verdict"]
         return out
 
     def as_dict(self) -> dict:

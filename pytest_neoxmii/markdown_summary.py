@@ -40,7 +40,8 @@ def render(summary: dict) -> str:
         lines += ["### Cases the serving config does not fit (run anyway)", ""]
         lines += [f"- {w}" for w in summary["config_warnings"]] + [""]
     changes = [*(f"golden {c['backend']}: {c['summary']}" for c in summary.get("golden_changes", [])),
-               *(f"latency {c['verdict']}: {c['summary']}" for c in summary.get("latency_changes", []))]
+               *(f"{c.get('change') or 'latency ' + str(c['verdict'])}: {c['summary']}"
+                 for c in summary.get("latency_changes", []))]
     if changes:
         lines += ["### Changes against the baselines", ""] + [f"- {c}" for c in changes] + [""]
     rows = summary.get("latency") or []

@@ -14,7 +14,8 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pytest_neoxmii.report_tables import GPU_WORK_LEGEND, has_gpu_work, latency_cells, latency_headers, verdict_rows
+from pytest_neoxmii.report_tables import (GPU_WORK_LEGEND, has_gpu_work, latency_cells, latency_change, latency_headers,
+                                          verdict_rows)
 from pytest_neoxmii import ahead_share
 from pytest_neoxmii import backends as engines
 from pytest_neoxmii.table import format_table
@@ -121,10 +122,11 @@ def build_summary(session) -> dict:
                            for r in session.records
                            if (r.check.startswith("golden") and r.passed is False)
                            or (r.check == "golden" and r.metrics.get("status") == "near-tie")],
+        # verdict: the wall clock's; gpu_work_verdict: --neox-gpu-work's; change: both in words
         "latency_changes": [{"backend": r.backend, "bench": r.case, "verdict": r.metrics.get("gate_verdict"),
-                             "summary": r.summary} for r in session.records
-                            if r.check == "latency" and r.metrics.get("gate_verdict") in ("regression",
-                                                                                         "improvement")],
+                             "gpu_work_verdict": r.metrics.get("gpu_work_verdict"),
+                             "change": latency_change(r.metrics), "summary": r.summary} for r in session.records
+                            if r.check == "latency" and latency_change(r.metrics)],
         "records": [{"check": r.check, "backend": r.backend, "case": r.case, "passed": r.passed,
                      "known_issue": r.known_issue, "metrics": r.metrics, "summary": r.summary}
                     for r in session.records],
@@ -246,9 +248,9 @@ def _latency_section(tr, session) -> None:
         tr.write_line("verdicts per backend:")
         tr.write_line(table)
     for rec in session.records:
-        verdict = rec.metrics.get("gate_verdict") if rec.check == "latency" else None
-        if verdict in ("regression", "improvement"):
-            tr.write_line(f"latency {verdict}: {rec.summary}")
+        change = latency_change(rec.metrics) if rec.check == "latency" else None
+        if change:
+            tr.write_line(f"{change}: {rec.summary}")
     changed = [rec for rec in session.records if rec.check.startswith("golden") and rec.passed is False]
     near = [rec for rec in session.records if rec.check == "golden" and rec.metrics.get("status") == "near-tie"]
     for rec in changed:

@@ -20,6 +20,14 @@ GPU_WORK_LEGEND = "GPU ops, GPU busy ms: the GPU work of one call (--neox-gpu-wo
 STOP_MARKS = {"ci": "ci", "time-box": "box", "max-rounds": "max", "fixed": "fixed"}
 
 
+def latency_change(metrics: dict) -> str | None:
+    """What a latency record's gate found beyond 'unchanged', e.g. 'latency regression' or 'GPU work
+    regression', or both; None when nothing changed."""
+    found = [f"{what} {metrics.get(key)}" for what, key in (("latency", "gate_verdict"), ("GPU work", "gpu_work_verdict"))
+             if metrics.get(key) in ("regression", "improvement")]
+    return ", ".join(found) or None
+
+
 def has_gpu_work(rows: list[dict]) -> bool:
     return any(r.get("gpu_operations_per_call") is not None for r in rows)
 
@@ -31,11 +39,14 @@ def latency_headers(rows: list[dict]) -> list[str]:
 def latency_cells(rows: list[dict]) -> list[list]:
     """One table row per latency result (the terminal table and summary.md share them), under
     latency_headers(rows)."""
-    work = has_gpu_work(rows)
+    with_work = has_gpu_work(rows)
     out = []
     for r in rows:
         peak = r.get("peak_gpu_memory_bytes")
         gate = (r.get("gate") or {}).get("verdict") or "-"
+        work = (r.get("gate") or {}).get("gpu_work_verdict")
+        if work in ("regression", "improvement"):
+            gate += f", GPU work {work}"
         ci = r.get("e2e_ci_half_width_pct")
         stop = r.get("stop_reason")
         rounds = f"{r['rounds']}/{STOP_MARKS.get(stop, stop)}" if stop else r["rounds"]
@@ -43,7 +54,7 @@ def latency_cells(rows: list[dict]) -> list[list]:
                     _ms(r["e2e_p50_s"]), "-" if ci is None else ci, rounds, _ms(r["e2e_p90_s"]), _ms(r["e2e_p99_s"]), r["tokens_per_s"],
                     None if peak is None else peak / 2**20, r["ratio_to_hf"],
                     _ms(r["floor_s"]), r["floor_pct"] if r["floor_pct"] is not None else "unknown"]
-                   + ([r.get("gpu_operations_per_call") or "-", _ms(r.get("gpu_busy_s_per_call")) or "-"] if work
+                   + ([r.get("gpu_operations_per_call") or "-", _ms(r.get("gpu_busy_s_per_call")) or "-"] if with_work
                       else []) + [gate])
     return out
 

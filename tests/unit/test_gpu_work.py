@@ -234,3 +234,26 @@ def test_measure_counts_the_gpu_events_and_keeps_torchs_profiler_warning_to_itse
     events[:] = [Event(cpu, 1_000)]
     with pytest.raises(gpu_work.GpuWorkUnavailable, match="recorded no GPU operation"):
         gpu_work.measure(lambda: None, "cuda:0")
+
+
+def test_a_gpu_work_change_is_named_in_the_tables_and_the_changes_whatever_the_wall_clock_said():
+    from pytest_neoxmii.markdown_summary import render
+    from pytest_neoxmii.report_tables import latency_cells, latency_change
+    assert latency_change({"gate_verdict": "unchanged", "gpu_work_verdict": "regression"}) == "GPU work regression"
+    assert latency_change({"gate_verdict": "regression", "gpu_work_verdict": "improvement"}) == \
+        "latency regression, GPU work improvement"
+    assert latency_change({"gate_verdict": "unchanged", "gpu_work_verdict": "unchanged"}) is None
+    assert latency_change({"gate_verdict": "no-baseline"}) is None
+    result = _result(HF)
+    result.gate = {"verdict": "unchanged", "gpu_work_verdict": "regression"}
+    assert result.metrics()["gpu_work_verdict"] == "regression"
+    assert latency_cells([result.as_dict()])[0][-1] == "unchanged, GPU work regression"
+    session = {"model": {"name": "pythia-160m", "source": "synthetic", "seed": 0}, "dtype": "fp16",
+               "latency_changes": [{"backend": "ds", "bench": "generate-bs1-p64-n32", "verdict": "unchanged",
+                                    "gpu_work_verdict": "regression", "change": "GPU work regression",
+                                    "summary": "ds generate-bs1-p64-n32: ..."},
+                                   {"backend": "hf", "bench": "generate-bs1-p64-n32", "verdict": "regression",
+                                    "summary": "hf (a summary written before --neox-gpu-work)"}]}
+    text = render(session)
+    assert "- GPU work regression: ds generate-bs1-p64-n32: ..." in text
+    assert "- latency regression: hf (a summary written before --neox-gpu-work)" in text
