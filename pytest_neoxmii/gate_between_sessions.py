@@ -11,7 +11,11 @@ nothing changed between the sessions, each "regression" is a false alarm the gat
 The gate's samples are one session's rounds, so it cannot tell a regression from a shift of the whole session
 (the host's speed, where a process's memory landed). This prints how often such shifts trip the gate at
 --threshold, and the smallest threshold under which no comparison would have failed: the figure to give
---neox-latency-threshold on such a machine (or a reason to record the baselines on a steadier one)."""
+--neox-latency-threshold on such a machine (or a reason to record the baselines on a steadier one).
+
+Reports of sessions run with --neox-gpu-work also hold each figure's GPU work per call: those are judged the
+same way, pair by pair, with the GPU work gate (gpu_work.py), which is what the flag is for: on one H200 VM
+the wall clock failed 5 of 8 tests between two sessions a minute apart, and the GPU work none."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+from pytest_neoxmii import gpu_work
 from pytest_neoxmii.stats import MIN_SAMPLES, compare_latency
 
 
@@ -29,12 +34,19 @@ class Unusable(Exception):
 
 def load_samples(path: Path) -> tuple[str, dict[tuple[str, str, str], list[float]]]:
     """(the report's file, {(backend, dtype, bench): its end-to-end rounds in seconds})."""
+    file, figures, _ = load_session(path)
+    return file, figures
+
+
+def load_session(path: Path):
+    """(the report's file, {(backend, dtype, bench): its end-to-end rounds in seconds},
+    {(backend, dtype, bench): its gpu_work.GpuWork, where the session measured it})."""
     file = path / "neoxmii-summary.json" if path.is_dir() else path
     try:
         summary = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
         raise Unusable(f"cannot read {file}: {exc}") from None
-    figures = {}
+    figures, work = {}, {}
     for f in (summary.get("latency") if isinstance(summary, dict) else None) or []:
         samples = f.get("e2e_samples_s") if isinstance(f, dict) else None
         if not samples:
@@ -42,10 +54,13 @@ def load_samples(path: Path) -> tuple[str, dict[tuple[str, str, str], list[float
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in samples):
             raise Unusable(f"{file}: the {f.get('backend', '?')} {f.get('bench', '?')} figure's rounds are not all "
                            f"positive numbers of seconds")
-        figures[(str(f.get("backend")), str(f.get("dtype")), str(f.get("bench")))] = list(samples)
+        key = (str(f.get("backend")), str(f.get("dtype")), str(f.get("bench")))
+        figures[key] = list(samples)
+        if gpu_work.from_metrics(f) is not None:
+            work[key] = gpu_work.from_metrics(f)
     if not figures:
         raise Unusable(f"{file} has no latency figure with its rounds (no latency test ran)")
-    return str(file), figures
+    return str(file), figures, work
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,18 +74,27 @@ def main(argv: list[str] | None = None) -> int:
     sessions = []
     for report in args.reports:
         try:
-            sessions.append(load_samples(report))
+            sessions.append(load_session(report))
         except Unusable as exc:
             print(f"gate_between_sessions: skipped: {exc}", file=sys.stderr)
     if len(sessions) < 2:
         print("gate_between_sessions: needs two usable reports", file=sys.stderr)
         return 2
-    for i, (name, _) in enumerate(sessions, 1):
+    for i, (name, _, _) in enumerate(sessions, 1):
         print(f"session {i}: {name}")
     compared, alarms, needed, pairs, failing_pairs = 0, [], 0.0, 0, 0
-    for (i, (_, base)), (j, (_, current)) in itertools.permutations(enumerate(sessions, 1), 2):
+    work_compared, work_alarms, work_largest = 0, [], 0.0
+    for (i, (_, base, base_work)), (j, (_, current, current_work)) in itertools.permutations(
+            enumerate(sessions, 1), 2):
         pairs += 1
         before = len(alarms)
+        for key in sorted(base_work.keys() & current_work.keys()):
+            judged = gpu_work.compare(base_work[key], current_work[key])
+            work_compared += 1
+            work_largest = max([work_largest, *(abs(c) for c in judged.changes.values())])
+            if judged.failed:
+                work_alarms.append(f"  baseline session {i}, current session {j}: {key[0]} {key[1]} {key[2]}: "
+                                   f"{judged.message()}")
         for key in sorted(base.keys() & current.keys()):
             if min(len(base[key]), len(current[key])) < MIN_SAMPLES:
                 continue
@@ -92,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{failing_pairs} of {pairs} ordered pairs of sessions: at least one latency test would fail")
     print(f"smallest threshold under which none fails: {needed:.2f}" if needed else
           "no comparison was a significant slowdown outside the baseline's interval")
+    if work_compared:
+        print(f"GPU work per call (--neox-gpu-work): {work_compared} comparisons, {len(work_alarms)} would fail at "
+              f"{gpu_work.GPU_WORK_THRESHOLD:.0%}; the largest change of either figure: {work_largest:.1%}")
+        print("\n".join(work_alarms) if work_alarms else "  none")
     return 0
 
 
