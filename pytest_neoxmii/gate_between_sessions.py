@@ -32,12 +32,6 @@ class Unusable(Exception):
     pass
 
 
-def load_samples(path: Path) -> tuple[str, dict[tuple[str, str, str], list[float]]]:
-    """(the report's file, {(backend, dtype, bench): its end-to-end rounds in seconds})."""
-    file, figures, _ = load_session(path)
-    return file, figures
-
-
 def load_session(path: Path):
     """(the report's file, {(backend, dtype, bench): its end-to-end rounds in seconds},
     {(backend, dtype, bench): its gpu_work.GpuWork, where the session measured it})."""
@@ -56,8 +50,9 @@ def load_session(path: Path):
                            f"positive numbers of seconds")
         key = (str(f.get("backend")), str(f.get("dtype")), str(f.get("bench")))
         figures[key] = list(samples)
-        if gpu_work.from_metrics(f) is not None:
-            work[key] = gpu_work.from_metrics(f)
+        measured = gpu_work.from_metrics(f)
+        if measured is not None:
+            work[key] = measured
     if not figures:
         raise Unusable(f"{file} has no latency figure with its rounds (no latency test ran)")
     return str(file), figures, work

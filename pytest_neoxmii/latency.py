@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from pytest_neoxmii import backends as engines
+from pytest_neoxmii import gpu_work as gpu_work_module   # (measure_backend's `gpu_work` is the flag)
+from pytest_neoxmii.gpu_work import GpuWork, GpuWorkUnavailable
 from pytest_neoxmii.samples import median_ci
 from pytest_neoxmii.stats import MIN_SAMPLES, summarize
 
@@ -328,7 +330,7 @@ class LatencyResult:
     notes: list[str] = field(default_factory=list)
     stop_reason: str = "fixed"            # why the rounds stopped: ci, time-box, max-rounds or fixed (StopRule)
     timing_s: float | None = None         # seconds the timing took, warm-up included
-    gpu_work: object = None               # gpu_work.GpuWork of one full call (--neox-gpu-work), else None
+    gpu_work: GpuWork | None = None       # of one full call (--neox-gpu-work), else None
 
     def __post_init__(self) -> None:
         if self.backend in engines.ENGINES and not engines.ENGINES[self.backend].weights_on_gpu:
@@ -547,9 +549,7 @@ def measure_backend(backend, batch, new_tokens: int, rounds: int | StopRule, war
     if on_gpu and local:
         import torch
         peak = int(torch.cuda.max_memory_allocated(device))
-    work = _gpu_work(full_call, device, local, notes) if gpu_work and on_gpu else None
-    if gpu_work and not on_gpu:
-        notes.append("GPU work not measured: the engine runs on the CPU")
+    work = _gpu_work(full_call, device, local, notes) if gpu_work else None
     gpu_name = hardware.gpus[0].name if hardware is not None and hardware.gpus and on_gpu else None
     return LatencyResult(
         backend=info.backend, dtype=info.dtype, device=device, batch_size=batch.batch_size,
@@ -560,14 +560,16 @@ def measure_backend(backend, batch, new_tokens: int, rounds: int | StopRule, war
         peak_gpu_memory_bytes=peak, gpu_work=work, notes=notes)
 
 
-def _gpu_work(full_call, device: str, local: bool, notes: list[str]):
+def _gpu_work(full_call, device: str, local: bool, notes: list[str]) -> GpuWork | None:
     """The GPU work of one full call, after the timed rounds; None with a note where it cannot be seen."""
-    from pytest_neoxmii import gpu_work
+    if not device.startswith("cuda"):
+        notes.append("GPU work not measured: the engine runs on the CPU")
+        return None
     if not local:
         notes.append("GPU work not measured: the engine runs in processes of its own (its ranks or a server)")
         return None
     try:
-        return gpu_work.measure(full_call, device)
-    except gpu_work.GpuWorkUnavailable as exc:
+        return gpu_work_module.measure(full_call, device)
+    except GpuWorkUnavailable as exc:
         notes.append(f"GPU work not measured: {exc}")
         return None

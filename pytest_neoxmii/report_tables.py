@@ -16,6 +16,8 @@ LATENCY_HEADERS = ["backend", "dtype", "batch", "TTFT ms", "TPOT ms", "e2e p50 m
 # --neox-gpu-work's figures (gpu_work.py), as two more columns where any result has them
 GPU_WORK_HEADERS = ["GPU ops", "GPU busy ms"]
 GPU_WORK_LEGEND = "GPU ops, GPU busy ms: the GPU work of one call (--neox-gpu-work)"
+# the gates' verdicts that a report names as a change against the baseline
+CHANGES = ("regression", "improvement")
 # why the rounds stopped, in the table's rounds column (latency.StopRule)
 STOP_MARKS = {"ci": "ci", "time-box": "box", "max-rounds": "max", "fixed": "fixed"}
 
@@ -24,7 +26,7 @@ def latency_change(metrics: dict) -> str | None:
     """What a latency record's gate found beyond 'unchanged', e.g. 'latency regression' or 'GPU work
     regression', or both; None when nothing changed."""
     found = [f"{what} {metrics.get(key)}" for what, key in (("latency", "gate_verdict"), ("GPU work", "gpu_work_verdict"))
-             if metrics.get(key) in ("regression", "improvement")]
+             if metrics.get(key) in CHANGES]
     return ", ".join(found) or None
 
 
@@ -45,7 +47,7 @@ def latency_cells(rows: list[dict]) -> list[list]:
         peak = r.get("peak_gpu_memory_bytes")
         gate = (r.get("gate") or {}).get("verdict") or "-"
         work = (r.get("gate") or {}).get("gpu_work_verdict")
-        if work in ("regression", "improvement"):
+        if work in CHANGES:
             gate += f", GPU work {work}"
         ci = r.get("e2e_ci_half_width_pct")
         stop = r.get("stop_reason")
