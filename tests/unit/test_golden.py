@@ -347,6 +347,50 @@ def test_check_golden_perplexity_limit_follows_the_sessions_floor(tmp_path):
     assert change.passed and change.limit == pytest.approx(0.5, rel=1e-5)
 
 
+def _on_an_h200(session):
+    from pytest_neoxmii.hardware import Gpu, Hardware
+    session.hardware = Hardware(gpus=(Gpu(0, "NVIDIA H200", 141 * 2**30, (9, 0)),))
+    return session
+
+
+def test_a_low_precision_golden_of_another_machine_adds_that_machines_limit(tmp_path):
+    """Recorded on an H200 whose session floor was 5 % (peer at 21 against 20); compared on a CPU whose floor is
+    zero (limit 10 x 1e-4). Each machine's fp16 may sit within its own limit of fp32, so the two may lie up to
+    both limits apart: +45 % passes (0.001 + 0.5), +55 % does not. The same +45 % against a golden of this
+    machine's own class fails at 0.001, as before."""
+    check_golden_perplexity(_on_an_h200(_PerplexitySession(tmp_path, 20, update=True, peer_vocab=21)), "ds")
+    apart = check_golden_perplexity(_PerplexitySession(tmp_path, 29, update=False), "ds")
+    assert apart.passed and apart.rel_diff == pytest.approx(0.45, rel=1e-5)
+    assert (apart.limit_here, apart.limit_recorded) == (pytest.approx(1e-3), pytest.approx(0.5, rel=1e-5))
+    assert apart.message().endswith("<= limit 0.501 (10 x max(noise floor 0, 0.0001) here + 10 x max(noise floor "
+                                    "0.05, 0.0001) on NVIDIA-H200, where it was recorded)")
+    session = _PerplexitySession(tmp_path, 31, update=False)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        check_golden_perplexity(session, "ds")
+    assert "perplexity 20.0000 -> 31.0000 (+55.000%): relative change 0.55 > limit 0.501" in str(failed.value)
+    assert session.records[-1].passed is False and session.records[-1].metrics["limit"] == pytest.approx(0.501, rel=1e-5)
+    # recorded on this machine's own class: only this session's limit
+    own = tmp_path / "own"
+    own.mkdir()
+    check_golden_perplexity(_PerplexitySession(own, 20, update=True, peer_vocab=21), "ds")
+    with pytest.raises(pytest.fail.Exception, match=r"> limit 0\.001 \(10 x max\(noise floor 0, 0\.0001\)\)$"):
+        check_golden_perplexity(_PerplexitySession(own, 29, update=False), "ds")
+
+
+def test_an_fp32_golden_of_another_machine_gets_no_second_limit(tmp_path):
+    """fp32 answers agree across machines to float32 round-off: another machine's low-precision noise says
+    nothing of them."""
+    recording = _on_an_h200(_PerplexitySession(tmp_path, 20, update=True, peer_vocab=21))
+    recording._backend.info.dtype = "fp32"
+    check_golden_perplexity(recording, "ds")
+    session = _PerplexitySession(tmp_path, 29, update=False)
+    session._backend.info.dtype = "fp32"
+    with pytest.raises(pytest.fail.Exception) as failed:
+        check_golden_perplexity(session, "ds")
+    assert "> limit 0.001 (10 x max(noise floor 0, 0.0001))" in str(failed.value) and "recorded)" not in str(
+        failed.value)
+
+
 # --- stored form and comparison details, pinned ------------------------------------------------------------------
 
 def test_prompt_digest_is_the_sha256_of_the_compact_json_ids():
