@@ -7,6 +7,7 @@ import os
 import platform
 import re
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 GB = 1e9
 A100_40G_BYTES = 40 * GB
@@ -117,19 +118,48 @@ def _driver_version() -> str | None:
         return None
 
 
-def host_memory_total(cgroup_limit: str = "/sys/fs/cgroup/memory.max") -> int | None:
-    """Bytes of memory this machine's processes may use at most: its physical memory, or its cgroup's
-    (version 2) limit where that is lower (a container's); None where unknown."""
+def host_memory_total(cgroup_root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """Bytes of memory this machine's processes may use at most: its physical memory, or the lowest memory
+    limit of this process's cgroup and its ancestors where that is lower (a container's, a CI job's), cgroup
+    version 2 or 1; None where unknown."""
     try:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+    return min([total, *_cgroup_memory_limits(Path(cgroup_root), Path(self_cgroup))])
+
+
+def _cgroup_memory_limits(root: Path, self_cgroup: Path) -> list[int]:
+    """The limits set on this process's memory cgroup and on each of its ancestors: version 2's memory.max
+    ("max": none), version 1's memory.limit_in_bytes (none is a number near 2**63, above any machine). Inside
+    a container's cgroup namespace the path is "/", whose files sit at the root of the mount."""
     try:
-        with open(cgroup_limit) as f:
-            limit = f.read().strip()
+        lines = self_cgroup.read_text().splitlines()
     except OSError:
-        return total
-    return min(total, int(limit)) if limit.isdigit() else total
+        lines = []
+    files = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":                           # version 2: "0::/path"
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):        # version 1: "4:memory:/path"
+            base, name = root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        here = PurePosixPath(path.strip() or "/")
+        files += [base / str(d).lstrip("/") / name for d in (here, *here.parents)]
+    limits = []
+    for f in files:
+        try:
+            value = f.read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            limits.append(int(value))
+    return limits
 
 
 def host_memory_available(meminfo: str = "/proc/meminfo") -> int | None:

@@ -9,6 +9,7 @@ asked (an uncached generate/score/trace, `.model` for latency timing); then it s
 release."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -120,8 +121,14 @@ def footprint(spec: ModelSpec, reference: str, peer_dtype: str, deployed: list[E
     held = sum(b for _, b in parts) * MARGIN
     needed = held + sum(b for _, b in runtimes)
     fits = needed <= gpu_bytes
+    # A need and a memory that round alike are shown to the hundredth, or in bytes: never "12.9 GB > 12.9 GB".
+    def total(n_bytes: float) -> str:
+        for digits in (1, 2):
+            if f"{needed / 1e9:.{digits}f}" != f"{gpu_bytes / 1e9:.{digits}f}":
+                return f"{n_bytes / 1e9:.{digits}f} GB" if n_bytes >= 1e9 else _gb(n_bytes)
+        return f"{math.ceil(n_bytes)} bytes"
     arithmetic = (" + ".join(f"{label} {_gb(b)}" for label, b in parts) + f", x {MARGIN}"
                   + (f" = {_gb(held)}, + " + " + ".join(f"{label} {_gb(b)}" for label, b in runtimes)
                      if runtimes else "")
-                  + f" = {_gb(needed)} {'<=' if fits else '>'} {_gb(gpu_bytes)} of GPU 0")
+                  + f" = {total(needed)} {'<=' if fits else '>'} {total(gpu_bytes)} of GPU 0")
     return Footprint(fits, arithmetic)

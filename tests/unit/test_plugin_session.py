@@ -368,11 +368,28 @@ def test_on_the_cpu_weights_larger_than_the_machines_memory_skip_before_anything
 
 
 def test_host_memory_total_is_the_lower_of_the_machines_and_its_cgroups_limit(tmp_path):
+    """Version 2 inside a container (the namespace's "/"), version 2 on a host (this process's cgroup and its
+    ancestors) and version 1 (a memory controller line), as /proc/self/cgroup names them."""
     from pytest_neoxmii import hardware
-    physical = hardware.host_memory_total(str(tmp_path / "no-cgroup"))
+    own = tmp_path / "self-cgroup"
+    physical = hardware.host_memory_total(str(tmp_path), str(tmp_path / "no-such-file"))
     assert physical is not None and physical > 2**28
-    limit = tmp_path / "memory.max"
-    limit.write_text(f"{2**30}\n")
-    assert hardware.host_memory_total(str(limit)) == min(physical, 2**30)
-    limit.write_text("max\n")                       # no limit set
-    assert hardware.host_memory_total(str(limit)) == physical
+    own.write_text("0::/\n")
+    (tmp_path / "memory.max").write_text(f"{2**30}\n")
+    assert hardware.host_memory_total(str(tmp_path), str(own)) == min(physical, 2**30)
+    (tmp_path / "memory.max").write_text("max\n")                       # no limit set
+    assert hardware.host_memory_total(str(tmp_path), str(own)) == physical
+    # version 2 on a host: the job's cgroup has no limit, its parent has
+    own.write_text("0::/ci.slice/job-7.scope\n")
+    (tmp_path / "ci.slice" / "job-7.scope").mkdir(parents=True)
+    (tmp_path / "ci.slice" / "job-7.scope" / "memory.max").write_text("max\n")
+    (tmp_path / "ci.slice" / "memory.max").write_text(f"{3 * 2**30}\n")
+    assert hardware.host_memory_total(str(tmp_path), str(own)) == min(physical, 3 * 2**30)
+    # version 1 (this project's CPU machines): the memory controller's own hierarchy, "no limit" near 2**63
+    own.write_text("9:name=systemd:/\n4:memory:/process_api/abc\n0::/\n")
+    v1 = tmp_path / "memory" / "process_api" / "abc"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert hardware.host_memory_total(str(tmp_path), str(own)) == physical
+    (v1 / "memory.limit_in_bytes").write_text(f"{2**31}\n")
+    assert hardware.host_memory_total(str(tmp_path), str(own)) == min(physical, 2**31)

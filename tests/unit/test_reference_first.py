@@ -205,6 +205,17 @@ def test_auto_never_releases_on_the_cpu(monkeypatch, on_cpu):
     assert calls(session, "close") == [] and session.reference_releases == []
 
 
+def test_a_need_and_a_memory_that_round_alike_are_shown_to_the_hundredth():
+    """pythia-1b, the HF models and two engines of 0.4 GB runtime each beside 12 GiB: 12.94 GB needed, 12.88 GB
+    there; shown to a tenth both would read 12.9 GB."""
+    spec = lookup("pythia-1b")
+    engines_ = [EngineOnGpu(n, "fp16", 1, 0, 400 * 10**6) for n in ("mii", "ds")]
+    close = footprint(spec, "hf", "fp16", engines_, 12 * 2**30)
+    assert not close.fits and close.arithmetic.endswith(" = 12.94 GB > 12.88 GB of GPU 0")
+    assert footprint(spec, "hf", "fp16", engines_[:1], 12 * 2**30).arithmetic.endswith(
+        " = 10.1 GB <= 12.9 GB of GPU 0")
+
+
 def test_footprint_counts_an_fp32_peer_once_and_the_engine_share_per_gpu():
     spec = lookup("pythia-1b")
     fp32 = footprint(spec, "hf", "fp32", [EngineOnGpu("ds", "fp32", 2)], 85_045_870_592)
@@ -226,8 +237,9 @@ def test_footprint_counts_each_engine_as_the_registry_does_with_its_worker_runti
     assert footprint(spec, "hf", "fp16", [engine], math.ceil(need)).fits
     short = footprint(spec, "hf", "fp16", [engine], math.floor(need))
     assert not short.fits
-    assert short.arithmetic.endswith(f", + ds runtime {WORKER_RUNTIME_BYTES / 1e9:.3g} GB = {need / 1e9:.1f} GB "
-                                     f"> {math.floor(need) / 1e9:.1f} GB of GPU 0")
+    # (a byte apart: shown in bytes)
+    assert short.arithmetic.endswith(f", + ds runtime {WORKER_RUNTIME_BYTES / 1e9:.3g} GB = {math.ceil(need)} bytes "
+                                     f"> {math.floor(need)} bytes of GPU 0")
     # the runtime is added after the margin, not multiplied by it
     without = footprint(spec, "hf", "fp16", [engine._replace(runtime_bytes=0)], math.floor(need))
     assert without.fits is (need - WORKER_RUNTIME_BYTES <= math.floor(need))
