@@ -159,9 +159,17 @@ class PerplexityChange:
             return math.inf
         return abs(self.current - self.golden) / self.golden
 
+    def _limit_of(self, floor_rel: float | None) -> float:
+        return self.multiple * max(floor_rel or 0.0, parity.PPL_REL_EPSILON)
+
+    def _term(self, floor_rel: float | None) -> str:
+        """How _limit_of reads in a message."""
+        floor = "-" if floor_rel is None else f"{floor_rel:.3g}"
+        return f"{self.multiple:g} x max(noise floor {floor}, {parity.PPL_REL_EPSILON:g})"
+
     @property
     def limit_here(self) -> float:
-        return self.multiple * max(self.floor_rel or 0.0, parity.PPL_REL_EPSILON)
+        return self._limit_of(self.floor_rel)
 
     @property
     def limit_recorded(self) -> float:
@@ -170,9 +178,7 @@ class PerplexityChange:
         so the two may lie up to both limits apart. Measured: synthetic pythia-70m, fixed text, fp16: ds on one
         H200 +0.082 % from fp32, ds on a CPU -0.026 %; 0.108 % apart, each within its 0.1 %. Zero for a golden
         of this machine's class, or an fp32 one."""
-        if self.recorded_on is None:
-            return 0.0
-        return self.multiple * max(self.recorded_floor_rel or 0.0, parity.PPL_REL_EPSILON)
+        return 0.0 if self.recorded_on is None else self._limit_of(self.recorded_floor_rel)
 
     @property
     def limit(self) -> float:
@@ -184,11 +190,9 @@ class PerplexityChange:
 
     def message(self) -> str:
         change = (self.current - self.golden) / self.golden * 100 if self.golden else math.inf
-        term = lambda floor: (f"{self.multiple:g} x max(noise floor {'-' if floor is None else f'{floor:.3g}'}, "
-                              f"{parity.PPL_REL_EPSILON:g})")
-        why = term(self.floor_rel)
+        why = self._term(self.floor_rel)
         if self.recorded_on is not None:
-            why = f"{why} here + {term(self.recorded_floor_rel)} on {self.recorded_on}, where it was recorded"
+            why = f"{why} here + {self._term(self.recorded_floor_rel)} on {self.recorded_on}, where it was recorded"
         return (f"perplexity {self.golden:.4f} -> {self.current:.4f} ({change:+.3f}%): relative change "
                 f"{self.rel_diff:.3g} {'<=' if self.passed else '>'} limit {self.limit:.3g} ({why})")
 

@@ -3,7 +3,6 @@ the repository: otherwise CI runs something other than what users are told to ru
 tests skip for want of a file and nobody sees it."""
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from pytest_neoxmii.cases import plan_cases
 from pytest_neoxmii.known_issues import KNOWN_ISSUES
 from pytest_neoxmii.registry import lookup
+from pytest_neoxmii.storage import BaselineKey, BaselineStore
 from pytest_neoxmii.weights import SYNTHETIC_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,16 +42,17 @@ def test_the_quickstarts_model_has_golden_outputs_for_every_default_case():
     assert args["--neox-weights"] == "synthetic", args
     spec = lookup(args["--neox-model"])
     plans = [p for p in plan_cases(spec.max_position_embeddings, 32) if p.generate]
-    directory = ROOT / "baselines" / spec.name / f"synthetic-seed0-v{SYNTHETIC_VERSION}"
+    store = BaselineStore(ROOT / "baselines")
     for engine in ("hf-fp32", "ds-fp16", "mii-fp16"):
-        backend = engine.split("-")[0]
+        backend, dtype = engine.split("-")
         cases = {p.id for p in plans if not any(k.may_apply("greedy", backend, p, injected=backend != "hf")
                                                 for k in KNOWN_ISSUES)}
         assert len(cases) >= 5, cases
-        path = directory / f"{engine}-tp1.json"
-        assert path.is_file(), f"{path} is missing: record it on a GPU (scripts/gpu_baselines.sh {spec.name})"
-        stored = json.loads(path.read_text())["gpu_classes"]
-        complete = [cls for cls, entry in stored.items()
+        key = BaselineKey(spec.name, f"synthetic-seed0-v{SYNTHETIC_VERSION}", dtype, backend, 1)
+        stored = store.load(key)
+        assert stored is not None, (f"{store.shown_path(key)} is missing: record it on a GPU "
+                                    f"(scripts/gpu_baselines.sh {spec.name})")
+        complete = [cls for cls, entry in stored["gpu_classes"].items()
                     if entry.get("golden", {}).get("perplexity") is not None
                     and cases <= set(entry["golden"].get("cases", {}))]
         assert complete, f"{engine}: no GPU class holds golden outputs of {sorted(cases)} and the perplexity"
