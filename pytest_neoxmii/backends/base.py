@@ -80,13 +80,16 @@ class Backend(abc.ABC):
     # keeps process-wide state or can abort its process (every DeepSpeed engine).
     isolated = False
     requires: tuple[str, ...] = ()   # packages the engine imports: one missing is a skip, checked before a worker starts
+    # Modules its worker imports before it loads, in order: a fork server imports them once and forks every
+    # such worker with them imported (deploy/forkserver.py). An engine that needs none starts from torch alone.
+    worker_imports: tuple[str, ...] = ()
 
     # What an engine computes and how it is judged and shown, as opposed to where it runs (runs_in_worker,
     # isolated, requires): what stands in for an engine in the test process (a worker's proxy) answers these
     # from the engine's class (take_traits).
     ENGINE_TRAITS = ("description", "label", "colour", "is_reference", "can_score", "output_is_text",
                      "generations_from_text", "needs_deepspeed", "injects_kernels", "weights_on_gpu")
-    PLACEMENT_TRAITS = ("runs_in_worker", "isolated", "requires")
+    PLACEMENT_TRAITS = ("runs_in_worker", "isolated", "requires", "worker_imports")
 
     def take_traits(self, engine_cls: type, names: tuple[str, ...] = ENGINE_TRAITS) -> None:
         """Answer the traits `names` as the engine class `engine_cls` does (per instance)."""

@@ -133,6 +133,7 @@ class KernelInjectedBackend(TorchModelBackend):
 
     needs_deepspeed = True
     injects_kernels = True
+    worker_imports = (*TorchModelBackend.worker_imports, "deepspeed")
     isolated = True
     requires = ("deepspeed",)
     workspace_bytes: int | None = None      # DeepSpeed's workspace, measured by _verify_kernels where injected

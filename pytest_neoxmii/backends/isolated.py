@@ -73,7 +73,7 @@ class IsolatedEngine(ChannelDeployment):
                 self._write_ahead(self.ahead)
             args += ["--ahead", str(self.run_dir / AHEAD_FILE), "--ahead-done", str(self.run_dir / AHEAD_DONE_FILE)]
         self._start_tree([sys.executable, "-u", "-m", WORKER, *args], name=f"{self.name} worker",
-                         log_path=self.run_dir / "worker.log", module=(WORKER, args))
+                         log_path=self.run_dir / "worker.log", module=(WORKER, args), imports=cls.worker_imports)
 
     def _start(self, ready_timeout: float) -> None:
         tree = self._trees[0]

@@ -60,6 +60,7 @@ class TorchModelBackend(Backend):
 
     model: torch.nn.Module
     device: str
+    worker_imports = ("transformers", "transformers.models.gpt_neox.modeling_gpt_neox")
 
     def _layers(self):
         module = self.model

@@ -201,14 +201,16 @@ class ChannelDeployment(WorkerDeployment):
         self._listener = channel.Listener()
 
     def _start_tree(self, cmd: list[str], *, name: str, log_path: Path,
-                    module: tuple[str, list[str]] | None = None) -> processes.ProcessTree:
+                    module: tuple[str, list[str]] | None = None,
+                    imports: tuple[str, ...] = ()) -> processes.ProcessTree:
         """Start rank 0's process tree with what it needs to connect back, its spill directory left to the
         tag's reaper should the session die without tearing down; it becomes a tree of the deployment.
-        `module`: (name, args) when the command is `python -u -m name *args`, which the fork server may start."""
+        `module`: (name, args) when the command is `python -u -m name *args`, which the fork server may start,
+        with `imports` imported first (the engine's worker_imports)."""
         env = self._listener.env()
         tree = processes.start(cmd, name=name, log_path=log_path, tag=self.tag, env_extra=env,
                                leftovers=(self._listener.spill_dir,),
-                               spawn=forkserver.spawner(*module) if module is not None else None)
+                               spawn=forkserver.spawner(*module, imports) if module is not None else None)
         self._trees.append(tree)
         return tree
 

@@ -58,6 +58,7 @@ class ZeroInferenceBackend(TorchModelBackend):
     label = "ZeRO-Inference"
     colour = "#d62728"
     needs_deepspeed = True
+    worker_imports = (*TorchModelBackend.worker_imports, "deepspeed")
     weights_on_gpu = False       # offloaded to CPU memory or NVMe by design
     isolated = True              # ZeRO's engine state and its patches stay in its worker
     requires = ("deepspeed",)

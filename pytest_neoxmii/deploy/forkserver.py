@@ -7,6 +7,12 @@ then a fork of it. The server starts on the first worker's launch and the launch
 worker's handle (ForkedProcess) is pending until the server has forked it, so the session goes on loading
 the reference meanwhile.
 
+The server starts with torch and the worker's own modules (PRELOAD); the rest comes with the requests: each
+worker asks for its engine's imports (Backend.worker_imports), which the server imports, once, before it
+forks it. A server whose workers need no transformers or DeepSpeed (an engine of the user's, the unit suite's
+stand-ins, a session of hf alone) never imports them: 1.9 CPU-s instead of 3.6-4.7 on this project's 2-core
+Xeon, where the unit suite starts fourteen servers.
+
 A forked worker must be what an exec'd one is, for everything the session looks at:
 - its own session and process group (setsid), its log as stdout and stderr, stdin from /dev/null, and the
   cwd and sys.path[0] that `python -m` started in the session's cwd has;
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import gc
 import json
 import os
 import queue
@@ -53,10 +60,11 @@ DISABLE_ENV = "NEOXMII_FORKSERVER"            # "0": start every worker by exec
 ROOM_ENV = "NEOXMII_TAG_ROOM"                 # the placeholder a child overwrites with its tags
 ROOM_SIZE = 512
 THREADS_ENV = ("MKL_NUM_THREADS", "OMP_NUM_THREADS")   # torch's order: MKL's count wins over OpenMP's
-# What a worker needs imported; a module that is not installed is left to the worker, as before.
+# What every worker needs imported, before any request; what an engine needs more comes with its request
+# (Backend.worker_imports). A module that is not installed is left to the worker, as before.
 # Not the worker module itself: runpy runs it as __main__, and warns when it was imported before.
-PRELOAD = ("torch", "transformers", "transformers.models.gpt_neox.modeling_gpt_neox", "deepspeed",
-           "pytest_neoxmii.backends.base", "pytest_neoxmii.backends.worker_loop", "pytest_neoxmii.deploy.channel")
+PRELOAD = ("torch", "pytest_neoxmii.backends.base", "pytest_neoxmii.backends.worker_loop",
+           "pytest_neoxmii.deploy.channel")
 # Keys that may differ between the server's environment and a forked worker's: nothing imported in the
 # server reads them at import time.
 # - the plugin's own (NEOXMII_*: tags, channel keys, settings);
@@ -231,9 +239,11 @@ class ForkServer:
         return self.status_dir / f"{pid}.exit"
 
     def start(self, module: str, args: list[str], env: dict[str, str], cwd: str, log_path: Path,
-              cmd: list[str]) -> ForkedProcess:
-        """A worker running `python -m module *args` with `env`; returns at once (see ForkedProcess)."""
-        request = {"module": module, "args": list(args), "env": dict(env), "cwd": cwd, "log": str(log_path)}
+              cmd: list[str], imports: tuple[str, ...] = ()) -> ForkedProcess:
+        """A worker running `python -m module *args` with `env`, forked once the server has imported
+        `imports`; returns at once (see ForkedProcess)."""
+        request = {"module": module, "args": list(args), "env": dict(env), "cwd": cwd, "log": str(log_path),
+                   "imports": list(imports)}
         handle = ForkedProcess(self, request, cmd)
         self.handles.append(handle)
         if self.failed:
@@ -300,9 +310,10 @@ class ForkServer:
                 handle._start_by_exec(reply.get("why", "the fork server refused it"))
 
 
-def spawner(module: str, args: list[str]):
-    """processes.start's `spawn` for `python -u -m module *args`: forked from the process's fork server, or
-    None (exec) where that would not give the same process (server_for)."""
+def spawner(module: str, args: list[str], imports: tuple[str, ...] = ()):
+    """processes.start's `spawn` for `python -u -m module *args`, whose module imports `imports` first:
+    forked from the process's fork server, or None (exec) where that would not give the same process
+    (server_for)."""
     def spawn(cmd: list[str], env: dict[str, str], cwd: str, log_path: Path) -> ForkedProcess | None:
         server = server_for(env) if _room_fits(_tags(env)) else None
         if server is None:
@@ -310,7 +321,7 @@ def spawner(module: str, args: list[str]):
         with open(log_path, "ab") as log:
             log.write(f"(asked of the fork server, pid {server.process.pid}, which has imported what the "
                       f"worker needs)\n".encode())
-        return server.start(module, args, env, cwd, log_path, cmd)
+        return server.start(module, args, env, cwd, log_path, cmd, imports)
     return spawn
 
 
@@ -507,6 +518,24 @@ def _reap(children: set[int], status_dir: Path) -> None:
         children.discard(info.si_pid)
 
 
+def _import_for_forking(modules, preloaded: list[str]) -> str | None:
+    """Import `modules` (those not imported yet), checking after each that forking is still safe: why not,
+    or None. A module that cannot be imported is left to the worker, which says why in its own log."""
+    import importlib
+    for module in modules:
+        if module in sys.modules:
+            continue
+        try:
+            importlib.import_module(module)
+            preloaded.append(module)
+        except ImportError:
+            continue
+        problem = _unsafe_to_fork(f"importing {module}")
+        if problem:
+            return problem
+    return None
+
+
 def serve(fd: int, status_dir: Path) -> int:
     conn = Connection(fd)
     # The session's thread settings (the same for every worker forked: they are part of import_env).
@@ -517,21 +546,10 @@ def serve(fd: int, status_dir: Path) -> int:
         setting = next((given[k] for k in THREADS_ENV if given.get(k)), None)
         threads = int(setting) if setting else _default_threads()
         room = _environ_room()
-        import importlib
-        problem = None
-        for module in PRELOAD:           # checked after each import: a refusal comes as early as it can
-            try:
-                importlib.import_module(module)
-                preloaded.append(module)
-            except ImportError:
-                pass
-            problem = _unsafe_to_fork(f"importing {module}")
-            if problem:
-                break
-        problem = problem or _room_works(room)
+        # checked after each import: a refusal comes as early as it can
+        problem = _import_for_forking(PRELOAD, preloaded) or _unsafe_to_fork() or _room_works(room)
         # What the imports made stays as it is: a child's garbage collector would otherwise walk (and so
         # write, and copy) every page of it.
-        import gc
         gc.freeze()
     except Exception as exc:
         problem = f"{type(exc).__name__}: {exc}"
@@ -541,6 +559,7 @@ def serve(fd: int, status_dir: Path) -> int:
         shutil.rmtree(status_dir, ignore_errors=True)
         return 0
     children: set[int] = set()
+    refusal: str | None = None           # once an import has made forking unsafe, every later worker is exec'd
     while True:
         _reap(children, status_dir)
         try:
@@ -549,6 +568,15 @@ def serve(fd: int, status_dir: Path) -> int:
             request = conn.recv()
         except (EOFError, OSError):
             break
+        if refusal is None and any(m not in sys.modules for m in request.get("imports", ())):
+            try:
+                refusal = _import_for_forking(request["imports"], preloaded)
+            except Exception as exc:     # a module broken here, not merely absent: never fork after it
+                refusal = f"importing {', '.join(request['imports'])}: {type(exc).__name__}: {exc}"
+            gc.freeze()                  # what the new imports made, as above
+        if refusal is not None:
+            conn.send({"why": f"the fork server cannot fork any more: {refusal}"})
+            continue
         pid = os.fork()
         if pid == 0:
             _child(request, conn, room, threads)

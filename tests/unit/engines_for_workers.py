@@ -54,6 +54,11 @@ class EchoEngine(Backend):
             self.closed_marker.write_text("closed")
 
 
+class ImportsDeepSpeed(EchoEngine):
+    """An engine whose worker imports DeepSpeed first (as ds's, mii's and zero's do)."""
+    worker_imports = ("deepspeed",)
+
+
 class PoisonedByPadding(EchoEngine):
     """Like a CUDA context after an illegal memory access: decoding a left-padded batch fails, and so does
     every call after it in this process (the error is sticky); a fresh process works again."""

@@ -177,3 +177,17 @@ def test_a_workers_proxy_answers_what_its_engine_computes_and_says_it_runs_in_a_
     proxy.take_traits(ZeroInferenceBackend)
     assert proxy.weights_on_gpu is False and proxy.description == ZeroInferenceBackend.description
     assert proxy.runs_in_worker is True              # where it runs stays the proxy's own
+
+
+def test_every_registered_engine_has_its_worker_imports_done_by_the_fork_server():
+    """A forked worker finds imported what its engine's worker_imports lists (deploy/forkserver.py): an
+    engine on DeepSpeed or on transformers' modules that left them out would import them in each worker,
+    3-8 CPU-s a worker on the 2-core CI machines."""
+    from pytest_neoxmii import backends
+    from pytest_neoxmii.backends.torch_model import TorchModelBackend
+    isolated = [backends.engine(name).backend for name in backends.names() if backends.engine(name).backend.isolated]
+    assert isolated, "no registered engine runs in a worker"
+    for cls in isolated:
+        needs = {*(["transformers"] if issubclass(cls, TorchModelBackend) else []),
+                 *(["deepspeed"] if cls.needs_deepspeed else [])}
+        assert needs <= set(cls.worker_imports), (cls.__name__, cls.worker_imports)

@@ -26,6 +26,7 @@ started_with = "transformers" in sys.modules      # imported before this module 
 print(json.dumps({"pid": os.getpid(), "sid": os.getsid(0), "pgid": os.getpgid(0), "argv": sys.argv[1:],
                   "cwd": os.getcwd(), "path0": sys.path[0], "tag": os.environ.get("NEOXMII_DEPLOYMENT"),
                   "threads": torch.get_num_threads(), "preloaded": started_with,
+                  "imported": sorted(m for m in ("transformers", "deepspeed") if m in sys.modules),
                   "setting": os.environ.get("NEOXMII_PROBE_SETTING"),
                   "import_setting": os.environ.get("PROBE_IMPORT")}),
       flush=True)
@@ -59,11 +60,12 @@ _STARTED: list = []
 
 
 def _start(probe_dir: Path, name: str, *, fork: bool = True, env: dict[str, str] | None = None,
-           tag: str | None = None):
+           tag: str | None = None, imports: tuple[str, ...] = ("transformers",)):
+    """A probe whose engine would import `imports` (the fork server imports them before forking it)."""
     tag = tag or processes.new_tag("probe")
     log = probe_dir / f"{name}.log"
     extra = {"NEOXMII_PROBE_GO": str(probe_dir / f"{name}.go"), **(env or {})}
-    spawn = forkserver.spawner("neoxmii_probe", ["--x", name]) if fork else None
+    spawn = forkserver.spawner("neoxmii_probe", ["--x", name], imports) if fork else None
     tree = processes.start([sys.executable, "-u", "-m", "neoxmii_probe", "--x", name], name=name,
                            log_path=log, tag=tag, env_extra=extra, spawn=spawn)
     _STARTED.append((tag, tree))
@@ -146,6 +148,42 @@ def test_a_worker_whose_import_environment_differs_is_started_by_exec_while_the_
     assert again.popen.forked is True and said["preloaded"] and said["import_setting"] == "other"
     assert said["setting"] == "runtime"
     assert _finish(probe_dir, "again", again) == 0
+
+
+def _fresh_server(monkeypatch, why: str) -> None:
+    """The next probe gets a server of its own: an environment setting its imports could read, that no
+    server of this process has seen (the one there is idle, and is replaced)."""
+    monkeypatch.setenv("PROBE_IMPORT", f"{why}-{os.getpid()}-{time.monotonic_ns()}")
+
+
+def test_a_server_imports_what_each_worker_needs_before_forking_it_and_nothing_else(probe_dir, monkeypatch):
+    _fresh_server(monkeypatch, "bare")
+    _, bare = _start(probe_dir, "bare", imports=())
+    said = _said(bare)
+    # An engine needing neither (a stand-in, a user's engine on another library): the server has imported
+    # torch and the worker's modules only.
+    assert bare.popen.forked is True and said["imported"] == [], said
+    _, neox = _start(probe_dir, "neox", imports=("transformers", "deepspeed"))
+    said = _said(neox)
+    assert neox.popen.forked is True and said["imported"] == ["deepspeed", "transformers"], said
+    assert _finish(probe_dir, "bare", bare) == 0 and _finish(probe_dir, "neox", neox) == 0
+
+
+def test_an_import_that_leaves_a_thread_stops_the_forking_and_the_worker_starts_by_exec(probe_dir, monkeypatch):
+    # A module of this engine starts a thread when imported: a fork would keep only the server's main
+    # thread, with whatever locks the other holds. The server refuses this worker and every later one.
+    (probe_dir / "threadmaker.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
+    _fresh_server(monkeypatch, "threads")      # started in probe_dir: `python -m` finds threadmaker there
+    _, first = _start(probe_dir, "first", imports=("threadmaker",))
+    said = _said(first)
+    log = first.log_path.read_text()
+    assert first.popen.forked is False and not said["preloaded"], log
+    assert "not forked: the fork server cannot fork any more: 2 threads after importing threadmaker" in log, log
+    _, later = _start(probe_dir, "later", imports=())
+    _said(later)
+    assert later.popen.forked is False and "cannot fork any more" in later.log_path.read_text()
+    assert _finish(probe_dir, "first", first) == 0 and _finish(probe_dir, "later", later) == 0
 
 
 def test_tags_longer_than_the_servers_placeholder_start_the_worker_by_exec(probe_dir):

@@ -19,7 +19,7 @@ import pytest
 from pytest_neoxmii import hardware
 from pytest_neoxmii.backends.base import LoadRequest
 from pytest_neoxmii.backends.isolated import IsolatedEngine
-from pytest_neoxmii.deploy import processes
+from pytest_neoxmii.deploy import forkserver, processes
 from pytest_neoxmii.errors import BackendUnavailable
 from pytest_neoxmii.injection import InjectionFailed
 from pytest_neoxmii.outputs import PromptBatch
@@ -56,6 +56,21 @@ def test_an_isolated_engine_answers_from_its_own_process_and_is_torn_down(tmp_pa
     assert engine.teardown_report is not None and not engine.teardown_report.leaked
     with pytest.raises(processes.DeploymentError, match="echo tp=1 deployment is closed"):
         engine.generate(BATCH, 1)
+
+
+@pytest.mark.skipif(forkserver.gpus_present(), reason="needs a machine without GPUs, found GPUs: there every "
+                    "worker is started by exec (deploy/forkserver.py)")
+def test_a_forked_worker_finds_its_engines_imports_done_and_no_other_engines(tmp_path, monkeypatch):
+    # A server of this test's own (an environment no server of this process has imported under).
+    monkeypatch.setenv("OWN_SERVER", f"{os.getpid()}-{time.monotonic_ns()}")
+    engines = [deploy(stand_ins.EchoEngine, tmp_path), deploy(stand_ins.ImportsDeepSpeed, tmp_path)]
+    try:
+        echo, needs_ds = (e.info.notes for e in engines)
+        assert "forked from the session's fork server" in echo and "deepspeed imported: False" in echo, echo
+        assert "forked from the session's fork server" in needs_ds and "deepspeed imported: True" in needs_ds, needs_ds
+    finally:
+        for engine in engines:
+            engine.close()
 
 
 def test_a_launched_worker_says_when_it_was_ready_not_when_it_was_first_asked(tmp_path):
