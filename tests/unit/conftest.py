@@ -112,6 +112,18 @@ def fake_gpus(monkeypatch):
 
 
 @pytest.fixture
+def on_the_cpu(fake_gpus, monkeypatch):
+    """A CPU session, as on the CI machines, on any machine: for the tests whose expectations are a CPU
+    session's (the reference on cpu, ds in fp32, no work ahead by default). In-process runs see no GPU
+    (fake_gpus); on a machine with GPUs, the processes started from here (pytest subprocesses, engine
+    workers) see none either, so that DeepSpeed takes its CPU accelerator. On a machine without GPUs the
+    environment is left as it is (a fork server's imports read it: deploy/forkserver.py)."""
+    if hardware.detect().gpus:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    return fake_gpus()
+
+
+@pytest.fixture
 def assert_usage_error():
     return _assert_usage_error
 

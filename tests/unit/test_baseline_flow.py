@@ -41,7 +41,7 @@ DIR = f"baselines/pythia-14m/synthetic-seed0-v{V}"
 
 
 @pytest.fixture
-def flow(pytester, synthetic_14m, outcomes):
+def flow(pytester, synthetic_14m, outcomes, on_the_cpu):
     pytester.makepyfile(test_flow=FLOW)
     base = [*synthetic_14m, "--neox-backends=ds", "--neox-dtype=fp32", "--neox-max-new-tokens=4", "-rfs"]
 

@@ -339,6 +339,7 @@ def _failure_sections(text: str) -> dict[str, str]:
     return dict(zip(parts[1::2], parts[2::2]))
 
 
+@pytest.mark.usefixtures("on_the_cpu")
 def test_a_planted_fault_is_in_every_engine_at_tp_1_and_each_one_fails_parity_at_that_layer(
         pytester, monkeypatch, synthetic_14m, tmp_path):
     """The header says the fault is planted "in every DeepSpeed engine": at tp = 1 too, where ds and MII run in

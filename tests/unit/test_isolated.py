@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from pytest_neoxmii import hardware
 from pytest_neoxmii.backends.base import LoadRequest
 from pytest_neoxmii.backends.isolated import IsolatedEngine
 from pytest_neoxmii.deploy import forkserver, processes
@@ -290,17 +289,16 @@ def test_the_test_process_never_imported_deepspeed_or_mii():
 """
 
 
-def test_the_test_process_never_imports_deepspeed_or_mii(pytester, synthetic_14m, monkeypatch, tmp_path):
+def test_the_test_process_never_imports_deepspeed_or_mii(pytester, synthetic_14m, monkeypatch, tmp_path,
+                                                         on_the_cpu):
     """The real engines on synthetic pythia-14m (CPU), each in its worker; the session's own process never
     imports either package, so DeepSpeed's process-wide state and aborts stay in the workers. Their
     one-process worlds compile nothing: an empty TORCH_EXTENSIONS_DIR stays empty (DeepSpeed would build its
     shared-memory allreduce there, 23-62 s on two cores)."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("mii")
-    on_cpu = not hardware.detect().gpus     # (on a GPU, ds and mii build their injected kernels)
     extensions = tmp_path / "torch_extensions"
-    if on_cpu:
-        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     pytester.makepyfile(test_isolation=ISOLATION_TESTS)
     args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
     result = pytester.runpytest_subprocess(*args, "--neox-backends=ds,mii,zero")
@@ -585,7 +583,7 @@ def test_the_selected_tests_outputs_are_computed_ahead_in_the_worker(pytester, p
     assert not processes.live()
 
 
-def test_no_work_ahead_on_the_cpu_by_default(pytester, preloaded, synthetic_14m, engines_restored):
+def test_no_work_ahead_on_the_cpu_by_default(pytester, preloaded, synthetic_14m, engines_restored, on_the_cpu):
     pytester.makeconftest(PRELAUNCH_CONFTEST)
     pytester.makepyfile(test_not_ahead="""
 def test_greedy(neox, neox_backend_name, neox_generation_case):

@@ -271,7 +271,7 @@ def test_backend_scores_every_case(neox, neox_backend_name, neox_case):
 '''
 
 
-def test_end_to_end_synthetic_14m(pytester, synthetic_14m):
+def test_end_to_end_synthetic_14m(pytester, synthetic_14m, on_the_cpu):
     pytester.makepyfile(test_e2e=END_TO_END)
     # The short and padded cases keep it quick: 3 generation cases, the peer test, 3 cases scored by ds.
     result = pytester.runpytest_subprocess(*synthetic_14m, "--neox-max-new-tokens=4", "-v", "-k",

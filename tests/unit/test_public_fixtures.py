@@ -19,7 +19,7 @@ def readme_example() -> str:
     return re.search(r"```python\n(.*?)```", text[marker:], re.S).group(1)
 
 
-def test_the_readme_example_runs(pytester, synthetic_14m):
+def test_the_readme_example_runs(pytester, synthetic_14m, on_the_cpu):
     pytester.makepyfile(test_my_deployment=readme_example())
     result = pytester.runpytest(*synthetic_14m, "--neox-dtype=fp32", "-s")
     result.assert_outcomes(passed=2)
@@ -56,7 +56,7 @@ def test_skips_when_not_selected(neox, neox_zero):
 """
 
 
-def test_a_mismatch_raises_with_the_parity_table(pytester, synthetic_14m):
+def test_a_mismatch_raises_with_the_parity_table(pytester, synthetic_14m, on_the_cpu):
     pytester.makepyfile(test_broken=FAILING)
     result = pytester.runpytest(*synthetic_14m, "--neox-dtype=fp32", "-rs")
     result.assert_outcomes(failed=1, skipped=1)

@@ -156,7 +156,7 @@ def test_a_config_asking_for_kernels_skips_its_engine_on_the_cpu(pytester, synth
     assert "worker process" not in result.stdout.str()                  # nothing was deployed
 
 
-def test_a_config_too_small_for_a_case_runs_it_and_says_so(pytester, synthetic_14m):
+def test_a_config_too_small_for_a_case_runs_it_and_says_so(pytester, synthetic_14m, on_the_cpu):
     """ds on CPU (fp32: every CPU has it) deployed with the user's max_tokens of 24: the 4-token case fits,
     the 16-token prompt plus 16 new tokens does not and is flagged, both run; header, JSON report and
     baseline key carry the config."""
