@@ -10,8 +10,8 @@ the reference meanwhile.
 The server starts with torch and the worker's own modules (PRELOAD); the rest comes with the requests: each
 worker asks for its engine's imports (Backend.worker_imports), which the server imports, once, before it
 forks it. A server whose workers need no transformers or DeepSpeed (an engine of the user's, the unit suite's
-stand-ins, a session of hf alone) never imports them: 1.9 CPU-s instead of 3.6-4.7 on this project's 2-core
-Xeon, where the unit suite starts fourteen servers.
+stand-ins) never imports them: 1.1-1.6 CPU-s instead of 3.4-4.6 on this project's 2-core Xeon, where the
+unit suite starts about fifteen servers (docs/SPEED.md, twenty-fifth round).
 
 A forked worker must be what an exec'd one is, for everything the session looks at:
 - its own session and process group (setsid), its log as stdout and stderr, stdin from /dev/null, and the
