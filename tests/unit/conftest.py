@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 
 import pytest
 
@@ -109,6 +110,14 @@ def fake_gpus(monkeypatch):
         monkeypatch.setattr(hardware, "detect", lambda: hw)
         return hw
     return install
+
+
+@pytest.fixture
+def own_fork_server(monkeypatch):
+    """The workers this test starts get a fork server of their own, which has imported nothing for earlier
+    tests: an environment setting that no server of this process has imported under (the idle one is replaced,
+    deploy/forkserver.py, server_for)."""
+    monkeypatch.setenv("OWN_FORK_SERVER", f"{os.getpid()}-{time.monotonic_ns()}")
 
 
 @pytest.fixture

@@ -150,14 +150,7 @@ def test_a_worker_whose_import_environment_differs_is_started_by_exec_while_the_
     assert _finish(probe_dir, "again", again) == 0
 
 
-def _fresh_server(monkeypatch, why: str) -> None:
-    """The next probe gets a server of its own: an environment setting its imports could read, that no
-    server of this process has seen (the one there is idle, and is replaced)."""
-    monkeypatch.setenv("PROBE_IMPORT", f"{why}-{os.getpid()}-{time.monotonic_ns()}")
-
-
-def test_a_server_imports_what_each_worker_needs_before_forking_it_and_nothing_else(probe_dir, monkeypatch):
-    _fresh_server(monkeypatch, "bare")
+def test_a_server_imports_what_each_worker_needs_before_forking_it_and_nothing_else(probe_dir, own_fork_server):
     _, bare = _start(probe_dir, "bare", imports=())
     said = _said(bare)
     # An engine needing neither (a stand-in, a user's engine on another library): the server has imported
@@ -169,12 +162,12 @@ def test_a_server_imports_what_each_worker_needs_before_forking_it_and_nothing_e
     assert _finish(probe_dir, "bare", bare) == 0 and _finish(probe_dir, "neox", neox) == 0
 
 
-def test_an_import_that_leaves_a_thread_stops_the_forking_and_the_worker_starts_by_exec(probe_dir, monkeypatch):
+def test_an_import_that_leaves_a_thread_stops_the_forking_and_the_worker_starts_by_exec(probe_dir, own_fork_server):
     # A module of this engine starts a thread when imported: a fork would keep only the server's main
     # thread, with whatever locks the other holds. The server refuses this worker and every later one.
     (probe_dir / "threadmaker.py").write_text(
         "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
-    _fresh_server(monkeypatch, "threads")      # started in probe_dir: `python -m` finds threadmaker there
+    # The test's own server starts in probe_dir: `python -m` finds threadmaker there.
     _, first = _start(probe_dir, "first", imports=("threadmaker",))
     said = _said(first)
     log = first.log_path.read_text()

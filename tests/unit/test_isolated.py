@@ -59,9 +59,7 @@ def test_an_isolated_engine_answers_from_its_own_process_and_is_torn_down(tmp_pa
 
 @pytest.mark.skipif(forkserver.gpus_present(), reason="needs a machine without GPUs, found GPUs: there every "
                     "worker is started by exec (deploy/forkserver.py)")
-def test_a_forked_worker_finds_its_engines_imports_done_and_no_other_engines(tmp_path, monkeypatch):
-    # A server of this test's own (an environment no server of this process has imported under).
-    monkeypatch.setenv("OWN_SERVER", f"{os.getpid()}-{time.monotonic_ns()}")
+def test_a_forked_worker_finds_its_engines_imports_done_and_no_other_engines(tmp_path, own_fork_server):
     engines = [deploy(stand_ins.EchoEngine, tmp_path), deploy(stand_ins.ImportsDeepSpeed, tmp_path)]
     try:
         echo, needs_ds = (e.info.notes for e in engines)
