@@ -38,6 +38,30 @@ def problem(path: Path) -> str | None:
     return None
 
 
+# safetensors' names of the floating dtypes the sessions run in
+_SAFETENSORS_DTYPES = {"F16": "fp16", "BF16": "bf16", "F32": "fp32"}
+
+
+def stored_dtype(path: Path) -> str | None:
+    """The one dtype every floating tensor of the checkpoint's safetensors files is stored in ("fp16",
+    "bf16", "fp32"), from their headers; None for a checkpoint of several dtypes, of pickled weights (which
+    are read, not mapped) or that cannot be read (problem() says why)."""
+    present = [name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not present or not present[0].startswith("model.safetensors"):
+        return None
+    first = path / present[0]
+    shards = _shards_of(first)[0] if first.name.endswith(".index.json") else [first]
+    found = set()
+    for shard in shards:
+        try:
+            _, header = _header(shard, shard.stat().st_size)
+            found |= {entry["dtype"] for name, entry in header.items()
+                      if name != "__metadata__" and entry["dtype"].startswith(("F", "BF"))}
+        except _UNREADABLE:
+            return None
+    return _SAFETENSORS_DTYPES.get(found.pop()) if len(found) == 1 else None
+
+
 def _shards_of(index: Path) -> tuple[list[Path], str | None]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -52,16 +76,24 @@ def _safetensors_problem(file: Path) -> str | None:
     the tensors: a file shorter or longer than its header says was not written whole."""
     size = file.stat().st_size
     try:
-        with file.open("rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if 8 + header_len > size:
-                raise ValueError(f"its header length ({header_len} bytes) runs past the file's end")
-            header = json.loads(f.read(header_len))
+        header_len, header = _header(file, size)
         ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error) as exc:
+    except _UNREADABLE as exc:
         return f"'{file}' is not a safetensors file: {exc}"
     expected = 8 + header_len + max(ends, default=0)
     if size != expected:
         return (f"'{file}' is {size} bytes where its header says {expected}: the file was not written whole "
                 "(an interrupted copy or download?)")
     return None
+
+
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error)
+
+
+def _header(file: Path, size: int) -> tuple[int, dict]:
+    """A safetensors file's header length and its JSON header, each tensor's dtype, shape and byte range."""
+    with file.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if 8 + header_len > size:
+            raise ValueError(f"its header length ({header_len} bytes) runs past the file's end")
+        return header_len, json.loads(f.read(header_len))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from pytest_neoxmii.backends.base import Backend
-from pytest_neoxmii.registry import HEADROOM, ModelSpec
+from pytest_neoxmii.registry import HEADROOM, HOST_RUNTIME_BYTES, ModelSpec
 
 MODES = ("auto", "always", "never")
 
@@ -90,8 +90,8 @@ class ReferenceHandle(Backend):
 
 @dataclass(frozen=True)
 class Footprint:
-    """Whether the fp32 reference, its peer and the engine about to deploy fit GPU 0 together, and the
-    arithmetic in one line."""
+    """Whether the fp32 reference, its peer and the engines fit together (on GPU 0, or in host memory in a
+    CPU session), and the arithmetic in one line."""
     fits: bool
     arithmetic: str
 
@@ -118,17 +118,57 @@ def footprint(spec: ModelSpec, reference: str, peer_dtype: str, deployed: list[E
             runtimes.append((f"{engine.name} runtime", engine.runtime_bytes))
     # One sum, the one the line shows: (weights + workspaces) x margin + runtimes, which is the HF models'
     # weights x margin plus each engine's ModelSpec.per_gpu_bytes (a unit test holds the two together).
+    return _sum(parts, runtimes, gpu_bytes, "of GPU 0")
+
+
+class EngineInHost(NamedTuple):
+    """An engine's share of host memory in a CPU session: its weights, unless they are the checkpoint's own
+    pages (Backend.shares_checkpoint_pages, in the dtype the checkpoint is stored in), and its worker
+    process's runtime (registry.HOST_RUNTIME_BYTES) where it runs in one."""
+    name: str
+    dtype: str
+    shares_checkpoint_pages: bool = False
+    in_worker: bool = True
+
+
+def host_footprint(spec: ModelSpec, reference: str, peer_dtype: str, reference_shares_pages: bool,
+                   deployed: list[EngineInHost], stored_dtype: str | None, host_bytes: int) -> Footprint:
+    """Whether the fp32 reference, its peer and the engines in `deployed` fit the host's memory together in a
+    CPU session. A model loaded in the checkpoint's stored dtype by an engine that maps the file is the
+    file's pages, counted once however many processes map them (pythia-1b, synthetic fp16, all five models
+    side by side on the 2-core Xeon: 9.3 GB at the peak where the five models' weights add up to 12.2 GB);
+    any other model is a copy of its own. The test process, each worker and the fork server that starts them
+    hold a runtime besides (registry.HOST_RUNTIME_BYTES)."""
+    models = [(f"{reference} fp32", "fp32", reference_shares_pages)]
+    if peer_dtype != "fp32":                       # an fp32 session's peer is the reference itself
+        models.append((f"{reference} {peer_dtype}", peer_dtype, reference_shares_pages))
+    models += [(f"{e.name} {e.dtype}", e.dtype, e.shares_checkpoint_pages) for e in deployed]
+    mapped = [label for label, dtype, shares in models if shares and stored_dtype is not None and dtype == stored_dtype]
+    parts = [(label, spec.weight_bytes(dtype)) for label, dtype, shares in models if label not in mapped]
+    if mapped:
+        parts.insert(0, (f"checkpoint pages ({stored_dtype}, mapped by {', '.join(mapped)})",
+                         spec.weight_bytes(stored_dtype)))
+    workers = sum(e.in_worker for e in deployed)
+    processes = 1 + workers + (1 if workers else 0)      # the test process, the workers, their fork server
+    return _sum(parts, [(f"runtime of {processes} process{'es' if processes > 1 else ''}",
+                         processes * HOST_RUNTIME_BYTES)], host_bytes, "of host memory")
+
+
+def _sum(parts: list[tuple[str, float]], runtimes: list[tuple[str, float]], available: int,
+         where: str) -> Footprint:
+    """(parts x margin) + runtimes against the memory `available`, and the arithmetic in one line."""
     held = sum(b for _, b in parts) * MARGIN
     needed = held + sum(b for _, b in runtimes)
-    fits = needed <= gpu_bytes
+    fits = needed <= available
+
     # A need and a memory that round alike are shown to the hundredth, or in bytes: never "12.9 GB > 12.9 GB".
     def total(n_bytes: float) -> str:
         for digits in (1, 2):
-            if f"{needed / 1e9:.{digits}f}" != f"{gpu_bytes / 1e9:.{digits}f}":
+            if f"{needed / 1e9:.{digits}f}" != f"{available / 1e9:.{digits}f}":
                 return f"{n_bytes / 1e9:.{digits}f} GB" if n_bytes >= 1e9 else _gb(n_bytes)
         return f"{math.ceil(n_bytes)} bytes"
     arithmetic = (" + ".join(f"{label} {_gb(b)}" for label, b in parts) + f", x {MARGIN}"
                   + (f" = {_gb(held)}, + " + " + ".join(f"{label} {_gb(b)}" for label, b in runtimes)
                      if runtimes else "")
-                  + f" = {total(needed)} {'<=' if fits else '>'} {total(gpu_bytes)} of GPU 0")
+                  + f" = {total(needed)} {'<=' if fits else '>'} {total(available)} {where}")
     return Footprint(fits, arithmetic)

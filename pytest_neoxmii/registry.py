@@ -24,6 +24,12 @@ HEADROOM = 1.2
 # GPU outside the headroom, since it does not grow with the model.
 WORKER_RUNTIME_BYTES = 808 * 2**20
 
+# What one process of a CPU session holds in host memory besides model weights: Python, torch, transformers,
+# DeepSpeed, the activations of a short case. Measured on the 2-core Xeon (pythia-1b, synthetic weights, fp16
+# session, all engines side by side): 277 MiB for the fork server, 301 and 330 MiB for the ds and mii workers,
+# about 310 MiB beyond its weights for zero's and for the test process. Added per process outside the headroom.
+HOST_RUNTIME_BYTES = 350 * 2**20
+
 _GB = 1e9  # decimal gigabytes, as GPU vendors and nvidia-smi's marketing sizes use
 
 

@@ -136,6 +136,7 @@ def build_summary(session) -> dict:
         "timeline_s": session.overhead.timeline() if getattr(session, "overhead", None) else [],
         "test_phases_s": session.overhead.phases if getattr(session, "overhead", None) else {},
         "prelaunched": list(session.prelaunched),
+        "engines_one_at_a_time": getattr(session, "engines_one_at_a_time", None),   # why none was prelaunched
         "reference_computed_while_workers_loaded": session.reference_ahead,
         "reference_computed_s": round(getattr(session, "reference_ahead_s", 0.0), 3),
         "redeployed": list(session.redeployed),
@@ -212,6 +213,8 @@ def terminal_summary(terminalreporter, session) -> None:
                       + (f"; meanwhile the reference's outputs of {session.reference_ahead} cases were computed"
                          f" ({getattr(session, 'reference_ahead_s', 0.0):.1f} s, its load included)"
                          if session.reference_ahead else ""))
+    if getattr(session, "engines_one_at_a_time", None):
+        tr.write_line(session.engines_one_at_a_time)
     if getattr(session, "kernel_build", None) is not None:
         tr.write_line(session.kernel_build.describe())
     for line in session.redeployed:

@@ -2,15 +2,17 @@
 once per session), the reference outputs (computed once per case) and what the report will show."""
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
 
-from pytest_neoxmii import ahead_share, hardware, known_issues, precision, reference_first
+from pytest_neoxmii import ahead_share, checkpoint_files, hardware, known_issues, precision, reference_first
 from pytest_neoxmii import backends as engines
 from pytest_neoxmii.backends import Backend, IsolatedEngine, LoadRequest, load_backend
+from pytest_neoxmii.deploy import cpu_heap
 from pytest_neoxmii.deploy.processes import DeploymentError
 from pytest_neoxmii.cases import FAMILIES, Case, CasePlan, materialize, plan_cases, row_alone
 from pytest_neoxmii.errors import BackendUnavailable, NeoxUsageError, first_line, in_brief
@@ -101,12 +103,15 @@ class NeoxSession:
         self.kernel_build = None                    # kernels.BackgroundBuild of a cold session (start_kernel_build)
         self.pending: dict[str, Backend] = {}       # workers launched up front, loading (see prelaunch)
         self.prelaunched: list[str] = []            # what prelaunch started, for the header and the report
+        self.engines_one_at_a_time: str | None = None   # why prelaunch started none: they would not fit at once
+        self.hf_precomputed = False                 # the HF models took turns over every case (hf_one_at_a_time)
         self.reference_ahead = 0                    # cases whose reference outputs prelaunch computed meanwhile
         self.reference_ahead_s = 0.0                # and how long that took (the reference's load included)
         # What the selected tests will ask each engine for, in test order (want_outputs): a prelaunched
         # worker computes it right after its load, side by side with the other engines (worker.py).
         self.wanted: dict[str, list[tuple[str, CasePlan]]] = {}
         self.rows_alone_plans: list[CasePlan] = []      # padded cases whose rows a test generates alone
+        self.selected_plans: list[CasePlan] | None = None   # the cases the selected tests are parametrized by
         self.engines_asked: set[str] | None = None      # what the selected tests deploy (None: any engine)
         self.ahead_reports: dict[str, dict] = {}    # engine -> what its worker computed ahead, for the report
         # Replacements of deployments a known defect broke, and helpers sharing an engine's calls ahead.
@@ -123,6 +128,11 @@ class NeoxSession:
         self.overhead = OverheadLog(self.started)   # where "other" goes (plugin.pytest_runtest_protocol)
 
     # -- what is tested -------------------------------------------------------------------------------
+    @functools.cached_property
+    def stored_dtype(self) -> str | None:
+        """The dtype the checkpoint's weights are stored in (checkpoint_files.stored_dtype), None if unknown."""
+        return checkpoint_files.stored_dtype(self.model.path) if self.model and self.model.path else None
+
     @property
     def hardware(self) -> hardware.Hardware:
         return hardware.detect()
@@ -281,11 +291,13 @@ class NeoxSession:
             if key in self.pending:              # launched by prelaunch: it has been loading meanwhile
                 with self.timed("model load"):
                     backend = self.pending.pop(key).wait_ready()
+            elif reference:
+                backend = self._load_hf_model(name, dtype)
             else:
                 backend = self.load(name, dtype)
             waited = time.perf_counter() - t0
             if reference and self.options.reference_first != "never":
-                backend = reference_first.ReferenceHandle(backend, lambda: self.load(name, dtype))
+                backend = reference_first.ReferenceHandle(backend, lambda: self._load_hf_model(name, dtype))
         except BackendUnavailable as exc:
             self.unavailable[key] = f"{name} ({dtype}): {exc}"
             pytest.skip(self.unavailable[key])
@@ -303,7 +315,34 @@ class NeoxSession:
         self.timings["kernel build"] += built
         self.backends[key] = backend
         self.infos[key] = backend.info
+        if reference and self.hf_one_at_a_time and not self.hf_precomputed:
+            # The HF models take turns: every case's outputs now, one model after the other, instead of a
+            # reload at every turn of the tests that ask both.
+            self.hf_precomputed = True
+            computed, stopped = self.precompute_reference(self.selected_plans)
+            self.reference_releases.append(
+                f"{self.hf_one_at_a_time}: {computed} cases precomputed, one model after the other"
+                + (f"; precompute stopped: {stopped}" if stopped else ""))
         return backend
+
+    @functools.cached_property
+    def hf_one_at_a_time(self) -> str | None:
+        """Why the HF reference and its peer are loaded one at a time, or None: in a CPU session whose host
+        memory does not hold the two together, when the session keeps them releasable (reference first)."""
+        if self.device != "cpu" or self.dtype == "fp32" or self.options.reference_first == "never":
+            return None
+        alone = self.host_fit([])
+        return None if alone.fits else f"{engines.reference_name()} models one at a time (needed {alone.arithmetic})"
+
+    def _load_hf_model(self, name: str, dtype: str) -> Backend:
+        """Load an HF model (the reference or its peer), after releasing the other where the two do not fit
+        the host together (hf_one_at_a_time)."""
+        if self.hf_one_at_a_time:
+            released = [backend.release() for key, backend in self.backends.items()
+                        if key != f"{name}:{dtype}" and isinstance(backend, reference_first.ReferenceHandle)]
+            if any(released):
+                cpu_heap.give_back_freed_memory()
+        return self.load(name, dtype)
 
     def _cannot_deploy(self, name: str, dtype: str) -> tuple[str, str] | None:
         """What is known before anything deploys, from the shape and the machine alone (backend() and
@@ -353,9 +392,14 @@ class NeoxSession:
         wanted: dict[str, dict[tuple[str, str], tuple[str, CasePlan]]] = {}
         plans = self.plans()
         rows_alone: dict[str, CasePlan] = {}
+        selected: set[str] = set()
         for item in items:
             families = marked_score_families(item)     # (checked on every test: a typo stops the run)
             params = getattr(getattr(item, "callspec", None), "params", {})
+            if item.get_closest_marker("skip") is None:
+                selected |= {p.id for p in (params.get("neox_generation_plan"), params.get("neox_case_plan"))
+                             if isinstance(p, CasePlan)}
+                selected |= {p.id for p in plans if p.family in families}
             plan = params.get("neox_generation_plan")
             if marked_rows_alone(item) and item.get_closest_marker("skip") is None \
                     and isinstance(plan, CasePlan) and plan.padded:
@@ -370,6 +414,7 @@ class NeoxSession:
             for plan in (p for p in plans if p.family in families):
                 wanted.setdefault(name, {}).setdefault(("score", plan.id), ("score", plan))
         self.wanted = {name: list(calls.values()) for name, calls in wanted.items()}
+        self.selected_plans = [p for p in plans if p.id in selected]
         self.rows_alone_plans = list(rows_alone.values())
         self.engines_asked = self._engines_asked(items)
 
@@ -502,14 +547,20 @@ class NeoxSession:
     def prelaunch(self) -> None:
         """Launch the worker of every selected isolated engine now, side by side, so that DeepSpeed's kernels
         build and the models load while the session does other work; backend() then waits for each. Only
-        where the reference and all of them fit one GPU at once (on the CPU: always); otherwise each deploys
-        when a test first needs it. Anything that would skip or xfail an engine leaves it to backend()."""
+        where the reference and all of them fit one GPU at once (in a CPU session: the host's memory);
+        otherwise each deploys when a test first needs it. Anything that would skip or xfail an engine leaves
+        it to backend()."""
         if self.model is None or self.model.path is None or self.options.reference_first == "always":
             return                  # (always: the reference's outputs come first, before any engine loads)
         dtype = self.dtype
         names = [n for n in self.options.backends if not engines.is_reference(n)
                  and engines.engine(n).backend_for(self._tp_of(n)).isolated and self._asked_for(n)]
-        if not names or not self.fit_at_once(names, dtype):
+        if not names:
+            return
+        at_once = self.footprint_at_once(names, dtype)
+        if not at_once.fits:
+            self.engines_one_at_a_time = ("engines deployed one at a time, when a test first needs each: "
+                                          f"needed {at_once.arithmetic}")
             return
         # The workers start first, their calls ahead given once the cases are built (the tokenizer imports
         # transformers: 2.6 s on a 2-core CPU), which then happens while they start and import.
@@ -605,18 +656,38 @@ class NeoxSession:
         self.extra.retire_helpers()
 
     def fit_at_once(self, names: list[str], dtype: str) -> bool:
-        """The fp32 reference, its peer and every engine, on the smallest GPU in use: reference first's
-        arithmetic (reference_first.footprint)."""
+        return self.footprint_at_once(names, dtype).fits
+
+    def footprint_at_once(self, names: list[str], dtype: str) -> reference_first.Footprint:
+        """The fp32 reference, its peer and every engine, on the smallest GPU in use, or in a CPU session in
+        the host's memory: reference first's arithmetic (reference_first.footprint, host_footprint)."""
         hw = self.hardware
         if not hw.gpus:
-            return True
+            return self.host_fit([(n, dtype) for n in names])
         # Every engine counts at its weights, ZeRO's too: it streams them in layer by layer, but torch's
         # allocator in its worker keeps what it fetched (measured: 23.6 GiB held after working ahead on
         # pythia-12b with synthetic weights, fp16 23.7 GB, one H200), and three engines beside the reference ran out of
         # memory there.
         deployed = [self._on_gpu(n, dtype) for n in names]
         return reference_first.footprint(self.model.spec, engines.reference_name(), dtype, deployed,
-                                         min(g.total_memory for g in hw.gpus)).fits
+                                         min(g.total_memory for g in hw.gpus))
+
+    def host_fit(self, deployed: list[tuple[str, str]]) -> reference_first.Footprint:
+        """In a CPU session: whether the HF models and the engines `deployed` ((name, dtype) pairs) fit the
+        host's memory together (reference_first.host_footprint). Where the host's memory is unknown, they
+        fit: nothing would be gained by serialising."""
+        total = hardware.host_memory_total()
+        if total is None:
+            return reference_first.Footprint(True, "host memory unknown")
+        in_host = []
+        for name, dtype in deployed:
+            cls = engines.engine(name).backend_for(self._tp_of(name))
+            in_host.append(reference_first.EngineInHost(name, dtype, cls.shares_checkpoint_pages,
+                                                        cls.isolated or cls.runs_in_worker))
+        reference = engines.reference_name()
+        return reference_first.host_footprint(self.model.spec, reference, self.dtype,
+                                              engines.engine(reference).shares_checkpoint_pages, in_host,
+                                              self.stored_dtype, total)
 
     def _on_gpu(self, name: str, dtype: str) -> reference_first.EngineOnGpu:
         """The engine's share of one GPU, for reference first's arithmetic (the same memory model as
@@ -628,28 +699,31 @@ class NeoxSession:
     # -- reference first (reference_first.py) ---------------------------------------------------------
     def _reference_first(self, name: str, dtype: str) -> None:
         """Called just before the engine `name` deploys: with --neox-reference-first=always, or auto when the
-        HF models and the engine would not fit GPU 0 together, compute the reference's outputs of every case
-        and release the HF models."""
+        HF models and the engines would not fit GPU 0 together (in a CPU session: the host's memory), compute
+        the reference's outputs of every case the selected tests ask for and release the HF models."""
         mode = self.options.reference_first
         if mode == "never":
             return
         why = "--neox-reference-first=always"
         if mode == "auto":
             gpus = self.hardware.gpus
-            if not gpus:
-                return
-            # the engines already on the GPU (or loading there) count too: they stay for the session
-            on_gpu = [key.split(":", 1) for key in [*self.backends, *self.pending]
+            # the engines already deployed (or loading) count too: they stay for the session
+            others = [key.split(":", 1) for key in [*self.backends, *self.pending]
                       if not engines.is_reference(key.split(":", 1)[0]) and key != f"{name}:{dtype}"]
-            deployed = [self._on_gpu(n, d) for n, d in [[name, dtype], *on_gpu]]
-            need = reference_first.footprint(self.model.spec, engines.reference_name(), self.dtype, deployed,
-                                             gpus[0].total_memory)
+            if gpus:
+                deployed = [self._on_gpu(n, d) for n, d in [[name, dtype], *others]]
+                need = reference_first.footprint(self.model.spec, engines.reference_name(), self.dtype,
+                                                 deployed, gpus[0].total_memory)
+            else:
+                need = self.host_fit([(name, dtype), *[(n, d) for n, d in others]])
             if need.fits:
                 return
             why = f"needed {need.arithmetic}"
-        computed, stopped = self.precompute_reference()
+        computed, stopped = self.precompute_reference(self.selected_plans)
         released = [key.split(":", 1)[1] for key, backend in self.backends.items()
                     if isinstance(backend, reference_first.ReferenceHandle) and backend.release()]
+        if released and self.device == "cpu":
+            cpu_heap.give_back_freed_memory()    # what the HF models held, for the engine to load in
         if computed or released or stopped:
             line = (f"reference first: {computed} cases precomputed, "
                     f"{engines.reference_name()} {' + '.join(released) or 'nothing'} released before {name} "
@@ -665,38 +739,46 @@ class NeoxSession:
         computed again). peer_generations=False leaves out the peer's generations, which no check compares
         (greedy parity and hf's golden outputs read the fp32 reference's; the peer's scores are the noise
         floor's): working ahead, where they would only delay the first test. Before the HF models are
-        released (reference first) everything is computed, so that nothing reloads them; then the rows that
-        selected tests generate alone (rows_alone). Returns (cases with something newly computed, why it
-        stopped early or None)."""
+        released (reference first) everything is computed, so that nothing reloads them, the fp32 reference's
+        first (with the rows that selected tests generate alone, rows_alone), then its peer's. Returns (cases
+        with something newly computed, why it stopped early or None)."""
         outcomes = (pytest.skip.Exception, pytest.fail.Exception, pytest.xfail.Exception)
-        computed = 0
+        cases = []
         for plan in self.plans() if plans is None else plans:
             try:
-                case = self.case(plan)
+                cases.append((plan, self.case(plan)))
             except outcomes:        # a bad case fails its own tests with the reason, later
                 continue
-            before = len(self._cache)
-            self.extra.replace_once_broken()
-            try:
-                for backend in (self.reference(), self.peer()):
-                    if plan.generate and (peer_generations or backend is self.reference()):
+        newly: set[str] = set()     # the cases with something newly computed
+        # One model after the other, every case of each: where the two do not fit together they are then
+        # loaded once each, not once per case (_load_hf_model).
+        for model, is_reference in ((self.reference, True), (self.peer, False)):
+            for plan, case in cases:
+                before = len(self._cache)
+                self.extra.replace_once_broken()
+                try:
+                    backend = model()
+                    if plan.generate and (peer_generations or is_reference):
                         self.generation(backend, case)
                     self.scores(backend, case)
-            except outcomes as exc:  # the reference cannot run: its own tests say why
-                return computed, first_line(exc)
-            computed += len(self._cache) > before
-        # The rows of padded cases that a selected test generates alone (neox_rows_alone), after the cases:
-        # on one H200 warm they took 0.7 s after ZeRO's work ahead, the last thing before the first timing.
-        for plan in self.rows_alone_plans:
-            try:
-                case = self.case(plan)
-            except outcomes:        # (as above: the case's own tests say why)
+                except outcomes as exc:  # the reference cannot run: its own tests say why
+                    return len(newly), first_line(exc)
+                if len(self._cache) > before:
+                    newly.add(plan.id)
+            if not is_reference:
                 continue
-            try:
-                self.rows_alone(self.reference(), case)
-            except outcomes as exc:
-                return computed, first_line(exc)
-        return computed, None
+            # The rows of padded cases that a selected test generates alone (neox_rows_alone), after the
+            # reference's cases: on one H200 warm they took 0.7 s after ZeRO's work ahead.
+            for plan in self.rows_alone_plans:
+                try:
+                    case = self.case(plan)
+                except outcomes:        # (as above: the case's own tests say why)
+                    continue
+                try:
+                    self.rows_alone(self.reference(), case)
+                except outcomes as exc:
+                    return len(newly), first_line(exc)
+        return len(newly), None
 
     def _engine_config(self, name: str) -> dict | None:
         config = self.serving_configs.get(name)

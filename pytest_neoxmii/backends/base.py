@@ -75,6 +75,10 @@ class Backend(abc.ABC):
     needs_deepspeed = False      # runs on DeepSpeed's accelerator: on a CPU, DeepSpeed's dtypes bound it
     injects_kernels = False      # DeepSpeed kernel injection on CUDA (its inference op is built before load)
     weights_on_gpu = True        # False: weights stay in CPU/NVMe memory, so GPU memory never rules it out
+    # On the CPU, in the dtype the checkpoint is stored in, its weights are the checkpoint file's own pages,
+    # mapped, which every process mapping the file shares (transformers maps safetensors); False: it holds a
+    # copy of its own. The session's host-memory fit counts shared pages once (reference_first.host_footprint).
+    shares_checkpoint_pages = False
     runs_in_worker = False       # the model is in other processes: no .model here, time with a wall clock
     # Loaded in a worker process of its own (backends/isolated.py), never in the test process: the engine
     # keeps process-wide state or can abort its process (every DeepSpeed engine).
@@ -89,7 +93,7 @@ class Backend(abc.ABC):
     # from the engine's class (take_traits).
     ENGINE_TRAITS = ("description", "label", "colour", "is_reference", "can_score", "output_is_text",
                      "generations_from_text", "needs_deepspeed", "injects_kernels", "weights_on_gpu")
-    PLACEMENT_TRAITS = ("runs_in_worker", "isolated", "requires", "worker_imports")
+    PLACEMENT_TRAITS = ("runs_in_worker", "isolated", "requires", "worker_imports", "shares_checkpoint_pages")
 
     def take_traits(self, engine_cls: type, names: tuple[str, ...] = ENGINE_TRAITS) -> None:
         """Answer the traits `names` as the engine class `engine_cls` does (per instance)."""

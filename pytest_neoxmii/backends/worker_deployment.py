@@ -263,7 +263,7 @@ class ChannelDeployment(WorkerDeployment):
             time.sleep(0.1)
         # The whole log: the dying rank's own fatal-signal line can be above the tail (the others' tracebacks).
         log = tree.log_path.read_text(errors="replace")
-        how = processes.describe_exit(tree.popen.poll(), log)
+        how = processes.describe_exit(tree.popen.poll(), log, tree.oom_kills_at_start)
         return processes.WorkerCrashed(
             f"{self._what}: worker crashed ({how}) during {describe_request(op, args)}; "
             f"last lines of {tree.log_path}:\n{processes.crash_excerpt(log, tree.log_tail())}")

@@ -54,7 +54,7 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from pytest_neoxmii.deploy.processes import HOSTS_ENV, TAG_ENV, alive
+from pytest_neoxmii.deploy.processes import HOSTS_ENV, TAG_ENV, alive, volunteer_for_oom_killer
 
 DISABLE_ENV = "NEOXMII_FORKSERVER"            # "0": start every worker by exec
 ROOM_ENV = "NEOXMII_TAG_ROOM"                 # the placeholder a child overwrites with its tags
@@ -125,6 +125,7 @@ class ForkedProcess:
                                                stderr=subprocess.STDOUT, env=req["env"], cwd=req["cwd"],
                                                start_new_session=True)
             self._pid = self._popen.pid
+            volunteer_for_oom_killer(self._pid)
         except OSError as exc:               # a start that fails is an exit the session sees and reports
             self.returncode = 127
             with open(req["log"], "ab") as log:
@@ -538,6 +539,7 @@ def _import_for_forking(modules, preloaded: list[str]) -> str | None:
 
 def serve(fd: int, status_dir: Path) -> int:
     conn = Connection(fd)
+    volunteer_for_oom_killer()           # before the test process, as every worker it forks (they inherit it)
     # The session's thread settings (the same for every worker forked: they are part of import_env).
     given = json.loads(os.environ.pop("NEOXMII_FORKSERVER_THREADS", "{}"))
     t0 = time.monotonic()

@@ -81,12 +81,13 @@ def crash_excerpt(log_text: str, tail: str, before: int = 12) -> str:
     return head if head in tail else f"{head}\n...\n{tail}"
 
 
-def describe_exit(code: int | None, log_text: str = "") -> str:
+def describe_exit(code: int | None, log_text: str = "", oom_kills_before: int | None = None) -> str:
     """'killed by SIGABRT', 'exit code 1'. First what a dying rank said itself (faulthandler's fatal-signal
     line). Then the DeepSpeed launcher, which exits 1 whatever ended a rank and logs one rank's return code
     ('exits with return code = -6'): when one rank aborts and the others then fail on their broken
     connection, it logs whichever dead rank its poll meets first (it iterates over a set), so its code alone
-    named the abort only sometimes."""
+    named the abort only sometimes. A SIGKILL while the kernel's OOM killer killed (its count since
+    `oom_kills_before`, oom_kills()) is said to be that."""
     fatal = _FATAL_SIGNAL.search(log_text)
     if fatal:
         return f"killed by {_FATAL_NAMES[fatal.group(1)]}"
@@ -95,12 +96,45 @@ def describe_exit(code: int | None, log_text: str = "") -> str:
     if not codes:
         return "exit status unknown"
     c = codes[0]
+    if c == -signal.SIGKILL and oom_kills_before is not None and (oom_kills() or 0) > oom_kills_before:
+        return ("killed by SIGKILL, as the kernel's OOM killer kills: the machine (or its container) ran out of "
+                "memory while it ran")
     if c < 0:
         try:
             return f"killed by {signal.Signals(-c).name}"
         except ValueError:
             return f"killed by signal {-c}"
     return f"exit code {c}"
+
+
+def oom_kills(vmstat: str = "/proc/vmstat") -> int | None:
+    """How many processes the kernel's OOM killer has killed since boot, a container's limit included
+    (Linux's oom_kill event count); None where unknown."""
+    try:
+        with open(vmstat) as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# Deployment processes volunteer to be the OOM killer's first choice. When memory runs out, the kernel kills
+# the process with the largest share of it; in a CPU session that is often the test process (it holds the fp32
+# reference), and pytest then vanished without a word (pythia-1b, synthetic weights, in a 6 GiB cgroup: exit
+# 137 after 40 s, no output). A worker that is killed instead is a crash of its engine, which the session
+# reports and survives. Children inherit the setting.
+OOM_SCORE_ADJ = 1000
+
+
+def volunteer_for_oom_killer(pid: int | str = "self") -> None:
+    """Make the process `pid` (of this user) the first the kernel's OOM killer takes; nothing where it cannot."""
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write(str(OOM_SCORE_ADJ))
+    except OSError:
+        pass
 
 
 class DeploymentLeakWarning(UserWarning):
@@ -219,6 +253,7 @@ class ProcessTree:
     tag: str | None
     started: float = field(default_factory=time.monotonic)
     seen: dict[int, int | None] = field(default_factory=dict)   # every process of the tree seen: pid -> start
+    oom_kills_at_start: int | None = field(default_factory=oom_kills)   # the kernel's count (describe_exit)
 
     @property
     def pid(self) -> int:
@@ -229,7 +264,8 @@ class ProcessTree:
         code = self.popen.poll()
         if code is not None:
             tail = self.log_tail()
-            raise ServerDied(f"{self.name} (pid {self.pid}) exited with code {code} ({describe_exit(code, tail)}) "
+            how = describe_exit(code, tail, self.oom_kills_at_start)
+            raise ServerDied(f"{self.name} (pid {self.pid}) exited with code {code} ({how}) "
                              f"{time.monotonic() - self.started:.1f} s after start; last lines of "
                              f"{self.log_path}:\n{tail}")
 
@@ -281,6 +317,7 @@ def start(cmd: list[str], *, name: str, log_path: Path, tag: str | None,
         if popen is None:
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                      env=env, cwd=cwd, start_new_session=True)
+            volunteer_for_oom_killer(popen.pid)   # (a forked root inherits it from its fork server)
     tree = ProcessTree(name=name, popen=popen, log_path=log_path, tag=tag)
     tree.pids()
     _install_sigterm_guard()

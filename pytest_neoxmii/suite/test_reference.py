@@ -18,6 +18,10 @@ def test_reference_is_deterministic(neox, neox_generation_case):
     ref = neox.reference()
     steps = min(4, neox_generation_case.plan.max_new_tokens)
     first = neox.generation(ref, neox_generation_case)
+    if neox.reference_released_for_memory and not getattr(ref, "loaded", True):
+        pytest.skip("the HF reference was released so that the engines fit beside it "
+                    f"({neox.reference_released_for_memory}): loading it again for an uncached generation would "
+                    "not fit either")
     with neox.timed("model calls"):     # uncached on purpose: the session's time line still counts it
         second = ref.generate(neox_generation_case.batch, steps, neox.options.top_k)
     assert [row[:steps] for row in first.tokens] == second.tokens

@@ -96,3 +96,35 @@ def test_pytorch_shards_are_checked_for_presence(checkpoint):
     assert "names the shard pytorch_model-1.bin" in checkpoint_files.problem(checkpoint)
     (checkpoint / "pytorch_model-1.bin").write_bytes(b"not checked further: a pickle")
     assert checkpoint_files.problem(checkpoint) is None
+
+
+# -- stored_dtype: what the host-memory fit counts as the checkpoint's own pages ------------------------------
+
+@pytest.mark.parametrize("dtype,name", [(torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")])
+def test_the_dtype_every_floating_tensor_is_stored_in(tmp_path, dtype, name):
+    save_file({"w": torch.zeros(3, 5, dtype=dtype), "b": torch.ones(7, dtype=dtype),
+               "masked_bias": torch.zeros(2, dtype=torch.bool), "steps": torch.zeros(1, dtype=torch.int64)},
+              str(tmp_path / "model.safetensors"))
+    assert checkpoint_files.stored_dtype(tmp_path) == name
+
+
+def test_no_stored_dtype_for_mixed_pickled_unreadable_or_missing_weights(tmp_path):
+    save_file({"w": torch.zeros(3, dtype=torch.float16), "b": torch.zeros(3)}, str(tmp_path / "model.safetensors"))
+    assert checkpoint_files.stored_dtype(tmp_path) is None                      # fp16 and fp32
+    (tmp_path / "model.safetensors").write_bytes(b"\x04\0\0\0\0\0\0\0{bad")
+    assert checkpoint_files.stored_dtype(tmp_path) is None                      # unreadable
+    (tmp_path / "model.safetensors").unlink()
+    torch.save({"w": torch.zeros(3, dtype=torch.float16)}, tmp_path / "pytorch_model.bin")
+    assert checkpoint_files.stored_dtype(tmp_path) is None                      # read, not mapped
+    (tmp_path / "pytorch_model.bin").unlink()
+    assert checkpoint_files.stored_dtype(tmp_path) is None                      # no weights
+
+
+def test_the_stored_dtype_of_sharded_weights_is_every_shards(tmp_path):
+    save_file({"a": torch.zeros(3, dtype=torch.bfloat16)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.zeros(3, dtype=torch.bfloat16)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert checkpoint_files.stored_dtype(tmp_path) == "bf16"
+    save_file({"b": torch.zeros(3, dtype=torch.float16)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    assert checkpoint_files.stored_dtype(tmp_path) is None

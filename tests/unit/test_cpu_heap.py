@@ -105,3 +105,34 @@ def test_a_worker_sets_the_allocator_before_it_loads_its_engine_and_only_on_the_
             raise BackendUnavailable(f"kept during the load: {cpu_heap._kept}, mallopt asked {calls}")
     _, message = worker.load(Probe, LoadRequest(path="unused", dtype="fp32", device=device))
     assert message["message"] == f"kept during the load: {bool(asked)}, mallopt asked {asked}"
+
+
+# A model released so that another fits the host (the HF models taking turns in a small container): its kept
+# pages go back to the kernel. 400 MB in blocks of 40 MB, freed, then the heap's free pages given back.
+_RELEASE = textwrap.dedent("""
+    import sys, torch
+    from pytest_neoxmii.deploy import cpu_heap
+    def anon_mb():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) // 1024
+    before_keeping = cpu_heap.give_back_freed_memory()
+    cpu_heap.keep_freed_memory("cpu")
+    blocks = [torch.ones(10 * 2**20) for _ in range(10)]
+    held = anon_mb()
+    del blocks
+    kept = anon_mb()
+    gave = cpu_heap.give_back_freed_memory()
+    print(before_keeping, held, kept, gave, anon_mb())
+""")
+
+
+@glibc_only
+def test_a_released_models_kept_pages_go_back_to_the_kernel_when_asked():
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", _RELEASE], capture_output=True, text=True, timeout=120,
+                         env=environment, check=True).stdout.split()
+    before_keeping, held, kept, gave, after = out[0] == "True", *map(int, out[1:3]), out[3] == "True", int(out[4])
+    assert not before_keeping                 # nothing kept, nothing to give: glibc's default already trims
+    assert kept > held - 50, (held, kept)     # freed, but kept in the heap
+    assert gave and after < kept - 350, (held, kept, after)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import re
 import subprocess
 import sys
 import textwrap
@@ -1035,3 +1036,43 @@ def test_readings_that_disagree_are_said_in_the_deployments_notes():
     assert spread_note([772 * mib] + [792 * mib] * 5) == [
         "DeepSpeed workspace readings 772-792 MiB (the GPU's other processes moved the driver's figure "
         "meanwhile; the median is taken)"]
+
+
+def test_a_sigkill_while_the_kernels_oom_killer_killed_is_said_to_be_that(monkeypatch, tmp_path):
+    """pythia-1b in a 6 GiB container: a worker the OOM killer takes dies by SIGKILL, with nothing in its log."""
+    vmstat = tmp_path / "vmstat"
+    vmstat.write_text("pgfault 10\noom_kill 3\npgmajfault 2\n")
+    assert processes.oom_kills(str(vmstat)) == 3
+    assert processes.oom_kills(str(tmp_path / "missing")) is None
+    count = {"now": 3}
+    monkeypatch.setattr(processes, "oom_kills", lambda: count["now"])
+    assert processes.describe_exit(-9, "", oom_kills_before=3) == "killed by SIGKILL"      # none meanwhile
+    count["now"] = 4
+    assert processes.describe_exit(-9, "", oom_kills_before=3) == (
+        "killed by SIGKILL, as the kernel's OOM killer kills: the machine (or its container) ran out of memory "
+        "while it ran")
+    assert processes.describe_exit(-9, "", oom_kills_before=None) == "killed by SIGKILL"    # count unknown
+    assert processes.describe_exit(-6, "", oom_kills_before=3) == "killed by SIGABRT"
+
+
+def test_a_deployments_processes_are_the_oom_killers_first_choice_and_the_test_process_is_not(tmp_path):
+    """When memory runs out, the kernel kills a worker (a crash of its engine, which the session reports)
+    rather than the test process (which vanished without a word: exit 137)."""
+    own = open("/proc/self/oom_score_adj").read().strip()
+    tag = processes.new_tag("oom")
+    tree = processes.start([sys.executable, "-c", "import time, subprocess, sys; "
+                            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                            "print('child', child.pid, flush=True); time.sleep(60)"],
+                           name="oom", log_path=tmp_path / "oom.log", tag=tag)
+    try:
+        deadline = time.monotonic() + 30
+        said = None
+        while said is None and time.monotonic() < deadline:
+            said = re.search(r"^child (\d+)$", tree.log_path.read_text(), re.M)
+            time.sleep(0.05)
+        child = int(said.group(1))
+        for pid in (tree.pid, child):                      # the root, and what it starts (inherited)
+            assert open(f"/proc/{pid}/oom_score_adj").read().strip() == str(processes.OOM_SCORE_ADJ) == "1000"
+        assert open("/proc/self/oom_score_adj").read().strip() == own != "1000"
+    finally:
+        processes.teardown([tree], name="oom", tag=tag, term_timeout=10)

@@ -28,7 +28,8 @@ print(json.dumps({"pid": os.getpid(), "sid": os.getsid(0), "pgid": os.getpgid(0)
                   "threads": torch.get_num_threads(), "preloaded": started_with,
                   "imported": sorted(m for m in ("transformers", "deepspeed") if m in sys.modules),
                   "setting": os.environ.get("NEOXMII_PROBE_SETTING"),
-                  "import_setting": os.environ.get("PROBE_IMPORT")}),
+                  "import_setting": os.environ.get("PROBE_IMPORT"),
+                  "oom_score_adj": open("/proc/self/oom_score_adj").read().strip()}),
       flush=True)
 go = os.environ.get("NEOXMII_PROBE_GO")
 while go and not os.path.exists(go):
@@ -100,6 +101,9 @@ def test_a_forked_worker_is_what_an_exec_started_one_is(probe_dir):
         assert processes.tagged(tag) == {said["pid"]}
     for key in ("cwd", "path0", "threads"):
         assert f[key] == e[key], key
+    # first in the OOM killer's line, the test process not (processes.OOM_SCORE_ADJ)
+    assert f["oom_score_adj"] == e["oom_score_adj"] == "1000", (f, e)
+    assert open("/proc/self/oom_score_adj").read().strip() != "1000"
     assert f["argv"] == ["--x", "forked"] and e["argv"] == ["--x", "execd"]
     assert _finish(probe_dir, "forked", forked) == 0 and _finish(probe_dir, "execd", execd) == 0
     assert "computed" in forked.log_path.read_text()

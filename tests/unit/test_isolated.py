@@ -1104,9 +1104,64 @@ def test_the_reference_worked_ahead_is_what_the_checks_compare_and_not_the_peers
         rows_alone=lambda backend, case: calls.append(("rows alone", backend, case.id)), rows_alone_plans=[padded],
         extra=types.SimpleNamespace(replace_once_broken=lambda: None))
     NeoxSession.precompute_reference(fake, peer_generations=False)
-    # the rows a selected test generates alone (neox_rows_alone) come last, on the fp32 reference only
-    assert calls == [("generate", "fp32", "short"), ("score", "fp32", "short"), ("score", "fp16", "short"),
-                     ("score", "fp32", "text"), ("score", "fp16", "text"), ("rows alone", "fp32", "padded")]
+    # the fp32 reference's every case, then the rows a selected test generates alone (neox_rows_alone), on
+    # it only; then the peer's (one model after the other: where they do not fit together, each loads once)
+    assert calls == [("generate", "fp32", "short"), ("score", "fp32", "short"), ("score", "fp32", "text"),
+                     ("rows alone", "fp32", "padded"), ("score", "fp16", "short"), ("score", "fp16", "text")]
     calls.clear()                      # before a release (reference first): everything, so nothing reloads
     NeoxSession.precompute_reference(fake)
     assert ("generate", "fp16", "short") in calls and len(calls) == 7
+
+
+def test_no_prelaunch_where_the_hosts_memory_would_not_hold_every_model(pytester, preloaded, synthetic_14m,
+                                                                       monkeypatch, engines_restored, on_the_cpu):
+    """A CPU session on a machine (or in a container) whose memory does not hold the reference and every
+    engine at once deploys each engine when a test first needs it, and says why in one line. 14m fp32 in
+    200 MiB: (56.3 + 56.3 MB) x 1.2 + three processes' runtime 1.1 GB > 0.21 GB."""
+    from pytest_neoxmii import hardware
+    monkeypatch.setattr(hardware, "host_memory_total", lambda: 200 * 2**20)
+    pytester.makeconftest(PRELAUNCH_CONFTEST)
+    pytester.makepyfile(test_no_prelaunch="""
+def test_nothing_launched(neox):
+    assert neox.prelaunched == [] and neox.pending == {}
+    assert neox.backend("echo").info.backend == "echo"         # deployed when asked
+""")
+    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
+    result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32", "--neox-report",
+                                str(pytester.path / "report"))
+    result.assert_outcomes(passed=1)
+    summary = json.loads((pytester.path / "report" / "neoxmii-summary.json").read_text())
+    assert summary["engines_one_at_a_time"].startswith("engines deployed one at a time, when a test first needs")
+    result.stdout.fnmatch_lines(["engines deployed one at a time, when a test first needs each: needed hf fp32 "
+                                 "0.0563 GB + echo fp32 0.0563 GB, x 1.2 = 0.135 GB, + runtime of 3 processes "
+                                 "1.1 GB = 1.2 GB > 0.21 GB of host memory"])
+    assert not processes.live()
+
+
+def test_the_reference_is_not_loaded_again_beside_engines_it_was_released_for(pytester, preloaded, synthetic_14m,
+                                                                              monkeypatch, engines_restored,
+                                                                              on_the_cpu):
+    """Released so that an engine fits the host beside the HF models, the fp32 reference is not loaded again
+    for the determinism test's uncached generation (in a 6 GiB container with pythia-1b, that reload had the
+    kernel's OOM killer take a worker): the test skips, saying why. 14m fp32 in 500 MiB: the reference alone
+    fits (0.43 GB), beside the echo engine it does not (0.86 GB)."""
+    from pytest_neoxmii import hardware
+    monkeypatch.setattr(hardware, "host_memory_total", lambda: 500 * 2**20)
+    pytester.makeconftest(PRELAUNCH_CONFTEST)
+    pytester.makepyfile(test_engine_then_reference="""
+from pytest_neoxmii.suite import test_reference
+
+def test_an_engine_deploys(neox):
+    assert neox.backend("echo").info.backend == "echo"
+
+test_reference_is_deterministic = test_reference.test_reference_is_deterministic     # (collected second)
+""")
+    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
+    result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32", "-rs", "-k",
+                                "test_an_engine_deploys or short-b1-len4")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED * the HF reference was released so that the engines fit beside it "
+                                 "(reference first: 1 cases precomputed, hf fp32 released before echo (needed *"
+                                 " of host memory)): loading it again for an uncached generation would not fit "
+                                 "either"])
+    assert not processes.live()

@@ -196,13 +196,82 @@ def test_after_a_release_for_memory_localisation_does_not_reload_the_reference(m
     assert always.reference_released_for_memory is None       # released by request, not for lack of memory
 
 
-def test_auto_never_releases_on_the_cpu(monkeypatch, on_cpu):
+def test_auto_releases_nothing_on_a_cpu_that_holds_every_model(monkeypatch, on_cpu):
     from pytest_neoxmii import hardware
     monkeypatch.setattr(hardware, "host_memory_total", lambda: 2**40)    # a machine that holds 20b in fp32
     session = make_session(monkeypatch, model="gpt-neox-20b", mode="auto")
     session.reference()
     session.backend("big")
     assert calls(session, "close") == [] and session.reference_releases == []
+
+
+def test_auto_releases_the_hf_models_before_an_engine_the_cpus_memory_does_not_hold_beside_them(monkeypatch,
+                                                                                               on_cpu):
+    """pythia-1b on a 9 GiB CPU machine: the HF models fit (4.0 + 2.0 GB, x 1.2, + one runtime: 7.7 GB), the
+    engine beside them does not (10.1 GB: this stand-in keeps a copy of its own, in the test process)."""
+    from pytest_neoxmii import hardware
+    monkeypatch.setattr(hardware, "host_memory_total", lambda: 9 * 2**30)
+    session = make_session(monkeypatch, model="pythia-1b", mode="auto")
+    session.reference()
+    session.peer()
+    assert calls(session, "close") == []
+    session.backend("big")
+    assert calls(session, "close") == [("close", "hf", "fp32"), ("close", "hf", "fp16")]
+    assert session.log.index(("close", "hf", "fp16")) < session.log.index(("load", "big", "fp16"))
+    assert session.reference_releases == [
+        "reference first: 3 cases precomputed, hf fp32 + fp16 released before big (needed hf fp32 4.0 GB + "
+        "hf fp16 2.0 GB + big fp16 2.0 GB, x 1.2 = 9.7 GB, + runtime of 1 process 0.367 GB = 10.1 GB > 9.7 GB "
+        "of host memory)"]
+
+
+def test_a_cpu_that_does_not_hold_both_hf_models_loads_them_one_after_the_other(monkeypatch, on_cpu):
+    """pythia-1b on a 6 GiB CPU machine (a 6.4 GB container: 7.7 GB needed for the two): every case's
+    reference outputs with the fp32 model alone, then the peer's with the peer alone, each loaded once,
+    whatever the tests ask first; then every lookup is cached."""
+    from pytest_neoxmii import hardware
+    monkeypatch.setattr(hardware, "host_memory_total", lambda: 6 * 2**30)
+    session = make_session(monkeypatch, model="pythia-1b", mode="auto")
+    session.stored_dtype = "fp16"                         # as the synthetic checkpoint's files say
+    session.peer()                                        # a test asked the peer first
+    assert [e for e in session.log if e[0] in ("load", "close")] == [
+        ("load", "hf", "fp16"), ("close", "hf", "fp16"), ("load", "hf", "fp32"), ("close", "hf", "fp32"),
+        ("load", "hf", "fp16")]
+    # each model computed every case while the other was closed
+    first_peer_call = next(i for i, e in enumerate(session.log) if e[0] != "load" and e[2] == "fp16")
+    assert all(e[2] == "fp32" for e in session.log[3:first_peer_call] if e[0] in ("generate", "score"))
+    assert len(calls(session, "score")) == 2 * len(PLANS)
+    assert session.reference_releases == [
+        "hf models one at a time (needed checkpoint pages (fp16, mapped by hf fp16) 2.0 GB + hf fp32 4.0 GB, "
+        "x 1.2 = 7.3 GB, + runtime of 1 process 0.367 GB = 7.7 GB > 6.4 GB of host memory): 3 cases "
+        "precomputed, one model after the other"]
+    loads = len(calls(session, "load"))
+    for plan in PLANS:
+        case = session.case(plan)
+        for backend in (session.reference(), session.peer()):
+            if plan.generate:
+                session.generation(backend, case)
+            session.scores(backend, case)
+    assert len(calls(session, "load")) == loads
+
+
+def test_the_hf_models_side_by_side_where_the_cpu_holds_both(monkeypatch, on_cpu):
+    from pytest_neoxmii import hardware
+    monkeypatch.setattr(hardware, "host_memory_total", lambda: 9 * 2**30)
+    session = make_session(monkeypatch, model="pythia-1b", mode="auto")
+    session.peer()
+    session.reference()
+    assert session.log == [("load", "hf", "fp16"), ("load", "hf", "fp32")] and session.hf_one_at_a_time is None
+
+
+@pytest.mark.parametrize("mode,dtype", [("never", "fp16"), ("auto", "fp32")])
+def test_no_turns_without_releasable_models_or_without_a_peer(monkeypatch, on_cpu, mode, dtype):
+    """--neox-reference-first=never keeps the models loaded, as asked; an fp32 session's peer is the reference."""
+    from pytest_neoxmii import hardware
+    monkeypatch.setattr(hardware, "host_memory_total", lambda: 6 * 2**30)
+    session = make_session(monkeypatch, model="pythia-1b", mode=mode, dtype=dtype)
+    session.reference()
+    session.peer()
+    assert calls(session, "close") == [] and session.hf_one_at_a_time is None
 
 
 def test_a_need_and_a_memory_that_round_alike_are_shown_to_the_hundredth():
@@ -262,7 +331,9 @@ def test_a_peer_that_cannot_load_stops_the_precompute_not_the_engine(monkeypatch
     monkeypatch.setattr(session, "load", refuse_the_peer)
     assert session.backend("big").info.backend == "big"
     assert session.unavailable == {"hf:fp16": "hf (fp16): no fp16 here"}
-    assert session.reference_releases == ["reference first: 0 cases precomputed, hf fp32 released before big "
+    # the fp32 reference's outputs come first, every case's, then the peer's (which stop at once)
+    assert [e[2] for e in session.log if e[0] in ("generate", "score")] == ["fp32"] * 5
+    assert session.reference_releases == ["reference first: 3 cases precomputed, hf fp32 released before big "
                                           "(--neox-reference-first=always); precompute stopped: hf (fp16): "
                                           "no fp16 here"]
 
@@ -381,3 +452,31 @@ def test_a_model_out_of_gpu_memory_fails_its_test_in_one_line(monkeypatch, on_cp
     monkeypatch.setattr(StandInReference, "score", lambda self, batch: 1 / 0)
     with pytest.raises(ZeroDivisionError):                 # anything else is not this rule's business
         session.scores(session.reference(), case)
+
+
+# -- the host-memory fit of a CPU session (host_footprint) ----------------------------------------------------
+
+def test_host_footprint_counts_the_checkpoints_pages_once_and_a_copy_apiece():
+    """pythia-1b stored in fp16, an fp16 session, all engines side by side (measured on the 2-core Xeon: 9.3 GB
+    at the peak): the peer, ds and mii map the file; the fp32 reference and ZeRO's partitions are copies; the
+    test process, three workers and their fork server hold a runtime each."""
+    from pytest_neoxmii.reference_first import EngineInHost, host_footprint
+    deployed = [EngineInHost("ds", "fp16", True), EngineInHost("mii", "fp16", True),
+                EngineInHost("zero", "fp16", False)]
+    need = host_footprint(lookup("pythia-1b"), "hf", "fp16", True, deployed, "fp16", 12 * 2**30)
+    assert need.arithmetic == ("checkpoint pages (fp16, mapped by hf fp16, ds fp16, mii fp16) 2.0 GB + hf fp32 "
+                               "4.0 GB + zero fp16 2.0 GB, x 1.2 = 9.7 GB, + runtime of 5 processes 1.8 GB = "
+                               "11.5 GB <= 12.9 GB of host memory")
+    assert need.fits
+    assert not host_footprint(lookup("pythia-1b"), "hf", "fp16", True, deployed, "fp16", 6 * 2**30).fits
+
+
+@pytest.mark.parametrize("peer,stored", [("bf16", "fp16"), ("fp16", None)])
+def test_host_footprint_counts_a_model_not_in_the_stored_dtype_as_a_copy(peer, stored):
+    """A bf16 session of an fp16 checkpoint converts every model; a checkpoint of unknown dtype maps nothing
+    for certain: each model then counts in full."""
+    from pytest_neoxmii.reference_first import EngineInHost, host_footprint
+    need = host_footprint(lookup("pythia-1b"), "hf", peer, True, [EngineInHost("ds", peer, True)], stored,
+                          16 * 2**30)
+    assert need.arithmetic == (f"hf fp32 4.0 GB + hf {peer} 2.0 GB + ds {peer} 2.0 GB, x 1.2 = 9.7 GB, + runtime "
+                               f"of 3 processes 1.1 GB = 10.8 GB <= 17.2 GB of host memory")
