@@ -45,9 +45,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     options_mod.add_options(parser)
 
 
+# How many teardowns of this process had left something behind when the session began: its summary names only
+# its own (a process that runs pytest twice, as pytester and IDEs do, saw the first session's leaks again).
+LEAKS_BEFORE_KEY = pytest.StashKey[int]()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for line in MARKERS:
         config.addinivalue_line("markers", line)
+    processes = sys.modules.get("pytest_neoxmii.deploy.processes")
+    config.stash[LEAKS_BEFORE_KEY] = len(processes.leaks()) if processes is not None else 0
     register_neox_benchmark(config)
     try:
         opts = options_mod.NeoxOptions.from_config(config)
@@ -282,7 +289,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     session = config.stash.get(SESSION_KEY, None)
     if "pytest_neoxmii.deploy.processes" in sys.modules:   # a deployment ran this session
         from pytest_neoxmii.deploy.processes import leak_summary_lines
-        for line in leak_summary_lines():
+        for line in leak_summary_lines(since=config.stash.get(LEAKS_BEFORE_KEY, 0)):
             terminalreporter.write_line(line, red=True)
     if session is None or session.model is None:
         return

@@ -402,8 +402,9 @@ def leaks() -> list[TeardownReport]:
     return list(_LEAKS)
 
 
-def leak_summary_lines() -> list[str]:
-    return [f"neoxmii: {r.describe()}" for r in _LEAKS]
+def leak_summary_lines(since: int = 0) -> list[str]:
+    """The summary's lines of the leaks after the first `since` (those of one session)."""
+    return [f"neoxmii: {r.describe()}" for r in _LEAKS[since:]]
 
 
 def _signal(pids: Iterable[int], trees: list[ProcessTree], sig: int) -> None:

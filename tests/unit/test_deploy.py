@@ -1076,3 +1076,26 @@ def test_a_deployments_processes_are_the_oom_killers_first_choice_and_the_test_p
         assert open("/proc/self/oom_score_adj").read().strip() == own != "1000"
     finally:
         processes.teardown([tree], name="oom", tag=tag, term_timeout=10)
+
+
+def test_the_session_summary_names_its_own_leaks_not_an_earlier_sessions(pytester):
+    """A process that runs pytest more than once (pytester, an IDE) repeated the first session's leaks in every
+    later summary. Seen on one H200: a stand-in's teardown, judged on a GPU other tests were using, read as a
+    leak and was then printed in the summary of an unrelated session that deployed nothing."""
+    from types import SimpleNamespace
+    earlier = SimpleNamespace(describe=lambda: "stand-in of an earlier session: LEAK after teardown: pids 1")
+    processes._LEAKS.append(earlier)
+    pytester.makepyfile(test_leaks="""
+from types import SimpleNamespace
+from pytest_neoxmii.deploy import processes
+
+def test_a_teardown_leaks():
+    processes._LEAKS.append(SimpleNamespace(describe=lambda: "now: LEAK after teardown: pids 2"))
+""")
+    try:
+        result = pytester.runpytest("-p", "no:cacheprovider")
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines(["neoxmii: now: LEAK after teardown: pids 2"])
+        assert "stand-in of an earlier session" not in result.stdout.str()
+    finally:
+        processes._LEAKS[:] = [r for r in processes._LEAKS if not isinstance(r, SimpleNamespace)]
