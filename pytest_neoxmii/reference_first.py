@@ -123,22 +123,37 @@ def footprint(spec: ModelSpec, reference: str, peer_dtype: str, deployed: list[E
 
 class EngineInHost(NamedTuple):
     """An engine's share of host memory in a CPU session: its weights, unless they are the checkpoint's own
-    pages (Backend.shares_checkpoint_pages, in the dtype the checkpoint is stored in), and its worker
-    process's runtime (registry.HOST_RUNTIME_BYTES) where it runs in one."""
+    pages (Backend.shares_checkpoint_pages, in the dtype the checkpoint is stored in), its worker
+    process's runtime (registry.HOST_RUNTIME_BYTES) where it runs in one, and the teacher-forced scores of it
+    that the test process keeps (`scores`: it can score)."""
     name: str
     dtype: str
     shares_checkpoint_pages: bool = False
     in_worker: bool = True
+    scores: bool = True
+
+
+def kept_scores_bytes(plans, vocab_size: int, context_length: int) -> tuple[int, int]:
+    """What the test process holds of one model's teacher-forced scores of these cases (float32 log-softmax
+    over the vocabulary at every position, cached all session), and, while the largest case is computed, its
+    logits and log-softmax side by side. The vocabulary sets it, not the model: 50304 for every Pythia, about
+    0.93 GB a model for the default cases (pythia-410m's fp32 reference in a 3 GiB container was killed by the
+    OOM killer computing them)."""
+    sizes = [len(p.lengths) * (context_length if p.family == "fixed-text" else max(p.lengths)) * vocab_size * 4
+             for p in plans]
+    return sum(sizes), 2 * max(sizes, default=0)
 
 
 def host_footprint(spec: ModelSpec, reference: str, peer_dtype: str, reference_shares_pages: bool,
-                   deployed: list[EngineInHost], stored_dtype: str | None, host_bytes: int) -> Footprint:
+                   deployed: list[EngineInHost], stored_dtype: str | None, host_bytes: int,
+                   scores: tuple[int, int] = (0, 0)) -> Footprint:
     """Whether the fp32 reference, its peer and the engines in `deployed` fit the host's memory together in a
     CPU session. A model loaded in the checkpoint's stored dtype by an engine that maps the file is the
     file's pages, counted once however many processes map them (pythia-1b, synthetic fp16, all five models
     side by side on the 2-core Xeon: 9.3 GB at the peak where the five models' weights add up to 12.2 GB);
     any other model is a copy of its own. The test process, each worker and the fork server that starts them
-    hold a runtime besides (registry.HOST_RUNTIME_BYTES)."""
+    hold a runtime besides (registry.HOST_RUNTIME_BYTES), and the test process the scores of every model that
+    scores (`scores`: kept_scores_bytes of one model, and of the largest case in the making)."""
     models = [(f"{reference} fp32", "fp32", reference_shares_pages)]
     if peer_dtype != "fp32":                       # an fp32 session's peer is the reference itself
         models.append((f"{reference} {peer_dtype}", peer_dtype, reference_shares_pages))
@@ -150,8 +165,12 @@ def host_footprint(spec: ModelSpec, reference: str, peer_dtype: str, reference_s
                          spec.weight_bytes(stored_dtype)))
     workers = sum(e.in_worker for e in deployed)
     processes = 1 + workers + (1 if workers else 0)      # the test process, the workers, their fork server
-    return _sum(parts, [(f"runtime of {processes} process{'es' if processes > 1 else ''}",
-                         processes * HOST_RUNTIME_BYTES)], host_bytes, "of host memory")
+    runtimes = [(f"runtime of {processes} process{'es' if processes > 1 else ''}", processes * HOST_RUNTIME_BYTES)]
+    scoring = (2 if peer_dtype != "fp32" else 1) + sum(e.scores for e in deployed)
+    kept, in_making = scores
+    if kept or in_making:
+        runtimes.append((f"scores of {scoring} models", scoring * kept + in_making))
+    return _sum(parts, runtimes, host_bytes, "of host memory")
 
 
 def _sum(parts: list[tuple[str, float]], runtimes: list[tuple[str, float]], available: int,

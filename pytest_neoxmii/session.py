@@ -683,11 +683,17 @@ class NeoxSession:
         for name, dtype in deployed:
             cls = engines.engine(name).backend_for(self._tp_of(name))
             in_host.append(reference_first.EngineInHost(name, dtype, cls.shares_checkpoint_pages,
-                                                        cls.isolated or cls.runs_in_worker))
+                                                        cls.isolated or cls.runs_in_worker, cls.can_score))
         reference = engines.reference_name()
         return reference_first.host_footprint(self.model.spec, reference, self.dtype,
                                               engines.engine(reference).shares_checkpoint_pages, in_host,
-                                              self.stored_dtype, total)
+                                              self.stored_dtype, total, self.kept_scores())
+
+    def kept_scores(self) -> tuple[int, int]:
+        """reference_first.kept_scores_bytes of the selected tests' cases (every case before collection)."""
+        plans = self.plans() if self.selected_plans is None else self.selected_plans
+        spec = self.model.spec
+        return reference_first.kept_scores_bytes(plans, spec.vocab_size, spec.max_position_embeddings)
 
     def _on_gpu(self, name: str, dtype: str) -> reference_first.EngineOnGpu:
         """The engine's share of one GPU, for reference first's arithmetic (the same memory model as
@@ -820,7 +826,7 @@ class NeoxSession:
         if tp > 1 and hw.count < tp:
             raise BackendUnavailable(f"--neox-tp={tp} needs {tp} GPUs, found {hw.count}")
         if not hw.gpus:
-            self._check_host_memory(dtype)
+            self._check_host_memory(name, dtype)
             return
         uneven = self.model.spec.uneven_heads(tp) if self.injects_kernels(name) else None
         if uneven:
@@ -838,16 +844,25 @@ class NeoxSession:
         if not ok:
             raise BackendUnavailable(reason)
 
-    def _check_host_memory(self, dtype: str) -> None:
+    def _check_host_memory(self, name: str, dtype: str) -> None:
         """On the CPU every model's weights are in host memory: weights larger than the machine's memory
-        could only end in the kernel's OOM killer taking the test process or a worker mid-session. A bound
-        that never skips what could run: the activations come on top, and the pages of a file loaded as it is
-        stored are shared by the processes that map it."""
+        could only end in the kernel's OOM killer taking the test process or a worker mid-session. So could
+        the teacher-forced scores of it that the test process keeps (kept_scores). A bound that never skips
+        what could run: the activations come on top, and the pages of a file loaded as it is stored are shared
+        by the processes that map it."""
         total = hardware.host_memory_total()
-        need = self.model.spec.weight_bytes(dtype)
-        if total is not None and need > total:
-            raise BackendUnavailable(f"its weights need {need / 1e9:.2f} GB of host memory in {dtype}, more than "
-                                     f"this machine's {total / 1e9:.2f} GB")
+        weights = self.model.spec.weight_bytes(dtype)
+        kept, in_making = self.kept_scores() if engines.engine(name).can_score else (0, 0)
+        need = weights + kept + in_making
+        if total is None or need <= total:
+            return
+        if not kept:
+            raise BackendUnavailable(f"its weights need {weights / 1e9:.2f} GB of host memory in {dtype}, more "
+                                     f"than this machine's {total / 1e9:.2f} GB")
+        raise BackendUnavailable(f"its weights ({weights / 1e9:.2f} GB in {dtype}) and its teacher-forced scores of "
+                                 f"the selected cases ({(kept + in_making) / 1e9:.3g} GB, the largest case's twice "
+                                 f"while it is computed) need {need / 1e9:.2f} GB of host memory, more than this "
+                                 f"machine's {total / 1e9:.2f} GB")
 
     def _crash(self, key: str, message: str):
         """A deployment died: remember why (every later test needing it fails at once with it), release

@@ -208,7 +208,9 @@ def test_auto_releases_nothing_on_a_cpu_that_holds_every_model(monkeypatch, on_c
 def test_auto_releases_the_hf_models_before_an_engine_the_cpus_memory_does_not_hold_beside_them(monkeypatch,
                                                                                                on_cpu):
     """pythia-1b on a 9 GiB CPU machine: the HF models fit (4.0 + 2.0 GB, x 1.2, + one runtime: 7.7 GB), the
-    engine beside them does not (10.1 GB: this stand-in keeps a copy of its own, in the test process)."""
+    engine beside them does not (10.1 GB: this stand-in keeps a copy of its own, in the test process). The
+    three cases' scores (float32 over 50304 tokens, 9 positions in all, for 3 models; the largest twice) come on
+    top."""
     from pytest_neoxmii import hardware
     monkeypatch.setattr(hardware, "host_memory_total", lambda: 9 * 2**30)
     session = make_session(monkeypatch, model="pythia-1b", mode="auto")
@@ -220,8 +222,8 @@ def test_auto_releases_the_hf_models_before_an_engine_the_cpus_memory_does_not_h
     assert session.log.index(("close", "hf", "fp16")) < session.log.index(("load", "big", "fp16"))
     assert session.reference_releases == [
         "reference first: 3 cases precomputed, hf fp32 + fp16 released before big (needed hf fp32 4.0 GB + "
-        "hf fp16 2.0 GB + big fp16 2.0 GB, x 1.2 = 9.7 GB, + runtime of 1 process 0.367 GB = 10.1 GB > 9.7 GB "
-        "of host memory)"]
+        "hf fp16 2.0 GB + big fp16 2.0 GB, x 1.2 = 9.7 GB, + runtime of 1 process 0.367 GB + scores of 3 models "
+        "0.00966 GB = 10.1 GB > 9.7 GB of host memory)"]
 
 
 def test_a_cpu_that_does_not_hold_both_hf_models_loads_them_one_after_the_other(monkeypatch, on_cpu):
@@ -242,8 +244,8 @@ def test_a_cpu_that_does_not_hold_both_hf_models_loads_them_one_after_the_other(
     assert len(calls(session, "score")) == 2 * len(PLANS)
     assert session.reference_releases == [
         "hf models one at a time (needed checkpoint pages (fp16, mapped by hf fp16) 2.0 GB + hf fp32 4.0 GB, "
-        "x 1.2 = 7.3 GB, + runtime of 1 process 0.367 GB = 7.7 GB > 6.4 GB of host memory): 3 cases "
-        "precomputed, one model after the other"]
+        "x 1.2 = 7.3 GB, + runtime of 1 process 0.367 GB + scores of 2 models 0.00724 GB = 7.7 GB > 6.4 GB of "
+        "host memory): 3 cases precomputed, one model after the other"]
     loads = len(calls(session, "load"))
     for plan in PLANS:
         case = session.case(plan)
@@ -480,3 +482,22 @@ def test_host_footprint_counts_a_model_not_in_the_stored_dtype_as_a_copy(peer, s
                           16 * 2**30)
     assert need.arithmetic == (f"hf fp32 4.0 GB + hf {peer} 2.0 GB + ds {peer} 2.0 GB, x 1.2 = 9.7 GB, + runtime "
                                f"of 3 processes 1.1 GB = 10.8 GB <= 17.2 GB of host memory")
+
+
+def test_the_scores_the_test_process_keeps_count_per_scoring_model_whatever_the_model_size():
+    """The default cases' float32 scores over Pythia's 50304-token vocabulary: 0.92 GB a model, and the
+    2048-token fixed text's logits and log-softmax (0.82 GB) while they are computed: pythia-410m's fp32
+    reference (1.62 GB) in a 3 GiB container was killed by the OOM killer computing them."""
+    from pytest_neoxmii.cases import plan_cases
+    from pytest_neoxmii.reference_first import EngineInHost, host_footprint, kept_scores_bytes
+    plans = plan_cases(2048, 32, "default")
+    kept, in_making = kept_scores_bytes(plans, 50304, 2048)
+    tokens = 2048 + 4 + 16 + 128 + 4 * 32 + 4 * 64 + 2016          # the fixed text, then each case padded
+    assert (kept, in_making) == (tokens * 50304 * 4, 2 * 2048 * 50304 * 4)
+    need = host_footprint(lookup("pythia-410m"), "hf", "fp16", True,
+                          [EngineInHost("ds", "fp16", True), EngineInHost("mii", "fp16", True, scores=False)],
+                          "fp16", 3 * 2**30, (kept, in_making))
+    assert need.arithmetic == ("checkpoint pages (fp16, mapped by hf fp16, ds fp16, mii fp16) 0.811 GB + hf fp32 "
+                               "1.6 GB, x 1.2 = 2.9 GB, + runtime of 4 processes 1.5 GB + scores of 3 models 3.6 GB "
+                               "= 8.0 GB > 3.2 GB of host memory")      # hf fp32, hf fp16 and ds score; mii not
+    assert kept_scores_bytes([], 50304, 2048) == (0, 0)
