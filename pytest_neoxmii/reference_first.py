@@ -137,7 +137,7 @@ def kept_scores_bytes(plans, vocab_size: int, context_length: int) -> tuple[int,
     """What the test process holds of one model's teacher-forced scores of these cases (float32 log-softmax
     over the vocabulary at every position, cached all session), and, while the largest case is computed, its
     logits and log-softmax side by side. The vocabulary sets it, not the model: 50304 for every Pythia, about
-    0.93 GB a model for the default cases (pythia-410m's fp32 reference in a 3 GiB container was killed by the
+    0.92 GB a model for the default cases (pythia-410m's fp32 reference in a 3 GiB container was killed by the
     OOM killer computing them)."""
     sizes = [len(p.lengths) * (context_length if p.family == "fixed-text" else max(p.lengths)) * vocab_size * 4
              for p in plans]
