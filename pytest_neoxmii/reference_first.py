@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from pytest_neoxmii.backends.base import Backend
+from pytest_neoxmii.fixed_text import FIXED_TEXT
 from pytest_neoxmii.registry import HEADROOM, HOST_RUNTIME_BYTES, ModelSpec
 
 MODES = ("auto", "always", "never")
@@ -136,11 +137,14 @@ class EngineInHost(NamedTuple):
 def kept_scores_bytes(plans, vocab_size: int, context_length: int) -> tuple[int, int]:
     """What the test process holds of one model's teacher-forced scores of these cases (float32 log-softmax
     over the vocabulary at every position, cached all session), and, while the largest case is computed, its
-    logits and log-softmax side by side. The vocabulary sets it, not the model: 50304 for every Pythia, about
-    0.92 GB a model for the default cases (pythia-410m's fp32 reference in a 3 GiB container was killed by the
-    OOM killer computing them)."""
-    sizes = [len(p.lengths) * (context_length if p.family == "fixed-text" else max(p.lengths)) * vocab_size * 4
-             for p in plans]
+    logits and log-softmax side by side. The vocabulary sets it, not the model: 50304 for every Pythia, 0.58 GB
+    a model for the default cases and 0.81 GB in the making (pythia-410m's fp32 reference in a 3 GiB container
+    was killed by the OOM killer computing them). The fixed text counts one token a word, the fewest a
+    byte-level BPE gives (332 words: the synthetic tokenizer's 332 tokens), so that the figure is never more
+    than what is kept."""
+    def positions(plan) -> int:
+        return min(context_length, len(FIXED_TEXT)) if plan.family == "fixed-text" else max(plan.lengths)
+    sizes = [len(p.lengths) * positions(p) * vocab_size * 4 for p in plans]
     return sum(sizes), 2 * max(sizes, default=0)
 
 

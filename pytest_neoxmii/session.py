@@ -21,7 +21,7 @@ from pytest_neoxmii.injection import InjectionFailed
 from pytest_neoxmii.options import NeoxOptions
 from pytest_neoxmii.overhead import OverheadLog
 from pytest_neoxmii.outputs import Generation, Scores
-from pytest_neoxmii.registry import WORKER_RUNTIME_BYTES
+from pytest_neoxmii.registry import HOST_RUNTIME_BYTES, WORKER_RUNTIME_BYTES
 from pytest_neoxmii.weights import ResolvedModel
 
 
@@ -847,22 +847,23 @@ class NeoxSession:
     def _check_host_memory(self, name: str, dtype: str) -> None:
         """On the CPU every model's weights are in host memory: weights larger than the machine's memory
         could only end in the kernel's OOM killer taking the test process or a worker mid-session. So could
-        the teacher-forced scores of it that the test process keeps (kept_scores). A bound that never skips
-        what could run: the activations come on top, and the pages of a file loaded as it is stored are shared
-        by the processes that map it."""
+        the teacher-forced scores of it that the test process keeps (kept_scores), with that process's own
+        runtime. A bound from what is sure to be held: the activations come on top, and the pages of a file
+        loaded as it is stored are shared by the processes that map it."""
         total = hardware.host_memory_total()
         weights = self.model.spec.weight_bytes(dtype)
         kept, in_making = self.kept_scores() if engines.engine(name).can_score else (0, 0)
-        need = weights + kept + in_making
+        scores = kept + in_making
+        need = weights + (scores + HOST_RUNTIME_BYTES if scores else 0)    # the process that keeps them, too
         if total is None or need <= total:
             return
-        if not kept:
+        if not scores:
             raise BackendUnavailable(f"its weights need {weights / 1e9:.2f} GB of host memory in {dtype}, more "
                                      f"than this machine's {total / 1e9:.2f} GB")
-        raise BackendUnavailable(f"its weights ({weights / 1e9:.2f} GB in {dtype}) and its teacher-forced scores of "
-                                 f"the selected cases ({(kept + in_making) / 1e9:.3g} GB, the largest case's twice "
-                                 f"while it is computed) need {need / 1e9:.2f} GB of host memory, more than this "
-                                 f"machine's {total / 1e9:.2f} GB")
+        raise BackendUnavailable(f"its weights ({weights / 1e9:.2f} GB in {dtype}), its teacher-forced scores of the "
+                                 f"selected cases ({scores / 1e9:.3g} GB, the largest case's twice while it is "
+                                 f"computed) and a process's runtime ({HOST_RUNTIME_BYTES / 1e9:.2f} GB) need "
+                                 f"{need / 1e9:.2f} GB of host memory, more than this machine's {total / 1e9:.2f} GB")
 
     def _crash(self, key: str, message: str):
         """A deployment died: remember why (every later test needing it fails at once with it), release

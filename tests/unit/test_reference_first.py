@@ -485,19 +485,19 @@ def test_host_footprint_counts_a_model_not_in_the_stored_dtype_as_a_copy(peer, s
 
 
 def test_the_scores_the_test_process_keeps_count_per_scoring_model_whatever_the_model_size():
-    """The default cases' float32 scores over Pythia's 50304-token vocabulary: 0.92 GB a model, and the
-    2048-token fixed text's logits and log-softmax (0.82 GB) while they are computed: pythia-410m's fp32
-    reference (1.62 GB) in a 3 GiB container was killed by the OOM killer computing them."""
+    """The default cases' float32 scores over Pythia's 50304-token vocabulary: 0.58 GB a model, and the
+    2016-token case's logits and log-softmax (0.81 GB) while they are computed: pythia-410m's fp32 reference
+    (1.62 GB) in a 3 GiB container was killed by the OOM killer computing them."""
     from pytest_neoxmii.cases import plan_cases
     from pytest_neoxmii.reference_first import EngineInHost, host_footprint, kept_scores_bytes
     plans = plan_cases(2048, 32, "default")
     kept, in_making = kept_scores_bytes(plans, 50304, 2048)
-    tokens = 2048 + 4 + 16 + 128 + 4 * 32 + 4 * 64 + 2016          # the fixed text, then each case padded
-    assert (kept, in_making) == (tokens * 50304 * 4, 2 * 2048 * 50304 * 4)
+    tokens = 332 + 4 + 16 + 128 + 4 * 32 + 4 * 64 + 2016     # the fixed text's 332 words, then each case padded
+    assert (kept, in_making) == (tokens * 50304 * 4, 2 * 2016 * 50304 * 4)
     need = host_footprint(lookup("pythia-410m"), "hf", "fp16", True,
                           [EngineInHost("ds", "fp16", True), EngineInHost("mii", "fp16", True, scores=False)],
                           "fp16", 3 * 2**30, (kept, in_making))
     assert need.arithmetic == ("checkpoint pages (fp16, mapped by hf fp16, ds fp16, mii fp16) 0.811 GB + hf fp32 "
-                               "1.6 GB, x 1.2 = 2.9 GB, + runtime of 4 processes 1.5 GB + scores of 3 models 3.6 GB "
-                               "= 8.0 GB > 3.2 GB of host memory")      # hf fp32, hf fp16 and ds score; mii not
+                               "1.6 GB, x 1.2 = 2.9 GB, + runtime of 4 processes 1.5 GB + scores of 3 models 2.5 GB "
+                               "= 6.9 GB > 3.2 GB of host memory")      # hf fp32, hf fp16 and ds score; mii not
     assert kept_scores_bytes([], 50304, 2048) == (0, 0)
