@@ -137,6 +137,7 @@ def build_summary(session) -> dict:
         "test_phases_s": session.overhead.phases if getattr(session, "overhead", None) else {},
         "prelaunched": list(session.prelaunched),
         "engines_one_at_a_time": getattr(session, "engines_one_at_a_time", None),   # why none was prelaunched
+        "ended_before_teardown": session.ended_on_their_own() if hasattr(session, "ended_on_their_own") else [],
         "reference_computed_while_workers_loaded": session.reference_ahead,
         "reference_computed_s": round(getattr(session, "reference_ahead_s", 0.0), 3),
         "redeployed": list(session.redeployed),
@@ -215,6 +216,8 @@ def terminal_summary(terminalreporter, session) -> None:
                          if session.reference_ahead else ""))
     if getattr(session, "engines_one_at_a_time", None):
         tr.write_line(session.engines_one_at_a_time)
+    for line in session.ended_on_their_own() if hasattr(session, "ended_on_their_own") else ():
+        tr.write_line(line, red=True)
     if getattr(session, "kernel_build", None) is not None:
         tr.write_line(session.kernel_build.describe())
     for line in session.redeployed:

@@ -105,6 +105,7 @@ class NeoxSession:
         self.prelaunched: list[str] = []            # what prelaunch started, for the header and the report
         self.engines_one_at_a_time: str | None = None   # why prelaunch started none: they would not fit at once
         self.hf_precomputed = False                 # the HF models took turns over every case (hf_one_at_a_time)
+        self.ended_early: list[str] = []            # deployments the teardown found ended on their own
         self.reference_ahead = 0                    # cases whose reference outputs prelaunch computed meanwhile
         self.reference_ahead_s = 0.0                # and how long that took (the reference's load included)
         # What the selected tests will ask each engine for, in test order (want_outputs): a prelaunched
@@ -989,11 +990,22 @@ class NeoxSession:
         self.close_all(self.backends)
         self._cache.clear()
 
+    def ended_on_their_own(self) -> list[str]:
+        """One line per deployment whose processes ended before the session asked them to (Backend.
+        ended_on_its_own), the summary's: those the teardown found, then any still to be torn down."""
+        up = [*self.backends.values(), *self.pending.values()]
+        now = [line for line in (backend.ended_on_its_own() for backend in up) if line]
+        return self.ended_early + [line for line in now if line not in self.ended_early]
+
     def close_all(self, deployments: dict[str, Backend]) -> None:
         """Tear down these deployments (by the name their teardown is reported under), taking each out of
         `deployments` as it closes: every worker winds down at once, then each is waited for; a close that
         fails is said and the others still close."""
         with self.timed("model teardown"):
+            for backend in deployments.values():     # asked before they are asked to exit
+                line = backend.ended_on_its_own()
+                if line and line not in self.ended_early:
+                    self.ended_early.append(line)
             for backend in deployments.values():
                 try:
                     backend.ask_to_exit()

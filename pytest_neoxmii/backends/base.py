@@ -141,6 +141,12 @@ class Backend(abc.ABC):
         """Start winding down without waiting, before close(): a session ending asks every backend first, so
         that worker processes exit side by side. Nothing to do for a model held in this process."""
 
+    def ended_on_its_own(self) -> str | None:
+        """How its processes ended before anyone asked them to (one line), or None: a worker the kernel's OOM
+        killer took after its last test leaves no failed test behind, so the summary says it. Nothing for a
+        model held in this process."""
+        return None
+
     def __enter__(self) -> "Backend":
         return self
 

@@ -168,6 +168,22 @@ class WorkerDeployment(Backend):
         """Give back what _reserve took and anything else held in this process; runs after teardown."""
 
     # -- teardown -------------------------------------------------------------------------------------
+    _ended_on_its_own: str | None = None
+
+    def ended_on_its_own(self) -> str | None:
+        """The watched root exited while the deployment was neither closing nor asked to: how (its log is
+        then kept, and named)."""
+        if self._ended_on_its_own is None and not self._closed and not getattr(self, "_asked_to_exit", False) \
+                and self._trees and self._trees[0].root_exists:
+            tree = self._trees[0]
+            code = tree.popen.poll()
+            if code is not None:
+                how = processes.describe_exit(code, tree.log_path.read_text(errors="replace"),
+                                              tree.oom_kills_at_start)
+                self._ended_on_its_own = (f"{self._teardown_name()} ended on its own before the teardown ({how}); "
+                                          f"its log: {tree.log_path}")
+        return self._ended_on_its_own
+
     def close(self) -> None:
         if self._closed:
             return
@@ -181,7 +197,8 @@ class WorkerDeployment(Backend):
         finally:
             self._release()
             processes.unregister_live(self.tag)
-            if not self._failed and not (self.teardown_report and self.teardown_report.leaked):
+            if not self._failed and not self._ended_on_its_own \
+                    and not (self.teardown_report and self.teardown_report.leaked):
                 shutil.rmtree(self.run_dir, ignore_errors=True)    # logs are kept when something went wrong
 
 

@@ -1165,3 +1165,32 @@ test_reference_is_deterministic = test_reference.test_reference_is_deterministic
                                  " of host memory)): loading it again for an uncached generation would not fit "
                                  "either"])
     assert not processes.live()
+
+
+def test_a_worker_that_ended_on_its_own_after_its_tests_is_said_in_the_summary(pytester, preloaded, synthetic_14m,
+                                                                                engines_restored, tmp_path):
+    """A worker the kernel's OOM killer takes after its last test (seen: pythia-1b in a 6 GiB container, the zero
+    worker) leaves no failed test behind: the summary and the JSON summary say how it ended, and its log is kept."""
+    pytester.makeconftest(PRELAUNCH_CONFTEST)
+    pytester.makepyfile(test_ends="""
+import os, signal, time
+
+def test_the_worker_is_killed_after_its_answer(neox):
+    echo = neox.backend("echo")
+    assert echo.generate(neox.case(neox.plans()[1]).batch, 1).tokens
+    root = echo._trees[0].popen
+    os.kill(root.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while root.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert root.poll() == -signal.SIGKILL
+""")
+    args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
+    result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32", "--neox-report",
+                                str(tmp_path / "report"))
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["echo tp=1 (worker process) ended on its own before the teardown (killed by "
+                                 "SIGKILL); its log: */worker.log"])
+    [line] = json.loads((tmp_path / "report" / "neoxmii-summary.json").read_text())["ended_before_teardown"]
+    assert Path(line.rsplit("its log: ", 1)[1]).is_file()       # kept after the teardown
+    assert not processes.live()
