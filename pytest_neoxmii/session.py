@@ -339,11 +339,17 @@ class NeoxSession:
         """Load an HF model (the reference or its peer), after releasing the other where the two do not fit
         the host together (hf_one_at_a_time)."""
         if self.hf_one_at_a_time:
-            released = [backend.release() for key, backend in self.backends.items()
-                        if key != f"{name}:{dtype}" and isinstance(backend, reference_first.ReferenceHandle)]
-            if any(released):
-                cpu_heap.give_back_freed_memory()
+            self._release_hf_models(keep=f"{name}:{dtype}")
         return self.load(name, dtype)
+
+    def _release_hf_models(self, keep: str | None = None) -> list[str]:
+        """Release every loaded HF model but `keep` (reference first's handles), and give the heap's freed
+        pages back (a CPU session keeps them otherwise: deploy/cpu_heap.py). Returns the released dtypes."""
+        released = [key.split(":", 1)[1] for key, backend in self.backends.items()
+                    if key != keep and isinstance(backend, reference_first.ReferenceHandle) and backend.release()]
+        if released:
+            cpu_heap.give_back_freed_memory()     # nothing where freed memory is not kept (a GPU session)
+        return released
 
     def _cannot_deploy(self, name: str, dtype: str) -> tuple[str, str] | None:
         """What is known before anything deploys, from the shape and the machine alone (backend() and
@@ -727,10 +733,7 @@ class NeoxSession:
                 return
             why = f"needed {need.arithmetic}"
         computed, stopped = self.precompute_reference(self.selected_plans)
-        released = [key.split(":", 1)[1] for key, backend in self.backends.items()
-                    if isinstance(backend, reference_first.ReferenceHandle) and backend.release()]
-        if released and self.device == "cpu":
-            cpu_heap.give_back_freed_memory()    # what the HF models held, for the engine to load in
+        released = self._release_hf_models()
         if computed or released or stopped:
             line = (f"reference first: {computed} cases precomputed, "
                     f"{engines.reference_name()} {' + '.join(released) or 'nothing'} released before {name} "
@@ -993,19 +996,19 @@ class NeoxSession:
     def ended_on_their_own(self) -> list[str]:
         """One line per deployment whose processes ended before the session asked them to (Backend.
         ended_on_its_own), the summary's: those the teardown found, then any still to be torn down."""
-        up = [*self.backends.values(), *self.pending.values()]
-        now = [line for line in (backend.ended_on_its_own() for backend in up) if line]
-        return self.ended_early + [line for line in now if line not in self.ended_early]
+        return self.ended_early + self._newly_ended([*self.backends.values(), *self.pending.values()])
+
+    def _newly_ended(self, deployments) -> list[str]:
+        """The ended_on_its_own lines of `deployments` not noted yet."""
+        lines = (backend.ended_on_its_own() for backend in deployments)
+        return [line for line in lines if line and line not in self.ended_early]
 
     def close_all(self, deployments: dict[str, Backend]) -> None:
         """Tear down these deployments (by the name their teardown is reported under), taking each out of
         `deployments` as it closes: every worker winds down at once, then each is waited for; a close that
         fails is said and the others still close."""
         with self.timed("model teardown"):
-            for backend in deployments.values():     # asked before they are asked to exit
-                line = backend.ended_on_its_own()
-                if line and line not in self.ended_early:
-                    self.ended_early.append(line)
+            self.ended_early += self._newly_ended(deployments.values())    # before they are asked to exit
             for backend in deployments.values():
                 try:
                     backend.ask_to_exit()
