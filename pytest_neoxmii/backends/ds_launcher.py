@@ -34,8 +34,9 @@ class DsLauncherBackend(ChannelDeployment):
         check_kernels_can_run(dtype, device)
         self.name, self.path, self.device = name, Path(path), device
         self.max_tokens, self.max_batch, self.factory = max_tokens, max_batch, factory
-        super().__init__(tag_prefix="ds-tp", dtype=dtype, tp=tp, gpus=gpus, ready_timeout=ready_timeout,
-                         request_timeout=request_timeout, memory_probe=memory_probe, engine_config=engine_config)
+        super().__init__(tag_prefix="ds-tp", dtype=dtype, tp=tp, gpus=gpus, on_gpu=device.startswith("cuda"),
+                         ready_timeout=ready_timeout, request_timeout=request_timeout, memory_probe=memory_probe,
+                         engine_config=engine_config)
 
     def _reserve(self) -> None:
         self._ports = ports.reserve(1)               # torch.distributed's master port

@@ -59,6 +59,7 @@ class IsolatedEngine(ChannelDeployment):
         self.ahead = [] if ahead is None else list(ahead)
         self.ahead_report: dict | None = None         # the worker's account (worker.py, ahead_done)
         super().__init__(tag_prefix=f"{name}-worker", dtype=request.dtype, tp=request.tp, gpus=_gpus(request),
+                         on_gpu=request.device.startswith("cuda"),
                          ready_timeout=ready_timeout, request_timeout=request_timeout,
                          memory_probe=memory_probe, engine_config=request.engine_config, wait=wait)
 

@@ -91,8 +91,9 @@ class MiiServerBackend(WorkerDeployment):
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self._score_dir: Path | None = None
         self.handle = None
-        super().__init__(tag_prefix="mii-tp", dtype=dtype, tp=tp, gpus=gpus, ready_timeout=ready_timeout,
-                         request_timeout=request_timeout, memory_probe=memory_probe, engine_config=engine_config)
+        super().__init__(tag_prefix="mii-tp", dtype=dtype, tp=tp, gpus=gpus, on_gpu=True,   # (refused on the CPU above)
+                         ready_timeout=ready_timeout, request_timeout=request_timeout, memory_probe=memory_probe,
+                         engine_config=engine_config)
 
     def _reserve(self) -> None:
         self.name = f"neoxmii-{self.tag}"   # MII's deployment name: unique on the host (pid + random)

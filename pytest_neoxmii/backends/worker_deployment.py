@@ -11,7 +11,6 @@ its log's last lines."""
 from __future__ import annotations
 
 import abc
-import os
 import shutil
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ class WorkerDeployment(Backend):
     ready_at: float | None = None   # time.monotonic() at which the processes reported ready, where they say
     _start_error: BaseException | None = None     # why the start failed, once it has
 
-    def __init__(self, *, tag_prefix: str, dtype: str, tp: int, gpus: list[int] | None,
+    def __init__(self, *, tag_prefix: str, dtype: str, tp: int, gpus: list[int] | None, on_gpu: bool,
                  ready_timeout: float | None, request_timeout: float | None, memory_probe="default",
                  engine_config: dict | None = None, wait: bool = True):
         self.dtype, self.tp = dtype, tp
@@ -41,8 +40,14 @@ class WorkerDeployment(Backend):
         self.request_timeout = request_timeout or processes.env_float("NEOXMII_REQUEST_TIMEOUT", 600)
         self.tag = processes.new_tag(tag_prefix)
         self.run_dir = processes.run_dir(self.tag)
-        self._probe = (gpumem.default_probe(self._others) if memory_probe == "default" else memory_probe)
-        self._probe_attributes = memory_probe == "default"     # nvidia-smi's per-process figures apply
+        if memory_probe == "default":
+            # A deployment on the CPU holds no GPU memory: judged across its close, the GPUs' memory is other
+            # processes' (once +1335 MiB from the unit suite's seven other xdist workers on one H200).
+            memory_probe = gpumem.default_probe(self._others) if on_gpu else None
+            self._probe_attributes = on_gpu                     # nvidia-smi's per-process figures apply
+        else:
+            self._probe_attributes = False
+        self._probe = memory_probe
         self._baseline = self._probe() if self._probe else None
         self._trees: list[processes.ProcessTree] = []
         self.teardown_report: processes.TeardownReport | None = None
@@ -125,29 +130,35 @@ class WorkerDeployment(Backend):
     def _teardown_name(self) -> str:
         """The deployment as teardown reports and leak warnings name it."""
 
-    def _memory_baseline(self) -> tuple[dict[int, float] | None, str]:
-        """What GPU memory must come back to after the close. Where nvidia-smi attributes memory to the
-        deployment's processes: what the GPUs hold just before the close, less what those processes hold.
+    def _memory_check(self) -> tuple[Callable[[], dict[int, float]] | None, dict[int, float] | None, str]:
+        """How GPU memory is judged across the close: (probe, what it must come back to, what that is).
+
+        Where nvidia-smi lists the deployment's processes: the GPUs' memory less what every other listed
+        process holds (the reference, the other deployments, another job's processes on a shared GPU), read
+        just before the close less what the deployment's processes hold, and read the same way after it.
         Measured across the close, it is blind to what changed on the GPU since the launch and belongs to no
         process (seen: +123 MiB against the launch-time figure, on one H200 once the session's other workers
         and the reference had loaded, pythia-410m synthetic; no process of the deployment was left, and the
-        report cost a 30 s wait). Otherwise (another PID namespace, a custom probe): the launch-time figure."""
+        report cost a 30 s wait). Otherwise (another PID namespace, a custom probe): the probe given, against
+        the launch-time figure."""
+        launch_time = self._probe, self._baseline, "before the deployment"
         if self._probe is None or not self._probe_attributes or not self._trees:
-            return self._baseline, "before the deployment"
+            return launch_time
         try:
-            # One reading for both: the GPUs' memory less this process and the other deployments, and what
-            # the deployment's own processes hold (gpumem.reading: taken apart, a process allocating in
-            # between moves one and not the other, and the close then reads it as memory not returned).
-            now, held, steady = gpumem.used_and_held({os.getpid(), *self._others()}, self._own_pids())
+            # One reading for both figures (gpumem.reading: taken apart, a process allocating in between
+            # moves one and not the other, and the close then reads it as memory not returned).
+            now, held, steady = gpumem.used_beside(self._own_pids())
         except Exception:               # the launch-time figure still judges the close
-            return self._baseline, "before the deployment"
-        if not held:
-            return self._baseline, "before the deployment"
+            return launch_time
+        if not held:                    # its processes are not listed: their memory cannot be told apart
+            return launch_time
         what = "before the close, less what its processes held"
         if not steady:                  # a leak read against it may be what a neighbour allocated meanwhile
             what += (f" (read while a process kept allocating: nvidia-smi's process figures changed on every "
                      f"reading for {gpumem.STEADY_WINDOW_S:.0f} s, so this baseline may be off by what it allocated)")
-        return {i: mib - held.get(i, 0.0) for i, mib in now.items()}, what
+        # A process of the deployment still alive after the close carries its tag: its memory still counts.
+        return (lambda: gpumem.used_beside(self._own_pids()).used,
+                {i: mib - held.get(i, 0.0) for i, mib in now.items()}, what)
 
     def _others(self) -> set[int]:
         """The processes of the session's other live deployments: their GPU memory is not this one's."""
@@ -189,10 +200,10 @@ class WorkerDeployment(Backend):
             return
         self._closed = True
         try:
-            baseline, baseline_is = self._memory_baseline()
+            probe, baseline, baseline_is = self._memory_check()
             self.teardown_report = processes.teardown_with_settings(
                 self._trees, name=self._teardown_name(), tag=self.tag, polite=self._polite(),
-                polite_timeout_default=self.polite_timeout, memory_probe=self._probe,
+                polite_timeout_default=self.polite_timeout, memory_probe=probe,
                 memory_baseline=baseline, memory_baseline_is=baseline_is)
         finally:
             self._release()

@@ -88,17 +88,32 @@ class UsedAndHeld(NamedTuple):
     steady: bool                    # from a steady reading (see reading())
 
 
+def _less(r: Reading, exclude_pids: Iterable[int], own_pids: Iterable[int]) -> UsedAndHeld:
+    used = dict(r.used)
+    for index, mib in _attributed(exclude_pids, r.index_of, r.apps).items():
+        used[index] -= mib
+    return UsedAndHeld(used, _attributed(own_pids, r.index_of, r.apps), r.steady)
+
+
 def used_and_held(exclude_pids: Iterable[int], own_pids: Iterable[int]) -> UsedAndHeld:
     """From one reading: {gpu index: MiB used} less what exclude_pids hold, and {gpu index: MiB} that own_pids
     hold (a teardown's baseline is the first less the second: taken apart, a change between them is a leak)."""
     exclude_pids, own_pids = set(exclude_pids), set(own_pids)
     if not exclude_pids and not own_pids:       # no process figure needed: one call
         return UsedAndHeld(_gpus()[0], {}, True)
+    return _less(reading(), exclude_pids, own_pids)
+
+
+def used_beside(own_pids: Iterable[int]) -> UsedAndHeld:
+    """From one reading: {gpu index: MiB used} less what every process nvidia-smi lists outside own_pids holds,
+    and {gpu index: MiB} that own_pids hold. What is left is own_pids' memory and memory no listed process
+    holds, so that on a GPU shared with other jobs (or the unit suite's xdist workers) their allocations
+    during a close are not the closing deployment's leak. Only meaningful where nvidia-smi lists own_pids
+    (the same PID namespace): elsewhere their own memory would be left out too."""
+    own_pids = {str(p) for p in own_pids}
     r = reading()
-    used = dict(r.used)
-    for index, mib in _attributed(exclude_pids, r.index_of, r.apps).items():
-        used[index] -= mib
-    return UsedAndHeld(used, _attributed(own_pids, r.index_of, r.apps), r.steady)
+    strangers = {int(pid) for _uuid, pid, _mib in r.apps if pid.isdigit() and pid not in own_pids}
+    return _less(r, strangers, {int(p) for p in own_pids})
 
 
 def nvidia_smi_used(exclude_pids: Iterable[int] = ()) -> dict[int, float]:

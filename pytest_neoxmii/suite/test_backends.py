@@ -69,8 +69,11 @@ def test_teardown_ends_every_process_and_gives_gpu_memory_back(neox, neox_backen
     neox.settle()                                   # no other worker still loading or working ahead
     backend = neox.backend(neox_backend_name)       # skips with the reason if it cannot run here
     on_gpu = neox.device != "cpu"
-    held = [gpumem.process_used_bytes(pid) for pid in processes.tagged(backend.tag)] if on_gpu else []
-    before = gpumem.nvidia_smi_used() if on_gpu and any(h is not None for h in held) else None
+    own = processes.tagged(backend.tag)
+    held = [gpumem.process_used_bytes(pid) for pid in own] if on_gpu else []
+    # Every other process's memory left out (the reference, another job's on a shared GPU): only what the
+    # deployment's processes held, or what no process holds, can move the figure.
+    before = gpumem.used_beside(own).used if on_gpu and any(h is not None for h in held) else None
     neox.close_backend(neox_backend_name)
     report = backend.teardown_report
     print(report.describe())
@@ -85,7 +88,7 @@ def test_teardown_ends_every_process_and_gives_gpu_memory_back(neox, neox_backen
     held_mib = sum(h for h in held if h is not None) / 2**20
     deadline = time.monotonic() + 10                # the driver frees an exited process's memory soon after
     while True:
-        freed_mib = sum(before.values()) - sum(gpumem.nvidia_smi_used().values())
+        freed_mib = sum(before.values()) - sum(gpumem.used_beside(own).used.values())
         if freed_mib >= held_mib - 16 or time.monotonic() > deadline:
             break
         time.sleep(0.2)

@@ -332,6 +332,18 @@ def test_gpu_memory_probe_leaves_out_the_session_and_other_deployments(tmp_path,
     assert probe() == {0: 4000.0, 1: 6500.0}
 
 
+def test_used_beside_leaves_out_every_listed_process_but_the_deployments(tmp_path, monkeypatch):
+    """A deployment's teardown figure leaves out every process nvidia-smi lists outside it (another job's on
+    a shared GPU too); a process whose figure is "[N/A]" cannot be left out."""
+    from pytest_neoxmii.deploy import gpumem
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(FAKE_SMI)
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert gpumem.used_beside({222}) == ({0: 7000.0, 1: 7000.0}, {0: 3000.0, 1: 500.0}, True)
+    assert gpumem.used_beside(set()) == ({0: 4000.0, 1: 6500.0}, {}, True)
+
+
 RACING_SMI = textwrap.dedent("""\
     #!/bin/sh
     # pid 555 grows from 1000 to 1154 MiB right after the first memory.used reading
@@ -398,13 +410,14 @@ def test_a_reading_that_never_agrees_says_so_within_its_window(tmp_path, monkeyp
         return SimpleNamespace(_probe=lambda: {}, _probe_attributes=True, _trees=[object()], _baseline=None,
                                _others=lambda: {222}, _own_pids=lambda: {555} if not steady_smi else {111})
     monkeypatch.setattr(os, "getpid", lambda: 111)
-    baseline, what = WorkerDeployment._memory_baseline(deployment(False))
+    _probe, baseline, what = WorkerDeployment._memory_check(deployment(False))
     assert what.startswith("before the close, less what its processes held (read while a process kept "
                            "allocating") and "may be off by what it allocated" in what
     monkeypatch.setattr(os, "getpid", lambda: 333)
-    baseline, what = WorkerDeployment._memory_baseline(deployment(True))
+    probe, baseline, what = WorkerDeployment._memory_check(deployment(True))
     assert what == "before the close, less what its processes held"
     assert baseline == {0: 9000.0 - 3000.0 - 2000.0, 1: 7000.0 - 500.0}
+    assert probe() == {0: 9000.0 - 3000.0, 1: 7000.0 - 500.0}     # after the close: its own still count
 
 
 def test_a_process_figure_is_its_own_on_every_gpu_or_none(tmp_path, monkeypatch):
