@@ -19,6 +19,7 @@ class Gpu:
     name: str
     total_memory: int          # bytes
     capability: tuple[int, int]
+    uuid: str | None = None    # "GPU-...", as nvidia-smi names the card (None where torch does not say)
 
     def short(self) -> str:
         return f"{self.name} {self.total_memory / GB:.1f} GB"
@@ -102,9 +103,24 @@ def detect() -> Hardware:
     gpus = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
+        uuid = getattr(p, "uuid", None)
         gpus.append(Gpu(index=i, name=p.name, total_memory=int(p.total_memory),
-                        capability=(p.major, p.minor)))
+                        capability=(p.major, p.minor), uuid=_smi_uuid(uuid)))
     return Hardware(gpus=tuple(gpus), cuda_version=torch.version.cuda, driver_version=_driver_version())
+
+
+def describe_in_use(gpus: tuple[Gpu, ...], in_use: dict[int, int]) -> str:
+    """'GPU 0: 61.2 GB of its 150.1 GB held by other processes when the session started' ('' for none)."""
+    return "; ".join(f"GPU {g.index}: {in_use[g.index] / GB:.1f} GB of its {g.total_memory / GB:.1f} GB held by "
+                     "other processes when the session started" for g in gpus if g.index in in_use)
+
+
+def _smi_uuid(uuid) -> str | None:
+    """torch's device uuid as nvidia-smi prints it ("GPU-" and the 36-character form)."""
+    if uuid is None:
+        return None
+    text = str(uuid)
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
 
 
 @functools.lru_cache(maxsize=1)   # nvidia-smi costs tens of ms, and the session asks for the GPUs often

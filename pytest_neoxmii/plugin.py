@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pytest_neoxmii import backends as engines
+from pytest_neoxmii import hardware
 from pytest_neoxmii import options as options_mod
 from pytest_neoxmii.backends import planted_fault
 from pytest_neoxmii.deploy import cpu_heap
@@ -68,6 +69,7 @@ def pytest_configure(config: pytest.Config) -> None:
             if not os.environ.get(kernels.ENV):     # the default lasts as long as this session (pytester)
                 config.add_cleanup(lambda: os.environ.pop(kernels.ENV, None))
             session.kernels = kernels.prepare(session.device)   # before anything deploys or imports deepspeed
+            session.gpu_memory_in_use       # read now: later, the session's own workers hold memory too
         if opts.gpu_memory_cap is not None:
             from pytest_neoxmii.deploy import gpu_cap       # every worker inherits it from the environment
             environment = pytest.MonkeyPatch()              # undone when the session ends (pytester runs)
@@ -120,6 +122,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"neoxmii: GPUs found: {session.hardware.describe()}",
         "neoxmii: " + ", ".join(f"{k} {v}" for k, v in shown_versions().items()),
     ]
+    in_use = hardware.describe_in_use(session.hardware.gpus, session.gpu_memory_in_use)
+    if in_use:
+        lines.insert(-1, f"neoxmii: GPU memory in use: {in_use}; every fit counts only the rest")
     lines += [f"neoxmii: {config.describe()}" for config in session.serving_configs.values()]
     if session.kernels is not None:
         lines.append(f"neoxmii: {session.kernels.describe()}")
@@ -301,7 +306,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     """pytest-benchmark's machine_info gains the GPUs (name, count, memory), driver and CUDA versions and
     the versions of torch, transformers, deepspeed and deepspeed-mii."""
-    from pytest_neoxmii import hardware
     session = config.stash.get(SESSION_KEY, None)
     info = hardware.machine_info(session.hardware if session is not None else hardware.detect())
     for k in ("gpu_name", "gpu_count", "gpu_memory_bytes", "gpus", "cuda_version", "driver_version"):

@@ -12,7 +12,7 @@ import pytest
 from pytest_neoxmii import ahead_share, checkpoint_files, hardware, known_issues, precision, reference_first
 from pytest_neoxmii import backends as engines
 from pytest_neoxmii.backends import Backend, IsolatedEngine, LoadRequest, load_backend
-from pytest_neoxmii.deploy import cpu_heap
+from pytest_neoxmii.deploy import cpu_heap, gpumem
 from pytest_neoxmii.deploy.processes import DeploymentError
 from pytest_neoxmii.cases import FAMILIES, Case, CasePlan, materialize, plan_cases, row_alone
 from pytest_neoxmii.errors import BackendUnavailable, NeoxUsageError, first_line, in_brief
@@ -141,6 +141,23 @@ class NeoxSession:
     @property
     def device(self) -> str:
         return "cuda:0" if self.hardware.gpus else "cpu"
+
+    @functools.cached_property
+    def gpu_memory_in_use(self) -> dict[int, int]:
+        """{GPU index: bytes} that processes outside the session held when first asked: at configure, before
+        anything deploys (gpumem.in_use_by_others). On a GPU shared with another job, the fits count only
+        the rest: counted against the whole card, they would start every engine beside the reference and the
+        job's memory, and the loads would run out of memory mid-session."""
+        return gpumem.in_use_by_others(self.hardware.gpus)
+
+    def gpu_memory_free(self) -> list[int]:
+        """Bytes per GPU that the session's fits count on: each card's memory less gpu_memory_in_use."""
+        return [g.total_memory - self.gpu_memory_in_use.get(g.index, 0) for g in self.hardware.gpus]
+
+    def gpu_memory_in_use_note(self) -> str:
+        """'' or ' (GPU 0: 61.2 GB of its 150.1 GB held by other processes ...)' for a fit's reason."""
+        said = hardware.describe_in_use(self.hardware.gpus, self.gpu_memory_in_use)
+        return f" ({said})" if said else ""
 
     @property
     def dtype_choice(self) -> precision.DtypeChoice:
@@ -677,7 +694,7 @@ class NeoxSession:
         # memory there.
         deployed = [self._on_gpu(n, dtype) for n in names]
         return reference_first.footprint(self.model.spec, engines.reference_name(), dtype, deployed,
-                                         min(g.total_memory for g in hw.gpus))
+                                         min(self.gpu_memory_free()))
 
     def host_fit(self, deployed: list[tuple[str, str]]) -> reference_first.Footprint:
         """In a CPU session: whether the HF models and the engines `deployed` ((name, dtype) pairs) fit the
@@ -726,7 +743,7 @@ class NeoxSession:
             if gpus:
                 deployed = [self._on_gpu(n, d) for n, d in [[name, dtype], *others]]
                 need = reference_first.footprint(self.model.spec, engines.reference_name(), self.dtype,
-                                                 deployed, gpus[0].total_memory)
+                                                 deployed, self.gpu_memory_free()[0])
             else:
                 need = self.host_fit([(name, dtype), *[(n, d) for n, d in others]])
             if need.fits:
@@ -840,11 +857,13 @@ class NeoxSession:
         cls = engines.engine(name).backend_for(tp)
         # a worker may use no more of a GPU than the cap; the reference in this process is not capped
         cap = self.options.gpu_memory_cap if (cls.isolated or cls.runs_in_worker) else None
-        memory = [g.total_memory if cap is None else min(g.total_memory, cap) for g in hw.gpus]
+        memory = [free if cap is None else min(free, cap) for free in self.gpu_memory_free()]
         ok, reason = self.model.spec.fits(dtype, tp, memory, self.workspace_bytes(name, dtype, tp),
                                           self.worker_runtime_bytes(name, tp))
         if not ok and cap is not None:
             reason += f" (GPU memory capped at {cap / 2**30:.2f} GiB per worker by --neox-gpu-memory-cap)"
+        if not ok:
+            reason += self.gpu_memory_in_use_note()
         if not ok:
             raise BackendUnavailable(reason)
 

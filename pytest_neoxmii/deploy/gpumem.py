@@ -133,6 +133,36 @@ def held_by(pids: Iterable[int]) -> dict[int, float]:
     return _attributed(pids, index_of, _apps())
 
 
+def used_by_others(pid: int | None = None) -> dict[str, float]:
+    """{GPU uuid: MiB} in use by every process but `pid` (this one by default), from one nvidia-smi reading:
+    what another job on a shared GPU, or a session that did not end, holds before this session deploys
+    anything. Empty where nvidia-smi is missing or fails."""
+    if not shutil.which("nvidia-smi"):
+        return {}
+    try:
+        r = reading()
+    except (subprocess.SubprocessError, OSError, ValueError):
+        return {}
+    mine = _attributed({os.getpid() if pid is None else pid}, r.index_of, r.apps)
+    return {uuid: max(0.0, r.used[i] - mine.get(i, 0.0)) for uuid, i in r.index_of.items()}
+
+
+# Less than this held by others on a GPU is left out: nothing a deployment's fit would notice, and an idle
+# card reads a few MiB.
+IN_USE_NOTED_BYTES = 256 * 2**20
+
+
+def in_use_by_others(gpus) -> dict[int, int]:
+    """{GPU index: bytes} that processes other than this one hold on each of `gpus` (hardware.Gpu) now, matched
+    by uuid: another job on a shared card, or a session that did not end. Read before a session deploys
+    anything, it is memory the session cannot count on. Empty without nvidia-smi or uuids."""
+    if not any(g.uuid for g in gpus):
+        return {}
+    by_uuid = used_by_others()
+    held = {g.index: int(by_uuid[g.uuid] * 2**20) for g in gpus if g.uuid in by_uuid}
+    return {i: b for i, b in held.items() if b >= IN_USE_NOTED_BYTES}
+
+
 def process_used_bytes(pid: int | None = None) -> int | None:
     """What one process (this one by default) holds on the GPUs, CUDA context included, as nvidia-smi
     attributes it: unlike a device-wide difference, it leaves out what other processes load meanwhile

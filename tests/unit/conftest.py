@@ -102,10 +102,11 @@ def synthetic_14m(neox_cache_dir):
 @pytest.fixture
 def fake_gpus(monkeypatch):
     """fake_gpus("t4", ...) makes in-process runs see exactly these GPUs (none when called without any);
-    returns the Hardware the plugin will see."""
-    def install(*keys: str) -> Hardware:
+    returns the Hardware the plugin will see. uuids=True names them GPU-fake-0, ... (a fake nvidia-smi's)."""
+    def install(*keys: str, uuids: bool = False) -> Hardware:
         gpus = [GPUS[k] for k in keys]
-        hw = Hardware(gpus=tuple(Gpu(i, g.name, g.total_memory, g.capability) for i, g in enumerate(gpus)),
+        hw = Hardware(gpus=tuple(Gpu(i, g.name, g.total_memory, g.capability, f"GPU-fake-{i}" if uuids else None)
+                                 for i, g in enumerate(gpus)),
                       cuda_version="12.8" if gpus else None, driver_version="570.1" if gpus else None)
         monkeypatch.setattr(hardware, "detect", lambda: hw)
         return hw

@@ -332,6 +332,31 @@ def test_gpu_memory_probe_leaves_out_the_session_and_other_deployments(tmp_path,
     assert probe() == {0: 4000.0, 1: 6500.0}
 
 
+def test_memory_in_use_by_others_is_read_by_uuid_less_this_process(tmp_path, monkeypatch):
+    """What other processes hold on each GPU at a session's start: memory.used less this process's own figure,
+    matched to torch's GPUs by uuid (not by index: CUDA_VISIBLE_DEVICES and torch's order renumber them), and
+    nothing under 256 MiB; nothing for GPUs without a uuid, or without nvidia-smi."""
+    from pytest_neoxmii.deploy import gpumem
+    from pytest_neoxmii.hardware import Gpu, _smi_uuid
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(FAKE_SMI)
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(os, "getpid", lambda: 111)
+    assert gpumem.used_by_others() == {"GPU-aaa": 7000.0, "GPU-bbb": 7000.0}
+    assert gpumem.used_by_others(222) == {"GPU-aaa": 6000.0, "GPU-bbb": 6500.0}
+    gpus = (Gpu(0, "x", 80 * 2**30, (9, 0), "GPU-bbb"), Gpu(1, "x", 80 * 2**30, (9, 0), "GPU-aaa"),
+            Gpu(2, "x", 80 * 2**30, (9, 0), "GPU-ccc"))
+    assert gpumem.in_use_by_others(gpus) == {0: 7000 * 2**20, 1: 7000 * 2**20}
+    assert gpumem.in_use_by_others((Gpu(0, "x", 80 * 2**30, (9, 0)),)) == {}
+    smi.write_text(FAKE_SMI.replace("9000", "2200"))     # GPU-aaa: 2200 - 2000 of this process = 200 MiB
+    assert gpumem.in_use_by_others(gpus) == {0: 7000 * 2**20}
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    assert gpumem.in_use_by_others(gpus) == {}
+    assert _smi_uuid("4d0f6f2b-1c2d-3e4f-5a6b-7c8d9e0f1a2b") == "GPU-4d0f6f2b-1c2d-3e4f-5a6b-7c8d9e0f1a2b"
+    assert _smi_uuid("GPU-aaa") == "GPU-aaa" and _smi_uuid(None) is None
+
+
 def test_used_beside_leaves_out_every_listed_process_but_the_deployments(tmp_path, monkeypatch):
     """A deployment's teardown figure leaves out every process nvidia-smi lists outside it (another job's on
     a shared GPU too); a process whose figure is "[N/A]" cannot be left out."""

@@ -3,6 +3,9 @@ says the cap, what fits is judged against the cap for worker engines (not for th
 process), and a worker applies it to torch's allocator and checks its whole process after the load."""
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
 from pytest_neoxmii.deploy import gpu_cap
@@ -43,17 +46,23 @@ def test_reference(request):
 """
 
 
-def test_what_fits_is_judged_against_the_cap_for_workers_only(pytester, fake_gpus, tmp_path, monkeypatch):
-    """pythia-12b fp16 (about 24 GB of weights x 1.2 headroom) fits an 80 GB H100 but not a 20 GiB cap; the
-    fp32 reference in the test process (about 47 GB x 1.2) is judged against the card, so it goes on to load
-    (stubbed here: the stub records the call and skips)."""
-    fake_gpus("h100")
+def _fits_session(pytester, monkeypatch) -> list[str]:
+    """FITS_TESTS with loads stubbed (each records its engine and skips) and no weights built: what was loaded."""
     from pytest_neoxmii import session as session_module
     loaded = []
     monkeypatch.setattr(session_module, "load_backend", lambda name, request, **kw: loaded.append(name) or pytest.skip("stub"))
     monkeypatch.setattr(session_module.NeoxSession, "require_model", lambda self: self.model)   # no weights built
     monkeypatch.delenv(gpu_cap.ENV, raising=False)
     pytester.makepyfile(test_fits=FITS_TESTS)
+    return loaded
+
+
+def test_what_fits_is_judged_against_the_cap_for_workers_only(pytester, fake_gpus, tmp_path, monkeypatch):
+    """pythia-12b fp16 (about 24 GB of weights x 1.2 headroom) fits an 80 GB H100 but not a 20 GiB cap; the
+    fp32 reference in the test process (about 47 GB x 1.2) is judged against the card, so it goes on to load
+    (stubbed here: the stub records the call and skips)."""
+    fake_gpus("h100")
+    loaded = _fits_session(pytester, monkeypatch)
     result = pytester.runpytest("--neox-model=pythia-12b", "--neox-weights=synthetic", "--neox-backends=ds",
                                 f"--neox-cache-dir={tmp_path / 'cache'}", "--neox-gpu-memory-cap=20GiB",
                                 "-p", "no:cacheprovider", "-rs")
@@ -63,7 +72,42 @@ def test_what_fits_is_judged_against_the_cap_for_workers_only(pytester, fake_gpu
     assert any("test_fits.py:3" in ln and "(GPU memory capped at 20.00 GiB per worker by --neox-gpu-memory-cap)"
                in ln for ln in skipped), text
     assert loaded == ["hf"]                       # the reference was not held to the cap
-    assert gpu_cap.ENV not in __import__("os").environ      # the session's setting ended with it
+    assert gpu_cap.ENV not in os.environ      # the session's setting ended with it
+
+
+SHARED_H100_SMI = """#!/bin/sh
+# GPU-fake-0 (an 80 GB H100) on which another job's process (pid 4242) holds 70000 MiB
+case "$1" in
+  --query-gpu=*) echo "0, GPU-fake-0, 70000" ;;
+  --query-compute-apps=*) echo "GPU-fake-0, 4242, 70000" ;;
+esac
+"""
+
+
+def test_what_fits_counts_only_the_memory_other_processes_left(pytester, fake_gpus, tmp_path, monkeypatch):
+    """On a GPU shared with another job, the fits count the card's memory less what other processes held when
+    the session started: pythia-12b fp16 (about 24 GB x 1.2) fits an 80 GB H100, but not the 12 GB another
+    job's 70000 MiB leave. The skip says both figures; the header and the JSON summary say what was in use."""
+    fake_gpus("h100", uuids=True)
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text(SHARED_H100_SMI)
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}{os.pathsep}{os.environ['PATH']}")
+    loaded = _fits_session(pytester, monkeypatch)
+    result = pytester.runpytest("--neox-model=pythia-12b", "--neox-weights=synthetic", "--neox-backends=ds",
+                                f"--neox-cache-dir={tmp_path / 'cache'}", f"--neox-report={tmp_path / 'rep'}",
+                                "-p", "no:cacheprovider", "-rs")
+    text = result.stdout.str()
+    in_use = "GPU 0: 73.4 GB of its 85.0 GB held by other processes when the session started"
+    assert f"neoxmii: GPU memory in use: {in_use}; every fit counts only the rest" in text
+    skipped = [ln for ln in result.outlines if ln.startswith("SKIPPED")]
+    assert any("test_fits.py:3" in ln and "found 1 GPU with 11.6 GB" in ln and f"({in_use})" in ln
+               for ln in skipped), text
+    assert any("test_fits.py:6" in ln and f"({in_use})" in ln for ln in skipped), text
+    assert loaded == []                           # neither loaded into the memory another job holds
+    summary = json.loads((tmp_path / "rep" / "neoxmii-summary.json").read_text())
+    assert summary["hardware"]["memory_in_use_by_others_at_start_bytes"] == {"0": 70000 * 2**20}
 
 
 def test_a_worker_applies_the_cap_and_names_the_excess(monkeypatch):
