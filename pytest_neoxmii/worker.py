@@ -201,7 +201,7 @@ def build_kernels(cls, request) -> float | None:
 def load(cls, request) -> tuple[object | None, dict]:
     """The engine, and the message for the session: ready with what runs, or failed with why."""
     from pytest_neoxmii.deploy import cpu_heap, gpu_cap
-    from pytest_neoxmii.errors import BackendUnavailable, first_line
+    from pytest_neoxmii.errors import BackendUnavailable
     from pytest_neoxmii.deploy.processes import DeploymentError
     from pytest_neoxmii.injection import InjectionFailed
     try:
@@ -226,10 +226,10 @@ def load(cls, request) -> tuple[object | None, dict]:
     except DeploymentError as exc:        # says what failed in full (e.g. weights not matching their config)
         return None, {"op": "failed", "kind": "deployment", "message": str(exc)}
     except Exception as exc:
-        capped = gpu_cap.describe_oom(request.device) if "OutOfMemoryError" in type(exc).__name__ else None
-        if capped:
-            return None, {"op": "failed", "kind": "over-cap",
-                          "message": f"{capped}: {first_line(exc)}"}
+        short = gpu_cap.out_of_memory(exc, request.device)
+        if short:                         # one line, not DeepSpeed's traceback (that stays in the log)
+            traceback.print_exc()
+            return None, {"op": "failed", "kind": "over-cap", "message": short}
         return None, {"op": "failed", "kind": "error", "message": traceback.format_exc()}
     # ready_at: CLOCK_MONOTONIC, one clock for every process of the machine, so that the session can say
     # when the worker was ready, not when a test first asked for it

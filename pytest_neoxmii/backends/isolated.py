@@ -94,9 +94,7 @@ class IsolatedEngine(ChannelDeployment):
             return BackendUnavailable(text)
         if kind == "injection":
             return InjectionFailed(text)
-        if kind == "over-cap":
-            return processes.DeploymentError(f"{self._what}: {text}")
-        if kind == "deployment":              # a failure that says it all; its traceback, if any, in the log
+        if kind in ("over-cap", "deployment"):    # a failure that says it all; its traceback, if any, in the log
             return processes.DeploymentError(f"{self._what}: {text} (worker log: {tree.log_path})")
         return processes.DeploymentError(f"{self._what}: the engine failed to load in its worker:\n{text}\n"
                                          f"last lines of {tree.log_path}:\n{tree.log_tail()}")

@@ -67,6 +67,36 @@ def exceeded(device: str, what: str = "the worker") -> str | None:
             f"--neox-gpu-memory-cap of {cap / 2**30:.2f} GiB")
 
 
+# What running out of GPU memory during a load looks like: torch's allocator, and DeepSpeed's inference
+# workspace, which checks cudaMemGetInfo itself and raises a RuntimeError (seen on one H200 shared with another
+# job: "Workspace can't be allocated, not enough memory" in MII's load, as a 40-line traceback).
+OUT_OF_MEMORY_SIGNS = ("OutOfMemoryError", "out of memory", "Workspace can't be allocated")
+
+
+def out_of_memory(exc: BaseException, device: str, free_and_total=None) -> str | None:
+    """One line for a load that ran out of GPU memory on `device`: the error's first line and what the GPU had
+    free after it (its failed allocations given back), or the cap where one applies; None for any other error
+    or off the GPU."""
+    index = _index(device)
+    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if index is None or not any(sign in text for sign in OUT_OF_MEMORY_SIGNS):
+        return None
+    capped = describe_oom(device)
+    if capped:
+        return f"{capped}: {text}"
+    try:
+        if free_and_total is None:
+            import torch
+            free_and_total = torch.cuda.mem_get_info(index)
+        free, total = free_and_total
+        found = f"cuda:{index} had {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB after it"
+    except Exception:           # the error was still memory; only the figure is missing
+        found = f"cuda:{index}'s free memory could not be read"
+    return (f"ran out of GPU memory while loading ({text}); {found}. Other processes on the GPU (another job, "
+            f"this session's other engines) hold the rest: the header's 'GPU memory in use' line says what was "
+            f"held when the session started")
+
+
 def describe_oom(device: str) -> str | None:
     """The cap in words, for an out-of-memory error while it applies."""
     cap, index = cap_bytes(), _index(device)

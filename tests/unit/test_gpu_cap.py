@@ -123,3 +123,32 @@ def test_a_worker_applies_the_cap_and_names_the_excess(monkeypatch):
     assert gpu_cap.describe_oom("cuda:0") == "ran out of the --neox-gpu-memory-cap of 40.00 GiB on cuda:0"
     monkeypatch.setenv(gpu_cap.ENV, "lots")
     assert gpu_cap.cap_bytes() is None
+
+
+def test_a_load_out_of_gpu_memory_is_one_line_with_what_was_free():
+    """DeepSpeed's inference workspace checks the free memory itself and raises a RuntimeError (MII's load on one
+    H200 shared with another job, as a 40-line traceback in every test of the engine); torch's allocator raises
+    OutOfMemoryError. Either is one line with what the GPU had free after it, or the cap where one applies;
+    any other error, or a load on the CPU, is left to the traceback."""
+    workspace = RuntimeError("Workspace can't be allocated, not enough memory")
+    line = gpu_cap.out_of_memory(workspace, "cuda:0", free_and_total=(int(1.25 * 2**30), int(139.8 * 2**30)))
+    assert line.startswith("ran out of GPU memory while loading (RuntimeError: Workspace can't be allocated, not "
+                           "enough memory); cuda:0 had 1.25 GiB free of 139.80 GiB after it. ")
+    assert "\n" not in line and "GPU memory in use" in line
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+    assert "(OutOfMemoryError: CUDA out of memory. Tried" in gpu_cap.out_of_memory(
+        OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"), "cuda:1", free_and_total=(0, 1))
+    assert gpu_cap.out_of_memory(workspace, "cpu") is None
+    assert gpu_cap.out_of_memory(ValueError("bad config"), "cuda:0", free_and_total=(0, 1)) is None
+    unreadable = gpu_cap.out_of_memory(workspace, "cuda:0", free_and_total=("?",))
+    assert "(RuntimeError: Workspace can't be allocated, not enough memory); cuda:0's free memory could not be " \
+           "read." in unreadable
+
+
+def test_a_load_out_of_gpu_memory_under_the_cap_names_the_cap(monkeypatch):
+    monkeypatch.setenv(gpu_cap.ENV, str(40 * 2**30))
+    line = gpu_cap.out_of_memory(RuntimeError("Workspace can't be allocated, not enough memory"), "cuda:0")
+    assert line == ("ran out of the --neox-gpu-memory-cap of 40.00 GiB on cuda:0: RuntimeError: Workspace can't be "
+                    "allocated, not enough memory")
