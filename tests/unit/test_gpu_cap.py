@@ -126,8 +126,9 @@ def test_a_worker_applies_the_cap_and_names_the_excess(monkeypatch):
 
 
 def test_a_load_out_of_gpu_memory_is_one_line_with_what_was_free():
-    """DeepSpeed's inference workspace checks the free memory itself and raises a RuntimeError (MII's load on one
-    H200 shared with another job, as a 40-line traceback in every test of the engine); torch's allocator raises
+    """DeepSpeed's inference workspace checks the free memory itself, or fails to create its cuBLAS handle, each a
+    RuntimeError (MII's load on one H200 shared with another job, as a 40-line traceback in every test of the
+    engine); torch's allocator raises
     OutOfMemoryError. Either is one line with what the GPU had free after it, or the cap where one applies;
     any other error, or a load on the CPU, is left to the traceback."""
     workspace = RuntimeError("Workspace can't be allocated, not enough memory")
@@ -140,6 +141,10 @@ def test_a_load_out_of_gpu_memory_is_one_line_with_what_was_free():
         pass
     assert "(OutOfMemoryError: CUDA out of memory. Tried" in gpu_cap.out_of_memory(
         OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"), "cuda:1", free_and_total=(0, 1))
+    cublas = RuntimeError("Failed to create cublas handle: cublasStatus_t was 3")
+    assert "(RuntimeError: Failed to create cublas handle: cublasStatus_t was 3); cuda:0 had 0.00 GiB free" in \
+        gpu_cap.out_of_memory(cublas, "cuda:0", free_and_total=(0, 1))
+    assert gpu_cap.out_of_memory(RuntimeError("cublasStatus_t was 13"), "cuda:0", free_and_total=(0, 1)) is None
     assert gpu_cap.out_of_memory(workspace, "cpu") is None
     assert gpu_cap.out_of_memory(ValueError("bad config"), "cuda:0", free_and_total=(0, 1)) is None
     unreadable = gpu_cap.out_of_memory(workspace, "cuda:0", free_and_total=("?",))
