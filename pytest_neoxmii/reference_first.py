@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 
 from pytest_neoxmii.backends.base import Backend
 from pytest_neoxmii.fixed_text import FIXED_TEXT
-from pytest_neoxmii.registry import HEADROOM, HOST_RUNTIME_BYTES, ModelSpec
+from pytest_neoxmii.registry import DS_WORKSPACE_FREE_BYTES, HEADROOM, HOST_RUNTIME_BYTES, ModelSpec
 
 MODES = ("auto", "always", "never")
 
@@ -103,13 +103,18 @@ def _gb(n_bytes: float) -> str:
 
 
 def footprint(spec: ModelSpec, reference: str, peer_dtype: str, deployed: list[EngineOnGpu],
-              gpu_bytes: int) -> Footprint:
-    """The HF models sit on GPU 0 whole; each engine in `deployed` (the one about to deploy and those
-    already on the GPU) needs there what `ModelSpec.per_gpu_bytes` says of one GPU of it."""
-    parts = [(f"{reference} fp32", spec.weight_bytes("fp32"))]
-    if peer_dtype != "fp32":                       # an fp32 session's peer is the reference itself
-        parts.append((f"{reference} {peer_dtype}", spec.weight_bytes(peer_dtype)))
-    runtimes = []
+              gpu_bytes: int, *, hf_loaded: bool = True, test_process_runtime: int = 0) -> Footprint:
+    """The HF models sit on GPU 0 whole (unless released: hf_loaded=False); each engine in `deployed` (the one
+    about to deploy and those already on the GPU) needs there what `ModelSpec.per_gpu_bytes` says of one GPU of
+    it; the test process holds its own runtime there (`test_process_runtime`, registry.TEST_PROCESS_RUNTIME_BYTES,
+    kept after a release too), and an engine with DeepSpeed's workspace loads only with
+    registry.DS_WORKSPACE_FREE_BYTES free beyond it (once: the engines load one after another)."""
+    parts = []
+    if hf_loaded:
+        parts.append((f"{reference} fp32", spec.weight_bytes("fp32")))
+        if peer_dtype != "fp32":                   # an fp32 session's peer is the reference itself
+            parts.append((f"{reference} {peer_dtype}", spec.weight_bytes(peer_dtype)))
+    runtimes = [("test process runtime", test_process_runtime)] if test_process_runtime else []
     for engine in deployed:
         parts.append((f"{engine.name} {engine.dtype}" + (f" / tp={engine.tp}" if engine.tp > 1 else ""),
                       spec.weight_bytes(engine.dtype) / engine.tp))
@@ -117,6 +122,8 @@ def footprint(spec: ModelSpec, reference: str, peer_dtype: str, deployed: list[E
             parts.append((f"{engine.name} workspace", engine.workspace_bytes))
         if engine.runtime_bytes:
             runtimes.append((f"{engine.name} runtime", engine.runtime_bytes))
+    if any(engine.workspace_bytes for engine in deployed):
+        runtimes.append(("DeepSpeed's free reserve", DS_WORKSPACE_FREE_BYTES))
     # One sum, the one the line shows: (weights + workspaces) x margin + runtimes, which is the HF models'
     # weights x margin plus each engine's ModelSpec.per_gpu_bytes (a unit test holds the two together).
     return _sum(parts, runtimes, gpu_bytes, "of GPU 0")

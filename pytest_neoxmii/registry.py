@@ -24,6 +24,18 @@ HEADROOM = 1.2
 # GPU outside the headroom, since it does not grow with the model.
 WORKER_RUNTIME_BYTES = 808 * 2**20
 
+# What the test process holds on GPU 0 besides the HF models' tensors, kept once they are released: the CUDA
+# context, cuBLAS's workspace, the allocator's leftovers. Measured: 724 MiB after releasing pythia-160m's fp32
+# and fp16 models (1786 MiB with both loaded, 978 MiB of tensors; one H200, torch 2.11, CUDA 13.0, synthetic
+# weights; docs/speed-round27/gpu-h200-test-process-runtime.txt).
+TEST_PROCESS_RUNTIME_BYTES = 724 * 2**20
+
+# DeepSpeed's inference workspace is sized from cudaMemGetInfo when it is allocated, and wants this much free
+# beyond it (GenWorkSpace's minimal_requirements, where more than 1 GiB is free; inference_context.h): MII's
+# rank, which asks for max_tokens at least, raised "Workspace can't be allocated" without it, on one H200
+# shared with another job (docs/STACK.md trap 31). Needed free while an engine loads, counted once beside others.
+DS_WORKSPACE_FREE_BYTES = 500 * 2**20
+
 # What one process of a CPU session holds in host memory besides model weights: Python, torch, transformers,
 # DeepSpeed, the activations of a short case. Measured on the 2-core Xeon (pythia-1b, synthetic weights, fp16
 # session, all engines side by side): 277 MiB for the fork server, 301 and 330 MiB for the ds and mii workers,

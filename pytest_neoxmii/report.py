@@ -138,6 +138,7 @@ def build_summary(session) -> dict:
         "test_phases_s": session.overhead.phases if getattr(session, "overhead", None) else {},
         "prelaunched": list(session.prelaunched),
         "engines_one_at_a_time": getattr(session, "engines_one_at_a_time", None),   # why none was prelaunched
+        "engines_took_turns": list(getattr(session, "turns", [])),     # closed so that another fits the GPU
         "ended_before_teardown": session.ended_on_their_own() if hasattr(session, "ended_on_their_own") else [],
         "reference_computed_while_workers_loaded": session.reference_ahead,
         "reference_computed_s": round(getattr(session, "reference_ahead_s", 0.0), 3),
@@ -217,6 +218,8 @@ def terminal_summary(terminalreporter, session) -> None:
                          if session.reference_ahead else ""))
     if getattr(session, "engines_one_at_a_time", None):
         tr.write_line(session.engines_one_at_a_time)
+    for line in getattr(session, "turns", []):
+        tr.write_line(f"took turns: {line}")
     for line in session.ended_on_their_own() if hasattr(session, "ended_on_their_own") else ():
         tr.write_line(line, red=True)
     if getattr(session, "kernel_build", None) is not None:

@@ -21,7 +21,7 @@ from pytest_neoxmii.injection import InjectionFailed
 from pytest_neoxmii.options import NeoxOptions
 from pytest_neoxmii.overhead import OverheadLog
 from pytest_neoxmii.outputs import Generation, Scores
-from pytest_neoxmii.registry import HOST_RUNTIME_BYTES, WORKER_RUNTIME_BYTES
+from pytest_neoxmii.registry import HOST_RUNTIME_BYTES, TEST_PROCESS_RUNTIME_BYTES, WORKER_RUNTIME_BYTES
 from pytest_neoxmii.weights import ResolvedModel
 
 
@@ -106,6 +106,9 @@ class NeoxSession:
         self.engines_one_at_a_time: str | None = None   # why prelaunch started none: they would not fit at once
         self.hf_precomputed = False                 # the HF models took turns over every case (hf_one_at_a_time)
         self.ended_early: list[str] = []            # deployments the teardown found ended on their own
+        # Engines closed so that another fits the GPU (_take_turns), by key, with what was said of each turn.
+        self.took_turns: dict[str, Backend] = {}
+        self.turns: list[str] = []
         self.reference_ahead = 0                    # cases whose reference outputs prelaunch computed meanwhile
         self.reference_ahead_s = 0.0                # and how long that took (the reference's load included)
         # What the selected tests will ask each engine for, in test order (want_outputs): a prelaunched
@@ -305,6 +308,7 @@ class NeoxSession:
             self.require_model()
             if not reference:
                 self._reference_first(name, dtype)
+                self._take_turns(name, dtype)
             t0 = time.perf_counter()
             if key in self.pending:              # launched by prelaunch: it has been loading meanwhile
                 with self.timed("model load"):
@@ -694,7 +698,7 @@ class NeoxSession:
         # memory there.
         deployed = [self._on_gpu(n, dtype) for n in names]
         return reference_first.footprint(self.model.spec, engines.reference_name(), dtype, deployed,
-                                         min(self.gpu_memory_free()))
+                                         min(self.gpu_memory_free()), test_process_runtime=TEST_PROCESS_RUNTIME_BYTES)
 
     def host_fit(self, deployed: list[tuple[str, str]]) -> reference_first.Footprint:
         """In a CPU session: whether the HF models and the engines `deployed` ((name, dtype) pairs) fit the
@@ -743,7 +747,8 @@ class NeoxSession:
             if gpus:
                 deployed = [self._on_gpu(n, d) for n, d in [[name, dtype], *others]]
                 need = reference_first.footprint(self.model.spec, engines.reference_name(), self.dtype,
-                                                 deployed, self.gpu_memory_free()[0])
+                                                 deployed, self.gpu_memory_free()[0],
+                                                 test_process_runtime=TEST_PROCESS_RUNTIME_BYTES)
             else:
                 need = self.host_fit([(name, dtype), *[(n, d) for n, d in others]])
             if need.fits:
@@ -758,6 +763,33 @@ class NeoxSession:
             self.reference_releases.append(line + (f"; precompute stopped: {stopped}" if stopped else ""))
             if mode == "auto" and released:
                 self.reference_released_for_memory = line
+
+    def _take_turns(self, name: str, dtype: str) -> None:
+        """On a GPU that cannot hold the engine `name` beside the engines deployed, with the HF models as they are
+        now (reference first has had its say): close those engines before it deploys. On a GPU the tests run
+        engine by engine (plugin.run_order), so each closes once its own tests are done; one that a later test
+        asks for again (its latency) deploys again. Without this, the engine loaded into memory the others
+        held: on one H200 shared with another job, mii failed to load beside ds."""
+        if not self.hardware.gpus or self.pending:      # prelaunched: everything fits at once
+            return
+        key = f"{name}:{dtype}"
+        others = [k for k in self.backends if k != key and not engines.is_reference(k.split(":", 1)[0])]
+        if not others:
+            return
+        hf_loaded = any(getattr(b, "loaded", True) for k, b in self.backends.items()
+                        if engines.is_reference(k.split(":", 1)[0]))
+        deployed = [self._on_gpu(n, d) for n, d in [(name, dtype), *(k.split(":", 1) for k in others)]]
+        need = reference_first.footprint(self.model.spec, engines.reference_name(), self.dtype, deployed,
+                                         self.gpu_memory_free()[0], hf_loaded=hf_loaded,
+                                         test_process_runtime=TEST_PROCESS_RUNTIME_BYTES)
+        if need.fits:
+            return
+        self.extra.retire_helpers()            # a ZeRO engine's helper workers hold GPU memory too
+        for other in others:
+            closed = self.backends[other]
+            self.close_backend(*other.split(":", 1))
+            self.took_turns[other] = closed
+        self.turns.append(f"{', '.join(others)} closed before {key} deployed (needed {need.arithmetic})")
 
     def precompute_reference(self, plans: list[CasePlan] | None = None,
                              peer_generations: bool = True) -> tuple[int, str | None]:

@@ -500,11 +500,14 @@ def test_nothing_launched(neox):
 def test_an_engine_streaming_its_weights_counts_at_its_weights_beside_the_reference(
         pytester, preloaded, synthetic_14m, monkeypatch, engines_restored, selected, launched):
     """ZeRO keeps its weights off the GPU, but its worker's allocator keeps what it fetched (23.6 GiB after
-    working ahead on pythia-12b, one H200): prelaunch counts it at its weights. 14m fp32 on a 160 MiB GPU:
-    reference 53.7 + echo 53.7 MiB, x 1.2 = 128.8 MiB fits; with the streaming engine, 193.2 MiB does not."""
+    working ahead on pythia-12b, one H200): prelaunch counts it at its weights. 14m fp32 on a GPU with 160 MiB
+    beside the test process's runtime: reference 53.7 + echo 53.7 MiB, x 1.2 = 128.8 MiB fits; with the
+    streaming engine, 193.2 MiB does not."""
     from pytest_neoxmii import hardware, session as session_module
     from pytest_neoxmii.hardware import Gpu, Hardware
-    gpu = Hardware(gpus=(Gpu(0, "a small GPU", 160 * 2**20, (9, 0)),), cuda_version="12.8", driver_version="570.1")
+    from pytest_neoxmii.registry import TEST_PROCESS_RUNTIME_BYTES
+    gpu = Hardware(gpus=(Gpu(0, "a small GPU", 160 * 2**20 + TEST_PROCESS_RUNTIME_BYTES, (9, 0)),),
+                   cuda_version="12.8", driver_version="570.1")
     monkeypatch.setattr(hardware, "detect", lambda: gpu)
     monkeypatch.setattr(session_module.NeoxSession, "device", property(lambda self: "cpu"))   # nothing runs on it
     pytester.makeconftest(PRELAUNCH_CONFTEST + "from tests.unit.engines_for_workers import StreamsItsWeights\n"

@@ -173,7 +173,8 @@ def test_auto_decides_from_the_sizes(monkeypatch, fake_gpus, model, gpu, release
     if released:
         [line] = session.reference_releases
         assert line == ("reference first: 3 cases precomputed, hf fp32 + fp16 released before big (needed "
-                        "hf fp32 11.1 GB + hf fp16 5.6 GB + big fp16 5.6 GB, x 1.2 = 26.6 GB > 15.8 GB of GPU 0)")
+                        "hf fp32 11.1 GB + hf fp16 5.6 GB + big fp16 5.6 GB, x 1.2 = 26.6 GB, + test process "
+                        "runtime 0.759 GB = 27.4 GB > 15.8 GB of GPU 0)")
     else:
         assert session.reference_releases == [] and calls(session, "generate") == []
 
@@ -299,21 +300,43 @@ def test_footprint_counts_each_engine_as_the_registry_does_with_its_worker_runti
     """One memory model: an engine's share of GPU 0 is ModelSpec.per_gpu_bytes, the figure _check_fits uses
     ((weights / tp + workspace) x 1.2 + the worker's CUDA runtime), so reference first and prelaunch cannot
     put beside the reference an engine the registry would not deploy there."""
-    from pytest_neoxmii.registry import WORKER_RUNTIME_BYTES
+    from pytest_neoxmii.registry import DS_WORKSPACE_FREE_BYTES, WORKER_RUNTIME_BYTES
     spec = lookup("pythia-1b")
     workspace = spec.ds_workspace_bytes("fp16", 1, 2048, 4)
     engine = EngineOnGpu("ds", "fp16", 1, workspace, WORKER_RUNTIME_BYTES)
     need = ((spec.weight_bytes("fp32") + spec.weight_bytes("fp16")) * 1.2
-            + spec.per_gpu_bytes("fp16", 1, workspace, WORKER_RUNTIME_BYTES))
+            + spec.per_gpu_bytes("fp16", 1, workspace, WORKER_RUNTIME_BYTES) + DS_WORKSPACE_FREE_BYTES)
     assert footprint(spec, "hf", "fp16", [engine], math.ceil(need)).fits
     short = footprint(spec, "hf", "fp16", [engine], math.floor(need))
     assert not short.fits
     # (a byte apart: shown in bytes)
-    assert short.arithmetic.endswith(f", + ds runtime {WORKER_RUNTIME_BYTES / 1e9:.3g} GB = {math.ceil(need)} bytes "
-                                     f"> {math.floor(need)} bytes of GPU 0")
+    assert short.arithmetic.endswith(f", + ds runtime {WORKER_RUNTIME_BYTES / 1e9:.3g} GB + DeepSpeed's free "
+                                     f"reserve 0.524 GB = {math.ceil(need)} bytes > {math.floor(need)} bytes of GPU 0")
     # the runtime is added after the margin, not multiplied by it
     without = footprint(spec, "hf", "fp16", [engine._replace(runtime_bytes=0)], math.floor(need))
     assert without.fits is (need - WORKER_RUNTIME_BYTES <= math.floor(need))
+
+
+def test_footprint_counts_the_test_process_and_deepspeeds_free_reserve_and_leaves_out_released_models():
+    """On one H200 with all but 5.0 GiB held by another job, pythia-160m: mii failed to load beside ds once the
+    HF models were released, where the sum said 4.5 GB <= 5.4 GB. Left out were the test process's own runtime
+    (724 MiB, kept after the release) and the 500 MiB DeepSpeed's workspace wants free beyond it. Both count
+    now (the reserve once, and only where an engine has a workspace), and released HF models do not."""
+    from pytest_neoxmii.registry import WORKER_RUNTIME_BYTES, TEST_PROCESS_RUNTIME_BYTES
+    spec = lookup("pythia-160m")
+    workspace = spec.ds_workspace_bytes("fp16", 1, 2048, 4)
+    ds, mii = (EngineOnGpu(n, "fp16", 1, workspace, WORKER_RUNTIME_BYTES) for n in ("ds", "mii"))
+    gpu = int(5.0 * 2**30)
+    need = footprint(spec, "hf", "fp16", [mii, ds], gpu, hf_loaded=False,
+                     test_process_runtime=TEST_PROCESS_RUNTIME_BYTES)
+    assert not need.fits and need.arithmetic == (
+        "mii fp16 0.325 GB + mii workspace 0.83 GB + ds fp16 0.325 GB + ds workspace 0.83 GB, x 1.2 = 2.8 GB, "
+        "+ test process runtime 0.759 GB + mii runtime 0.847 GB + ds runtime 0.847 GB + DeepSpeed's free reserve "
+        "0.524 GB = 5.8 GB > 5.4 GB of GPU 0")
+    alone = footprint(spec, "hf", "fp16", [mii], gpu, hf_loaded=False, test_process_runtime=TEST_PROCESS_RUNTIME_BYTES)
+    assert alone.fits and "hf" not in alone.arithmetic
+    zero = footprint(spec, "hf", "fp16", [EngineOnGpu("zero", "fp16", 1, 0, WORKER_RUNTIME_BYTES)], gpu)
+    assert "reserve" not in zero.arithmetic and "test process" not in zero.arithmetic and "hf fp32" in zero.arithmetic
 
 
 def test_a_bad_mode_is_a_one_line_usage_error(pytester, assert_usage_error):
@@ -396,6 +419,34 @@ def test_auto_counts_the_engines_already_on_the_gpu(monkeypatch, fake_gpus):
     assert line.startswith("reference first: 3 cases precomputed, hf fp32 + fp16 released before big2 (needed "
                            "hf fp32 5.7 GB + hf fp16 2.8 GB + big2 fp16 2.8 GB + big fp16 2.8 GB, x 1.2 = ")
     assert line.endswith(" > 15.8 GB of GPU 0)")
+
+
+def test_engines_take_turns_on_a_gpu_that_does_not_hold_them_together(monkeypatch, fake_gpus):
+    """T4 (15.8 GB), pythia-2.8b, three engines of 5.6 GB each: the HF models go first (reference first), two
+    engines fit beside each other (13.4 GB x 1.2 with the test process's runtime: 14.2 GB), a third does not,
+    so the two deployed are closed before it loads; one asked for again later deploys again, in its turn.
+    Without turns the third loaded into memory the others held (mii beside ds, on one H200 shared with another
+    job)."""
+    fake_gpus("t4")
+    for name in ("big2", "big3"):
+        monkeypatch.setitem(engines.ENGINES, name, engines.Engine(name, GpuEngine))
+    session = make_session(monkeypatch, model="pythia-2.8b", mode="auto")
+    session.options = dataclasses.replace(session.options, backends=("hf", "big", "big2", "big3"))
+    session.reference()
+    first, second = session.backend("big"), session.backend("big2")
+    assert calls(session, "close") == [("close", "hf", "fp32"), ("close", "hf", "fp16")] and session.turns == []
+    session.backend("big3")
+    assert calls(session, "close")[2:] == [("close", "big", "fp16"), ("close", "big2", "fp16")]
+    assert session.took_turns == {"big:fp16": first, "big2:fp16": second}
+    [line] = session.turns
+    assert line.startswith("big:fp16, big2:fp16 closed before big3:fp16 deployed (needed big3 fp16 5.6 GB + "
+                           "big fp16 5.6 GB + big2 fp16 5.6 GB, x 1.2 = 20.0 GB, + test process runtime 0.759 GB")
+    assert line.endswith(" > 15.8 GB of GPU 0)") and "hf fp32" not in line
+    session.backend("big")              # a later test asks for it again: it fits beside big3, which stays
+    assert calls(session, "load").count(("load", "big", "fp16")) == 2 and len(calls(session, "close")) == 4
+    session.backend("big2")             # the third again: both deployed make way
+    assert calls(session, "close")[4:] == [("close", "big3", "fp16"), ("close", "big", "fp16")]
+    assert session.turns[1].startswith("big3:fp16, big:fp16 closed before big2:fp16 deployed")
 
 
 class KernelEngine(GpuEngine):
