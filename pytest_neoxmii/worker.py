@@ -229,7 +229,7 @@ def load(cls, request) -> tuple[object | None, dict]:
         short = gpu_cap.out_of_memory(exc, request.device)
         if short:                         # one line, not DeepSpeed's traceback (that stays in the log)
             traceback.print_exc()
-            return None, {"op": "failed", "kind": "over-cap", "message": short}
+            return None, {"op": "failed", "kind": "out-of-memory", "message": short}
         return None, {"op": "failed", "kind": "error", "message": traceback.format_exc()}
     # ready_at: CLOCK_MONOTONIC, one clock for every process of the machine, so that the session can say
     # when the worker was ready, not when a test first asked for it

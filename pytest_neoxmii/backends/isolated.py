@@ -94,7 +94,7 @@ class IsolatedEngine(ChannelDeployment):
             return BackendUnavailable(text)
         if kind == "injection":
             return InjectionFailed(text)
-        if kind in ("over-cap", "deployment"):    # a failure that says it all; its traceback, if any, in the log
+        if kind in ("over-cap", "out-of-memory", "deployment"):   # says it all; a traceback, if any, in the log
             return processes.DeploymentError(f"{self._what}: {text} (worker log: {tree.log_path})")
         return processes.DeploymentError(f"{self._what}: the engine failed to load in its worker:\n{text}\n"
                                          f"last lines of {tree.log_path}:\n{tree.log_tail()}")

@@ -72,7 +72,9 @@ def test_teardown_ends_every_process_and_gives_gpu_memory_back(neox, neox_backen
     if turned is not None and key not in neox.backends:
         # Closed when another engine took its turn on a GPU too small for both: that close is the one judged
         # (deploying it again only to close it would cost a load).
-        report = turned.teardown_report
+        report = getattr(turned, "teardown_report", None)
+        if report is None:                          # a model in the test process: no process of its own to find
+            return
         print(report.describe())
         left = processes.tagged(turned.tag)
         assert not report.survivors and not left, f"{report.describe()}; still running: {sorted(left)}"
