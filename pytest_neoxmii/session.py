@@ -696,10 +696,7 @@ class NeoxSession:
         # allocator in its worker keeps what it fetched (measured: 23.6 GiB held after working ahead on
         # pythia-12b with synthetic weights, fp16 23.7 GB, one H200), and three engines beside the reference ran out of
         # memory there.
-        deployed = [self._on_gpu(n, dtype) for n in names]
-        return reference_first.footprint(self.model.spec, engines.reference_name(), dtype, deployed,
-                                         min(self.gpu_memory_free()),
-                                         test_process_runtime=TEST_PROCESS_RUNTIME_BYTES)
+        return self._gpu_footprint([(n, dtype) for n in names], min(self.gpu_memory_free()))
 
     def host_fit(self, deployed: list[tuple[str, str]]) -> reference_first.Footprint:
         """In a CPU session: whether the HF models and the engines `deployed` ((name, dtype) pairs) fit the
@@ -731,6 +728,19 @@ class NeoxSession:
         return reference_first.EngineOnGpu(name, dtype, tp, self.workspace_bytes(name, dtype, tp),
                                            self.worker_runtime_bytes(name, tp))
 
+    def _gpu_footprint(self, pairs, gpu_bytes: int, hf_loaded: bool = True) -> reference_first.Footprint:
+        """The HF models (unless released) and the engines `pairs` ((name, dtype)) against `gpu_bytes`, with
+        the test process's own runtime: reference first's arithmetic, one call for prelaunch, reference first
+        and the engines' turns."""
+        return reference_first.footprint(self.model.spec, engines.reference_name(), self.dtype,
+                                         [self._on_gpu(n, d) for n, d in pairs], gpu_bytes, hf_loaded=hf_loaded,
+                                         test_process_runtime=TEST_PROCESS_RUNTIME_BYTES)
+
+    def _other_engines(self, key: str, pending: bool = True) -> list[str]:
+        """The keys of the engines deployed (and, with `pending`, still loading) other than `key`."""
+        keys = [*self.backends, *self.pending] if pending else list(self.backends)
+        return [k for k in keys if k != key and not engines.is_reference(k.split(":", 1)[0])]
+
     # -- reference first (reference_first.py) ---------------------------------------------------------
     def _reference_first(self, name: str, dtype: str) -> None:
         """Called just before the engine `name` deploys: with --neox-reference-first=always, or auto when the
@@ -741,17 +751,10 @@ class NeoxSession:
             return
         why = "--neox-reference-first=always"
         if mode == "auto":
-            gpus = self.hardware.gpus
-            # the engines already deployed (or loading) count too: they stay for the session
-            others = [key.split(":", 1) for key in [*self.backends, *self.pending]
-                      if not engines.is_reference(key.split(":", 1)[0]) and key != f"{name}:{dtype}"]
-            if gpus:
-                deployed = [self._on_gpu(n, d) for n, d in [[name, dtype], *others]]
-                need = reference_first.footprint(self.model.spec, engines.reference_name(), self.dtype,
-                                                 deployed, self.gpu_memory_free()[0],
-                                                 test_process_runtime=TEST_PROCESS_RUNTIME_BYTES)
-            else:
-                need = self.host_fit([(name, dtype), *[(n, d) for n, d in others]])
+            # the engines already deployed (or loading) count too (they may take turns afterwards)
+            pairs = [(name, dtype), *(tuple(k.split(":", 1)) for k in self._other_engines(f"{name}:{dtype}"))]
+            need = (self._gpu_footprint(pairs, self.gpu_memory_free()[0]) if self.hardware.gpus
+                    else self.host_fit(pairs))
             if need.fits:
                 return
             why = f"needed {need.arithmetic}"
@@ -774,15 +777,13 @@ class NeoxSession:
         if not self.hardware.gpus or self.pending:      # prelaunched: everything fits at once
             return
         key = f"{name}:{dtype}"
-        others = [k for k in self.backends if k != key and not engines.is_reference(k.split(":", 1)[0])]
+        others = self._other_engines(key, pending=False)
         if not others:
             return
         hf_loaded = any(getattr(b, "loaded", True) for k, b in self.backends.items()
                         if engines.is_reference(k.split(":", 1)[0]))
-        deployed = [self._on_gpu(n, d) for n, d in [(name, dtype), *(k.split(":", 1) for k in others)]]
-        need = reference_first.footprint(self.model.spec, engines.reference_name(), self.dtype, deployed,
-                                         self.gpu_memory_free()[0], hf_loaded=hf_loaded,
-                                         test_process_runtime=TEST_PROCESS_RUNTIME_BYTES)
+        need = self._gpu_footprint([(name, dtype), *(tuple(k.split(":", 1)) for k in others)],
+                                   self.gpu_memory_free()[0], hf_loaded=hf_loaded)
         if need.fits:
             return
         self.extra.retire_helpers()            # a ZeRO engine's helper workers hold GPU memory too
