@@ -105,7 +105,7 @@ def detect() -> Hardware:
         p = torch.cuda.get_device_properties(i)
         uuid = getattr(p, "uuid", None)
         gpus.append(Gpu(index=i, name=p.name, total_memory=int(p.total_memory),
-                        capability=(p.major, p.minor), uuid=_smi_uuid(uuid)))
+                        capability=(p.major, p.minor), uuid=smi_uuid(uuid)))
     return Hardware(gpus=tuple(gpus), cuda_version=torch.version.cuda, driver_version=_driver_version())
 
 
@@ -115,7 +115,7 @@ def describe_in_use(gpus: tuple[Gpu, ...], in_use: dict[int, int]) -> str:
                      "other processes when the session started" for g in gpus if g.index in in_use)
 
 
-def _smi_uuid(uuid) -> str | None:
+def smi_uuid(uuid) -> str | None:
     """torch's device uuid as nvidia-smi prints it ("GPU-" and the 36-character form)."""
     if uuid is None:
         return None

@@ -43,15 +43,18 @@ def apply(device: str) -> None:
 def process_used_bytes(index: int) -> tuple[int | None, str]:
     """What this process holds on GPU `index`, and how it was read: nvidia-smi's per-process figure (the
     CUDA context and every cudaMalloc included), else torch's reserved memory plus nothing it cannot see."""
+    import torch
+
+    from pytest_neoxmii import hardware
     from pytest_neoxmii.deploy import gpumem
     try:
-        uuid = {int(i): u for i, u, _ in gpumem._smi("index,uuid,memory.used")}[index]
+        # torch numbers the GPUs CUDA_VISIBLE_DEVICES shows, nvidia-smi every GPU: the uuid names the same one
+        uuid = hardware.smi_uuid(getattr(torch.cuda.get_device_properties(index), "uuid", None))
         for gpu, pid, mib in gpumem._smi("gpu_uuid,pid,used_memory", kind="compute-apps"):
-            if gpu == uuid and pid.isdigit() and int(pid) == os.getpid():
+            if uuid and gpu == uuid and pid.isdigit() and int(pid) == os.getpid():
                 return int(float(mib) * 2**20), "nvidia-smi, this process"
     except Exception:            # no nvidia-smi, another PID namespace, "[N/A]": fall back to torch
         pass
-    import torch
     return int(torch.cuda.memory_reserved(index)), "torch's reserved memory (without the CUDA context)"
 
 

@@ -337,7 +337,7 @@ def test_memory_in_use_by_others_is_read_by_uuid_less_this_process(tmp_path, mon
     matched to torch's GPUs by uuid (not by index: CUDA_VISIBLE_DEVICES and torch's order renumber them), and
     nothing under 256 MiB; nothing for GPUs without a uuid, or without nvidia-smi."""
     from pytest_neoxmii.deploy import gpumem
-    from pytest_neoxmii.hardware import Gpu, _smi_uuid
+    from pytest_neoxmii.hardware import Gpu, smi_uuid
     smi = tmp_path / "nvidia-smi"
     smi.write_text(FAKE_SMI)
     smi.chmod(0o755)
@@ -353,8 +353,8 @@ def test_memory_in_use_by_others_is_read_by_uuid_less_this_process(tmp_path, mon
     assert gpumem.in_use_by_others(gpus) == {0: 7000 * 2**20}
     monkeypatch.setenv("PATH", str(tmp_path / "none"))
     assert gpumem.in_use_by_others(gpus) == {}
-    assert _smi_uuid("4d0f6f2b-1c2d-3e4f-5a6b-7c8d9e0f1a2b") == "GPU-4d0f6f2b-1c2d-3e4f-5a6b-7c8d9e0f1a2b"
-    assert _smi_uuid("GPU-aaa") == "GPU-aaa" and _smi_uuid(None) is None
+    assert smi_uuid("4d0f6f2b-1c2d-3e4f-5a6b-7c8d9e0f1a2b") == "GPU-4d0f6f2b-1c2d-3e4f-5a6b-7c8d9e0f1a2b"
+    assert smi_uuid("GPU-aaa") == "GPU-aaa" and smi_uuid(None) is None
 
 
 def test_used_beside_leaves_out_every_listed_process_but_the_deployments(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -157,3 +158,21 @@ def test_a_load_out_of_gpu_memory_under_the_cap_names_the_cap(monkeypatch):
     line = gpu_cap.out_of_memory(RuntimeError("Workspace can't be allocated, not enough memory"), "cuda:0")
     assert line == ("ran out of the --neox-gpu-memory-cap of 40.00 GiB on cuda:0: RuntimeError: Workspace can't be "
                     "allocated, not enough memory")
+
+
+def test_what_a_worker_holds_is_read_from_its_own_gpu_by_uuid(monkeypatch):
+    """A worker started with CUDA_VISIBLE_DEVICES=1 sees that GPU as cuda:0, and nvidia-smi calls it GPU 1:
+    matched by index, its figure was read from GPU 0, where it holds nothing, and the cap was judged by torch's
+    reserved memory alone, without the CUDA context and DeepSpeed's workspace."""
+    import torch
+
+    from pytest_neoxmii.deploy import gpumem
+    me = str(os.getpid())
+    smi = {"gpu": [["0", "GPU-other", "1000"], ["1", "GPU-mine", "3000"]],
+           "compute-apps": [["GPU-other", "4242", "1000"], ["GPU-mine", me, "2048"]]}
+    monkeypatch.setattr(gpumem, "_smi", lambda query, kind="gpu": smi[kind])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(uuid="mine"))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 5)
+    assert gpu_cap.process_used_bytes(0) == (2048 * 2**20, "nvidia-smi, this process")
+    smi["compute-apps"].pop()                    # not listed (another PID namespace): torch's figure, said so
+    assert gpu_cap.process_used_bytes(0) == (5, "torch's reserved memory (without the CUDA context)")
