@@ -15,27 +15,30 @@ from typing import Callable, NamedTuple
 
 from pytest_neoxmii.backends.base import Backend
 from pytest_neoxmii.fixed_text import FIXED_TEXT
-from pytest_neoxmii.registry import DS_WORKSPACE_FREE_BYTES, HEADROOM, HOST_RUNTIME_BYTES, ModelSpec
+from pytest_neoxmii.registry import DS_WORKSPACE_FREE_BYTES, DTYPE_BYTES, HEADROOM, HOST_RUNTIME_BYTES, ModelSpec
 
 MODES = ("auto", "always", "never")
 
 # The margin of auto's arithmetic: registry.HEADROOM (x1.2), the same rule of thumb `_check_fits` applies to
 # one engine, here applied to every model and DeepSpeed workspace (counted on their own: at 2048 tokens and
 # batch 4 they are as large as pythia-2.8b's weights), for their activations. A stated rule of thumb, not a
-# measurement. Each engine's worker runtime is added after the margin, as in ModelSpec.per_gpu_bytes: one
-# memory model for `_check_fits`, reference first and prelaunch.
+# measurement. Each engine's worker runtime, and what scoring the longest case holds (scoring_bytes: for small
+# models more than the margin), are added after the margin, as in ModelSpec.per_gpu_bytes: one memory model
+# for `_check_fits`, reference first, prelaunch and the engines' turns.
 MARGIN = HEADROOM
 
 
 class EngineOnGpu(NamedTuple):
     """An engine's share of GPU 0 in the footprint: its weights / tp, its DeepSpeed workspace per GPU
-    (ModelSpec.ds_workspace_bytes; 0 without injected kernels) and its worker's CUDA runtime per GPU
-    (registry.WORKER_RUNTIME_BYTES; 0 in the test process)."""
+    (ModelSpec.ds_workspace_bytes; 0 without injected kernels), its worker's CUDA runtime per GPU
+    (registry.WORKER_RUNTIME_BYTES; 0 in the test process) and what scoring the largest case holds there
+    (scoring_bytes; 0 for an engine that does not score)."""
     name: str
     dtype: str
     tp: int = 1
     workspace_bytes: int = 0
     runtime_bytes: int = 0
+    scoring_bytes: int = 0
 
 # Every trait of Backend (is_reference, output_is_text, runs_in_worker, ...): a handle answers them from the
 # class it stands for, without loading anything.
@@ -103,18 +106,23 @@ def _gb(n_bytes: float) -> str:
 
 
 def footprint(spec: ModelSpec, reference: str, peer_dtype: str, deployed: list[EngineOnGpu],
-              gpu_bytes: int, *, hf_loaded: bool = True, test_process_runtime: int = 0) -> Footprint:
-    """The HF models sit on GPU 0 whole (unless released: hf_loaded=False); each engine in `deployed` (the one
-    about to deploy and those already on the GPU) needs there what `ModelSpec.per_gpu_bytes` says of one GPU of
-    it; the test process holds its own runtime there (`test_process_runtime`, registry.TEST_PROCESS_RUNTIME_BYTES,
-    kept after a release too), and an engine with DeepSpeed's workspace loads only with
-    registry.DS_WORKSPACE_FREE_BYTES free beyond it (once: the engines load one after another)."""
+              gpu_bytes: int, *, hf_loaded: bool = True, test_process_runtime: int = 0,
+              hf_scoring: int = 0) -> Footprint:
+    """The HF models sit on GPU 0 whole (unless released: hf_loaded=False), with what scoring the largest case
+    holds in the test process while they are loaded (`hf_scoring`: one model scores at a time there); each
+    engine in `deployed` (the one about to deploy and those already on the GPU) needs there what
+    `ModelSpec.per_gpu_bytes` says of one GPU of it; the test process holds its own runtime there
+    (`test_process_runtime`, registry.TEST_PROCESS_RUNTIME_BYTES, kept after a release too), and an engine with
+    DeepSpeed's workspace loads only with registry.DS_WORKSPACE_FREE_BYTES free beyond it (once: the engines
+    load one after another)."""
     parts = []
+    runtimes = [("test process runtime", test_process_runtime)] if test_process_runtime else []
     if hf_loaded:
         parts.append((f"{reference} fp32", spec.weight_bytes("fp32")))
         if peer_dtype != "fp32":                   # an fp32 session's peer is the reference itself
             parts.append((f"{reference} {peer_dtype}", spec.weight_bytes(peer_dtype)))
-    runtimes = [("test process runtime", test_process_runtime)] if test_process_runtime else []
+        if hf_scoring:
+            runtimes.append((f"{reference} scoring", hf_scoring))
     for engine in deployed:
         parts.append((f"{engine.name} {engine.dtype}" + (f" / tp={engine.tp}" if engine.tp > 1 else ""),
                       spec.weight_bytes(engine.dtype) / engine.tp))
@@ -122,6 +130,8 @@ def footprint(spec: ModelSpec, reference: str, peer_dtype: str, deployed: list[E
             parts.append((f"{engine.name} workspace", engine.workspace_bytes))
         if engine.runtime_bytes:
             runtimes.append((f"{engine.name} runtime", engine.runtime_bytes))
+        if engine.scoring_bytes:
+            runtimes.append((f"{engine.name} scoring", engine.scoring_bytes))
     if any(engine.workspace_bytes for engine in deployed):
         runtimes.append(("DeepSpeed's free reserve", DS_WORKSPACE_FREE_BYTES))
     # One sum, the one the line shows: (weights + workspaces) x margin + runtimes, which is the HF models'
@@ -149,10 +159,28 @@ def kept_scores_bytes(plans, vocab_size: int, context_length: int) -> tuple[int,
     was killed by the OOM killer computing them). The fixed text counts one token a word, the fewest a
     byte-level BPE gives (332 words: the synthetic tokenizer's 332 tokens), so that the figure is never more
     than what is kept."""
+    sizes = _score_sizes(plans, vocab_size, context_length)
+    return sum(sizes), 2 * max(sizes, default=0)
+
+
+def _score_sizes(plans, vocab_size: int, context_length: int) -> list[int]:
+    """The float32 log-softmax of each case, in bytes: its rows x its longest row x the vocabulary x 4."""
     def positions(plan) -> int:
         return min(context_length, len(FIXED_TEXT)) if plan.family == "fixed-text" else max(plan.lengths)
-    sizes = [len(p.lengths) * positions(p) * vocab_size * 4 for p in plans]
-    return sum(sizes), 2 * max(sizes, default=0)
+    return [len(p.lengths) * positions(p) * vocab_size * 4 for p in plans]
+
+
+def scoring_bytes(plans, vocab_size: int, context_length: int, dtype: str) -> int:
+    """What scoring the largest of these cases holds at once on the GPU that scores it (TorchModelBackend.score):
+    the model's logits in its dtype, their float32 copy (the logits themselves in fp32) and the float32
+    log-softmax. The activations of the forward itself are smaller and stay in the margin. pythia-160m's
+    2016-token case: 0.41 GB a float32 copy, 1.01 GB in all for an fp16 model. Its allocator keeps the blocks
+    afterwards. Measured: on one H200 with 5.0 GiB free beside another job, the ds worker of pythia-160m ran
+    out of memory allocating one such copy (388 MiB), beside zero's worker and the test process that held
+    theirs; the weights x 1.2 of the margin are 65 MB for this model (docs/speed-round27)."""
+    largest = max(_score_sizes(plans, vocab_size, context_length), default=0)
+    copies = 2 if dtype == "fp32" else 2 + DTYPE_BYTES[dtype] / 4
+    return int(largest * copies)
 
 
 def host_footprint(spec: ModelSpec, reference: str, peer_dtype: str, reference_shares_pages: bool,

@@ -152,10 +152,11 @@ class ModelSpec:
         kv_cache = self.num_hidden_layers * batch * (width // tp) * 2
         return (activations + scores + kv_cache) * max_tokens * DTYPE_BYTES[dtype]
 
-    def per_gpu_bytes(self, dtype: str, tp: int, workspace_bytes: int = 0, runtime_bytes: int = 0) -> float:
+    def per_gpu_bytes(self, dtype: str, tp: int, workspace_bytes: int = 0, runtime_bytes: int = 0,
+                      scoring_bytes: int = 0) -> float:
         """What one GPU of a deployment needs, in the fit arithmetic: (weights / tp + workspace) x HEADROOM
-        + runtime (see fits)."""
-        return (self.weight_bytes(dtype) / tp + workspace_bytes) * HEADROOM + runtime_bytes
+        + runtime + scoring (see fits)."""
+        return (self.weight_bytes(dtype) / tp + workspace_bytes) * HEADROOM + runtime_bytes + scoring_bytes
 
     def uneven_heads(self, tp: int) -> str | None:
         """Why DeepSpeed's injected kernels cannot run this model at `tp`, or None: they split the attention
@@ -166,11 +167,12 @@ class ModelSpec:
         return None
 
     def fits(self, dtype: str, tp: int, gpu_memory_bytes: list[int],
-             workspace_bytes: int = 0, runtime_bytes: int = 0) -> tuple[bool, str]:
+             workspace_bytes: int = 0, runtime_bytes: int = 0, scoring_bytes: int = 0) -> tuple[bool, str]:
         """Whether the weights, sharded over `tp` GPUs, plus `workspace_bytes` per GPU (DeepSpeed's inference
         workspace, for engines that inject kernels) fit the smallest of the first `tp` GPUs with headroom,
         plus `runtime_bytes` per GPU (an engine process's own, WORKER_RUNTIME_BYTES; 0 for a model that
-        shares the test process's CUDA context).
+        shares the test process's CUDA context) and `scoring_bytes` (what scoring the largest case holds:
+        reference_first.scoring_bytes, counted whole on each GPU).
 
         Returns (fits, reason) where reason is the arithmetic in one line, usable as a skip reason."""
         dtype = _check_dtype(dtype)
@@ -184,7 +186,7 @@ class ModelSpec:
             return False, f"{self.name} {dtype} with tp={tp} needs {tp} GPUs, found {found} {plural}"
 
         weights = self.weight_bytes(dtype)
-        per_gpu = self.per_gpu_bytes(dtype, tp, workspace_bytes, runtime_bytes)
+        per_gpu = self.per_gpu_bytes(dtype, tp, workspace_bytes, runtime_bytes, scoring_bytes)
         # Tensor parallelism shards evenly, so the smallest card in use is the one that limits.
         used = gpu_memory_bytes[:tp]
         smallest = min(used)
@@ -203,6 +205,7 @@ class ModelSpec:
             + (f" + {_fmt_gb(workspace_bytes)} GB DeepSpeed workspace," if workspace_bytes else "")
             + f" x {HEADROOM} headroom"
             + (f" + {_fmt_gb(runtime_bytes)} GB CUDA runtime of the worker" if runtime_bytes else "")
+            + (f" + {_fmt_gb(scoring_bytes)} GB to score the longest case" if scoring_bytes else "")
             + f" = {_fmt_gb(per_gpu)} GB per GPU; found {gpus}"
         )
         return per_gpu <= smallest, reason

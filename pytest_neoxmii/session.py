@@ -715,26 +715,33 @@ class NeoxSession:
                                               engines.engine(reference).shares_checkpoint_pages, in_host,
                                               self.stored_dtype, total, self.kept_scores())
 
+    def _selected_plans(self):
+        """The selected tests' cases (every case before collection)."""
+        return self.plans() if self.selected_plans is None else self.selected_plans
+
     def kept_scores(self) -> tuple[int, int]:
-        """reference_first.kept_scores_bytes of the selected tests' cases (every case before collection)."""
-        plans = self.plans() if self.selected_plans is None else self.selected_plans
+        """reference_first.kept_scores_bytes of the selected tests' cases."""
         spec = self.model.spec
-        return reference_first.kept_scores_bytes(plans, spec.vocab_size, spec.max_position_embeddings)
+        return reference_first.kept_scores_bytes(self._selected_plans(), spec.vocab_size,
+                                                 spec.max_position_embeddings)
 
     def _on_gpu(self, name: str, dtype: str) -> reference_first.EngineOnGpu:
         """The engine's share of one GPU, for reference first's arithmetic (the same memory model as
         _check_fits: weights / tp, workspace, worker runtime)."""
         tp = self._tp_of(name)
         return reference_first.EngineOnGpu(name, dtype, tp, self.workspace_bytes(name, dtype, tp),
-                                           self.worker_runtime_bytes(name, tp))
+                                           self.worker_runtime_bytes(name, tp), self.scoring_bytes(name, dtype))
 
     def _gpu_footprint(self, pairs, gpu_bytes: int, hf_loaded: bool = True) -> reference_first.Footprint:
         """The HF models (unless released) and the engines `pairs` ((name, dtype)) against `gpu_bytes`, with
         the test process's own runtime: reference first's arithmetic, one call for prelaunch, reference first
         and the engines' turns."""
-        return reference_first.footprint(self.model.spec, engines.reference_name(), self.dtype,
+        reference = engines.reference_name()
+        # the fp32 reference and its peer score one after the other in this process: the larger counts
+        hf_scoring = max(self.scoring_bytes(reference, d) for d in {"fp32", self.dtype})
+        return reference_first.footprint(self.model.spec, reference, self.dtype,
                                          [self._on_gpu(n, d) for n, d in pairs], gpu_bytes, hf_loaded=hf_loaded,
-                                         test_process_runtime=TEST_PROCESS_RUNTIME_BYTES)
+                                         test_process_runtime=TEST_PROCESS_RUNTIME_BYTES, hf_scoring=hf_scoring)
 
     def _other_engines(self, key: str, pending: bool = True) -> list[str]:
         """The keys of the engines deployed (and, with `pending`, still loading) other than `key`."""
@@ -867,6 +874,16 @@ class NeoxSession:
         return self.model.spec.ds_workspace_bytes(dtype, tp, int(config.get("max_tokens", self.max_tokens)),
                                                   self.max_batch)
 
+    def scoring_bytes(self, name: str, dtype: str | None = None) -> int:
+        """What scoring the largest selected case holds on the GPU of the engine `name`
+        (reference_first.scoring_bytes); 0 for an engine that does not score, and in a CPU session, whose host
+        arithmetic counts the scores the test process keeps (kept_scores)."""
+        if not self.device.startswith("cuda") or not engines.engine(name).backend_for(self._tp_of(name)).can_score:
+            return 0
+        spec = self.model.spec
+        return reference_first.scoring_bytes(self._selected_plans(), spec.vocab_size,
+                                             spec.max_position_embeddings, dtype or self.dtype)
+
     def worker_runtime_bytes(self, name: str, tp: int | None = None) -> int:
         """An engine process's own CUDA runtime per GPU (registry.WORKER_RUNTIME_BYTES), where the engine runs
         in worker processes on a GPU; 0 for a model in the test process."""
@@ -893,7 +910,7 @@ class NeoxSession:
         cap = self.options.gpu_memory_cap if (cls.isolated or cls.runs_in_worker) else None
         memory = [free if cap is None else min(free, cap) for free in self.gpu_memory_free()]
         ok, reason = self.model.spec.fits(dtype, tp, memory, self.workspace_bytes(name, dtype, tp),
-                                          self.worker_runtime_bytes(name, tp))
+                                          self.worker_runtime_bytes(name, tp), self.scoring_bytes(name, dtype))
         if not ok:
             if cap is not None:
                 reason += f" (GPU memory capped at {cap / 2**30:.2f} GiB per worker by --neox-gpu-memory-cap)"
@@ -1002,7 +1019,8 @@ class NeoxSession:
     def _give_back_gpu_cache(self, backend: Backend) -> None:
         """After a call of a model in this process, on a GPU that does not hold every engine at once (prelaunch
         declined): the blocks torch's caching allocator kept go back to the driver. No other process can use
-        them, and the fits count the HF models at their weights x 1.2. On one H200 with 5.0 GiB free, the test
+        them, and the fits count the HF models at their weights x 1.2, with their scoring only while they are
+        loaded (reference_first.footprint). On one H200 with 5.0 GiB free, the test
         process held 2.78 GiB (its runtime and pythia-160m's HF weights: 1.7 GiB) while ds ran out of memory
         scoring the 2016-token case."""
         if not self.engines_one_at_a_time or not self.device.startswith("cuda"):

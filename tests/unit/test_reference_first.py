@@ -15,10 +15,10 @@ import pytest
 
 from pytest_neoxmii import backends as engines
 from pytest_neoxmii.backends.base import Backend, BackendInfo
-from pytest_neoxmii.cases import Case, CasePlan
+from pytest_neoxmii.cases import Case, CasePlan, plan_cases
 from pytest_neoxmii.options import NeoxOptions
 from pytest_neoxmii.outputs import Generation, PromptBatch, Scores
-from pytest_neoxmii.reference_first import EngineOnGpu, ReferenceHandle, footprint
+from pytest_neoxmii.reference_first import EngineOnGpu, ReferenceHandle, footprint, scoring_bytes
 from pytest_neoxmii.registry import lookup
 from pytest_neoxmii.session import NeoxSession
 
@@ -172,9 +172,11 @@ def test_auto_decides_from_the_sizes(monkeypatch, fake_gpus, model, gpu, release
     assert session.reference().loaded != released and session.peer().loaded != released
     if released:
         [line] = session.reference_releases
+        # (scoring these three-token cases: 6 positions x 50304 x (2 + 4 + 4) B in each process)
         assert line == ("reference first: 3 cases precomputed, hf fp32 + fp16 released before big (needed "
                         "hf fp32 11.1 GB + hf fp16 5.6 GB + big fp16 5.6 GB, x 1.2 = 26.6 GB, + test process "
-                        "runtime 0.759 GB = 27.4 GB > 15.8 GB of GPU 0)")
+                        "runtime 0.759 GB + hf scoring 0.00302 GB + big scoring 0.00302 GB = 27.4 GB > 15.8 GB "
+                        "of GPU 0)")
     else:
         assert session.reference_releases == [] and calls(session, "generate") == []
 
@@ -576,3 +578,55 @@ def test_the_scores_the_test_process_keeps_count_per_scoring_model_whatever_the_
                                "1.6 GB, x 1.2 = 2.9 GB, + runtime of 4 processes 1.5 GB + scores of 3 models 2.5 GB "
                                "= 6.9 GB > 3.2 GB of host memory")      # hf fp32, hf fp16 and ds score; mii not
     assert kept_scores_bytes([], 50304, 2048) == (0, 0)
+
+
+def test_scoring_the_longest_case_counts_its_logits_their_float32_copy_and_the_log_softmax():
+    """pythia-160m's default cases: the 2016-token case's float32 log-softmax is 2016 x 50304 x 4 B = 0.41 GB
+    (the 388 MiB ds could not allocate on a nearly full H200). An fp16 model's logits, their float32 copy and the
+    log-softmax are side by side in TorchModelBackend.score: 2.5 of those; an fp32 model's logits are their own
+    copy: 2."""
+    plans = plan_cases(2048, 32)
+    one = 2016 * 50304 * 4
+    assert math.ceil(one / 2**20) == 387
+    assert scoring_bytes(plans, 50304, 2048, "fp16") == scoring_bytes(plans, 50304, 2048, "bf16") == one * 5 // 2
+    assert scoring_bytes(plans, 50304, 2048, "fp32") == one * 2
+    assert scoring_bytes([p for p in plans if p.family != "long"], 50304, 2048, "fp32") < one / 2
+    assert scoring_bytes([], 50304, 2048, "fp16") == 0
+
+
+def test_the_footprint_counts_each_model_scoring_where_it_scores():
+    """Each engine worker scores on its own GPU memory, and the test process while the HF models are loaded
+    (once: they score one after the other); released, they score nothing."""
+    spec = lookup("pythia-160m")
+    engine = EngineOnGpu("ds", "fp16", 1, 0, 0, 10**9)
+    loaded = footprint(spec, "hf", "fp16", [engine], 150 * 10**9, hf_scoring=2 * 10**9)
+    assert loaded.arithmetic.endswith(", + hf scoring 2.0 GB + ds scoring 1.0 GB = 4.6 GB <= 150.0 GB of GPU 0")
+    released = footprint(spec, "hf", "fp16", [engine], 150 * 10**9, hf_loaded=False, hf_scoring=2 * 10**9)
+    assert "hf" not in released.arithmetic and released.arithmetic.endswith(", + ds scoring 1.0 GB = 1.4 GB "
+                                                                             "<= 150.0 GB of GPU 0")
+    assert footprint(spec, "hf", "fp16", [engine._replace(scoring_bytes=0)], 150 * 10**9,
+                     hf_loaded=False).arithmetic == "ds fp16 0.325 GB, x 1.2 = 0.39 GB <= 150.0 GB of GPU 0"
+
+
+def test_engines_take_turns_where_scoring_the_longest_case_does_not_fit_beside_them(monkeypatch, fake_gpus):
+    """One H200 with 5.0 GiB free beside another job, pythia-160m: counted by their weights (x 1.2) and runtimes,
+    three engine workers fit together (3 x 1.24 GB + the test process's 0.76 GB = 4.5 GB of 5.4 GB), and such
+    engines were deployed side by side there: ds ran out of memory allocating the 2016-token case's float32
+    logits (388 MiB) beside zero's worker and the test process (docs/speed-round27). Scoring that case holds
+    1.01 GB in each worker: two fit (5.3 GB), the third takes its turn."""
+    hw = fake_gpus("h100")
+    session = make_session(monkeypatch, model="pythia-160m", mode="never")
+    for name in ("big", "big2", "big3"):
+        monkeypatch.setitem(engines.ENGINES, name, engines.Engine(name, WorkerEngine))
+    session.options = dataclasses.replace(session.options, backends=("hf", "big", "big2", "big3"))
+    session.selected_plans = plan_cases(2048, 32)
+    session.gpu_memory_in_use = {0: hw.gpus[0].total_memory - 5 * 2**30}
+    session.backend("big")
+    session.backend("big2")
+    assert session.turns == []
+    session.backend("big3")
+    assert calls(session, "close") == [("close", "big", "fp16"), ("close", "big2", "fp16")]
+    [line] = session.turns
+    assert line.startswith("big:fp16, big2:fp16 closed before big3:fp16 deployed (needed big3 fp16 0.325 GB + ")
+    assert "+ big3 runtime 0.847 GB + big3 scoring 1.0 GB + big runtime" in line
+    assert line.endswith(" = 7.5 GB > 5.4 GB of GPU 0)")

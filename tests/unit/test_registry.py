@@ -350,3 +350,22 @@ def test_a_worker_runtime_is_added_per_gpu_outside_the_headroom():
     per_gpu = (spec.weight_bytes("fp16") / 2 + workspace) * 1.2 + WORKER_RUNTIME_BYTES
     assert spec.fits("fp16", 2, [math.ceil(per_gpu)] * 2, workspace, WORKER_RUNTIME_BYTES)[0] is True
     assert spec.fits("fp16", 2, [math.floor(per_gpu)] * 2, workspace, WORKER_RUNTIME_BYTES)[0] is False
+
+
+def test_scoring_the_longest_case_is_added_per_gpu_outside_the_headroom():
+    """Each rank's process scores the 2016-token case with its own GPU memory (reference_first.scoring_bytes:
+    1.0 GB for gpt-neox-20b in fp16). gpt-neox-20b at tp=2 still fits two 40 GB GPUs with it, the configuration
+    the DeepSpeed-MII notes lead with."""
+    from pytest_neoxmii.cases import plan_cases
+    from pytest_neoxmii.reference_first import scoring_bytes
+    from pytest_neoxmii.registry import WORKER_RUNTIME_BYTES
+    spec = MODELS[NEOX_20B]
+    workspace = spec.ds_workspace_bytes("fp16", 2, 2048, 4)
+    scoring = scoring_bytes(plan_cases(2048, 32), spec.vocab_size, 2048, "fp16")
+    ok, reason = spec.fits("fp16", 2, [40 * 2**30] * 2, workspace, WORKER_RUNTIME_BYTES, scoring)
+    assert ok
+    assert reason.endswith("x 1.2 headroom + 0.847 GB CUDA runtime of the worker + 1.0 GB to score the longest "
+                           "case = 36.5 GB per GPU; found 2 GPUs with 42.9 GB each")
+    per_gpu = spec.per_gpu_bytes("fp16", 2, workspace, WORKER_RUNTIME_BYTES, scoring)
+    assert per_gpu == spec.per_gpu_bytes("fp16", 2, workspace, WORKER_RUNTIME_BYTES) + scoring
+    assert spec.fits("fp16", 2, [math.floor(per_gpu)] * 2, workspace, WORKER_RUNTIME_BYTES, scoring)[0] is False
