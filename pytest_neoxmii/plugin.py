@@ -170,7 +170,7 @@ def _marker_skip_reason(item: pytest.Item, hw) -> str | None:
     return None
 
 
-def run_order(items: list, ready: dict[str, int]) -> list:
+def run_order(items: list, ready: dict[str, int], by_engine: bool = False) -> list:
     """The order the session runs the selected tests in (stable: collection order otherwise).
 
     A neox_alone test waits for every worker to finish loading and working ahead (NeoxSession.settle):
@@ -180,30 +180,46 @@ def run_order(items: list, ready: dict[str, int]) -> list:
     come first run first: the reference's own while every worker loads, an engine that still waits for
     its kernel build last (on a warm start, the engine that streams its weights), so that a test waiting
     for one engine no longer holds up the judging of another's finished results. A test of no engine may
-    look at what the tests before it did: it stays after every engine test collected before it."""
+    look at what the tests before it did: it stays after every engine test collected before it.
+
+    `by_engine`, where the engines take turns on the GPU (NeoxSession.engines_take_turns): every test of an
+    engine runs in one block, its timed and closing tests last in it, so that each engine deploys once. Run
+    apart, each engine's timing deployed it again after another's turn (one H200 with 5.0 GiB free beside
+    another job, pythia-160m: 8 deployments in 7 turns, 97.6 s of model load in a 172.4 s session). The
+    reference's timed tests run after every block: settle waits for a cold start's kernel build first."""
     def rank(item) -> int:
         return 2 if item.get_closest_marker("neox_last") else 1 if item.get_closest_marker("neox_alone") else 0
     keys, latest = [], 0
+    after_every_block = len(ready) + 1
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        # the engine fixtures' parameter, else any parameter naming an engine (the suite's `name`)
+        # the engine fixtures' parameter, else any parameter naming an engine (the suite's `name`), else the
+        # one engine a neox_engines marker names
         engine = params.get("neox_backend_name") or params.get("neox_each_backend") or next(
-            (v for v in params.values() if isinstance(v, str) and (v in ready or engines.is_reference(v))), None)
+            (v for v in params.values() if isinstance(v, str) and (v in ready or engines.is_reference(v))),
+            _marked_engine(item))
         if not ready or (engine is not None and engines.is_reference(engine)):
-            place = 0
+            place = after_every_block if by_engine and ready and rank(item) else 0
         elif engine in ready:
             place = ready[engine]
             latest = max(latest, place)
         else:
             place = latest
-        keys.append((rank(item), place if rank(item) == 0 else 0))
+        keys.append((place, rank(item)) if by_engine else (rank(item), place if rank(item) == 0 else 0))
     order = sorted(range(len(items)), key=keys.__getitem__)
     return [items[i] for i in order]
 
 
+def _marked_engine(item) -> str | None:
+    """The engine of a test whose neox_engines marker names exactly one (test_zero_inference_keeps_...)."""
+    marker = item.get_closest_marker("neox_engines")
+    return marker.args[0] if marker is not None and len(marker.args) == 1 else None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     neox = config.stash.get(SESSION_KEY, None)
-    items[:] = run_order(items, neox.expected_ready_order() if neox is not None else {})
+    by_engine = neox is not None and neox.engines_take_turns(items)
+    items[:] = run_order(items, neox.expected_ready_order(by_engine) if neox is not None else {}, by_engine)
     gpu_markers = ("gpu", "a100_40g", "multi_gpu")
     marked = [it for it in items if any(it.get_closest_marker(m) for m in gpu_markers)]
     if not marked:

@@ -498,13 +498,14 @@ class NeoxSession:
             from pytest_neoxmii.kernels import BackgroundBuild
             self.kernel_build = BackgroundBuild(missing)
 
-    def expected_ready_order(self) -> dict[str, int]:
-        """Where workers work ahead: each selected engine's place in the order its results are expected to be
-        ready (1 first; the reference and tests of no engine are 0, ready first). Last come the engines whose
-        kernels are not built yet (a cold start: 39-50 s of compiling on one H200 before they load), and,
-        among the others, an engine that streams its weights in (ZeRO: its calls took 13 s on two workers,
-        ds's 1.8 s; pythia-160m synthetic, one H200). Empty where nothing works ahead (order unchanged)."""
-        if self.model is None or not self._works_ahead():
+    def expected_ready_order(self, by_engine: bool = False) -> dict[str, int]:
+        """Where workers work ahead, or the engines take turns (`by_engine`): each selected engine's place in
+        the order its results are expected to be ready (1 first; the reference and tests of no engine are 0,
+        ready first). Last come the engines whose kernels are not built yet (a cold start: 39-50 s of
+        compiling on one H200 before they load), and, among the others, an engine that streams its weights
+        in (ZeRO: its calls took 13 s on two workers, ds's 1.8 s; pythia-160m synthetic, one H200). Empty
+        otherwise (order unchanged)."""
+        if self.model is None or not (by_engine or self._works_ahead()):
             return {}
 
         def expected(name: str) -> tuple[bool, bool]:
@@ -513,6 +514,16 @@ class NeoxSession:
         names = sorted((n for n in self.options.backends if not engines.is_reference(n) and n in engines.ENGINES),
                        key=expected)
         return {name: place for place, name in enumerate(names, 1)}
+
+    def engines_take_turns(self, items) -> bool:
+        """Whether the engines the selected tests deploy will take turns on the GPU: the footprint prelaunch
+        checks, asked at collection, so that the tests run engine by engine (plugin.run_order)."""
+        if self.model is None or not self.hardware.gpus:
+            return False
+        asked = self._engines_asked(items)
+        names = [n for n in self.options.backends if not engines.is_reference(n) and n in engines.ENGINES
+                 and (asked is None or n in asked)]
+        return len(names) > 1 and not self.footprint_at_once(names, self.dtype).fits
 
     def _waits_for_kernel_build(self, name: str) -> bool:
         """The engine injects kernels here that the kernel cache lacks: it loads only once they are built."""

@@ -49,6 +49,7 @@ def test_deepspeed_workspace_is_what_the_registry_counts(neox, name):
 
 
 @pytest.mark.gpu
+@pytest.mark.neox_engines("zero")     # the only engine it deploys: no other worker starts for it alone
 def test_zero_inference_keeps_weights_off_the_gpu(neox):
     backend = neox.backend("zero")
     weights = neox.model.spec.weight_bytes(backend.info.dtype)

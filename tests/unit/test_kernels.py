@@ -148,3 +148,4 @@ def test_working_ahead_the_engines_expected_ready_first_come_first(monkeypatch, 
     assert session.expected_ready_order() == expected
     session.options = dataclasses.replace(session.options, work_ahead="never")
     assert session.expected_ready_order() == {}                  # nothing works ahead: the order stays
+    assert session.expected_ready_order(by_engine=True) == expected   # unless the engines take turns

@@ -630,3 +630,24 @@ def test_engines_take_turns_where_scoring_the_longest_case_does_not_fit_beside_t
     assert line.startswith("big:fp16, big2:fp16 closed before big3:fp16 deployed (needed big3 fp16 0.325 GB + ")
     assert "+ big3 runtime 0.847 GB + big3 scoring 1.0 GB + big runtime" in line
     assert line.endswith(" = 7.5 GB > 5.4 GB of GPU 0)")
+
+
+@pytest.mark.parametrize("gpu, backends, turns", [("t4", ("hf", "big", "big2"), True),
+                                                  ("h100", ("hf", "big", "big2"), False),
+                                                  ("t4", ("hf", "big"), False),
+                                                  (None, ("hf", "big", "big2"), False)],
+                         ids=["t4-two-engines", "h100", "t4-one-engine", "cpu"])
+def test_collection_knows_whether_the_engines_will_take_turns(monkeypatch, fake_gpus, gpu, backends, turns):
+    """pythia-2.8b: two engines beside each other (and the HF models) do not fit a T4 (15.8 GB), they fit an
+    H100; one engine never takes turns, nor does a CPU session. Only the engines the selected tests deploy
+    count (NeoxSession._engines_asked)."""
+    fake_gpus(*([gpu] if gpu else []))
+    monkeypatch.setitem(engines.ENGINES, "big2", engines.Engine("big2", GpuEngine))
+    session = make_session(monkeypatch, model="pythia-2.8b", mode="auto")
+    session.options = dataclasses.replace(session.options, backends=backends)
+
+    def test_of(engine):
+        return SimpleNamespace(fixturenames=["neox"], callspec=SimpleNamespace(params={"neox_backend_name": engine}),
+                               get_closest_marker=lambda name: None)
+    assert session.engines_take_turns([test_of(n) for n in backends]) is turns
+    assert session.engines_take_turns([test_of("hf"), test_of("big")]) is False    # big2 deployed by no test
