@@ -274,7 +274,7 @@ def run_rounds(prefill_call: Callable[[], object], full_call: Callable[[], objec
             if reason:
                 break
     if benchmark is not None:
-        _into_benchmark(benchmark, e2e)
+        into_benchmark(benchmark, e2e)
     return TimedRounds(prefill=prefill, e2e=e2e, warmup=warmup, stop_reason=reason, seconds=timer.clock() - t0)
 
 
@@ -296,7 +296,7 @@ def gc_paused():
             gc.enable()
 
 
-def _into_benchmark(benchmark, samples: Sequence[float]) -> None:
+def into_benchmark(benchmark, samples: Sequence[float]) -> None:
     """pytest-benchmark's statistics from samples timed here (its _raw_pedantic does exactly this per round;
     the private names are pinned by pyproject's pytest-benchmark range)."""
     stats = benchmark._make_stats(1)
@@ -523,7 +523,7 @@ def measure_backend(backend, batch, new_tokens: int, rounds: int | StopRule, war
         result = in_worker(batch, new_tokens, rounds, warmup, spec=spec, hardware=hardware,
                            min_warmup_s=min_warmup_s, gpu_work=gpu_work)
         if benchmark is not None:
-            _into_benchmark(benchmark, result.e2e)
+            into_benchmark(benchmark, result.e2e)
         return result
     info = backend.info
     device = info.device

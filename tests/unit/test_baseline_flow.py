@@ -172,3 +172,36 @@ def test_baseline_flow(pytester, flow):
     assert " -m pytest " in how and "--neox-model=pythia-14m" in how and "--neox-backends=ds" in how
     assert how.endswith("--neox-update-baselines")
     assert not (pytester.path / "baselines").exists()       # skipping writes nothing
+
+
+ENGINE_FIRST = '''
+from pytest_neoxmii.checks import check_latency
+from pytest_neoxmii.latency import LatencyProfile
+
+TINY = LatencyProfile(prompt_len=16, new_tokens=3, rounds=6, warmup=1)
+
+
+def test_ds_first(neox, benchmark, request):
+    check_latency(neox, "ds", 1, benchmark, request, profile=TINY)
+
+
+def test_hf_after(neox, benchmark, request):
+    check_latency(neox, "hf", 1, benchmark, request, profile=TINY)
+'''
+
+
+def test_the_references_timed_test_reports_the_rounds_an_engines_ratio_timed(pytester, synthetic_14m, on_the_cpu):
+    """An engine's latency test that runs before the reference's (the engines' blocks, where they take turns
+    on the GPU) times hf on its shape for the ratio; hf's own test then reports those rounds, into its
+    pytest-benchmark statistics too, instead of timing the same shape again (3.9 s a batch size, one H200)."""
+    pytester.makepyfile(test_order=ENGINE_FIRST)
+    result = pytester.runpytest(*synthetic_14m, "--neox-dtype=fp32", "--neox-report=rep",
+                                "--benchmark-json=bench.json", "-p", "no:randomly")
+    result.assert_outcomes(skipped=2)            # measured and published; no baseline to gate against
+    [hf] = [e for e in json.loads((pytester.path / "rep" / "neoxmii-summary.json").read_text())["latency"]
+            if e["backend"] == "hf"]
+    assert hf["notes"][-2:] == ["measured for the ds/hf ratio (no hf latency test ran before)",
+                                "reported by its own test from those rounds, not timed again"]
+    stats = {b["name"]: b["stats"] for b in json.loads((pytester.path / "bench.json").read_text())["benchmarks"]}
+    assert stats["test_hf_after"]["rounds"] == hf["rounds"] == len(hf["e2e_samples_s"])
+    assert stats["test_hf_after"]["median"] == pytest.approx(hf["e2e_p50_s"])

@@ -178,7 +178,7 @@ def test_a_worker_aborting_mid_request_is_a_crash_naming_signal_request_and_log(
 def test_latency_is_timed_in_the_worker_and_reaches_pytest_benchmark(tmp_path):
     from pytest_neoxmii.latency import StopRule, measure_backend
 
-    class Benchmark:                      # the two private names _into_benchmark uses
+    class Benchmark:                      # the two private names into_benchmark uses
         def __init__(self):
             self.samples = []
 
