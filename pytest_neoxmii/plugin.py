@@ -213,7 +213,9 @@ def run_order(items: list, ready: dict[str, int], by_engine: bool = False) -> li
 def _marked_engine(item) -> str | None:
     """The engine of a test whose neox_engines marker names exactly one (test_zero_inference_keeps_...)."""
     marker = item.get_closest_marker("neox_engines")
-    return marker.args[0] if marker is not None and len(marker.args) == 1 else None
+    if marker is None or len(marker.args) != 1 or not isinstance(marker.args[0], str):
+        return None         # (a bad marker is the session's usage error: NeoxSession._engines_asked)
+    return marker.args[0]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1261,3 +1261,14 @@ def test_the_worker_is_killed_after_its_answer(neox):
     [line] = json.loads((tmp_path / "report" / "neoxmii-summary.json").read_text())["ended_before_teardown"]
     assert Path(line.rsplit("its log: ", 1)[1]).is_file()       # kept after the teardown
     assert not processes.live()
+
+
+def test_a_bad_neox_engines_marker_is_one_usage_error_on_a_gpu_too(pytester, preloaded, synthetic_14m,
+                                                                    engines_restored, fake_gpus):
+    """On a GPU the markers are read at collection already, to know whether the engines will take turns
+    (NeoxSession.engines_take_turns): the same one line, not an INTERNALERROR from the ordering hook."""
+    fake_gpus("t4")
+    error = _the_one_usage_error(pytester, synthetic_14m, '@pytest.mark.neox_engines(["ds"])\ndef test_it(neox):\n'
+                                 "    pass\n")
+    assert error.startswith("ERROR: test_marked.py::test_it: neox_engines(*names) takes engine names (")
+    assert error.endswith("got ['ds']"), error

@@ -257,6 +257,9 @@ def test_where_engines_take_turns_each_engines_tests_run_in_one_block():
     assert [i.name for i in run_order(items, ready, by_engine=True)] == [
         "golden-hf", "parity-zero", "weights-off", "latency-zero", "teardown-zero", "kernels-ds", "parity-ds",
         "looks-back", "latency-ds", "teardown-ds", "parity-mii", "latency-hf"]
+    # a marker that names no engine by a string orders nothing (the session's usage error names it)
+    odd = [item("odd", marks_engine=["ds"]), item("parity-ds", "ds")]
+    assert [i.name for i in run_order(odd, ready, by_engine=True)] == ["odd", "parity-ds"]
     # engines deployed side by side: every timed test after the others, every closing test last
     assert [i.name for i in run_order(items, ready)] == [
         "golden-hf", "parity-zero", "weights-off", "kernels-ds", "parity-ds", "looks-back", "parity-mii",
