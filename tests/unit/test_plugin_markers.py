@@ -236,31 +236,34 @@ def test_working_ahead_the_tests_of_engines_ready_first_run_first():
 def test_where_engines_take_turns_each_engines_tests_run_in_one_block():
     """On a GPU that holds one engine at a time, each engine's timed and closing tests run in its own block, so
     that it deploys once: run after every other test, each timing deployed its engine again (one H200 with
-    5.0 GiB free, pythia-160m: 8 deployments). The reference's timed tests come after every block, a test
+    5.0 GiB free, pythia-160m: 8 deployments). The reference's timed tests come after every block, its tests
+    alone (neox_engines()) in its own block, before any engine deploys and has the HF models released; a test
     whose neox_engines marker names one engine runs in that engine's block, and a test of no engine stays
     after the engine tests collected before it."""
     from types import SimpleNamespace
     from pytest_neoxmii.plugin import run_order
 
     def item(name, engine=None, marker=None, marks_engine=None):
-        markers = {marker: SimpleNamespace(args=())} if marker else {}
+        markers = {marker: SimpleNamespace(args=(), kwargs={})} if marker else {}
         if marks_engine:
-            markers["neox_engines"] = SimpleNamespace(args=(marks_engine,))
+            markers["neox_engines"] = SimpleNamespace(args=() if marks_engine == "reference alone" else (marks_engine,),
+                                                      kwargs={})
         return SimpleNamespace(name=name, callspec=SimpleNamespace(params={"neox_backend_name": engine} if engine else {}),
                                get_closest_marker=markers.get)
 
     items = [item("latency-ds", "ds", "neox_alone"), item("latency-hf", "hf", "neox_alone"), item("kernels-ds", "ds"),
              item("parity-zero", "zero"), item("golden-hf", "hf"), item("parity-ds", "ds"), item("looks-back"),
              item("teardown-ds", "ds", "neox_last"), item("teardown-zero", "zero", "neox_last"),
-             item("weights-off", marks_engine="zero"), item("parity-mii", "mii"), item("latency-zero", "zero", "neox_alone")]
+             item("weights-off", marks_engine="zero"), item("parity-mii", "mii"), item("latency-zero", "zero", "neox_alone"),
+             item("determinism", marks_engine="reference alone")]
     ready = {"zero": 1, "ds": 2, "mii": 3}
     assert [i.name for i in run_order(items, ready, by_engine=True)] == [
-        "golden-hf", "parity-zero", "weights-off", "latency-zero", "teardown-zero", "kernels-ds", "parity-ds",
-        "looks-back", "latency-ds", "teardown-ds", "parity-mii", "latency-hf"]
+        "golden-hf", "determinism", "parity-zero", "weights-off", "latency-zero", "teardown-zero", "kernels-ds",
+        "parity-ds", "looks-back", "latency-ds", "teardown-ds", "parity-mii", "latency-hf"]
     # a marker that names no engine by a string orders nothing (the session's usage error names it)
     odd = [item("odd", marks_engine=["ds"]), item("parity-ds", "ds")]
     assert [i.name for i in run_order(odd, ready, by_engine=True)] == ["odd", "parity-ds"]
     # engines deployed side by side: every timed test after the others, every closing test last
     assert [i.name for i in run_order(items, ready)] == [
         "golden-hf", "parity-zero", "weights-off", "kernels-ds", "parity-ds", "looks-back", "parity-mii",
-        "latency-ds", "latency-hf", "latency-zero", "teardown-ds", "teardown-zero"]
+        "determinism", "latency-ds", "latency-hf", "latency-zero", "teardown-ds", "teardown-zero"]
