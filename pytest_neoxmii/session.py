@@ -738,7 +738,7 @@ class NeoxSession:
 
     def _on_gpu(self, name: str, dtype: str) -> reference_first.EngineOnGpu:
         """The engine's share of one GPU, for reference first's arithmetic (the same memory model as
-        _check_fits: weights / tp, workspace, worker runtime)."""
+        _check_fits: weights / tp, workspace, worker runtime, scoring the longest case)."""
         tp = self._tp_of(name)
         return reference_first.EngineOnGpu(name, dtype, tp, self.workspace_bytes(name, dtype, tp),
                                            self.worker_runtime_bytes(name, tp), self.scoring_bytes(name, dtype))
