@@ -159,8 +159,9 @@ def kept_scores_bytes(plans, vocab_size: int, context_length: int) -> tuple[int,
     was killed by the OOM killer computing them). The fixed text counts one token a word, the fewest a
     byte-level BPE gives (332 words: the synthetic tokenizer's 332 tokens), so that the figure is never more
     than what is kept."""
-    sizes = _score_sizes(plans, vocab_size, context_length)
-    return sum(sizes), 2 * max(sizes, default=0)
+    # (in the making: the float32 logits and their log-softmax, as scoring_bytes counts an fp32 model's)
+    return sum(_score_sizes(plans, vocab_size, context_length)), scoring_bytes(plans, vocab_size, context_length,
+                                                                               "fp32")
 
 
 def _score_sizes(plans, vocab_size: int, context_length: int) -> list[int]:
