@@ -47,14 +47,11 @@ def process_used_bytes(index: int) -> tuple[int | None, str]:
 
     from pytest_neoxmii import hardware
     from pytest_neoxmii.deploy import gpumem
-    try:
-        # torch numbers the GPUs CUDA_VISIBLE_DEVICES shows, nvidia-smi every GPU: the uuid names the same one
-        uuid = hardware.smi_uuid(getattr(torch.cuda.get_device_properties(index), "uuid", None))
-        for gpu, pid, mib in gpumem._smi("gpu_uuid,pid,used_memory", kind="compute-apps"):
-            if uuid and gpu == uuid and pid.isdigit() and int(pid) == os.getpid():
-                return int(float(mib) * 2**20), "nvidia-smi, this process"
-    except Exception:            # no nvidia-smi, another PID namespace, "[N/A]": fall back to torch
-        pass
+    # torch numbers the GPUs CUDA_VISIBLE_DEVICES shows, nvidia-smi every GPU: the uuid names the same one
+    uuid = hardware.smi_uuid(getattr(torch.cuda.get_device_properties(index), "uuid", None))
+    used = gpumem.process_used_bytes(uuid=uuid) if uuid else None
+    if used is not None:
+        return used, "nvidia-smi, this process"
     return int(torch.cuda.memory_reserved(index)), "torch's reserved memory (without the CUDA context)"
 
 

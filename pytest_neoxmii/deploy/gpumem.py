@@ -71,15 +71,20 @@ def reading() -> Reading:
         apps = after
 
 
-def _attributed(pids: Iterable[int], index_of: dict[str, int], apps: list[list[str]]) -> dict[int, float]:
-    """{gpu index: MiB} that the compute-apps rows give to `pids` ("[N/A]" under some drivers, or another PID
-    namespace: nothing); index_of maps each GPU's uuid to its index."""
+def _by_uuid(pids: Iterable[int], apps: list[list[str]]) -> dict[str, float]:
+    """{GPU uuid: MiB} that the compute-apps rows give to `pids` ("[N/A]" under some drivers, or another PID
+    namespace: nothing)."""
     wanted = {str(p) for p in pids}
-    held: dict[int, float] = {}
+    held: dict[str, float] = {}
     for uuid, pid, mib in apps:
-        if pid in wanted and uuid in index_of and mib.replace(".", "", 1).isdigit():
-            held[index_of[uuid]] = held.get(index_of[uuid], 0.0) + float(mib)
+        if pid in wanted and mib.replace(".", "", 1).isdigit():
+            held[uuid] = held.get(uuid, 0.0) + float(mib)
     return held
+
+
+def _attributed(pids: Iterable[int], index_of: dict[str, int], apps: list[list[str]]) -> dict[int, float]:
+    """{gpu index: MiB} that the compute-apps rows give to `pids`; index_of maps each GPU's uuid to its index."""
+    return {index_of[uuid]: mib for uuid, mib in _by_uuid(pids, apps).items() if uuid in index_of}
 
 
 class UsedAndHeld(NamedTuple):
@@ -163,12 +168,21 @@ def in_use_by_others(gpus) -> dict[int, int]:
     return {i: b for i, b in held.items() if b >= IN_USE_NOTED_BYTES}
 
 
-def process_used_bytes(pid: int | None = None) -> int | None:
-    """What one process (this one by default) holds on the GPUs, CUDA context included, as nvidia-smi
-    attributes it: unlike a device-wide difference, it leaves out what other processes load meanwhile
-    (the session's workers load side by side). None where nvidia-smi cannot say (not installed, another
-    PID namespace, "[N/A]")."""
-    held = held_by({os.getpid() if pid is None else pid})
+def held_by_uuid(pids: Iterable[int]) -> dict[str, float]:
+    """{GPU uuid: MiB} that nvidia-smi attributes to `pids`, from one call. A uuid names the same GPU in every
+    process, whatever CUDA_VISIBLE_DEVICES shows it (torch numbers only the GPUs it sees). Empty where
+    nvidia-smi is missing or fails, or attributes nothing to them."""
+    return _by_uuid(pids, _apps())
+
+
+def process_used_bytes(pid: int | None = None, uuid: str | None = None) -> int | None:
+    """What one process (this one by default) holds on the GPUs, or on the GPU with this uuid, CUDA context
+    included, as nvidia-smi attributes it: unlike a device-wide difference, it leaves out what other
+    processes load meanwhile (the session's workers load side by side). None where nvidia-smi cannot say
+    (not installed, another PID namespace, "[N/A]") or the process holds nothing there."""
+    held = held_by_uuid({os.getpid() if pid is None else pid})
+    if uuid is not None:
+        held = {u: mib for u, mib in held.items() if u == uuid}
     return int(sum(held.values()) * 2**20) if held else None
 
 

@@ -458,6 +458,9 @@ def test_a_process_figure_is_its_own_on_every_gpu_or_none(tmp_path, monkeypatch)
     assert gpumem.process_used_bytes(111) == 2000 * 2**20
     assert gpumem.process_used_bytes(333) is None           # "[N/A]": not attributed
     assert gpumem.process_used_bytes(444) is None           # not on any GPU
+    # on one GPU, named by uuid as every process names it (gpu_cap judges a worker's cap on its own GPU)
+    assert gpumem.process_used_bytes(222, uuid="GPU-bbb") == 500 * 2**20
+    assert gpumem.process_used_bytes(111, uuid="GPU-bbb") is None
     monkeypatch.setattr(os, "getpid", lambda: 111)
     assert gpumem.process_used_bytes() == 2000 * 2**20
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
