@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pytest_neoxmii import backends as engines
-from pytest_neoxmii import hardware
+from pytest_neoxmii import hardware, interpreter_exit
 from pytest_neoxmii import options as options_mod
 from pytest_neoxmii.backends import planted_fault
 from pytest_neoxmii.deploy import cpu_heap
@@ -345,3 +345,5 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
     if session is not None:
         session.close()
+        if session.model is not None:       # torch and transformers were loaded: skip walking them at exit
+            interpreter_exit.prepare()

@@ -41,7 +41,8 @@ def test_every_phase_is_printed_in_order_from_the_processs_start(tmp_path):
              (re.fullmatch(r"phase_marks +([0-9.]+) s  (.+)", line) for line in lines[1:]) if m}
     assert list(marks) == ORDER, lines                      # every phase, in the order it happened
     assert marks["plugins imported"] > 0                    # the interpreter started before the plugin loaded
-    assert marks["last test finished"] - marks["first test started"] >= 0.5   # both tests' sleeps
+    # both tests' sleeps (0.5 s), less the 0.01 s that printing each time to two decimals may take off the difference
+    assert marks["last test finished"] - marks["first test started"] >= 0.49
     assert marks["exit handlers"] <= took
 
 
