@@ -18,7 +18,7 @@ from pytest_neoxmii.errors import NeoxUsageError
 from pytest_neoxmii.fixtures import (neox, neox_case, neox_ds,  # noqa: F401 (fixtures)
                                      neox_generation_case, neox_mii, neox_reference, neox_zero,
                                      register_neox_benchmark)
-from pytest_neoxmii.session import SESSION_KEY, NeoxSession, get_session
+from pytest_neoxmii.session import SESSION_KEY, NeoxSession, get_session, marked_engines
 from pytest_neoxmii.versions import shown_versions
 
 MARKERS = (
@@ -194,13 +194,17 @@ def run_order(items: list, ready: dict[str, int], by_engine: bool = False) -> li
     after_every_block = len(ready) + 1
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
+        marked = _marked(item)
         # the engine fixtures' parameter, else any parameter naming an engine (the suite's `name`), else the
         # one engine a neox_engines marker names
         engine = params.get("neox_backend_name") or params.get("neox_each_backend") or next(
             (v for v in params.values() if isinstance(v, str) and (v in ready or engines.is_reference(v))),
-            _marked_engine(item))
+            next(iter(marked)) if marked and len(marked) == 1 else None)
         reference = engine is not None and engines.is_reference(engine)
-        if not ready or reference or (by_engine and _marks_the_reference_alone(item)):
+        # neox_engines() without a name: the HF reference alone. Where the engines take turns it runs in the
+        # reference's block, before the first engine deploys: later, reference first has released the HF
+        # models for the engines, and those tests skipped (6 on one H200 with 5.0 GiB free, pythia-160m).
+        if not ready or reference or (by_engine and marked == set()):
             place = after_every_block if by_engine and ready and rank(item) else 0
         elif engine in ready:
             place = ready[engine]
@@ -212,20 +216,14 @@ def run_order(items: list, ready: dict[str, int], by_engine: bool = False) -> li
     return [items[i] for i in order]
 
 
-def _marks_the_reference_alone(item) -> bool:
-    """neox_engines() without a name: the test uses the HF reference alone. Where the engines take turns it
-    runs in the reference's block, before the first engine deploys: later, reference first has released the
-    HF models for the engines, and those tests skipped (6 on one H200 with 5.0 GiB free, pythia-160m)."""
-    marker = item.get_closest_marker("neox_engines")
-    return marker is not None and not marker.args and not marker.kwargs
-
-
-def _marked_engine(item) -> str | None:
-    """The engine of a test whose neox_engines marker names exactly one (test_zero_inference_keeps_...)."""
-    marker = item.get_closest_marker("neox_engines")
-    if marker is None or len(marker.args) != 1 or not isinstance(marker.args[0], str):
-        return None         # (a bad marker is the session's usage error: NeoxSession._engines_asked)
-    return marker.args[0]
+def _marked(item) -> set[str] | None:
+    """The engines the test's neox_engines marker names (session.marked_engines: an empty set is the HF reference
+    alone), None without a well-formed marker: a bad one is the session's one-line usage error
+    (NeoxSession._engines_asked), not the ordering's."""
+    try:
+        return marked_engines(item)
+    except pytest.UsageError:
+        return None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -248,7 +248,8 @@ def test_where_engines_take_turns_each_engines_tests_run_in_one_block():
         if marks_engine:
             markers["neox_engines"] = SimpleNamespace(args=() if marks_engine == "reference alone" else (marks_engine,),
                                                       kwargs={})
-        return SimpleNamespace(name=name, callspec=SimpleNamespace(params={"neox_backend_name": engine} if engine else {}),
+        return SimpleNamespace(name=name, nodeid=f"test_x.py::{name}",
+                               callspec=SimpleNamespace(params={"neox_backend_name": engine} if engine else {}),
                                get_closest_marker=markers.get)
 
     items = [item("latency-ds", "ds", "neox_alone"), item("latency-hf", "hf", "neox_alone"), item("kernels-ds", "ds"),
