@@ -19,11 +19,11 @@ transformers 5.x breaks the injected layers in other ways (tuple outputs, MII's 
 `check_kernel_injection()` refuses it with one line instead of a deep traceback."""
 from __future__ import annotations
 
-import importlib.abc
 import os
 import sys
 from pathlib import Path
 
+from pytest_neoxmii import after_import
 from pytest_neoxmii.versions import version_of
 
 NEOX_MODULE = "transformers.models.gpt_neox.modeling_gpt_neox"
@@ -98,41 +98,11 @@ def is_patched() -> bool:
                                       or n in vars(module.GPTNeoXAttention) for n in _PATCHED_ATTRIBUTES)
 
 
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Applies the patch right after the GPT-NeoX modeling module is first imported."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname not in (NEOX_MODULE, DS_LAYER_MODULE):
-            return None
-        sys.meta_path.remove(self)
-        try:
-            import importlib.util
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            sys.meta_path.insert(0, self)
-        if spec is None or spec.loader is None:
-            return None
-        original_exec = spec.loader.exec_module
-
-        def exec_module(module, _orig=original_exec):
-            _orig(module)
-            _patch(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
 def install() -> None:
-    """Make DeepSpeed's injection policy work on this process's transformers. Idempotent, cheap."""
-    pending = False
+    """Make DeepSpeed's injection policy work on this process's transformers. Idempotent, cheap: patches
+    what is imported already, and the rest right after its first import (after_import.py)."""
     for name in (NEOX_MODULE, DS_LAYER_MODULE):
-        module = sys.modules.get(name)
-        if module is not None:
-            _patch(module)
-        else:
-            pending = True
-    if pending and not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport())
+        after_import.arm(name, _patch)
 
 
 SITECUSTOMIZE_DIR = Path(__file__).parent / "_child"

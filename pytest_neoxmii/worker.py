@@ -239,8 +239,9 @@ def load(cls, request) -> tuple[object | None, dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pytest_neoxmii import compat
-    compat.install()                          # also armed by the child sitecustomize; idempotent
+    from pytest_neoxmii import compat, lean_imports
+    compat.install()                          # both also armed by the child sitecustomize; idempotent
+    lean_imports.install()
     from pytest_neoxmii.backends.worker_loop import serve
     from pytest_neoxmii.deploy.channel import connect, send
     request = pickle.loads(args.request.read_bytes())

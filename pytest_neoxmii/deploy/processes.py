@@ -172,10 +172,11 @@ def env_float(name: str, default: float) -> float:
 
 def deployment_env(tag: str | None, extra: dict[str, str] | None = None,
                    base: dict[str, str] | None = None) -> dict[str, str]:
-    """The compat child environment (GPT-NeoX patches via sitecustomize, docs/STACK.md trap 1), multicast off,
-    unbuffered output (so a log tail shows the last words of a dying process) and the deployment's tag."""
-    from pytest_neoxmii import compat
-    env = compat.child_env(base)
+    """The compat child environment (GPT-NeoX patches via sitecustomize, docs/STACK.md trap 1), transformers'
+    optional frameworks off (lean_imports.py), multicast off, unbuffered output (so a log tail shows the last
+    words of a dying process) and the deployment's tag."""
+    from pytest_neoxmii import compat, lean_imports
+    env = lean_imports.child_env(compat.child_env(base))
     env.update(SAFE_ENV)
     env["PYTHONUNBUFFERED"] = "1"
     # A rank killed by a signal then says so itself ("Fatal Python error: Aborted" and its stack): the

@@ -31,7 +31,7 @@ JUDGES = (
 # its own layer or below; a new module must be placed here.
 LAYERS = (
     ("foundations", ("errors", "outputs", "dtypes", "versions", "hardware", "table", "fixed_text", "registry",
-                     "compat", "interrupt", "interpreter_exit", "_child", "files")),
+                     "after_import", "compat", "lean_imports", "interrupt", "interpreter_exit", "_child", "files")),
     ("model", ("weights", "checkpoint_files", "cases", "prompts", "serving_config")),
     ("engines", ("backends", "deploy", "injection", "known_issues", "kernels")),
     ("judges", ("parity", "golden", "latency", "gpu_work", "samples", "stats", "storage")),
