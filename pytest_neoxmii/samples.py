@@ -10,10 +10,10 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Optional, Sequence
 
 import numpy as np
-from scipy.stats import binom
 
 MEDIAN_CI_CONFIDENCE = 0.95
 
@@ -44,7 +44,56 @@ class MedianCI:
         return width / (2.0 * self.median) if self.median > 0 else (0.0 if width == 0 else float("inf"))
 
 
-@functools.lru_cache(maxsize=None)   # a few hundred distinct n at most; binom is slow to ask
+HALF = Fraction(1, 2)
+
+
+@functools.lru_cache(maxsize=8)      # the timing loop asks for n, then n + 1, ...: each n once
+def _weights_up_to(n: int, p: Fraction) -> tuple[int, ...]:
+    """d**n P(B <= k) for k = 0..n, B ~ Binomial(n, p = a/d): the cumulative sums of C(n, i) a**i (d-a)**(n-i),
+    integers, each coefficient from the last (C(n, i + 1) = C(n, i) (n - i) / (i + 1), exact)."""
+    a, b = p.numerator, p.denominator - p.numerator
+    b_powers = [1]
+    for _ in range(n):
+        b_powers.append(b_powers[-1] * b)
+    sums, coefficient, a_power, total = [], 1, 1, 0
+    for i in range(n + 1):
+        total += coefficient * a_power * b_powers[n - i]
+        sums.append(total)
+        coefficient = coefficient * (n - i) // (i + 1)
+        a_power *= a
+    return tuple(sums)
+
+
+def binomial_cdf(k: int, n: int, p: Fraction = HALF) -> float:
+    """P(B <= k) for B ~ Binomial(n, p), p rational, exactly: integers throughout, rounded once to a float.
+    Not scipy.stats: importing it took 1.1 s of every process that times or collects on a 2-core EPYC
+    (docs/SPEED.md, the thirtieth round), for sums of binomial coefficients."""
+    p = Fraction(p)
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    return _weights_up_to(n, p)[k] / p.denominator ** n
+
+
+def binomial_at_least(k: int, n: int, p: Fraction) -> float:
+    """P(B >= k) for B ~ Binomial(n, p), exactly (the complement taken in integers, so a tail near 0 keeps its
+    digits): the p-value of a one-sided binomial test that the rate is above p."""
+    p = Fraction(p)
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    whole = p.denominator ** n
+    return (whole - _weights_up_to(n, p)[k - 1]) / whole
+
+
+def _binomial_ppf(q: float, n: int, p: Fraction = HALF) -> int:
+    """The smallest k with P(B <= k) >= q (as scipy's binom.ppf)."""
+    return next(k for k in range(n + 1) if binomial_cdf(k, n, p) >= q)
+
+
+@functools.lru_cache(maxsize=None)   # a few hundred distinct n at most
 def median_ci_rank(n: int, confidence: float = MEDIAN_CI_CONFIDENCE) -> Optional[int]:
     """The largest rank j such that [x_(j), x_(n+1-j)] covers the median with probability >= confidence, or
     None when even [min, max] does not (n < 6 at 95 %).
@@ -54,12 +103,12 @@ def median_ci_rank(n: int, confidence: float = MEDIAN_CI_CONFIDENCE) -> Optional
     if not 0 < confidence < 1:
         raise ValueError(f"median CI confidence must be in (0, 1), got {confidence!r}")
     tail = (1.0 - confidence) / 2.0
-    if n < 1 or binom.cdf(0, n, 0.5) > tail:
+    if n < 1 or binomial_cdf(0, n) > tail:
         return None
-    # binom.ppf(tail) is the smallest q with P(B <= q) >= tail; the rank is q, or q + 1 when P(B <= q) hits
+    # The ppf of tail is the smallest q with P(B <= q) >= tail; the rank is q, or q + 1 when P(B <= q) hits
     # tail exactly (then x_(q+1) still keeps the miss probability at the bound).
-    q = int(binom.ppf(tail, n, 0.5))
-    j = q + 1 if binom.cdf(q, n, 0.5) <= tail else q
+    q = _binomial_ppf(tail, n)
+    j = q + 1 if binomial_cdf(q, n) <= tail else q
     return min(j, (n + 1) // 2)
 
 
@@ -77,7 +126,7 @@ def median_ci(samples: Sequence[float], confidence: float = MEDIAN_CI_CONFIDENCE
 
 @functools.lru_cache(maxsize=None)
 def _coverage(n: int, rank: int) -> float:
-    return 1.0 - 2.0 * float(binom.cdf(rank - 1, n, 0.5))
+    return 1.0 - 2.0 * binomial_cdf(rank - 1, n)
 
 
 def summarize(samples: Sequence[float]) -> dict:

@@ -1,11 +1,12 @@
 """The HF transformers reference checks itself: without a sane reference and noise floor, every parity
 verdict against it would mean nothing. Runs on CPU and GPU."""
 import math
+from fractions import Fraction
 
 import pytest
-from scipy.stats import binomtest
 
 from pytest_neoxmii import parity
+from pytest_neoxmii.samples import binomial_at_least
 
 MAX_FLIP_RATE = 0.10     # of top-1 tokens the low-precision reference may flip against fp32
 
@@ -51,7 +52,7 @@ def test_noise_floor_is_small_and_nonzero_where_precision_differs(neox, neox_cas
     # rate, not a fixed fraction: bf16 flips 2-5 % of positions (measured, 14m and 160m shapes), and on a
     # 16-position case a 4 % rate gives 2 or more flips 13 % of the time, which a fixed 0.9 called failures.
     flips = round(floor.top1_disagreement * floor.n_positions)
-    p_value = binomtest(flips, floor.n_positions, MAX_FLIP_RATE, alternative="greater").pvalue
+    p_value = binomial_at_least(flips, floor.n_positions, Fraction(str(MAX_FLIP_RATE)))
     assert p_value >= 0.01, (f"the {neox.dtype} reference flips fp32's top-1 token at {flips} of "
                              f"{floor.n_positions} positions: more than {MAX_FLIP_RATE:.0%} of positions "
                              f"(one-sided binomial test, p = {p_value:.2g} < 0.01)")

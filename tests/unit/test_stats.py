@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +19,9 @@ from pytest_neoxmii.stats import (
     median_ci,
     summarize,
 )
-from pytest_neoxmii.samples import median_ci_rank
+from fractions import Fraction
+
+from pytest_neoxmii.samples import binomial_at_least, binomial_cdf, median_ci_rank
 
 TRIALS = 2000
 
@@ -332,6 +336,37 @@ def test_median_ci_ranks_match_the_published_table():
     assert {n: median_ci_rank(n) for n in expected} == expected
     with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\)"):
         median_ci_rank(20, 1.0)
+
+
+def test_the_exact_binomial_agrees_with_scipy_and_gives_the_same_ranks():
+    from scipy.stats import binom, binomtest
+    for n in list(range(1, 120)) + [199, 200, 333, 1000]:
+        ks = np.arange(-1, n + 1)
+        ours = np.array([binomial_cdf(int(k), n) for k in ks])
+        np.testing.assert_allclose(ours, binom.cdf(ks, n, 0.5), rtol=1e-9, atol=0)
+    for n, p in ((16, Fraction(1, 10)), (128, Fraction(1, 10)), (2048, Fraction(1, 10)), (40, Fraction(3, 7))):
+        for k in sorted({0, 1, 2, 3, n // 10, n // 5, n // 2, n - 1, n}):
+            expected = binomtest(k, n, float(p), alternative="greater").pvalue
+            assert binomial_at_least(k, n, p) == pytest.approx(expected, rel=1e-9, abs=1e-300), (n, p, k)
+            assert binomial_cdf(k, n, p) == pytest.approx(float(binom.cdf(k, n, float(p))), rel=1e-9), (n, p, k)
+        for confidence in (0.9, 0.95, 0.99):
+            tail = (1 - confidence) / 2
+            if binom.cdf(0, n, 0.5) > tail:
+                expected = None
+            else:
+                q = int(binom.ppf(tail, n, 0.5))
+                expected = min(q + 1 if binom.cdf(q, n, 0.5) <= tail else q, (n + 1) // 2)
+            assert median_ci_rank(n, confidence) == expected, (n, confidence)
+
+
+def test_timing_and_collecting_never_import_scipy_stats():
+    """scipy.stats costs 1.1 s to import on a 2-core EPYC: a worker timing latency and a session collecting the
+    suite do without it (the gate and one reference test import it when they run)."""
+    code = ("import sys; import pytest_neoxmii.samples, pytest_neoxmii.stats, pytest_neoxmii.latency, "
+            "pytest_neoxmii.checks, pytest_neoxmii.suite.test_reference, pytest_neoxmii.suite.test_latency; "
+            "print('scipy.stats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1:] == ["False"], out.stderr[-2000:]
 
 
 def test_median_ci_bounds_and_coverage():
