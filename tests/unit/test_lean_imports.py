@@ -2,6 +2,7 @@
 unimported (lean_imports.py); the session's process and a user's NEOXMII_LEAN_IMPORTS=0 keep them."""
 import importlib.metadata
 import importlib.util
+import os
 import subprocess
 import sys
 import types
@@ -39,7 +40,8 @@ def test_a_deployments_processes_find_neither_sklearn_nor_flax_installed(tmp_pat
     for module, dist, version in (("sklearn", "scikit-learn", "1.5.0"), ("flax", "flax", "0.8.0"),
                                   ("jax", "jax", "0.4.30")):
         assert importlib.util.find_spec(module) is not None and importlib.metadata.version(dist) == version
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    # before whatever the session's PYTHONPATH holds (a GPU machine's transformers 4.57 may be one of them)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     for key in (lean_imports.SWITCH_ENV, "USE_FLAX", "USE_TF"):
         monkeypatch.delenv(key, raising=False)
     assert _probe(processes.deployment_env("t")) == "False False"
