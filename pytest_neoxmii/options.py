@@ -80,7 +80,8 @@ OPTIONS = (
            "would not fit GPU 0 together), always, or never", "auto", metavar="auto|always|never"),
     Option("neox_work_ahead", "each engine's worker computes the outputs the selected tests will ask for right "
            "after its load, side by side with the other engines (an engine whose calls are slow while the GPU idles, "
-           "ZeRO-Inference, shares them among two workers where memory allows): auto (on a GPU), always, or never", "auto",
+           "ZeRO-Inference on a GPU, shares them among workers where memory allows; on the CPU each process takes its share "
+           "of the cores meanwhile): auto (= always), always, or never", "auto",
            metavar="auto|always|never"),
     Option("neox_ds_config", "JSON (or YAML) config of deepspeed.init_inference, merged over the plugin's "
            "defaults and deployed by the ds backend; shown in the header, the report and the baseline key",
@@ -162,7 +163,7 @@ class NeoxOptions:
     report_dir: Path | None
     prompts: Path | None = None
     reference_first: str = "auto"            # reference_first.MODES
-    work_ahead: str = "auto"                 # auto (on a GPU), always, never: NeoxSession._ahead_calls
+    work_ahead: str = "auto"                 # auto (as always), always, never: NeoxSession._works_ahead
     ds_config: Path | None = None
     mii_config: Path | None = None
     latency_time_box: float | None = None   # None: the device's profile decides (latency.profile_for)

@@ -231,6 +231,7 @@ def terminal_summary(terminalreporter, session) -> None:
             f"{key.split(':')[0]} {r['computed']}/{r['calls']} calls in {r['seconds']:.1f} s"
             + (f" ({r['unclaimed']} never asked for: tests that did not run, or did not get that far)"
                if r["unclaimed"] else "")
+            + (f" on {r['threads']} thread{'s' if r['threads'] != 1 else ''}" if r.get("threads") else "")
             + ("" if r.get("finished", True) else " (still working ahead when the session ended)")
             for key, r in ahead_share.in_report_order(session.ahead_reports).items()))
     if session.options.report_dir is not None:

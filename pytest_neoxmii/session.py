@@ -25,6 +25,21 @@ from pytest_neoxmii.registry import HOST_RUNTIME_BYTES, TEST_PROCESS_RUNTIME_BYT
 from pytest_neoxmii.weights import ResolvedModel
 
 
+@contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op thread count set to `threads` inside the block (None: unchanged), restored after."""
+    if threads is None:
+        yield
+        return
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @dataclass
 class Record:
     """One result for the report: which check, which backend and case, the numbers, the verdict."""
@@ -531,10 +546,18 @@ class NeoxSession:
         return cold and self.injects_kernels(name)
 
     def _works_ahead(self) -> bool:
-        mode = self.options.work_ahead
-        # auto: on GPUs only. On the CPU every engine computes on the same cores, so working side by side
-        # only adds contention (2-core EPYC: model calls 101.9 s alone, 261.5 s ahead).
-        return mode == "always" or (mode == "auto" and self.device != "cpu")
+        return self.options.work_ahead in ("always", "auto")
+
+    def _ahead_threads(self, computing: int) -> int | None:
+        """torch's thread count in each worker while it works ahead: on the CPU, the cores torch would use in
+        one process, shared among the `computing` workers and the test process, which work side by side; on a
+        GPU, the worker's own. Each engine on all the cores at once, OpenMP's threads of four processes wait
+        on each other: on a 2-core EPYC (pythia-70m, fp32) the model calls took 84.8 s so, against 61.5 s on one
+        thread each and 80-98 s one engine after another (docs/SPEED.md, the thirtieth round)."""
+        if self.device != "cpu":
+            return None
+        import torch
+        return max(1, torch.get_num_threads() // (computing + 1))
 
     def _ahead_calls(self, name: str) -> tuple[list[tuple[str, CasePlan]], list[tuple[str, CasePlan]],
                                                 known_issues.KnownIssue | None]:
@@ -631,13 +654,14 @@ class NeoxSession:
                 self.record_crash(key, f"{name} ({dtype}) failed to deploy: {exc}")
             except InjectionFailed as exc:
                 self.injection_failures[key] = exc
+        threads = self._ahead_threads(sum(len(workers) for _calls, _breaks, workers in launched.values()))
         for calls, breaks, workers in launched.values():
             shares = [[] for _ in workers]
             try:
                 shares = self._ahead_shares(calls, breaks, len(workers))
             finally:                # every worker waits for its list: an empty one where the cases failed
                 for worker, share in zip(workers, shares):
-                    worker.give_ahead(share)
+                    worker.give_ahead(share, threads)
         for key, issue in breaking.items():
             # Where the engine still waits for its kernel build, the breaking call would run after it: its
             # replacement then loads now, beside the others (after the helpers, so that its fit counts
@@ -652,7 +676,9 @@ class NeoxSession:
             plans = {plan.id: plan for calls in self.wanted.values() for _op, plan in calls}
             began = time.perf_counter()
             try:
-                self.reference_ahead, _ = self.precompute_reference(list(plans.values()), peer_generations=False)
+                with torch_threads(threads):    # its share of the cores, as each worker's (restored after)
+                    self.reference_ahead, _ = self.precompute_reference(list(plans.values()),
+                                                                        peer_generations=False)
             except Exception:           # the reference's own tests fail with it, each with its reason
                 pass
             self.reference_ahead_s = time.perf_counter() - began

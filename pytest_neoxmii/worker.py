@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--address", required=True, help="host:port the test session listens on")
     p.add_argument("--engine", required=True, help="module:Class of the engine (a backends.base.Backend)")
     p.add_argument("--request", required=True, type=Path, help="the pickled backends.base.LoadRequest")
-    p.add_argument("--ahead", type=Path, help="pickled [(op, args), ...] to run right after the load")
+    p.add_argument("--ahead", type=Path, help="pickled {'calls': [(op, args), ...], 'threads': n or None} to run "
+                   "right after the load")
     p.add_argument("--ahead-done", type=Path, help="a file to create once every call ahead has run")
     return p.parse_args(argv)
 
@@ -66,24 +67,27 @@ class Served:
         self._ahead_report = {"calls": 0, "computed": 0, "seconds": 0.0, "finished": True}
         self._ahead_started = time.monotonic()
 
-    def start_ahead(self, calls, done_marker: Path | None = None) -> threading.Thread:
+    def start_ahead(self, calls, done_marker: Path | None = None, threads: int | None = None) -> threading.Thread:
         """Work `calls` ahead in a thread; once it is done, `done_marker` is created (the session reads it
-        without asking this worker anything: IsolatedEngine.finished_ahead)."""
+        without asking this worker anything: IsolatedEngine.finished_ahead). threads: torch's thread count
+        while working ahead (a CPU session's share of the cores), the process's own again afterwards."""
         with self._cond:
             self._pending = {call_key(op, args) for op, args in calls}
             self._busy = True
-            self._ahead_report = {"calls": len(calls), "computed": 0, "seconds": 0.0, "finished": False}
+            self._ahead_report = {"calls": len(calls), "computed": 0, "seconds": 0.0, "finished": False,
+                                  "threads": threads}
             self._ahead_started = time.monotonic()
-        thread = threading.Thread(target=self.run_ahead, args=(calls, done_marker), name="working-ahead",
+        thread = threading.Thread(target=self.run_ahead, args=(calls, done_marker, threads), name="working-ahead",
                                   daemon=True)
         thread.start()
         return thread
 
-    def run_ahead(self, calls, done_marker: Path | None = None) -> None:
+    def run_ahead(self, calls, done_marker: Path | None = None, threads: int | None = None) -> None:
         """Run the session's calls now and keep the results. A call that fails is left for the session's
         own request, which then fails with the error; a crash ends the worker as during any request, and
         the log's last line names the call."""
         from pytest_neoxmii.backends.worker_deployment import describe_request
+        own_threads = _set_threads(threads)
         try:
             for op, args in calls:
                 key = call_key(op, args)
@@ -101,6 +105,7 @@ class Served:
                     self._pending.discard(key)
                     self._cond.notify_all()
         finally:
+            _set_threads(own_threads)     # nothing else computes until this thread is done (wait_idle)
             with self._cond:
                 report = self._ahead_report
                 report.update(seconds=round(time.monotonic() - self._ahead_started, 3), finished=True)
@@ -166,6 +171,18 @@ class Served:
 _MISSING = object()
 
 
+def _set_threads(threads: int | None) -> int | None:
+    """Set torch's intra-op thread count (None: leave it); returns the count it replaced, None if unchanged."""
+    if threads is None:
+        return None
+    import torch
+    before = torch.get_num_threads()
+    if threads != before:
+        torch.set_num_threads(threads)
+        print(f"worker {os.getpid()}: {threads} thread(s) while working ahead, {before} afterwards", flush=True)
+    return before
+
+
 def call_key(op: str, args) -> str:
     """A call's identity: its op and arguments (a PromptBatch and ints, whose repr is their content)."""
     return repr((op, tuple(args)))
@@ -174,15 +191,16 @@ def call_key(op: str, args) -> str:
 AHEAD_WAIT_S = 300.0
 
 
-def read_ahead(path: Path, timeout: float = AHEAD_WAIT_S) -> list:
-    """The calls to work ahead. The session may write them only after launching this worker (it launches
-    the workers first, then builds the cases, which imports transformers' tokenizer: seconds): wait for the
-    file, which appears whole. A session that never writes it (it stopped) leaves none after `timeout`."""
+def read_ahead(path: Path, timeout: float = AHEAD_WAIT_S) -> dict:
+    """The work ahead: {"calls": [(op, args), ...], "threads": torch's thread count for them, or None}. The
+    session may write it only after launching this worker (it launches the workers first, then builds the
+    cases, which imports transformers' tokenizer: seconds): wait for the file, which appears whole. A session
+    that never writes it (it stopped) leaves no calls after `timeout`."""
     deadline = time.monotonic() + timeout
     while not path.exists():
         if time.monotonic() > deadline:
             print(f"worker {os.getpid()}: no calls to work ahead arrived in {timeout:.0f} s ({path})", flush=True)
-            return []
+            return {"calls": [], "threads": None}
         time.sleep(0.05)
     return pickle.loads(path.read_bytes())
 
@@ -256,7 +274,8 @@ def main(argv=None) -> int:
     served = Served(backend)
     try:
         if args.ahead is not None:
-            served.start_ahead(read_ahead(args.ahead), done_marker=args.ahead_done)
+            work = read_ahead(args.ahead)
+            served.start_ahead(work["calls"], done_marker=args.ahead_done, threads=work.get("threads"))
         return serve(conn, served, rank=0, world=1, broadcast=lambda r: r, ops=OPS)
     finally:
         served.wait_idle()                        # never close the engine under the thread working ahead

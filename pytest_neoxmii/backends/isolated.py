@@ -123,18 +123,19 @@ class IsolatedEngine(ChannelDeployment):
         return f"{self.name} tp={self.tp} (worker process)"
 
     # -- working ahead --------------------------------------------------------------------------------
-    def give_ahead(self, calls: list[tuple[str, tuple]]) -> None:
-        """The calls to work ahead of a worker launched with ahead=None (once; an empty list: none). The
-        worker reads them once loaded; the file appears whole (renamed into place) or not at all."""
+    def give_ahead(self, calls: list[tuple[str, tuple]], threads: int | None = None) -> None:
+        """The calls to work ahead of a worker launched with ahead=None (once; an empty list: none), and
+        torch's thread count in the worker while it computes them (None: its own). The worker reads them once
+        loaded; the file appears whole (renamed into place) or not at all."""
         if not self.ahead_later:
             raise RuntimeError(f"{self._what}: its calls ahead were given at launch")
         self.ahead_later = False
         self.ahead = list(calls)
-        self._write_ahead(self.ahead)
+        self._write_ahead(self.ahead, threads)
 
-    def _write_ahead(self, calls) -> None:
+    def _write_ahead(self, calls, threads: int | None = None) -> None:
         tmp = self.run_dir / (AHEAD_FILE + ".tmp")
-        tmp.write_bytes(pickle.dumps(calls, protocol=pickle.HIGHEST_PROTOCOL))
+        tmp.write_bytes(pickle.dumps({"calls": calls, "threads": threads}, protocol=pickle.HIGHEST_PROTOCOL))
         os.replace(tmp, self.run_dir / AHEAD_FILE)
 
     def wait_ahead(self, again: bool = False) -> dict | None:

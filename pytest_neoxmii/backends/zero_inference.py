@@ -78,6 +78,8 @@ class ZeroInferenceBackend(TorchModelBackend):
         # workers would swap into the same folder under the same rank's file names.
         if request.zero_nvme is not None:
             return 1
+        if not request.device.startswith("cuda"):   # on the CPU the helpers would compute on the same cores
+            return 1
         from pytest_neoxmii.deploy.processes import env_float
         return max(int(env_float(AHEAD_WORKERS_ENV, 3)), 1)
 

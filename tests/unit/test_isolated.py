@@ -575,31 +575,66 @@ def test_the_selected_tests_outputs_are_computed_ahead_in_the_worker(pytester, p
     pytester.makepyfile(test_ahead=AHEAD_TESTS)
     args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
     result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32", "-k", selection,
-                                "--neox-work-ahead=always")         # auto: on GPUs only
+                                "--neox-work-ahead=always")
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()[-3000:]
-    result.stdout.fnmatch_lines(["worked ahead, side by side: echo *[0-9]/*[0-9] calls in * s"])
+    result.stdout.fnmatch_lines(["worked ahead, side by side: echo *[0-9]/*[0-9] calls in * s*"])
     result.stdout.fnmatch_lines(["workers launched when the session started*; meanwhile the reference's "
                                  "outputs of [1-9]* cases were computed (* s, its load included)"])
     assert not processes.live()
 
 
-def test_no_work_ahead_on_the_cpu_by_default(pytester, preloaded, synthetic_14m, engines_restored, on_the_cpu):
+def test_on_the_cpu_the_worker_and_the_test_process_work_ahead_on_their_share_of_the_cores(
+        pytester, preloaded, synthetic_14m, engines_restored, on_the_cpu):
+    """A CPU session works ahead by default too, each process on its share of the cores torch would take
+    alone (here one worker and the test process: half), and the test process gets its own count back."""
+    import torch
     pytester.makeconftest(PRELAUNCH_CONFTEST)
-    pytester.makepyfile(test_not_ahead="""
+    pytester.makepyfile(test_cpu_ahead=f"""
+import torch
+
 def test_greedy(neox, neox_backend_name, neox_generation_case):
     assert neox.generation(neox.backend(neox_backend_name), neox_generation_case).tokens
 
-def test_nothing_ahead(neox):
-    assert neox.wanted["echo"]                     # known, but not sent: the engines would share the cores
-    assert neox.backend("echo").ahead == [] and neox.ahead_reports == {} and neox.reference_ahead == 0
-"""
-)
+def test_worked_ahead_on_a_share(neox):
+    neox.settle()
+    report = neox.ahead_reports["echo:" + neox.dtype]
+    assert report["computed"] == report["calls"] > 0
+    assert report["threads"] == max(1, {torch.get_num_threads()} // 2)
+    assert neox.reference_ahead > 0
+    assert torch.get_num_threads() == {torch.get_num_threads()}      # the test process's own count again
+""")
     args = [a for a in synthetic_14m if not a.startswith("--neox-backends")]
     result = pytester.runpytest(*args, "--neox-backends=echo", "--neox-dtype=fp32")
     outcomes = result.parseoutcomes()
-    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0 and outcomes["passed"] >= 2
-    assert "worked ahead" not in result.stdout.str()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0 and outcomes["passed"] >= 2, \
+        result.stdout.str()[-3000:]
+    threads = max(1, torch.get_num_threads() // 2)
+    result.stdout.fnmatch_lines([f"worked ahead, side by side: echo *[0-9]/*[0-9] calls in * s on {threads} "
+                                 f"thread{'s' if threads != 1 else ''}"])
+
+
+def test_work_ahead_runs_on_the_threads_it_was_given_and_gives_them_back():
+    """worker.Served: the calls worked ahead run on the given thread count; the process's own is set again
+    once they are done, before any request of the session's."""
+    import torch
+    from pytest_neoxmii.worker import Served
+
+    class Counting:
+        seen = []
+
+        def generate(self, *args):
+            self.seen.append(torch.get_num_threads())
+            return args
+
+    before = torch.get_num_threads()
+    served = Served(Counting())
+    served.start_ahead([("generate", (1,)), ("generate", (2,))], threads=1).join(timeout=30)
+    assert Counting.seen == [1, 1]
+    assert served.ahead_done()["threads"] == 1
+    assert torch.get_num_threads() == before
+    served.generate(3)                       # not worked ahead: computed on the process's own count
+    assert Counting.seen[-1] == before
 
 
 LAUNCH_FAILS_CONFTEST = """
@@ -1022,8 +1057,8 @@ def test_a_slow_engines_calls_ahead_are_shared_among_two_workers_where_memory_al
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0 and outcomes["passed"] == 7, \
         result.stdout.str()[-3000:]
-    result.stdout.fnmatch_lines(["worked ahead, side by side: share [0-9]/[0-9] calls in * s"
-                                 + (", share helper 1 [0-9]/[0-9] calls in * s" if helpers else "")])
+    result.stdout.fnmatch_lines(["worked ahead, side by side: share [0-9]/[0-9] calls in * s*"     # (on the CPU:
+                                 + (", share helper 1 [0-9]/[0-9] calls in * s*" if helpers else "")])   # on N threads)
     assert not processes.live()
 
 
@@ -1087,12 +1122,13 @@ def test_a_helper_closes_on_a_thread_once_its_whole_share_is_taken_and_settle_wa
     assert extra.helpers == {} and extra.closing == {} and "model teardown" in session.timings
 
 
-def test_zero_inference_shares_its_calls_except_on_nvme(tmp_path, monkeypatch):
+def test_zero_inference_shares_its_calls_except_on_nvme_and_on_the_cpu(tmp_path, monkeypatch):
     from pytest_neoxmii.backends.zero_inference import AHEAD_WORKERS_ENV, ZeroInferenceBackend
     request = LoadRequest(path=tmp_path, dtype="fp16", device="cuda:0")
     monkeypatch.delenv(AHEAD_WORKERS_ENV, raising=False)
     assert ZeroInferenceBackend.ahead_workers(request) == 3
     assert ZeroInferenceBackend.ahead_workers(dataclasses.replace(request, zero_nvme=tmp_path)) == 1
+    assert ZeroInferenceBackend.ahead_workers(dataclasses.replace(request, device="cpu", dtype="fp32")) == 1
     monkeypatch.setenv(AHEAD_WORKERS_ENV, "5")
     assert ZeroInferenceBackend.ahead_workers(request) == 5
     monkeypatch.setenv(AHEAD_WORKERS_ENV, "many")
@@ -1112,13 +1148,13 @@ def test_a_worker_waits_for_calls_given_after_its_launch(tmp_path):
     def later():
         time.sleep(0.3)
         tmp = tmp_path / "ahead.pickle.tmp"
-        tmp.write_bytes(pickle.dumps(calls))
+        tmp.write_bytes(pickle.dumps({"calls": calls, "threads": 2}))
         os.replace(tmp, path)
     writer = threading.Thread(target=later)
     writer.start()
-    assert read_ahead(path, timeout=30) == calls
+    assert read_ahead(path, timeout=30) == {"calls": calls, "threads": 2}
     writer.join()
-    assert read_ahead(tmp_path / "never.pickle", timeout=0.2) == []
+    assert read_ahead(tmp_path / "never.pickle", timeout=0.2) == {"calls": [], "threads": None}
 
 
 def test_a_replacement_launches_once_the_breaking_work_ahead_is_done_and_only_once():
