@@ -6,6 +6,7 @@ import functools
 import os
 import platform
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -188,3 +189,19 @@ def host_memory_available(meminfo: str = "/proc/meminfo") -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+@contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op thread count set to `threads` inside the block (None: unchanged), set back after: a CPU
+    session's share of the cores for the processes that compute side by side (NeoxSession._ahead_threads)."""
+    if threads is None:
+        yield
+        return
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

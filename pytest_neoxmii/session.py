@@ -25,21 +25,6 @@ from pytest_neoxmii.registry import HOST_RUNTIME_BYTES, TEST_PROCESS_RUNTIME_BYT
 from pytest_neoxmii.weights import ResolvedModel
 
 
-@contextmanager
-def torch_threads(threads: int | None):
-    """torch's intra-op thread count set to `threads` inside the block (None: unchanged), restored after."""
-    if threads is None:
-        yield
-        return
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @dataclass
 class Record:
     """One result for the report: which check, which backend and case, the numbers, the verdict."""
@@ -676,7 +661,7 @@ class NeoxSession:
             plans = {plan.id: plan for calls in self.wanted.values() for _op, plan in calls}
             began = time.perf_counter()
             try:
-                with torch_threads(threads):    # its share of the cores, as each worker's (restored after)
+                with hardware.torch_threads(threads):    # its share of the cores, as each worker's (restored after)
                     self.reference_ahead, _ = self.precompute_reference(list(plans.values()),
                                                                         peer_generations=False)
             except Exception:           # the reference's own tests fail with it, each with its reason

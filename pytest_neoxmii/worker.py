@@ -87,25 +87,28 @@ class Served:
         own request, which then fails with the error; a crash ends the worker as during any request, and
         the log's last line names the call."""
         from pytest_neoxmii.backends.worker_deployment import describe_request
-        own_threads = _set_threads(threads)
+        from pytest_neoxmii.hardware import torch_threads
+        if threads is not None:
+            print(f"worker {os.getpid()}: working ahead on {threads} thread(s)", flush=True)
         try:
-            for op, args in calls:
-                key = call_key(op, args)
-                print(f"worker {os.getpid()}: working ahead: {describe_request(op, args)}", flush=True)
-                try:
-                    result = getattr(self.backend, op)(*args)
-                except Exception as exc:
-                    print(f"worker {os.getpid()}: {op} ahead failed ({type(exc).__name__}), left for the "
-                          f"session's own request", flush=True)
-                    result = _MISSING
-                with self._cond:
-                    if result is not _MISSING:
-                        self._ahead[key] = result
-                        self._ahead_report["computed"] += 1
-                    self._pending.discard(key)
-                    self._cond.notify_all()
+            # the process's own count is back before the requests waiting on this thread (wait_idle) compute
+            with torch_threads(threads):
+                for op, args in calls:
+                    key = call_key(op, args)
+                    print(f"worker {os.getpid()}: working ahead: {describe_request(op, args)}", flush=True)
+                    try:
+                        result = getattr(self.backend, op)(*args)
+                    except Exception as exc:
+                        print(f"worker {os.getpid()}: {op} ahead failed ({type(exc).__name__}), left for the "
+                              f"session's own request", flush=True)
+                        result = _MISSING
+                    with self._cond:
+                        if result is not _MISSING:
+                            self._ahead[key] = result
+                            self._ahead_report["computed"] += 1
+                        self._pending.discard(key)
+                        self._cond.notify_all()
         finally:
-            _set_threads(own_threads)     # nothing else computes until this thread is done (wait_idle)
             with self._cond:
                 report = self._ahead_report
                 report.update(seconds=round(time.monotonic() - self._ahead_started, 3), finished=True)
@@ -169,18 +172,6 @@ class Served:
 
 
 _MISSING = object()
-
-
-def _set_threads(threads: int | None) -> int | None:
-    """Set torch's intra-op thread count (None: leave it); returns the count it replaced, None if unchanged."""
-    if threads is None:
-        return None
-    import torch
-    before = torch.get_num_threads()
-    if threads != before:
-        torch.set_num_threads(threads)
-        print(f"worker {os.getpid()}: {threads} thread(s) while working ahead, {before} afterwards", flush=True)
-    return before
 
 
 def call_key(op: str, args) -> str:
