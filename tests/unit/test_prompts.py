@@ -137,6 +137,6 @@ def test_a_bad_prompt_file_is_a_usage_error(pytester, synthetic_14m, assert_usag
                                "string of letters, digits and . _ : -, got 3")
     too_long = json.dumps({"input_ids": [1] * 2040, "id": "big"})
     pytester.path.joinpath("mine.jsonl").write_text(too_long + "\n")
-    result = pytester.runpytest(*synthetic_14m, "--neox-prompts=mine.jsonl")
+    result = pytester.runpytest(*synthetic_14m, "--neox-max-new-tokens=32", "--neox-prompts=mine.jsonl")
     assert_usage_error(result, f"--neox-prompts {pytester.path / 'mine.jsonl'} line 1 (big): prompt of 2040 "
                                "tokens + 32 new tokens = 2072 does not fit the model's context of 2048 tokens")
