@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     try:
         if args.ahead is not None:
             work = read_ahead(args.ahead)
-            served.start_ahead(work["calls"], done_marker=args.ahead_done, threads=work.get("threads"))
+            served.start_ahead(work["calls"], done_marker=args.ahead_done, threads=work["threads"])
         return serve(conn, served, rank=0, world=1, broadcast=lambda r: r, ops=OPS)
     finally:
         served.wait_idle()                        # never close the engine under the thread working ahead

@@ -5,6 +5,7 @@ import math
 import re
 import subprocess
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -19,8 +20,6 @@ from pytest_neoxmii.stats import (
     median_ci,
     summarize,
 )
-from fractions import Fraction
-
 from pytest_neoxmii.samples import binomial_at_least, binomial_cdf, median_ci_rank
 
 TRIALS = 2000
@@ -361,7 +360,7 @@ def test_the_exact_binomial_agrees_with_scipy_and_gives_the_same_ranks():
 
 def test_timing_and_collecting_never_import_scipy_stats():
     """scipy.stats costs 1.1 s to import on a 2-core EPYC: a worker timing latency and a session collecting the
-    suite do without it (the gate and one reference test import it when they run)."""
+    suite do without it (the latency gate imports it when it runs)."""
     code = ("import sys; import pytest_neoxmii.samples, pytest_neoxmii.stats, pytest_neoxmii.latency, "
             "pytest_neoxmii.checks, pytest_neoxmii.suite.test_reference, pytest_neoxmii.suite.test_latency; "
             "print('scipy.stats' in sys.modules)")
